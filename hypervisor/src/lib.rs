@@ -1,0 +1,1 @@
+//! The virtual ivshmem v2 device, system configuration and the cell life cycle.

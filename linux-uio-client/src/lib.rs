@@ -1,0 +1,1 @@
+//! The Linux side of an ivshmem link: real UIO (`/dev/uioN`) or the hosted hypervisor.

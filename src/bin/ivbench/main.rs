@@ -1,0 +1,2 @@
+//! `ivbench`: side-by-side benchmarks of the ivshmem-stack.
+fn main() {}
