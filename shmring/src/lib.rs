@@ -1,2 +1,288 @@
-//! Lock-free single-producer single-consumer rings over shared memory.
+//! Lock-free single-producer single-consumer rings over shared memory: variable-length frames,
+//! zero-copy grant/peek, batching, notification suppression, and a peer that is not trusted.
+//!
+//! A ring carries one direction. It has two parts, each written by one side only and read
+//! (possibly through a read-only mapping) by the other: the **producer part** (header, producer
+//! index, wait-for-space event, data area) in the producer's output section and the
+//! **consumer part** (consumer index, wake-up event) in the consumer's output section.
+//!
+//! # Layout
+//!
+//! Both parts must be 64-byte aligned. Words are native-endian; every control word is an
+//! aligned `u64` accessed atomically. Indices are monotonically increasing byte counters (they
+//! never wrap in practice); the position in the data area is `index & (capacity - 1)`.
+//!
+//! Producer part (`layout::producer_part_size(capacity)` = 192 + capacity bytes):
+//!
+//! | offset | size | type | field | written by |
+//! |-------:|-----:|------|-------|------------|
+//! | 0 | 8 | u64 | magic `b"SHMRINGP"` (0 = not ready) | producer, at init |
+//! | 8 | 4 | u32 | layout version (1) | producer, at init |
+//! | 12 | 4 | u32 | reserved, 0 | producer, at init |
+//! | 16 | 8 | u64 | capacity (power of two, 64..=2^31) | producer, at init |
+//! | 24 | 40 | - | reserved, 0 | - |
+//! | 64 | 8 | u64 | producer index (bytes published) | producer |
+//! | 72 | 56 | - | reserved (own cache line) | - |
+//! | 128 | 8 | u64 | space event: notify when consumer index > this (`u64::MAX`: none) | producer |
+//! | 136 | 56 | - | reserved (own cache line) | - |
+//! | 192 | capacity | bytes | data area: frames | producer |
+//!
+//! Consumer part (`layout::CONSUMER_PART_SIZE` = 192 bytes):
+//!
+//! | offset | size | type | field | written by |
+//! |-------:|-----:|------|-------|------------|
+//! | 0 | 8 | u64 | magic `b"SHMRINGC"` (0 = not ready) | consumer, at init |
+//! | 8 | 4 | u32 | layout version (1) | consumer, at init |
+//! | 12 | 52 | - | reserved, 0 | - |
+//! | 64 | 8 | u64 | consumer index (bytes released) | consumer |
+//! | 72 | 56 | - | reserved (own cache line) | - |
+//! | 128 | 8 | u64 | data event: notify when producer index > this (`u64::MAX`: none) | consumer |
+//! | 136 | 56 | - | reserved (own cache line) | - |
+//!
+//! Frames in the data area, each starting at a multiple of 8:
+//!
+//! | offset | size | type | field |
+//! |-------:|-----:|------|-------|
+//! | 0 | 4 | u32 | payload length |
+//! | 4 | 2 | u16 | kind (application defined) |
+//! | 6 | 2 | u16 | flags: 0 = frame, 1 = padding (length = bytes up to the end of the area) |
+//! | 8 | len | bytes | payload, then zero to 7 bytes up to the next multiple of 8 |
+//!
+//! A frame never wraps: if it does not fit before the end of the data area, the producer writes
+//! a padding record up to the end and puts the frame at offset 0. A frame occupies at most half
+//! the data area ([`Producer::max_frame_len`] = capacity / 2 - 8), so it always fits once the
+//! ring drains; longer frames are refused with [`Error::TooLarge`].
+//!
+//! # Protocol
+//!
+//! * Publishing: the producer writes frames, then stores its index with `Release`; the consumer
+//!   loads it with `Acquire`. Releasing: the consumer stores its index with `Release`; the
+//!   producer loads it with `Acquire` before reusing the space. Each side caches the other's
+//!   index and re-reads it only when the cached value does not suffice.
+//! * Batching: `grant`/`commit` and `peek`/`release` are local; one `flush` publishes them all
+//!   with a single index store and returns at most one [`Notify`].
+//! * Notification suppression (event index, like virtio's `vring_need_event`): a consumer that
+//!   wants to sleep stores its index into its data event, issues a `SeqCst` fence and re-checks
+//!   the producer index ([`Consumer::prepare_sleep`]); the producer's flush stores its index,
+//!   issues a `SeqCst` fence and reads the data event, asking for a doorbell only if the event
+//!   lies in the range it just published. The fences make it impossible for both sides to miss
+//!   each other, so no wake-up is lost, and a busy consumer (whose event lies behind) causes no
+//!   notifications. Waiting for space is the same handshake in the other direction
+//!   ([`Producer::prepare_wait_for_space`], [`Consumer::flush`]).
+//!
+//! # Untrusted peer
+//!
+//! Everything read from the peer's part is validated before use: magic and version at attach
+//! ([`Error::BadMagic`], [`Error::VersionMismatch`], [`Error::PeerNotReady`] for magic 0), the
+//! capacity once at attach (never re-read), the peer's index on every re-read (monotonic, within
+//! one capacity of ours, aligned), and each frame header (length within the published data and
+//! the contiguous area, padding exactly up to the end and never at offset 0). A violation is
+//! [`Error::Corrupt`]: never a panic, never an access outside the two parts. A frame's header
+//! is read once and never re-read. A hostile producer can still change payload bytes while a
+//! [`Consumer::peek`] reader looks at them: treat payloads as untrusted input.
+//!
+//! # Examples
+//!
+//! ```
+//! # fn main() -> Result<(), shmring::Error> {
+//! let (mut tx, mut rx) = shmring::channel(4096)?;
+//!
+//! // Copying API.
+//! let _notify = tx.try_send(b"hello")?;
+//! let mut buf = [0u8; 64];
+//! let got = rx.try_recv(&mut buf)?.expect("a frame");
+//! assert_eq!(&buf[..got.len], b"hello");
+//!
+//! // Zero-copy and batching: two commits, one publish.
+//! for word in [&b"zero"[..], b"copy"] {
+//!     let mut grant = tx.grant(word.len())?;
+//!     grant.copy_from_slice(word);
+//!     grant.commit();
+//! }
+//! assert!(rx.peek()?.is_none(), "not visible before flush");
+//! let notify = tx.flush();
+//! if notify.needed() { /* ring the consumer's doorbell */ }
+//! let frame = rx.peek()?.expect("published");
+//! assert_eq!(&*frame, b"zero");
+//! frame.release();
+//! let frame = rx.peek()?.expect("second frame");
+//! assert_eq!(&*frame, b"copy");
+//! frame.release();
+//! let _ = rx.flush(); // make the space reusable for the producer
+//! assert!(rx.peek()?.is_none());
+//! # Ok(()) }
+//! ```
 #![cfg_attr(not(feature = "std"), no_std)]
+#![warn(missing_docs)]
+
+#[cfg(feature = "alloc")]
+extern crate alloc;
+
+mod consumer;
+pub mod layout;
+#[cfg(feature = "alloc")]
+mod owned;
+mod producer;
+mod sync;
+mod typed;
+
+pub use consumer::{Consumer, ConsumerInit, Frame, Received};
+#[cfg(feature = "alloc")]
+pub use owned::channel;
+pub use producer::{Grant, Producer, ProducerInit};
+pub use typed::{TypedConsumer, TypedProducer};
+
+/// Everything that can go wrong with a ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// Not enough contiguous room; nothing was written, retry later.
+    #[error("ring full: {free} bytes free, {needed} needed")]
+    Full {
+        /// Free bytes (possibly not contiguous).
+        free: usize,
+        /// Bytes the frame needs, including its header and any padding to the end.
+        needed: usize,
+    },
+    /// The frame can never fit this ring.
+    #[error("frame of {len} bytes exceeds the maximum of {max}")]
+    TooLarge {
+        /// Requested payload length.
+        len: usize,
+        /// Largest payload this ring accepts.
+        max: usize,
+    },
+    /// The peer broke the protocol.
+    #[error("peer corrupted the ring: {what}")]
+    Corrupt {
+        /// What was wrong.
+        what: &'static str,
+    },
+    /// The peer part is not a shmring part of the expected side.
+    #[error("peer part has bad magic {found:#018x}")]
+    BadMagic {
+        /// Magic found.
+        found: u64,
+    },
+    /// The peer part uses another layout version.
+    #[error("peer layout version {found}, expected {expected}")]
+    VersionMismatch {
+        /// Version found.
+        found: u32,
+        /// Version this crate writes.
+        expected: u32,
+    },
+    /// The peer part is not initialised yet (magic 0): attach again later.
+    #[error("peer part not initialised yet")]
+    PeerNotReady,
+    /// A region is smaller than the part it must hold.
+    #[error("region of {got} bytes, {needed} needed")]
+    RegionTooSmall {
+        /// Bytes needed.
+        needed: usize,
+        /// Bytes given.
+        got: usize,
+    },
+    /// Capacity not a power of two within `[MIN_CAPACITY, MAX_CAPACITY]`.
+    #[error("bad ring capacity {capacity}")]
+    BadCapacity {
+        /// Capacity given or found.
+        capacity: usize,
+    },
+    /// A region does not start on a 64-byte boundary (or is null).
+    #[error("region not aligned to {align} bytes")]
+    Misaligned {
+        /// Required alignment.
+        align: usize,
+    },
+    /// The receive buffer is smaller than the frame; the frame stays in the ring.
+    #[error("buffer too small: frame has {needed} bytes")]
+    BufferTooSmall {
+        /// Frame length.
+        needed: usize,
+    },
+    /// This init value was already attached once.
+    #[error("part already attached")]
+    AlreadyAttached,
+}
+
+/// Whether the peer must be notified (its doorbell rung) after an operation.
+#[must_use = "ring the peer's doorbell when needed() is true"]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Notify(pub(crate) bool);
+
+impl Notify {
+    /// No notification needed.
+    pub const NONE: Notify = Notify(false);
+
+    /// Whether the peer must be notified.
+    #[inline]
+    pub fn needed(self) -> bool {
+        self.0
+    }
+}
+
+impl core::ops::BitOr for Notify {
+    type Output = Notify;
+    #[inline]
+    fn bitor(self, rhs: Notify) -> Notify {
+        Notify(self.0 | rhs.0)
+    }
+}
+
+impl core::ops::BitOrAssign for Notify {
+    #[inline]
+    fn bitor_assign(&mut self, rhs: Notify) {
+        self.0 |= rhs.0;
+    }
+}
+
+#[cfg(feature = "alloc")]
+pub(crate) type Owner = Option<alloc::sync::Arc<owned::OwnedRegion>>;
+#[cfg(not(feature = "alloc"))]
+pub(crate) type Owner = Option<NoOwner>;
+#[cfg(not(feature = "alloc"))]
+#[derive(Clone)]
+pub(crate) enum NoOwner {}
+
+/// virtio's `vring_need_event`: whether `event` lies in `[old, new)`, i.e. the index moved past
+/// the value the peer asked to be woken at. Wrapping arithmetic: any event value is harmless.
+#[inline(always)]
+pub(crate) fn need_event(event: u64, new: u64, old: u64) -> bool {
+    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+}
+
+/// Checks a region pointer and length.
+pub(crate) fn check_region(p: *const u8, len: usize, needed: usize) -> Result<(), Error> {
+    if p.is_null() || (p as usize) % layout::REGION_ALIGN != 0 {
+        return Err(Error::Misaligned {
+            align: layout::REGION_ALIGN,
+        });
+    }
+    if len < needed {
+        return Err(Error::RegionTooSmall { needed, got: len });
+    }
+    Ok(())
+}
+
+/// Version field of a version word (the first 4 bytes in memory).
+pub(crate) fn version_of(word: u64) -> u32 {
+    let [a, b, c, d, ..] = word.to_ne_bytes();
+    u32::from_ne_bytes([a, b, c, d])
+}
+
+/// Checks a peer's magic and version.
+pub(crate) fn check_magic(found: u64, expected: u64, version: u32) -> Result<(), Error> {
+    if found == 0 {
+        return Err(Error::PeerNotReady);
+    }
+    if found != expected {
+        return Err(Error::BadMagic { found });
+    }
+    if version != layout::LAYOUT_VERSION {
+        return Err(Error::VersionMismatch {
+            found: version,
+            expected: layout::LAYOUT_VERSION,
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,407 @@
+//! The consumer side of a ring.
+
+use core::cell::Cell;
+use core::ops::Deref;
+
+use crate::layout::{self, FrameHeader, FLAG_PADDING, NO_EVENT};
+use crate::sync::{fence, word, AtomicU64, Ordering};
+use crate::{check_region, need_event, Error, Notify, Owner};
+
+/// A consumer part that is initialised (and announced) but not yet attached to its producer.
+///
+/// [`attach`](Self::attach) takes `&self`: on [`Error::PeerNotReady`] keep the value and try
+/// again later; after one successful attach, further attaches return
+/// [`Error::AlreadyAttached`].
+pub struct ConsumerInit {
+    own: *mut u8,
+    attached: Cell<bool>,
+    owner: Owner,
+}
+
+// SAFETY: see ProducerInit.
+unsafe impl Send for ConsumerInit {}
+
+impl core::fmt::Debug for ConsumerInit {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("ConsumerInit").finish_non_exhaustive()
+    }
+}
+
+/// The reading side of a ring (single consumer). See the crate documentation.
+pub struct Consumer {
+    /// Data area of the producer part (read only).
+    data: *const u8,
+    /// Own consumer part.
+    own: *mut u8,
+    /// Peer (producer) part, read only.
+    peer: *const u8,
+    mask: u64,
+    capacity: u64,
+    /// Local read position: everything released (published or not).
+    read: u64,
+    /// Last value stored into the consumer index.
+    published: u64,
+    /// Last validated producer index.
+    cached_prod: u64,
+    owner: Owner,
+}
+
+// SAFETY: a consumer is the only writer of its part; it may move between threads.
+unsafe impl Send for Consumer {}
+
+impl core::fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Consumer")
+            .field("capacity", &self.capacity)
+            .field("read", &self.read)
+            .field("published", &self.published)
+            .field("cached_prod", &self.cached_prod)
+            .finish()
+    }
+}
+
+/// One received frame copied out by [`Consumer::try_recv`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Received {
+    /// Payload length copied into the buffer.
+    pub len: usize,
+    /// Whether the producer waits for the space this frame freed (ring its doorbell).
+    pub notify: Notify,
+}
+
+/// Initialises a consumer part (shared by `init` and `reset`).
+///
+/// # Safety
+/// `own` is valid for writes of `CONSUMER_PART_SIZE` bytes, 64-byte aligned.
+unsafe fn write_consumer_part(own: *mut u8) {
+    // SAFETY (all below): inside the part, aligned, exclusively ours.
+    unsafe {
+        word(own.add(layout::C_MAGIC).cast()).store(0, Ordering::Relaxed);
+        let version = u64::from_ne_bytes(zerocopy::transmute!([
+            layout::LAYOUT_VERSION.to_ne_bytes(),
+            [0u8; 4]
+        ]));
+        word(own.add(layout::C_VERSION).cast()).store(version, Ordering::Relaxed);
+        word(own.add(layout::C_INDEX).cast()).store(0, Ordering::Relaxed);
+        word(own.add(layout::C_DATA_EVENT).cast()).store(NO_EVENT, Ordering::Relaxed);
+        // Release: a producer that sees the magic with Acquire sees the fields above.
+        word(own.add(layout::C_MAGIC).cast()).store(layout::CONSUMER_MAGIC, Ordering::Release);
+    }
+}
+
+impl Consumer {
+    /// Phase one: initialises the consumer part at `own` (index 0, no wake-up requested).
+    ///
+    /// # Safety
+    /// `own` points to `own_len` bytes writable by this process that stay mapped for the
+    /// lifetime of the returned value and of the [`Consumer`] made from it; nobody else writes
+    /// them; no other `ConsumerInit`/`Consumer` exists for this part.
+    pub unsafe fn init(own: *mut u8, own_len: usize) -> Result<ConsumerInit, Error> {
+        check_region(own, own_len, layout::CONSUMER_PART_SIZE)?;
+        // SAFETY: checked; exclusive per the caller.
+        unsafe { write_consumer_part(own) };
+        Ok(ConsumerInit {
+            own,
+            attached: Cell::new(false),
+            owner: None,
+        })
+    }
+
+    /// Both phases at once, for a producer part known to be initialised already.
+    ///
+    /// # Safety
+    /// The contracts of [`Consumer::init`] and [`ConsumerInit::attach`].
+    pub unsafe fn new(
+        own: *mut u8,
+        own_len: usize,
+        peer: *const u8,
+        peer_len: usize,
+    ) -> Result<Consumer, Error> {
+        // SAFETY: forwarded to the caller.
+        unsafe { Consumer::init(own, own_len)?.attach(peer, peer_len) }
+    }
+
+    #[cfg(feature = "alloc")]
+    pub(crate) fn set_owner(&mut self, owner: Owner) {
+        self.owner = owner;
+    }
+
+    /// Re-initialises the own part after the peer left (index back to 0).
+    pub fn reset(self) -> ConsumerInit {
+        // SAFETY: exclusively ours, checked at init.
+        unsafe { write_consumer_part(self.own) };
+        ConsumerInit {
+            own: self.own,
+            attached: Cell::new(false),
+            owner: self.owner,
+        }
+    }
+
+    /// Capacity of the ring's data area (read once from the producer header at attach).
+    #[inline]
+    pub fn capacity(&self) -> usize {
+        self.capacity as usize
+    }
+
+    #[inline(always)]
+    fn prod_word(&self) -> &AtomicU64 {
+        // SAFETY: the producer part was checked at attach; loads only.
+        unsafe { word(self.peer.add(layout::P_INDEX).cast_mut().cast()) }
+    }
+
+    /// Re-reads and validates the producer index; returns the new available byte count.
+    #[inline]
+    fn refresh_prod(&mut self) -> Result<u64, Error> {
+        // Acquire pairs with the producer's Release store in flush: the frames it published are
+        // visible to our reads below.
+        let prod = self.prod_word().load(Ordering::Acquire);
+        // Monotonic, at most one capacity ahead of what we released, frame aligned.
+        if prod < self.cached_prod
+            || prod - self.published > self.capacity
+            || prod % layout::FRAME_ALIGN as u64 != 0
+        {
+            return Err(Error::Corrupt {
+                what: "producer index out of range",
+            });
+        }
+        self.cached_prod = prod;
+        Ok(prod - self.read)
+    }
+
+    /// Bytes published by the producer and not yet released by us (headers and padding
+    /// included; re-reads the producer index).
+    pub fn available(&mut self) -> usize {
+        let _ = self.refresh_prod();
+        (self.cached_prod - self.read) as usize
+    }
+
+    /// Whether no published frame is waiting (re-reads the producer index).
+    pub fn is_empty(&mut self) -> bool {
+        self.available() == 0
+    }
+
+    /// Validates the next frame and returns (payload offset, len, kind, size in the ring).
+    #[inline(always)]
+    fn next_frame(&mut self) -> Result<Option<(usize, usize, u16, u64)>, Error> {
+        loop {
+            let mut avail = self.cached_prod - self.read;
+            if avail == 0 {
+                avail = self.refresh_prod()?;
+                if avail == 0 {
+                    return Ok(None);
+                }
+            }
+            let off = self.read & self.mask;
+            let contiguous = self.capacity - off;
+            // SAFETY: off < capacity and 8-aligned (indices are validated multiples of 8), so the
+            // header word lies inside the data area. Read exactly once (copied to `h`).
+            let h = FrameHeader::from_word(
+                unsafe { word(self.data.add(off as usize).cast_mut().cast()) }
+                    .load(Ordering::Relaxed),
+            );
+            let len = h.len as u64;
+            if h.flags == 0 {
+                let total = (len + (layout::FRAME_HEADER_LEN + layout::FRAME_ALIGN - 1) as u64)
+                    & !(layout::FRAME_ALIGN as u64 - 1);
+                if total > avail || total > contiguous {
+                    return Err(Error::Corrupt {
+                        what: "frame length beyond published data",
+                    });
+                }
+                return Ok(Some((
+                    off as usize + layout::FRAME_HEADER_LEN,
+                    len as usize,
+                    h.kind,
+                    total,
+                )));
+            }
+            // Padding: only at a non-zero offset, exactly up to the end, and published.
+            if h.flags != FLAG_PADDING
+                || off == 0
+                || len + layout::FRAME_HEADER_LEN as u64 != contiguous
+                || contiguous > avail
+            {
+                return Err(Error::Corrupt {
+                    what: "bad padding record",
+                });
+            }
+            // Skipping padding is a local release like any other.
+            self.read += contiguous;
+        }
+    }
+
+    /// The next frame, zero-copy, inside shared memory; `None` if the ring is empty.
+    ///
+    /// The frame stays in the ring until [`Frame::release`] (local until
+    /// [`flush`](Self::flush)); dropping the `Frame` keeps it for the next `peek`.
+    /// A hostile producer may change the payload bytes while you look at them; its length and
+    /// position were validated once and are never re-read.
+    #[inline]
+    pub fn peek(&mut self) -> Result<Option<Frame<'_>>, Error> {
+        match self.next_frame()? {
+            None => Ok(None),
+            Some((off, len, kind, total)) => {
+                // SAFETY: off + len <= capacity (validated), inside the producer's data area.
+                let payload = unsafe { self.data.add(off) };
+                Ok(Some(Frame {
+                    consumer: self,
+                    payload,
+                    len,
+                    kind,
+                    total,
+                }))
+            }
+        }
+    }
+
+    /// Copies the next frame into `buf`, releases and publishes. `Ok(None)` if empty;
+    /// [`Error::BufferTooSmall`] leaves the frame in the ring.
+    #[inline]
+    pub fn try_recv(&mut self, buf: &mut [u8]) -> Result<Option<Received>, Error> {
+        let Some((off, len, _kind, total)) = self.next_frame()? else {
+            return Ok(None);
+        };
+        if buf.len() < len {
+            return Err(Error::BufferTooSmall { needed: len });
+        }
+        // SAFETY: validated range inside the data area; `buf` is a distinct caller buffer.
+        unsafe { core::ptr::copy_nonoverlapping(self.data.add(off), buf.as_mut_ptr(), len) };
+        self.read += total;
+        Ok(Some(Received {
+            len,
+            notify: self.flush(),
+        }))
+    }
+
+    /// Publishes the consumer index (everything released so far); returns whether the producer
+    /// waits for space that is now free.
+    #[inline]
+    pub fn flush(&mut self) -> Notify {
+        let new = self.read;
+        let old = self.published;
+        if new == old {
+            return Notify::NONE;
+        }
+        // SAFETY: own part, checked at init.
+        let index = unsafe { word(self.own.add(layout::C_INDEX).cast()) };
+        // Release: our reads of the released frames happen before the producer (Acquire load of
+        // this index) overwrites them.
+        index.store(new, Ordering::Release);
+        self.published = new;
+        // SeqCst fence: Dekker with `Producer::prepare_wait_for_space` (store event; fence; load
+        // consumer index): either it sees `new` or we see its event.
+        fence(Ordering::SeqCst);
+        // SAFETY: peer part, checked at attach; load only. Any value is harmless.
+        let event = unsafe { word(self.peer.add(layout::P_SPACE_EVENT).cast_mut().cast()) }
+            .load(Ordering::Relaxed);
+        Notify(need_event(event, new, old))
+    }
+
+    /// Sleep handshake: announces "wake me on the next publish", fences, re-checks.
+    /// `Ok(true)`: still empty, the caller may sleep until its doorbell rings (the producer's
+    /// flush returns a [`Notify`] for it); `Ok(false)`: data arrived, keep reading.
+    ///
+    /// Call [`flush`](Self::flush) first (and ring if it says so): sleeping with unpublished
+    /// releases can deadlock against a producer waiting for space. With unpublished releases
+    /// this returns `Ok(false)` (and asserts in debug builds).
+    pub fn prepare_sleep(&mut self) -> Result<bool, Error> {
+        debug_assert_eq!(self.read, self.published, "flush before prepare_sleep");
+        if self.read != self.published {
+            return Ok(false);
+        }
+        if self.cached_prod != self.read {
+            return Ok(false);
+        }
+        // SAFETY: own part.
+        let event = unsafe { word(self.own.add(layout::C_DATA_EVENT).cast()) };
+        // Event-index: notify me when the producer index moves past `read`. Relaxed: ordered
+        // before the re-check by the fence.
+        event.store(self.read, Ordering::Relaxed);
+        // SeqCst fence: Dekker with the producer's flush (store index; fence; load event).
+        fence(Ordering::SeqCst);
+        Ok(self.refresh_prod()? == 0)
+    }
+}
+
+impl ConsumerInit {
+    /// Phase two: validates the producer part at `peer` (magic, version, capacity: read once
+    /// here and never again) and returns the consumer.
+    ///
+    /// # Safety
+    /// `peer` points to `peer_len` readable bytes (the producer part; may be mapped read-only)
+    /// that stay mapped for the lifetime of the returned [`Consumer`]. Content is untrusted.
+    pub unsafe fn attach(&self, peer: *const u8, peer_len: usize) -> Result<Consumer, Error> {
+        if self.attached.get() {
+            return Err(Error::AlreadyAttached);
+        }
+        check_region(peer, peer_len, layout::P_DATA)?;
+        // SAFETY: checked size/alignment of the control block; loads only.
+        let (magic, version, capacity) = unsafe {
+            let m = word(peer.add(layout::P_MAGIC).cast_mut().cast()).load(Ordering::Acquire);
+            let v = word(peer.add(layout::P_VERSION).cast_mut().cast()).load(Ordering::Relaxed);
+            let c = word(peer.add(layout::P_CAPACITY).cast_mut().cast()).load(Ordering::Relaxed);
+            (m, crate::version_of(v), c)
+        };
+        crate::check_magic(magic, layout::PRODUCER_MAGIC, version)?;
+        let capacity_usize = usize::try_from(capacity).unwrap_or(usize::MAX);
+        if !layout::capacity_ok(capacity_usize) {
+            return Err(Error::BadCapacity {
+                capacity: capacity_usize,
+            });
+        }
+        let needed = layout::producer_part_size(capacity_usize);
+        if peer_len < needed {
+            return Err(Error::RegionTooSmall {
+                needed,
+                got: peer_len,
+            });
+        }
+        self.attached.set(true);
+        Ok(Consumer {
+            // SAFETY: the part holds P_DATA + capacity bytes (checked just above).
+            data: unsafe { peer.add(layout::P_DATA) },
+            own: self.own,
+            peer,
+            mask: capacity - 1,
+            capacity,
+            read: 0,
+            published: 0,
+            cached_prod: 0,
+            owner: self.owner.clone(),
+        })
+    }
+}
+
+/// A frame inside shared memory, handed out by [`Consumer::peek`].
+pub struct Frame<'a> {
+    consumer: &'a mut Consumer,
+    payload: *const u8,
+    len: usize,
+    kind: u16,
+    total: u64,
+}
+
+impl Frame<'_> {
+    /// The frame's application kind.
+    #[inline]
+    pub fn kind(&self) -> u16 {
+        self.kind
+    }
+
+    /// Releases the frame (local until [`Consumer::flush`]).
+    #[inline]
+    pub fn release(self) {
+        self.consumer.read += self.total;
+    }
+}
+
+impl Deref for Frame<'_> {
+    type Target = [u8];
+    #[inline]
+    fn deref(&self) -> &[u8] {
+        // SAFETY: validated, published range inside the producer's data area, which the producer
+        // does not reuse before we release it. A hostile producer may still write it: the bytes
+        // are plain data and never trusted.
+        unsafe { core::slice::from_raw_parts(self.payload, self.len) }
+    }
+}

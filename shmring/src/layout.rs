@@ -1,0 +1,163 @@
+//! Byte layout of a ring in shared memory (see the crate documentation for the table).
+//!
+//! All multi-byte fields are in the machine's native byte order (both cells of an ivshmem
+//! device run on the same host). Every control word is an aligned `u64` accessed atomically.
+
+use core::mem::{offset_of, size_of};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+/// Alignment required of both parts (one cache line).
+pub const REGION_ALIGN: usize = 64;
+/// Cache line size the layout is built around.
+pub const CACHE_LINE: usize = 64;
+
+/// Magic of the producer part: `b"SHMRINGP"` read as a native `u64`.
+pub const PRODUCER_MAGIC: u64 = u64::from_ne_bytes(*b"SHMRINGP");
+/// Magic of the consumer part: `b"SHMRINGC"` read as a native `u64`.
+pub const CONSUMER_MAGIC: u64 = u64::from_ne_bytes(*b"SHMRINGC");
+/// Layout version written by this crate; a peer with another version is refused.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Smallest capacity (bytes of the data area).
+pub const MIN_CAPACITY: usize = 64;
+/// Largest capacity (bytes of the data area); keeps every frame length within `u32`.
+pub const MAX_CAPACITY: usize = 1 << 31;
+/// Size of a frame header (length `u32`, kind `u16`, flags `u16`).
+pub const FRAME_HEADER_LEN: usize = 8;
+/// Every frame (header + payload) starts at a multiple of this and occupies a multiple of it.
+pub const FRAME_ALIGN: usize = 8;
+
+/// Frame header flag: this record is padding up to the end of the data area.
+pub const FLAG_PADDING: u16 = 1;
+
+/// Value of an event word that asks for no notification at all.
+pub const NO_EVENT: u64 = u64::MAX;
+
+/// Control block at the start of the producer part (written only by the producer).
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C, align(64))]
+pub struct ProducerControl {
+    /// [`PRODUCER_MAGIC`] once initialised, 0 before.
+    pub magic: u64,
+    /// [`LAYOUT_VERSION`].
+    pub version: u32,
+    /// Zero.
+    pub reserved0: u32,
+    /// Capacity of the data area in bytes (power of two).
+    pub capacity: u64,
+    /// Zero (rest of the header cache line).
+    pub reserved1: [u64; 5],
+    /// Producer index: total bytes published (monotonic byte counter).
+    pub index: u64,
+    /// Zero (rest of the index cache line).
+    pub reserved2: [u64; 7],
+    /// Wait-for-space event: the producer wants a notification once the consumer index
+    /// passes this value (virtio `vring_need_event` style); [`NO_EVENT`] when not waiting.
+    pub space_event: u64,
+    /// Zero (rest of the event cache line).
+    pub reserved3: [u64; 7],
+}
+
+/// Control block forming the whole consumer part (written only by the consumer).
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C, align(64))]
+pub struct ConsumerControl {
+    /// [`CONSUMER_MAGIC`] once initialised, 0 before.
+    pub magic: u64,
+    /// [`LAYOUT_VERSION`].
+    pub version: u32,
+    /// Zero.
+    pub reserved0: u32,
+    /// Zero (rest of the header cache line).
+    pub reserved1: [u64; 6],
+    /// Consumer index: total bytes released (monotonic byte counter).
+    pub index: u64,
+    /// Zero (rest of the index cache line).
+    pub reserved2: [u64; 7],
+    /// Data event: the consumer wants a notification once the producer index passes this
+    /// value; [`NO_EVENT`] when not sleeping.
+    pub data_event: u64,
+    /// Zero (rest of the event cache line).
+    pub reserved3: [u64; 7],
+}
+
+/// Header in front of every frame in the data area.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C, align(8))]
+pub struct FrameHeader {
+    /// Payload length in bytes (for padding: bytes after the header up to the end).
+    pub len: u32,
+    /// Application-defined frame kind.
+    pub kind: u16,
+    /// 0 for a frame, [`FLAG_PADDING`] for padding; other values are invalid.
+    pub flags: u16,
+}
+
+impl FrameHeader {
+    /// Encodes the header as the `u64` word stored in the data area.
+    #[inline(always)]
+    pub fn to_word(self) -> u64 {
+        zerocopy::transmute!(self)
+    }
+    /// Decodes a header word.
+    #[inline(always)]
+    pub fn from_word(word: u64) -> Self {
+        zerocopy::transmute!(word)
+    }
+}
+
+/// Offset of the producer magic.
+pub const P_MAGIC: usize = offset_of!(ProducerControl, magic);
+/// Offset of the producer version word (version in the first 4 bytes).
+pub const P_VERSION: usize = offset_of!(ProducerControl, version);
+/// Offset of the capacity.
+pub const P_CAPACITY: usize = offset_of!(ProducerControl, capacity);
+/// Offset of the producer index.
+pub const P_INDEX: usize = offset_of!(ProducerControl, index);
+/// Offset of the wait-for-space event.
+pub const P_SPACE_EVENT: usize = offset_of!(ProducerControl, space_event);
+/// Offset of the data area inside the producer part.
+pub const P_DATA: usize = size_of::<ProducerControl>();
+
+/// Offset of the consumer magic.
+pub const C_MAGIC: usize = offset_of!(ConsumerControl, magic);
+/// Offset of the consumer version word.
+pub const C_VERSION: usize = offset_of!(ConsumerControl, version);
+/// Offset of the consumer index.
+pub const C_INDEX: usize = offset_of!(ConsumerControl, index);
+/// Offset of the data event.
+pub const C_DATA_EVENT: usize = offset_of!(ConsumerControl, data_event);
+/// Size of the consumer part.
+pub const CONSUMER_PART_SIZE: usize = size_of::<ConsumerControl>();
+
+const _: () = {
+    assert!(P_MAGIC == 0 && P_VERSION == 8 && P_CAPACITY == 16);
+    assert!(P_INDEX == 64 && P_SPACE_EVENT == 128 && P_DATA == 192);
+    assert!(C_MAGIC == 0 && C_VERSION == 8 && C_INDEX == 64 && C_DATA_EVENT == 128);
+    assert!(CONSUMER_PART_SIZE == 192);
+    assert!(size_of::<FrameHeader>() == FRAME_HEADER_LEN);
+    assert!(P_INDEX % CACHE_LINE == 0 && P_SPACE_EVENT % CACHE_LINE == 0);
+    assert!(C_INDEX % CACHE_LINE == 0 && C_DATA_EVENT % CACHE_LINE == 0);
+};
+
+/// Bytes needed for the producer part of a ring with `capacity` bytes of data area.
+pub const fn producer_part_size(capacity: usize) -> usize {
+    P_DATA + capacity
+}
+
+/// Largest payload a ring of `capacity` accepts: a frame occupies at most half the data area,
+/// so that it always fits once the ring drains, whatever padding the wrap needs.
+pub const fn max_frame_len(capacity: usize) -> usize {
+    capacity / 2 - FRAME_HEADER_LEN
+}
+
+/// Bytes a frame with `len` payload bytes occupies in the data area (header, payload, alignment).
+#[inline(always)]
+pub const fn frame_size(len: usize) -> usize {
+    (FRAME_HEADER_LEN + len + (FRAME_ALIGN - 1)) & !(FRAME_ALIGN - 1)
+}
+
+/// Whether `capacity` is acceptable: a power of two in `[MIN_CAPACITY, MAX_CAPACITY]`.
+pub const fn capacity_ok(capacity: usize) -> bool {
+    capacity.is_power_of_two() && capacity >= MIN_CAPACITY && capacity <= MAX_CAPACITY
+}

@@ -1,0 +1,109 @@
+//! Fixed-size typed messages over a ring.
+
+use core::marker::PhantomData;
+use core::mem::size_of;
+
+use bytemuck::Pod;
+
+use crate::{Consumer, Error, Notify, Producer};
+
+/// Sends values of a plain-old-data type `T`, one frame each.
+#[derive(Debug)]
+pub struct TypedProducer<T: Pod> {
+    inner: Producer,
+    _type: PhantomData<fn(T)>,
+}
+
+impl<T: Pod> TypedProducer<T> {
+    /// Wraps a producer; [`Error::TooLarge`] if `T` can never fit a frame of this ring.
+    pub fn new(inner: Producer) -> Result<Self, Error> {
+        if size_of::<T>() > inner.max_frame_len() {
+            return Err(Error::TooLarge {
+                len: size_of::<T>(),
+                max: inner.max_frame_len(),
+            });
+        }
+        Ok(Self {
+            inner,
+            _type: PhantomData,
+        })
+    }
+
+    /// Copies `value` into the ring and publishes it.
+    #[inline]
+    pub fn try_send(&mut self, value: &T) -> Result<Notify, Error> {
+        self.inner.try_send(bytemuck::bytes_of(value))
+    }
+
+    /// Copies `value` into the ring without publishing it (batching; see [`flush`](Self::flush)).
+    #[inline]
+    pub fn try_push(&mut self, value: &T) -> Result<(), Error> {
+        let mut grant = self.inner.grant(size_of::<T>())?;
+        grant.copy_from_slice(bytemuck::bytes_of(value));
+        grant.commit();
+        Ok(())
+    }
+
+    /// Publishes every pushed value.
+    #[inline]
+    pub fn flush(&mut self) -> Notify {
+        self.inner.flush()
+    }
+
+    /// The untyped producer.
+    pub fn into_inner(self) -> Producer {
+        self.inner
+    }
+
+    /// The untyped producer, borrowed (for the back-pressure handshake, free space, ...).
+    pub fn producer(&mut self) -> &mut Producer {
+        &mut self.inner
+    }
+}
+
+/// Receives values of a plain-old-data type `T`, one frame each.
+#[derive(Debug)]
+pub struct TypedConsumer<T: Pod> {
+    inner: Consumer,
+    _type: PhantomData<fn() -> T>,
+}
+
+impl<T: Pod> TypedConsumer<T> {
+    /// Wraps a consumer.
+    pub fn new(inner: Consumer) -> Self {
+        Self {
+            inner,
+            _type: PhantomData,
+        }
+    }
+
+    /// Copies out, releases and publishes the next value; a frame whose length is not
+    /// `size_of::<T>()` is [`Error::Corrupt`] (and stays in the ring).
+    #[inline]
+    pub fn try_recv(&mut self) -> Result<Option<(T, Notify)>, Error> {
+        let value = match self.inner.peek()? {
+            None => return Ok(None),
+            Some(frame) => {
+                if frame.len() != size_of::<T>() {
+                    return Err(Error::Corrupt {
+                        what: "typed frame of the wrong length",
+                    });
+                }
+                let value = bytemuck::pod_read_unaligned::<T>(&frame);
+                frame.release();
+                value
+            }
+        };
+        Ok(Some((value, self.inner.flush())))
+    }
+
+    /// The untyped consumer.
+    pub fn into_inner(self) -> Consumer {
+        self.inner
+    }
+
+    /// The untyped consumer, borrowed (for the sleep handshake, ...).
+    pub fn consumer(&mut self) -> &mut Consumer {
+        &mut self.inner
+    }
+}
