@@ -1,0 +1,1002 @@
+//! The checks behind [`SystemConfig::validate`]: every problem is collected, none stops the rest.
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::{
+    default_control_socket, CellConfig, CellKind, CellLink, CellSpec, ConfigErrors, Interrupts,
+    LinkConfig, LinkLayout, LinkSpec, Problem, ProblemKind, Region, SizeSpec, SystemConfig,
+    ValidConfig, MAX_PEERS, MAX_SOCKET_PATH, PAGE_SIZE, PROTOCOL_NAMES,
+};
+
+const NAME_RULE: &str =
+    "use 1 to 64 characters: letters, digits, '-', '_' or '.', starting with a letter or digit";
+
+/// Whether `name` is a usable system, cell or link name.
+fn name_is_valid(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// `cells[0] "rtos"` or `cells[0]` when the cell has no usable name.
+fn cell_location(index: usize, cell: &CellSpec) -> String {
+    match cell.name.as_deref() {
+        Some(name) if !name.is_empty() => format!("cells[{index}] \"{name}\""),
+        _ => format!("cells[{index}]"),
+    }
+}
+
+fn link_location(index: usize, link: &LinkSpec) -> String {
+    match link.name.as_deref() {
+        Some(name) if !name.is_empty() => format!("links[{index}] \"{name}\""),
+        _ => format!("links[{index}]"),
+    }
+}
+
+/// Renders CPU numbers as ranges: `0-3, 6`.
+pub(super) fn cpu_list(cpus: &[usize]) -> String {
+    let mut sorted = cpus.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut parts = Vec::new();
+    let mut i = 0;
+    while i < sorted.len() {
+        let start = sorted[i];
+        let mut end = start;
+        while i + 1 < sorted.len() && sorted[i + 1] == end + 1 {
+            i += 1;
+            end = sorted[i];
+        }
+        parts.push(if start == end {
+            start.to_string()
+        } else {
+            format!("{start}-{end}")
+        });
+        i += 1;
+    }
+    parts.join(", ")
+}
+
+struct Checker {
+    problems: Vec<Problem>,
+}
+
+impl Checker {
+    fn error(
+        &mut self,
+        kind: ProblemKind,
+        location: String,
+        message: String,
+        fix: impl Into<String>,
+    ) {
+        self.problems
+            .push(Problem::error(kind, location, message, fix));
+    }
+
+    fn warning(
+        &mut self,
+        kind: ProblemKind,
+        location: String,
+        message: String,
+        fix: impl Into<String>,
+    ) {
+        self.problems
+            .push(Problem::warning(kind, location, message, fix));
+    }
+
+    fn missing(&mut self, location: String, field: &str, fix: impl Into<String>) {
+        self.error(
+            ProblemKind::MissingField,
+            location,
+            format!("missing field `{field}`"),
+            fix,
+        );
+    }
+
+    /// Checks a name that must be present and valid; returns it if usable.
+    fn name(&mut self, location: &str, name: Option<&str>, example: &str) -> Option<String> {
+        let location = format!("{location} .name");
+        match name {
+            None => {
+                self.missing(location, "name", format!("add name = \"{example}\""));
+                None
+            }
+            Some(name) if !name_is_valid(name) => {
+                let what = if name.is_empty() {
+                    "the name is empty".to_owned()
+                } else {
+                    format!("invalid name \"{name}\"")
+                };
+                self.error(ProblemKind::InvalidName, location, what, NAME_RULE);
+                None
+            }
+            Some(name) => Some(name.to_owned()),
+        }
+    }
+
+    /// Parses an optional size; reports unparsable text. `None` when absent or unparsable.
+    fn size(&mut self, location: String, size: Option<&SizeSpec>) -> Option<Result<u64, ()>> {
+        let size = size?;
+        match size.bytes() {
+            Ok(bytes) => Some(Ok(bytes)),
+            Err(message) => {
+                self.error(
+                    ProblemKind::InvalidValue,
+                    location,
+                    message,
+                    "write a number of bytes or a string such as \"4K\", \"64KiB\" or \"1M\"",
+                );
+                Some(Err(()))
+            }
+        }
+    }
+
+    fn page_aligned(&mut self, location: String, what: &str, bytes: u64) -> bool {
+        if bytes % PAGE_SIZE == 0 {
+            return true;
+        }
+        let up = bytes.div_ceil(PAGE_SIZE).saturating_mul(PAGE_SIZE);
+        self.error(
+            ProblemKind::InvalidSize,
+            location,
+            format!("{what} {bytes:#x} ({bytes} bytes) is not a multiple of the page size ({PAGE_SIZE:#x})"),
+            format!("round it to a multiple of 4K, e.g. {up:#x}"),
+        );
+        false
+    }
+}
+
+pub(super) fn validate(
+    config: &SystemConfig,
+    cpu_count: Option<usize>,
+) -> Result<ValidConfig, ConfigErrors> {
+    let mut check = Checker {
+        problems: Vec::new(),
+    };
+
+    // [system]
+    let (system_name, control_socket, allow_shared_cpus) = match &config.system {
+        None => {
+            check.missing(
+                "system".to_owned(),
+                "system",
+                "add a [system] table with name = \"my-system\"",
+            );
+            (None, None, false)
+        }
+        Some(system) => (
+            check.name("system", system.name.as_deref(), "my-system"),
+            system.control_socket.clone(),
+            system.allow_shared_cpus,
+        ),
+    };
+    let (control_socket, control_socket_is_default) = match control_socket {
+        Some(path) => (Some(path), false),
+        None => (system_name.as_deref().map(default_control_socket), true),
+    };
+    if let Some(path) = &control_socket {
+        check_socket_path(&mut check, path, control_socket_is_default);
+    }
+
+    // [[cells]]
+    let cells = check_cells(&mut check, config, allow_shared_cpus);
+    if let Some(cpu_count) = cpu_count {
+        check.problems.extend(check_cpus_exist(config, cpu_count));
+    }
+
+    // [[links]]
+    let links = check_links(&mut check, config);
+
+    let cells: Option<Vec<CellConfig>> = cells.into_iter().collect();
+    let links: Option<Vec<LinkConfig>> = links.into_iter().collect();
+
+    // Cells on no link (only meaningful when the links themselves were readable).
+    if let (Some(cells), Some(links)) = (&cells, &links) {
+        for (index, cell) in cells.iter().enumerate() {
+            if !links.iter().any(|link| link.peers.contains(&cell.name)) {
+                check.warning(
+                    ProblemKind::CellWithoutLink,
+                    format!("cells[{index}] \"{}\"", cell.name),
+                    "the cell is not a peer of any link".to_owned(),
+                    "add it to a link's peers, or remove the cell if it is not needed",
+                );
+            }
+        }
+    }
+
+    if check.problems.iter().any(Problem::is_error) {
+        return Err(ConfigErrors {
+            problems: check.problems,
+        });
+    }
+    // No error means every part resolved.
+    let (Some(name), Some(control_socket), Some(mut cells), Some(links)) =
+        (system_name, control_socket, cells, links)
+    else {
+        unreachable!("validation found no error but a part did not resolve");
+    };
+    for (link_index, link) in links.iter().enumerate() {
+        for (peer_id, &cell) in link.peer_cells.iter().enumerate() {
+            cells[cell].links.push(CellLink {
+                link: link_index,
+                peer_id: peer_id as u16,
+            });
+        }
+    }
+    Ok(ValidConfig {
+        name,
+        control_socket,
+        control_socket_is_default,
+        allow_shared_cpus,
+        cells,
+        links,
+        warnings: check.problems,
+    })
+}
+
+fn check_socket_path(check: &mut Checker, path: &std::path::Path, is_default: bool) {
+    let location = if is_default {
+        "system .control_socket (default)".to_owned()
+    } else {
+        "system .control_socket".to_owned()
+    };
+    let length = path.as_os_str().len();
+    if length == 0 {
+        check.error(
+            ProblemKind::InvalidSocketPath,
+            location,
+            "the control socket path is empty".to_owned(),
+            "give a path, or remove the key to use the default",
+        );
+    } else if length > MAX_SOCKET_PATH {
+        check.error(
+            ProblemKind::InvalidSocketPath,
+            location,
+            format!(
+                "the control socket path {} is {length} bytes long; a Unix socket path holds at most {MAX_SOCKET_PATH}",
+                path.display()
+            ),
+            "choose a shorter path (control_socket = \"/run/...\") or a shorter system name",
+        );
+    }
+}
+
+/// Checks every cell; `None` entries are cells with errors.
+fn check_cells(
+    check: &mut Checker,
+    config: &SystemConfig,
+    allow_shared_cpus: bool,
+) -> Vec<Option<CellConfig>> {
+    if config.cells.is_empty() {
+        check.error(
+            ProblemKind::NoCells,
+            "cells".to_owned(),
+            "the system has no cells".to_owned(),
+            "add at least one [[cells]] table with name, cpus and command",
+        );
+    }
+    let mut first_by_name: HashMap<&str, usize> = HashMap::new();
+    // CPU -> first cell (index) that uses it.
+    let mut cpu_owner: BTreeMap<usize, usize> = BTreeMap::new();
+    let mut resolved = Vec::with_capacity(config.cells.len());
+
+    for (index, cell) in config.cells.iter().enumerate() {
+        let location = cell_location(index, cell);
+        let errors_before = check.problems.len();
+
+        let name = check.name(&location, cell.name.as_deref(), "my-cell");
+        if let Some(name) = cell.name.as_deref().filter(|_| name.is_some()) {
+            if let Some(&first) = first_by_name.get(name) {
+                check.error(
+                    ProblemKind::DuplicateCellName,
+                    format!("{location} .name"),
+                    format!("cell name \"{name}\" is already used by cells[{first}]"),
+                    "give every cell a unique name",
+                );
+            } else {
+                first_by_name.insert(name, index);
+            }
+        }
+
+        let kind = match cell.kind.as_deref() {
+            None | Some("process") => Some(CellKind::Process),
+            Some("kvm") => Some(CellKind::Kvm),
+            Some(other) => {
+                check.error(
+                    ProblemKind::InvalidValue,
+                    format!("{location} .kind"),
+                    format!("unknown cell kind \"{other}\""),
+                    "write kind = \"process\" or kind = \"kvm\"",
+                );
+                None
+            }
+        };
+
+        let cpus = match &cell.cpus {
+            None => {
+                check.missing(
+                    format!("{location} .cpus"),
+                    "cpus",
+                    "add cpus = [N] with the CPU numbers this cell owns",
+                );
+                None
+            }
+            Some(cpus) if cpus.is_empty() => {
+                check.error(
+                    ProblemKind::EmptyCpus,
+                    format!("{location} .cpus"),
+                    "the CPU list is empty".to_owned(),
+                    "give the cell at least one CPU, e.g. cpus = [1]",
+                );
+                None
+            }
+            Some(cpus) => {
+                let mut seen = Vec::with_capacity(cpus.len());
+                let mut twice = Vec::new();
+                for &cpu in cpus {
+                    if seen.contains(&cpu) {
+                        if !twice.contains(&cpu) {
+                            twice.push(cpu);
+                        }
+                    } else {
+                        seen.push(cpu);
+                    }
+                }
+                for cpu in &twice {
+                    check.error(
+                        ProblemKind::DuplicateCpu,
+                        format!("{location} .cpus"),
+                        format!("CPU {cpu} is listed more than once"),
+                        "list each CPU once",
+                    );
+                }
+                for &cpu in &seen {
+                    match cpu_owner.get(&cpu) {
+                        Some(&owner) => {
+                            let owner_location = cell_location(owner, &config.cells[owner]);
+                            if allow_shared_cpus {
+                                check.warning(
+                                    ProblemKind::SharedCpus,
+                                    format!("{location} .cpus"),
+                                    format!("CPU {cpu} is shared with {owner_location}"),
+                                    "cells on shared CPUs are not isolated; give each cell its own CPUs on a machine with enough of them",
+                                );
+                            } else {
+                                check.error(
+                                    ProblemKind::OverlappingCpus,
+                                    format!("{location} .cpus"),
+                                    format!("CPU {cpu} is also given to {owner_location}; a CPU belongs to one cell only"),
+                                    "give each cell its own CPUs (or set allow_shared_cpus = true in [system] for a development machine)",
+                                );
+                            }
+                        }
+                        None => {
+                            cpu_owner.insert(cpu, index);
+                        }
+                    }
+                }
+                twice.is_empty().then_some(seen)
+            }
+        };
+
+        let args = cell.args.clone().unwrap_or_default();
+        let mut memory = None;
+        match kind {
+            Some(CellKind::Process) => {
+                match cell.command.as_deref() {
+                    None => check.missing(
+                        format!("{location} .command"),
+                        "command",
+                        "a process cell needs command = \"path/to/program\"",
+                    ),
+                    Some(command) if command.trim().is_empty() => check.error(
+                        ProblemKind::InvalidValue,
+                        format!("{location} .command"),
+                        "the command is empty".to_owned(),
+                        "write the program to run, e.g. command = \"target/release/examples/telemetry_producer\"",
+                    ),
+                    Some(_) => {}
+                }
+                for (field, present) in [
+                    ("memory", cell.memory.is_some()),
+                    ("image", cell.image.is_some()),
+                ] {
+                    if present {
+                        check.error(
+                            ProblemKind::FieldNotForKind,
+                            format!("{location} .{field}"),
+                            format!("`{field}` is only for kvm cells; this is a process cell"),
+                            format!("remove `{field}`, or set kind = \"kvm\""),
+                        );
+                    }
+                }
+            }
+            Some(CellKind::Kvm) => {
+                match check.size(format!("{location} .memory"), cell.memory.as_ref()) {
+                    None => check.missing(
+                        format!("{location} .memory"),
+                        "memory",
+                        "a kvm cell needs memory = \"16M\" (guest memory size)",
+                    ),
+                    Some(Ok(0)) => check.error(
+                        ProblemKind::InvalidSize,
+                        format!("{location} .memory"),
+                        "guest memory size is 0".to_owned(),
+                        "give the guest memory, e.g. memory = \"16M\"",
+                    ),
+                    Some(Ok(bytes)) => {
+                        if check.page_aligned(
+                            format!("{location} .memory"),
+                            "guest memory size",
+                            bytes,
+                        ) {
+                            memory = Some(bytes);
+                        }
+                    }
+                    Some(Err(())) => {}
+                }
+                match &cell.image {
+                    None => check.missing(
+                        format!("{location} .image"),
+                        "image",
+                        "a kvm cell needs image = \"path/to/image.bin\"",
+                    ),
+                    Some(image) if image.as_os_str().is_empty() => check.error(
+                        ProblemKind::InvalidValue,
+                        format!("{location} .image"),
+                        "the image path is empty".to_owned(),
+                        "write the path of the bare-metal image to load",
+                    ),
+                    Some(_) => {}
+                }
+                for (field, present) in [
+                    ("command", cell.command.is_some()),
+                    ("args", cell.args.is_some()),
+                ] {
+                    if present {
+                        check.error(
+                            ProblemKind::FieldNotForKind,
+                            format!("{location} .{field}"),
+                            format!("`{field}` is only for process cells; this is a kvm cell"),
+                            format!("remove `{field}`, or set kind = \"process\""),
+                        );
+                    }
+                }
+            }
+            None => {}
+        }
+
+        let had_error = check.problems[errors_before..]
+            .iter()
+            .any(Problem::is_error);
+        resolved.push(match (name, kind, cpus) {
+            (Some(name), Some(kind), Some(cpus)) if !had_error => Some(CellConfig {
+                name,
+                kind,
+                cpus,
+                command: (kind == CellKind::Process)
+                    .then(|| cell.command.clone().unwrap_or_default()),
+                args: if kind == CellKind::Process {
+                    args
+                } else {
+                    Vec::new()
+                },
+                memory,
+                image: if kind == CellKind::Kvm {
+                    cell.image.clone()
+                } else {
+                    None
+                },
+                links: Vec::new(),
+            }),
+            _ => None,
+        });
+    }
+    resolved
+}
+
+/// Every CPU a cell names must exist on a machine with `cpu_count` CPUs.
+pub(super) fn check_cpus_exist(config: &SystemConfig, cpu_count: usize) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    for (index, cell) in config.cells.iter().enumerate() {
+        let Some(cpus) = &cell.cpus else { continue };
+        let missing: Vec<usize> = cpus
+            .iter()
+            .copied()
+            .filter(|&cpu| cpu >= cpu_count)
+            .collect();
+        if missing.is_empty() {
+            continue;
+        }
+        let available = if cpu_count == 0 {
+            "none".to_owned()
+        } else {
+            cpu_list(&(0..cpu_count).collect::<Vec<_>>())
+        };
+        problems.push(Problem::error(
+            ProblemKind::CpuOutOfRange,
+            format!("{} .cpus", cell_location(index, cell)),
+            format!(
+                "CPU{} {} do{} not exist on this machine, which has {cpu_count} CPU{} ({available})",
+                if missing.len() == 1 { "" } else { "s" },
+                cpu_list(&missing),
+                if missing.len() == 1 { "es" } else { "" },
+                if cpu_count == 1 { "" } else { "s" },
+            ),
+            format!("use CPUs in {available}, or run on a machine with more CPUs"),
+        ));
+    }
+    problems
+}
+
+/// Checks every link; `None` entries are links with errors.
+fn check_links(check: &mut Checker, config: &SystemConfig) -> Vec<Option<LinkConfig>> {
+    let known_cells: Vec<&str> = config
+        .cells
+        .iter()
+        .filter_map(|cell| cell.name.as_deref())
+        .filter(|name| name_is_valid(name))
+        .collect();
+    let mut first_by_name: HashMap<&str, usize> = HashMap::new();
+    let mut resolved = Vec::with_capacity(config.links.len());
+
+    for (index, link) in config.links.iter().enumerate() {
+        let location = link_location(index, link);
+        let errors_before = check.problems.len();
+
+        let name = check.name(&location, link.name.as_deref(), "my-link");
+        if let Some(name) = link.name.as_deref().filter(|_| name.is_some()) {
+            if let Some(&first) = first_by_name.get(name) {
+                check.error(
+                    ProblemKind::DuplicateLinkName,
+                    format!("{location} .name"),
+                    format!("link name \"{name}\" is already used by links[{first}]"),
+                    "give every link a unique name",
+                );
+            } else {
+                first_by_name.insert(name, index);
+            }
+        }
+
+        // Peers.
+        let mut peer_cells = Vec::new();
+        let peer_count = match &link.peers {
+            None => {
+                check.missing(
+                    format!("{location} .peers"),
+                    "peers",
+                    "add peers = [\"cell-a\", \"cell-b\"] (cell names in peer-ID order)",
+                );
+                None
+            }
+            Some(peers) => {
+                for (position, peer) in peers.iter().enumerate() {
+                    let peer_location = format!("{location} .peers[{position}]");
+                    if let Some(first) = peers[..position].iter().position(|p| p == peer) {
+                        check.error(
+                            ProblemKind::DuplicatePeer,
+                            peer_location,
+                            format!("cell \"{peer}\" is already peer {first} of this link"),
+                            "list each cell once; a cell has one peer ID per link",
+                        );
+                    } else if let Some(cell) = config
+                        .cells
+                        .iter()
+                        .position(|cell| cell.name.as_deref() == Some(peer.as_str()))
+                    {
+                        peer_cells.push(cell);
+                    } else {
+                        check.error(
+                            ProblemKind::UnknownCell,
+                            peer_location,
+                            format!("there is no cell called \"{peer}\""),
+                            if known_cells.is_empty() {
+                                "define the cell in a [[cells]] table".to_owned()
+                            } else {
+                                format!("use one of the cells: {}", known_cells.join(", "))
+                            },
+                        );
+                    }
+                }
+                if peers.len() < 2 {
+                    check.error(
+                        ProblemKind::TooFewPeers,
+                        format!("{location} .peers"),
+                        format!(
+                            "a link needs at least 2 peers, this one has {}",
+                            peers.len()
+                        ),
+                        "list at least two cells in peers",
+                    );
+                } else if peers.len() > MAX_PEERS {
+                    check.error(
+                        ProblemKind::TooManyPeers,
+                        format!("{location} .peers"),
+                        format!(
+                            "a link supports at most {MAX_PEERS} peers, this one has {}",
+                            peers.len()
+                        ),
+                        "split the cells over several links",
+                    );
+                }
+                Some(peers.len())
+            }
+        };
+
+        // Protocol.
+        let protocol = match &link.protocol {
+            None => {
+                check.missing(
+                    format!("{location} .protocol"),
+                    "protocol",
+                    "add protocol = \"ethernet\", \"telemetry\" or a number such as 0x4002",
+                );
+                None
+            }
+            Some(spec) => match spec.value() {
+                Ok(value) => Some(value),
+                Err(message) => {
+                    let names: Vec<&str> = PROTOCOL_NAMES.iter().map(|(n, _)| *n).collect();
+                    check.error(
+                        ProblemKind::InvalidProtocol,
+                        format!("{location} .protocol"),
+                        message,
+                        format!(
+                            "use a name ({}) or a number in 0x0000..=0xFFFF (user-defined: 0x4000..=0x7FFF)",
+                            names.join(", ")
+                        ),
+                    );
+                    None
+                }
+            },
+        };
+        if let (Some(0x0001), Some(count)) = (protocol, peer_count) {
+            if count != 2 {
+                check.warning(
+                    ProblemKind::ProtocolPeerCount,
+                    format!("{location} .protocol"),
+                    format!("ethernet links are point-to-point (ivshmem-net expects 2 peers), this one has {count}"),
+                    "use one ethernet link per pair of cells",
+                );
+            }
+        }
+
+        // Sizes.
+        let state_table_size = match check.size(
+            format!("{location} .state_table_size"),
+            link.state_table_size.as_ref(),
+        ) {
+            None => Some(PAGE_SIZE),
+            Some(Ok(0)) => {
+                check.error(
+                    ProblemKind::InvalidSize,
+                    format!("{location} .state_table_size"),
+                    "the state table size is 0; it must hold 4 bytes per peer".to_owned(),
+                    "use state_table_size = \"4K\" (one page, enough for 1024 peers)",
+                );
+                None
+            }
+            Some(Ok(bytes)) => {
+                let mut ok = true;
+                if let Some(count) = peer_count.filter(|&c| bytes < 4 * c as u64) {
+                    check.error(
+                        ProblemKind::InvalidSize,
+                        format!("{location} .state_table_size"),
+                        format!(
+                            "the state table ({bytes} bytes) cannot hold 4 bytes for each of the {count} peers ({} bytes)",
+                            4 * count
+                        ),
+                        "use state_table_size = \"4K\"",
+                    );
+                    ok = false;
+                }
+                if bytes > u64::from(u32::MAX) {
+                    check.error(
+                        ProblemKind::InvalidSize,
+                        format!("{location} .state_table_size"),
+                        format!("the state table size {bytes:#x} does not fit the device's 32-bit field"),
+                        "use state_table_size = \"4K\"",
+                    );
+                    ok = false;
+                }
+                ok &= check.page_aligned(
+                    format!("{location} .state_table_size"),
+                    "the state table size",
+                    bytes,
+                );
+                ok.then_some(bytes)
+            }
+            Some(Err(())) => None,
+        };
+        let rw_size = match check.size(format!("{location} .rw_size"), link.rw_size.as_ref()) {
+            None => Some(0),
+            Some(Ok(bytes)) => check
+                .page_aligned(
+                    format!("{location} .rw_size"),
+                    "the R/W section size",
+                    bytes,
+                )
+                .then_some(bytes),
+            Some(Err(())) => None,
+        };
+        let output_size = match check.size(
+            format!("{location} .output_size"),
+            link.output_size.as_ref(),
+        ) {
+            None => {
+                check.missing(
+                    format!("{location} .output_size"),
+                    "output_size",
+                    "add output_size = \"64K\" (each peer's output section)",
+                );
+                None
+            }
+            Some(Ok(bytes)) => check
+                .page_aligned(
+                    format!("{location} .output_size"),
+                    "the output section size",
+                    bytes,
+                )
+                .then_some(bytes),
+            Some(Err(())) => None,
+        };
+        if let (Some(0), Some(0)) = (rw_size, output_size) {
+            check.error(
+                ProblemKind::InvalidSize,
+                format!("{location} .output_size"),
+                "output_size and rw_size are both 0: the link has no memory to carry data (output size 0 is allowed only with an R/W section)".to_owned(),
+                "give each peer an output section, e.g. output_size = \"64K\"",
+            );
+        }
+
+        // Interrupts.
+        let interrupts = match link.interrupts.as_deref() {
+            None | Some("intx") => Some(Interrupts::Intx),
+            Some(kind)
+                if kind.eq_ignore_ascii_case("msix") || kind.eq_ignore_ascii_case("msi-x") =>
+            {
+                check.error(
+                    ProblemKind::UnsupportedInterrupts,
+                    format!("{location} .interrupts"),
+                    "MSI-X interrupts are not supported yet".to_owned(),
+                    "use interrupts = \"intx\"",
+                );
+                None
+            }
+            Some(other) => {
+                check.error(
+                    ProblemKind::UnsupportedInterrupts,
+                    format!("{location} .interrupts"),
+                    format!("unknown interrupt kind \"{other}\""),
+                    "use interrupts = \"intx\" (the only kind supported)",
+                );
+                None
+            }
+        };
+
+        // Layout (only when every input is valid).
+        let layout = match (peer_count, state_table_size, rw_size, output_size) {
+            (Some(count), Some(st), Some(rw), Some(out)) if (2..=MAX_PEERS).contains(&count) => {
+                match compute_layout(count, st, rw, out) {
+                    Ok(layout) => Some(layout),
+                    Err(message) => {
+                        check.error(
+                            ProblemKind::InvalidSize,
+                            location.clone(),
+                            message,
+                            "use smaller sections",
+                        );
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+
+        let had_error = check.problems[errors_before..]
+            .iter()
+            .any(Problem::is_error);
+        resolved.push(
+            match (
+                name,
+                &link.peers,
+                protocol,
+                state_table_size,
+                rw_size,
+                output_size,
+                interrupts,
+                layout,
+            ) {
+                (
+                    Some(name),
+                    Some(peers),
+                    Some(protocol),
+                    Some(st),
+                    Some(rw),
+                    Some(out),
+                    Some(interrupts),
+                    Some(layout),
+                ) if !had_error => Some(LinkConfig {
+                    name,
+                    peers: peers.clone(),
+                    peer_cells,
+                    protocol,
+                    state_table_size: st,
+                    rw_size: rw,
+                    output_size: out,
+                    interrupts,
+                    layout,
+                }),
+                _ => None,
+            },
+        );
+    }
+    resolved
+}
+
+/// Lays out a link's shared memory: state table, R/W section, then `peers` output sections.
+fn compute_layout(
+    peers: usize,
+    state_table: u64,
+    rw: u64,
+    output: u64,
+) -> Result<LinkLayout, String> {
+    let too_large = || {
+        format!(
+            "the link's shared memory (state table {state_table:#x} + R/W {rw:#x} + {peers} x output {output:#x}) overflows 64 bits"
+        )
+    };
+    let rw_offset = state_table;
+    let outputs_offset = rw_offset.checked_add(rw).ok_or_else(too_large)?;
+    let mut outputs = Vec::with_capacity(peers);
+    let mut offset = outputs_offset;
+    for _ in 0..peers {
+        outputs.push(Region {
+            offset,
+            size: output,
+        });
+        offset = offset.checked_add(output).ok_or_else(too_large)?;
+    }
+    Ok(LinkLayout {
+        state_table: Region {
+            offset: 0,
+            size: state_table,
+        },
+        rw: Region {
+            offset: rw_offset,
+            size: rw,
+        },
+        outputs,
+        total_size: offset,
+    })
+}
+
+/// Turns a TOML parse error into a problem with line, column and (when it can be told) the
+/// table it is in, e.g. `cells[1] (line 12, column 1)`.
+pub(super) fn parse_problem(text: &str, error: &toml::de::Error) -> Problem {
+    let message = error.message().trim().to_owned();
+    let location = match error.span() {
+        Some(span) => {
+            let start = span.start.min(text.len());
+            let before = &text[..start];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            match table_at(before) {
+                Some(table) => format!("{table} (line {line}, column {column})"),
+                None => format!("line {line}, column {column}"),
+            }
+        }
+        None => "the file".to_owned(),
+    };
+    let (kind, fix) = if message.starts_with("unknown field") {
+        (
+            ProblemKind::UnknownField,
+            "remove the key or correct its spelling (the keys this table accepts are listed above)",
+        )
+    } else if message.starts_with("missing field") {
+        (ProblemKind::MissingField, "add the missing key")
+    } else if message.starts_with("invalid type")
+        || message.starts_with("invalid value")
+        || message.contains("cannot be negative")
+    {
+        (
+            ProblemKind::InvalidValue,
+            "give the key a value of the expected type",
+        )
+    } else {
+        (ProblemKind::Syntax, "fix the TOML syntax at this position")
+    };
+    Problem::error(kind, location, message, fix)
+}
+
+/// The table a position is in, by the last header before it: `system`, `cells[2]`, `links[0]`.
+fn table_at(before: &str) -> Option<String> {
+    let mut current = None;
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for line in before.lines() {
+        let line = line.trim();
+        if let Some(name) = line.strip_prefix("[[").and_then(|l| l.split("]]").next()) {
+            let name = name.trim().to_owned();
+            let count = counts.entry(name.clone()).or_insert(0);
+            current = Some(format!("{name}[{count}]"));
+            *count += 1;
+        } else if let Some(name) = line.strip_prefix('[').and_then(|l| l.split(']').next()) {
+            current = Some(name.trim().to_owned());
+        }
+    }
+    current
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists_render_as_ranges() {
+        assert_eq!(cpu_list(&[3, 0, 1, 2, 6]), "0-3, 6");
+        assert_eq!(cpu_list(&[5]), "5");
+        assert_eq!(cpu_list(&[]), "");
+    }
+
+    #[test]
+    fn names() {
+        assert!(name_is_valid("rtos-telemetry"));
+        assert!(name_is_valid("net0.a_b"));
+        assert!(!name_is_valid(""));
+        assert!(!name_is_valid("-x"));
+        assert!(!name_is_valid("a b"));
+        assert!(!name_is_valid("a/b"));
+        assert!(!name_is_valid(&"a".repeat(65)));
+    }
+
+    #[test]
+    fn layout_is_contiguous_and_page_aligned() {
+        let layout = compute_layout(3, 0x1000, 0x2000, 0x4000).unwrap();
+        assert_eq!(
+            layout.state_table,
+            Region {
+                offset: 0,
+                size: 0x1000
+            }
+        );
+        assert_eq!(
+            layout.rw,
+            Region {
+                offset: 0x1000,
+                size: 0x2000
+            }
+        );
+        assert_eq!(
+            layout.outputs,
+            vec![
+                Region {
+                    offset: 0x3000,
+                    size: 0x4000
+                },
+                Region {
+                    offset: 0x7000,
+                    size: 0x4000
+                },
+                Region {
+                    offset: 0xB000,
+                    size: 0x4000
+                },
+            ]
+        );
+        assert_eq!(layout.total_size, 0xF000);
+        assert!(compute_layout(2, 0x1000, u64::MAX - 0xFFF, 0x1000).is_err());
+    }
+
+    #[test]
+    fn table_context_of_a_position() {
+        let text = "[system]\nname='a'\n[[cells]]\nname='x'\n[[cells]]\nfoo=1\n";
+        assert_eq!(
+            table_at(&text[..text.find("foo").unwrap()]),
+            Some("cells[1]".into())
+        );
+        assert_eq!(table_at("[system]\n"), Some("system".into()));
+        assert_eq!(table_at(""), None);
+    }
+}
