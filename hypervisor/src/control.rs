@@ -1,1 +1,832 @@
-//! (in progress)
+//! The control socket of the hosted hypervisor: process cells attach here by name.
+//!
+//! [`ControlServer`] owns every link's memory ([`LinkMemory`]) and device model, listens on a
+//! Unix `SOCK_SEQPACKET` socket (mode 0600) and runs a single-threaded `poll(2)` loop
+//! ([`ControlServer::poll`]) over the listening socket, the connected cells and any extra fds
+//! of the caller (child pidfds, a signalfd, a stop eventfd). The protocol is
+//! [`ivshmem_dev::hosted`]:
+//!
+//! - attach by cell name: unknown names, names already attached, non-process cells and
+//!   processes of another uid (`SO_PEERCRED`) are refused with a clear reply; otherwise the cell
+//!   gets, per link it is on, the link parameters and its fds (state table RO, R/W section RW,
+//!   own output RW, other outputs RO, the interrupt eventfds of every peer; its own drained
+//!   first);
+//! - a STATE write goes through the device model, which updates the state table; the
+//!   hypervisor then writes the eventfds of the notified peers and acknowledges;
+//! - a closed socket (exit, crash, `kill -9`) detaches the cell: state 0, peers notified;
+//! - a status query is answered on any connection.
+
+use std::collections::BTreeSet;
+use std::io::{self, IoSlice};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ivshmem_dev::hosted::{
+    self, AcceptedBody, CellPhase, GrantFds, LinkGrantBody, RefusalReason, RefusedBody, Reply,
+    Request, SetStateBody, WireName, MAX_MESSAGE_SIZE, MAX_WIRE_PEERS,
+};
+use nix::sys::socket::{
+    accept4, bind, connect, getsockopt, listen, send, sendmsg, socket, sockopt, AddressFamily,
+    Backlog, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr,
+};
+
+use crate::memory::{LinkMemory, MappedStateTable, MemoryError};
+use crate::status::{CellExit, CellStatus, LinkStatus, PeerStatus, SystemStatus};
+
+/// One link as the control server serves it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkSpec {
+    /// Link name.
+    pub name: String,
+    /// Cell names in peer-ID order.
+    pub peers: Vec<String>,
+    /// Protocol (PCI prog-IF/sub-class).
+    pub protocol: u16,
+    /// State table size in bytes.
+    pub state_table_size: u64,
+    /// R/W section size in bytes (0: none).
+    pub rw_size: u64,
+    /// Output section size in bytes (0: none).
+    pub output_size: u64,
+}
+
+/// One cell as the control server and the supervisor see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CellSpec {
+    /// Cell name.
+    pub name: String,
+    /// CPUs the cell's process is pinned to.
+    pub cpus: Vec<usize>,
+    /// Program and arguments to spawn, if the hypervisor starts this cell.
+    pub command: Option<Vec<String>>,
+    /// Whether this is a process cell (may attach over the socket).
+    pub process: bool,
+}
+
+/// A whole hosted system: what `run` serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SystemSpec {
+    /// Cells.
+    pub cells: Vec<CellSpec>,
+    /// Links.
+    pub links: Vec<LinkSpec>,
+}
+
+/// What the device model tells the server to do after an event: the peers whose interrupt
+/// line (vector 0) to raise.
+pub type Notify = Vec<u16>;
+
+/// The emulated device of one link, as the control server drives it. Implemented by
+/// [`crate::device::Link`] (through [`DeviceLink`]).
+pub trait LinkModel: Send {
+    /// A peer attached: reset its registers, clear the table if it is the first; returns the
+    /// peers to notify.
+    fn peer_attached(&mut self, peer: u16) -> Notify;
+    /// A peer detached: its state becomes 0; returns the peers to notify.
+    fn peer_detached(&mut self, peer: u16) -> Notify;
+    /// The peer wrote STATE; returns the peers to notify, or why the write was refused.
+    fn write_state(&mut self, peer: u16, value: u32) -> Result<Notify, String>;
+}
+
+/// Errors of the control server.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// Another hypervisor listens at the path.
+    #[error("another hypervisor is already listening at {0}")]
+    AlreadyRunning(PathBuf),
+    /// The path exists and is not a socket.
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+    /// Socket setup failed.
+    #[error("control socket {path}: {source}")]
+    Socket {
+        /// The socket path.
+        path: PathBuf,
+        /// OS error.
+        source: io::Error,
+    },
+    /// Creating link memory failed.
+    #[error("link `{link}`: {source}")]
+    Memory {
+        /// Link name.
+        link: String,
+        /// The memory error.
+        source: MemoryError,
+    },
+    /// A link names a cell that does not exist, or has too many peers.
+    #[error("link `{link}`: {reason}")]
+    BadLink {
+        /// Link name.
+        link: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The device model could not be created.
+    #[error("link `{link}`: device model: {reason}")]
+    Device {
+        /// Link name.
+        link: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// `poll(2)` failed.
+    #[error("poll: {0}")]
+    Poll(io::Error),
+}
+
+/// Something that happened on the control socket (for logs and the live status).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlEvent {
+    /// A cell attached.
+    Attached {
+        /// Cell name.
+        cell: String,
+        /// Its process ID.
+        pid: u32,
+    },
+    /// A cell's socket closed: it is detached, its state is 0.
+    Detached {
+        /// Cell name.
+        cell: String,
+        /// Why (closed, protocol error …).
+        reason: String,
+    },
+    /// An attach was refused.
+    Refused {
+        /// Name asked for.
+        cell: String,
+        /// The reply sent.
+        detail: String,
+    },
+    /// A cell wrote STATE.
+    State {
+        /// Cell name.
+        cell: String,
+        /// Link name.
+        link: String,
+        /// New value.
+        value: u32,
+    },
+}
+
+struct ServedLink {
+    spec: LinkSpec,
+    memory: LinkMemory,
+    view: MappedStateTable,
+    model: Box<dyn LinkModel>,
+    active: u32,
+}
+
+struct ServedCell {
+    spec: CellSpec,
+    /// (link index, peer ID), in link order: the grant order.
+    memberships: Vec<(usize, u16)>,
+    client: Option<u64>,
+    pid: Option<u32>,
+    phase: CellPhase,
+    spawned: bool,
+    exit: Option<CellExit>,
+}
+
+struct Client {
+    id: u64,
+    fd: OwnedFd,
+    pid: u32,
+    uid: u32,
+    cell: Option<usize>,
+}
+
+/// The control socket server and the state of every hosted link and cell.
+pub struct ControlServer {
+    listener: OwnedFd,
+    path: PathBuf,
+    uid: u32,
+    links: Vec<ServedLink>,
+    cells: Vec<ServedCell>,
+    clients: Vec<Client>,
+    next_client: u64,
+    events: Vec<ControlEvent>,
+    socket_inode: Option<(u64, u64)>,
+}
+
+impl std::fmt::Debug for ControlServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlServer")
+            .field("path", &self.path)
+            .field("clients", &self.clients.len())
+            .finish()
+    }
+}
+
+/// Builds the device model of a link over its mapped state table.
+pub type ModelFactory<'a> =
+    dyn FnMut(&LinkSpec, MappedStateTable) -> Result<Box<dyn LinkModel>, String> + 'a;
+
+impl ControlServer {
+    /// Creates every link's memory and device model (with `make_model`) and listens at `path`.
+    pub fn bind(
+        system: &SystemSpec,
+        path: &Path,
+        make_model: &mut ModelFactory<'_>,
+    ) -> Result<Self, ControlError> {
+        let mut links = Vec::new();
+        for spec in &system.links {
+            let bad = |reason: String| ControlError::BadLink {
+                link: spec.name.clone(),
+                reason,
+            };
+            if spec.peers.len() < 2 || spec.peers.len() > MAX_WIRE_PEERS {
+                return Err(bad(format!(
+                    "{} peers; a link needs 2 to {MAX_WIRE_PEERS}",
+                    spec.peers.len()
+                )));
+            }
+            for p in &spec.peers {
+                if !system.cells.iter().any(|c| &c.name == p) {
+                    return Err(bad(format!("peer `{p}` is not a configured cell")));
+                }
+            }
+            let max_peers = spec.peers.len() as u16;
+            let mem_err = |source| ControlError::Memory {
+                link: spec.name.clone(),
+                source,
+            };
+            let memory = LinkMemory::create(
+                &spec.name,
+                max_peers,
+                spec.state_table_size,
+                spec.rw_size,
+                spec.output_size,
+            )
+            .map_err(mem_err)?;
+            let table =
+                MappedStateTable::new(&memory.state_table, max_peers as usize).map_err(mem_err)?;
+            let view =
+                MappedStateTable::new(&memory.state_table, max_peers as usize).map_err(mem_err)?;
+            let model = make_model(spec, table).map_err(|reason| ControlError::Device {
+                link: spec.name.clone(),
+                reason,
+            })?;
+            links.push(ServedLink {
+                spec: spec.clone(),
+                memory,
+                view,
+                model,
+                active: 0,
+            });
+        }
+        let cells = system
+            .cells
+            .iter()
+            .map(|spec| ServedCell {
+                memberships: system
+                    .links
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(li, l)| {
+                        l.peers
+                            .iter()
+                            .position(|p| p == &spec.name)
+                            .map(|id| (li, id as u16))
+                    })
+                    .collect(),
+                spec: spec.clone(),
+                client: None,
+                pid: None,
+                phase: CellPhase::Waiting,
+                spawned: false,
+                exit: None,
+            })
+            .collect();
+        let listener = listen_at(path)?;
+        let socket_inode = std::fs::symlink_metadata(path).ok().map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            (m.dev(), m.ino())
+        });
+        Ok(Self {
+            socket_inode,
+            listener,
+            path: path.to_path_buf(),
+            // SAFETY: getuid has no preconditions and cannot fail.
+            uid: unsafe { libc::getuid() },
+            links,
+            cells,
+            clients: Vec::new(),
+            next_client: 1,
+            events: Vec::new(),
+        })
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Records that the supervisor spawned `cell` as process `pid`.
+    pub fn cell_spawned(&mut self, cell: &str, pid: u32) {
+        if let Some(c) = self.cells.iter_mut().find(|c| c.spec.name == cell) {
+            c.spawned = true;
+            c.pid = Some(pid);
+            c.exit = None;
+            if c.phase == CellPhase::Exited {
+                c.phase = CellPhase::Waiting;
+            }
+        }
+    }
+
+    /// Records that `cell`'s spawned process ended. It is not restarted. If its socket is still
+    /// open (a child inherited it), it stays attached until that closes.
+    pub fn cell_exited(&mut self, cell: &str, exit: CellExit) {
+        if let Some(c) = self.cells.iter_mut().find(|c| c.spec.name == cell) {
+            c.exit = Some(exit);
+            if c.client.is_none() {
+                c.phase = CellPhase::Exited;
+            }
+        }
+    }
+
+    /// Takes the events since the last call.
+    pub fn take_events(&mut self) -> Vec<ControlEvent> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// A snapshot of cells, links and states.
+    pub fn status(&self) -> SystemStatus {
+        SystemStatus {
+            hypervisor_pid: std::process::id(),
+            cells: self
+                .cells
+                .iter()
+                .map(|c| CellStatus {
+                    name: c.spec.name.clone(),
+                    phase: c.phase,
+                    pid: c.pid,
+                    spawned: c.spawned,
+                    exit: c.exit,
+                })
+                .collect(),
+            links: self
+                .links
+                .iter()
+                .map(|l| LinkStatus {
+                    name: l.spec.name.clone(),
+                    protocol: l.spec.protocol,
+                    peers: l
+                        .spec
+                        .peers
+                        .iter()
+                        .enumerate()
+                        .map(|(id, cell)| PeerStatus {
+                            cell: cell.clone(),
+                            active: l.active & (1 << id) != 0,
+                            state: l.view.read(id as u16),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Waits up to `timeout` (forever if `None`) for activity on the control socket or on
+    /// `extra`, handles all socket activity, and returns which `extra` fds are readable.
+    pub fn poll(
+        &mut self,
+        extra: &[BorrowedFd<'_>],
+        timeout: Option<Duration>,
+    ) -> Result<Vec<bool>, ControlError> {
+        let mut fds = Vec::with_capacity(1 + self.clients.len() + extra.len());
+        let ev = libc::POLLIN;
+        fds.push(libc::pollfd {
+            fd: self.listener.as_raw_fd(),
+            events: ev,
+            revents: 0,
+        });
+        for c in &self.clients {
+            fds.push(libc::pollfd {
+                fd: c.fd.as_raw_fd(),
+                events: ev,
+                revents: 0,
+            });
+        }
+        for e in extra {
+            fds.push(libc::pollfd {
+                fd: e.as_raw_fd(),
+                events: ev,
+                revents: 0,
+            });
+        }
+        let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
+        // SAFETY: `fds` is a valid array of pollfd of the given length.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                return Ok(vec![false; extra.len()]);
+            }
+            return Err(ControlError::Poll(err));
+        }
+        let ready_clients: Vec<u64> = self
+            .clients
+            .iter()
+            .zip(&fds[1..])
+            .filter(|(_, p)| p.revents != 0)
+            .map(|(c, _)| c.id)
+            .collect();
+        let extra_ready = fds[1 + self.clients.len()..]
+            .iter()
+            .map(|p| p.revents != 0)
+            .collect();
+        let accept_ready = fds[0].revents != 0;
+        for id in ready_clients {
+            self.service_client(id);
+        }
+        if accept_ready {
+            self.accept_all();
+        }
+        Ok(extra_ready)
+    }
+
+    fn accept_all(&mut self) {
+        loop {
+            let raw = match accept4(self.listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
+                Ok(fd) => fd,
+                Err(nix::errno::Errno::EAGAIN) => return,
+                Err(nix::errno::Errno::EINTR | nix::errno::Errno::ECONNABORTED) => continue,
+                Err(e) => {
+                    tracing::warn!("control socket: accept failed: {e}");
+                    return;
+                }
+            };
+            // SAFETY: accept4 returned a fresh fd owned by nobody else.
+            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+            let (pid, uid) = match getsockopt(&fd, sockopt::PeerCredentials) {
+                Ok(cred) => (cred.pid() as u32, cred.uid()),
+                Err(e) => {
+                    tracing::warn!("control socket: SO_PEERCRED failed: {e}");
+                    continue;
+                }
+            };
+            let tv = nix::sys::time::TimeVal::new(1, 0);
+            let _ = nix::sys::socket::setsockopt(&fd, sockopt::SendTimeout, &tv);
+            let id = self.next_client;
+            self.next_client += 1;
+            self.clients.push(Client {
+                id,
+                fd,
+                pid,
+                uid,
+                cell: None,
+            });
+        }
+    }
+
+    fn client_index(&self, id: u64) -> Option<usize> {
+        self.clients.iter().position(|c| c.id == id)
+    }
+
+    fn service_client(&mut self, id: u64) {
+        let Some(index) = self.client_index(id) else {
+            return;
+        };
+        let mut buf = [0u8; MAX_MESSAGE_SIZE + 1];
+        let n = match nix::sys::socket::recv(
+            self.clients[index].fd.as_raw_fd(),
+            &mut buf,
+            MsgFlags::MSG_DONTWAIT,
+        ) {
+            Ok(0) => return self.drop_client(id, "control socket closed".into()),
+            Ok(n) => n,
+            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => return,
+            Err(e) => return self.drop_client(id, format!("control socket error: {e}")),
+        };
+        let request = match hosted::decode_request(&buf[..n]) {
+            Ok(r) => r,
+            Err(e) => {
+                let detail = format!("malformed request: {e}");
+                self.refuse(index, RefusalReason::BadRequest, &detail);
+                return self.drop_client(id, detail);
+            }
+        };
+        match request {
+            Request::Status => {
+                let replies = crate::status::to_wire(&self.status());
+                for r in replies {
+                    if let Err(e) = send_reply(self.clients[index].fd.as_fd(), &r, &[]) {
+                        return self.drop_client(id, format!("status reply failed: {e}"));
+                    }
+                }
+            }
+            Request::Attach(body) => self.attach(id, body.cell.as_str().unwrap_or("?").to_string()),
+            Request::SetState(body) => self.set_state(id, body),
+        }
+    }
+
+    fn refuse(&mut self, index: usize, reason: RefusalReason, detail: &str) {
+        let _ = send_reply(
+            self.clients[index].fd.as_fd(),
+            &Reply::Refused(RefusedBody::new(reason, detail)),
+            &[],
+        );
+    }
+
+    fn attach(&mut self, id: u64, name: String) {
+        let Some(index) = self.client_index(id) else {
+            return;
+        };
+        let client = &self.clients[index];
+        let refusal = if client.cell.is_some() {
+            Some((
+                RefusalReason::BadRequest,
+                "this connection is already attached".to_string(),
+            ))
+        } else if client.uid != self.uid {
+            Some((
+                RefusalReason::PermissionDenied,
+                format!(
+                    "process {} runs as uid {}, the hypervisor as uid {}",
+                    client.pid, client.uid, self.uid
+                ),
+            ))
+        } else {
+            match self.cells.iter().position(|c| c.spec.name == name) {
+                None => {
+                    let known: Vec<&str> =
+                        self.cells.iter().map(|c| c.spec.name.as_str()).collect();
+                    Some((
+                        RefusalReason::UnknownCell,
+                        format!(
+                            "no cell named `{name}` in this system (cells: {})",
+                            known.join(", ")
+                        ),
+                    ))
+                }
+                Some(ci) if !self.cells[ci].spec.process => Some((
+                    RefusalReason::NotAttachable,
+                    format!("cell `{name}` is not a process cell"),
+                )),
+                Some(ci) if self.cells[ci].client.is_some() => Some((
+                    RefusalReason::AlreadyAttached,
+                    format!(
+                        "cell `{name}` is already attached (pid {})",
+                        self.cells[ci].pid.map_or("?".into(), |p| p.to_string())
+                    ),
+                )),
+                Some(_) => None,
+            }
+        };
+        if let Some((reason, detail)) = refusal {
+            tracing::warn!("attach refused: {detail}");
+            self.refuse(index, reason, &detail);
+            self.events
+                .push(ControlEvent::Refused { cell: name, detail });
+            return;
+        }
+        let ci = self
+            .cells
+            .iter()
+            .position(|c| c.spec.name == name)
+            .expect("checked above");
+        let pid = self.clients[index].pid;
+        // Activate the cell on each of its links.
+        for &(li, peer) in &self.cells[ci].memberships {
+            let link = &mut self.links[li];
+            let _ = link.memory.interrupts[peer as usize].drain();
+            let notify = link.model.peer_attached(peer);
+            link.active |= 1 << peer;
+            signal_all(link, &notify);
+        }
+        let cell = &mut self.cells[ci];
+        cell.client = Some(id);
+        cell.pid = Some(pid);
+        cell.phase = CellPhase::Attached;
+        self.clients[index].cell = Some(ci);
+        if let Err(e) = self.send_grants(index, ci) {
+            return self.drop_client(id, format!("sending the link grants failed: {e}"));
+        }
+        tracing::info!("cell `{name}` attached (pid {pid})");
+        self.events.push(ControlEvent::Attached { cell: name, pid });
+    }
+
+    fn send_grants(&self, index: usize, ci: usize) -> io::Result<()> {
+        let fd = self.clients[index].fd.as_fd();
+        let cell = &self.cells[ci];
+        let accepted = AcceptedBody {
+            link_count: cell.memberships.len() as u32,
+            hypervisor_pid: std::process::id(),
+        };
+        send_reply(fd, &Reply::Accepted(accepted), &[])?;
+        for (k, &(li, peer)) in cell.memberships.iter().enumerate() {
+            let link = &self.links[li];
+            let spec = &link.spec;
+            let max_peers = spec.peers.len() as u16;
+            let layout = GrantFds::new(max_peers, spec.rw_size, spec.output_size);
+            let mut fds: Vec<RawFd> = vec![link.memory.state_table.read_only_fd().as_raw_fd()];
+            if let Some(rw) = &link.memory.rw {
+                fds.push(rw.read_write_fd().as_raw_fd());
+            }
+            for (p, out) in link.memory.outputs.iter().enumerate() {
+                let fd = if p == peer as usize {
+                    out.read_write_fd()
+                } else {
+                    out.read_only_fd()
+                };
+                fds.push(fd.as_raw_fd());
+            }
+            for line in &link.memory.interrupts {
+                fds.push(line.fd().as_raw_fd());
+            }
+            debug_assert_eq!(fds.len(), layout.count());
+            let grant = LinkGrantBody {
+                name: WireName::new(&spec.name)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
+                link: k as u32,
+                peer_id: peer,
+                max_peers,
+                protocol: spec.protocol,
+                reserved: 0,
+                state_table_size: spec.state_table_size as u32,
+                rw_size: spec.rw_size,
+                output_size: spec.output_size,
+                fd_count: fds.len() as u32,
+                reserved2: 0,
+            };
+            send_reply(fd, &Reply::LinkGrant(grant), &fds)?;
+        }
+        Ok(())
+    }
+
+    fn set_state(&mut self, id: u64, body: SetStateBody) {
+        let Some(index) = self.client_index(id) else {
+            return;
+        };
+        let Some(ci) = self.clients[index].cell else {
+            self.refuse(
+                index,
+                RefusalReason::BadRequest,
+                "STATE write before attach",
+            );
+            return self.drop_client(id, "STATE write before attach".into());
+        };
+        let Some(&(li, peer)) = self.cells[ci].memberships.get(body.link as usize) else {
+            let detail = format!(
+                "cell `{}` has {} link(s); link index {} does not exist",
+                self.cells[ci].spec.name,
+                self.cells[ci].memberships.len(),
+                body.link
+            );
+            self.refuse(index, RefusalReason::UnknownLink, &detail);
+            return;
+        };
+        let link = &mut self.links[li];
+        match link.model.write_state(peer, body.value) {
+            Ok(notify) => {
+                signal_all(link, &notify);
+                let ack = Reply::StateAck(body);
+                if let Err(e) = send_reply(self.clients[index].fd.as_fd(), &ack, &[]) {
+                    return self.drop_client(id, format!("STATE ack failed: {e}"));
+                }
+                self.events.push(ControlEvent::State {
+                    cell: self.cells[ci].spec.name.clone(),
+                    link: self.links[li].spec.name.clone(),
+                    value: body.value,
+                });
+            }
+            Err(reason) => {
+                let detail = format!("FATAL: cell `{}`: {reason}", self.cells[ci].spec.name);
+                tracing::error!("{detail}");
+                self.refuse(index, RefusalReason::BadRequest, &detail);
+                self.drop_client(id, detail);
+            }
+        }
+    }
+
+    /// Closes a client; if it was an attached cell, detaches it from every link.
+    fn drop_client(&mut self, id: u64, reason: String) {
+        let Some(index) = self.client_index(id) else {
+            return;
+        };
+        let client = self.clients.remove(index);
+        let Some(ci) = client.cell else { return };
+        for &(li, peer) in &self.cells[ci].memberships {
+            let link = &mut self.links[li];
+            let notify = link.model.peer_detached(peer);
+            link.active &= !(1 << peer);
+            signal_all(link, &notify);
+        }
+        let cell = &mut self.cells[ci];
+        cell.client = None;
+        cell.phase = if cell.exit.is_some() {
+            CellPhase::Exited
+        } else {
+            CellPhase::Detached
+        };
+        tracing::info!("cell `{}` detached: {reason}", cell.spec.name);
+        self.events.push(ControlEvent::Detached {
+            cell: cell.spec.name.clone(),
+            reason,
+        });
+    }
+
+    /// Names of cells currently attached.
+    pub fn attached_cells(&self) -> BTreeSet<String> {
+        self.cells
+            .iter()
+            .filter(|c| c.client.is_some())
+            .map(|c| c.spec.name.clone())
+            .collect()
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        // Remove the socket file only if it is still the one we bound (same inode).
+        if let Ok(meta) = std::fs::symlink_metadata(&self.path) {
+            use std::os::unix::fs::MetadataExt;
+            if Some((meta.dev(), meta.ino())) == self.socket_inode {
+                let _ = std::fs::remove_file(&self.path);
+            }
+        }
+    }
+}
+
+fn signal_all(link: &ServedLink, notify: &[u16]) {
+    for &peer in notify {
+        if let Err(e) = link.memory.signal(peer) {
+            tracing::warn!(
+                "link `{}`: raising the interrupt of peer {peer} failed: {e}",
+                link.spec.name
+            );
+        }
+    }
+}
+
+/// Sends one reply datagram, with `fds` as `SCM_RIGHTS` beside it.
+fn send_reply(fd: BorrowedFd<'_>, reply: &Reply, fds: &[RawFd]) -> io::Result<()> {
+    let mut buf = [0u8; MAX_MESSAGE_SIZE];
+    let n = reply
+        .encode(&mut buf)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    if fds.is_empty() {
+        send(fd.as_raw_fd(), &buf[..n], MsgFlags::MSG_NOSIGNAL)?;
+    } else {
+        let iov = [IoSlice::new(&buf[..n])];
+        let cmsg = [ControlMessage::ScmRights(fds)];
+        sendmsg::<()>(fd.as_raw_fd(), &iov, &cmsg, MsgFlags::MSG_NOSIGNAL, None)?;
+    }
+    Ok(())
+}
+
+/// Creates the listening socket at `path` (mode 0600). A stale socket file is replaced only
+/// if nobody listens on it.
+fn listen_at(path: &Path) -> Result<OwnedFd, ControlError> {
+    let sock_err = |source: io::Error| ControlError::Socket {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(sock_err)?;
+    }
+    let addr = UnixAddr::new(path).map_err(|e| sock_err(e.into()))?;
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(ControlError::NotASocket(path.to_path_buf()))
+        }
+        Ok(_) => {
+            let probe = socket(
+                AddressFamily::Unix,
+                SockType::SeqPacket,
+                SockFlag::SOCK_CLOEXEC,
+                None,
+            )
+            .map_err(|e| sock_err(e.into()))?;
+            match connect(probe.as_raw_fd(), &addr) {
+                Ok(()) => return Err(ControlError::AlreadyRunning(path.to_path_buf())),
+                Err(nix::errno::Errno::ECONNREFUSED | nix::errno::Errno::ENOENT) => {
+                    tracing::info!("removing stale control socket {}", path.display());
+                    match std::fs::remove_file(path) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(sock_err(e)),
+                    }
+                }
+                Err(e) => return Err(sock_err(e.into())),
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(sock_err(e)),
+    }
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )
+    .map_err(|e| sock_err(e.into()))?;
+    bind(fd.as_raw_fd(), &addr).map_err(|e| sock_err(e.into()))?;
+    // The uid check on attach covers the short window before the mode is narrowed.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(sock_err)?;
+    listen(&fd, Backlog::new(64).unwrap_or(Backlog::MAXCONN)).map_err(|e| sock_err(e.into()))?;
+    Ok(fd)
+}
