@@ -1,2 +1,111 @@
-//! `ivbench`: side-by-side benchmarks of the ivshmem-stack.
-fn main() {}
+//! `ivbench`: side-by-side benchmarks of the ivshmem-stack, every comparison measured in one run
+//! on one machine.
+//!
+//! ```text
+//! cargo run --release --bin ivbench -- ring [--quick] [--json] [--cpus 0,1]
+//! cargo run --release --bin ivbench -- doorbell --quick
+//! cargo run --release --bin ivbench -- all
+//! ```
+//!
+//! The suites live in the library (`ivshmem_stack::bench`); to add one (telemetry, vnet), add
+//! its module there and one arm to [`SuiteName`] and [`run_suite`].
+
+use std::io::Write;
+
+use anyhow::{Context, Result};
+use clap::{Parser, ValueEnum};
+use ivshmem_stack::bench::machine::Machine;
+use ivshmem_stack::bench::report::{render_table, Header};
+use ivshmem_stack::bench::{doorbell, pin, ring, Settings, SuiteReport};
+
+/// Side-by-side benchmarks: shmring against the hardware floor and other queues, doorbells
+/// against eventfd and Unix sockets.
+#[derive(Debug, Parser)]
+#[command(name = "ivbench", version)]
+struct Cli {
+    /// Which suite to run.
+    suite: SuiteName,
+    /// Short runs (3 x ~100 ms per case; the ring suite finishes in about 10 s).
+    #[arg(long)]
+    quick: bool,
+    /// Print one JSON object per line (suite, case, metric, value, unit) instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// The two CPUs to pin to: measuring side first, peer second (default: the first two
+    /// CPUs this process may use).
+    #[arg(long, value_name = "A,B", value_parser = parse_cpus)]
+    cpus: Option<[usize; 2]>,
+}
+
+/// The suites.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum SuiteName {
+    /// In-process rings: floor, shmring RTT, streaming vs rtrb/crossbeam/mpsc, grant vs memcpy.
+    Ring,
+    /// Cross-process wake-ups: eventfd, Unix socket, ivshmem doorbell.
+    Doorbell,
+    /// Every suite, one after the other.
+    All,
+}
+
+fn parse_cpus(text: &str) -> Result<[usize; 2], String> {
+    pin::parse_cpu_pair(text).map_err(|e| format!("{e:#}"))
+}
+
+fn run_suite(name: SuiteName, settings: &Settings) -> Result<Vec<SuiteReport>> {
+    Ok(match name {
+        SuiteName::Ring => vec![ring::run(settings).context("suite ring")?],
+        SuiteName::Doorbell => vec![doorbell::run(settings).context("suite doorbell")?],
+        SuiteName::All => {
+            let mut reports = run_suite(SuiteName::Ring, settings)?;
+            reports.extend(run_suite(SuiteName::Doorbell, settings)?);
+            reports
+        }
+    })
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let cpus = match cli.cpus {
+        Some(cpus) => cpus,
+        None => pin::default_cpus()?,
+    };
+    pin::check_cpus(cpus)?;
+    let settings = if cli.quick {
+        Settings::quick(cpus)
+    } else {
+        Settings::full(cpus)
+    };
+    let machine = Machine::detect();
+    settings.say(format_args!("machine: {machine}"));
+    settings.say(format_args!(
+        "CPUs {} and {}, {} runs of ~{} ms per case (median reported){}",
+        cpus[0],
+        cpus[1],
+        settings.runs,
+        settings.run_time.as_millis(),
+        if cfg!(debug_assertions) {
+            "; WARNING: debug build, use --release for real figures"
+        } else {
+            ""
+        }
+    ));
+    let reports = run_suite(cli.suite, &settings)?;
+    let mut out = std::io::stdout().lock();
+    if cli.json {
+        for report in &reports {
+            for line in report.json_lines() {
+                writeln!(out, "{line}")?;
+            }
+        }
+    } else {
+        let header = Header {
+            machine,
+            cpus,
+            runs: settings.runs,
+            run_time: settings.run_time,
+        };
+        write!(out, "{}", render_table(&header, &reports))?;
+    }
+    Ok(())
+}

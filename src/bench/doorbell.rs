@@ -1,0 +1,276 @@
+//! Suite `doorbell`: cross-process wake-up round trips between two processes pinned to two
+//! cores. The parent (on `cpus[0]`) forks a child (pinned to `cpus[1]`) per timed run; both
+//! block in the kernel while waiting, so every round trip is two real wake-ups.
+//!
+//! The forked child only makes system calls (no allocation, no locks) and leaves with `_exit`,
+//! so forking from a multi-threaded process (the test harness) is safe.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sched::{sched_setaffinity, CpuSet};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::{fork, ForkResult, Pid};
+
+use super::measure::{measure, Metric, Settings};
+use super::pin::run_pinned;
+use super::report::{Comparison, Entry, SuiteReport, Target};
+
+/// The suite's name.
+pub const SUITE: &str = "doorbell";
+
+/// Child -> parent handshake value: pinned and ready.
+const READY: u64 = 1;
+/// Child -> parent handshake value: could not pin itself.
+const PIN_FAILED: u64 = 2;
+/// Parent -> child: stop (eventfd case).
+const STOP: u64 = 3;
+/// How long the parent waits for the child's handshake before calling it broken.
+const HANDSHAKE_TIMEOUT_MS: u16 = 10_000;
+
+/// The ratios this suite reports.
+pub fn comparisons() -> Vec<Comparison> {
+    vec![
+        Comparison {
+            case: "ivshmem",
+            baseline: "eventfd",
+            metric: Metric::RttNs,
+            target: Some(Target::AtMost(1.3)),
+        },
+        Comparison {
+            case: "uds",
+            baseline: "eventfd",
+            metric: Metric::RttNs,
+            target: None,
+        },
+    ]
+}
+
+/// Runs every case of the suite.
+pub fn run(settings: &Settings) -> Result<SuiteReport> {
+    let cpus = settings.cpus;
+    let mut report = SuiteReport::new(SUITE);
+    settings.say("doorbell/eventfd: two processes, two eventfds, blocking reads");
+    report.entries.push(Entry::Measured(measure(
+        settings,
+        "eventfd",
+        Metric::RttNs,
+        0,
+        |iters| eventfd_rtt(cpus, iters),
+    )?));
+    settings.say("doorbell/uds: two processes, SOCK_SEQPACKET socketpair");
+    report.entries.push(Entry::Measured(measure(
+        settings,
+        "uds",
+        Metric::RttNs,
+        0,
+        |iters| uds_rtt(cpus, iters),
+    )?));
+    settings.say("doorbell/ivshmem: probing");
+    match ivshmem_rtt(cpus, settings.min_iters)? {
+        Some(_) => report.entries.push(Entry::Measured(measure(
+            settings,
+            "ivshmem",
+            Metric::RttNs,
+            0,
+            |iters| ivshmem_rtt(cpus, iters)?.context("the ivshmem doorbell endpoint disappeared"),
+        )?)),
+        None => report.entries.push(Entry::NotAvailable {
+            case: "ivshmem",
+            metric: Metric::RttNs,
+            reason: "not available yet (needs the hosted hypervisor's doorbell endpoint)".into(),
+        }),
+    }
+    report.comparisons = comparisons();
+    report.notes = vec![
+        format!(
+            "parent pinned to CPU {}, forked child pinned to CPU {}; rtt = time of N round trips / N",
+            cpus[0], cpus[1]
+        ),
+        "eventfd: parent writes 1 to eventfd A, child's blocking read wakes, child writes eventfd B, parent's blocking read wakes".into(),
+        "uds: 8-byte message over an AF_UNIX SOCK_SEQPACKET socketpair, echoed back, blocking read/write".into(),
+    ];
+    Ok(report)
+}
+
+/// THE PLACE FOR THE IVSHMEM CASE: round trips of ivshmem doorbell interrupts between two
+/// process cells of the hosted hypervisor, `iters` of them, parent side on `cpus[0]`, peer cell
+/// on `cpus[1]`; returns the time of the timed part like [`eventfd_rtt`].
+///
+/// Returns `Ok(None)` while the hosted hypervisor's doorbell endpoint does not exist; the suite
+/// then shows the case as "not available yet". No figure is ever invented here.
+pub fn ivshmem_rtt(cpus: [usize; 2], iters: u64) -> Result<Option<Duration>> {
+    let _ = (cpus, iters);
+    Ok(None)
+}
+
+/// `iters` eventfd ping-pongs between this process (on `cpus[0]`) and a forked child (on
+/// `cpus[1]`): two eventfds, blocking reads on both sides.
+pub fn eventfd_rtt(cpus: [usize; 2], iters: u64) -> Result<Duration> {
+    run_pinned(cpus[0], || {
+        let ping = EventFd::from_flags(EfdFlags::EFD_CLOEXEC).context("eventfd")?;
+        let pong = EventFd::from_flags(EfdFlags::EFD_CLOEXEC).context("eventfd")?;
+        // SAFETY: the child only makes system calls on values that already exist (no
+        // allocation, no locks) and leaves with _exit, which is what fork in a multi-threaded
+        // process allows.
+        match unsafe { fork() }.context("fork")? {
+            ForkResult::Child => {
+                let code = eventfd_child(&ping, &pong, cpus[1]);
+                // SAFETY: _exit ends the child without running the parent's destructors.
+                unsafe { libc::_exit(code) }
+            }
+            ForkResult::Parent { child } => {
+                let timed = (|| {
+                    await_handshake(pong.as_fd())?;
+                    match pong.read().context("reading the child's handshake")? {
+                        READY => {}
+                        PIN_FAILED => {
+                            bail!("the child process could not pin itself to CPU {}", cpus[1])
+                        }
+                        other => bail!("unexpected handshake value {other} from the child"),
+                    }
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        ping.write(1).context("eventfd write")?;
+                        pong.read().context("eventfd read")?;
+                    }
+                    Ok(start.elapsed())
+                })();
+                // Stop the child in every case, then reap it.
+                let _ = ping.write(STOP);
+                let reaped = reap(child);
+                let elapsed = timed?;
+                reaped?;
+                Ok(elapsed)
+            }
+        }
+    })
+}
+
+fn eventfd_child(ping: &EventFd, pong: &EventFd, cpu: usize) -> i32 {
+    if pin_without_allocating(cpu).is_err() {
+        let _ = pong.write(PIN_FAILED);
+        return 1;
+    }
+    if pong.write(READY).is_err() {
+        return 2;
+    }
+    loop {
+        match ping.read() {
+            Ok(1) => {
+                if pong.write(1).is_err() {
+                    return 2;
+                }
+            }
+            Ok(_) => return 0,
+            Err(_) => return 2,
+        }
+    }
+}
+
+/// `iters` ping-pongs of an 8-byte message over an AF_UNIX SOCK_SEQPACKET socketpair between
+/// this process (on `cpus[0]`) and a forked child (on `cpus[1]`), blocking on both sides.
+pub fn uds_rtt(cpus: [usize; 2], iters: u64) -> Result<Duration> {
+    run_pinned(cpus[0], || {
+        let (parent_end, child_end) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .context("socketpair")?;
+        // SAFETY: as in `eventfd_rtt`: the child only makes system calls and leaves with _exit.
+        match unsafe { fork() }.context("fork")? {
+            ForkResult::Child => {
+                drop(parent_end);
+                let code = uds_child(&child_end, cpus[1]);
+                // SAFETY: _exit ends the child without running the parent's destructors.
+                unsafe { libc::_exit(code) }
+            }
+            ForkResult::Parent { child } => {
+                drop(child_end);
+                let timed = (|| {
+                    await_handshake(parent_end.as_fd())?;
+                    let mut buf = [0u8; 8];
+                    let n = nix::unistd::read(&parent_end, &mut buf).context("handshake read")?;
+                    match (n, buf[0] as u64) {
+                        (1, READY) => {}
+                        (1, PIN_FAILED) => {
+                            bail!("the child process could not pin itself to CPU {}", cpus[1])
+                        }
+                        _ => bail!("unexpected handshake from the child ({n} bytes)"),
+                    }
+                    let start = Instant::now();
+                    for seq in 0..iters {
+                        nix::unistd::write(&parent_end, &seq.to_le_bytes())
+                            .context("socket write")?;
+                        let n = nix::unistd::read(&parent_end, &mut buf).context("socket read")?;
+                        ensure!(
+                            n == 8 && u64::from_le_bytes(buf) == seq,
+                            "wrong echo from the child"
+                        );
+                    }
+                    Ok(start.elapsed())
+                })();
+                // Closing our end makes the child's read return 0: it exits.
+                drop(parent_end);
+                let reaped = reap(child);
+                let elapsed = timed?;
+                reaped?;
+                Ok(elapsed)
+            }
+        }
+    })
+}
+
+fn uds_child(socket: &OwnedFd, cpu: usize) -> i32 {
+    if pin_without_allocating(cpu).is_err() {
+        let _ = nix::unistd::write(socket, &[PIN_FAILED as u8]);
+        return 1;
+    }
+    if nix::unistd::write(socket, &[READY as u8]).is_err() {
+        return 2;
+    }
+    let mut buf = [0u8; 8];
+    loop {
+        match nix::unistd::read(socket, &mut buf) {
+            Ok(0) => return 0,
+            Ok(n) => {
+                if nix::unistd::write(socket, &buf[..n]).is_err() {
+                    return 2;
+                }
+            }
+            Err(_) => return 2,
+        }
+    }
+}
+
+/// Pins the calling thread using only system calls (safe in a freshly forked child).
+fn pin_without_allocating(cpu: usize) -> nix::Result<()> {
+    let mut set = CpuSet::new();
+    set.set(cpu)?;
+    sched_setaffinity(Pid::from_raw(0), &set)
+}
+
+/// Waits (bounded) until the child's handshake is readable, so a child that died before it
+/// could answer is an error instead of a hang.
+fn await_handshake(fd: std::os::fd::BorrowedFd<'_>) -> Result<()> {
+    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+    let ready = poll(&mut fds, PollTimeout::from(HANDSHAKE_TIMEOUT_MS)).context("poll")?;
+    ensure!(
+        ready == 1,
+        "the child process did not answer within {HANDSHAKE_TIMEOUT_MS} ms"
+    );
+    Ok(())
+}
+
+fn reap(child: Pid) -> Result<()> {
+    match waitpid(child, None).context("waitpid")? {
+        WaitStatus::Exited(_, 0) => Ok(()),
+        status => bail!("the benchmark child process ended badly: {status:?}"),
+    }
+}

@@ -1,0 +1,474 @@
+//! Suite `ring`: in-process, two threads pinned to two cores. The floor (a bare cache-line
+//! ping-pong), shmring's round trip, streaming 64-byte and 1 KiB messages through shmring and
+//! the common Rust SPSC/MPSC queues, and 64 KiB zero-copy grants against a plain memcpy.
+//!
+//! Every streamed message carries its sequence number in its first 8 bytes and the consumer
+//! checks it, so nothing can be optimised away and a lost or reordered message is an error.
+
+use std::hint::black_box;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, TryRecvError, TrySendError};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use crossbeam_queue::ArrayQueue;
+use crossbeam_utils::CachePadded;
+
+use super::measure::{measure, Metric, Settings};
+use super::pin::{run_pinned, run_pinned_pair, spin_until};
+use super::report::{Comparison, Entry, SuiteReport, Target};
+
+/// The suite's name.
+pub const SUITE: &str = "ring";
+/// Ring capacity in bytes for the round-trip and streaming cases, the same for every queue
+/// (crossbeam and mpsc get `STREAM_RING_BYTES / message size` slots).
+pub const STREAM_RING_BYTES: usize = 64 * 1024;
+/// Frame size of the grant case.
+pub const GRANT_FRAME: usize = 64 * 1024;
+/// Ring capacity of the grant case (room for three 64 KiB frames in flight).
+pub const GRANT_RING_BYTES: usize = 256 * 1024;
+/// Frame size of the round-trip case.
+pub const RTT_FRAME: usize = 64;
+
+/// A streaming case: queue implementation and message size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Queue {
+    /// shmring: `try_send` (copy in, publish) / `peek` + check + `release` + `flush`.
+    Shmring,
+    /// rtrb `RingBuffer<u8>`: `write_chunk_uninit(n)` + fill + commit / `read_chunk(n)` + commit.
+    Rtrb,
+    /// crossbeam-queue `ArrayQueue<[u8; N]>`: `push` / `pop`.
+    Crossbeam,
+    /// `std::sync::mpsc::sync_channel::<[u8; N]>`: `try_send` / `try_recv`.
+    Mpsc,
+}
+
+/// The ratios this suite reports.
+pub fn comparisons() -> Vec<Comparison> {
+    let ratio = |case, baseline, metric, target| Comparison {
+        case,
+        baseline,
+        metric,
+        target,
+    };
+    vec![
+        ratio("shmring", "floor", Metric::RttNs, Some(Target::AtMost(1.5))),
+        ratio(
+            "shmring-64",
+            "rtrb-64",
+            Metric::MsgPerS,
+            Some(Target::AtLeast(1.0)),
+        ),
+        ratio("shmring-64", "crossbeam-64", Metric::MsgPerS, None),
+        ratio("shmring-64", "mpsc-64", Metric::MsgPerS, None),
+        ratio("shmring-1k", "rtrb-1k", Metric::MsgPerS, None),
+        ratio("shmring-1k", "crossbeam-1k", Metric::MsgPerS, None),
+        ratio("shmring-1k", "mpsc-1k", Metric::MsgPerS, None),
+        ratio(
+            "shmring-grant-64k",
+            "memcpy-64k",
+            Metric::BytesPerS,
+            Some(Target::AtLeast(0.8)),
+        ),
+    ]
+}
+
+type CaseFn = fn([usize; 2], u64) -> Result<Duration>;
+
+/// Every case of the suite: (case, metric, bytes per iteration, function).
+pub fn cases() -> Vec<(&'static str, Metric, u64, CaseFn)> {
+    vec![
+        ("floor", Metric::RttNs, 0, floor_rtt as CaseFn),
+        ("shmring", Metric::RttNs, 0, shmring_rtt),
+        ("shmring-64", Metric::MsgPerS, 0, |c, n| {
+            stream::<64>(Queue::Shmring, c, n)
+        }),
+        ("rtrb-64", Metric::MsgPerS, 0, |c, n| {
+            stream::<64>(Queue::Rtrb, c, n)
+        }),
+        ("crossbeam-64", Metric::MsgPerS, 0, |c, n| {
+            stream::<64>(Queue::Crossbeam, c, n)
+        }),
+        ("mpsc-64", Metric::MsgPerS, 0, |c, n| {
+            stream::<64>(Queue::Mpsc, c, n)
+        }),
+        ("shmring-1k", Metric::MsgPerS, 0, |c, n| {
+            stream::<1024>(Queue::Shmring, c, n)
+        }),
+        ("rtrb-1k", Metric::MsgPerS, 0, |c, n| {
+            stream::<1024>(Queue::Rtrb, c, n)
+        }),
+        ("crossbeam-1k", Metric::MsgPerS, 0, |c, n| {
+            stream::<1024>(Queue::Crossbeam, c, n)
+        }),
+        ("mpsc-1k", Metric::MsgPerS, 0, |c, n| {
+            stream::<1024>(Queue::Mpsc, c, n)
+        }),
+        (
+            "shmring-grant-64k",
+            Metric::BytesPerS,
+            GRANT_FRAME as u64,
+            grant_stream,
+        ),
+        (
+            "memcpy-64k",
+            Metric::BytesPerS,
+            GRANT_FRAME as u64,
+            |c, n| memcpy_64k(c[0], n),
+        ),
+    ]
+}
+
+/// Runs every case of the suite.
+pub fn run(settings: &Settings) -> Result<SuiteReport> {
+    let mut report = SuiteReport::new(SUITE);
+    let all = cases();
+    for (index, (case, metric, bytes, function)) in all.iter().enumerate() {
+        settings.say(format_args!("ring/{case} ({}/{})", index + 1, all.len()));
+        let measured = measure(settings, case, *metric, *bytes, |iters| {
+            function(settings.cpus, iters)
+        })
+        .with_context(|| format!("case ring/{case}"))?;
+        report.entries.push(Entry::Measured(measured));
+    }
+    report.comparisons = comparisons();
+    report.notes = notes(settings.cpus);
+    Ok(report)
+}
+
+fn notes(cpus: [usize; 2]) -> Vec<String> {
+    vec![
+        format!(
+            "threads pinned: consumer / pinger (timing side) on CPU {}, producer / ponger on CPU {}; all waits busy-poll",
+            cpus[0], cpus[1]
+        ),
+        "floor: one AtomicU64 on its own cache line, flipped odd/even between the two threads; rtt = time / round trips".into(),
+        format!("shmring rtt: 64-byte frame out through a request ring and back through a reply ring (try_send / try_recv), {STREAM_RING_BYTES} B rings"),
+        format!("streaming: every queue holds {STREAM_RING_BYTES} B of messages; each message's first 8 bytes are its sequence number, checked by the consumer; every message is published on its own (no batching)"),
+        "shmring-N: try_send (copy in + publish) / peek + check + release + flush (zero-copy read); rtrb-N: RingBuffer<u8>, write_chunk_uninit(N) + fill + commit / read_chunk(N) + commit; crossbeam-N: ArrayQueue<[u8; N]> push/pop; mpsc-N: sync_channel::<[u8; N]> try_send/try_recv".into(),
+        format!("shmring-grant-64k: producer grants 64 KiB, fills it with copy_from_slice from a 64 KiB source (+ seq stamps at both ends), commit + flush; consumer peeks, checks both stamps, releases + flushes; {GRANT_RING_BYTES} B ring"),
+        format!("memcpy-64k: one thread on CPU {}, dst.copy_from_slice(&src) between two 64 KiB heap buffers (one byte of src changed per copy, black_box on dst), bytes/s = copies * 65536 / time", cpus[0]),
+    ]
+}
+
+/// `iters` round trips of one cache line: the measuring thread writes odd values, the peer
+/// answers with the next even value.
+pub fn floor_rtt(cpus: [usize; 2], iters: u64) -> Result<Duration> {
+    let line = CachePadded::new(AtomicU64::new(0));
+    let line = &line;
+    run_pinned_pair(
+        cpus,
+        |abort| {
+            let start = Instant::now();
+            for i in 0..iters {
+                line.store(2 * i + 1, Ordering::Release);
+                let want = 2 * i + 2;
+                spin_until(abort, || {
+                    Ok((line.load(Ordering::Acquire) == want).then_some(()))
+                })?;
+            }
+            Ok(start.elapsed())
+        },
+        |abort| {
+            for i in 0..iters {
+                let want = 2 * i + 1;
+                spin_until(abort, || {
+                    Ok((line.load(Ordering::Acquire) == want).then_some(()))
+                })?;
+                line.store(2 * i + 2, Ordering::Release);
+            }
+            Ok(())
+        },
+    )
+}
+
+/// Sends `frame`, busy-polling while the ring is full.
+fn send_spinning(abort: &AtomicBool, producer: &mut shmring::Producer, frame: &[u8]) -> Result<()> {
+    spin_until(abort, || match producer.try_send(frame) {
+        Ok(_notify) => Ok(Some(())),
+        Err(shmring::Error::Full { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    })
+}
+
+/// Receives one frame into `buf`, busy-polling while the ring is empty; returns its length.
+fn recv_spinning(
+    abort: &AtomicBool,
+    consumer: &mut shmring::Consumer,
+    buf: &mut [u8],
+) -> Result<usize> {
+    spin_until(abort, || {
+        Ok(consumer.try_recv(buf)?.map(|received| received.len))
+    })
+}
+
+fn seq_of(bytes: &[u8]) -> u64 {
+    let mut word = [0u8; 8];
+    word.copy_from_slice(&bytes[..8]);
+    u64::from_le_bytes(word)
+}
+
+/// `iters` round trips of a 64-byte frame through two shmring rings (request and reply).
+pub fn shmring_rtt(cpus: [usize; 2], iters: u64) -> Result<Duration> {
+    let (mut request_tx, mut request_rx) = shmring::channel(STREAM_RING_BYTES)?;
+    let (mut reply_tx, mut reply_rx) = shmring::channel(STREAM_RING_BYTES)?;
+    run_pinned_pair(
+        cpus,
+        move |abort| {
+            let mut frame = [0u8; RTT_FRAME];
+            let mut reply = [0u8; RTT_FRAME];
+            let start = Instant::now();
+            for seq in 0..iters {
+                frame[..8].copy_from_slice(&seq.to_le_bytes());
+                send_spinning(abort, &mut request_tx, &frame)?;
+                let len = recv_spinning(abort, &mut reply_rx, &mut reply)?;
+                ensure!(
+                    len == RTT_FRAME && seq_of(&reply) == seq,
+                    "wrong reply for request {seq}"
+                );
+            }
+            Ok(start.elapsed())
+        },
+        move |abort| {
+            let mut frame = [0u8; RTT_FRAME];
+            for seq in 0..iters {
+                let len = recv_spinning(abort, &mut request_rx, &mut frame)?;
+                ensure!(
+                    len == RTT_FRAME && seq_of(&frame) == seq,
+                    "wrong request {seq}"
+                );
+                send_spinning(abort, &mut reply_tx, &frame[..len])?;
+            }
+            Ok(())
+        },
+    )
+}
+
+/// Streams `iters` messages of `N` bytes from the peer CPU to the measuring CPU through
+/// `queue`; returns the consumer's time from the common start to the last message.
+pub fn stream<const N: usize>(queue: Queue, cpus: [usize; 2], iters: u64) -> Result<Duration> {
+    assert!(N >= 8, "messages carry an 8-byte sequence number");
+    match queue {
+        Queue::Shmring => stream_shmring::<N>(cpus, iters),
+        Queue::Rtrb => stream_rtrb::<N>(cpus, iters),
+        Queue::Crossbeam => stream_crossbeam::<N>(cpus, iters),
+        Queue::Mpsc => stream_mpsc::<N>(cpus, iters),
+    }
+}
+
+fn message<const N: usize>(seq: u64) -> [u8; N] {
+    let mut msg = [0x5Au8; N];
+    msg[..8].copy_from_slice(&seq.to_le_bytes());
+    msg
+}
+
+fn check_seq(got: u64, want: u64) -> Result<()> {
+    ensure!(got == want, "message {want} lost or reordered (got {got})");
+    Ok(())
+}
+
+fn stream_shmring<const N: usize>(cpus: [usize; 2], iters: u64) -> Result<Duration> {
+    let (mut tx, mut rx) = shmring::channel(STREAM_RING_BYTES)?;
+    run_pinned_pair(
+        cpus,
+        move |abort| {
+            let start = Instant::now();
+            for seq in 0..iters {
+                spin_until(abort, || {
+                    let Some(frame) = rx.peek()? else {
+                        return Ok(None);
+                    };
+                    ensure!(frame.len() == N, "frame {seq} has length {}", frame.len());
+                    check_seq(seq_of(&frame), seq)?;
+                    frame.release();
+                    let _notify = rx.flush();
+                    Ok(Some(()))
+                })?;
+            }
+            Ok(start.elapsed())
+        },
+        move |abort| {
+            for seq in 0..iters {
+                send_spinning(abort, &mut tx, &message::<N>(seq))?;
+            }
+            Ok(())
+        },
+    )
+}
+
+fn stream_rtrb<const N: usize>(cpus: [usize; 2], iters: u64) -> Result<Duration> {
+    let (mut tx, mut rx) = rtrb::RingBuffer::<u8>::new(STREAM_RING_BYTES);
+    run_pinned_pair(
+        cpus,
+        move |abort| {
+            let start = Instant::now();
+            for seq in 0..iters {
+                spin_until(abort, || {
+                    let Ok(chunk) = rx.read_chunk(N) else {
+                        return Ok(None);
+                    };
+                    let (first, second) = chunk.as_slices();
+                    let got = if first.len() >= 8 {
+                        seq_of(first)
+                    } else {
+                        let mut word = [0u8; 8];
+                        word[..first.len()].copy_from_slice(first);
+                        word[first.len()..].copy_from_slice(&second[..8 - first.len()]);
+                        u64::from_le_bytes(word)
+                    };
+                    check_seq(got, seq)?;
+                    chunk.commit_all();
+                    Ok(Some(()))
+                })?;
+            }
+            Ok(start.elapsed())
+        },
+        move |abort| {
+            for seq in 0..iters {
+                let msg = message::<N>(seq);
+                spin_until(abort, || {
+                    let Ok(chunk) = tx.write_chunk_uninit(N) else {
+                        return Ok(None);
+                    };
+                    // fill_from_iter writes every slot of the chunk and commits them.
+                    let written = chunk.fill_from_iter(msg.iter().copied());
+                    ensure!(written == N, "rtrb wrote {written} of {N} bytes");
+                    Ok(Some(()))
+                })?;
+            }
+            Ok(())
+        },
+    )
+}
+
+fn stream_crossbeam<const N: usize>(cpus: [usize; 2], iters: u64) -> Result<Duration> {
+    let queue = ArrayQueue::<[u8; N]>::new(STREAM_RING_BYTES / N);
+    let queue = &queue;
+    run_pinned_pair(
+        cpus,
+        |abort| {
+            let start = Instant::now();
+            for seq in 0..iters {
+                let msg = spin_until(abort, || Ok(queue.pop()))?;
+                check_seq(seq_of(&msg), seq)?;
+            }
+            Ok(start.elapsed())
+        },
+        |abort| {
+            for seq in 0..iters {
+                let mut msg = Some(message::<N>(seq));
+                spin_until(abort, || {
+                    match queue.push(msg.take().expect("message present")) {
+                        Ok(()) => Ok(Some(())),
+                        Err(back) => {
+                            msg = Some(back);
+                            Ok(None)
+                        }
+                    }
+                })?;
+            }
+            Ok(())
+        },
+    )
+}
+
+fn stream_mpsc<const N: usize>(cpus: [usize; 2], iters: u64) -> Result<Duration> {
+    let (tx, rx) = mpsc::sync_channel::<[u8; N]>(STREAM_RING_BYTES / N);
+    run_pinned_pair(
+        cpus,
+        move |abort| {
+            let start = Instant::now();
+            for seq in 0..iters {
+                let msg = spin_until(abort, || match rx.try_recv() {
+                    Ok(msg) => Ok(Some(msg)),
+                    Err(TryRecvError::Empty) => Ok(None),
+                    Err(TryRecvError::Disconnected) => anyhow::bail!("mpsc sender gone"),
+                })?;
+                check_seq(seq_of(&msg), seq)?;
+            }
+            Ok(start.elapsed())
+        },
+        move |abort| {
+            for seq in 0..iters {
+                let mut msg = Some(message::<N>(seq));
+                spin_until(abort, || {
+                    match tx.try_send(msg.take().expect("message present")) {
+                        Ok(()) => Ok(Some(())),
+                        Err(TrySendError::Full(back)) => {
+                            msg = Some(back);
+                            Ok(None)
+                        }
+                        Err(TrySendError::Disconnected(_)) => anyhow::bail!("mpsc receiver gone"),
+                    }
+                })?;
+            }
+            Ok(())
+        },
+    )
+}
+
+/// Streams `iters` 64 KiB frames through shmring's zero-copy grant path (see the suite notes).
+pub fn grant_stream(cpus: [usize; 2], iters: u64) -> Result<Duration> {
+    let (mut tx, mut rx) = shmring::channel(GRANT_RING_BYTES)?;
+    run_pinned_pair(
+        cpus,
+        move |abort| {
+            let start = Instant::now();
+            for seq in 0..iters {
+                spin_until(abort, || {
+                    let Some(frame) = rx.peek()? else {
+                        return Ok(None);
+                    };
+                    ensure!(
+                        frame.len() == GRANT_FRAME,
+                        "frame {seq} has length {}",
+                        frame.len()
+                    );
+                    check_seq(seq_of(&frame), seq)?;
+                    check_seq(seq_of(&frame[GRANT_FRAME - 8..]), seq)?;
+                    frame.release();
+                    let _notify = rx.flush();
+                    Ok(Some(()))
+                })?;
+            }
+            Ok(start.elapsed())
+        },
+        move |abort| {
+            let source = vec![0xA5u8; GRANT_FRAME];
+            for seq in 0..iters {
+                spin_until(abort, || {
+                    let mut grant = match tx.grant(GRANT_FRAME) {
+                        Ok(grant) => grant,
+                        Err(shmring::Error::Full { .. }) => return Ok(None),
+                        Err(e) => return Err(e.into()),
+                    };
+                    grant.copy_from_slice(&source);
+                    grant[..8].copy_from_slice(&seq.to_le_bytes());
+                    grant[GRANT_FRAME - 8..].copy_from_slice(&seq.to_le_bytes());
+                    grant.commit();
+                    Ok(Some(()))
+                })?;
+                let _notify = tx.flush();
+            }
+            Ok(())
+        },
+    )
+}
+
+/// `iters` copies of 64 KiB between two buffers in one thread pinned to `cpu`
+/// (`dst.copy_from_slice(&src)`, one source byte changed per copy so no copy can be skipped).
+pub fn memcpy_64k(cpu: usize, iters: u64) -> Result<Duration> {
+    run_pinned(cpu, || {
+        let mut source = vec![0xA5u8; GRANT_FRAME];
+        let mut destination = vec![0u8; GRANT_FRAME];
+        let start = Instant::now();
+        for i in 0..iters {
+            source[0] = i as u8;
+            destination.copy_from_slice(black_box(&source));
+            black_box(&mut destination);
+        }
+        let elapsed = start.elapsed();
+        ensure!(destination[0] == (iters.wrapping_sub(1)) as u8 || iters == 0);
+        Ok(elapsed)
+    })
+}

@@ -1,0 +1,120 @@
+//! Functional run of the `ivbench` suites with tiny iteration counts: every required
+//! (suite, case, metric) row is present with a positive value, the JSON lines carry exactly the
+//! five fields, and the ivshmem doorbell case is reported as not available instead of invented.
+//! Nothing here is timed or compared against a threshold.
+
+use ivshmem_stack::bench::report::{Entry, Verdict};
+use ivshmem_stack::bench::{doorbell, pin, ring, Metric, Settings, SuiteReport};
+
+fn tiny() -> Settings {
+    let cpus = pin::default_cpus().expect("these tests need 2 CPUs");
+    Settings::tiny(cpus, 200)
+}
+
+fn assert_rows(report: &SuiteReport, required: &[(&str, &str)]) {
+    for &(case, metric) in required {
+        let entry = report
+            .entries
+            .iter()
+            .find(|e| e.case() == case && e.metric().name() == metric)
+            .unwrap_or_else(|| panic!("missing row ({}, {case}, {metric})", report.suite));
+        let Entry::Measured(m) = entry else {
+            panic!("({}, {case}, {metric}) was not measured", report.suite);
+        };
+        assert_eq!(m.samples.len(), 1);
+        assert!(
+            m.median().is_finite() && m.median() > 0.0,
+            "({}, {case}, {metric}) = {}",
+            report.suite,
+            m.median()
+        );
+    }
+    let lines = report.json_lines();
+    assert_eq!(
+        lines.len(),
+        required.len(),
+        "one JSON line per measured row"
+    );
+    for line in lines {
+        let value: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let object = value.as_object().unwrap();
+        assert_eq!(object.len(), 5, "{line}");
+        assert_eq!(object["suite"], report.suite);
+        assert!(object["value"].as_f64().unwrap() > 0.0, "{line}");
+        for key in ["case", "metric", "unit"] {
+            assert!(object[key].is_string(), "{line}");
+        }
+    }
+}
+
+#[test]
+fn ring_suite_reports_every_required_row() {
+    let report = ring::run(&tiny()).expect("ring suite");
+    assert_eq!(report.suite, "ring");
+    assert_rows(
+        &report,
+        &[
+            ("floor", "rtt_ns"),
+            ("shmring", "rtt_ns"),
+            ("shmring-64", "msg_per_s"),
+            ("rtrb-64", "msg_per_s"),
+            ("crossbeam-64", "msg_per_s"),
+            ("mpsc-64", "msg_per_s"),
+            ("shmring-1k", "msg_per_s"),
+            ("rtrb-1k", "msg_per_s"),
+            ("crossbeam-1k", "msg_per_s"),
+            ("mpsc-1k", "msg_per_s"),
+            ("shmring-grant-64k", "bytes_per_s"),
+            ("memcpy-64k", "bytes_per_s"),
+        ],
+    );
+    // Every ratio has both sides measured, so each one gets a value and a verdict.
+    for ratio in report.ratios() {
+        assert!(ratio.value.is_some(), "{:?}", ratio.comparison);
+        assert_ne!(ratio.verdict, Verdict::NotAvailable);
+    }
+}
+
+#[test]
+fn doorbell_suite_reports_eventfd_and_uds_and_no_fake_ivshmem() {
+    let report = doorbell::run(&tiny()).expect("doorbell suite");
+    assert_rows(&report, &[("eventfd", "rtt_ns"), ("uds", "rtt_ns")]);
+    let ivshmem = report
+        .entries
+        .iter()
+        .find(|e| e.case() == "ivshmem")
+        .expect("ivshmem row");
+    assert!(
+        matches!(ivshmem, Entry::NotAvailable { metric: Metric::RttNs, reason, .. } if reason.contains("not available yet"))
+    );
+    let ratio = report
+        .ratios()
+        .into_iter()
+        .find(|r| r.comparison.case == "ivshmem")
+        .expect("ivshmem ratio");
+    assert_eq!(ratio.verdict, Verdict::NotAvailable);
+}
+
+#[test]
+fn streaming_detects_nothing_lost_with_a_ring_that_wraps_many_times() {
+    // 5000 messages of 1 KiB through 64 KiB rings: every queue wraps ~80 times and every
+    // sequence number is checked by the consumer.
+    let cpus = pin::default_cpus().unwrap();
+    for queue in [
+        ring::Queue::Shmring,
+        ring::Queue::Rtrb,
+        ring::Queue::Crossbeam,
+        ring::Queue::Mpsc,
+    ] {
+        ring::stream::<1024>(queue, cpus, 5000).unwrap_or_else(|e| panic!("{queue:?}: {e:#}"));
+    }
+    ring::grant_stream(cpus, 50).expect("grant stream");
+}
+
+#[test]
+fn a_cpu_that_does_not_exist_is_a_clear_error() {
+    let err = doorbell::eventfd_rtt([0, 100_000], 10).unwrap_err();
+    assert!(format!("{err:#}").contains("could not pin"), "{err:#}");
+    let err = ring::floor_rtt([0, 100_000], 10).unwrap_err();
+    assert!(format!("{err:#}").contains("CPU 100000"), "{err:#}");
+}
