@@ -192,17 +192,22 @@ pub(super) fn validate(
     let cells: Option<Vec<CellConfig>> = cells.into_iter().collect();
     let links: Option<Vec<LinkConfig>> = links.into_iter().collect();
 
-    // Cells on no link (only meaningful when the links themselves were readable).
-    if let (Some(cells), Some(links)) = (&cells, &links) {
-        for (index, cell) in cells.iter().enumerate() {
-            if !links.iter().any(|link| link.peers.contains(&cell.name)) {
-                check.warning(
-                    ProblemKind::CellWithoutLink,
-                    format!("cells[{index}] \"{}\"", cell.name),
-                    "the cell is not a peer of any link".to_owned(),
-                    "add it to a link's peers, or remove the cell if it is not needed",
-                );
-            }
+    // Cells on no link (by name, so it is reported even when a link has errors).
+    for (index, cell) in config.cells.iter().enumerate() {
+        let Some(name) = cell.name.as_deref().filter(|name| name_is_valid(name)) else {
+            continue;
+        };
+        let on_a_link = config
+            .links
+            .iter()
+            .any(|link| link.peers.iter().flatten().any(|peer| peer == name));
+        if !on_a_link {
+            check.warning(
+                ProblemKind::CellWithoutLink,
+                format!("cells[{index}] \"{name}\""),
+                "the cell is not a peer of any link".to_owned(),
+                "add it to a link's peers, or remove the cell if it is not needed",
+            );
         }
     }
 

@@ -1,0 +1,190 @@
+//! `hypervisor check` as a user runs it: the built binary, its exit code and its output.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn hypervisor(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_hypervisor"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("the hypervisor binary runs")
+}
+
+fn ready(name: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../configs")
+        .join(name)
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Writes `text` to a fresh file in the test's temporary directory.
+fn temp_config(name: &str, text: &str) -> String {
+    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("config-cli-{}-{name}.toml", std::process::id()));
+    std::fs::write(&path, text).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn check_on_a_good_config_exits_0_and_prints_the_layout() {
+    let output = hypervisor(&["check", &ready("telemetry.toml"), "--cpu-count", "2"]);
+    let stdout = text(&output.stdout);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "stdout:\n{stdout}\nstderr:\n{}",
+        text(&output.stderr)
+    );
+    for expected in [
+        "system \"telemetry\": configuration is valid (2 cells, 1 link, 0 warnings)",
+        "rtos-telemetry       process  cpus 1",
+        "linux-consumer       process  cpus 0",
+        "telemetry: protocol 0x4001 (telemetry, user-defined), interrupts intx, 2 peers",
+        "peers (ID = cell): 0 = rtos-telemetry, 1 = linux-consumer",
+        "layout (total 0x21000 bytes, 132 KiB):",
+        "state table    offset 0x00000000  size 0x00001000 (4 KiB)",
+        "R/W section    offset 0x00001000  size 0 (absent)",
+        "output 0       offset 0x00001000  size 0x00010000 (64 KiB)  written by rtos-telemetry",
+        "output 1       offset 0x00011000  size 0x00010000 (64 KiB)  written by linux-consumer",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "missing {expected:?} in:\n{stdout}"
+        );
+    }
+}
+
+#[test]
+fn check_prints_warnings_but_succeeds() {
+    let output = hypervisor(&["check", &ready("three-cells.toml"), "--cpu-count", "2"]);
+    let stdout = text(&output.stdout);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{stdout}{}",
+        text(&output.stderr)
+    );
+    assert!(
+        stdout.contains("output 2       offset 0x0000a000"),
+        "{stdout}"
+    );
+    assert!(
+        stdout
+            .contains("warning: cells[2] \"gamma\" .cpus: CPU 0 is shared with cells[0] \"alpha\""),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn check_on_a_bad_config_exits_1_and_lists_every_problem() {
+    let path = temp_config(
+        "bad",
+        r#"
+[system]
+name = "bad"
+
+[[cells]]
+name = "rtos"
+cpus = [0, 0]
+command = "x"
+
+[[cells]]
+name = "linux"
+cpus = [1]
+
+[[links]]
+name = "net0"
+peers = ["rtos", "linux", "ghost"]
+protocol = "ethernet"
+output_size = "3K"
+interrupts = "msix"
+"#,
+    );
+    let output = hypervisor(&["check", &path, "--cpu-count", "1"]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        output.stdout.is_empty(),
+        "nothing on stdout for a bad config"
+    );
+    assert!(
+        stderr.contains("the configuration has 6 errors and 1 warning"),
+        "{stderr}"
+    );
+    for expected in [
+        "error: cells[0] \"rtos\" .cpus: CPU 0 is listed more than once",
+        "error: cells[1] \"linux\" .command: missing field `command`",
+        "error: cells[1] \"linux\" .cpus: CPU 1 does not exist on this machine, which has 1 CPU (0)",
+        "error: links[0] \"net0\" .peers[2]: there is no cell called \"ghost\"",
+        "error: links[0] \"net0\" .output_size: the output section size 0xc00 (3072 bytes) is not a multiple of the page size",
+        "error: links[0] \"net0\" .interrupts: MSI-X interrupts are not supported yet",
+        "warning: links[0] \"net0\" .protocol: ethernet links are point-to-point",
+    ] {
+        assert!(stderr.contains(expected), "missing {expected:?} in:\n{stderr}");
+    }
+    assert_eq!(
+        stderr.matches("  fix: ").count(),
+        7,
+        "every problem has a fix:\n{stderr}"
+    );
+    std::fs::remove_file(path).unwrap();
+}
+
+#[test]
+fn check_reports_toml_errors_with_file_line_and_column() {
+    let path = temp_config(
+        "syntax",
+        "[system]\nname = \"s\"\n[[cells]]\nname = \"a\"\ncpus = [0\n",
+    );
+    let output = hypervisor(&["check", &path]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "error: {path}: cells[0] (line 5, column 10): unclosed array"
+        )),
+        "{stderr}"
+    );
+    std::fs::remove_file(path).unwrap();
+}
+
+#[test]
+fn check_on_a_missing_file_exits_1() {
+    let output = hypervisor(&["check", "/nonexistent/system.toml"]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("error: /nonexistent/system.toml: cannot read the configuration file"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn check_counts_cpus_of_the_machine_it_is_told() {
+    let output = hypervisor(&["check", &ready("telemetry.toml"), "--cpu-count", "1"]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("error: cells[0] \"rtos-telemetry\" .cpus: CPU 1 does not exist"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn run_and_status_are_not_wired_yet() {
+    let output = hypervisor(&["run", &ready("telemetry.toml")]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(text(&output.stderr).contains("`run` is not wired yet"));
+    let output = hypervisor(&["status", "--socket", "/tmp/none.sock"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(text(&output.stderr).contains("`status` is not wired yet"));
+    let output = hypervisor(&["status", &ready("telemetry.toml")]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(text(&output.stderr).contains("`status` is not wired yet"));
+}

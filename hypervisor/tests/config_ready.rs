@@ -1,0 +1,132 @@
+//! Every ready configuration in `configs/` validates, resolves as documented and explains
+//! its keys.
+
+use std::path::PathBuf;
+
+use hypervisor::config::{load_and_validate, CellKind, Interrupts, SystemConfig, ValidConfig};
+
+fn configs_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../configs")
+}
+
+fn config_files() -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(configs_dir())
+        .expect("configs/ exists")
+        .map(|entry| entry.expect("readable entry").path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "toml"))
+        .collect();
+    files.sort();
+    files
+}
+
+fn load(name: &str) -> ValidConfig {
+    load_and_validate(configs_dir().join(name), Some(2))
+        .unwrap_or_else(|errors| panic!("{name}: {errors}"))
+}
+
+#[test]
+fn every_ready_config_validates_on_a_two_cpu_machine() {
+    let files = config_files();
+    let names: Vec<String> = files
+        .iter()
+        .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    for expected in ["telemetry.toml", "vnet.toml", "three-cells.toml"] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} missing from {names:?}"
+        );
+    }
+    for file in &files {
+        let config = SystemConfig::load(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        config
+            .validate()
+            .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        config
+            .validate_for_machine(2)
+            .unwrap_or_else(|e| panic!("{} on 2 CPUs: {e}", file.display()));
+    }
+}
+
+#[test]
+fn telemetry_is_a_one_to_one_telemetry_link() {
+    let config = load("telemetry.toml");
+    assert_eq!(config.name, "telemetry");
+    assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+    let names: Vec<&str> = config.cells.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["rtos-telemetry", "linux-consumer"]);
+    assert!(config
+        .cells
+        .iter()
+        .all(|c| c.kind == CellKind::Process && c.command.is_some()));
+    let link = config.link("telemetry").unwrap();
+    assert_eq!(link.protocol, 0x4001);
+    assert_eq!(link.peers, ["rtos-telemetry", "linux-consumer"]);
+    assert_eq!(link.peer_cells, [0, 1]);
+    assert_eq!(link.interrupts, Interrupts::Intx);
+    assert_eq!(link.max_peers(), 2);
+    assert_eq!(link.layout.state_table().offset, 0);
+    assert_eq!(
+        link.layout.output(0).unwrap().offset,
+        link.state_table_size + link.rw_size
+    );
+    assert_eq!(
+        link.layout.total_size(),
+        link.state_table_size + link.rw_size + 2 * link.output_size
+    );
+    // Each cell knows its peer ID on the link.
+    let producer = config.cell("rtos-telemetry").unwrap();
+    assert_eq!(producer.links.len(), 1);
+    assert_eq!(producer.links[0].peer_id, 0);
+    assert_eq!(config.cell("linux-consumer").unwrap().links[0].peer_id, 1);
+}
+
+#[test]
+fn vnet_is_an_ethernet_link_between_two_process_cells() {
+    let config = load("vnet.toml");
+    assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+    assert_eq!(config.cells.len(), 2);
+    assert_eq!(config.links.len(), 1);
+    assert_eq!(config.links[0].protocol, 0x0001);
+    assert_eq!(config.links[0].peers.len(), 2);
+}
+
+#[test]
+fn three_cells_has_a_three_peer_link() {
+    let config = load("three-cells.toml");
+    let link = &config.links[0];
+    assert_eq!(link.peers.len(), 3);
+    assert_eq!(link.layout.output(2).unwrap().size, link.output_size);
+    assert!(link.layout.output(3).is_none());
+    for (id, &cell) in link.peer_cells.iter().enumerate() {
+        assert_eq!(config.cells[cell].name, link.peers[id]);
+        assert_eq!(usize::from(config.cells[cell].links[0].peer_id), id);
+    }
+}
+
+/// The first use of every key in a ready config has a comment right above it (or on its line).
+#[test]
+fn ready_configs_explain_every_key() {
+    for file in config_files() {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let lines: Vec<&str> = text.lines().map(str::trim).collect();
+        let mut explained: Vec<String> = Vec::new();
+        for (number, line) in lines.iter().enumerate() {
+            if line.starts_with('#') || line.starts_with('[') || line.is_empty() {
+                continue;
+            }
+            let key = line.split('=').next().unwrap().trim().to_owned();
+            if explained.contains(&key) {
+                continue;
+            }
+            let commented = line.contains('#') || number > 0 && lines[number - 1].starts_with('#');
+            assert!(
+                commented,
+                "{}:{}: first use of `{key}` has no comment",
+                file.display(),
+                number + 1
+            );
+            explained.push(key);
+        }
+    }
+}
