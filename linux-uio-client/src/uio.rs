@@ -22,7 +22,7 @@ mod sysfs;
 
 pub use device::{
     page_size, InterruptCount, RegionError, RegisterOffsetError, UioDevice, UioInterrupt,
-    UioRegion, UioRegisters, MAX_SUPPORTED_PEERS,
+    UioRegion, UioRegisters,
 };
 pub use error::{InterruptError, SysfsProblem, UioError};
 pub use layout::{MapLayout, MapRole, MIN_REGISTER_MAP_SIZE};

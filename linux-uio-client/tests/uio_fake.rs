@@ -972,3 +972,74 @@ fn register_offsets_are_bounds_checked() {
     regs.try_write32(page() as u32 - 4, 0xdead_beef).unwrap();
     assert_eq!(fake.read_reg((page() - 4) as u64), 0xdead_beef);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The ivshmem-dev driver on the UIO maps
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn ivshmem_driver_runs_on_the_uio_registers_and_sections() {
+    use ivshmem_dev::regs::{DOORBELL, INT_CONTROL, STATE};
+    let mut fake = Fake::build(0, &maps_with_rw(), 1, 2, 0);
+    let mut device = fake.open(0).unwrap();
+    let p = page() as u64;
+    // The "hypervisor" wrote the state table: peer 0 is in state 3, we (peer 1) in 0.
+    fake.pwrite(p, &3u32.to_ne_bytes());
+    fake.pwrite(p + 4, &0u32.to_ne_bytes());
+
+    let driver = device.driver().unwrap();
+    assert_eq!((driver.id(), driver.max_peers()), (1, 2));
+    assert_eq!(driver.peer_state(0), Some(3));
+    assert_eq!(driver.peer_state(1), Some(0));
+    assert_eq!(driver.peer_state(2), None);
+
+    driver.set_state(2);
+    assert_eq!(fake.read_reg(u64::from(STATE)), 2);
+    driver.enable_interrupts();
+    assert_eq!(fake.read_reg(u64::from(INT_CONTROL)), 1);
+    driver.ring(0, 5);
+    assert_eq!(
+        fake.read_reg(u64::from(DOORBELL)),
+        ivshmem_dev::Doorbell { peer: 0, vector: 5 }.encode()
+    );
+
+    // Sections: own output is the RW output map, the peer's a RO slice of the input map.
+    let own = driver.own_output();
+    assert!(own.is_writable());
+    assert_eq!(own.len(), page() / 2);
+    assert_eq!(
+        own.as_non_null(),
+        device.region(MapRole::OutputSection).unwrap().as_ptr()
+    );
+    let peer0 = driver.peer_output(0).unwrap();
+    assert!(!peer0.is_writable());
+    assert_eq!(
+        peer0.as_non_null(),
+        device.region(MapRole::InputSections).unwrap().as_ptr()
+    );
+    assert!(driver.rw().unwrap().is_writable());
+    assert!(!driver.state_table().is_writable());
+
+    // One-shot: delivery clears INT_CONTROL; wait_interrupt re-arms through the same page.
+    fake.write_reg(u64::from(INT_CONTROL), 0);
+    assert!(!driver.interrupts_enabled());
+    fake.send_count(1);
+    device.wait_interrupt().unwrap();
+    assert!(driver.interrupts_enabled());
+
+    // The driver keeps the mappings alive after the device is dropped.
+    drop(device);
+    fake.pwrite(p, &9u32.to_ne_bytes());
+    assert_eq!(driver.peer_state(0), Some(9));
+}
+
+#[test]
+fn ivshmem_driver_accepts_a_link_without_output_sections() {
+    let maps = vec![map("registers", page()), map("state_table", page())];
+    let mut fake = Fake::build(0, &maps, 0, 2, 0);
+    let device = fake.open(0).unwrap();
+    let driver = device.driver().unwrap();
+    assert!(driver.own_output().is_empty());
+    assert!(driver.peer_output(1).is_none());
+    assert!(driver.rw().is_none());
+}

@@ -14,15 +14,9 @@ use super::error::{InterruptError, UioError};
 use super::layout::{MapLayout, MapRole};
 use super::sysfs::{UioDeviceInfo, UioDevicePaths, UioMapInfo};
 
-/// Register offsets and bits (the contract in `ivshmem_dev::regs`).
-// TODO(integration): use ivshmem_dev::regs once it is declared.
-const ID: u32 = 0x00;
-const MAX_PEERS: u32 = 0x04;
-const INT_CONTROL: u32 = 0x08;
-const INT_CONTROL_ENABLE: u32 = 1;
-
-/// The largest number of peers this crate's section table holds.
-pub const MAX_SUPPORTED_PEERS: usize = 16;
+use ivshmem_dev::driver::{DriverError, Ivshmem, Section, Sections};
+use ivshmem_dev::layout::MAX_SUPPORTED_PEERS;
+use ivshmem_dev::regs::{RegisterAccess, ID, INT_CONTROL, INT_CONTROL_ENABLE, MAX_PEERS};
 
 /// The system page size (`sysconf(_SC_PAGESIZE)`), the unit of UIO's map selection.
 pub fn page_size() -> Result<usize, UioError> {
@@ -139,8 +133,7 @@ impl UioRegisters {
     }
 }
 
-#[cfg(any())]
-impl ivshmem_dev::regs::RegisterAccess for UioRegisters {
+impl RegisterAccess for UioRegisters {
     fn read32(&self, offset: u32) -> u32 {
         self.try_read32(offset).unwrap_or(0)
     }
@@ -379,12 +372,12 @@ fn map_region(
             rule: format!("the data must start inside the first page ({page:#x} bytes)"),
         });
     }
-    if role == MapRole::Registers && map.offset % 4 != 0 {
+    if matches!(role, MapRole::Registers | MapRole::StateTable) && map.offset % 4 != 0 {
         return Err(UioError::MapOffset {
             index: map.index,
             role,
             offset: map.offset,
-            rule: "registers must start 4-byte aligned".to_owned(),
+            rule: format!("the {role} holds 32-bit words and must start 4-byte aligned"),
         });
     }
     let map_len = round_up(map.offset + map.size, page)
@@ -595,6 +588,40 @@ impl UioDevice {
         // peer < max_peers, so [start, start + output.len) lies inside it.
         let ptr = unsafe { NonNull::new_unchecked(input.data().as_ptr().add(start)) };
         Some(self.view(ptr, output.len, false))
+    }
+
+    /// The sections as `ivshmem_dev`'s driver wants them: the state table (read-only), the R/W
+    /// section if present, and for every peer its output section (this peer's the writable
+    /// output map, the others slices of the read-only input map). On a link without output
+    /// sections this peer's entry is [`Section::empty`]`(true)`, as the driver asks.
+    ///
+    /// The pointers stay valid while this device or any clone of its [`UioRegisters`] lives
+    /// (an [`Ivshmem`] built by [`UioDevice::driver`] holds one).
+    pub fn sections(&self) -> Sections {
+        let section = |region: UioRegion<'_>| {
+            // SAFETY: `region` lies inside a mapping owned by `self.regs.maps`, mapped writable
+            // exactly when `region.is_writable()`; the state table start was checked 4-byte
+            // aligned. The mappings live as long as any `UioRegisters` clone, as documented.
+            unsafe { Section::new(region.as_ptr(), region.len(), region.is_writable()) }
+        };
+        let table = &self.regs.maps.state_table;
+        let mut sections = Sections::new(section(self.view(table.data(), table.len, false)));
+        sections.rw = self.region(MapRole::RwSection).map(section);
+        if self.layout.output.is_some() {
+            for peer in 0..self.max_peers {
+                sections.outputs[usize::from(peer)] = self.peer_output(peer).map(section);
+            }
+        } else {
+            sections.outputs[usize::from(self.id)] = Some(Section::empty(true));
+        }
+        sections
+    }
+
+    /// The `ivshmem_dev` driver on this device's registers and [`UioDevice::sections`]. It
+    /// holds a clone of the registers, which keeps every mapping alive; interrupts stay with
+    /// this device ([`UioDevice::wait_interrupt`]).
+    pub fn driver(&self) -> Result<Ivshmem<UioRegisters>, DriverError> {
+        Ivshmem::new(self.regs.clone(), self.sections())
     }
 
     /// The map index `region` was mapped from (for diagnostics).
