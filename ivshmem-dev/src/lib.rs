@@ -38,3 +38,6 @@ pub use pci::{ConfigAccess, DiscoveryError, IvshmemPci, PciAddress, VendorCapabi
 pub use port_io::PortIo;
 pub use protocol::Protocol;
 pub use regs::{Mmio, RegisterAccess};
+/// Re-exported so users of [`pci::ConfigHeader`] and [`pci::VendorCapabilityLayout`] get the
+/// matching zerocopy traits.
+pub use zerocopy;
