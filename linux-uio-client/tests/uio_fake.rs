@@ -803,7 +803,8 @@ fn missing_sysfs_root_is_a_clear_error() {
         dev_root: PathBuf::from("/nonexistent/dev"),
     };
     let err = paths.list().unwrap_err();
-    assert!(matches!(err, UioError::ListDir { .. }));
+    assert!(matches!(err, UioError::NoUioClass { .. }), "{err}");
+    assert!(err.to_string().contains("no UIO driver is loaded"), "{err}");
     assert!(
         err.to_string().contains("/nonexistent/sys/class/uio"),
         "{err}"
@@ -932,14 +933,17 @@ fn short_reads_eof_and_inconsistent_counts_are_typed_errors() {
     );
 
     // Non-blocking fd with nothing pending: WouldBlock, for a poll-driven caller.
-    let fd = device.as_raw_fd();
-    // SAFETY: fcntl on an fd the device owns, only changing its O_NONBLOCK flag.
-    unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFL);
-        assert_eq!(libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK), 0);
-    }
+    device.interrupt().set_nonblocking(true).unwrap();
     let err = device.wait_interrupt().unwrap_err();
     assert!(err.is_would_block(), "{err}");
+    assert_eq!(
+        device.interrupt().last_count(),
+        2,
+        "a would-block read changes nothing"
+    );
+    fake.send_count(3);
+    assert_eq!(device.wait_interrupt().unwrap().count, 3);
+    device.interrupt().set_nonblocking(false).unwrap();
 
     // The other end closes: EOF.
     let Fake { irq_peer, .. } = &mut fake;

@@ -309,6 +309,28 @@ impl UioInterrupt {
         }
     }
 
+    /// Switch the fd between blocking and non-blocking reads. With `true`, [`UioInterrupt::wait`]
+    /// returns an error with [`InterruptError::is_would_block`] when nothing is pending and
+    /// changes nothing, which suits a readiness loop (`poll`, `AsyncFd`) on [`AsRawFd`].
+    pub fn set_nonblocking(&self, nonblocking: bool) -> std::io::Result<()> {
+        let fd = self.fd.as_raw_fd();
+        // SAFETY: F_GETFL on an fd this value owns; no memory is passed.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        if flags < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let flags = if nonblocking {
+            flags | libc::O_NONBLOCK
+        } else {
+            flags & !libc::O_NONBLOCK
+        };
+        // SAFETY: F_SETFL on an fd this value owns, changing only its status flags.
+        if unsafe { libc::fcntl(fd, libc::F_SETFL, flags) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// The count of the last read (at open: the sysfs `event` count read just before).
     pub fn last_count(&self) -> u32 {
         self.last

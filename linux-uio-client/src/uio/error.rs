@@ -78,6 +78,12 @@ pub enum UioError {
         #[source]
         source: io::Error,
     },
+    /// The UIO sysfs class directory does not exist: no UIO driver is loaded.
+    #[error("{path} does not exist: no UIO driver is loaded (load uio_ivshmem and bind the ivshmem PCI device to it)")]
+    NoUioClass {
+        /// The sysfs class directory.
+        path: PathBuf,
+    },
     /// No UIO device matched.
     #[error("no UIO device {wanted} under {root} (devices found: {found:?})")]
     NotFound {

@@ -271,6 +271,11 @@ pub struct UioDevicePaths {
 impl UioPaths {
     /// The indexes `N` of all `uioN` entries under the sysfs root, sorted.
     pub fn device_indexes(&self) -> Result<Vec<u32>, UioError> {
+        if !self.sysfs_root.exists() {
+            return Err(UioError::NoUioClass {
+                path: self.sysfs_root.clone(),
+            });
+        }
         Ok(numbered_entries(&self.sysfs_root, "uio")?
             .into_iter()
             .filter_map(|n| u32::try_from(n).ok())
