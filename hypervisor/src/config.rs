@@ -56,6 +56,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub use ivshmem_dev::layout::{Region, SharedMemoryLayout};
+
 mod problem;
 mod summary;
 mod validate;
@@ -71,7 +73,7 @@ pub use values::{
 pub const PAGE_SIZE: u64 = 0x1000;
 
 /// The most peers one link may have (the device's limit).
-pub const MAX_PEERS: usize = 16;
+pub const MAX_PEERS: usize = ivshmem_dev::layout::MAX_SUPPORTED_PEERS;
 
 /// The longest path a Unix socket address can hold (`sun_path` minus the terminating NUL).
 pub const MAX_SOCKET_PATH: usize = 107;
@@ -326,8 +328,9 @@ pub struct LinkConfig {
     pub output_size: u64,
     /// The interrupt kind.
     pub interrupts: Interrupts,
-    /// Where every section lies in the link's shared memory.
-    pub layout: LinkLayout,
+    /// Where every section lies in the link's shared memory, computed by ivshmem-dev's
+    /// calculator (page size [`PAGE_SIZE`]), exactly as the device lays it out.
+    pub layout: SharedMemoryLayout,
 }
 
 impl LinkConfig {
@@ -340,53 +343,6 @@ impl LinkConfig {
     /// The peer ID of the cell called `cell`, if it is on this link.
     pub fn peer_id(&self, cell: &str) -> Option<u16> {
         self.peers.iter().position(|p| p == cell).map(|i| i as u16)
-    }
-}
-
-/// One section's place in a link's shared memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Region {
-    /// Offset from the start of the link's shared memory, in bytes.
-    pub offset: u64,
-    /// Size in bytes (0 = absent).
-    pub size: u64,
-}
-
-/// The layout of one link's shared memory, as the device lays it out: state table, R/W
-/// section, then one output section per peer, all page-aligned. (Same accessors as
-/// `ivshmem_dev::layout::SharedMemoryLayout`.)
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct LinkLayout {
-    state_table: Region,
-    rw: Region,
-    outputs: Vec<Region>,
-    total_size: u64,
-}
-
-impl LinkLayout {
-    /// The number of peers (output sections).
-    pub fn max_peers(&self) -> u16 {
-        self.outputs.len() as u16
-    }
-
-    /// The state table.
-    pub fn state_table(&self) -> Region {
-        self.state_table
-    }
-
-    /// The R/W section (size 0 = absent).
-    pub fn rw(&self) -> Region {
-        self.rw
-    }
-
-    /// Peer `peer`'s output section (size 0 = absent), `None` if there is no such peer.
-    pub fn output(&self, peer: u16) -> Option<Region> {
-        self.outputs.get(usize::from(peer)).copied()
-    }
-
-    /// The size of the whole shared memory.
-    pub fn total_size(&self) -> u64 {
-        self.total_size
     }
 }
 

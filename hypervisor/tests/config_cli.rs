@@ -177,14 +177,9 @@ fn check_counts_cpus_of_the_machine_it_is_told() {
 }
 
 #[test]
-fn run_and_status_are_not_wired_yet() {
-    let output = hypervisor(&["run", &ready("telemetry.toml")]);
-    assert_eq!(output.status.code(), Some(2));
-    assert!(text(&output.stderr).contains("`run` is not wired yet"));
-    let output = hypervisor(&["status", "--socket", "/tmp/none.sock"]);
-    assert_eq!(output.status.code(), Some(2));
-    assert!(text(&output.stderr).contains("`status` is not wired yet"));
-    let output = hypervisor(&["status", &ready("telemetry.toml")]);
-    assert_eq!(output.status.code(), Some(2));
-    assert!(text(&output.stderr).contains("`status` is not wired yet"));
+fn status_needs_a_config_or_a_socket() {
+    let output = hypervisor(&["status"]);
+    assert_eq!(output.status.code(), Some(2), "a usage error");
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("required arguments were not provided"), "{stderr}");
 }

@@ -2,10 +2,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use ivshmem_dev::layout::{LayoutError, LayoutParams, SharedMemoryLayout};
+
 use super::{
     default_control_socket, CellConfig, CellKind, CellLink, CellSpec, ConfigErrors, Interrupts,
-    LinkConfig, LinkLayout, LinkSpec, Problem, ProblemKind, Region, SizeSpec, SystemConfig,
-    ValidConfig, MAX_PEERS, MAX_SOCKET_PATH, PAGE_SIZE, PROTOCOL_NAMES,
+    LinkConfig, LinkSpec, Problem, ProblemKind, SizeSpec, SystemConfig, ValidConfig, MAX_PEERS,
+    MAX_SOCKET_PATH, PAGE_SIZE, PROTOCOL_NAMES,
 };
 
 const NAME_RULE: &str =
@@ -786,11 +788,11 @@ fn check_links(check: &mut Checker, config: &SystemConfig) -> Vec<Option<LinkCon
             (Some(count), Some(st), Some(rw), Some(out)) if (2..=MAX_PEERS).contains(&count) => {
                 match compute_layout(count, st, rw, out) {
                     Ok(layout) => Some(layout),
-                    Err(message) => {
+                    Err(error) => {
                         check.error(
                             ProblemKind::InvalidSize,
-                            location.clone(),
-                            message,
+                            format!("{location} .{}", error.parameter()),
+                            format!("the device cannot lay out this link: {error}"),
                             "use smaller sections",
                         );
                         None
@@ -841,40 +843,21 @@ fn check_links(check: &mut Checker, config: &SystemConfig) -> Vec<Option<LinkCon
     resolved
 }
 
-/// Lays out a link's shared memory: state table, R/W section, then `peers` output sections.
+/// Lays out a link's shared memory with ivshmem-dev's calculator. Every parameter has been
+/// checked here already; a refusal would mean the two disagree, and is reported at the
+/// parameter the calculator names.
 fn compute_layout(
     peers: usize,
     state_table: u64,
     rw: u64,
     output: u64,
-) -> Result<LinkLayout, String> {
-    let too_large = || {
-        format!(
-            "the link's shared memory (state table {state_table:#x} + R/W {rw:#x} + {peers} x output {output:#x}) overflows 64 bits"
-        )
-    };
-    let rw_offset = state_table;
-    let outputs_offset = rw_offset.checked_add(rw).ok_or_else(too_large)?;
-    let mut outputs = Vec::with_capacity(peers);
-    let mut offset = outputs_offset;
-    for _ in 0..peers {
-        outputs.push(Region {
-            offset,
-            size: output,
-        });
-        offset = offset.checked_add(output).ok_or_else(too_large)?;
-    }
-    Ok(LinkLayout {
-        state_table: Region {
-            offset: 0,
-            size: state_table,
-        },
-        rw: Region {
-            offset: rw_offset,
-            size: rw,
-        },
-        outputs,
-        total_size: offset,
+) -> Result<SharedMemoryLayout, LayoutError> {
+    SharedMemoryLayout::new(LayoutParams {
+        max_peers: u16::try_from(peers).unwrap_or(u16::MAX),
+        state_table_size: u32::try_from(state_table).unwrap_or(u32::MAX),
+        rw_size: rw,
+        output_size: output,
+        page_size: PAGE_SIZE,
     })
 }
 
@@ -937,6 +920,7 @@ fn table_at(before: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ivshmem_dev::layout::Region;
 
     #[test]
     fn cpu_lists_render_as_ranges() {
@@ -959,39 +943,16 @@ mod tests {
     #[test]
     fn layout_is_contiguous_and_page_aligned() {
         let layout = compute_layout(3, 0x1000, 0x2000, 0x4000).unwrap();
-        assert_eq!(
-            layout.state_table,
-            Region {
-                offset: 0,
-                size: 0x1000
-            }
-        );
-        assert_eq!(
-            layout.rw,
-            Region {
-                offset: 0x1000,
-                size: 0x2000
-            }
-        );
-        assert_eq!(
-            layout.outputs,
-            vec![
-                Region {
-                    offset: 0x3000,
-                    size: 0x4000
-                },
-                Region {
-                    offset: 0x7000,
-                    size: 0x4000
-                },
-                Region {
-                    offset: 0xB000,
-                    size: 0x4000
-                },
-            ]
-        );
-        assert_eq!(layout.total_size, 0xF000);
-        assert!(compute_layout(2, 0x1000, u64::MAX - 0xFFF, 0x1000).is_err());
+        let region = |offset, size| Region { offset, size };
+        assert_eq!(layout.state_table(), region(0, 0x1000));
+        assert_eq!(layout.rw(), region(0x1000, 0x2000));
+        assert_eq!(layout.output(0), Some(region(0x3000, 0x4000)));
+        assert_eq!(layout.output(1), Some(region(0x7000, 0x4000)));
+        assert_eq!(layout.output(2), Some(region(0xB000, 0x4000)));
+        assert_eq!(layout.output(3), None);
+        assert_eq!(layout.total_size(), 0xF000);
+        let error = compute_layout(2, 0x1000, u64::MAX - 0xFFF, 0x1000).unwrap_err();
+        assert_eq!(error.parameter(), "rw_size");
     }
 
     #[test]
