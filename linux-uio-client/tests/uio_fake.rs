@@ -566,6 +566,37 @@ fn wrong_map_sizes_are_refused_with_the_rule_they_break() {
             check: |e| matches!(e, UioError::MapOffset { index: 1, .. }),
         },
         Case {
+            what: "offset plus size overflowing 64 bits",
+            edit: |m, _, _| {
+                m[0].offset = 0x10;
+                m[0].size = u64::MAX - 0xf;
+            },
+            check: |e| {
+                matches!(
+                    e,
+                    UioError::MapSize {
+                        index: 0,
+                        role: MapRole::Registers,
+                        ..
+                    }
+                )
+            },
+        },
+        Case {
+            what: "a map larger than the address space",
+            edit: |m, _, _| m[2].size = 1 << 63,
+            check: |e| {
+                matches!(
+                    e,
+                    UioError::MapSize {
+                        index: 2,
+                        role: MapRole::RwSection,
+                        ..
+                    }
+                )
+            },
+        },
+        Case {
             what: "six maps",
             edit: |m, _, _| m.push(map("extra", 0x1000)),
             check: |e| matches!(e, UioError::MapCount { count: 6, .. }),

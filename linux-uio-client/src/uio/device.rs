@@ -95,8 +95,10 @@ pub struct RegisterOffsetError {
 impl UioRegisters {
     fn register(&self, offset: u32) -> Result<*mut u32, RegisterOffsetError> {
         let regs = &self.maps.registers;
-        let end = offset as usize + 4;
-        if offset % 4 != 0 || end > regs.len {
+        let in_range = (offset as usize)
+            .checked_add(4)
+            .is_some_and(|end| end <= regs.len);
+        if offset % 4 != 0 || !in_range {
             return Err(RegisterOffsetError {
                 offset,
                 len: regs.len,
@@ -402,7 +404,11 @@ fn map_region(
             rule: format!("the {role} holds 32-bit words and must start 4-byte aligned"),
         });
     }
-    let map_len = round_up(map.offset + map.size, page)
+    let end = map
+        .offset
+        .checked_add(map.size)
+        .ok_or_else(|| size_err("offset plus size overflows 64 bits"))?;
+    let map_len = round_up(end, page)
         .filter(|&l| usize::try_from(l).is_ok() && isize::try_from(l).is_ok())
         .ok_or_else(|| size_err("too large to map into this process"))?;
     let mmap_offset = (map.index as u64)
@@ -410,7 +416,7 @@ fn map_region(
         .ok_or_else(|| size_err("the map index times the page size overflows"))?;
     if let Some(len) = file_len {
         // A regular file (test fake) raises SIGBUS past its end instead of refusing the mmap.
-        let needed = mmap_offset.saturating_add(map.offset + map.size);
+        let needed = mmap_offset.saturating_add(end);
         if needed > len {
             return Err(UioError::DeviceTooSmall {
                 path: device_node.to_path_buf(),
