@@ -639,3 +639,40 @@ interrupts = "msix"
     assert_eq!(report.matches("\nerror: ").count(), 9, "{report}");
     assert_eq!(report.matches("\n  fix: ").count(), 9, "{report}");
 }
+
+#[test]
+fn misspelt_table_is_an_unknown_field_at_its_header() {
+    let errors = refused(&GOOD.replace("[system]", "[sytem]"));
+    let problem = &errors.problems[0];
+    assert_eq!(problem.kind, ProblemKind::UnknownField);
+    assert!(
+        problem.message.contains("unknown field `sytem`"),
+        "{problem}"
+    );
+    assert_eq!(problem.location, "line 2, column 2");
+}
+
+#[test]
+fn negative_cpu_number() {
+    let errors = refused(&GOOD.replace("cpus = [1]", "cpus = [-1]"));
+    let problem = &errors.problems[0];
+    assert_eq!(problem.kind, ProblemKind::InvalidValue);
+    assert!(
+        problem.location.starts_with("cells[1] (line 12, column"),
+        "{problem}"
+    );
+    assert!(problem.message.contains("-1"), "{problem}");
+}
+
+#[test]
+fn reserved_protocol_is_a_warning() {
+    let text = GOOD.replace("protocol = \"telemetry\"", "protocol = \"0x0002\"");
+    let valid = SystemConfig::from_toml_str(&text)
+        .unwrap()
+        .validate()
+        .unwrap();
+    assert_eq!(valid.links[0].protocol, 2);
+    assert_eq!(valid.warnings.len(), 1);
+    assert_eq!(valid.warnings[0].kind, ProblemKind::ReservedProtocol);
+    assert_eq!(valid.warnings[0].location, r#"links[0] "l" .protocol"#);
+}

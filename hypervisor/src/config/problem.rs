@@ -60,6 +60,8 @@ pub enum ProblemKind {
     CellWithoutLink,
     /// The link's protocol expects a different number of peers (warning).
     ProtocolPeerCount,
+    /// The protocol is in the range the specification reserves (warning).
+    ReservedProtocol,
     /// CPUs are shared between cells because `allow_shared_cpus` is set (warning).
     SharedCpus,
     /// The control socket path cannot be used.

@@ -659,6 +659,14 @@ fn check_links(check: &mut Checker, config: &SystemConfig) -> Vec<Option<LinkCon
                 }
             },
         };
+        if let Some(value @ 0x0002..=0x3FFF) = protocol {
+            check.warning(
+                ProblemKind::ReservedProtocol,
+                format!("{location} .protocol"),
+                format!("protocol {value:#06x} is in the range the specification reserves (0x0002..=0x3FFF)"),
+                "use a user-defined protocol (0x4000..=0x7FFF) for your own traffic",
+            );
+        }
         if let (Some(0x0001), Some(count)) = (protocol, peer_count) {
             if count != 2 {
                 check.warning(
@@ -903,14 +911,24 @@ pub(super) fn parse_problem(text: &str, error: &toml::de::Error) -> Problem {
 fn table_at(before: &str) -> Option<String> {
     let mut current = None;
     let mut counts: HashMap<String, usize> = HashMap::new();
-    for line in before.lines() {
+    // The error's own line is incomplete (and may be a broken header): skip it.
+    let complete = before.rsplit_once('\n').map_or("", |(lines, _)| lines);
+    for line in complete.lines() {
         let line = line.trim();
-        if let Some(name) = line.strip_prefix("[[").and_then(|l| l.split("]]").next()) {
+        if let Some(name) = line
+            .strip_prefix("[[")
+            .and_then(|l| l.split("]]").next())
+            .filter(|name| !name.trim().is_empty())
+        {
             let name = name.trim().to_owned();
             let count = counts.entry(name.clone()).or_insert(0);
             current = Some(format!("{name}[{count}]"));
             *count += 1;
-        } else if let Some(name) = line.strip_prefix('[').and_then(|l| l.split(']').next()) {
+        } else if let Some(name) = line
+            .strip_prefix('[')
+            .and_then(|l| l.split(']').next())
+            .filter(|name| !name.trim().is_empty())
+        {
             current = Some(name.trim().to_owned());
         }
     }
@@ -963,6 +981,8 @@ mod tests {
             Some("cells[1]".into())
         );
         assert_eq!(table_at("[system]\n"), Some("system".into()));
+        // A broken header on the error's own line is not taken as the context.
+        assert_eq!(table_at("[system]\nname='a'\n[sy"), Some("system".into()));
         assert_eq!(table_at(""), None);
     }
 }

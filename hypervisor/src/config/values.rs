@@ -2,6 +2,7 @@
 
 use std::fmt;
 
+use ivshmem_dev::protocol::{Protocol, ProtocolClass};
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
@@ -138,9 +139,9 @@ pub enum ProtocolSpec {
 
 /// The protocol names a configuration may use, with their 16-bit values.
 pub const PROTOCOL_NAMES: &[(&str, u16)] = &[
-    ("undefined", 0x0000),
-    ("ethernet", 0x0001),
-    ("telemetry", 0x4001),
+    ("undefined", Protocol::UNDEFINED.value()),
+    ("ethernet", Protocol::ETHERNET.value()),
+    ("telemetry", Protocol::TELEMETRY.value()),
 ];
 
 impl ProtocolSpec {
@@ -197,13 +198,13 @@ impl<'de> Deserialize<'de> for ProtocolSpec {
 /// A readable description of a protocol value: its name if it has one, and its class per the
 /// ivshmem v2 specification.
 pub fn describe_protocol(value: u16) -> String {
-    let class = match value {
-        0x0000 => "undefined",
-        0x0001 => "peer-to-peer Ethernet",
-        0x4000..=0x7FFF => "user-defined",
-        0x8000..=0xBFFF => "virtio front-end",
-        0xC000..=0xFFFF => "virtio back-end",
-        _ => "reserved",
+    let class = match Protocol(value).class() {
+        ProtocolClass::Undefined => "undefined",
+        ProtocolClass::Ethernet => "peer-to-peer Ethernet",
+        ProtocolClass::Reserved => "reserved by the specification",
+        ProtocolClass::UserDefined => "user-defined",
+        ProtocolClass::VirtioFrontend => "virtio front-end",
+        ProtocolClass::VirtioBackend => "virtio back-end",
     };
     match PROTOCOL_NAMES.iter().find(|(_, v)| *v == value) {
         Some((name, _)) if *name != "undefined" && *name != "ethernet" => {
@@ -253,6 +254,20 @@ mod tests {
             .value()
             .unwrap_err()
             .contains("unknown protocol name"));
+    }
+
+    #[test]
+    fn protocol_descriptions_name_the_class() {
+        assert_eq!(
+            describe_protocol(0x4001),
+            "0x4001 (telemetry, user-defined)"
+        );
+        assert_eq!(describe_protocol(1), "0x0001 (peer-to-peer Ethernet)");
+        assert_eq!(describe_protocol(0x8001), "0x8001 (virtio front-end)");
+        assert_eq!(
+            describe_protocol(0x0002),
+            "0x0002 (reserved by the specification)"
+        );
     }
 
     #[test]
