@@ -130,3 +130,33 @@ fn ready_configs_explain_every_key() {
         }
     }
 }
+
+#[test]
+fn control_socket_default_and_override() {
+    use hypervisor::config::default_control_socket_for;
+    use std::path::Path;
+    let xdg = Some(Path::new("/run/user/1000"));
+    assert_eq!(
+        default_control_socket_for("vnet", 0, xdg),
+        Path::new("/run/ivshmem-stack/vnet.sock")
+    );
+    assert_eq!(
+        default_control_socket_for("vnet", 1000, xdg),
+        Path::new("/run/user/1000/ivshmem-stack/vnet.sock")
+    );
+    assert_eq!(
+        default_control_socket_for("vnet", 1000, None),
+        Path::new("/tmp/ivshmem-stack-1000/vnet.sock")
+    );
+    // The ready configs use the default; an explicit path replaces it.
+    assert!(load("vnet.toml").control_socket_is_default);
+    let text = std::fs::read_to_string(configs_dir().join("vnet.toml"))
+        .unwrap()
+        .replace("# control_socket = ", "control_socket = ");
+    let valid = SystemConfig::from_toml_str(&text)
+        .unwrap()
+        .validate()
+        .unwrap();
+    assert!(!valid.control_socket_is_default);
+    assert_eq!(valid.control_socket, Path::new("/tmp/vnet.sock"));
+}
