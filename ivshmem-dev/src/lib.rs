@@ -17,6 +17,10 @@
 //!   not treated as illegal accesses.
 //! - [`layout::SharedMemoryLayout`] refuses sizes that are not page multiples instead of
 //!   rounding them up.
+//! - Life cycle (enforced by the hypervisor, not by this crate): a peer that dies has its state
+//!   set to 0 at once; Jailhouse keeps a crashed cell's last state until the root cell acts.
+//! - With INTx only vector 0 exists; the driver's [`driver::Ivshmem::ring`] still takes a
+//!   vector so MSI-X can be added without an API change.
 #![cfg_attr(not(feature = "std"), no_std)]
 #![warn(missing_docs)]
 
@@ -24,8 +28,12 @@ pub mod doorbell;
 pub mod driver;
 pub mod hosted;
 pub mod layout;
+pub mod link_state;
 pub mod pci;
-#[cfg(all(feature = "x86-port-io", any(target_arch = "x86", target_arch = "x86_64")))]
+#[cfg(all(
+    feature = "x86-port-io",
+    any(target_arch = "x86", target_arch = "x86_64")
+))]
 pub mod port_io;
 pub mod protocol;
 pub mod regs;
@@ -34,7 +42,10 @@ pub use doorbell::Doorbell;
 pub use driver::{DriverError, Ivshmem, Section, Sections};
 pub use layout::{LayoutError, LayoutParams, Region, SharedMemoryLayout, MAX_SUPPORTED_PEERS};
 pub use pci::{ConfigAccess, DiscoveryError, IvshmemPci, PciAddress, VendorCapability};
-#[cfg(all(feature = "x86-port-io", any(target_arch = "x86", target_arch = "x86_64")))]
+#[cfg(all(
+    feature = "x86-port-io",
+    any(target_arch = "x86", target_arch = "x86_64")
+))]
 pub use port_io::PortIo;
 pub use protocol::Protocol;
 pub use regs::{Mmio, RegisterAccess};

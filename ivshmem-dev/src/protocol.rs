@@ -89,17 +89,14 @@ impl From<Protocol> for u16 {
 
 impl fmt::Display for Protocol {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let name = match *self {
-            Protocol::UNDEFINED => "undefined",
-            Protocol::ETHERNET => "ethernet",
-            Protocol::TELEMETRY => "telemetry",
-            _ => match self.class() {
-                ProtocolClass::Reserved => "reserved",
-                ProtocolClass::UserDefined => "user-defined",
-                ProtocolClass::VirtioFrontend => "virtio front-end",
-                ProtocolClass::VirtioBackend => "virtio back-end",
-                ProtocolClass::Undefined | ProtocolClass::Ethernet => unreachable!(),
-            },
+        let name = match (*self, self.class()) {
+            (Protocol::TELEMETRY, _) => "telemetry",
+            (_, ProtocolClass::Undefined) => "undefined",
+            (_, ProtocolClass::Ethernet) => "ethernet",
+            (_, ProtocolClass::Reserved) => "reserved",
+            (_, ProtocolClass::UserDefined) => "user-defined",
+            (_, ProtocolClass::VirtioFrontend) => "virtio front-end",
+            (_, ProtocolClass::VirtioBackend) => "virtio back-end",
         };
         write!(f, "{:04X}h ({name})", self.0)
     }
@@ -125,5 +122,13 @@ mod tests {
     fn config_bytes_put_the_low_byte_in_prog_if() {
         assert_eq!(Protocol(0x4001).to_config_bytes(), (0x01, 0x40));
         assert_eq!(Protocol::from_config_bytes(0x01, 0x40), Protocol(0x4001));
+    }
+
+    #[test]
+    fn display_names_the_value_and_its_meaning() {
+        assert_eq!(Protocol::ETHERNET.to_string(), "0001h (ethernet)");
+        assert_eq!(Protocol::TELEMETRY.to_string(), "4001h (telemetry)");
+        assert_eq!(Protocol(0x4002).to_string(), "4002h (user-defined)");
+        assert_eq!(Protocol(0xC001).to_string(), "C001h (virtio back-end)");
     }
 }
