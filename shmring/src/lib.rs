@@ -119,6 +119,7 @@
 extern crate alloc;
 
 mod consumer;
+pub mod duplex;
 pub mod layout;
 #[cfg(feature = "alloc")]
 mod owned;
@@ -127,6 +128,7 @@ mod sync;
 mod typed;
 
 pub use consumer::{Consumer, ConsumerInit, Frame, Received};
+pub use duplex::{Duplex, DuplexInit};
 #[cfg(feature = "alloc")]
 pub use owned::channel;
 pub use producer::{Grant, Producer, ProducerInit};
