@@ -1,0 +1,2 @@
+//! Code shared by integration tests (and the fuzz target).
+pub mod hostile;
