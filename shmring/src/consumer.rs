@@ -203,7 +203,9 @@ impl Consumer {
             if h.flags == 0 {
                 let total = (len + (layout::FRAME_HEADER_LEN + layout::FRAME_ALIGN - 1) as u64)
                     & !(layout::FRAME_ALIGN as u64 - 1);
-                if total > avail || total > contiguous {
+                // Within the published data, the contiguous area and the largest frame a producer
+                // may send (half the area).
+                if total > avail || total > contiguous || total > self.capacity / 2 {
                     return Err(Error::Corrupt {
                         what: "frame length beyond published data",
                     });

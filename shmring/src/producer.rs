@@ -94,6 +94,25 @@ unsafe fn write_producer_part(own: *mut u8, capacity: usize) {
     }
 }
 
+/// Stores a frame header word (Relaxed: published later by the Release store of the index).
+///
+/// # Safety
+/// `p` is an aligned word inside our own data area.
+#[inline(always)]
+unsafe fn store_header(p: *mut u64, header: FrameHeader) {
+    // Miri only: a plain whole-word write first. Payload bytes written earlier may partially
+    // overlap this word, and Miri's weak-memory emulation (nightly 2026-05) crashes on an atomic
+    // store over a word whose bytes were last written partly atomically, partly not. The plain
+    // write is race-free (the space is ours) and changes nothing else.
+    #[cfg(miri)]
+    // SAFETY: as the caller promises.
+    unsafe {
+        p.write(header.to_word())
+    };
+    // SAFETY: as the caller promises.
+    unsafe { word(p) }.store(header.to_word(), Ordering::Relaxed);
+}
+
 impl Producer {
     /// Phase one: initialises the producer part at `own` (header, index 0, zeroed data area).
     ///
@@ -242,10 +261,7 @@ impl Producer {
             };
             // SAFETY: pos & mask + 8 <= capacity (pad >= 8 bytes); aligned; own data area. Relaxed:
             // published by the Release store of the producer index in flush.
-            unsafe {
-                word(self.data.add((pos & self.mask) as usize).cast())
-                    .store(h.to_word(), Ordering::Relaxed)
-            };
+            unsafe { store_header(self.data.add((pos & self.mask) as usize).cast(), h) };
             pos += pad;
         }
         let h = FrameHeader {
@@ -254,10 +270,7 @@ impl Producer {
             flags: 0,
         };
         // SAFETY: reserve() checked the frame fits contiguously at pos; Relaxed as above.
-        unsafe {
-            word(self.data.add((pos & self.mask) as usize).cast())
-                .store(h.to_word(), Ordering::Relaxed)
-        };
+        unsafe { store_header(self.data.add((pos & self.mask) as usize).cast(), h) };
         self.write = pos + layout::frame_size(len) as u64;
     }
 
