@@ -134,7 +134,6 @@ fn producer(
     let run_for = Duration::from_secs_f64(args.seconds);
     let mut parks = 0;
     let mut seq = 0u64;
-    shared.start.wait();
     'frames: loop {
         let now = epoch.elapsed();
         if now >= run_for || shared.failed.load(Ordering::Relaxed) {
@@ -187,6 +186,21 @@ fn producer(
     Ok(parks)
 }
 
+/// Both threads meet here after pinning (whether or not it worked), so neither waits for a
+/// thread that gave up; a failed pin fails both.
+fn start_together(shared: &Shared, pinned: Result<()>) -> Result<()> {
+    if pinned.is_err() {
+        shared.failed.store(true, Ordering::SeqCst);
+    }
+    shared.start.wait();
+    pinned?;
+    ensure!(
+        !shared.failed.load(Ordering::SeqCst),
+        "the other thread could not start"
+    );
+    Ok(())
+}
+
 fn wake(thread: &OnceLock<Thread>) {
     if let Some(thread) = thread.get() {
         thread.unpark();
@@ -205,7 +219,6 @@ fn consumer(
     let (mut frames, mut bytes, mut parks) = (0u64, 0u64, 0u64);
     let mut interval_max = 0u64;
     let mut polls = 0u32;
-    shared.start.wait();
     let started = Instant::now();
     loop {
         let Some(frame) = rx.peek()? else {
@@ -348,7 +361,8 @@ fn main() -> Result<()> {
             let _report_end = result_tx;
             let _ = shared.consumer.set(thread::current());
             let pinned = cpus.map_or(Ok(()), |[c, _]| pin::pin_current_thread(c));
-            let result = pinned.and_then(|()| consumer(rx, args, shared, epoch, source));
+            let result = start_together(shared, pinned)
+                .and_then(|()| consumer(rx, args, shared, epoch, source));
             if result.is_err() {
                 shared.failed.store(true, Ordering::SeqCst);
                 wake(&shared.producer);
@@ -358,7 +372,8 @@ fn main() -> Result<()> {
         let producer_thread = scope.spawn(move || {
             let _ = shared.producer.set(thread::current());
             let pinned = cpus.map_or(Ok(()), |[_, p]| pin::pin_current_thread(p));
-            let result = pinned.and_then(|()| producer(tx, args, shared, epoch, source));
+            let result = start_together(shared, pinned)
+                .and_then(|()| producer(tx, args, shared, epoch, source));
             if result.is_err() {
                 shared.failed.store(true, Ordering::SeqCst);
                 wake(&shared.consumer);

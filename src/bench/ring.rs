@@ -35,7 +35,8 @@ pub const RTT_FRAME: usize = 64;
 pub enum Queue {
     /// shmring: `try_send` (copy in, publish) / `peek` + check + `release` + `flush`.
     Shmring,
-    /// rtrb `RingBuffer<u8>`: `write_chunk_uninit(n)` + fill + commit / `read_chunk(n)` + commit.
+    /// rtrb `RingBuffer<u8>`: `push_entire_slice` (= `write_chunk_uninit(n)` + copy + `commit_all`)
+    /// / `read_chunk(n)` + check + `commit_all`.
     Rtrb,
     /// crossbeam-queue `ArrayQueue<[u8; N]>`: `push` / `pop`.
     Crossbeam,
@@ -145,7 +146,7 @@ fn notes(cpus: [usize; 2]) -> Vec<String> {
         "floor: one AtomicU64 on its own cache line, flipped odd/even between the two threads; rtt = time / round trips".into(),
         format!("shmring rtt: 64-byte frame out through a request ring and back through a reply ring (try_send / try_recv), {STREAM_RING_BYTES} B rings"),
         format!("streaming: every queue holds {STREAM_RING_BYTES} B of messages; each message's first 8 bytes are its sequence number, checked by the consumer; every message is published on its own (no batching)"),
-        "shmring-N: try_send (copy in + publish) / peek + check + release + flush (zero-copy read); rtrb-N: RingBuffer<u8>, write_chunk_uninit(N) + fill + commit / read_chunk(N) + commit; crossbeam-N: ArrayQueue<[u8; N]> push/pop; mpsc-N: sync_channel::<[u8; N]> try_send/try_recv".into(),
+        "shmring-N: try_send (copy in + publish) / peek + check + release + flush (zero-copy read); rtrb-N: RingBuffer<u8>, push_entire_slice (its write_chunk_uninit(N) + copy + commit_all) / read_chunk(N) + check + commit_all; crossbeam-N: ArrayQueue<[u8; N]> push/pop; mpsc-N: sync_channel::<[u8; N]> try_send/try_recv".into(),
         format!("shmring-grant-64k: producer grants 64 KiB, fills it with copy_from_slice from a 64 KiB source (+ seq stamps at both ends), commit + flush; consumer peeks, checks both stamps, releases + flushes; {GRANT_RING_BYTES} B ring"),
         format!("memcpy-64k: one thread on CPU {}, dst.copy_from_slice(&src) between two 64 KiB heap buffers (one byte of src changed per copy, black_box on dst), bytes/s = copies * 65536 / time", cpus[0]),
     ]
@@ -326,15 +327,8 @@ fn stream_rtrb<const N: usize>(cpus: [usize; 2], iters: u64) -> Result<Duration>
         move |abort| {
             for seq in 0..iters {
                 let msg = message::<N>(seq);
-                spin_until(abort, || {
-                    let Ok(chunk) = tx.write_chunk_uninit(N) else {
-                        return Ok(None);
-                    };
-                    // fill_from_iter writes every slot of the chunk and commits them.
-                    let written = chunk.fill_from_iter(msg.iter().copied());
-                    ensure!(written == N, "rtrb wrote {written} of {N} bytes");
-                    Ok(Some(()))
-                })?;
+                // push_entire_slice = write_chunk_uninit(N) + copy into both halves + commit_all.
+                spin_until(abort, || Ok(tx.push_entire_slice(&msg).ok()))?;
             }
             Ok(())
         },
