@@ -41,7 +41,7 @@ struct Args {
     #[arg(long, default_value_t = 2048)]
     size: usize,
     /// Ring capacity in bytes (a power of two).
-    #[arg(long, default_value_t = 1 << 20)]
+    #[arg(long, default_value_t = 64 * 1024)]
     capacity: usize,
     /// How an idle side waits.
     #[arg(long, value_enum, default_value_t = Mode::Park)]
@@ -91,6 +91,7 @@ struct Summary {
     elapsed: Duration,
     latency: Histogram<u64>,
     producer_parks: u64,
+    producer_waited: u64,
     consumer_parks: u64,
 }
 
@@ -130,9 +131,10 @@ fn producer(
     shared: &Shared,
     epoch: Instant,
     source: &[u8],
-) -> Result<u64> {
+) -> Result<ProducerStats> {
     let run_for = Duration::from_secs_f64(args.seconds);
     let mut parks = 0;
+    let mut waited = 0;
     let mut seq = 0u64;
     'frames: loop {
         let now = epoch.elapsed();
@@ -164,6 +166,9 @@ fn producer(
             if shared.failed.load(Ordering::Relaxed) {
                 break 'frames;
             }
+            if polls == 0 {
+                waited += 1;
+            }
             polls += 1;
             if args.mode == Mode::Park && polls > SPIN_BEFORE_PARK {
                 // Announce "wake me when `len` fits", then sleep unless room appeared meanwhile.
@@ -183,7 +188,18 @@ fn producer(
     shared.sent.store(seq, Ordering::Release);
     shared.done.store(true, Ordering::Release);
     wake(&shared.consumer);
-    Ok(parks)
+    Ok(ProducerStats {
+        parks,
+        waited_frames: waited,
+    })
+}
+
+/// What only the producer knows.
+struct ProducerStats {
+    /// Times it parked waiting for space.
+    parks: u64,
+    /// Frames for which the ring was full at first.
+    waited_frames: u64,
 }
 
 /// Both threads meet here after pinning (whether or not it worked), so neither waits for a
@@ -305,6 +321,7 @@ fn consumer(
         elapsed,
         latency,
         producer_parks: 0,
+        producer_waited: 0,
         consumer_parks: parks,
     })
 }
@@ -399,7 +416,7 @@ fn main() -> Result<()> {
             );
             last = (now, frames, bytes);
         }
-        let producer_parks = producer_thread
+        let producer_stats = producer_thread
             .join()
             .map_err(|_| anyhow::anyhow!("producer thread panicked"))?
             .context("producer")?;
@@ -407,7 +424,8 @@ fn main() -> Result<()> {
             .join()
             .map_err(|_| anyhow::anyhow!("consumer thread panicked"))?
             .context("consumer")?;
-        summary.producer_parks = producer_parks;
+        summary.producer_parks = producer_stats.parks;
+        summary.producer_waited = producer_stats.waited_frames;
         Ok(summary)
     })?;
     print_summary(&args, &summary);
@@ -432,6 +450,11 @@ fn print_summary(args: &Args, s: &Summary) {
         us(0.99),
         us(0.999),
         s.latency.max() as f64 / 1e3
+    );
+    println!(
+        "  the ring was full before {} frames ({:.3}%): the producer waited, and their latency includes queueing",
+        s.producer_waited,
+        100.0 * s.producer_waited as f64 / s.frames.max(1) as f64
     );
     if args.mode == Mode::Park {
         println!(
