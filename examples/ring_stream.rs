@@ -14,6 +14,7 @@
 //! and parks, and whichever side's publish returns `Notify::needed()` unparks the other (the
 //! in-process stand-in for ringing an ivshmem doorbell). `--mode spin` busy-polls instead.
 
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Barrier, OnceLock};
@@ -326,8 +327,17 @@ fn consumer(
     })
 }
 
-fn main() -> Result<()> {
-    let args = Args::parse();
+fn main() -> ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("ring_stream: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<()> {
     ensure!(
         args.size >= HEADER_LEN,
         "--size must be at least {HEADER_LEN} (the frame header)"

@@ -11,6 +11,7 @@
 //! its module there and one arm to [`SuiteName`] and [`run_suite`].
 
 use std::io::Write;
+use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
@@ -64,8 +65,19 @@ fn run_suite(name: SuiteName, settings: &Settings) -> Result<Vec<SuiteReport>> {
     })
 }
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // The whole context chain on one line, without a backtrace.
+            eprintln!("ivbench: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
     let cpus = match cli.cpus {
         Some(cpus) => cpus,
         None => pin::default_cpus()?,
