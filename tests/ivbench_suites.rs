@@ -3,8 +3,19 @@
 //! five fields, and the ivshmem doorbell case is reported as not available instead of invented.
 //! Nothing here is timed or compared against a threshold.
 
+use std::sync::{Mutex, MutexGuard};
+
 use ivshmem_stack::bench::report::{Entry, Verdict};
 use ivshmem_stack::bench::{doorbell, pin, ring, Metric, Settings, SuiteReport};
+
+/// The cases busy-poll on two pinned CPUs: run them one test at a time so two tests never
+/// spin against each other on the same cores.
+fn one_at_a_time() -> MutexGuard<'static, ()> {
+    static CORES: Mutex<()> = Mutex::new(());
+    CORES
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 fn tiny() -> Settings {
     let cpus = pin::default_cpus().expect("these tests need 2 CPUs");
@@ -49,6 +60,7 @@ fn assert_rows(report: &SuiteReport, required: &[(&str, &str)]) {
 
 #[test]
 fn ring_suite_reports_every_required_row() {
+    let _cores = one_at_a_time();
     let report = ring::run(&tiny()).expect("ring suite");
     assert_eq!(report.suite, "ring");
     assert_rows(
@@ -77,6 +89,7 @@ fn ring_suite_reports_every_required_row() {
 
 #[test]
 fn doorbell_suite_reports_eventfd_and_uds_and_no_fake_ivshmem() {
+    let _cores = one_at_a_time();
     let report = doorbell::run(&tiny()).expect("doorbell suite");
     assert_rows(&report, &[("eventfd", "rtt_ns"), ("uds", "rtt_ns")]);
     let ivshmem = report
@@ -97,6 +110,7 @@ fn doorbell_suite_reports_eventfd_and_uds_and_no_fake_ivshmem() {
 
 #[test]
 fn streaming_detects_nothing_lost_with_a_ring_that_wraps_many_times() {
+    let _cores = one_at_a_time();
     // 5000 messages of 1 KiB through 64 KiB rings: every queue wraps ~80 times and every
     // sequence number is checked by the consumer.
     let cpus = pin::default_cpus().unwrap();
@@ -113,6 +127,7 @@ fn streaming_detects_nothing_lost_with_a_ring_that_wraps_many_times() {
 
 #[test]
 fn a_cpu_that_does_not_exist_is_a_clear_error() {
+    let _cores = one_at_a_time();
     let err = doorbell::eventfd_rtt([0, 100_000], 10).unwrap_err();
     assert!(format!("{err:#}").contains("could not pin"), "{err:#}");
     let err = ring::floor_rtt([0, 100_000], 10).unwrap_err();
