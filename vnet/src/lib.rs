@@ -1,2 +1,28 @@
-//! A smoltcp virtual NIC over shmring rings on an ivshmem link (protocol 0001h).
+//! A smoltcp virtual NIC over shmring rings on an ivshmem link (protocol 0001h), and a
+//! virtual network Linux can join through a TAP bridge.
+//!
+//! - [`nic::ShmNic`]: a smoltcp [`smoltcp::phy::Device`] over a [`shmring::Duplex`]: Ethernet
+//!   frames, zero-copy tokens (grants and peeks inside shared memory), MTU up to 64 KiB,
+//!   batching (one flush and at most one doorbell per poll), hostile-peer safe.
+//! - [`link::VnetLink`]: owns the [`ivshmem_dev::Ivshmem`] driver, runs the ivshmem-net link
+//!   state machine ([`ivshmem_dev::link_state`]) over `STATE`, sets up and tears down the
+//!   rings, rings the doorbell only when the peer asked for it.
+//! - [`services`]: the cell's network services (ICMP echo by smoltcp, TCP echo 7, discard 9,
+//!   chargen 19, an HTTP status page on 80), no_std + alloc.
+//! - `std` only: [`pcap`] capture, [`tap`] (a Linux TAP device) and [`bridge`] (TAP ⇄ ring
+//!   forwarding), and [`app`], the two process-cell programs behind `examples/vnet_cell.rs`
+//!   and `examples/vnet_tap.rs`.
+//!
+//! The core is `no_std` with `alloc` (smoltcp socket buffers and one MTU-sized scratch
+//! buffer per NIC).
 #![cfg_attr(not(feature = "std"), no_std)]
+#![warn(missing_docs)]
+
+extern crate alloc;
+
+pub mod link;
+pub mod nic;
+pub mod services;
+
+pub use link::{LinkConfig, LinkError, LinkEvent, LinkStats, VnetLink};
+pub use nic::{NicError, NicStats, ShmNic};

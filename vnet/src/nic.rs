@@ -1,0 +1,744 @@
+//! [`ShmNic`]: a smoltcp [`Device`] over a [`Duplex`] of shmring rings (Ethernet frames).
+//!
+//! # Tokens
+//!
+//! - [`Device::transmit`] hands out a token only when a frame of MTU size fits the send ring:
+//!   the token *is* an MTU-sized grant inside shared memory. smoltcp writes the frame straight
+//!   into it and the token commits exactly the bytes written (`commit_len`). No copy.
+//! - [`Device::receive`] peeks the next frame and hands smoltcp the slice inside shared
+//!   memory; the frame is released only when smoltcp consumed the token. A token dropped
+//!   unconsumed leaves the frame in the ring. No copy.
+//! - Commits and releases are local: [`ShmNic::flush`] publishes all of them at once and says
+//!   whether the peer must be notified (one flush and at most one doorbell per poll).
+//!
+//! # The reply token of `receive`
+//!
+//! smoltcp's `receive` returns a transmit token together with the receive token, for an
+//! immediate reply (ARP reply, ICMP echo reply, TCP RST). If the send ring has MTU room it is
+//! a grant like above. If not, receiving still goes on and the reply token writes into a
+//! scratch buffer and the reply is **dropped and counted** ([`NicStats::tx_reply_dropped`]):
+//! refusing to receive while the send ring is full would let two peers deadlock, each
+//! waiting for the other to free space (as on real Ethernet, a congested reply is lost and
+//! the protocols recover). Frames sent through `transmit` are never dropped.
+//!
+//! # Hostile peer
+//!
+//! Every index and frame header is validated by shmring; a violation
+//! ([`shmring::Error::Corrupt`] and friends) is recorded as the NIC's [`fault`](ShmNic::fault),
+//! counted, and from then on the NIC hands out no tokens: the owner
+//! ([`crate::VnetLink`]) tears the link down. Payload bytes are untrusted and may change
+//! while smoltcp parses them (smoltcp validates everything it reads). Never a panic.
+
+use alloc::vec;
+use alloc::vec::Vec;
+
+use shmring::{layout, Consumer, Duplex, Frame, Grant, Notify, Producer};
+use smoltcp::phy::{self, ChecksumCapabilities, Device, DeviceCapabilities, Medium};
+use smoltcp::time::Instant;
+
+/// Length of an Ethernet header (destination, source, EtherType).
+pub const ETHERNET_HEADER_LEN: usize = 14;
+/// Smallest device MTU accepted: the IPv4 minimum of 68 plus the Ethernet header.
+pub const MIN_MTU: usize = 68 + ETHERNET_HEADER_LEN;
+/// Largest device MTU accepted: an IP MTU of 64 KiB - 1 plus the Ethernet header.
+pub const MAX_MTU: usize = 65535 + ETHERNET_HEADER_LEN;
+/// A ring must hold at least this many MTU-sized frames.
+pub const MIN_FRAMES_PER_RING: usize = 4;
+/// Default device MTU: Ethernet frames of 1514 bytes (IP MTU 1500).
+pub const DEFAULT_MTU: usize = 1500 + ETHERNET_HEADER_LEN;
+
+/// Errors of the NIC's configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NicError {
+    /// The MTU is outside [`MIN_MTU`]..=[`MAX_MTU`].
+    #[error("MTU {mtu} outside {min}..={max} (the device MTU counts the 14-byte Ethernet header)")]
+    BadMtu {
+        /// MTU asked for.
+        mtu: usize,
+        /// Smallest allowed.
+        min: usize,
+        /// Largest allowed.
+        max: usize,
+    },
+    /// A ring cannot hold [`MIN_FRAMES_PER_RING`] frames of MTU size.
+    #[error(
+        "{which} ring of {capacity} bytes cannot hold {MIN_FRAMES_PER_RING} frames of MTU {mtu}: \
+         needs a capacity of at least {needed} bytes (make the output section larger or the MTU smaller)"
+    )]
+    RingTooSmall {
+        /// `"send"` or `"receive"`.
+        which: &'static str,
+        /// The ring's capacity.
+        capacity: usize,
+        /// The MTU.
+        mtu: usize,
+        /// Smallest capacity that works (a power of two).
+        needed: usize,
+    },
+}
+
+/// Smallest ring capacity (a power of two) that holds [`MIN_FRAMES_PER_RING`] frames of
+/// `mtu` bytes and accepts a single frame of `mtu` bytes.
+pub fn min_capacity_for(mtu: usize) -> usize {
+    let by_count = MIN_FRAMES_PER_RING * layout::frame_size(mtu);
+    let by_frame = 2 * (mtu + layout::FRAME_HEADER_LEN);
+    by_count
+        .max(by_frame)
+        .max(layout::MIN_CAPACITY)
+        .next_power_of_two()
+}
+
+/// Checks that a ring of `capacity` bytes suits frames of `mtu` bytes.
+pub fn check_ring(which: &'static str, capacity: usize, mtu: usize) -> Result<(), NicError> {
+    let needed = min_capacity_for(mtu);
+    if capacity < needed || layout::max_frame_len(capacity) < mtu {
+        return Err(NicError::RingTooSmall {
+            which,
+            capacity,
+            mtu,
+            needed,
+        });
+    }
+    Ok(())
+}
+
+/// Checks an MTU.
+pub fn check_mtu(mtu: usize) -> Result<(), NicError> {
+    if (MIN_MTU..=MAX_MTU).contains(&mtu) {
+        Ok(())
+    } else {
+        Err(NicError::BadMtu {
+            mtu,
+            min: MIN_MTU,
+            max: MAX_MTU,
+        })
+    }
+}
+
+/// Counters of one NIC (monotonic, never reset by a link going down).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NicStats {
+    /// Frames handed to smoltcp.
+    pub rx_frames: u64,
+    /// Bytes of those frames.
+    pub rx_bytes: u64,
+    /// Received frames longer than the MTU (still handed to smoltcp, which drops what it
+    /// cannot parse).
+    pub rx_oversize: u64,
+    /// Frames committed to the send ring.
+    pub tx_frames: u64,
+    /// Bytes of those frames.
+    pub tx_bytes: u64,
+    /// Times `transmit` refused a token because an MTU frame did not fit (back-pressure).
+    pub tx_ring_full: u64,
+    /// Immediate replies dropped because the send ring was full (see the module docs).
+    pub tx_reply_dropped: u64,
+    /// Protocol violations seen from the peer (each one faults the NIC).
+    pub corrupt: u64,
+    /// Flushes that asked for a doorbell.
+    pub notifies: u64,
+}
+
+#[derive(Debug, Default)]
+struct RxSide {
+    frames: u64,
+    bytes: u64,
+    oversize: u64,
+}
+
+#[derive(Debug, Default)]
+struct TxSide {
+    frames: u64,
+    bytes: u64,
+    full: u64,
+    reply_dropped: u64,
+    /// Set when `transmit` was refused since the last sleep handshake.
+    blocked: bool,
+}
+
+/// A smoltcp Ethernet device over a duplex of shmring rings. See the module documentation.
+#[derive(Debug)]
+pub struct ShmNic {
+    duplex: Option<Duplex>,
+    carrier: bool,
+    mtu: usize,
+    burst: usize,
+    checksum: ChecksumCapabilities,
+    fault: Option<shmring::Error>,
+    corrupt: u64,
+    notifies: u64,
+    rx: RxSide,
+    tx: TxSide,
+    scratch: Vec<u8>,
+}
+
+impl ShmNic {
+    /// A NIC with device MTU `mtu` (Ethernet frame size including the 14-byte header) whose
+    /// rings will have about `ring_capacity` bytes; no rings attached yet, carrier off.
+    ///
+    /// `ring_capacity` sets the advertised burst (smoltcp caps its TCP receive window to
+    /// `max_burst_size` MTU frames): the number of MTU frames one ring holds.
+    pub fn new(mtu: usize, ring_capacity: usize) -> Result<ShmNic, NicError> {
+        check_mtu(mtu)?;
+        check_ring("expected", ring_capacity, mtu)?;
+        // One frame's worth of slack for the padding at the wrap.
+        let burst = ring_capacity / layout::frame_size(mtu) - 1;
+        Ok(ShmNic {
+            duplex: None,
+            carrier: false,
+            mtu,
+            burst,
+            checksum: ChecksumCapabilities::default(),
+            fault: None,
+            corrupt: 0,
+            notifies: 0,
+            rx: RxSide::default(),
+            tx: TxSide::default(),
+            scratch: vec![0; mtu],
+        })
+    }
+
+    /// Sets the checksum capabilities reported to smoltcp (default: compute and verify
+    /// everything in software, which the Linux side of a TAP bridge requires).
+    pub fn set_checksum(&mut self, checksum: ChecksumCapabilities) {
+        self.checksum = checksum;
+    }
+
+    /// The device MTU (Ethernet frame size).
+    pub fn mtu(&self) -> usize {
+        self.mtu
+    }
+
+    /// Attaches the rings (both must hold [`MIN_FRAMES_PER_RING`] MTU frames). Clears a
+    /// previous fault. On error the duplex is handed back.
+    pub fn attach(&mut self, duplex: Duplex) -> Result<(), (NicError, Duplex)> {
+        if let Err(e) = check_ring("send", duplex.tx.capacity(), self.mtu)
+            .and_then(|()| check_ring("receive", duplex.rx.capacity(), self.mtu))
+        {
+            return Err((e, duplex));
+        }
+        self.duplex = Some(duplex);
+        self.fault = None;
+        Ok(())
+    }
+
+    /// Detaches the rings (link going down); carrier off.
+    pub fn detach(&mut self) -> Option<Duplex> {
+        self.carrier = false;
+        self.tx.blocked = false;
+        self.duplex.take()
+    }
+
+    /// Whether rings are attached.
+    pub fn is_attached(&self) -> bool {
+        self.duplex.is_some()
+    }
+
+    /// Turns the carrier on or off. Without carrier (or rings, or after a fault) the NIC
+    /// hands out no tokens; frames stay in the rings.
+    pub fn set_carrier(&mut self, on: bool) {
+        self.carrier = on;
+    }
+
+    /// Whether the carrier is on.
+    pub fn carrier(&self) -> bool {
+        self.carrier
+    }
+
+    /// The peer's protocol violation that stopped this NIC, if any.
+    pub fn fault(&self) -> Option<shmring::Error> {
+        self.fault
+    }
+
+    /// The attached rings (for frame-level users such as the TAP bridge).
+    pub fn duplex_mut(&mut self) -> Option<&mut Duplex> {
+        self.duplex.as_mut()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> NicStats {
+        NicStats {
+            rx_frames: self.rx.frames,
+            rx_bytes: self.rx.bytes,
+            rx_oversize: self.rx.oversize,
+            tx_frames: self.tx.frames,
+            tx_bytes: self.tx.bytes,
+            tx_ring_full: self.tx.full,
+            tx_reply_dropped: self.tx.reply_dropped,
+            corrupt: self.corrupt,
+            notifies: self.notifies,
+        }
+    }
+
+    /// Records a protocol violation by the peer.
+    pub fn record_fault(&mut self, error: shmring::Error) {
+        self.corrupt += 1;
+        if self.fault.is_none() {
+            self.fault = Some(error);
+        }
+    }
+
+    fn usable(&self) -> bool {
+        self.carrier && self.fault.is_none()
+    }
+
+    /// Publishes every commit and release since the last flush (one index store per ring)
+    /// and returns whether the peer must be notified (ring its doorbell once).
+    pub fn flush(&mut self) -> Notify {
+        let Some(d) = self.duplex.as_mut() else {
+            return Notify::NONE;
+        };
+        let notify = d.tx.flush() | d.rx.flush();
+        if notify.needed() {
+            self.notifies += 1;
+        }
+        notify
+    }
+
+    /// Sleep handshake: flushes (the returned [`Notify`] says whether to ring the peer's
+    /// doorbell first), then announces "wake me" for new frames and, if `transmit` was
+    /// refused since the last handshake, for send space. `true`: nothing to do, the caller
+    /// may sleep until its interrupt (or smoltcp's next timer); `false`: work arrived, poll
+    /// again. Without usable rings: `true` (only a link change can wake the NIC up).
+    pub fn prepare_sleep(&mut self) -> (bool, Notify) {
+        let notify = self.flush();
+        let mtu = self.mtu;
+        if !self.usable() {
+            return (true, notify);
+        }
+        let Some(d) = self.duplex.as_mut() else {
+            return (true, notify);
+        };
+        let rx = d.rx.prepare_sleep();
+        let tx = if self.tx.blocked {
+            d.tx.prepare_wait_for_space(mtu)
+        } else {
+            Ok(true)
+        };
+        let idle = match (rx, tx) {
+            (Ok(rx_idle), Ok(tx_idle)) => {
+                if !tx_idle {
+                    self.tx.blocked = false;
+                }
+                rx_idle && tx_idle
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                self.record_fault(e);
+                false
+            }
+        };
+        (idle, notify)
+    }
+}
+
+/// Receive token: a frame inside shared memory, released when consumed.
+pub struct ShmRxToken<'a> {
+    frame: Frame<'a>,
+    side: &'a mut RxSide,
+    mtu: usize,
+}
+
+impl phy::RxToken for ShmRxToken<'_> {
+    fn consume<R, F>(self, f: F) -> R
+    where
+        F: FnOnce(&[u8]) -> R,
+    {
+        let len = self.frame.len();
+        self.side.frames += 1;
+        self.side.bytes += len as u64;
+        if len > self.mtu {
+            self.side.oversize += 1;
+        }
+        let r = f(&self.frame);
+        self.frame.release();
+        r
+    }
+}
+
+enum TxSlot<'a> {
+    /// MTU-sized grant in the send ring.
+    Ring(Grant<'a>),
+    /// No room: the reply is built in scratch memory and dropped (counted).
+    Overflow(&'a mut [u8]),
+}
+
+/// Transmit token: an MTU-sized grant in the send ring (or, for a reply while the ring is
+/// full, scratch memory whose frame is dropped and counted).
+pub struct ShmTxToken<'a> {
+    slot: TxSlot<'a>,
+    side: &'a mut TxSide,
+}
+
+impl phy::TxToken for ShmTxToken<'_> {
+    fn consume<R, F>(self, len: usize, f: F) -> R
+    where
+        F: FnOnce(&mut [u8]) -> R,
+    {
+        match self.slot {
+            TxSlot::Ring(mut grant) => {
+                // smoltcp never asks for more than the MTU, the grant's size; clamp anyway
+                // (the frame would be cut, not overrun).
+                let n = len.min(grant.len());
+                let r = f(&mut grant[..n]);
+                grant.commit_len(n);
+                self.side.frames += 1;
+                self.side.bytes += n as u64;
+                r
+            }
+            TxSlot::Overflow(buf) => {
+                let n = len.min(buf.len());
+                let r = f(&mut buf[..n]);
+                self.side.reply_dropped += 1;
+                r
+            }
+        }
+    }
+}
+
+fn grant_mtu<'a>(tx: &'a mut Producer, mtu: usize) -> Result<Option<Grant<'a>>, shmring::Error> {
+    match tx.grant(mtu) {
+        Ok(g) => Ok(Some(g)),
+        Err(shmring::Error::Full { .. }) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn peek(rx: &mut Consumer) -> Result<Option<Frame<'_>>, shmring::Error> {
+    rx.peek()
+}
+
+impl Device for ShmNic {
+    type RxToken<'a> = ShmRxToken<'a>;
+    type TxToken<'a> = ShmTxToken<'a>;
+
+    fn receive(&mut self, _timestamp: Instant) -> Option<(ShmRxToken<'_>, ShmTxToken<'_>)> {
+        if !self.usable() {
+            return None;
+        }
+        let mtu = self.mtu;
+        let d = self.duplex.as_mut()?;
+        let frame = match peek(&mut d.rx) {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return None,
+            Err(e) => {
+                self.corrupt += 1;
+                self.fault.get_or_insert(e);
+                return None;
+            }
+        };
+        let slot = match grant_mtu(&mut d.tx, mtu) {
+            Ok(Some(g)) => TxSlot::Ring(g),
+            Ok(None) => TxSlot::Overflow(&mut self.scratch),
+            Err(e) => {
+                self.corrupt += 1;
+                self.fault.get_or_insert(e);
+                return None;
+            }
+        };
+        Some((
+            ShmRxToken {
+                frame,
+                side: &mut self.rx,
+                mtu,
+            },
+            ShmTxToken {
+                slot,
+                side: &mut self.tx,
+            },
+        ))
+    }
+
+    fn transmit(&mut self, _timestamp: Instant) -> Option<ShmTxToken<'_>> {
+        if !self.usable() {
+            return None;
+        }
+        let mtu = self.mtu;
+        let d = self.duplex.as_mut()?;
+        match grant_mtu(&mut d.tx, mtu) {
+            Ok(Some(g)) => Some(ShmTxToken {
+                slot: TxSlot::Ring(g),
+                side: &mut self.tx,
+            }),
+            Ok(None) => {
+                self.tx.full += 1;
+                self.tx.blocked = true;
+                None
+            }
+            Err(e) => {
+                self.corrupt += 1;
+                self.fault.get_or_insert(e);
+                None
+            }
+        }
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ethernet;
+        caps.max_transmission_unit = self.mtu;
+        caps.max_burst_size = Some(self.burst);
+        caps.checksum = self.checksum.clone();
+        caps
+    }
+}
+
+#[cfg(all(test, feature = "std"))]
+mod tests {
+    use super::*;
+    use shmring::duplex::{pair, DuplexInit, CONSUMER_SLOT};
+    use smoltcp::phy::{RxToken, TxToken};
+
+    const MTU: usize = 1514;
+    const CAP: usize = 8192;
+
+    fn now() -> Instant {
+        Instant::from_millis(0)
+    }
+
+    /// A NIC with carrier on, and the peer's end of its rings.
+    fn nic_and_peer(mtu: usize, cap: usize) -> (ShmNic, Duplex) {
+        let (a, b) = pair(cap).unwrap();
+        let mut nic = ShmNic::new(mtu, cap).unwrap();
+        nic.attach(a).map_err(|(e, _)| e).unwrap();
+        nic.set_carrier(true);
+        (nic, b)
+    }
+
+    fn send_one(nic: &mut ShmNic, byte: u8, len: usize) -> bool {
+        match nic.transmit(now()) {
+            Some(tok) => {
+                tok.consume(len, |buf| buf.fill(byte));
+                true
+            }
+            None => false,
+        }
+    }
+
+    #[test]
+    fn no_tx_token_when_an_mtu_frame_does_not_fit() {
+        let (mut nic, mut peer) = nic_and_peer(MTU, CAP);
+        // Small frames, but each token reserved a whole MTU: tokens stop while an MTU frame
+        // no longer fits, not when the ring is byte-full.
+        let mut sent = 0;
+        while send_one(&mut nic, 7, 60) {
+            sent += 1;
+            assert!(sent < 1000, "tokens never ran out");
+        }
+        assert!(sent >= 4, "only {sent} frames");
+        assert_eq!(nic.stats().tx_ring_full, 1);
+        assert_eq!(nic.stats().tx_frames, sent);
+        // Nothing visible to the peer before the flush.
+        assert!(peer.rx.peek().unwrap().is_none());
+        let _ = nic.flush();
+        let mut buf = [0u8; 64];
+        let mut got = 0;
+        while let Some(r) = peer.rx.try_recv(&mut buf).unwrap() {
+            assert_eq!(r.len, 60, "commit_len keeps only the bytes written");
+            assert!(buf[..60].iter().all(|&b| b == 7));
+            got += 1;
+        }
+        assert_eq!(got, sent);
+        // Space freed: tokens again.
+        assert!(send_one(&mut nic, 8, 60));
+    }
+
+    #[test]
+    fn rx_frames_stay_until_consumed() {
+        let (mut nic, mut peer) = nic_and_peer(MTU, CAP);
+        assert!(nic.receive(now()).is_none());
+        let _ = peer.tx.try_send(&[1u8; 100]).unwrap();
+        let _ = peer.tx.try_send(&[2u8; 200]).unwrap();
+        // Tokens dropped without consuming: the frame stays.
+        for _ in 0..3 {
+            let (rx, _tx) = nic.receive(now()).expect("a frame");
+            drop(rx);
+        }
+        let (rx, _tx) = nic.receive(now()).unwrap();
+        assert_eq!(rx.consume(|f| (f.len(), f[0])), (100, 1));
+        let (rx, _tx) = nic.receive(now()).unwrap();
+        assert_eq!(rx.consume(|f| (f.len(), f[0])), (200, 2));
+        assert!(nic.receive(now()).is_none());
+        assert_eq!(nic.stats().rx_frames, 2);
+        assert_eq!(nic.stats().rx_bytes, 300);
+        // Releases are local until flush: the producer sees the space only afterwards.
+        let free_before = peer.tx.free_space();
+        let _ = nic.flush();
+        assert!(peer.tx.free_space() > free_before);
+    }
+
+    #[test]
+    fn no_tokens_without_carrier() {
+        let (mut nic, mut peer) = nic_and_peer(MTU, CAP);
+        let _ = peer.tx.try_send(&[1u8; 100]).unwrap();
+        nic.set_carrier(false);
+        assert!(nic.receive(now()).is_none());
+        assert!(nic.transmit(now()).is_none());
+        nic.set_carrier(true);
+        assert!(nic.receive(now()).is_some());
+    }
+
+    #[test]
+    fn mtu_limits() {
+        assert!(matches!(
+            ShmNic::new(MAX_MTU + 1, 1 << 20),
+            Err(NicError::BadMtu { .. })
+        ));
+        assert!(matches!(
+            ShmNic::new(MIN_MTU - 1, 1 << 20),
+            Err(NicError::BadMtu { .. })
+        ));
+        // 9000-byte frames do not fit 4 times into 16 KiB.
+        let err = ShmNic::new(9014, 16384).unwrap_err();
+        assert_eq!(
+            err,
+            NicError::RingTooSmall {
+                which: "expected",
+                capacity: 16384,
+                mtu: 9014,
+                needed: 65536
+            }
+        );
+        assert_eq!(min_capacity_for(MAX_MTU), 1 << 19);
+        // A 64 KiB MTU on 512 KiB rings works, and a full-size frame goes through.
+        let (mut nic, mut peer) = nic_and_peer(MAX_MTU, 1 << 19);
+        let caps = nic.capabilities();
+        assert_eq!(caps.max_transmission_unit, MAX_MTU);
+        assert_eq!(
+            caps.max_burst_size,
+            Some((1 << 19) / layout::frame_size(MAX_MTU) - 1)
+        );
+        assert!(send_one(&mut nic, 3, MAX_MTU));
+        let _ = nic.flush();
+        let f = peer.rx.peek().unwrap().unwrap();
+        assert_eq!(f.len(), MAX_MTU);
+        // Rings smaller than the NIC needs are refused at attach, and handed back.
+        let (small, _) = pair(4096).unwrap();
+        let mut nic = ShmNic::new(MTU, CAP).unwrap();
+        let (e, back) = nic.attach(small).unwrap_err();
+        assert!(matches!(
+            e,
+            NicError::RingTooSmall {
+                which: "send",
+                capacity: 4096,
+                ..
+            }
+        ));
+        assert_eq!(back.tx.capacity(), 4096);
+        assert!(!nic.is_attached());
+    }
+
+    #[test]
+    fn burst_size_holds_in_the_ring() {
+        let nic = ShmNic::new(MTU, CAP).unwrap();
+        let burst = nic.capabilities().max_burst_size.unwrap();
+        assert!(burst >= MIN_FRAMES_PER_RING - 1);
+        assert!((burst + 1) * layout::frame_size(MTU) <= CAP);
+    }
+
+    #[test]
+    fn reply_while_full_is_dropped_and_counted() {
+        let (mut nic, mut peer) = nic_and_peer(MTU, CAP);
+        while send_one(&mut nic, 1, MTU) {}
+        let _ = nic.flush();
+        let _ = peer.tx.try_send(&[9u8; 64]).unwrap();
+        let (rx, tx) = nic
+            .receive(now())
+            .expect("receiving goes on while the send ring is full");
+        assert_eq!(rx.consume(|f| f.len()), 64);
+        tx.consume(64, |buf| buf.fill(5));
+        assert_eq!(nic.stats().tx_reply_dropped, 1);
+        // With room, the reply token is a real grant.
+        let mut buf = vec![0u8; MTU];
+        while peer.rx.try_recv(&mut buf).unwrap().is_some() {}
+        let _ = peer.tx.try_send(&[9u8; 64]).unwrap();
+        let frames = nic.stats().tx_frames;
+        let (rx, tx) = nic.receive(now()).unwrap();
+        rx.consume(|_| ());
+        tx.consume(42, |buf| buf.fill(6));
+        assert_eq!(nic.stats().tx_frames, frames + 1);
+        let _ = nic.flush();
+        let r = peer.rx.try_recv(&mut buf).unwrap().unwrap();
+        assert_eq!(&buf[..r.len], &[6u8; 42][..]);
+    }
+
+    #[test]
+    fn doorbell_only_when_the_peer_sleeps() {
+        let (mut nic, mut peer) = nic_and_peer(MTU, CAP);
+        assert!(send_one(&mut nic, 1, 60));
+        assert!(!nic.flush().needed(), "peer never asked");
+        let mut buf = [0u8; 64];
+        assert!(peer.rx.try_recv(&mut buf).unwrap().is_some());
+        assert!(peer.rx.prepare_sleep().unwrap(), "peer goes to sleep");
+        assert!(send_one(&mut nic, 1, 60));
+        assert!(send_one(&mut nic, 1, 60));
+        assert!(nic.flush().needed(), "one notification for the batch");
+        assert!(!nic.flush().needed());
+        assert_eq!(nic.stats().notifies, 1);
+    }
+
+    #[test]
+    fn sleep_handshake_reports_work_and_space() {
+        let (mut nic, mut peer) = nic_and_peer(MTU, CAP);
+        assert!(nic.prepare_sleep().0, "idle");
+        let _ = peer.tx.try_send(b"x").unwrap();
+        assert!(!nic.prepare_sleep().0, "a frame arrived");
+        let (rx, _) = nic.receive(now()).unwrap();
+        rx.consume(|_| ());
+        while send_one(&mut nic, 1, MTU) {}
+        let (idle, _) = nic.prepare_sleep();
+        assert!(idle, "blocked on space, nothing received: may sleep");
+        // The peer frees space: its flush asks to notify us.
+        let mut buf = vec![0u8; MTU];
+        let r = peer.rx.try_recv(&mut buf).unwrap().unwrap();
+        assert!(
+            r.notify.needed(),
+            "producer waiting for space gets a doorbell"
+        );
+    }
+
+    struct Region {
+        ptr: *mut u8,
+        layout: std::alloc::Layout,
+    }
+    impl Region {
+        fn new(len: usize) -> Self {
+            let layout = std::alloc::Layout::from_size_align(len, 4096).unwrap();
+            // SAFETY: non-zero size.
+            let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+            Region { ptr, layout }
+        }
+    }
+    impl Drop for Region {
+        fn drop(&mut self) {
+            // SAFETY: allocated with this layout.
+            unsafe { std::alloc::dealloc(self.ptr, self.layout) }
+        }
+    }
+
+    #[test]
+    fn corrupt_peer_faults_the_nic_without_panic() {
+        let len = 16384 + 4096;
+        let (ra, rb) = (Region::new(len), Region::new(len));
+        // SAFETY: two live regions, each written by its own side (and by the test playing a
+        // hostile peer on b's).
+        unsafe {
+            let ia = DuplexInit::init(ra.ptr, len, None).unwrap();
+            let ib = DuplexInit::init(rb.ptr, len, None).unwrap();
+            let a = ia.attach(rb.ptr, len).unwrap();
+            let mut b = ib.attach(ra.ptr, len).unwrap();
+            let mut nic = ShmNic::new(MTU, 16384).unwrap();
+            nic.attach(a).map_err(|(e, _)| e).unwrap();
+            nic.set_carrier(true);
+            let _ = b.tx.try_send(&[1u8; 80]).unwrap();
+            // The hostile peer publishes an index beyond its ring.
+            let index = rb.ptr.add(CONSUMER_SLOT + layout::P_INDEX).cast::<u64>();
+            index.write_volatile(u64::MAX - 7);
+            assert!(nic.receive(now()).is_none());
+            assert!(matches!(nic.fault(), Some(shmring::Error::Corrupt { .. })));
+            assert_eq!(nic.stats().corrupt, 1);
+            // Faulted: no more tokens either way.
+            assert!(nic.transmit(now()).is_none());
+            assert!(nic.detach().is_some());
+        }
+    }
+}
