@@ -88,10 +88,18 @@ fn ring_suite_reports_every_required_row() {
 }
 
 #[test]
-fn doorbell_suite_reports_eventfd_and_uds_and_no_fake_ivshmem() {
+fn doorbell_suite_reports_every_transport_and_no_fake_ivshmem() {
     let _cores = one_at_a_time();
     let report = doorbell::run(&tiny()).expect("doorbell suite");
-    assert_rows(&report, &[("eventfd", "rtt_ns"), ("uds", "rtt_ns")]);
+    assert_rows(
+        &report,
+        &[
+            ("eventfd", "rtt_ns"),
+            ("uds", "rtt_ns"),
+            ("pipe", "rtt_ns"),
+            ("tcp", "rtt_ns"),
+        ],
+    );
     let ivshmem = report
         .entries
         .iter()
@@ -129,6 +137,8 @@ fn streaming_detects_nothing_lost_with_a_ring_that_wraps_many_times() {
 fn a_cpu_that_does_not_exist_is_a_clear_error() {
     let _cores = one_at_a_time();
     let err = doorbell::eventfd_rtt([0, 100_000], 10).unwrap_err();
+    assert!(format!("{err:#}").contains("could not pin"), "{err:#}");
+    let err = doorbell::uds_rtt([0, 100_000], 10).unwrap_err();
     assert!(format!("{err:#}").contains("could not pin"), "{err:#}");
     let err = ring::floor_rtt([0, 100_000], 10).unwrap_err();
     assert!(format!("{err:#}").contains("CPU 100000"), "{err:#}");

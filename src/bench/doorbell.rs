@@ -5,16 +5,18 @@
 //! The forked child only makes system calls (no allocation, no locks) and leaves with `_exit`,
 //! so forking from a multi-threaded process (the test harness) is safe.
 
+use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use nix::fcntl::OFlag;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sched::{sched_setaffinity, CpuSet};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use nix::sys::wait::{waitpid, WaitStatus};
-use nix::unistd::{fork, ForkResult, Pid};
+use nix::unistd::{fork, pipe2, ForkResult, Pid};
 
 use super::measure::{measure, Metric, Settings};
 use super::pin::run_pinned;
@@ -47,6 +49,18 @@ pub fn comparisons() -> Vec<Comparison> {
             metric: Metric::RttNs,
             target: None,
         },
+        Comparison {
+            case: "pipe",
+            baseline: "eventfd",
+            metric: Metric::RttNs,
+            target: None,
+        },
+        Comparison {
+            case: "tcp",
+            baseline: "eventfd",
+            metric: Metric::RttNs,
+            target: None,
+        },
     ]
 }
 
@@ -70,6 +84,22 @@ pub fn run(settings: &Settings) -> Result<SuiteReport> {
         0,
         |iters| uds_rtt(cpus, iters),
     )?));
+    settings.say("doorbell/pipe: two processes, one pipe per direction");
+    report.entries.push(Entry::Measured(measure(
+        settings,
+        "pipe",
+        Metric::RttNs,
+        0,
+        |iters| pipe_rtt(cpus, iters),
+    )?));
+    settings.say("doorbell/tcp: two processes, TCP over 127.0.0.1 with TCP_NODELAY");
+    report.entries.push(Entry::Measured(measure(
+        settings,
+        "tcp",
+        Metric::RttNs,
+        0,
+        |iters| tcp_rtt(cpus, iters),
+    )?));
     settings.say("doorbell/ivshmem: probing");
     match ivshmem_rtt(cpus, settings.min_iters)? {
         Some(_) => report.entries.push(Entry::Measured(measure(
@@ -92,7 +122,7 @@ pub fn run(settings: &Settings) -> Result<SuiteReport> {
             cpus[0], cpus[1]
         ),
         "eventfd: parent writes 1 to eventfd A, child's blocking read wakes, child writes eventfd B, parent's blocking read wakes".into(),
-        "uds: 8-byte message over an AF_UNIX SOCK_SEQPACKET socketpair, echoed back, blocking read/write".into(),
+        "uds / pipe / tcp: 8-byte sequence number written by the parent and echoed by the child, blocking read/write; uds = AF_UNIX SOCK_SEQPACKET socketpair, pipe = one pipe per direction, tcp = 127.0.0.1 with TCP_NODELAY".into(),
     ];
     Ok(report)
 }
@@ -172,52 +202,115 @@ fn eventfd_child(ping: &EventFd, pong: &EventFd, cpu: usize) -> i32 {
     }
 }
 
+/// The two directions of a byte channel between parent and child (for a socket, both of one
+/// side's ends are the same socket).
+struct Wires {
+    parent_rx: OwnedFd,
+    parent_tx: OwnedFd,
+    child_rx: OwnedFd,
+    child_tx: OwnedFd,
+}
+
+impl Wires {
+    /// One connected socket pair: each side reads and writes its own socket.
+    fn sockets(parent: OwnedFd, child: OwnedFd) -> Result<Self> {
+        Ok(Wires {
+            parent_rx: parent.try_clone().context("dup")?,
+            parent_tx: parent,
+            child_rx: child.try_clone().context("dup")?,
+            child_tx: child,
+        })
+    }
+}
+
 /// `iters` ping-pongs of an 8-byte message over an AF_UNIX SOCK_SEQPACKET socketpair between
 /// this process (on `cpus[0]`) and a forked child (on `cpus[1]`), blocking on both sides.
 pub fn uds_rtt(cpus: [usize; 2], iters: u64) -> Result<Duration> {
-    run_pinned(cpus[0], || {
-        let (parent_end, child_end) = socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )
-        .context("socketpair")?;
+    let (parent, child) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .context("socketpair")?;
+    echo_rtt(cpus, iters, Wires::sockets(parent, child)?)
+}
+
+/// `iters` ping-pongs of an 8-byte message over two pipes (one per direction), blocking.
+pub fn pipe_rtt(cpus: [usize; 2], iters: u64) -> Result<Duration> {
+    let (child_rx, parent_tx) = pipe2(OFlag::O_CLOEXEC).context("pipe2")?;
+    let (parent_rx, child_tx) = pipe2(OFlag::O_CLOEXEC).context("pipe2")?;
+    echo_rtt(
+        cpus,
+        iters,
+        Wires {
+            parent_rx,
+            parent_tx,
+            child_rx,
+            child_tx,
+        },
+    )
+}
+
+/// `iters` ping-pongs of an 8-byte message over a TCP connection on 127.0.0.1 (TCP_NODELAY on
+/// both ends), blocking.
+pub fn tcp_rtt(cpus: [usize; 2], iters: u64) -> Result<Duration> {
+    let listener = TcpListener::bind(("127.0.0.1", 0)).context("bind 127.0.0.1")?;
+    let parent = TcpStream::connect(listener.local_addr()?).context("connect to 127.0.0.1")?;
+    let (child, _) = listener.accept().context("accept")?;
+    drop(listener);
+    parent.set_nodelay(true)?;
+    child.set_nodelay(true)?;
+    echo_rtt(cpus, iters, Wires::sockets(parent.into(), child.into())?)
+}
+
+/// Round trips of an 8-byte sequence number: the parent writes, the forked child echoes.
+fn echo_rtt(cpus: [usize; 2], iters: u64, wires: Wires) -> Result<Duration> {
+    run_pinned(cpus[0], move || {
+        let Wires {
+            parent_rx,
+            parent_tx,
+            child_rx,
+            child_tx,
+        } = wires;
         // SAFETY: as in `eventfd_rtt`: the child only makes system calls and leaves with _exit.
         match unsafe { fork() }.context("fork")? {
             ForkResult::Child => {
-                drop(parent_end);
-                let code = uds_child(&child_end, cpus[1]);
+                drop((parent_rx, parent_tx));
+                let code = echo_child(&child_rx, &child_tx, cpus[1]);
                 // SAFETY: _exit ends the child without running the parent's destructors.
                 unsafe { libc::_exit(code) }
             }
             ForkResult::Parent { child } => {
-                drop(child_end);
+                drop((child_rx, child_tx));
                 let timed = (|| {
-                    await_handshake(parent_end.as_fd())?;
-                    let mut buf = [0u8; 8];
-                    let n = nix::unistd::read(&parent_end, &mut buf).context("handshake read")?;
-                    match (n, buf[0] as u64) {
-                        (1, READY) => {}
-                        (1, PIN_FAILED) => {
+                    await_handshake(parent_rx.as_fd())?;
+                    let mut status = [0u8; 1];
+                    ensure!(
+                        read_full(&parent_rx, &mut status)?,
+                        "the child process closed its end"
+                    );
+                    match u64::from(status[0]) {
+                        READY => {}
+                        PIN_FAILED => {
                             bail!("the child process could not pin itself to CPU {}", cpus[1])
                         }
-                        _ => bail!("unexpected handshake from the child ({n} bytes)"),
+                        other => bail!("unexpected handshake value {other} from the child"),
                     }
+                    let mut echo = [0u8; 8];
                     let start = Instant::now();
                     for seq in 0..iters {
-                        nix::unistd::write(&parent_end, &seq.to_le_bytes())
-                            .context("socket write")?;
-                        let n = nix::unistd::read(&parent_end, &mut buf).context("socket read")?;
+                        write_full(&parent_tx, &seq.to_le_bytes()).context("write")?;
                         ensure!(
-                            n == 8 && u64::from_le_bytes(buf) == seq,
-                            "wrong echo from the child"
+                            read_full(&parent_rx, &mut echo)?,
+                            "the child process closed its end"
                         );
+                        ensure!(u64::from_le_bytes(echo) == seq, "wrong echo from the child");
                     }
                     Ok(start.elapsed())
                 })();
-                // Closing our end makes the child's read return 0: it exits.
-                drop(parent_end);
+                // Closing our ends makes the child's read see end-of-file: it exits.
+                drop((parent_rx, parent_tx));
                 let reaped = reap(child);
                 let elapsed = timed?;
                 reaped?;
@@ -227,26 +320,55 @@ pub fn uds_rtt(cpus: [usize; 2], iters: u64) -> Result<Duration> {
     })
 }
 
-fn uds_child(socket: &OwnedFd, cpu: usize) -> i32 {
+fn echo_child(rx: &OwnedFd, tx: &OwnedFd, cpu: usize) -> i32 {
     if pin_without_allocating(cpu).is_err() {
-        let _ = nix::unistd::write(socket, &[PIN_FAILED as u8]);
+        let _ = write_full(tx, &[PIN_FAILED as u8]);
         return 1;
     }
-    if nix::unistd::write(socket, &[READY as u8]).is_err() {
+    if write_full(tx, &[READY as u8]).is_err() {
         return 2;
     }
     let mut buf = [0u8; 8];
     loop {
-        match nix::unistd::read(socket, &mut buf) {
-            Ok(0) => return 0,
-            Ok(n) => {
-                if nix::unistd::write(socket, &buf[..n]).is_err() {
+        match read_full(rx, &mut buf) {
+            Ok(true) => {
+                if write_full(tx, &buf).is_err() {
                     return 2;
                 }
             }
+            Ok(false) => return 0,
             Err(_) => return 2,
         }
     }
+}
+
+/// Reads exactly `buf.len()` bytes; `Ok(false)` on end-of-file before the first byte.
+/// Only system calls: safe in a forked child.
+fn read_full(fd: &OwnedFd, buf: &mut [u8]) -> nix::Result<bool> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match nix::unistd::read(fd, &mut buf[filled..]) {
+            Ok(0) if filled == 0 => return Ok(false),
+            Ok(0) => return Err(nix::errno::Errno::EPIPE),
+            Ok(n) => filled += n,
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+/// Writes all of `bytes`. Only system calls: safe in a forked child.
+fn write_full(fd: &OwnedFd, bytes: &[u8]) -> nix::Result<()> {
+    let mut written = 0;
+    while written < bytes.len() {
+        match nix::unistd::write(fd, &bytes[written..]) {
+            Ok(n) => written += n,
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Pins the calling thread using only system calls (safe in a freshly forked child).
