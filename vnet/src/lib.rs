@@ -9,9 +9,9 @@
 //!   rings, rings the doorbell only when the peer asked for it.
 //! - [`services`]: the cell's network services (ICMP echo by smoltcp, TCP echo 7, discard 9,
 //!   chargen 19, an HTTP status page on 80), no_std + alloc.
-//! - `std` only: [`pcap`] capture, [`tap`] (a Linux TAP device) and [`bridge`] (TAP ⇄ ring
-//!   forwarding), and [`app`], the two process-cell programs behind `examples/vnet_cell.rs`
-//!   and `examples/vnet_tap.rs`.
+//! - `std` only: [`pcap`] capture, [`tap`] (a Linux TAP device), [`bridge`] (TAP ⇄ ring
+//!   forwarding) and [`cell`] (the cell's event loop), used by `examples/vnet_cell.rs` and
+//!   `examples/vnet_tap.rs`.
 //!
 //! The core is `no_std` with `alloc` (smoltcp socket buffers and one MTU-sized scratch
 //! buffer per NIC).
@@ -20,9 +20,17 @@
 
 extern crate alloc;
 
+#[cfg(feature = "std")]
+pub mod bridge;
+#[cfg(feature = "std")]
+pub mod cell;
 pub mod link;
 pub mod nic;
+#[cfg(feature = "std")]
+pub mod pcap;
 pub mod services;
+#[cfg(feature = "std")]
+pub mod tap;
 
 pub use link::{LinkConfig, LinkError, LinkEvent, LinkStats, VnetLink};
 pub use nic::{NicError, NicStats, ShmNic};

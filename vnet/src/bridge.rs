@@ -1,0 +1,406 @@
+//! The TAP bridge: forwards Ethernet frames both ways between a frame port (a Linux
+//! [`Tap`](crate::tap::Tap) device) and the rings of a [`VnetLink`].
+//!
+//! One thread, event driven: `poll(2)` over the link's interrupt fd, the port's fd and an
+//! optional stop fd. No busy loop when idle: after a bounded spin (`BridgeConfig::spin`
+//! empty rounds) it runs the rings' sleep handshake and blocks.
+//!
+//! - ring → port: frames are peeked in shared memory and written to the port straight from
+//!   there; a frame is released only after the write (a port that would block keeps it in the
+//!   ring and the bridge waits for `POLLOUT`).
+//! - port → ring: each frame is read from the port straight into an MTU-sized grant in
+//!   shared memory and committed with its real length.
+//! - batching: up to `BridgeConfig::batch` frames per direction per round, then one flush
+//!   and at most one doorbell.
+//! - back-pressure: when the send ring has no MTU room, the bridge stops reading the port
+//!   (the kernel queues, then drops, as for a slow NIC), announces "wake me when an MTU
+//!   frame fits" ([`shmring::Producer::prepare_wait_for_space`]) and resumes on the peer's
+//!   doorbell.
+//! - the link: carrier follows [`VnetLink::carrier`] (a TAP shows `NO-CARRIER` while the
+//!   peer cell is away); [`VnetLink::poll_link`] runs after every interrupt.
+//! - optional pcap capture of every forwarded frame, both directions.
+
+use std::io::{self, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::net::UnixDatagram;
+
+use ivshmem_dev::RegisterAccess;
+
+use crate::link::{LinkEvent, VnetLink};
+use crate::pcap::PcapWriter;
+
+/// The link's interrupt, as a pollable fd plus "take it (and re-arm)".
+pub trait Interrupt {
+    /// The fd that becomes readable when an interrupt is pending.
+    fn fd(&self) -> BorrowedFd<'_>;
+    /// Consumes a pending interrupt without blocking and re-arms it; `Ok(true)` if one was
+    /// delivered.
+    fn take(&mut self) -> io::Result<bool>;
+}
+
+impl Interrupt for linux_uio_client::EndpointInterrupt {
+    fn fd(&self) -> BorrowedFd<'_> {
+        linux_uio_client::EndpointInterrupt::fd(self)
+    }
+    fn take(&mut self) -> io::Result<bool> {
+        linux_uio_client::EndpointInterrupt::take(self)
+            .map(|n| n.is_some())
+            .map_err(io::Error::other)
+    }
+}
+
+/// Something that carries whole Ethernet frames: a TAP device, or (in tests) a datagram
+/// socket. Non-blocking.
+pub trait FramePort: AsFd {
+    /// Reads one frame (`WouldBlock` when none is queued).
+    fn read_frame(&self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Writes one frame (`WouldBlock` when the port cannot take it now).
+    fn write_frame(&self, frame: &[u8]) -> io::Result<usize>;
+    /// Follows the link's carrier.
+    fn set_carrier(&self, _on: bool) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl FramePort for crate::tap::Tap {
+    fn read_frame(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.read(buf)
+    }
+    fn write_frame(&self, frame: &[u8]) -> io::Result<usize> {
+        self.write(frame)
+    }
+    fn set_carrier(&self, on: bool) -> io::Result<()> {
+        crate::tap::Tap::set_carrier(self, on)
+    }
+}
+
+impl FramePort for UnixDatagram {
+    fn read_frame(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.recv(buf)
+    }
+    fn write_frame(&self, frame: &[u8]) -> io::Result<usize> {
+        self.send(frame)
+    }
+}
+
+/// Bridge tuning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BridgeConfig {
+    /// Frames per direction per round before flushing.
+    pub batch: usize,
+    /// Empty rounds before the sleep handshake (a bounded spin).
+    pub spin: u32,
+}
+
+impl Default for BridgeConfig {
+    fn default() -> Self {
+        BridgeConfig {
+            batch: 64,
+            spin: 64,
+        }
+    }
+}
+
+/// Bridge counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BridgeStats {
+    /// Frames written to the port (from the ring).
+    pub to_port_frames: u64,
+    /// Their bytes.
+    pub to_port_bytes: u64,
+    /// Frames read from the port (into the ring).
+    pub from_port_frames: u64,
+    /// Their bytes.
+    pub from_port_bytes: u64,
+    /// Frames the port refused with an error other than "would block" (dropped, counted).
+    pub port_write_errors: u64,
+    /// Times the send ring was full and the bridge waited for space.
+    pub ring_full_waits: u64,
+    /// Times the bridge went to sleep.
+    pub sleeps: u64,
+}
+
+/// The bridge between a port and a link. See the module documentation.
+pub struct Bridge<R: RegisterAccess, I: Interrupt, P: FramePort> {
+    link: VnetLink<R>,
+    irq: I,
+    port: P,
+    pcap: Option<PcapWriter<Box<dyn Write + Send>>>,
+    config: BridgeConfig,
+    stats: BridgeStats,
+}
+
+impl<R: RegisterAccess, I: Interrupt, P: FramePort> core::fmt::Debug for Bridge<R, I, P> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Bridge")
+            .field("config", &self.config)
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+enum Pump {
+    Idle,
+    Moved,
+}
+
+impl<R: RegisterAccess, I: Interrupt, P: FramePort> Bridge<R, I, P> {
+    /// A bridge over `link` (driven by `irq`) and `port`.
+    pub fn new(link: VnetLink<R>, irq: I, port: P, config: BridgeConfig) -> Self {
+        Bridge {
+            link,
+            irq,
+            port,
+            pcap: None,
+            config,
+            stats: BridgeStats::default(),
+        }
+    }
+
+    /// Captures every forwarded frame into `pcap`.
+    pub fn set_pcap(&mut self, pcap: PcapWriter<Box<dyn Write + Send>>) {
+        self.pcap = Some(pcap);
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> BridgeStats {
+        self.stats
+    }
+
+    /// The link.
+    pub fn link(&self) -> &VnetLink<R> {
+        &self.link
+    }
+
+    /// The port.
+    pub fn port(&self) -> &P {
+        &self.port
+    }
+
+    fn link_event(&mut self, event: LinkEvent) {
+        let on = match event {
+            LinkEvent::None => return,
+            LinkEvent::Up => true,
+            LinkEvent::Down => false,
+        };
+        tracing::info!(carrier = on, state = ?self.link.state(), "vnet link");
+        if let Err(e) = self.port.set_carrier(on) {
+            tracing::warn!("cannot set the port's carrier: {e}");
+        }
+    }
+
+    /// Ring → port. Returns whether frames moved; sets `blocked` when the port would block.
+    fn to_port(&mut self, blocked: &mut bool) -> Pump {
+        let mut moved = 0;
+        let mut fault = None;
+        if let Some(d) = self.link.nic().duplex_mut() {
+            while moved < self.config.batch {
+                let frame = match d.rx.peek() {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
+                    Err(e) => {
+                        fault = Some(e);
+                        break;
+                    }
+                };
+                match self.port.write_frame(&frame) {
+                    Ok(_) => {
+                        self.stats.to_port_frames += 1;
+                        self.stats.to_port_bytes += frame.len() as u64;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        // The frame stays in the ring; wait for POLLOUT.
+                        *blocked = true;
+                        break;
+                    }
+                    Err(e) => {
+                        self.stats.port_write_errors += 1;
+                        tracing::debug!("port refused a {}-byte frame: {e}", frame.len());
+                    }
+                }
+                if let Some(p) = self.pcap.as_mut() {
+                    let _ = p.write_frame(&frame);
+                }
+                frame.release();
+                moved += 1;
+            }
+        }
+        if let Some(e) = fault {
+            tracing::warn!("peer broke the ring protocol: {e}");
+            self.link.nic().record_fault(e);
+        }
+        if moved > 0 {
+            Pump::Moved
+        } else {
+            Pump::Idle
+        }
+    }
+
+    /// Port → ring. Sets `tx_wait` when the ring is full and the peer will ring us once an MTU
+    /// frame fits.
+    fn from_port(&mut self, tx_wait: &mut bool) -> io::Result<Pump> {
+        let mtu = self.link.nic_ref().mtu();
+        let mut moved = 0;
+        let mut full = false;
+        let mut fault = None;
+        if let Some(d) = self.link.nic().duplex_mut() {
+            while moved < self.config.batch {
+                let mut grant = match d.tx.grant(mtu) {
+                    Ok(g) => g,
+                    Err(shmring::Error::Full { .. }) => {
+                        full = true;
+                        break;
+                    }
+                    Err(e) => {
+                        fault = Some(e);
+                        break;
+                    }
+                };
+                match self.port.read_frame(&mut grant) {
+                    Ok(n) => {
+                        if let Some(p) = self.pcap.as_mut() {
+                            let _ = p.write_frame(&grant[..n]);
+                        }
+                        grant.commit_len(n);
+                        self.stats.from_port_frames += 1;
+                        self.stats.from_port_bytes += n as u64;
+                        moved += 1;
+                    }
+                    // Nothing queued: the grant is abandoned.
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        if let Some(e) = fault {
+            self.link.nic().record_fault(e);
+        }
+        if full {
+            // Publish what we have (the peer may be waiting for it), then ask for space.
+            self.link.flush();
+            if let Some(d) = self.link.nic().duplex_mut() {
+                match d.tx.prepare_wait_for_space(mtu) {
+                    Ok(true) => {
+                        *tx_wait = true;
+                        self.stats.ring_full_waits += 1;
+                    }
+                    Ok(false) => {}
+                    Err(e) => self.link.nic().record_fault(e),
+                }
+            }
+        }
+        Ok(if moved > 0 { Pump::Moved } else { Pump::Idle })
+    }
+
+    /// Runs until `stop` becomes readable (or an I/O error on the port or interrupt).
+    pub fn run(&mut self, stop: Option<BorrowedFd<'_>>) -> io::Result<()> {
+        if let Err(e) = self.port.set_carrier(false) {
+            tracing::warn!("cannot set the port's carrier: {e}");
+        }
+        let event = self.link.poll_link();
+        self.link_event(event);
+        let mut tx_wait = false;
+        let mut out_blocked = false;
+        let mut idle_rounds = 0u32;
+        loop {
+            let mut progress = false;
+            if self.link.carrier() {
+                if let Pump::Moved = self.to_port(&mut out_blocked) {
+                    progress = true;
+                }
+                if !tx_wait {
+                    if let Pump::Moved = self.from_port(&mut tx_wait)? {
+                        progress = true;
+                    }
+                }
+            }
+            self.link.flush();
+            if self.link.nic_ref().fault().is_some() {
+                let event = self.link.poll_link();
+                self.link_event(event);
+                tx_wait = false;
+                out_blocked = false;
+                continue;
+            }
+            if progress {
+                idle_rounds = 0;
+                continue;
+            }
+            if idle_rounds < self.config.spin {
+                idle_rounds += 1;
+                if self.irq.take()? {
+                    let event = self.link.poll_link();
+                    self.link_event(event);
+                    tx_wait = false;
+                }
+                continue;
+            }
+            idle_rounds = 0;
+            // Sleep handshake on the receive ring (after the flush above).
+            if self.link.carrier() {
+                if let Some(d) = self.link.nic().duplex_mut() {
+                    match d.rx.prepare_sleep() {
+                        Ok(true) => {}
+                        Ok(false) => continue,
+                        Err(e) => {
+                            self.link.nic().record_fault(e);
+                            continue;
+                        }
+                    }
+                }
+            }
+            let carrier = self.link.carrier();
+            let mut fds = [
+                libc::pollfd {
+                    fd: self.irq.fd().as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.port.as_fd().as_raw_fd(),
+                    events: if carrier && !tx_wait { libc::POLLIN } else { 0 }
+                        | if carrier && out_blocked {
+                            libc::POLLOUT
+                        } else {
+                            0
+                        },
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: stop.map_or(-1, |s| s.as_raw_fd()),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            self.stats.sleeps += 1;
+            // SAFETY: three valid pollfd entries (a negative fd is ignored by poll).
+            let rc = unsafe { libc::poll(fds.as_mut_ptr(), 3, -1) };
+            if rc < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if fds[2].revents != 0 {
+                self.link.flush();
+                return Ok(());
+            }
+            if fds[1].revents & libc::POLLOUT != 0 {
+                out_blocked = false;
+            }
+            if fds[0].revents != 0 && self.irq.take()? {
+                let event = self.link.poll_link();
+                self.link_event(event);
+                // Space may have been freed: try again (the handshake repeats if not).
+                tx_wait = false;
+            }
+        }
+    }
+
+    /// Gives the parts back.
+    pub fn into_parts(self) -> (VnetLink<R>, I, P) {
+        (self.link, self.irq, self.port)
+    }
+}

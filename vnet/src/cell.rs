@@ -1,0 +1,177 @@
+//! The main loop of a smoltcp cell on a vnet link: the [`Services`] over the link's NIC,
+//! driven by the link interrupt and smoltcp's timers.
+//!
+//! The loop is what a bare-metal cell does in its idle loop and interrupt handler, written
+//! over `poll(2)` so it runs as a process cell: poll the link after every interrupt, poll
+//! smoltcp, flush once (at most one doorbell), and when there is nothing to do run the
+//! sleep handshake and block until the interrupt or smoltcp's next deadline.
+
+use std::fmt::Write as _;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::time::Instant as StdInstant;
+
+use ivshmem_dev::RegisterAccess;
+use smoltcp::time::Instant;
+
+use crate::bridge::Interrupt;
+use crate::link::VnetLink;
+use crate::services::{ServiceConfig, ServiceStats, Services};
+
+/// Tuning of the cell loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CellConfig {
+    /// Empty rounds before the sleep handshake (a bounded spin).
+    pub spin: u32,
+}
+
+impl Default for CellConfig {
+    fn default() -> Self {
+        CellConfig { spin: 64 }
+    }
+}
+
+/// A cell: link, interrupt and services.
+pub struct Cell<R: RegisterAccess, I: Interrupt> {
+    link: VnetLink<R>,
+    irq: I,
+    services: Services,
+    config: CellConfig,
+    epoch: StdInstant,
+}
+
+impl<R: RegisterAccess, I: Interrupt> core::fmt::Debug for Cell<R, I> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Cell")
+            .field("services", &self.services)
+            .finish()
+    }
+}
+
+impl<R: RegisterAccess, I: Interrupt> Cell<R, I> {
+    /// Brings the link's state machine up (first step) and creates the services on its NIC.
+    pub fn new(
+        mut link: VnetLink<R>,
+        irq: I,
+        services: &ServiceConfig,
+        config: CellConfig,
+    ) -> Self {
+        let epoch = StdInstant::now();
+        link.poll_link();
+        let services = Services::new(services, link.nic(), Instant::from_micros(0));
+        Cell {
+            link,
+            irq,
+            services,
+            config,
+            epoch,
+        }
+    }
+
+    fn now(&self) -> Instant {
+        Instant::from_micros(self.epoch.elapsed().as_micros() as i64)
+    }
+
+    /// The link.
+    pub fn link(&self) -> &VnetLink<R> {
+        &self.link
+    }
+
+    /// Service counters.
+    pub fn service_stats(&self) -> ServiceStats {
+        self.services.stats()
+    }
+
+    /// One round without blocking: link (if an interrupt is pending), smoltcp, services,
+    /// flush. Returns whether frames moved or the link changed.
+    pub fn step(&mut self) -> std::io::Result<bool> {
+        let mut changed = false;
+        if self.irq.take()? {
+            changed |= self.link.poll_link() != crate::link::LinkEvent::None;
+        }
+        if self.link.nic_ref().fault().is_some() {
+            self.link.poll_link();
+            changed = true;
+        }
+        let before = self.link.nic_ref().stats();
+        let link_stats = self.link.stats();
+        let state = self.link.state();
+        let carrier = self.link.carrier();
+        let now = self.now();
+        let mut status = |page: &mut String| {
+            let n = before;
+            let _ = writeln!(page, "link_state {state:?}");
+            let _ = writeln!(page, "carrier {carrier}");
+            let _ = writeln!(page, "link_ups {}", link_stats.ups);
+            let _ = writeln!(page, "link_downs {}", link_stats.downs);
+            let _ = writeln!(page, "link_faults {}", link_stats.faults);
+            let _ = writeln!(page, "doorbells {}", link_stats.doorbells);
+            let _ = writeln!(page, "rx_frames {}", n.rx_frames);
+            let _ = writeln!(page, "rx_bytes {}", n.rx_bytes);
+            let _ = writeln!(page, "tx_frames {}", n.tx_frames);
+            let _ = writeln!(page, "tx_bytes {}", n.tx_bytes);
+            let _ = writeln!(page, "tx_ring_full {}", n.tx_ring_full);
+            let _ = writeln!(page, "tx_reply_dropped {}", n.tx_reply_dropped);
+            let _ = writeln!(page, "corrupt {}", n.corrupt);
+        };
+        self.services.poll(now, self.link.nic(), &mut status);
+        self.link.flush();
+        let after = self.link.nic_ref().stats();
+        Ok(changed || after.rx_frames != before.rx_frames || after.tx_frames != before.tx_frames)
+    }
+
+    /// Runs until `stop` becomes readable.
+    pub fn run(&mut self, stop: Option<BorrowedFd<'_>>) -> std::io::Result<()> {
+        let mut idle_rounds = 0;
+        loop {
+            if self.step()? {
+                idle_rounds = 0;
+                continue;
+            }
+            if idle_rounds < self.config.spin {
+                idle_rounds += 1;
+                continue;
+            }
+            idle_rounds = 0;
+            if !self.link.prepare_sleep() {
+                continue;
+            }
+            let now = self.now();
+            let timeout = match self.services.poll_delay(now) {
+                None => -1,
+                Some(d) => d.total_millis().min(i32::MAX as u64) as i32,
+            };
+            if timeout == 0 {
+                continue;
+            }
+            let mut fds = [
+                libc::pollfd {
+                    fd: self.irq.fd().as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: stop.map_or(-1, |s| s.as_raw_fd()),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: two valid pollfd entries (a negative fd is ignored).
+            let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
+            if rc < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            if fds[1].revents != 0 {
+                self.link.shut_down();
+                return Ok(());
+            }
+        }
+    }
+
+    /// Gives the link back.
+    pub fn into_link(self) -> VnetLink<R> {
+        self.link
+    }
+}
