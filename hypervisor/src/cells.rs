@@ -1,1 +1,578 @@
-//! (in progress)
+//! The cell life cycle of `hypervisor run`: create the links, listen on the control socket,
+//! spawn the configured process cells pinned to their CPUs, supervise them, and stop cleanly.
+//!
+//! A spawned cell gets `IVSHMEM_SOCKET` (control socket path) and `IVSHMEM_CELL` (its name) in
+//! its environment, runs in its own process group (so a terminal's Ctrl-C reaches the
+//! hypervisor, which then stops the cells in order) and dies with the hypervisor
+//! (`PR_SET_PDEATHSIG`). A cell that exits is logged with its exit status and **never
+//! restarted**: it stays dead and is reported; its peers see state 0 when its socket closes.
+//! Cells without a command (or every cell with `--no-spawn`) are started by hand and attach
+//! by name.
+//!
+//! The loop is single-threaded: `poll(2)` over the control socket, the children's pidfds, a
+//! signalfd for SIGINT/SIGTERM and an optional [`StopHandle`].
+
+use std::io::{self, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::{CellKind, ValidConfig};
+use crate::control::{CellSpec, ControlError, ControlEvent, ControlServer, LinkSpec, SystemSpec};
+use crate::memory::{drain_eventfd, signal_eventfd};
+use crate::status::{format_line, CellExit};
+
+/// Environment variable carrying the control socket path to spawned cells.
+pub const ENV_SOCKET: &str = "IVSHMEM_SOCKET";
+/// Environment variable carrying the cell name to spawned cells.
+pub const ENV_CELL: &str = "IVSHMEM_CELL";
+
+/// How long cells get to exit after SIGTERM before they are killed.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+/// Redraw the live status line at most this often.
+const REDRAW_INTERVAL: Duration = Duration::from_millis(250);
+
+impl SystemSpec {
+    /// The hosted view of a validated configuration.
+    pub fn from_config(config: &ValidConfig) -> Self {
+        SystemSpec {
+            cells: config
+                .cells
+                .iter()
+                .map(|c| CellSpec {
+                    name: c.name.clone(),
+                    cpus: c.cpus.clone(),
+                    command: c.command.as_ref().map(|cmd| {
+                        let mut argv = vec![cmd.clone()];
+                        argv.extend(c.args.iter().cloned());
+                        argv
+                    }),
+                    process: c.kind == CellKind::Process,
+                })
+                .collect(),
+            links: config
+                .links
+                .iter()
+                .map(|l| LinkSpec {
+                    name: l.name.clone(),
+                    peers: l.peers.clone(),
+                    protocol: l.protocol,
+                    state_table_size: l.state_table_size,
+                    rw_size: l.rw_size,
+                    output_size: l.output_size,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Errors of [`run`].
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The control socket or the link memory could not be set up.
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    /// A cell could not be spawned.
+    #[error("cannot start cell `{cell}` ({command}): {source}")]
+    Spawn {
+        /// Cell name.
+        cell: String,
+        /// The command line.
+        command: String,
+        /// OS error.
+        source: io::Error,
+    },
+    /// Signal handling could not be set up.
+    #[error("cannot set up signal handling: {0}")]
+    Signals(io::Error),
+    /// Writing the live status failed.
+    #[error("writing status output: {0}")]
+    Output(io::Error),
+}
+
+/// Asks a running [`run`] loop to stop (from another thread); cheap to clone.
+#[derive(Debug, Clone)]
+pub struct StopHandle {
+    fd: Arc<OwnedFd>,
+}
+
+impl StopHandle {
+    /// A new, untriggered handle.
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: plain syscall; the result is checked.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fresh fd owned by nobody else.
+        Ok(Self {
+            fd: Arc::new(unsafe { OwnedFd::from_raw_fd(raw) }),
+        })
+    }
+
+    /// Asks the loop to stop.
+    pub fn stop(&self) {
+        let _ = signal_eventfd(self.fd.as_fd());
+    }
+
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+/// How [`run`] reports progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// A live status line, redrawn at most a few times per second (stdout is a terminal),
+    /// with event lines above it.
+    Terminal,
+    /// One log line per change (stdout is a file or pipe).
+    Log,
+}
+
+/// What [`run`] needs besides the system.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The control socket path.
+    pub socket: PathBuf,
+    /// Spawn the cells that have a command (false: `--no-spawn`, every cell attaches by hand).
+    pub spawn: bool,
+    /// Stop on SIGINT/SIGTERM (blocks them in the calling thread and reads a signalfd).
+    pub handle_signals: bool,
+    /// Live status or log lines.
+    pub output: Output,
+}
+
+/// How one spawned cell ended when `run` stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoppedCell {
+    /// Cell name.
+    pub cell: String,
+    /// Its process ID.
+    pub pid: u32,
+    /// How it ended.
+    pub exit: CellExit,
+    /// Whether it had already exited on its own before the stop.
+    pub exited_before_stop: bool,
+}
+
+/// What `run` did when it stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunReport {
+    /// Why it stopped (`SIGINT`, `SIGTERM`, `stop requested`).
+    pub reason: String,
+    /// Every spawned cell and how it ended.
+    pub cells: Vec<StoppedCell>,
+}
+
+struct Spawned {
+    cell: String,
+    child: Child,
+    pidfd: Option<OwnedFd>,
+    exit: Option<CellExit>,
+    exited_before_stop: bool,
+}
+
+fn exit_of(status: ExitStatus) -> CellExit {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => CellExit::Code(code),
+        (None, Some(sig)) => CellExit::Signal(sig),
+        (None, None) => CellExit::Code(-1),
+    }
+}
+
+fn pidfd_open(pid: u32) -> Option<OwnedFd> {
+    // SAFETY: plain syscall with integer arguments; the result is checked.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if raw < 0 {
+        return None;
+    }
+    // SAFETY: fresh fd owned by nobody else (pidfds are close-on-exec).
+    Some(unsafe { OwnedFd::from_raw_fd(raw as i32) })
+}
+
+/// Spawns one cell: `argv`, pinned to `cpus`, with the socket path and cell name in its
+/// environment, in its own process group, killed if the hypervisor dies.
+pub fn spawn_cell(cell: &CellSpec, argv: &[String], socket: &Path) -> Result<Child, RunError> {
+    let spawn_err = |source| RunError::Spawn {
+        cell: cell.name.clone(),
+        command: argv.join(" "),
+        source,
+    };
+    let (program, args) = argv
+        .split_first()
+        .ok_or_else(|| spawn_err(io::ErrorKind::InvalidInput.into()))?;
+    // Build the CPU set before forking: nothing in the child may allocate.
+    // SAFETY: cpu_set_t is plain data; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &cpu in &cell.cpus {
+        if cpu < libc::CPU_SETSIZE as usize {
+            // SAFETY: `cpu` is below CPU_SETSIZE, so the bit lies inside `set`.
+            unsafe { libc::CPU_SET(cpu, &mut set) };
+        }
+    }
+    let pin = !cell.cpus.is_empty();
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .env(ENV_SOCKET, socket)
+        .env(ENV_CELL, &cell.name)
+        .stdin(Stdio::null());
+    // SAFETY: the closure runs in the forked child before exec and only makes
+    // async-signal-safe system calls (prctl, setpgid, sched_setaffinity) on stack data.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::setpgid(0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if pin && libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().map_err(spawn_err)
+}
+
+/// Blocks SIGINT and SIGTERM in this thread and returns a signalfd that reads them.
+fn signal_fd() -> io::Result<OwnedFd> {
+    // SAFETY: sigset manipulation on a local set, then pthread_sigmask/signalfd with valid
+    // pointers; results are checked.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+        let raw = libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(OwnedFd::from_raw_fd(raw))
+    }
+}
+
+fn read_signal(fd: BorrowedFd<'_>) -> Option<i32> {
+    // SAFETY: signalfd_siginfo is plain data; read fills at most its size.
+    let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::signalfd_siginfo>();
+    // SAFETY: reads into a valid, correctly sized buffer.
+    let n = unsafe {
+        libc::read(
+            fd.as_raw_fd(),
+            (&mut info as *mut libc::signalfd_siginfo).cast(),
+            size,
+        )
+    };
+    (n as usize == size).then_some(info.ssi_signo as i32)
+}
+
+struct Display<'a> {
+    out: &'a mut dyn Write,
+    output: Output,
+    last_line: String,
+    last_draw: Option<Instant>,
+    pending: bool,
+}
+
+impl Display<'_> {
+    /// Prints an event line (above the live line on a terminal).
+    fn event(&mut self, text: &str) -> io::Result<()> {
+        match self.output {
+            Output::Terminal => {
+                write!(self.out, "\r\x1b[K{text}\n")?;
+                self.pending = true;
+                self.last_draw = None;
+            }
+            Output::Log => writeln!(self.out, "{text}")?,
+        }
+        self.out.flush()
+    }
+
+    /// Redraws the live line if it changed and the last redraw is old enough; returns how
+    /// long to wait before a pending redraw is due.
+    fn live(&mut self, line: String) -> io::Result<Option<Duration>> {
+        if self.output != Output::Terminal {
+            return Ok(None);
+        }
+        if line != self.last_line {
+            self.last_line = line;
+            self.pending = true;
+        }
+        if !self.pending {
+            return Ok(None);
+        }
+        if let Some(at) = self.last_draw {
+            let since = at.elapsed();
+            if since < REDRAW_INTERVAL {
+                return Ok(Some(REDRAW_INTERVAL - since));
+            }
+        }
+        write!(self.out, "\r\x1b[K{}", self.last_line)?;
+        self.out.flush()?;
+        self.pending = false;
+        self.last_draw = Some(Instant::now());
+        Ok(None)
+    }
+
+    fn finish(&mut self) -> io::Result<()> {
+        if self.output == Output::Terminal && self.last_draw.is_some() {
+            writeln!(self.out)?;
+        }
+        self.out.flush()
+    }
+}
+
+fn describe(event: &ControlEvent) -> String {
+    match event {
+        ControlEvent::Attached { cell, pid } => format!("cell {cell}: attached (pid {pid})"),
+        ControlEvent::Detached { cell, reason } => {
+            format!("cell {cell}: detached ({reason}); its state is 0")
+        }
+        ControlEvent::Refused { cell, detail } => format!("attach as `{cell}` refused: {detail}"),
+        ControlEvent::State { cell, link, value } => {
+            format!("cell {cell}: link {link}: state {value}")
+        }
+    }
+}
+
+/// Runs a hosted system until SIGINT/SIGTERM (if `options.handle_signals`) or `stop`:
+/// creates the links, listens at `options.socket`, spawns the cells, reports on `out`, and
+/// on stop terminates the spawned cells (SIGTERM, then SIGKILL after a grace period), waits
+/// for them and removes the socket.
+pub fn run(
+    system: &SystemSpec,
+    options: &RunOptions,
+    stop: Option<&StopHandle>,
+    out: &mut dyn Write,
+) -> Result<RunReport, RunError> {
+    let signals = if options.handle_signals {
+        Some(signal_fd().map_err(RunError::Signals)?)
+    } else {
+        None
+    };
+    let mut server =
+        ControlServer::bind(system, &options.socket, &mut crate::control::device_model)?;
+    let mut display = Display {
+        out,
+        output: options.output,
+        last_line: String::new(),
+        last_draw: None,
+        pending: false,
+    };
+    display
+        .event(&format!("listening on {}", options.socket.display()))
+        .map_err(RunError::Output)?;
+
+    let mut spawned: Vec<Spawned> = Vec::new();
+    if options.spawn {
+        for cell in system.cells.iter().filter(|c| c.process) {
+            let Some(argv) = &cell.command else { continue };
+            let child = match spawn_cell(cell, argv, &options.socket) {
+                Ok(child) => child,
+                Err(e) => {
+                    // Stop what was started, then report.
+                    terminate(&mut server, &mut spawned, &mut display);
+                    return Err(e);
+                }
+            };
+            let pid = child.id();
+            server.cell_spawned(&cell.name, pid);
+            display
+                .event(&format!(
+                    "cell {}: started `{}` (pid {pid}, cpus {:?})",
+                    cell.name,
+                    argv.join(" "),
+                    cell.cpus
+                ))
+                .map_err(RunError::Output)?;
+            spawned.push(Spawned {
+                cell: cell.name.clone(),
+                pidfd: pidfd_open(pid),
+                child,
+                exit: None,
+                exited_before_stop: false,
+            });
+        }
+    }
+    for cell in system
+        .cells
+        .iter()
+        .filter(|c| c.process && (c.command.is_none() || !options.spawn))
+    {
+        display
+            .event(&format!(
+                "cell {}: waiting for it to attach ({ENV_CELL}={} {ENV_SOCKET}={})",
+                cell.name,
+                cell.name,
+                options.socket.display()
+            ))
+            .map_err(RunError::Output)?;
+    }
+
+    let mut wait: Option<Duration> = None;
+    let reason = loop {
+        let mut extra: Vec<BorrowedFd<'_>> = Vec::new();
+        if let Some(s) = &signals {
+            extra.push(s.as_fd());
+        }
+        if let Some(s) = stop {
+            extra.push(s.fd());
+        }
+        let live: Vec<usize> = (0..spawned.len())
+            .filter(|&i| spawned[i].exit.is_none())
+            .collect();
+        for &i in &live {
+            if let Some(fd) = &spawned[i].pidfd {
+                extra.push(fd.as_fd());
+            }
+        }
+        // Without pidfds, look at the children every 100 ms.
+        let fallback = live
+            .iter()
+            .any(|&i| spawned[i].pidfd.is_none())
+            .then_some(Duration::from_millis(100));
+        let timeout = match (wait, fallback) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let ready = server.poll(&extra, timeout)?;
+        let mut stop_reason = None;
+        if let Some(s) = &signals {
+            if ready[0] {
+                if let Some(sig) = read_signal(s.as_fd()) {
+                    stop_reason = Some(crate::status::signal_name(sig).to_string());
+                }
+            }
+        }
+        if let Some(s) = stop {
+            if ready[usize::from(signals.is_some())] {
+                let _ = drain_eventfd(s.fd());
+                stop_reason = Some("stop requested".to_string());
+            }
+        }
+        reap(&mut server, &mut spawned, &mut display, false).map_err(RunError::Output)?;
+        for event in server.take_events() {
+            display.event(&describe(&event)).map_err(RunError::Output)?;
+        }
+        wait = display
+            .live(format_line(&server.status()))
+            .map_err(RunError::Output)?;
+        if let Some(r) = stop_reason {
+            break r;
+        }
+    };
+    display
+        .event(&format!("stopping ({reason})"))
+        .map_err(RunError::Output)?;
+    let cells = terminate(&mut server, &mut spawned, &mut display);
+    let socket = server.path().to_path_buf();
+    drop(server);
+    let mut summary = format!("stopped {} spawned cell(s)", cells.len());
+    for c in &cells {
+        let how = if c.exited_before_stop {
+            "had already exited"
+        } else {
+            "stopped"
+        };
+        summary.push_str(&format!("; {} (pid {}) {how}: {}", c.cell, c.pid, c.exit));
+    }
+    summary.push_str(&format!("; removed {}", socket.display()));
+    display.event(&summary).map_err(RunError::Output)?;
+    display.finish().map_err(RunError::Output)?;
+    Ok(RunReport { reason, cells })
+}
+
+/// Collects the children that have exited; logs each (never restarting it).
+fn reap(
+    server: &mut ControlServer,
+    spawned: &mut [Spawned],
+    display: &mut Display<'_>,
+    stopping: bool,
+) -> io::Result<()> {
+    for s in spawned.iter_mut().filter(|s| s.exit.is_none()) {
+        if let Ok(Some(status)) = s.child.try_wait() {
+            let exit = exit_of(status);
+            s.exit = Some(exit);
+            s.exited_before_stop = !stopping;
+            server.cell_exited(&s.cell, exit);
+            let note = if stopping { "" } else { "; not restarted" };
+            display.event(&format!(
+                "cell {}: process {} ended: {exit}{note}",
+                s.cell,
+                s.child.id()
+            ))?;
+        }
+    }
+    Ok(())
+}
+
+/// Sends SIGTERM to every live spawned cell, serves the socket while they exit, kills the
+/// ones still there after [`STOP_GRACE`] and reaps all.
+fn terminate(
+    server: &mut ControlServer,
+    spawned: &mut [Spawned],
+    display: &mut Display<'_>,
+) -> Vec<StoppedCell> {
+    for s in spawned.iter().filter(|s| s.exit.is_none()) {
+        // SAFETY: kill with a pid of our own unreaped child (cannot be recycled yet).
+        unsafe { libc::kill(s.child.id() as libc::pid_t, libc::SIGTERM) };
+    }
+    let deadline = Instant::now() + STOP_GRACE;
+    let mut killed = false;
+    loop {
+        let _ = reap(server, spawned, display, true);
+        for event in server.take_events() {
+            let _ = display.event(&describe(&event));
+        }
+        if spawned.iter().all(|s| s.exit.is_some()) {
+            break;
+        }
+        let now = Instant::now();
+        if now >= deadline && !killed {
+            for s in spawned.iter_mut().filter(|s| s.exit.is_none()) {
+                let _ = display.event(&format!(
+                    "cell {}: did not stop within {STOP_GRACE:?}, killing it",
+                    s.cell
+                ));
+                let _ = s.child.kill();
+            }
+            killed = true;
+        }
+        let fds: Vec<BorrowedFd<'_>> = spawned
+            .iter()
+            .filter(|s| s.exit.is_none())
+            .filter_map(|s| s.pidfd.as_ref().map(|f| f.as_fd()))
+            .collect();
+        let timeout = if killed {
+            Duration::from_millis(100)
+        } else {
+            deadline
+                .saturating_duration_since(now)
+                .min(Duration::from_millis(100))
+        };
+        if server.poll(&fds, Some(timeout)).is_err() {
+            break;
+        }
+    }
+    spawned
+        .iter()
+        .filter_map(|s| {
+            s.exit.map(|exit| StoppedCell {
+                cell: s.cell.clone(),
+                pid: s.child.id(),
+                exit,
+                exited_before_stop: s.exited_before_stop,
+            })
+        })
+        .collect()
+}

@@ -830,3 +830,62 @@ fn listen_at(path: &Path) -> Result<OwnedFd, ControlError> {
     listen(&fd, Backlog::new(64).unwrap_or(Backlog::MAXCONN)).map_err(|e| sock_err(e.into()))?;
     Ok(fd)
 }
+
+impl LinkModel for crate::device::Link {
+    fn peer_attached(&mut self, peer: u16) -> Notify {
+        crate::device::Link::peer_attached(self, peer)
+            .targets()
+            .collect()
+    }
+
+    fn peer_detached(&mut self, peer: u16) -> Notify {
+        crate::device::Link::peer_detached(self, peer)
+            .targets()
+            .collect()
+    }
+
+    fn write_state(&mut self, peer: u16, value: u32) -> Result<Notify, String> {
+        self.mmio_write(
+            peer,
+            u64::from(ivshmem_dev::regs::STATE),
+            4,
+            u64::from(value),
+        )
+        .map(|effects| effects.targets().collect())
+        .map_err(|e| e.to_string())
+    }
+}
+
+/// Builds the emulated device ([`crate::device::Link`]) of a hosted link over its mapped
+/// state table. Every peer's `INT_CONTROL` is applied by its cell-side endpoint
+/// ([`crate::device::InterruptGate::Endpoint`]), so the model reports every interrupt for an
+/// attached peer.
+pub fn device_model(
+    spec: &LinkSpec,
+    table: MappedStateTable,
+) -> Result<Box<dyn LinkModel>, String> {
+    use crate::device::{InterruptGate, Link, LinkParams};
+    use ivshmem_dev::{LayoutParams, SharedMemoryLayout};
+    let max_peers = spec.peers.len() as u16;
+    let state_table_size = u32::try_from(spec.state_table_size)
+        .map_err(|_| "state table larger than 4 GiB".to_string())?;
+    let layout = SharedMemoryLayout::new(LayoutParams {
+        max_peers,
+        state_table_size,
+        rw_size: spec.rw_size,
+        output_size: spec.output_size,
+        page_size: crate::config::PAGE_SIZE,
+    })
+    .map_err(|e| e.to_string())?;
+    let params = LinkParams {
+        name: spec.name.clone(),
+        max_peers,
+        protocol: spec.protocol.into(),
+        layout,
+    };
+    let mut link = Link::new(params, Box::new(table)).map_err(|e| e.to_string())?;
+    for peer in 0..max_peers {
+        link.set_interrupt_gate(peer, InterruptGate::Endpoint);
+    }
+    Ok(Box::new(link))
+}

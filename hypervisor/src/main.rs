@@ -10,8 +10,6 @@ use hypervisor::config::{self, ValidConfig};
 
 /// Exit code for a configuration with errors.
 const EXIT_INVALID_CONFIG: u8 = 1;
-/// Exit code for a command that is not available yet.
-const EXIT_NOT_WIRED: u8 = 2;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -50,6 +48,9 @@ struct RunArgs {
     /// Create the control socket here instead of the configured or default path.
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
+    /// Start no cell programs: every process cell is started by hand and attaches by name.
+    #[arg(long)]
+    no_spawn: bool,
 }
 
 #[derive(Debug, Args)]
@@ -111,20 +112,73 @@ fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// `hypervisor run <config>` (not wired to the process-cell backend yet).
+/// `hypervisor run <config>`: validate, create the links, listen, spawn the cells, show a
+/// live status (a redrawn line on a terminal, log lines otherwise) until SIGINT/SIGTERM,
+/// then stop the cells and remove the socket.
 fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
-    tracing::debug!(config = %args.config.display(), socket = ?args.socket, "run requested");
-    eprintln!(
-        "hypervisor: error: `run` is not wired yet (the process-cell backend is not connected); \
-         use `hypervisor check {}` to validate the configuration",
-        args.config.display()
-    );
-    Ok(ExitCode::from(EXIT_NOT_WIRED))
+    use anyhow::Context as _;
+    use hypervisor::cells::{self, Output, RunOptions};
+    use hypervisor::control::SystemSpec;
+    use std::io::IsTerminal as _;
+
+    let Some(valid) = load_config(&args.config, None) else {
+        return Ok(ExitCode::from(EXIT_INVALID_CONFIG));
+    };
+    for warning in &valid.warnings {
+        eprintln!("{}: {warning}", args.config.display());
+    }
+    let socket = args
+        .socket
+        .clone()
+        .unwrap_or_else(|| valid.control_socket.clone());
+    let system = SystemSpec::from_config(&valid);
+    let output = if std::io::stdout().is_terminal() {
+        Output::Terminal
+    } else {
+        Output::Log
+    };
+    let options = RunOptions {
+        socket,
+        spawn: !args.no_spawn,
+        handle_signals: true,
+        output,
+    };
+    let mut stdout = std::io::stdout();
+    cells::run(&system, &options, None, &mut stdout).with_context(|| {
+        format!(
+            "running system `{}` from {}",
+            valid.name,
+            args.config.display()
+        )
+    })?;
+    Ok(ExitCode::SUCCESS)
 }
 
-/// `hypervisor status [--socket PATH | <config>]` (not wired to the control socket yet).
+/// Exit code of `status` when no hypervisor runs at the socket.
+const EXIT_NOT_RUNNING: u8 = 3;
+
+/// `hypervisor status [--socket PATH | <config>]`: ask the running hypervisor for its cells,
+/// links and peer states and print them as a table.
 fn status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
-    tracing::debug!(config = ?args.config, socket = ?args.socket, "status requested");
-    eprintln!("hypervisor: error: `status` is not wired yet (the control socket is not connected)");
-    Ok(ExitCode::from(EXIT_NOT_WIRED))
+    use hypervisor::status::{self, StatusError};
+
+    let socket = match (&args.socket, &args.config) {
+        (Some(socket), _) => socket.clone(),
+        (None, Some(path)) => match load_config(path, None) {
+            Some(valid) => valid.control_socket,
+            None => return Ok(ExitCode::from(EXIT_INVALID_CONFIG)),
+        },
+        (None, None) => anyhow::bail!("give a configuration or --socket PATH"),
+    };
+    match status::query(&socket) {
+        Ok(system) => {
+            print!("{}", status::format_table(&system));
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(error @ StatusError::NotRunning { .. }) => {
+            eprintln!("hypervisor: {error}");
+            Ok(ExitCode::from(EXIT_NOT_RUNNING))
+        }
+        Err(error) => Err(error.into()),
+    }
 }

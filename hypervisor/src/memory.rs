@@ -310,6 +310,20 @@ impl MappedStateTable {
     }
 }
 
+impl crate::device::StateTable for MappedStateTable {
+    fn read(&self, peer: u16) -> u32 {
+        MappedStateTable::read(self, peer)
+    }
+
+    fn write(&mut self, peer: u16, value: u32) {
+        MappedStateTable::write(self, peer, value)
+    }
+
+    fn clear(&mut self) {
+        MappedStateTable::clear(self)
+    }
+}
+
 /// All memory and interrupt lines of one link.
 #[derive(Debug)]
 pub struct LinkMemory {
