@@ -1,0 +1,962 @@
+//! tokio on top of an [`Endpoint`]: a duplex shmring channel over the link, driven by the
+//! ivshmem link state machine, with the interrupt fd under tokio's reactor.
+//!
+//! [`Channel`] owns an endpoint and gives:
+//! - [`Channel::interrupt`]: `await` the next interrupt (taken and re-armed; re-check after);
+//! - receiving: [`Channel::recv_frame`], [`Channel::recv_record`], and the streams
+//!   [`Channel::frames`] (byte frames) and [`Channel::records`] (typed `Pod` records);
+//! - sending with back-pressure: [`Channel::send`] and [`Channel::send_record`] wait for room,
+//!   woken by the peer through the rings' wait-for-space handshake;
+//! - [`tokio::io::AsyncRead`] and [`tokio::io::AsyncWrite`] on the channel itself (a byte
+//!   stream cut into frames of at most [`shmring::Producer::max_frame_len`]);
+//! - [`Channel::peer_states`]: a stream of the peer's state-table entry.
+//!
+//! # Link life cycle
+//! The link follows [`ivshmem_dev::link_state`]: after every interrupt (and whenever a ring is
+//! found empty or full) the channel reads the peer's state-table entry, steps, acts
+//! (`SetUpOwn`: initialise the own region with [`shmring::duplex::DuplexInit::init`];
+//! `AttachPeer`: attach to the peer's region; `TearDown`: reset the own parts) and writes its
+//! own `STATE`. When the peer leaves (its state goes to 0) a receiver first gets every frame
+//! the peer had published, then one [`ChannelError::PeerGone`] naming the peer, and the
+//! streams end. The next receive or send waits until the peer is back (it comes back through
+//! INIT and READY; the channel resets its own ring parts and re-attaches), so a new stream can
+//! be taken from the same channel.
+//!
+//! A peer's frames are never torn: a frame becomes visible only with the producer's index
+//! store after the whole frame was written, so a peer killed mid-write leaves at most an
+//! unpublished partial frame, which is never read.
+//!
+//! # Waiting: interrupts or polling
+//! [`WaitMode::Interrupt`] announces sleep in the ring (`Consumer::prepare_sleep` /
+//! `Producer::prepare_wait_for_space`), re-checks, and awaits the interrupt fd.
+//! [`WaitMode::Poll`] first re-polls for up to `spin` (yielding to the runtime between tries,
+//! without announcing sleep, so the peer rings no doorbell), then falls back to interrupts.
+//!
+//! # The interrupt fd under tokio
+//! The fd is a duplicate of the endpoint's interrupt fd registered with
+//! [`AsyncFd::register_with_interest`] (READABLE). In this project's tokio (1.54) `AsyncFd::new`
+//! and `AsyncFd::with_interest` are deprecated as unsound without I/O safety, and the `unsafe`
+//! `register`/`register_with_interest` replace them; the duplicated [`OwnedFd`] owned by the
+//! `AsyncFd` meets their contract (open, the same description, for its whole life).
+//!
+//! # One task
+//! The channel is `Send` but not `Sync`: drive it from one task. `tokio::io::split` across two
+//! tasks works: both halves share one interrupt registration whose wake-up wakes both.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io;
+use std::marker::PhantomData;
+use std::os::fd::OwnedFd;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll, Wake, Waker};
+use std::time::{Duration, Instant};
+
+use bytemuck::Pod;
+use futures_core::Stream;
+use ivshmem_dev::link_state::{self, Action, LinkState};
+use shmring::duplex::{Duplex, DuplexInit};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::sync::watch;
+
+use crate::endpoint::{Endpoint, EndpointError};
+
+/// How a waiting channel waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitMode {
+    /// Announce sleep in the ring and await the interrupt (lowest CPU use).
+    Interrupt,
+    /// Re-poll the ring for up to `spin` (yielding between tries), then fall back to
+    /// interrupts. Lowest latency: a polling consumer asks for no doorbell.
+    Poll {
+        /// How long to keep polling before sleeping on the interrupt.
+        spin: Duration,
+    },
+}
+
+/// Options of [`Channel::new`].
+#[derive(Debug, Clone)]
+pub struct ChannelOptions {
+    /// The peer to talk to (`None`: the other peer of a two-peer link).
+    pub peer: Option<u16>,
+    /// A name for the peer in errors and reports (e.g. its cell name).
+    pub peer_name: Option<String>,
+    /// Cap on the capacity of the ring this side sends on.
+    pub max_capacity: Option<usize>,
+    /// How to wait.
+    pub wait: WaitMode,
+}
+
+impl Default for ChannelOptions {
+    fn default() -> Self {
+        Self {
+            peer: None,
+            peer_name: None,
+            max_capacity: None,
+            wait: WaitMode::Interrupt,
+        }
+    }
+}
+
+/// Errors of a [`Channel`].
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    /// The peer left the link (its state went to 0, or it restarted).
+    #[error("{peer} left link `{link}` (state {state})")]
+    PeerGone {
+        /// The link name.
+        link: String,
+        /// The peer, as "peer N" or "peer N (`name`)".
+        peer: String,
+        /// The state it was seen in.
+        state: u32,
+    },
+    /// The peer broke the ring protocol (or a frame can never fit).
+    #[error("ring with {peer}: {source}")]
+    Ring {
+        /// The peer.
+        peer: String,
+        /// The ring error.
+        source: shmring::Error,
+    },
+    /// A received frame has the wrong length for the record type.
+    #[error("{peer} sent a frame of {len} bytes, a record is {expected}")]
+    BadRecord {
+        /// The peer.
+        peer: String,
+        /// Frame length.
+        len: usize,
+        /// Record size.
+        expected: usize,
+    },
+    /// The link has more than two peers and none was chosen, or the chosen one is invalid.
+    #[error("link `{link}`: {detail}")]
+    BadPeer {
+        /// The link.
+        link: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// The endpoint failed.
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
+    /// Registering or polling the interrupt fd failed.
+    #[error("interrupt fd: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl From<ChannelError> for io::Error {
+    fn from(e: ChannelError) -> io::Error {
+        let kind = match e {
+            ChannelError::PeerGone { .. } => io::ErrorKind::ConnectionReset,
+            ChannelError::Ring { .. } | ChannelError::BadRecord { .. } => {
+                io::ErrorKind::InvalidData
+            }
+            ChannelError::Io(ref inner) => inner.kind(),
+            _ => io::ErrorKind::Other,
+        };
+        io::Error::new(kind, e)
+    }
+}
+
+/// The peer's state as the channel last saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerState {
+    /// The peer's ID.
+    pub peer: u16,
+    /// Its state-table entry (untrusted: any value).
+    pub state: u32,
+    /// This side's link state at that time.
+    pub own: LinkState,
+}
+
+impl PeerState {
+    /// Whether the peer is there (state not 0).
+    pub fn present(&self) -> bool {
+        self.state != 0
+    }
+}
+
+enum Phase {
+    /// Own parts not initialised.
+    Idle,
+    /// Own parts initialised (READY), not attached to the peer's.
+    Init(DuplexInit),
+    /// Attached.
+    Up(Duplex),
+}
+
+/// Wakes every task that waits on the shared interrupt registration.
+#[derive(Default)]
+struct Waiters {
+    slots: Mutex<[Option<Waker>; 2]>,
+}
+
+impl Wake for Waiters {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        let wakers = {
+            let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+            [slots[0].take(), slots[1].take()]
+        };
+        for w in wakers.into_iter().flatten() {
+            w.wake();
+        }
+    }
+}
+
+/// Which side waits (slot in [`Waiters`]).
+#[derive(Clone, Copy)]
+enum Side {
+    Rx = 0,
+    Tx = 1,
+}
+
+/// What one look at the link found.
+enum LinkCheck {
+    /// Attached (frames may flow).
+    Up,
+    /// Not attached yet: wait for an interrupt.
+    Down,
+    /// The peer left; the frames it published are drained; report it once.
+    Gone(u32),
+}
+
+/// A duplex channel to one peer over an [`Endpoint`], with tokio wake-ups.
+pub struct Channel {
+    endpoint: Endpoint,
+    irq: AsyncFd<OwnedFd>,
+    waiters: Arc<Waiters>,
+    combined: Waker,
+    peer: u16,
+    peer_label: String,
+    options: ChannelOptions,
+    own: LinkState,
+    phase: Phase,
+    /// Carrier: both sides RUN (set once seen; cleared at tear-down). Sending waits for it, so
+    /// nothing is published before the receiver has attached.
+    carrier: bool,
+    states: watch::Sender<PeerState>,
+    spin_since: [Option<Instant>; 2],
+    /// Departure seen and not reported yet (peer state).
+    gone_pending: Option<u32>,
+    /// Departure reported to a receiver (`Some`) until the link is up again.
+    reported_rx: bool,
+    reported_tx: bool,
+    /// AsyncRead: the rest of a frame larger than the caller's buffer.
+    partial: VecDeque<u8>,
+    stats: ChannelStats,
+}
+
+/// Counters of a [`Channel`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChannelStats {
+    /// Interrupts taken (each may merge several doorbells or state changes).
+    pub interrupts: u64,
+    /// Doorbells this side rang (the peer asked for them).
+    pub doorbells: u64,
+    /// Times the peer left.
+    pub departures: u64,
+}
+
+impl std::fmt::Debug for Channel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Channel")
+            .field("link", &self.endpoint.name())
+            .field("peer", &self.peer_label)
+            .field("own", &self.own)
+            .field("up", &matches!(self.phase, Phase::Up(_)))
+            .finish()
+    }
+}
+
+impl Channel {
+    /// Takes over `endpoint` (must be called inside a tokio runtime). Nothing is set up yet:
+    /// the link comes up as the channel is driven (any receive, send, or
+    /// [`Channel::wait_up`]).
+    pub fn new(endpoint: Endpoint, options: ChannelOptions) -> Result<Self, ChannelError> {
+        let link = endpoint.name().to_string();
+        let max_peers = endpoint.ivshmem().max_peers();
+        let peer = match options.peer.or_else(|| endpoint.the_peer()) {
+            Some(p) if p < max_peers && p != endpoint.id() => p,
+            Some(p) => {
+                return Err(ChannelError::BadPeer {
+                    link,
+                    detail: format!(
+                        "peer {p} is not another peer of this {max_peers}-peer link (own ID {})",
+                        endpoint.id()
+                    ),
+                })
+            }
+            None => {
+                return Err(ChannelError::BadPeer {
+                    link,
+                    detail: format!("{max_peers} peers: choose one in ChannelOptions::peer"),
+                })
+            }
+        };
+        let peer_label = match &options.peer_name {
+            Some(name) => format!("peer {peer} (`{name}`)"),
+            None => format!("peer {peer}"),
+        };
+        let fd = endpoint.interrupt_fd().try_clone_to_owned()?;
+        // SAFETY: `fd` is a fresh duplicate owned by the AsyncFd for its whole life, so it
+        // stays open and refers to the same description; `OwnedFd::as_raw_fd` never changes.
+        let irq = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)?;
+        let waiters = Arc::new(Waiters::default());
+        let combined = Waker::from(Arc::clone(&waiters));
+        let initial = PeerState {
+            peer,
+            state: endpoint.ivshmem().peer_state(peer).unwrap_or(0),
+            own: LinkState::Reset,
+        };
+        // Start from RESET as the device does (a previous user may have left another value).
+        endpoint.ivshmem().set_state(LinkState::Reset.as_u32());
+        Ok(Self {
+            endpoint,
+            irq,
+            waiters,
+            combined,
+            peer,
+            peer_label,
+            options,
+            own: LinkState::Reset,
+            phase: Phase::Idle,
+            carrier: false,
+            states: watch::channel(initial).0,
+            spin_since: [None, None],
+            gone_pending: None,
+            reported_rx: false,
+            reported_tx: false,
+            partial: VecDeque::new(),
+            stats: ChannelStats::default(),
+        })
+    }
+
+    /// The endpoint.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// The peer's ID.
+    pub fn peer(&self) -> u16 {
+        self.peer
+    }
+
+    /// "peer N" or "peer N (`name`)".
+    pub fn peer_label(&self) -> &str {
+        &self.peer_label
+    }
+
+    /// This side's link state.
+    pub fn link_state(&self) -> LinkState {
+        self.own
+    }
+
+    /// Whether both rings are attached.
+    pub fn is_up(&self) -> bool {
+        matches!(self.phase, Phase::Up(_))
+    }
+
+    /// Whether the carrier is on (both sides RUN): sending only happens then.
+    pub fn carrier(&self) -> bool {
+        self.carrier
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> ChannelStats {
+        self.stats
+    }
+
+    /// Changes the wait mode.
+    pub fn set_wait_mode(&mut self, wait: WaitMode) {
+        self.options.wait = wait;
+    }
+
+    /// A stream of the peer's state as this channel observes it (changes are seen while the
+    /// channel is driven; quick successive changes may be merged into the latest). The
+    /// stream may be moved to another task; it ends when the channel is dropped.
+    pub fn peer_states(&self) -> PeerStates {
+        PeerStates::new(self.states.subscribe())
+    }
+
+    /// The peer's current state-table entry.
+    pub fn peer_state(&self) -> u32 {
+        self.endpoint.ivshmem().peer_state(self.peer).unwrap_or(0)
+    }
+
+    fn ring_error(&self, source: shmring::Error) -> ChannelError {
+        ChannelError::Ring {
+            peer: self.peer_label.clone(),
+            source,
+        }
+    }
+
+    fn gone_error(&self, state: u32) -> ChannelError {
+        ChannelError::PeerGone {
+            link: self.endpoint.name().to_string(),
+            peer: self.peer_label.clone(),
+            state,
+        }
+    }
+
+    fn publish_state(&self, state: u32) {
+        let now = PeerState {
+            peer: self.peer,
+            state,
+            own: self.own,
+        };
+        self.states.send_if_modified(|old| {
+            let changed = *old != now;
+            *old = now;
+            changed
+        });
+    }
+
+    /// Reads the peer's state and steps the link state machine until it settles; acts on
+    /// every step. With `drain_first`, a departure is not acted on while the receive ring
+    /// still holds published frames (they are delivered first).
+    fn check_link(&mut self, drain_first: bool) -> Result<LinkCheck, ChannelError> {
+        let dev = self.endpoint.ivshmem();
+        for _ in 0..4 {
+            let peer_state = dev.peer_state(self.peer).unwrap_or(0);
+            let step = link_state::next(self.own, peer_state);
+            match step.action {
+                Action::None => {}
+                Action::SetUpOwn => {
+                    let init = match std::mem::replace(&mut self.phase, Phase::Idle) {
+                        Phase::Init(init) => init,
+                        Phase::Up(duplex) => duplex.reset(),
+                        Phase::Idle => {
+                            let own = dev.own_output();
+                            // SAFETY: the own output section is writable and mapped as long
+                            // as the endpoint, which `Channel` owns and drops only after the
+                            // rings (`Drop for Channel` drops `phase` first); only this
+                            // DuplexInit (and the rings made from it) writes it.
+                            unsafe {
+                                DuplexInit::init(own.as_ptr(), own.len(), self.options.max_capacity)
+                            }
+                            .map_err(|e| self.ring_error(e))?
+                        }
+                    };
+                    self.phase = Phase::Init(init);
+                }
+                Action::AttachPeer => {
+                    let Phase::Init(init) = &self.phase else {
+                        return Err(self.ring_error(shmring::Error::AlreadyAttached));
+                    };
+                    let Some(section) = dev.peer_output(self.peer) else {
+                        return Err(ChannelError::BadPeer {
+                            link: self.endpoint.name().to_string(),
+                            detail: format!("{} has no output section", self.peer_label),
+                        });
+                    };
+                    // SAFETY: the peer's output section stays mapped as long as the endpoint;
+                    // its content is validated by the rings.
+                    match unsafe { init.attach(section.as_ptr(), section.len()) } {
+                        Ok(duplex) => {
+                            self.phase = Phase::Up(duplex);
+                            self.reported_rx = false;
+                            self.reported_tx = false;
+                            self.gone_pending = None;
+                        }
+                        // The peer announced READY before its parts are valid: a broken or
+                        // racing peer. Stay READY and look again at the next interrupt.
+                        Err(shmring::Error::PeerNotReady) => {
+                            self.publish_state(peer_state);
+                            return Ok(LinkCheck::Down);
+                        }
+                        Err(e) => return Err(self.ring_error(e)),
+                    }
+                }
+                Action::TearDown => {
+                    if drain_first {
+                        if let Phase::Up(duplex) = &mut self.phase {
+                            if !duplex.rx.is_empty() {
+                                return Ok(LinkCheck::Up);
+                            }
+                        }
+                    }
+                    self.phase = match std::mem::replace(&mut self.phase, Phase::Idle) {
+                        Phase::Up(duplex) => Phase::Init(duplex.reset()),
+                        other => other,
+                    };
+                    self.carrier = false;
+                    self.gone_pending = Some(peer_state);
+                    self.stats.departures += 1;
+                    tracing::info!(link = self.endpoint.name(), peer = %self.peer_label, state = peer_state, "peer left");
+                }
+            }
+            if step.state != self.own {
+                self.own = step.state;
+                self.endpoint.ivshmem().set_state(step.state.as_u32());
+            }
+            if step.action == Action::None {
+                if matches!(self.phase, Phase::Up(_)) && link_state::carrier(self.own, peer_state) {
+                    self.carrier = true;
+                }
+                self.publish_state(peer_state);
+                break;
+            }
+        }
+        let dev = self.endpoint.ivshmem();
+        self.publish_state(dev.peer_state(self.peer).unwrap_or(0));
+        if let Some(state) = self.gone_pending {
+            return Ok(LinkCheck::Gone(state));
+        }
+        Ok(if matches!(self.phase, Phase::Up(_)) {
+            LinkCheck::Up
+        } else {
+            LinkCheck::Down
+        })
+    }
+
+    /// Polls for the next interrupt: takes it (re-arming one-shot mode) and returns its
+    /// merged count. Re-check rings and state after `Ready`.
+    fn poll_irq(&mut self, cx: &mut Context<'_>, side: Side) -> Poll<Result<u64, ChannelError>> {
+        {
+            let mut slots = self.waiters.slots.lock().unwrap_or_else(|p| p.into_inner());
+            slots[side as usize] = Some(cx.waker().clone());
+        }
+        let mut combined_cx = Context::from_waker(&self.combined);
+        loop {
+            let mut guard = ready!(self.irq.poll_read_ready(&mut combined_cx))?;
+            let taken = self.endpoint.take_interrupt();
+            // Read everything pending (or nothing was there): no longer readable. A new
+            // interrupt after our read is a new readiness event that clear_ready keeps.
+            guard.clear_ready();
+            if let Some(n) = taken? {
+                self.stats.interrupts += 1;
+                // The other side's task re-checks too (it may wait for the same interrupt).
+                self.waiters.wake_by_ref_other(side);
+                return Poll::Ready(Ok(n));
+            }
+        }
+    }
+
+    /// Awaits the next interrupt (taken and re-armed); returns how many were merged into it.
+    /// Afterwards re-check the rings and the state table: anything that happened between the
+    /// interrupt and the re-arm raised none.
+    pub async fn interrupt(&mut self) -> Result<u64, ChannelError> {
+        std::future::poll_fn(|cx| self.poll_irq(cx, Side::Rx)).await
+    }
+
+    /// Whether to keep spinning (polling mode) instead of sleeping; schedules a re-poll.
+    fn spin(&mut self, cx: &mut Context<'_>, side: Side) -> bool {
+        let WaitMode::Poll { spin } = self.options.wait else {
+            return false;
+        };
+        let now = Instant::now();
+        let since = *self.spin_since[side as usize].get_or_insert(now);
+        if now.duration_since(since) < spin {
+            cx.waker().wake_by_ref();
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Waits until the link is up (both rings attached).
+    pub async fn wait_up(&mut self) -> Result<(), ChannelError> {
+        std::future::poll_fn(|cx| loop {
+            match self.check_link(false)? {
+                LinkCheck::Up => return Poll::Ready(Ok(())),
+                LinkCheck::Gone(_) => {
+                    // Acknowledge: a caller waiting for the link wants the next attach.
+                    self.gone_pending = None;
+                    continue;
+                }
+                LinkCheck::Down => {}
+            }
+            ready!(self.poll_irq(cx, Side::Rx))?;
+        })
+        .await
+    }
+
+    /// Core of every receive: hands the next frame to `f` (inside shared memory), then
+    /// releases it. `Ready(Err(PeerGone))` once per departure.
+    fn poll_recv_with<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        f: &mut dyn FnMut(&[u8]) -> R,
+    ) -> Poll<Result<R, ChannelError>> {
+        loop {
+            if let Phase::Up(duplex) = &mut self.phase {
+                match duplex.rx.peek() {
+                    Ok(Some(frame)) => {
+                        let out = f(&frame);
+                        frame.release();
+                        if duplex.rx.flush().needed() {
+                            self.endpoint.ivshmem().ring_peer(self.peer);
+                            self.stats.doorbells += 1;
+                        }
+                        self.spin_since[Side::Rx as usize] = None;
+                        return Poll::Ready(Ok(out));
+                    }
+                    Ok(None) => {}
+                    Err(e) => return Poll::Ready(Err(self.ring_error(e))),
+                }
+            }
+            match self.check_link(true)? {
+                LinkCheck::Gone(state) => {
+                    if !self.reported_rx {
+                        self.reported_rx = true;
+                        return Poll::Ready(Err(self.gone_error(state)));
+                    }
+                    // Reported already: wait for the peer to come back.
+                    self.gone_pending = None;
+                    continue;
+                }
+                LinkCheck::Up => {
+                    if self.spin(cx, Side::Rx) {
+                        return Poll::Pending;
+                    }
+                    if let Phase::Up(duplex) = &mut self.phase {
+                        match duplex.rx.prepare_sleep() {
+                            Ok(true) => {}
+                            Ok(false) => continue,
+                            Err(e) => return Poll::Ready(Err(self.ring_error(e))),
+                        }
+                    }
+                }
+                LinkCheck::Down => {}
+            }
+            ready!(self.poll_irq(cx, Side::Rx))?;
+        }
+    }
+
+    /// Receives the next frame into a new vector.
+    pub async fn recv_frame(&mut self) -> Result<Vec<u8>, ChannelError> {
+        std::future::poll_fn(|cx| self.poll_recv_with(cx, &mut |f: &[u8]| f.to_vec())).await
+    }
+
+    /// Receives the next frame as a record of type `T` (a frame of another length is
+    /// [`ChannelError::BadRecord`]; it is consumed).
+    pub async fn recv_record<T: Pod>(&mut self) -> Result<T, ChannelError> {
+        std::future::poll_fn(|cx| self.poll_record(cx)).await
+    }
+
+    fn poll_record<T: Pod>(&mut self, cx: &mut Context<'_>) -> Poll<Result<T, ChannelError>> {
+        let got = ready!(self.poll_recv_with(cx, &mut |f: &[u8]| {
+            if f.len() == size_of::<T>() {
+                Ok(bytemuck::pod_read_unaligned::<T>(f))
+            } else {
+                Err(f.len())
+            }
+        }))?;
+        Poll::Ready(got.map_err(|len| ChannelError::BadRecord {
+            peer: self.peer_label.clone(),
+            len,
+            expected: size_of::<T>(),
+        }))
+    }
+
+    /// A stream of typed records; it yields `Err(PeerGone)` once when the peer leaves and
+    /// then ends (take a new stream to continue after the peer comes back).
+    pub fn records<T: Pod>(&mut self) -> Records<'_, T> {
+        Records {
+            channel: self,
+            done: false,
+            _type: PhantomData,
+        }
+    }
+
+    /// A stream of byte frames; ends like [`Channel::records`].
+    pub fn frames(&mut self) -> Frames<'_> {
+        Frames {
+            channel: self,
+            done: false,
+        }
+    }
+
+    /// Core of every send: waits for room for `len` bytes, lets `fill` write the frame, and
+    /// publishes it (ringing the peer if it asked).
+    fn poll_send_with(
+        &mut self,
+        cx: &mut Context<'_>,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8]),
+    ) -> Poll<Result<(), ChannelError>> {
+        loop {
+            if let (Phase::Up(duplex), true) = (&mut self.phase, self.carrier) {
+                match duplex.tx.grant(len) {
+                    Ok(mut grant) => {
+                        fill(&mut grant);
+                        grant.commit();
+                        if duplex.tx.flush().needed() {
+                            self.endpoint.ivshmem().ring_peer(self.peer);
+                            self.stats.doorbells += 1;
+                        }
+                        self.spin_since[Side::Tx as usize] = None;
+                        return Poll::Ready(Ok(()));
+                    }
+                    Err(shmring::Error::Full { .. }) => {}
+                    Err(e) => return Poll::Ready(Err(self.ring_error(e))),
+                }
+            }
+            match self.check_link(false)? {
+                LinkCheck::Gone(state) => {
+                    if !self.reported_tx {
+                        self.reported_tx = true;
+                        return Poll::Ready(Err(self.gone_error(state)));
+                    }
+                    self.gone_pending = None;
+                    continue;
+                }
+                // Attached, but the peer is not RUN yet: its state change will interrupt us.
+                LinkCheck::Up if !self.carrier => {}
+                LinkCheck::Up => {
+                    if self.spin(cx, Side::Tx) {
+                        return Poll::Pending;
+                    }
+                    if let Phase::Up(duplex) = &mut self.phase {
+                        match duplex.tx.prepare_wait_for_space(len) {
+                            Ok(true) => {}
+                            Ok(false) => continue,
+                            Err(e) => return Poll::Ready(Err(self.ring_error(e))),
+                        }
+                    }
+                }
+                LinkCheck::Down => {}
+            }
+            ready!(self.poll_irq(cx, Side::Tx))?;
+        }
+    }
+
+    /// Sends one frame, waiting for room (back-pressure) and for the link to be up.
+    pub async fn send(&mut self, frame: &[u8]) -> Result<(), ChannelError> {
+        std::future::poll_fn(|cx| {
+            self.poll_send_with(cx, frame.len(), &mut |dst: &mut [u8]| {
+                dst.copy_from_slice(frame)
+            })
+        })
+        .await
+    }
+
+    /// Sends one record.
+    pub async fn send_record<T: Pod>(&mut self, record: &T) -> Result<(), ChannelError> {
+        self.send(bytemuck::bytes_of(record)).await
+    }
+
+    /// Largest frame the sending ring accepts (`None` while the link is not up).
+    pub fn max_frame_len(&self) -> Option<usize> {
+        match &self.phase {
+            Phase::Up(d) => Some(d.tx.max_frame_len()),
+            _ => None,
+        }
+    }
+}
+
+impl Waiters {
+    fn wake_by_ref_other(&self, side: Side) {
+        let other = 1 - side as usize;
+        let w = self.slots.lock().unwrap_or_else(|p| p.into_inner())[other].take();
+        if let Some(w) = w {
+            w.wake();
+        }
+    }
+}
+
+impl Drop for Channel {
+    fn drop(&mut self) {
+        // Leave the link: the peer sees state 0 and stops using our parts.
+        self.phase = Phase::Idle;
+        self.endpoint.ivshmem().set_state(LinkState::Reset.as_u32());
+    }
+}
+
+/// Stream of typed records from [`Channel::records`].
+#[derive(Debug)]
+pub struct Records<'a, T> {
+    channel: &'a mut Channel,
+    done: bool,
+    _type: PhantomData<fn() -> T>,
+}
+
+impl<T: Pod> Records<'_, T> {
+    /// The next record (`None` after the stream ended).
+    pub async fn next(&mut self) -> Option<Result<T, ChannelError>> {
+        std::future::poll_fn(|cx| Pin::new(&mut *self).poll_next(cx)).await
+    }
+}
+
+impl<T: Pod> Stream for Records<'_, T> {
+    type Item = Result<T, ChannelError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        let item = ready!(self.channel.poll_record::<T>(cx));
+        if matches!(item, Err(ChannelError::PeerGone { .. })) {
+            self.done = true;
+        }
+        Poll::Ready(Some(item))
+    }
+}
+
+/// Stream of byte frames from [`Channel::frames`].
+#[derive(Debug)]
+pub struct Frames<'a> {
+    channel: &'a mut Channel,
+    done: bool,
+}
+
+impl Frames<'_> {
+    /// The next frame (`None` after the stream ended).
+    pub async fn next(&mut self) -> Option<Result<Vec<u8>, ChannelError>> {
+        std::future::poll_fn(|cx| Pin::new(&mut *self).poll_next(cx)).await
+    }
+}
+
+impl Stream for Frames<'_> {
+    type Item = Result<Vec<u8>, ChannelError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        let item = ready!(self.channel.poll_recv_with(cx, &mut |f: &[u8]| f.to_vec()));
+        if matches!(item, Err(ChannelError::PeerGone { .. })) {
+            self.done = true;
+        }
+        Poll::Ready(Some(item))
+    }
+}
+
+impl AsyncRead for Channel {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            if !this.partial.is_empty() {
+                let n = this.partial.len().min(buf.remaining());
+                let (a, b) = this.partial.as_slices();
+                let from_a = a.len().min(n);
+                buf.put_slice(&a[..from_a]);
+                buf.put_slice(&b[..n - from_a]);
+                this.partial.drain(..n);
+                return Poll::Ready(Ok(()));
+            }
+            let mut rest = std::mem::take(&mut this.partial);
+            let copied = this.poll_recv_with(cx, &mut |frame: &[u8]| {
+                let n = frame.len().min(buf.remaining());
+                buf.put_slice(&frame[..n]);
+                rest.extend(&frame[n..]);
+                n
+            });
+            this.partial = rest;
+            let copied = ready!(copied)?;
+            // Empty frames carry nothing: keep reading.
+            if copied > 0 {
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
+}
+
+impl AsyncWrite for Channel {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        // Cut at the ring's frame limit (a quarter of it when unknown keeps progress going).
+        let limit = match &this.phase {
+            Phase::Up(d) => d.tx.max_frame_len(),
+            _ => shmring::layout::max_frame_len(shmring::layout::MIN_CAPACITY),
+        };
+        let n = buf.len().min(limit.max(1));
+        ready!(this.poll_send_with(cx, n, &mut |dst: &mut [u8]| dst.copy_from_slice(&buf[..n])))?;
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Every write is published (and the peer rung if it asked) before it returns.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+type ChangedFuture =
+    Pin<Box<dyn Future<Output = (watch::Receiver<PeerState>, bool)> + Send + 'static>>;
+
+/// Stream of the peer's state, from [`Channel::peer_states`]: yields the current state first,
+/// then every change the channel observes (merged to the latest when they come quickly).
+pub struct PeerStates {
+    rx: Option<watch::Receiver<PeerState>>,
+    pending: Option<ChangedFuture>,
+    first: bool,
+}
+
+impl std::fmt::Debug for PeerStates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerStates").finish_non_exhaustive()
+    }
+}
+
+impl PeerStates {
+    fn new(rx: watch::Receiver<PeerState>) -> Self {
+        Self {
+            rx: Some(rx),
+            pending: None,
+            first: true,
+        }
+    }
+
+    /// The next state (`None` once the channel is gone).
+    pub async fn next(&mut self) -> Option<PeerState> {
+        std::future::poll_fn(|cx| Pin::new(&mut *self).poll_next(cx)).await
+    }
+}
+
+impl Stream for PeerStates {
+    type Item = PeerState;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<PeerState>> {
+        let this = &mut *self;
+        if this.first {
+            this.first = false;
+            if let Some(rx) = this.rx.as_mut() {
+                return Poll::Ready(Some(*rx.borrow_and_update()));
+            }
+        }
+        if this.pending.is_none() {
+            let Some(mut rx) = this.rx.take() else {
+                return Poll::Ready(None);
+            };
+            this.pending = Some(Box::pin(async move {
+                let ok = rx.changed().await.is_ok();
+                (rx, ok)
+            }));
+        }
+        let fut = this.pending.as_mut().expect("set above");
+        let (mut rx, ok) = ready!(fut.as_mut().poll(cx));
+        this.pending = None;
+        if !ok {
+            return Poll::Ready(None);
+        }
+        let value = *rx.borrow_and_update();
+        this.rx = Some(rx);
+        Poll::Ready(Some(value))
+    }
+}

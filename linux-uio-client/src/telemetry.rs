@@ -1,0 +1,341 @@
+//! The telemetry pipe's record and its producer cell.
+//!
+//! [`Sample`] is the fixed-size record (`#[repr(C)]`, `Pod`) one frame each.
+//! [`ProducerCell`] is the producer written as bare-metal code would be: it uses only `core`,
+//! [`ivshmem_dev`] (the driver, generic over [`RegisterAccess`], and
+//! [`ivshmem_dev::link_state`]) and [`shmring`] (the duplex layout), and reaches the platform
+//! only through [`CellPlatform`] (a clock and "wait for an interrupt or a deadline"). The same
+//! code runs as a process cell (the `telemetry_producer` example gives it a hosted
+//! [`Endpoint`](crate::Endpoint)) or, with a port-I/O/MMIO `RegisterAccess`, in a KVM cell.
+//!
+//! The channel values are a pure function of the sequence number ([`Sample::expected_channels`])
+//! so a consumer can check every record it receives for tearing.
+
+use core::fmt;
+
+use bytemuck::{Pod, Zeroable};
+use ivshmem_dev::link_state::{self, Action, LinkState};
+use ivshmem_dev::{Ivshmem, RegisterAccess};
+use shmring::duplex::{Duplex, DuplexInit};
+
+/// Number of channel values in a sample.
+pub const CHANNELS: usize = 6;
+
+/// One telemetry sample (40 bytes).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Pod, Zeroable)]
+pub struct Sample {
+    /// When the producer wrote it: `CLOCK_MONOTONIC` in ns (comparable across processes on
+    /// one machine).
+    pub timestamp_ns: u64,
+    /// Sequence number: 0, 1, 2, ... from the producer's start.
+    pub seq: u64,
+    /// Channel values ([`Sample::expected_channels`] of `seq`).
+    pub channels: [f32; CHANNELS],
+}
+
+impl Sample {
+    /// Size of a sample on the wire.
+    pub const SIZE: usize = core::mem::size_of::<Sample>();
+
+    /// The channel values of sample `seq`: a sawtooth per channel with periods 1000, 2000, ...
+    /// (exact in `f32`), so any torn or corrupted record is detectable.
+    pub fn expected_channels(seq: u64) -> [f32; CHANNELS] {
+        let mut values = [0.0; CHANNELS];
+        for (i, v) in values.iter_mut().enumerate() {
+            let period = 1000 * (i as u64 + 1);
+            *v = (seq % period) as f32 * 0.5 + i as f32;
+        }
+        values
+    }
+
+    /// A sample as the producer makes it.
+    pub fn new(seq: u64, timestamp_ns: u64) -> Self {
+        Self {
+            timestamp_ns,
+            seq,
+            channels: Self::expected_channels(seq),
+        }
+    }
+
+    /// Whether the channel values match the sequence number.
+    pub fn is_consistent(&self) -> bool {
+        self.channels == Self::expected_channels(self.seq)
+    }
+}
+
+/// What the producer needs from its platform.
+pub trait CellPlatform {
+    /// Monotonic time in ns (`CLOCK_MONOTONIC` on Linux).
+    fn now_ns(&mut self) -> u64;
+    /// Waits until an interrupt was delivered (and re-armed) or `deadline_ns` passed
+    /// (`None`: no deadline). Spurious returns are allowed: the caller re-checks everything.
+    fn wait(&mut self, deadline_ns: Option<u64>);
+}
+
+/// How the producer runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProducerConfig {
+    /// The consumer's peer ID.
+    pub peer: u16,
+    /// Samples per second (`None`: as fast as the ring takes them).
+    pub rate_per_s: Option<u64>,
+    /// Stop after this many samples (`None`: never).
+    pub count: Option<u64>,
+    /// Publish at most this many samples per index store (flat out only; at a set rate every
+    /// due sample is published at once).
+    pub batch: usize,
+    /// Cap on the ring capacity (`None`: the largest that fits the output section).
+    pub max_capacity: Option<usize>,
+}
+
+impl Default for ProducerConfig {
+    fn default() -> Self {
+        Self {
+            peer: 1,
+            rate_per_s: None,
+            count: None,
+            batch: 32,
+            max_capacity: None,
+        }
+    }
+}
+
+/// What the producer did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProducerStats {
+    /// Samples published.
+    pub sent: u64,
+    /// Times the consumer left the link.
+    pub departures: u64,
+    /// Times the ring was full and the producer waited for space.
+    pub full_waits: u64,
+    /// Doorbells rung.
+    pub doorbells: u64,
+}
+
+/// Errors of the producer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProducerError {
+    /// A ring error (the consumer broke the protocol, or the own section is too small).
+    Ring(shmring::Error),
+    /// The consumer's output section is not mapped.
+    NoPeerSection {
+        /// The consumer's peer ID.
+        peer: u16,
+    },
+}
+
+impl fmt::Display for ProducerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Ring(e) => write!(f, "ring: {e}"),
+            Self::NoPeerSection { peer } => write!(f, "peer {peer} has no output section"),
+        }
+    }
+}
+
+impl core::error::Error for ProducerError {}
+
+enum Phase {
+    Idle,
+    Init(DuplexInit),
+    Up(Duplex),
+}
+
+/// The producer cell: drives the link state machine and streams [`Sample`]s.
+pub struct ProducerCell<'d, R: RegisterAccess> {
+    dev: &'d Ivshmem<R>,
+    config: ProducerConfig,
+    own: LinkState,
+    phase: Phase,
+    /// Both sides RUN: only then is anything published (the consumer has attached).
+    carrier: bool,
+    seq: u64,
+    /// Start of pacing in this attachment and samples sent since.
+    pace_start: u64,
+    paced: u64,
+    stats: ProducerStats,
+}
+
+impl<R: RegisterAccess> fmt::Debug for ProducerCell<'_, R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProducerCell")
+            .field("own", &self.own)
+            .field("seq", &self.seq)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'d, R: RegisterAccess> ProducerCell<'d, R> {
+    /// A producer on `dev` (interrupts must be enabled by whoever set the device up).
+    pub fn new(dev: &'d Ivshmem<R>, config: ProducerConfig) -> Self {
+        dev.set_state(LinkState::Reset.as_u32());
+        Self {
+            dev,
+            config,
+            own: LinkState::Reset,
+            phase: Phase::Idle,
+            carrier: false,
+            seq: 0,
+            pace_start: 0,
+            paced: 0,
+            stats: ProducerStats::default(),
+        }
+    }
+
+    /// What it did so far.
+    pub fn stats(&self) -> ProducerStats {
+        self.stats
+    }
+
+    /// This side's link state.
+    pub fn link_state(&self) -> LinkState {
+        self.own
+    }
+
+    /// Steps the link state machine until it settles; true when attached.
+    fn step_link(&mut self, now: u64) -> Result<bool, ProducerError> {
+        let peer = self.config.peer;
+        for _ in 0..4 {
+            let peer_state = self.dev.peer_state(peer).unwrap_or(0);
+            let step = link_state::next(self.own, peer_state);
+            match step.action {
+                Action::None => {}
+                Action::SetUpOwn => {
+                    let init = match core::mem::replace(&mut self.phase, Phase::Idle) {
+                        Phase::Init(init) => init,
+                        Phase::Up(duplex) => duplex.reset(),
+                        Phase::Idle => {
+                            let own = self.dev.own_output();
+                            // SAFETY: the own output section is writable, stays mapped as long
+                            // as the driver `dev` (borrowed for 'd, longer than self), and is
+                            // written only through this DuplexInit.
+                            unsafe {
+                                DuplexInit::init(own.as_ptr(), own.len(), self.config.max_capacity)
+                            }
+                            .map_err(ProducerError::Ring)?
+                        }
+                    };
+                    self.phase = Phase::Init(init);
+                }
+                Action::AttachPeer => {
+                    let Phase::Init(init) = &self.phase else {
+                        return Err(ProducerError::Ring(shmring::Error::AlreadyAttached));
+                    };
+                    let section = self
+                        .dev
+                        .peer_output(peer)
+                        .ok_or(ProducerError::NoPeerSection { peer })?;
+                    // SAFETY: the peer's section stays mapped as long as `dev`; its content is
+                    // validated by the rings.
+                    match unsafe { init.attach(section.as_ptr(), section.len()) } {
+                        Ok(duplex) => self.phase = Phase::Up(duplex),
+                        Err(shmring::Error::PeerNotReady) => return Ok(false),
+                        Err(e) => return Err(ProducerError::Ring(e)),
+                    }
+                }
+                Action::TearDown => {
+                    if let Phase::Up(duplex) = core::mem::replace(&mut self.phase, Phase::Idle) {
+                        self.phase = Phase::Init(duplex.reset());
+                    } else {
+                        self.phase = Phase::Idle;
+                    }
+                    self.stats.departures += 1;
+                    self.carrier = false;
+                }
+            }
+            if step.state != self.own {
+                self.own = step.state;
+                self.dev.set_state(step.state.as_u32());
+            }
+            if step.action == Action::None {
+                if link_state::carrier(self.own, peer_state) && matches!(self.phase, Phase::Up(_)) {
+                    if !self.carrier {
+                        self.pace_start = now;
+                        self.paced = 0;
+                    }
+                    self.carrier = true;
+                }
+                break;
+            }
+        }
+        Ok(self.carrier)
+    }
+
+    fn done(&self) -> bool {
+        self.config.count.is_some_and(|c| self.stats.sent >= c)
+    }
+
+    /// Runs until `count` samples are published (forever without a count).
+    pub fn run<P: CellPlatform>(
+        &mut self,
+        platform: &mut P,
+    ) -> Result<ProducerStats, ProducerError> {
+        while !self.done() {
+            let now = platform.now_ns();
+            if !self.step_link(now)? {
+                platform.wait(None);
+                continue;
+            }
+            // How many samples are due now.
+            let left = self.config.count.map_or(u64::MAX, |c| c - self.stats.sent);
+            let due = match self.config.rate_per_s {
+                None => self.config.batch.max(1) as u64,
+                Some(rate) => {
+                    let rate = rate.max(1);
+                    let elapsed = now.saturating_sub(self.pace_start);
+                    let due_total = (elapsed as u128 * rate as u128 / 1_000_000_000) as u64 + 1;
+                    let due = due_total.saturating_sub(self.paced);
+                    if due == 0 {
+                        let next = self.pace_start
+                            + ((self.paced as u128 * 1_000_000_000) / rate as u128) as u64;
+                        platform.wait(Some(next));
+                        continue;
+                    }
+                    due
+                }
+            }
+            .min(left);
+            let Phase::Up(duplex) = &mut self.phase else {
+                continue;
+            };
+            let mut wrote = 0u64;
+            let mut full = false;
+            while wrote < due {
+                match duplex.tx.grant(Sample::SIZE) {
+                    Ok(mut grant) => {
+                        let sample = Sample::new(self.seq, platform.now_ns());
+                        grant.copy_from_slice(bytemuck::bytes_of(&sample));
+                        grant.commit();
+                        self.seq += 1;
+                        wrote += 1;
+                    }
+                    Err(shmring::Error::Full { .. }) => {
+                        full = true;
+                        break;
+                    }
+                    Err(e) => return Err(ProducerError::Ring(e)),
+                }
+            }
+            if duplex.tx.flush().needed() {
+                self.dev.ring_peer(self.config.peer);
+                self.stats.doorbells += 1;
+            }
+            self.stats.sent += wrote;
+            self.paced += wrote;
+            if full && wrote == 0 {
+                match duplex.tx.prepare_wait_for_space(Sample::SIZE) {
+                    Ok(true) => {
+                        self.stats.full_waits += 1;
+                        platform.wait(None);
+                    }
+                    Ok(false) => {}
+                    Err(e) => return Err(ProducerError::Ring(e)),
+                }
+            }
+        }
+        Ok(self.stats)
+    }
+}
