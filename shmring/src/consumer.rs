@@ -4,7 +4,7 @@ use core::cell::Cell;
 use core::ops::Deref;
 
 use crate::layout::{self, FrameHeader, FLAG_PADDING, NO_EVENT};
-use crate::sync::{fence, word, AtomicU64, Ordering};
+use crate::sync::{fence, load_acquire, word, AtomicU64, Ordering};
 use crate::{check_region, need_event, Error, Notify, Owner};
 
 /// A consumer part that is initialised (and announced) but not yet attached to its producer.
@@ -154,7 +154,7 @@ impl Consumer {
     fn refresh_prod(&mut self) -> Result<u64, Error> {
         // Acquire pairs with the producer's Release store in flush: the frames it published are
         // visible to our reads below.
-        let prod = self.prod_word().load(Ordering::Acquire);
+        let prod = load_acquire(self.prod_word());
         // Monotonic, at most one capacity ahead of what we released, frame aligned.
         if prod < self.cached_prod
             || prod - self.published > self.capacity
@@ -194,7 +194,9 @@ impl Consumer {
             let off = self.read & self.mask;
             let contiguous = self.capacity - off;
             // SAFETY: off < capacity and 8-aligned (indices are validated multiples of 8), so the
-            // header word lies inside the data area. Read exactly once (copied to `h`).
+            // header word lies inside the data area. Read exactly once (copied to `h`). Relaxed:
+            // the Acquire of the producer index that covered this frame orders it after the
+            // producer's header store.
             let h = FrameHeader::from_word(
                 unsafe { word(self.data.add(off as usize).cast_mut().cast()) }
                     .load(Ordering::Relaxed),
@@ -339,7 +341,9 @@ impl ConsumerInit {
         check_region(peer, peer_len, layout::P_DATA)?;
         // SAFETY: checked size/alignment of the control block; loads only.
         let (magic, version, capacity) = unsafe {
-            let m = word(peer.add(layout::P_MAGIC).cast_mut().cast()).load(Ordering::Acquire);
+            // Acquire (fence in load_acquire) pairs with the Release store of the magic at init:
+            // version and capacity read next are the ones written before it.
+            let m = load_acquire(word(peer.add(layout::P_MAGIC).cast_mut().cast()));
             let v = word(peer.add(layout::P_VERSION).cast_mut().cast()).load(Ordering::Relaxed);
             let c = word(peer.add(layout::P_CAPACITY).cast_mut().cast()).load(Ordering::Relaxed);
             (m, crate::version_of(v), c)

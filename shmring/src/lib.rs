@@ -56,9 +56,11 @@
 //! # Protocol
 //!
 //! * Publishing: the producer writes frames, then stores its index with `Release`; the consumer
-//!   loads it with `Acquire`. Releasing: the consumer stores its index with `Release`; the
-//!   producer loads it with `Acquire` before reusing the space. Each side caches the other's
-//!   index and re-reads it only when the cached value does not suffice.
+//!   loads it with acquire semantics. Releasing: the consumer stores its index with `Release`;
+//!   the producer loads it with acquire semantics before reusing the space. Loads from the
+//!   peer's part are `Relaxed` loads followed by an `Acquire` fence, the form the standard
+//!   library guarantees to work on a read-only mapping (free on x86-64). Each side caches the
+//!   other's index and re-reads it only when the cached value does not suffice.
 //! * Batching: `grant`/`commit` and `peek`/`release` are local; one `flush` publishes them all
 //!   with a single index store and returns at most one [`Notify`].
 //! * Notification suppression (event index, like virtio's `vring_need_event`): a consumer that

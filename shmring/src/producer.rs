@@ -5,7 +5,7 @@ use core::ops::{Deref, DerefMut};
 use core::ptr;
 
 use crate::layout::{self, FrameHeader, FLAG_PADDING, NO_EVENT};
-use crate::sync::{fence, word, Ordering};
+use crate::sync::{fence, load_acquire, word, Ordering};
 use crate::{check_region, need_event, Error, Notify, Owner};
 
 /// A producer part that is initialised (and announced) but not yet attached to its consumer.
@@ -212,7 +212,7 @@ impl Producer {
     fn refresh_cons(&mut self) -> Result<(), Error> {
         // Acquire pairs with the consumer's Release store of its index: its reads of the frames
         // it released happen before we overwrite that space.
-        let cons = self.cons_word().load(Ordering::Acquire);
+        let cons = load_acquire(self.cons_word());
         // A consumer never goes back and never releases more than we published.
         if cons < self.cached_cons || cons > self.published {
             return Err(Error::Corrupt {
@@ -404,7 +404,9 @@ impl ProducerInit {
         check_region(peer, peer_len, layout::CONSUMER_PART_SIZE)?;
         // SAFETY: checked size/alignment; loads only.
         let (magic, version) = unsafe {
-            let m = word(peer.add(layout::C_MAGIC).cast_mut().cast()).load(Ordering::Acquire);
+            // Acquire (via the fence in load_acquire) pairs with the Release store of the magic
+            // at init: the version read next is the one written before it.
+            let m = load_acquire(word(peer.add(layout::C_MAGIC).cast_mut().cast()));
             let v = word(peer.add(layout::C_VERSION).cast_mut().cast()).load(Ordering::Relaxed);
             (m, crate::version_of(v))
         };

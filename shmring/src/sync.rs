@@ -55,3 +55,15 @@ mod imp {
 }
 
 pub(crate) use imp::*;
+
+/// Acquire load of a word in the peer's part, which may be mapped read-only: a `Relaxed` load
+/// (the only atomic load the standard library promises to work on read-only memory, for 8-byte
+/// words on 64-bit targets) followed by an `Acquire` fence, which gives the load acquire
+/// semantics (fence-to-store synchronisation). On x86-64 the fence is free; on AArch64 it costs
+/// about what `ldar` does.
+#[inline(always)]
+pub(crate) fn load_acquire(w: &AtomicU64) -> u64 {
+    let value = w.load(Ordering::Relaxed);
+    fence(Ordering::Acquire);
+    value
+}

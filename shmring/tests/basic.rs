@@ -240,9 +240,14 @@ fn raw_two_phase_attach_checks_the_peer() {
         // (A whole-word atomic store, as a peer process would do it; the version is the first
         // 4 bytes of the word.)
         let word = std::sync::atomic::AtomicU64::from_ptr(cp.add(layout::C_VERSION).cast());
-        let mut bytes = word.load(std::sync::atomic::Ordering::Relaxed).to_ne_bytes();
+        let mut bytes = word
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .to_ne_bytes();
         bytes[..4].copy_from_slice(&7u32.to_ne_bytes());
-        word.store(u64::from_ne_bytes(bytes), std::sync::atomic::Ordering::Relaxed);
+        word.store(
+            u64::from_ne_bytes(bytes),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         assert_eq!(
             pinit.attach(cp, CONSUMER_PART_SIZE).unwrap_err(),
             Error::VersionMismatch {

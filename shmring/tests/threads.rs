@@ -141,10 +141,19 @@ fn doorbell_handshakes_never_lose_a_wake_up() {
     }
     let (rings, waits) = producer.join().unwrap();
     // The producer rings only for announced sleeps, never once per message.
-    assert!(rings <= announces, "{rings} doorbells for {announces} announcements");
+    assert!(
+        rings <= announces,
+        "{rings} doorbells for {announces} announcements"
+    );
     assert!(sleeps <= announces);
-    assert!(space_rings <= waits, "{space_rings} space doorbells for {waits} waits");
-    assert!(rings < frames / 2 || cfg!(miri), "notification per message: {rings} of {frames}");
+    assert!(
+        space_rings <= waits,
+        "{space_rings} space doorbells for {waits} waits"
+    );
+    assert!(
+        rings < frames / 2 || cfg!(miri),
+        "notification per message: {rings} of {frames}"
+    );
 }
 
 #[test]
