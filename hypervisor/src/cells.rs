@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use crate::config::{CellKind, ValidConfig};
 use crate::control::{CellSpec, ControlError, ControlEvent, ControlServer, LinkSpec, SystemSpec};
 use crate::memory::{drain_eventfd, signal_eventfd};
-use crate::status::{format_line, CellExit};
+use crate::status::{format_cell_lines, CellExit};
 
 /// Environment variable carrying the control socket path to spawned cells.
 pub const ENV_SOCKET: &str = "IVSHMEM_SOCKET";
@@ -279,33 +279,42 @@ fn read_signal(fd: BorrowedFd<'_>) -> Option<i32> {
 struct Display<'a> {
     out: &'a mut dyn Write,
     output: Output,
-    last_line: String,
+    /// The live block: one line per cell.
+    lines: Vec<String>,
+    /// How many lines of the live block are on the screen now.
+    drawn: usize,
     last_draw: Option<Instant>,
     pending: bool,
 }
 
 impl Display<'_> {
-    /// Prints an event line (above the live line on a terminal).
-    fn event(&mut self, text: &str) -> io::Result<()> {
-        match self.output {
-            Output::Terminal => {
-                write!(self.out, "\r\x1b[K{text}\n")?;
-                self.pending = true;
-                self.last_draw = None;
-            }
-            Output::Log => writeln!(self.out, "{text}")?,
+    /// Erases the live block (terminal only): cursor up to its first line, clear below.
+    fn erase(&mut self) -> io::Result<()> {
+        if self.drawn > 0 {
+            write!(self.out, "\x1b[{}F\x1b[J", self.drawn)?;
+            self.drawn = 0;
         }
+        Ok(())
+    }
+
+    /// Prints an event line (above the live block on a terminal).
+    fn event(&mut self, text: &str) -> io::Result<()> {
+        if self.output == Output::Terminal && self.drawn > 0 {
+            self.erase()?;
+            self.pending = true;
+        }
+        writeln!(self.out, "{text}")?;
         self.out.flush()
     }
 
-    /// Redraws the live line if it changed and the last redraw is old enough; returns how
-    /// long to wait before a pending redraw is due.
-    fn live(&mut self, line: String) -> io::Result<Option<Duration>> {
+    /// Redraws the live block if it changed (or was erased) and the last redraw is old
+    /// enough; returns how long to wait before a pending redraw is due.
+    fn live(&mut self, lines: Vec<String>) -> io::Result<Option<Duration>> {
         if self.output != Output::Terminal {
             return Ok(None);
         }
-        if line != self.last_line {
-            self.last_line = line;
+        if lines != self.lines {
+            self.lines = lines;
             self.pending = true;
         }
         if !self.pending {
@@ -317,7 +326,11 @@ impl Display<'_> {
                 return Ok(Some(REDRAW_INTERVAL - since));
             }
         }
-        write!(self.out, "\r\x1b[K{}", self.last_line)?;
+        self.erase()?;
+        for line in &self.lines {
+            writeln!(self.out, "{line}")?;
+        }
+        self.drawn = self.lines.len();
         self.out.flush()?;
         self.pending = false;
         self.last_draw = Some(Instant::now());
@@ -325,9 +338,6 @@ impl Display<'_> {
     }
 
     fn finish(&mut self) -> io::Result<()> {
-        if self.output == Output::Terminal && self.last_draw.is_some() {
-            writeln!(self.out)?;
-        }
         self.out.flush()
     }
 }
@@ -365,7 +375,8 @@ pub fn run(
     let mut display = Display {
         out,
         output: options.output,
-        last_line: String::new(),
+        lines: Vec::new(),
+        drawn: 0,
         last_draw: None,
         pending: false,
     };
@@ -465,7 +476,7 @@ pub fn run(
             display.event(&describe(&event)).map_err(RunError::Output)?;
         }
         wait = display
-            .live(format_line(&server.status()))
+            .live(format_cell_lines(&server.status()))
             .map_err(RunError::Output)?;
         if let Some(r) = stop_reason {
             break r;
@@ -575,4 +586,55 @@ fn terminate(
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn display(out: &mut Vec<u8>, output: Output) -> Display<'_> {
+        Display {
+            out,
+            output,
+            lines: Vec::new(),
+            drawn: 0,
+            last_draw: None,
+            pending: false,
+        }
+    }
+
+    #[test]
+    fn terminal_redraws_the_cell_block_in_place_and_rate_limits() {
+        let mut out = Vec::new();
+        let mut d = display(&mut out, Output::Terminal);
+        assert_eq!(
+            d.live(vec!["a: waiting".into(), "b: waiting".into()])
+                .unwrap(),
+            None
+        );
+        // A change right after a redraw is deferred, not drawn.
+        let due = d
+            .live(vec!["a: attached".into(), "b: waiting".into()])
+            .unwrap();
+        assert!(due.is_some_and(|t| t <= REDRAW_INTERVAL));
+        // An event erases the block and is printed above where it was.
+        d.event("cell a: attached (pid 1)").unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(
+            text,
+            "a: waiting\nb: waiting\n\x1b[2F\x1b[Jcell a: attached (pid 1)\n"
+        );
+    }
+
+    #[test]
+    fn log_output_prints_events_only() {
+        let mut out = Vec::new();
+        let mut d = display(&mut out, Output::Log);
+        assert_eq!(d.live(vec!["a: waiting".into()]).unwrap(), None);
+        d.event("cell a: attached (pid 1)").unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "cell a: attached (pid 1)\n"
+        );
+    }
 }

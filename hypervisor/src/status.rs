@@ -165,21 +165,28 @@ pub fn format_table(status: &SystemStatus) -> String {
     out
 }
 
-/// A one-line summary per cell (the live status of `hypervisor run`): for each cell its
-/// phase and, per link it is on, its state; e.g. `a[attached net:3] b[exited (exit code 1) net:0]`.
-pub fn format_line(status: &SystemStatus) -> String {
-    let mut parts = Vec::new();
-    for cell in &status.cells {
-        let mut part = format!("{}[{}", cell.name, phase_word(cell));
-        for link in &status.links {
-            for peer in link.peers.iter().filter(|p| p.cell == cell.name) {
-                let _ = write!(part, " {}:{}", link.name, peer.state);
+/// One status line per cell (the live status of `hypervisor run`): its phase, pid and, per
+/// link it is on, its peer ID and state; e.g. `rtos: attached, pid 100; telemetry#0 = 3`.
+pub fn format_cell_lines(status: &SystemStatus) -> Vec<String> {
+    let width = status.cells.iter().map(|c| c.name.len()).max().unwrap_or(0);
+    status
+        .cells
+        .iter()
+        .map(|cell| {
+            let mut line = format!("{:<width$}: {}", cell.name, phase_word(cell));
+            if let Some(pid) = cell.pid {
+                let _ = write!(line, ", pid {pid}");
             }
-        }
-        part.push(']');
-        parts.push(part);
-    }
-    parts.join("  ")
+            for link in &status.links {
+                for (id, peer) in link.peers.iter().enumerate() {
+                    if peer.cell == cell.name {
+                        let _ = write!(line, "; {}#{id} = {}", link.name, peer.state);
+                    }
+                }
+            }
+            line
+        })
+        .collect()
 }
 
 /// Errors of [`query`].
@@ -463,10 +470,13 @@ mod tests {
             "{table}"
         );
         assert!(table.contains("0x4001"), "{table}");
-        let line = format_line(&sample());
+        let lines = format_cell_lines(&sample());
         assert_eq!(
-            line,
-            "rtos[attached telemetry:3]  linux[exited (killed by signal 9 (SIGKILL)) telemetry:0]"
+            lines,
+            [
+                "rtos : attached, pid 100; telemetry#0 = 3",
+                "linux: exited (killed by signal 9 (SIGKILL)), pid 101; telemetry#1 = 0"
+            ]
         );
     }
 }

@@ -715,3 +715,125 @@ output_size = "4K"
     assert!(all.contains("stopped 2 spawned cell(s)"), "{all}");
     assert!(!socket.exists());
 }
+
+/// Forwards complete lines written to it over a channel.
+struct LineSender {
+    tx: mpsc::Sender<String>,
+    buf: Vec<u8>,
+}
+
+impl Write for LineSender {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        while let Some(end) = self.buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.buf.drain(..=end).collect();
+            let _ = self
+                .tx
+                .send(String::from_utf8_lossy(&line[..end]).into_owned());
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn control_socket_is_private_replaces_only_stale_sockets_and_refuses_garbage() {
+    use hypervisor::cells::{self, Output, RunOptions, StopHandle};
+    use hypervisor::control::{ControlError, ControlServer, SystemSpec};
+    use ivshmem_dev::hosted::{decode_reply, Reply, MAX_MESSAGE_SIZE};
+    use std::os::unix::fs::PermissionsExt;
+
+    let dir = TempDir::new("socket");
+    let socket = dir.0.join("hv.sock");
+    let config = three_cell_config(&dir.0, &socket);
+    let valid = hypervisor::config::load_and_validate(&config, None).unwrap();
+    let system = SystemSpec::from_config(&valid);
+
+    // A stale socket file: bound once, nobody listens any more.
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    assert!(socket.exists());
+
+    let stop = StopHandle::new().unwrap();
+    let (tx, rx) = mpsc::channel();
+    let options = RunOptions {
+        socket: socket.clone(),
+        spawn: false,
+        handle_signals: false,
+        output: Output::Log,
+    };
+    let runner = {
+        let (system, stop) = (system.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut out = LineSender {
+                tx,
+                buf: Vec::new(),
+            };
+            cells::run(&system, &options, Some(&stop), &mut out)
+        })
+    };
+    let mut log = Lines {
+        rx,
+        seen: Vec::new(),
+    };
+    log.expect("listening on");
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "control socket mode {mode:o}");
+
+    // A second hypervisor on the same socket is refused; so is replacing a regular file.
+    let err =
+        ControlServer::bind(&system, &socket, &mut hypervisor::control::device_model).unwrap_err();
+    assert!(matches!(err, ControlError::AlreadyRunning(_)), "{err}");
+    let file = dir.0.join("not-a-socket");
+    std::fs::write(&file, b"data").unwrap();
+    let err =
+        ControlServer::bind(&system, &file, &mut hypervisor::control::device_model).unwrap_err();
+    assert!(matches!(err, ControlError::NotASocket(_)), "{err}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"data");
+
+    // Garbage on the socket is refused with a reason, and the connection is closed.
+    use nix::sys::socket::{
+        connect, recv, send, socket as new_socket, AddressFamily, MsgFlags, SockFlag, SockType,
+        UnixAddr,
+    };
+    let fd = new_socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    connect(fd.as_raw_fd(), &UnixAddr::new(&socket).unwrap()).unwrap();
+    let tv = nix::sys::time::TimeVal::new(10, 0);
+    nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::ReceiveTimeout, &tv).unwrap();
+    send(fd.as_raw_fd(), b"GET / HTTP/1.0\r\n\r\n", MsgFlags::empty()).unwrap();
+    let mut buf = [0u8; MAX_MESSAGE_SIZE];
+    let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()).unwrap();
+    match decode_reply(&buf[..n]).unwrap() {
+        Reply::Refused(r) => {
+            assert_eq!(r.reason(), Some(RefusalReason::BadRequest));
+            assert!(r.detail().contains("bad magic"), "{}", r.detail());
+        }
+        other => panic!("garbage answered with {other:?}"),
+    }
+    assert_eq!(
+        recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()).unwrap(),
+        0,
+        "connection not closed"
+    );
+
+    // The hypervisor still serves: a cell attaches, and the status shows it.
+    let a = HostedEndpoint::attach(&socket, "a").unwrap();
+    assert_eq!(a.links()[0].peer_id(), 0);
+    let status = hypervisor::status::query(&socket).unwrap();
+    assert_eq!(status.cells[0].pid, Some(std::process::id()));
+    drop(a);
+
+    stop.stop();
+    let report = runner.join().unwrap().unwrap();
+    assert_eq!(report.reason, "stop requested");
+    assert!(report.cells.is_empty());
+    assert!(!socket.exists(), "socket not removed on stop");
+}
