@@ -221,10 +221,18 @@ pub fn spawn_cell(cell: &CellSpec, argv: &[String], socket: &Path) -> Result<Chi
         .env(ENV_CELL, &cell.name)
         .stdin(Stdio::null());
     // SAFETY: the closure runs in the forked child before exec and only makes
-    // async-signal-safe system calls (prctl, setpgid, sched_setaffinity) on stack data.
+    // async-signal-safe system calls (prctl, sigprocmask, setpgid, sched_setaffinity) on
+    // stack data.
     unsafe {
         cmd.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The hypervisor blocks SIGINT/SIGTERM (it reads them from a signalfd); the
+            // mask survives exec, so the cell must get a clean one.
+            let mut empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut empty);
+            if libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) != 0 {
                 return Err(io::Error::last_os_error());
             }
             if libc::setpgid(0, 0) != 0 {

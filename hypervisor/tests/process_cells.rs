@@ -658,6 +658,12 @@ name = "observer"
 cpus = [0]
 command = "/bin/false"
 
+[[cells]]
+name = "sleeper"
+cpus = [0]
+command = "/bin/sleep"
+args = ["600"]
+
 [[links]]
 name = "pair"
 peers = ["worker", "observer"]
@@ -712,7 +718,13 @@ output_size = "4K"
     let (status, log) = hv.stop();
     assert!(status.success());
     let all = log.join("\n");
-    assert!(all.contains("stopped 2 spawned cell(s)"), "{all}");
+    assert!(all.contains("stopped 3 spawned cell(s)"), "{all}");
+    // A cell still running at stop ends by the hypervisor's SIGTERM (not blocked in the cell).
+    assert!(
+        all.contains("stopped: killed by signal 15 (SIGTERM)"),
+        "{all}"
+    );
+    assert!(!all.contains("killing it"), "{all}");
     assert!(!socket.exists());
 }
 
