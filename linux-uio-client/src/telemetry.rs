@@ -70,7 +70,9 @@ pub trait CellPlatform {
     fn now_ns(&mut self) -> u64;
     /// Waits until an interrupt was delivered (and re-armed) or `deadline_ns` passed
     /// (`None`: no deadline). Spurious returns are allowed: the caller re-checks everything.
-    fn wait(&mut self, deadline_ns: Option<u64>);
+    /// `false`: the platform cannot wait any more (the producer stops with
+    /// [`ProducerError::Platform`]).
+    fn wait(&mut self, deadline_ns: Option<u64>) -> bool;
 }
 
 /// How the producer runs.
@@ -119,6 +121,8 @@ pub struct ProducerStats {
 pub enum ProducerError {
     /// A ring error (the consumer broke the protocol, or the own section is too small).
     Ring(shmring::Error),
+    /// The platform failed to wait (see the platform for why).
+    Platform,
     /// The consumer's output section is not mapped.
     NoPeerSection {
         /// The consumer's peer ID.
@@ -130,6 +134,7 @@ impl fmt::Display for ProducerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Ring(e) => write!(f, "ring: {e}"),
+            Self::Platform => write!(f, "the platform failed to wait for an interrupt"),
             Self::NoPeerSection { peer } => write!(f, "peer {peer} has no output section"),
         }
     }
@@ -276,7 +281,9 @@ impl<'d, R: RegisterAccess> ProducerCell<'d, R> {
         while !self.done() {
             let now = platform.now_ns();
             if !self.step_link(now)? {
-                platform.wait(None);
+                if !platform.wait(None) {
+                    return Err(ProducerError::Platform);
+                }
                 continue;
             }
             // How many samples are due now.
@@ -291,7 +298,9 @@ impl<'d, R: RegisterAccess> ProducerCell<'d, R> {
                     if due == 0 {
                         let next = self.pace_start
                             + ((self.paced as u128 * 1_000_000_000) / rate as u128) as u64;
-                        platform.wait(Some(next));
+                        if !platform.wait(Some(next)) {
+                            return Err(ProducerError::Platform);
+                        }
                         continue;
                     }
                     due
@@ -329,7 +338,9 @@ impl<'d, R: RegisterAccess> ProducerCell<'d, R> {
                 match duplex.tx.prepare_wait_for_space(Sample::SIZE) {
                     Ok(true) => {
                         self.stats.full_waits += 1;
-                        platform.wait(None);
+                        if !platform.wait(None) {
+                            return Err(ProducerError::Platform);
+                        }
                     }
                     Ok(false) => {}
                     Err(e) => return Err(ProducerError::Ring(e)),
@@ -337,5 +348,115 @@ impl<'d, R: RegisterAccess> ProducerCell<'d, R> {
             }
         }
         Ok(self.stats)
+    }
+}
+
+/// What a consumer found wrong with the samples it received.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SampleCheck {
+    /// Samples checked.
+    pub received: u64,
+    /// Samples missing: the sum of forward jumps in the sequence.
+    pub missing: u64,
+    /// Gaps: how many forward jumps.
+    pub gaps: u64,
+    /// Samples whose sequence number went backwards (reordered or duplicated).
+    pub out_of_order: u64,
+    /// Samples whose channel values do not match their sequence number (torn or corrupt).
+    pub torn: u64,
+    /// Restarts of the producer seen by [`SampleCheck::restart`].
+    pub restarts: u64,
+    next: Option<u64>,
+}
+
+impl SampleCheck {
+    /// Checks one sample against the one before.
+    pub fn check(&mut self, sample: &Sample) {
+        self.received += 1;
+        if !sample.is_consistent() {
+            self.torn += 1;
+        }
+        match self.next {
+            Some(next) if sample.seq > next => {
+                self.gaps += 1;
+                self.missing += sample.seq - next;
+            }
+            Some(next) if sample.seq < next => self.out_of_order += 1,
+            _ => {}
+        }
+        self.next = Some(sample.seq.wrapping_add(1));
+    }
+
+    /// The producer left: its successor starts its sequence again.
+    pub fn restart(&mut self) {
+        self.restarts += 1;
+        self.next = None;
+    }
+
+    /// The sequence number expected next (`None` before the first sample or after a restart).
+    pub fn expected(&self) -> Option<u64> {
+        self.next
+    }
+
+    /// Nothing lost, reordered or torn.
+    pub fn is_clean(&self) -> bool {
+        self.missing == 0 && self.out_of_order == 0 && self.torn == 0
+    }
+}
+
+/// `CLOCK_MONOTONIC` in ns: the clock of [`Sample::timestamp_ns`], the same in every process
+/// of the machine (Linux side; the producer cell itself only uses [`CellPlatform::now_ns`]).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec we own; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// [`CellPlatform`] for a Linux process: [`monotonic_ns`] and the endpoint's interrupt (taken
+/// and re-armed by [`crate::EndpointInterrupt::wait_until`]). An interrupt error is fatal for a
+/// cell: it is kept ([`ProcessPlatform::error`]) and `wait` returns `false`.
+#[derive(Debug)]
+pub struct ProcessPlatform {
+    interrupt: crate::EndpointInterrupt,
+    error: Option<crate::EndpointError>,
+}
+
+impl ProcessPlatform {
+    /// Waits on `interrupt`.
+    pub fn new(interrupt: crate::EndpointInterrupt) -> Self {
+        Self {
+            interrupt,
+            error: None,
+        }
+    }
+
+    /// The first interrupt error, if any.
+    pub fn error(&self) -> Option<&crate::EndpointError> {
+        self.error.as_ref()
+    }
+}
+
+impl CellPlatform for ProcessPlatform {
+    fn now_ns(&mut self) -> u64 {
+        monotonic_ns()
+    }
+
+    fn wait(&mut self, deadline_ns: Option<u64>) -> bool {
+        if self.error.is_some() {
+            return false;
+        }
+        let deadline = deadline_ns.map(|d| {
+            std::time::Instant::now()
+                + std::time::Duration::from_nanos(d.saturating_sub(monotonic_ns()))
+        });
+        if let Err(e) = self.interrupt.wait_until(deadline) {
+            self.error = Some(e);
+            return false;
+        }
+        true
     }
 }
