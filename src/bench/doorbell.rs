@@ -131,11 +131,149 @@ pub fn run(settings: &Settings) -> Result<SuiteReport> {
 /// process cells of the hosted hypervisor, `iters` of them, parent side on `cpus[0]`, peer cell
 /// on `cpus[1]`; returns the time of the timed part like [`eventfd_rtt`].
 ///
-/// Returns `Ok(None)` while the hosted hypervisor's doorbell endpoint does not exist; the suite
-/// then shows the case as "not available yet". No figure is ever invented here.
+/// A hosted hypervisor is started in this process (its control socket served by a thread);
+/// two cells `ping` and `pong` attach over it as hosted endpoints, then a forked child (pinned
+/// to `cpus[1]`) drives `pong`. Each round trip is: `ping` writes DOORBELL (pong, 0), pong's
+/// blocking `wait_interrupt` wakes, pong writes DOORBELL (ping, 0), ping's `wait_interrupt`
+/// wakes; i.e. the full register emulation and INT_CONTROL handling of the endpoint on top of
+/// the eventfds. The hypervisor is not on the doorbell path (as with KVM's ioeventfd/irqfd).
+/// The stop request and the child's handshake travel through the two output sections.
+///
+/// Never returns `Ok(None)` on Linux; the `Option` stays for platforms without the backend.
 pub fn ivshmem_rtt(cpus: [usize; 2], iters: u64) -> Result<Option<Duration>> {
-    let _ = (cpus, iters);
-    Ok(None)
+    run_pinned(cpus[0], || hosted_doorbell_rtt(cpus, iters).map(Some))
+}
+
+/// Handshake and stop flags, in byte 0 of an output section.
+const FLAG_READY: u8 = 1;
+const FLAG_PIN_FAILED: u8 = 2;
+const FLAG_STOP: u8 = 3;
+
+fn hosted_doorbell_rtt(cpus: [usize; 2], iters: u64) -> Result<Duration> {
+    use hypervisor::control::{device_model, CellSpec, ControlServer, LinkSpec, SystemSpec};
+    use linux_uio_client::hosted::HostedEndpoint;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    static RUN: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "ivbench-doorbell-{}-{}",
+        std::process::id(),
+        RUN.fetch_add(1, Ordering::Relaxed)
+    ));
+    let socket = dir.join("hypervisor.sock");
+    let cell = |name: &str, cpu: usize| CellSpec {
+        name: name.into(),
+        cpus: vec![cpu],
+        command: None,
+        process: true,
+    };
+    let system = SystemSpec {
+        cells: vec![cell("ping", cpus[0]), cell("pong", cpus[1])],
+        links: vec![LinkSpec {
+            name: "doorbell".into(),
+            peers: vec!["ping".into(), "pong".into()],
+            protocol: 0x4001,
+            state_table_size: 4096,
+            rw_size: 0,
+            output_size: 4096,
+        }],
+    };
+    let mut server = ControlServer::bind(&system, &socket, &mut device_model)
+        .context("starting the hosted hypervisor")?;
+    let stop =
+        EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).context("eventfd")?;
+    std::thread::scope(|scope| {
+        let serving = scope.spawn(|| -> Result<()> {
+            loop {
+                let ready = server
+                    .poll(&[stop.as_fd()], None)
+                    .context("serving the control socket")?;
+                if ready[0] {
+                    return Ok(());
+                }
+            }
+        });
+        let measured = (|| -> Result<Duration> {
+            let ping = HostedEndpoint::attach(&socket, "ping").context("attaching cell ping")?;
+            let pong = HostedEndpoint::attach(&socket, "pong").context("attaching cell pong")?;
+            let (ping, pong) = (&ping.links()[0], &pong.links()[0]);
+            ping.enable_interrupts();
+            pong.enable_interrupts();
+            // ping's own output, seen read-write by ping and read-only by pong; and back.
+            let ping_flag = ping.output(0).context("no output section")?.as_ptr();
+            let ping_flag_seen = pong.output(0).context("no output section")?.as_ptr();
+            let pong_flag = pong.output(1).context("no output section")?.as_ptr();
+            let pong_flag_seen = ping.output(1).context("no output section")?.as_ptr();
+            // SAFETY: the child only makes system calls and atomic/volatile accesses on
+            // memory and fds that already exist (no allocation, no locks) and leaves with
+            // _exit, which is what fork in a multi-threaded process allows.
+            match unsafe { fork() }.context("fork")? {
+                ForkResult::Child => {
+                    let flag = if pin_without_allocating(cpus[1]).is_ok() {
+                        FLAG_READY
+                    } else {
+                        FLAG_PIN_FAILED
+                    };
+                    // SAFETY: byte 0 of pong's own, writable output section.
+                    unsafe { pong_flag.write_volatile(flag) };
+                    pong.ring(0);
+                    let code = loop {
+                        if pong.wait_interrupt().is_err() {
+                            break 2;
+                        }
+                        // SAFETY: byte 0 of ping's output section, mapped read-only here.
+                        if unsafe { ping_flag_seen.read_volatile() } == FLAG_STOP {
+                            break 0;
+                        }
+                        pong.ring(0);
+                    };
+                    // SAFETY: _exit ends the child without running the parent's destructors.
+                    unsafe { libc::_exit(code) }
+                }
+                ForkResult::Parent { child } => {
+                    let timed = (|| -> Result<Duration> {
+                        ping.wait_interrupt_timeout(Duration::from_millis(
+                            HANDSHAKE_TIMEOUT_MS.into(),
+                        ))
+                        .context("waiting for the pong cell")?
+                        .context("the pong cell did not answer")?;
+                        // SAFETY: byte 0 of pong's output section, mapped read-only here.
+                        match unsafe { pong_flag_seen.read_volatile() } {
+                            FLAG_READY => {}
+                            FLAG_PIN_FAILED => {
+                                bail!("the pong cell could not pin itself to CPU {}", cpus[1])
+                            }
+                            other => bail!("unexpected handshake flag {other} from the pong cell"),
+                        }
+                        let start = Instant::now();
+                        for _ in 0..iters {
+                            ping.ring(1);
+                            ping.wait_interrupt()
+                                .context("waiting for pong's doorbell")?;
+                        }
+                        Ok(start.elapsed())
+                    })();
+                    // Stop the child in every case, then reap it.
+                    // SAFETY: byte 0 of ping's own, writable output section.
+                    unsafe { ping_flag.write_volatile(FLAG_STOP) };
+                    ping.ring(1);
+                    let reaped = reap(child);
+                    let elapsed = timed?;
+                    reaped?;
+                    Ok(elapsed)
+                }
+            }
+        })();
+        let _ = stop.write(1);
+        let served = serving
+            .join()
+            .map_err(|_| anyhow::anyhow!("the control socket thread panicked"))?;
+        let elapsed = measured?;
+        served?;
+        Ok(elapsed)
+    })
+    .inspect(|_| drop(std::fs::remove_dir_all(&dir)))
+    .inspect_err(|_| drop(std::fs::remove_dir_all(&dir)))
 }
 
 /// `iters` eventfd ping-pongs between this process (on `cpus[0]`) and a forked child (on
