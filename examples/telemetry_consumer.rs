@@ -121,7 +121,9 @@ struct Summary {
 
 impl Summary {
     fn new() -> Self {
-        let hist = || Histogram::<u64>::new(3).expect("3 significant digits is valid");
+        // 1 ns .. 60 s at 3 significant digits; longer latencies are clamped to 60 s.
+        let hist =
+            || Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds");
         Self {
             window: hist(),
             total: hist(),

@@ -14,6 +14,12 @@ pub enum Metric {
     MsgPerS,
     /// Bytes per second (higher is better).
     BytesPerS,
+    /// One-way latency, median of the samples, in nanoseconds (lower is better).
+    P50Ns,
+    /// One-way latency, 99th percentile, in nanoseconds (lower is better).
+    P99Ns,
+    /// Highest sustained rate of records per second (higher is better).
+    MaxRatePerS,
 }
 
 impl Metric {
@@ -23,6 +29,9 @@ impl Metric {
             Metric::RttNs => "rtt_ns",
             Metric::MsgPerS => "msg_per_s",
             Metric::BytesPerS => "bytes_per_s",
+            Metric::P50Ns => "p50_ns",
+            Metric::P99Ns => "p99_ns",
+            Metric::MaxRatePerS => "max_rate_per_s",
         }
     }
 
@@ -32,12 +41,14 @@ impl Metric {
             Metric::RttNs => "ns",
             Metric::MsgPerS => "msg/s",
             Metric::BytesPerS => "B/s",
+            Metric::P50Ns | Metric::P99Ns => "ns",
+            Metric::MaxRatePerS => "1/s",
         }
     }
 
     /// Whether a larger value is the better one.
     pub fn higher_is_better(self) -> bool {
-        !matches!(self, Metric::RttNs)
+        !matches!(self, Metric::RttNs | Metric::P50Ns | Metric::P99Ns)
     }
 
     /// Converts one timed run of `iters` iterations (each moving `bytes_per_iter` bytes) into
@@ -45,8 +56,8 @@ impl Metric {
     pub fn value(self, elapsed: Duration, iters: u64, bytes_per_iter: u64) -> f64 {
         let secs = elapsed.as_secs_f64().max(1e-12);
         match self {
-            Metric::RttNs => secs * 1e9 / iters as f64,
-            Metric::MsgPerS => iters as f64 / secs,
+            Metric::RttNs | Metric::P50Ns | Metric::P99Ns => secs * 1e9 / iters as f64,
+            Metric::MsgPerS | Metric::MaxRatePerS => iters as f64 / secs,
             Metric::BytesPerS => (iters as f64) * (bytes_per_iter as f64) / secs,
         }
     }

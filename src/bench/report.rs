@@ -230,8 +230,13 @@ pub struct Header {
 /// A value with a readable unit (`81.3 ns`, `12.41 M msg/s`, `6.20 GB/s`).
 pub fn format_value(value: f64, metric: Metric) -> String {
     match metric {
-        Metric::RttNs if value >= 10_000.0 => format!("{:.2} us", value / 1e3),
-        Metric::RttNs => format!("{value:.1} ns"),
+        Metric::RttNs | Metric::P50Ns | Metric::P99Ns if value >= 10_000.0 => {
+            format!("{:.2} us", value / 1e3)
+        }
+        Metric::RttNs | Metric::P50Ns | Metric::P99Ns => format!("{value:.1} ns"),
+        Metric::MaxRatePerS if value >= 1e6 => format!("{:.2} M/s", value / 1e6),
+        Metric::MaxRatePerS if value >= 1e3 => format!("{:.2} K/s", value / 1e3),
+        Metric::MaxRatePerS => format!("{value:.0} /s"),
         Metric::MsgPerS if value >= 1e6 => format!("{:.2} M msg/s", value / 1e6),
         Metric::MsgPerS if value >= 1e3 => format!("{:.2} K msg/s", value / 1e3),
         Metric::MsgPerS => format!("{value:.0} msg/s"),

@@ -19,6 +19,8 @@ use ivshmem_stack::bench::machine::Machine;
 use ivshmem_stack::bench::report::{render_table, Header};
 use ivshmem_stack::bench::{doorbell, pin, ring, Settings, SuiteReport};
 
+mod telemetry;
+
 /// Side-by-side benchmarks: shmring against the hardware floor and other queues, doorbells
 /// against eventfd and Unix sockets.
 #[derive(Debug, Parser)]
@@ -45,6 +47,8 @@ enum SuiteName {
     Ring,
     /// Cross-process wake-ups: eventfd, Unix socket, ivshmem doorbell.
     Doorbell,
+    /// The telemetry pipe: ivshmem (polling, interrupts) vs Unix socket vs TCP loopback.
+    Telemetry,
     /// Every suite, one after the other.
     All,
 }
@@ -57,9 +61,11 @@ fn run_suite(name: SuiteName, settings: &Settings) -> Result<Vec<SuiteReport>> {
     Ok(match name {
         SuiteName::Ring => vec![ring::run(settings).context("suite ring")?],
         SuiteName::Doorbell => vec![doorbell::run(settings).context("suite doorbell")?],
+        SuiteName::Telemetry => vec![telemetry::run(settings).context("suite telemetry")?],
         SuiteName::All => {
             let mut reports = run_suite(SuiteName::Ring, settings)?;
             reports.extend(run_suite(SuiteName::Doorbell, settings)?);
+            reports.extend(run_suite(SuiteName::Telemetry, settings)?);
             reports
         }
     })
