@@ -1,0 +1,219 @@
+//! The cell-side hosted endpoint's register semantics against a real control server (served
+//! by a thread of this process): ID/MAX_PEERS, STATE read-back after the acknowledgement,
+//! unknown offsets, doorbells to missing peers, INT_CONTROL and one-shot mode.
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use hypervisor::control::{device_model, CellSpec, ControlServer, LinkSpec, SystemSpec};
+use ivshmem_dev::hosted::{
+    decode_reply, RefusalReason, Reply, Request, SetStateBody, MAX_MESSAGE_SIZE,
+};
+use ivshmem_dev::regs::{self, RegisterAccess};
+use linux_uio_client::hosted::{HostedEndpoint, HostedError};
+
+/// A control server on a thread, stopped (and its socket removed) on drop.
+struct Served {
+    socket: PathBuf,
+    dir: PathBuf,
+    stop: OwnedFd,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Served {
+    fn start(tag: &str) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("process-cells-ep-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("hv.sock");
+        let cell = |name: &str| CellSpec {
+            name: name.into(),
+            cpus: vec![0],
+            command: None,
+            process: true,
+        };
+        let system = SystemSpec {
+            cells: vec![cell("a"), cell("b"), cell("c")],
+            links: vec![LinkSpec {
+                name: "bus".into(),
+                peers: vec!["a".into(), "b".into(), "c".into()],
+                protocol: 0x4001,
+                state_table_size: 4096,
+                rw_size: 4096,
+                output_size: 4096,
+            }],
+        };
+        let mut server = ControlServer::bind(&system, &socket, &mut device_model).unwrap();
+        // SAFETY: plain syscall; checked below.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        assert!(raw >= 0);
+        // SAFETY: fresh fd owned by nobody else.
+        let stop: OwnedFd = unsafe { std::os::fd::FromRawFd::from_raw_fd(raw) };
+        let stop_for_thread = stop.try_clone().unwrap();
+        let thread = std::thread::spawn(move || loop {
+            let ready = server.poll(&[stop_for_thread.as_fd()], None).unwrap();
+            if ready[0] {
+                return;
+            }
+        });
+        Served {
+            socket,
+            dir,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes to our eventfd.
+        unsafe { libc::write(self.stop.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn registers_state_and_one_shot_interrupts() {
+    let served = Served::start("regs");
+    let a = HostedEndpoint::attach(&served.socket, "a").unwrap();
+    let b = HostedEndpoint::attach(&served.socket, "b").unwrap();
+    let (la, lb) = (&a.links()[0], &b.links()[0]);
+    let ra = la.registers();
+    assert_eq!(ra.read32(regs::ID), 0);
+    assert_eq!(ra.read32(regs::MAX_PEERS), 3);
+    assert_eq!(lb.registers().read32(regs::ID), 1);
+    assert_eq!(ra.read32(regs::INT_CONTROL), 0);
+    assert_eq!(ra.read32(regs::DOORBELL), 0);
+    assert_eq!(ra.read32(0x14), 0, "unknown offsets read 0");
+    ra.write32(0x14, 0xFFFF_FFFF); // ignored
+    assert_eq!(ra.read32(0x14), 0);
+
+    // Waiting with interrupts disabled would never end: refused.
+    assert!(matches!(
+        la.wait_interrupt_timeout(Duration::from_secs(1)),
+        Err(HostedError::InterruptsDisabled)
+    ));
+
+    // STATE through the register: once the write returns, STATE and the table show it, and
+    // the other (enabled) peer was notified.
+    lb.enable_interrupts();
+    ra.write32(regs::STATE, 7);
+    assert_eq!(ra.read32(regs::STATE), 7);
+    assert_eq!(la.peer_state(0), Some(7));
+    assert_eq!(lb.peer_state(0), Some(7));
+    assert_eq!(
+        lb.wait_interrupt_timeout(Duration::from_secs(10)).unwrap(),
+        Some(1)
+    );
+    // The same value again is no change: no notification.
+    la.set_state(7).unwrap();
+    assert_eq!(lb.take_interrupt().unwrap(), None);
+
+    // A doorbell to a peer that does not exist, or on a vector INTx does not have: no effect.
+    ra.write32(regs::DOORBELL, 5 << 16);
+    ra.write32(regs::DOORBELL, (1 << 16) | 1);
+    assert_eq!(lb.take_interrupt().unwrap(), None);
+
+    // One-shot: delivery clears INT_CONTROL; what arrives before the re-arm is discarded.
+    let rb = lb.registers();
+    rb.set_oneshot(true);
+    la.ring(1);
+    assert_eq!(
+        lb.wait_interrupt_timeout(Duration::from_secs(10)).unwrap(),
+        Some(1)
+    );
+    assert_eq!(
+        rb.read32(regs::INT_CONTROL),
+        0,
+        "one-shot delivery clears INT_CONTROL"
+    );
+    la.ring(1);
+    assert_eq!(
+        lb.take_interrupt().unwrap(),
+        None,
+        "delivered while disabled"
+    );
+    lb.enable_interrupts(); // re-arm: the doorbell that came while disabled is dropped
+    assert_eq!(lb.take_interrupt().unwrap(), None);
+    la.ring(1);
+    la.ring(1);
+    assert_eq!(
+        lb.take_interrupt().unwrap(),
+        Some(2),
+        "two doorbells merge into one interrupt"
+    );
+    assert_eq!(rb.read32(regs::INT_CONTROL), 0);
+
+    // Ringing yourself is allowed.
+    la.enable_interrupts();
+    la.ring(0);
+    assert_eq!(la.take_interrupt().unwrap(), Some(1));
+
+    // The driver over the hosted registers sees the same device.
+    let dev = lb.ivshmem().unwrap();
+    assert_eq!((dev.id(), dev.max_peers()), (1, 3));
+    assert_eq!(dev.peer_state(0), Some(7));
+    assert!(dev.own_output().is_writable());
+    assert!(!dev.peer_output(0).unwrap().is_writable());
+    assert!(dev.rw().unwrap().is_writable());
+    assert!(!dev.state_table().is_writable());
+
+    // a leaves: b sees a's state 0 (b re-armed first).
+    lb.enable_interrupts();
+    drop(a);
+    assert_eq!(
+        lb.wait_interrupt_timeout(Duration::from_secs(10)).unwrap(),
+        Some(1)
+    );
+    assert_eq!(lb.peer_state(0), Some(0));
+}
+
+#[test]
+fn requests_out_of_order_are_refused() {
+    use nix::sys::socket::{
+        connect, recv, send, socket, AddressFamily, MsgFlags, SockFlag, SockType, UnixAddr,
+    };
+    let served = Served::start("order");
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    connect(fd.as_raw_fd(), &UnixAddr::new(&served.socket).unwrap()).unwrap();
+    let tv = nix::sys::time::TimeVal::new(10, 0);
+    nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::ReceiveTimeout, &tv).unwrap();
+    let mut buf = [0u8; MAX_MESSAGE_SIZE];
+    let n = Request::SetState(SetStateBody { link: 0, value: 1 })
+        .encode(&mut buf)
+        .unwrap();
+    send(fd.as_raw_fd(), &buf[..n], MsgFlags::empty()).unwrap();
+    let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()).unwrap();
+    match decode_reply(&buf[..n]).unwrap() {
+        Reply::Refused(r) => {
+            assert_eq!(r.reason(), Some(RefusalReason::BadRequest));
+            assert!(r.detail().contains("before attach"), "{}", r.detail());
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()).unwrap(),
+        0
+    );
+
+    // The server goes on serving: a cell attaches and writes STATE.
+    let c = HostedEndpoint::attach(&served.socket, "c").unwrap();
+    assert_eq!(c.links().len(), 1);
+    let status = hypervisor::status::query(&served.socket).unwrap();
+    assert!(status.links[0].peers[2].active);
+    c.links()[0].set_state(9).unwrap();
+    assert_eq!(c.links()[0].peer_state(2), Some(9));
+}
