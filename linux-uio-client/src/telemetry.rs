@@ -460,3 +460,43 @@ impl CellPlatform for ProcessPlatform {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samples_are_40_bytes_and_self_checking() {
+        assert_eq!(Sample::SIZE, 40);
+        let s = Sample::new(123_456, 99);
+        assert!(s.is_consistent());
+        let mut torn = s;
+        torn.channels[3] += 1.0;
+        assert!(!torn.is_consistent());
+        let mut torn = s;
+        torn.seq += 1;
+        assert!(!torn.is_consistent(), "a seq from another sample does not match its values");
+    }
+
+    #[test]
+    fn sample_check_counts_gaps_reorders_tears_and_restarts() {
+        let mut c = SampleCheck::default();
+        for seq in [0, 1, 2, 5, 6, 4, 7] {
+            c.check(&Sample::new(seq, 0));
+        }
+        let mut torn = Sample::new(8, 0);
+        torn.channels[0] = -1.0;
+        c.check(&torn);
+        assert_eq!(c.received, 8);
+        assert_eq!((c.gaps, c.missing), (1, 2));
+        assert_eq!(c.out_of_order, 1);
+        assert_eq!(c.torn, 1);
+        assert!(!c.is_clean());
+        c.restart();
+        assert_eq!(c.expected(), None);
+        let before = (c.gaps, c.out_of_order);
+        c.check(&Sample::new(0, 0));
+        assert_eq!((c.gaps, c.out_of_order), before, "a restart at 0 is not a reorder");
+        assert_eq!(c.restarts, 1);
+    }
+}

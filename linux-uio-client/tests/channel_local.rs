@@ -289,3 +289,41 @@ async fn peer_death_ends_the_stream_naming_the_peer_and_reattach_resumes() {
     }
     assert_eq!(seen.last(), Some(&0), "last seen: producer gone ({seen:?})");
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn interrupt_await_rearms_one_shot_and_frames_stream() {
+    let link = LocalLink::new("irq", 2, 16 * 1024).unwrap();
+    let mut a = channel(&link, 0, "b", WaitMode::Interrupt, None);
+    let mut b = channel(&link, 1, "a", WaitMode::Interrupt, None);
+    both_up(&mut a, &mut b).await;
+
+    // Five doorbells while `a` is not waiting merge into one interrupt (with any state-change
+    // interrupt still pending from the set-up).
+    for _ in 0..5 {
+        b.endpoint().ivshmem().ring_peer(0);
+    }
+    let n = guard(a.interrupt()).await.unwrap();
+    assert!(n >= 5, "merged count {n}");
+    assert!(
+        a.endpoint().ivshmem().interrupts_enabled(),
+        "one-shot delivery must be re-armed before interrupt() returns"
+    );
+    // Re-armed: the next doorbells interrupt again, and only they are counted.
+    for _ in 0..3 {
+        b.endpoint().ivshmem().ring_peer(0);
+    }
+    assert_eq!(guard(a.interrupt()).await.unwrap(), 3);
+
+    // Byte frames of every size class, including empty, arrive intact and in order.
+    let sizes = [0usize, 1, 7, 8, 100, 1000, 4000];
+    for (i, &len) in sizes.iter().enumerate() {
+        let frame: Vec<u8> = (0..len).map(|j| (i * 31 + j) as u8).collect();
+        guard(b.send(&frame)).await.unwrap();
+    }
+    let mut frames = a.frames();
+    for (i, &len) in sizes.iter().enumerate() {
+        let got = guard(frames.next()).await.unwrap().unwrap();
+        let want: Vec<u8> = (0..len).map(|j| (i * 31 + j) as u8).collect();
+        assert_eq!(got, want, "frame {i}");
+    }
+}
