@@ -381,7 +381,11 @@ impl SampleCheck {
                 self.gaps += 1;
                 self.missing += sample.seq - next;
             }
-            Some(next) if sample.seq < next => self.out_of_order += 1,
+            Some(next) if sample.seq < next => {
+                // Late or duplicated: counted, and the expectation does not move back.
+                self.out_of_order += 1;
+                return;
+            }
             _ => {}
         }
         self.next = Some(sample.seq.wrapping_add(1));
