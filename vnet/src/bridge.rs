@@ -190,7 +190,7 @@ impl<R: RegisterAccess, I: Interrupt, P: FramePort> Bridge<R, I, P> {
     }
 
     /// Ring → port. Returns whether frames moved; sets `blocked` when the port would block.
-    fn to_port(&mut self, blocked: &mut bool) -> Pump {
+    fn ring_to_port(&mut self, blocked: &mut bool) -> Pump {
         let mut moved = 0;
         let mut fault = None;
         if let Some(d) = self.link.nic().duplex_mut() {
@@ -238,7 +238,7 @@ impl<R: RegisterAccess, I: Interrupt, P: FramePort> Bridge<R, I, P> {
 
     /// Port → ring. Sets `tx_wait` when the ring is full and the peer will ring us once an MTU
     /// frame fits.
-    fn from_port(&mut self, tx_wait: &mut bool) -> io::Result<Pump> {
+    fn port_to_ring(&mut self, tx_wait: &mut bool) -> io::Result<Pump> {
         let mtu = self.link.nic_ref().mtu();
         let mut moved = 0;
         let mut full = false;
@@ -306,11 +306,11 @@ impl<R: RegisterAccess, I: Interrupt, P: FramePort> Bridge<R, I, P> {
         loop {
             let mut progress = false;
             if self.link.carrier() {
-                if let Pump::Moved = self.to_port(&mut out_blocked) {
+                if let Pump::Moved = self.ring_to_port(&mut out_blocked) {
                     progress = true;
                 }
                 if !tx_wait {
-                    if let Pump::Moved = self.from_port(&mut tx_wait)? {
+                    if let Pump::Moved = self.port_to_ring(&mut tx_wait)? {
                         progress = true;
                     }
                 }

@@ -214,19 +214,19 @@ impl<R: RegisterAccess> VnetLink<R> {
         // SAFETY: the peer's output section stays mapped (read-only is enough) for the
         // driver's lifetime; its content is untrusted and validated by shmring.
         match unsafe { init.attach(peer.as_ptr(), peer.len()) } {
-            Ok(duplex) => match self.nic.attach(duplex) {
-                Ok(()) => {
-                    self.init = None;
-                    self.last_attach_error = None;
-                    true
-                }
-                Err((_, duplex)) => {
+            Ok(duplex) => {
+                if self.nic.check_rings(&duplex).is_err() {
                     // The peer's ring is too small for our MTU: refuse it, keep our parts.
                     self.stats.attach_failures += 1;
                     self.init = Some(duplex.reset());
-                    false
+                    return false;
                 }
-            },
+                // Checked just above: cannot fail.
+                let _ = self.nic.attach(duplex);
+                self.init = None;
+                self.last_attach_error = None;
+                true
+            }
             Err(e) => {
                 self.stats.attach_failures += 1;
                 self.last_attach_error = Some(e);

@@ -209,22 +209,26 @@ impl ShmNic {
         self.mtu
     }
 
-    /// Attaches the rings (both must hold [`MIN_FRAMES_PER_RING`] MTU frames). Clears a
-    /// previous fault. On error the duplex is handed back.
-    pub fn attach(&mut self, duplex: Duplex) -> Result<(), (NicError, Duplex)> {
-        if let Err(e) = check_ring("send", duplex.tx.capacity(), self.mtu)
-            .and_then(|()| check_ring("receive", duplex.rx.capacity(), self.mtu))
-        {
-            return Err((e, duplex));
-        }
+    /// Checks that both rings of `duplex` hold [`MIN_FRAMES_PER_RING`] MTU frames.
+    pub fn check_rings(&self, duplex: &Duplex) -> Result<(), NicError> {
+        check_ring("send", duplex.tx.capacity(), self.mtu)?;
+        check_ring("receive", duplex.rx.capacity(), self.mtu)
+    }
+
+    /// Attaches the rings after [`check_rings`](Self::check_rings) (on error the duplex is
+    /// dropped; check first to keep it). Clears a previous fault.
+    pub fn attach(&mut self, duplex: Duplex) -> Result<(), NicError> {
+        self.check_rings(&duplex)?;
         self.duplex = Some(duplex);
         self.fault = None;
         Ok(())
     }
 
-    /// Detaches the rings (link going down); carrier off.
+    /// Detaches the rings (link going down); carrier off; a fault is cleared (it stays
+    /// counted in [`NicStats::corrupt`]).
     pub fn detach(&mut self) -> Option<Duplex> {
         self.carrier = false;
+        self.fault = None;
         self.tx.blocked = false;
         self.duplex.take()
     }
@@ -499,7 +503,7 @@ mod tests {
     fn nic_and_peer(mtu: usize, cap: usize) -> (ShmNic, Duplex) {
         let (a, b) = pair(cap).unwrap();
         let mut nic = ShmNic::new(mtu, cap).unwrap();
-        nic.attach(a).map_err(|(e, _)| e).unwrap();
+        nic.attach(a).unwrap();
         nic.set_carrier(true);
         (nic, b)
     }
@@ -550,8 +554,7 @@ mod tests {
         let _ = peer.tx.try_send(&[2u8; 200]).unwrap();
         // Tokens dropped without consuming: the frame stays.
         for _ in 0..3 {
-            let (rx, _tx) = nic.receive(now()).expect("a frame");
-            drop(rx);
+            assert!(nic.receive(now()).is_some(), "a frame");
         }
         let (rx, _tx) = nic.receive(now()).unwrap();
         assert_eq!(rx.consume(|f| (f.len(), f[0])), (100, 1));
@@ -611,10 +614,10 @@ mod tests {
         let _ = nic.flush();
         let f = peer.rx.peek().unwrap().unwrap();
         assert_eq!(f.len(), MAX_MTU);
-        // Rings smaller than the NIC needs are refused at attach, and handed back.
+        // Rings smaller than the NIC needs are refused.
         let (small, _) = pair(4096).unwrap();
         let mut nic = ShmNic::new(MTU, CAP).unwrap();
-        let (e, back) = nic.attach(small).unwrap_err();
+        let e = nic.check_rings(&small).unwrap_err();
         assert!(matches!(
             e,
             NicError::RingTooSmall {
@@ -623,7 +626,7 @@ mod tests {
                 ..
             }
         ));
-        assert_eq!(back.tx.capacity(), 4096);
+        assert_eq!(nic.attach(small).unwrap_err(), e);
         assert!(!nic.is_attached());
     }
 
@@ -727,7 +730,7 @@ mod tests {
             let a = ia.attach(rb.ptr, len).unwrap();
             let mut b = ib.attach(ra.ptr, len).unwrap();
             let mut nic = ShmNic::new(MTU, 16384).unwrap();
-            nic.attach(a).map_err(|(e, _)| e).unwrap();
+            nic.attach(a).unwrap();
             nic.set_carrier(true);
             let _ = b.tx.try_send(&[1u8; 80]).unwrap();
             // The hostile peer publishes an index beyond its ring.

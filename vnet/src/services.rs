@@ -284,6 +284,14 @@ impl Services {
             if !socket.is_active() || socket.is_listening() {
                 continue;
             }
+            // Until the handshake completes, `may_recv`/`may_send` are false: acting on
+            // them would close a connection that has not started yet.
+            if matches!(
+                socket.state(),
+                tcp::State::SynReceived | tcp::State::SynSent
+            ) {
+                continue;
+            }
             if !slot.active {
                 slot.active = true;
                 self.stats.connections += 1;
