@@ -207,6 +207,8 @@ async fn main() -> Result<()> {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let target = args.count.unwrap_or(u64::MAX);
+    // `hypervisor run` stops its cells with SIGTERM: end with the final summary then too.
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
 
     'run: while check.received < target {
         let mut records = channel.records::<Sample>();
@@ -248,6 +250,7 @@ async fn main() -> Result<()> {
                     None => break,
                 },
                 _ = tokio::signal::ctrl_c() => break 'run,
+                _ = terminate.recv() => break 'run,
             }
         }
     }

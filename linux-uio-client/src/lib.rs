@@ -8,6 +8,23 @@
 //! - [`channel`]: tokio: [`Channel`] (interrupts under `AsyncFd`, record and frame streams,
 //!   back-pressured sends, `AsyncRead`/`AsyncWrite`, polling mode, peer states, re-attach).
 //! - [`telemetry`]: the telemetry pipe's sample record and its bare-metal-style producer cell.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use linux_uio_client::{Channel, ChannelOptions, Endpoint, LocalLink};
+//!
+//! // Two peers of an in-process link; with a hypervisor use Endpoint::attach_hosted (or
+//! // attach_from_env in a cell it spawned), on real hardware Endpoint::open_uio.
+//! let link = LocalLink::new("demo", 2, 16 * 1024)?;
+//! let mut a = Channel::new(Endpoint::attach_local(&link, 0)?, ChannelOptions::default())?;
+//! let mut b = Channel::new(Endpoint::attach_local(&link, 1)?, ChannelOptions::default())?;
+//! // The link comes up (INIT, READY, RUN) while both are driven.
+//! let (sent, got) = tokio::join!(a.send_record(&42u64), b.recv_record::<u64>());
+//! sent?;
+//! assert_eq!(got?, 42);
+//! # Ok(()) }
+//! ```
 #![warn(missing_docs)]
 
 pub mod channel;

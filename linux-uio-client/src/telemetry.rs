@@ -479,7 +479,10 @@ mod tests {
         assert!(!torn.is_consistent());
         let mut torn = s;
         torn.seq += 1;
-        assert!(!torn.is_consistent(), "a seq from another sample does not match its values");
+        assert!(
+            !torn.is_consistent(),
+            "a seq from another sample does not match its values"
+        );
     }
 
     #[test]
@@ -500,7 +503,11 @@ mod tests {
         assert_eq!(c.expected(), None);
         let before = (c.gaps, c.out_of_order);
         c.check(&Sample::new(0, 0));
-        assert_eq!((c.gaps, c.out_of_order), before, "a restart at 0 is not a reorder");
+        assert_eq!(
+            (c.gaps, c.out_of_order),
+            before,
+            "a restart at 0 is not a reorder"
+        );
         assert_eq!(c.restarts, 1);
     }
 }
