@@ -298,7 +298,7 @@ proptest! {
     #[test]
     fn ring_matches_model(
         cap in prop_oneof![Just(64usize), Just(128), Just(256)],
-        ops in proptest::collection::vec(op(120), if cfg!(miri) { 1..100 } else { 1..2000 }),
+        ops in proptest::collection::vec(op(120), if cfg!(miri) { 1..64 } else { 1..2000 }),
     ) {
         let max = max_frame_len(cap);
         // Scale lengths to this capacity so every size class (0..=max+2) is exercised.
