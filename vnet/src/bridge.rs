@@ -128,6 +128,7 @@ pub struct Bridge<R: RegisterAccess, I: Interrupt, P: FramePort> {
     pcap: Option<PcapWriter<Box<dyn Write + Send>>>,
     config: BridgeConfig,
     stats: BridgeStats,
+    hook: Option<Box<dyn FnMut(LinkEvent) + Send>>,
 }
 
 impl<R: RegisterAccess, I: Interrupt, P: FramePort> core::fmt::Debug for Bridge<R, I, P> {
@@ -154,7 +155,13 @@ impl<R: RegisterAccess, I: Interrupt, P: FramePort> Bridge<R, I, P> {
             pcap: None,
             config,
             stats: BridgeStats::default(),
+            hook: None,
         }
+    }
+
+    /// Calls `hook` on every carrier change (after the port's carrier was set).
+    pub fn set_link_hook(&mut self, hook: Box<dyn FnMut(LinkEvent) + Send>) {
+        self.hook = Some(hook);
     }
 
     /// Captures every forwarded frame into `pcap`.
@@ -186,6 +193,9 @@ impl<R: RegisterAccess, I: Interrupt, P: FramePort> Bridge<R, I, P> {
         tracing::info!(carrier = on, state = ?self.link.state(), "vnet link");
         if let Err(e) = self.port.set_carrier(on) {
             tracing::warn!("cannot set the port's carrier: {e}");
+        }
+        if let Some(hook) = self.hook.as_mut() {
+            hook(event);
         }
     }
 

@@ -2,6 +2,8 @@
 //! loop over a vnet link, and TCP transfer checks against the cell's services.
 #![allow(dead_code)]
 
+pub mod linux;
+
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant as StdInstant};
 
