@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use common::linux::{self, Netns};
 use linux_uio_client::{Endpoint, LocalLink};
-use smoltcp::wire::{Ipv4Address, Ipv4Cidr};
+use smoltcp::wire::Ipv4Cidr;
 use vnet::bridge::{Bridge, BridgeConfig};
 use vnet::cell::{Cell, CellConfig};
 use vnet::services::ServiceConfig;
@@ -55,7 +55,7 @@ fn start_cell(link: &Arc<LocalLink>) -> (Arc<OwnedFd>, std::thread::JoinHandle<(
     let h = std::thread::spawn(move || {
         let (dev, irq) = Endpoint::attach_local(&link, 0).unwrap().into_parts();
         let l = VnetLink::new(dev, LinkConfig::default()).unwrap();
-        let services = ServiceConfig::new(Ipv4Cidr::new(Ipv4Address::from(CELL_IP), 24));
+        let services = ServiceConfig::new(Ipv4Cidr::new(CELL_IP, 24));
         let mut cell = Cell::new(l, irq, &services, CellConfig::default());
         cell.run(Some(s.as_fd())).unwrap();
     });
