@@ -213,8 +213,12 @@ impl Producer {
         // Acquire pairs with the consumer's Release store of its index: its reads of the frames
         // it released happen before we overwrite that space.
         let cons = load_acquire(self.cons_word());
-        // A consumer never goes back and never releases more than we published.
-        if cons < self.cached_cons || cons > self.published {
+        // A consumer never goes back, never releases more than we published, and releases
+        // whole (8-byte aligned) frames.
+        if cons < self.cached_cons
+            || cons > self.published
+            || cons % layout::FRAME_ALIGN as u64 != 0
+        {
             return Err(Error::Corrupt {
                 what: "consumer index out of range",
             });

@@ -327,3 +327,22 @@ fn typed_messages() {
         Err(Error::TooLarge { len: 32, max: 24 })
     ));
 }
+
+#[test]
+fn sides_are_send_and_notify_combines() {
+    fn assert_send<T: Send>() {}
+    assert_send::<Producer>();
+    assert_send::<Consumer>();
+    assert_send::<shmring::ProducerInit>();
+    assert_send::<shmring::ConsumerInit>();
+    use shmring::Notify;
+    assert!(!Notify::NONE.needed());
+    assert!(!(Notify::NONE | Notify::NONE).needed());
+    let (mut tx, mut rx) = channel(64).unwrap();
+    assert!(rx.prepare_sleep().unwrap());
+    let woken = tx.try_send(b"x").unwrap();
+    assert!((Notify::NONE | woken).needed());
+    let mut all = Notify::NONE;
+    all |= woken;
+    assert!(all.needed());
+}

@@ -175,6 +175,12 @@ mod direct {
         assert!(p.tx.try_send(&[2; 16]).is_ok(), "a valid index frees space");
         set(p.cp, layout::C_INDEX, 16); // goes back
         corrupt(p.tx.try_send(&[2; 16]));
+        let mut p = pair();
+        for _ in 0..3 {
+            let _ = p.tx.try_send(&[1; 8]).unwrap();
+        }
+        set(p.cp, layout::C_INDEX, 20); // not a frame boundary
+        corrupt(p.tx.try_send(&[2; 16]));
     }
 
     #[test]
