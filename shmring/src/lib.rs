@@ -114,6 +114,24 @@
 //! assert!(rx.peek()?.is_none());
 //! # Ok(()) }
 //! ```
+//!
+//! Sleeping and waking (the doorbell belongs to the layer above):
+//!
+//! ```
+//! # fn main() -> Result<(), shmring::Error> {
+//! let (mut tx, mut rx) = shmring::channel(4096)?;
+//! let mut buf = [0u8; 256];
+//! // Consumer: drain, then announce the sleep; sleep only if prepare_sleep says so.
+//! while rx.try_recv(&mut buf)?.is_some() {}
+//! let _ = rx.flush(); // try_recv already publishes; after peek/release call flush first
+//! assert!(rx.prepare_sleep()?, "empty: may sleep on the doorbell now");
+//! // Producer: the publish that the sleeping consumer is waiting for asks for one doorbell.
+//! assert!(tx.try_send(b"wake up")?.needed());
+//! assert!(!tx.try_send(b"no second doorbell")?.needed());
+//! // Consumer after its doorbell rang: keep draining until empty again.
+//! assert!(!rx.prepare_sleep()?, "data arrived");
+//! # Ok(()) }
+//! ```
 #![cfg_attr(not(feature = "std"), no_std)]
 #![warn(missing_docs)]
 
