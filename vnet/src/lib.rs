@@ -34,3 +34,5 @@ pub mod tap;
 
 pub use link::{LinkConfig, LinkError, LinkEvent, LinkStats, VnetLink};
 pub use nic::{NicError, NicStats, ShmNic};
+/// The smoltcp version this crate is built on.
+pub use smoltcp;

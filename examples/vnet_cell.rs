@@ -1,0 +1,72 @@
+//! A smoltcp cell on a vnet link: the bare-metal-style network stack (vnet's `ShmNic` over
+//! shmring over ivshmem-dev's driver) answering ICMP echo, TCP echo (7), a TCP sink (9, with
+//! a CRC answer), a TCP source (19) and an HTTP status page (80). Runs as a process cell of
+//! the hosted hypervisor (through `linux_uio_client`'s endpoint).
+//!
+//! ```text
+//! # started by `hypervisor run configs/vnet.toml`, or by hand:
+//! vnet_cell --socket /run/ivshmem-stack/vnet.sock --cell rtos-net --link net0 --ip 10.0.0.2/24
+//! ```
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use linux_uio_client::Endpoint;
+use vnet::cell::{Cell, CellConfig};
+use vnet::services::ServiceConfig;
+use vnet::smoltcp::wire::Ipv4Cidr;
+use vnet::{LinkConfig, VnetLink};
+
+/// A smoltcp cell with echo, sink, source and HTTP services.
+#[derive(Debug, Parser)]
+#[command(name = "vnet_cell")]
+struct Args {
+    /// The link to use (default: the cell's only link).
+    #[arg(long)]
+    link: Option<String>,
+    /// The cell's address and prefix.
+    #[arg(long, default_value = "10.0.0.2/24")]
+    ip: String,
+    /// Device MTU: the Ethernet frame size including the 14-byte header (IP MTU + 14).
+    #[arg(long, default_value_t = vnet::nic::DEFAULT_MTU)]
+    mtu: usize,
+    /// TCP socket buffer size in bytes (receive and send, per socket).
+    #[arg(long, default_value_t = 256 * 1024)]
+    tcp_buffer: usize,
+    /// The hypervisor's control socket (default: $IVSHMEM_SOCKET).
+    #[arg(long, requires = "cell")]
+    socket: Option<PathBuf>,
+    /// The cell name to attach as (default: $IVSHMEM_CELL).
+    #[arg(long, requires = "socket")]
+    cell: Option<String>,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let address: Ipv4Cidr = args.ip.parse().map_err(|()| {
+        anyhow::anyhow!(
+            "--ip {}: expected an IPv4 address with a prefix, like 10.0.0.2/24",
+            args.ip
+        )
+    })?;
+    let link = args.link.as_deref();
+    let endpoint = match (&args.socket, &args.cell) {
+        (Some(socket), Some(cell)) => Endpoint::attach_hosted(socket, cell, link),
+        _ => Endpoint::attach_from_env(link),
+    }
+    .context("attaching to the hypervisor")?;
+    let name = endpoint.name().to_string();
+    let (dev, irq) = endpoint.into_parts();
+    let config = LinkConfig {
+        mtu: args.mtu,
+        max_capacity: None,
+    };
+    let vlink = VnetLink::new(dev, config).with_context(|| format!("link `{name}`"))?;
+    let mut services = ServiceConfig::new(address);
+    services.tcp_buffer = args.tcp_buffer;
+    println!("vnet_cell: link `{name}`, {address}, MTU {}", args.mtu);
+    let mut cell = Cell::new(vlink, irq, &services, CellConfig::default());
+    cell.run(None).context("cell loop")?;
+    Ok(())
+}

@@ -1,0 +1,143 @@
+//! The Linux side of a vnet link: attaches as a process cell and bridges the link to a TAP
+//! device, so the kernel's TCP/IP stack joins the virtual network.
+//!
+//! The TAP device is created with `TUNSETIFF` (root or `CAP_NET_ADMIN`); its address, MTU and
+//! link state are set by running `ip`. Its carrier follows the link (`NO-CARRIER` while the
+//! peer cell is away). Ctrl-C / SIGTERM stop it cleanly (the pcap file is flushed).
+//!
+//! ```text
+//! # started by `hypervisor run configs/vnet.toml`, or by hand:
+//! vnet_tap --socket /run/ivshmem-stack/vnet.sock --cell linux-net --link net0 \
+//!     --tap ivnet0 --ip 10.0.0.1/24 --pcap vnet.pcap
+//! ping 10.0.0.2; curl http://10.0.0.2/
+//! ```
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use linux_uio_client::Endpoint;
+use vnet::bridge::{Bridge, BridgeConfig};
+use vnet::pcap::PcapWriter;
+use vnet::tap::Tap;
+use vnet::{LinkConfig, LinkEvent, VnetLink};
+
+/// Bridges a vnet link to a Linux TAP device.
+#[derive(Debug, Parser)]
+#[command(name = "vnet_tap")]
+struct Args {
+    /// The link to use (default: the cell's only link).
+    #[arg(long)]
+    link: Option<String>,
+    /// TAP interface name.
+    #[arg(long, default_value = "ivnet0")]
+    tap: String,
+    /// Address and prefix for the TAP interface (none: leave it unconfigured).
+    #[arg(long)]
+    ip: Option<String>,
+    /// Device MTU: the Ethernet frame size including the 14-byte header; the TAP interface
+    /// gets the IP MTU (this minus 14).
+    #[arg(long, default_value_t = vnet::nic::DEFAULT_MTU)]
+    mtu: usize,
+    /// Write every forwarded frame to this pcap file (tcpdump -r FILE).
+    #[arg(long, value_name = "FILE")]
+    pcap: Option<PathBuf>,
+    /// Frames per direction per round.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// The hypervisor's control socket (default: $IVSHMEM_SOCKET).
+    #[arg(long, requires = "cell")]
+    socket: Option<PathBuf>,
+    /// The cell name to attach as (default: $IVSHMEM_CELL).
+    #[arg(long, requires = "socket")]
+    cell: Option<String>,
+}
+
+/// A signalfd for SIGINT and SIGTERM (blocked for normal delivery).
+fn stop_signals() -> Result<OwnedFd> {
+    // SAFETY: sigset manipulation on a local set, then blocking it for this (only) thread and
+    // creating a signalfd; results checked.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            anyhow::bail!("blocking SIGINT/SIGTERM");
+        }
+        let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).context("signalfd");
+        }
+        Ok(OwnedFd::from_raw_fd(fd))
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    vnet::nic::check_mtu(args.mtu)?;
+    let stop = stop_signals()?;
+    let link = args.link.as_deref();
+    let endpoint = match (&args.socket, &args.cell) {
+        (Some(socket), Some(cell)) => Endpoint::attach_hosted(socket, cell, link),
+        _ => Endpoint::attach_from_env(link),
+    }
+    .context("attaching to the hypervisor")?;
+    let name = endpoint.name().to_string();
+    let (dev, irq) = endpoint.into_parts();
+    let config = LinkConfig {
+        mtu: args.mtu,
+        max_capacity: None,
+    };
+    let vlink = VnetLink::new(dev, config).with_context(|| format!("link `{name}`"))?;
+    let tap =
+        Tap::open(&args.tap).with_context(|| format!("creating TAP device `{}`", args.tap))?;
+    tap.configure(
+        args.ip.as_deref(),
+        args.mtu - vnet::nic::ETHERNET_HEADER_LEN,
+    )
+    .with_context(|| format!("configuring `{}`", tap.name()))?;
+    let tap_name = tap.name().to_string();
+    println!(
+        "vnet_tap: link `{name}` <-> {tap_name} ({}), MTU {}",
+        args.ip.as_deref().unwrap_or("no address"),
+        args.mtu
+    );
+    let mut bridge = Bridge::new(
+        vlink,
+        irq,
+        tap,
+        BridgeConfig {
+            batch: args.batch,
+            ..BridgeConfig::default()
+        },
+    );
+    if let Some(path) = &args.pcap {
+        let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+        let out: Box<dyn Write + Send> = Box::new(BufWriter::new(file));
+        bridge.set_pcap(PcapWriter::new(out).context("writing the pcap header")?);
+    }
+    bridge.set_link_hook(Box::new(move |event| {
+        let text = match event {
+            LinkEvent::Up => "up (peer cell running)",
+            LinkEvent::Down => "down (peer cell gone)",
+            LinkEvent::None => return,
+        };
+        println!("vnet_tap: {tap_name}: link {text}");
+        let _ = std::io::stdout().flush();
+    }));
+    bridge.run(Some(stop.as_fd())).context("bridge loop")?;
+    let s = bridge.stats();
+    println!(
+        "vnet_tap: stopped (signal on fd {}); to TAP {} frames / {} bytes, from TAP {} frames / {} bytes",
+        stop.as_raw_fd(),
+        s.to_port_frames,
+        s.to_port_bytes,
+        s.from_port_frames,
+        s.from_port_bytes
+    );
+    Ok(())
+}
