@@ -20,6 +20,8 @@ pub enum Metric {
     P99Ns,
     /// Highest sustained rate of records per second (higher is better).
     MaxRatePerS,
+    /// Bits per second (higher is better).
+    BitsPerS,
 }
 
 impl Metric {
@@ -32,6 +34,7 @@ impl Metric {
             Metric::P50Ns => "p50_ns",
             Metric::P99Ns => "p99_ns",
             Metric::MaxRatePerS => "max_rate_per_s",
+            Metric::BitsPerS => "bits_per_s",
         }
     }
 
@@ -43,6 +46,7 @@ impl Metric {
             Metric::BytesPerS => "B/s",
             Metric::P50Ns | Metric::P99Ns => "ns",
             Metric::MaxRatePerS => "1/s",
+            Metric::BitsPerS => "bit/s",
         }
     }
 
@@ -59,6 +63,7 @@ impl Metric {
             Metric::RttNs | Metric::P50Ns | Metric::P99Ns => secs * 1e9 / iters as f64,
             Metric::MsgPerS | Metric::MaxRatePerS => iters as f64 / secs,
             Metric::BytesPerS => (iters as f64) * (bytes_per_iter as f64) / secs,
+            Metric::BitsPerS => (iters as f64) * (bytes_per_iter as f64) * 8.0 / secs,
         }
     }
 }

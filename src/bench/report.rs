@@ -243,6 +243,9 @@ pub fn format_value(value: f64, metric: Metric) -> String {
         Metric::BytesPerS if value >= 1e9 => format!("{:.2} GB/s", value / 1e9),
         Metric::BytesPerS if value >= 1e6 => format!("{:.2} MB/s", value / 1e6),
         Metric::BytesPerS => format!("{value:.0} B/s"),
+        Metric::BitsPerS if value >= 1e9 => format!("{:.2} Gbit/s", value / 1e9),
+        Metric::BitsPerS if value >= 1e6 => format!("{:.2} Mbit/s", value / 1e6),
+        Metric::BitsPerS => format!("{value:.0} bit/s"),
     }
 }
 

@@ -20,6 +20,7 @@ use ivshmem_stack::bench::report::{render_table, Header};
 use ivshmem_stack::bench::{doorbell, pin, ring, Settings, SuiteReport};
 
 mod telemetry;
+mod vnet;
 
 /// Side-by-side benchmarks: shmring against the hardware floor and other queues, doorbells
 /// against eventfd and Unix sockets.
@@ -49,6 +50,8 @@ enum SuiteName {
     Doorbell,
     /// The telemetry pipe: ivshmem (polling, interrupts) vs Unix socket vs TCP loopback.
     Telemetry,
+    /// The virtual network: smoltcp over shmring vs smoltcp Loopback, TAP bridge vs veth.
+    Vnet,
     /// Every suite, one after the other.
     All,
 }
@@ -62,10 +65,12 @@ fn run_suite(name: SuiteName, settings: &Settings) -> Result<Vec<SuiteReport>> {
         SuiteName::Ring => vec![ring::run(settings).context("suite ring")?],
         SuiteName::Doorbell => vec![doorbell::run(settings).context("suite doorbell")?],
         SuiteName::Telemetry => vec![telemetry::run(settings).context("suite telemetry")?],
+        SuiteName::Vnet => vec![vnet::run(settings).context("suite vnet")?],
         SuiteName::All => {
             let mut reports = run_suite(SuiteName::Ring, settings)?;
             reports.extend(run_suite(SuiteName::Doorbell, settings)?);
             reports.extend(run_suite(SuiteName::Telemetry, settings)?);
+            reports.extend(run_suite(SuiteName::Vnet, settings)?);
             reports
         }
     })
