@@ -166,6 +166,7 @@ fn run_parent(frames: u64) {
         }
     };
     let mut seq = 0;
+    let mut full_spins = 0u64;
     while seq < frames {
         let len = frame_len(seq);
         match tx.grant(len) {
@@ -179,6 +180,13 @@ fn run_parent(frames: u64) {
             }
             Err(Error::Full { .. }) => {
                 let _ = tx.flush();
+                full_spins += 1;
+                // A consumer that died (e.g. on a verification failure) never frees space.
+                if full_spins % 4096 == 0 {
+                    if let Some(status) = child.try_wait().unwrap() {
+                        panic!("consumer exited early at frame {seq}: {status}");
+                    }
+                }
                 std::thread::yield_now();
             }
             Err(e) => panic!("producer: {e}"),
