@@ -32,6 +32,38 @@ proptest! {
     }
 }
 
+/// The scenario reaches both outcomes for both victims: frames get through and corruption is
+/// detected (so the proptest above is not vacuous).
+#[test]
+fn scenario_reaches_frames_and_corruption_for_both_victims() {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state as u8
+    };
+    let runs = if cfg!(miri) { 4 } else { 200 };
+    for victim_bits in [0u8, 4] {
+        let mut total = support::hostile::Stats::default();
+        for _ in 0..runs {
+            let mut script: Vec<u8> = (0..600).map(|_| next()).collect();
+            script[0] = (script[0] & !4) | victim_bits;
+            let stats = support::hostile::run(&script).expect("no violation");
+            total.corrupt += stats.corrupt;
+            total.frames += stats.frames;
+        }
+        assert!(
+            total.frames > 0,
+            "victim {victim_bits}: no frame ever got through: {total:?}"
+        );
+        assert!(
+            total.corrupt > 0,
+            "victim {victim_bits}: corruption never detected: {total:?}"
+        );
+    }
+}
+
 mod direct {
     //! Each kind of peer misbehaviour, one at a time, is reported as `Corrupt`.
     use shmring::layout::{self, FrameHeader, CONSUMER_PART_SIZE, FLAG_PADDING};

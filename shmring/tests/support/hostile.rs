@@ -136,19 +136,36 @@ fn inside(slice: &[u8], data: *const u8, cap: usize) -> bool {
     start >= data && start + slice.len() <= data + cap
 }
 
+/// What a script made the victim do (to check that the scenario reaches both outcomes).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    /// `Corrupt` errors the victim reported.
+    pub corrupt: usize,
+    /// Frames the victim consumer received or the victim producer committed.
+    pub frames: usize,
+}
+
 /// Runs one script; `Err` describes a violated property.
-pub fn run(input: &[u8]) -> Result<(), String> {
+pub fn run(input: &[u8]) -> Result<Stats, String> {
     let mut s = Script { bytes: input };
     let first = s.byte();
     let cap = [64, 128, 256, 1024][(first & 3) as usize];
+    let mut stats = Stats::default();
     if first & 4 == 0 {
-        victim_consumer(cap, &mut s)
+        victim_consumer(cap, &mut s, &mut stats)?;
     } else {
-        victim_producer(cap, &mut s)
+        victim_producer(cap, &mut s, &mut stats)?;
     }
+    Ok(stats)
 }
 
-fn expected(e: Error, what: &str, allowed: &[fn(&Error) -> bool]) -> Result<(), String> {
+fn expected(
+    stats: &mut Stats,
+    e: Error,
+    what: &str,
+    allowed: &[fn(&Error) -> bool],
+) -> Result<(), String> {
+    stats.corrupt += usize::from(is_corrupt(&e));
     if allowed.iter().any(|f| f(&e)) {
         Ok(())
     } else {
@@ -166,7 +183,7 @@ fn is_full_or_large(e: &Error) -> bool {
     matches!(e, Error::Full { .. } | Error::TooLarge { .. })
 }
 
-fn victim_consumer(cap: usize, s: &mut Script<'_>) -> Result<(), String> {
+fn victim_consumer(cap: usize, s: &mut Script<'_>, stats: &mut Stats) -> Result<(), String> {
     let mut arena = Arena::new(cap);
     let (pp, plen) = arena.producer_part();
     let (cp, clen) = arena.consumer_part();
@@ -214,8 +231,9 @@ fn victim_consumer(cap: usize, s: &mut Script<'_>) -> Result<(), String> {
                 let size = s.byte() as usize % (cap + 1);
                 match victim.try_recv(&mut buf[..size]) {
                     Ok(Some(r)) if r.len > size => return Err("try_recv overran the buffer".into()),
-                    Ok(_) => {}
-                    Err(e) => expected(e, "try_recv", &[is_corrupt, is_small_buf])?,
+                    Ok(Some(_)) => stats.frames += 1,
+                    Ok(None) => {}
+                    Err(e) => expected(stats, e, "try_recv", &[is_corrupt, is_small_buf])?,
                 }
             }
             5 => {
@@ -226,12 +244,13 @@ fn victim_consumer(cap: usize, s: &mut Script<'_>) -> Result<(), String> {
                             return Err("peek handed out a slice outside the data area".into());
                         }
                         let _sum: u32 = frame.iter().map(|&b| u32::from(b)).sum();
+                        stats.frames += 1;
                         if release {
                             frame.release();
                         }
                     }
                     Ok(None) => {}
-                    Err(e) => expected(e, "peek", &[is_corrupt])?,
+                    Err(e) => expected(stats, e, "peek", &[is_corrupt])?,
                 }
             }
             6 => {
@@ -240,7 +259,7 @@ fn victim_consumer(cap: usize, s: &mut Script<'_>) -> Result<(), String> {
             7 => {
                 let _ = victim.flush();
                 if let Err(e) = victim.prepare_sleep() {
-                    expected(e, "prepare_sleep", &[is_corrupt])?;
+                    expected(stats, e, "prepare_sleep", &[is_corrupt])?;
                 }
             }
             _ => {
@@ -258,7 +277,7 @@ fn victim_consumer(cap: usize, s: &mut Script<'_>) -> Result<(), String> {
     Ok(())
 }
 
-fn victim_producer(cap: usize, s: &mut Script<'_>) -> Result<(), String> {
+fn victim_producer(cap: usize, s: &mut Script<'_>, stats: &mut Stats) -> Result<(), String> {
     let mut arena = Arena::new(cap);
     let (pp, plen) = arena.producer_part();
     let (cp, clen) = arena.consumer_part();
@@ -277,8 +296,8 @@ fn victim_producer(cap: usize, s: &mut Script<'_>) -> Result<(), String> {
                 let len = s.byte() as usize;
                 let frame = vec![0x5A; len];
                 match victim.try_send(&frame) {
-                    Ok(_) => {}
-                    Err(e) => expected(e, "try_send", &[is_corrupt, is_full_or_large])?,
+                    Ok(_) => stats.frames += 1,
+                    Err(e) => expected(stats, e, "try_send", &[is_corrupt, is_full_or_large])?,
                 }
             }
             1 => {
@@ -290,13 +309,14 @@ fn victim_producer(cap: usize, s: &mut Script<'_>) -> Result<(), String> {
                             return Err("grant outside the data area or of the wrong length".into());
                         }
                         g.fill(how);
+                        stats.frames += 1;
                         match how % 3 {
                             0 => g.commit(),
                             1 => g.commit_len(len / 2),
                             _ => {}
                         }
                     }
-                    Err(e) => expected(e, "grant", &[is_corrupt, is_full_or_large])?,
+                    Err(e) => expected(stats, e, "grant", &[is_corrupt, is_full_or_large])?,
                 }
             }
             2 | 3 => {
@@ -316,9 +336,12 @@ fn victim_producer(cap: usize, s: &mut Script<'_>) -> Result<(), String> {
                 let _ = victim.flush();
                 match victim.prepare_wait_for_space(s.byte() as usize) {
                     Ok(_) => {}
-                    Err(e) => {
-                        expected(e, "prepare_wait_for_space", &[is_corrupt, is_full_or_large])?
-                    }
+                    Err(e) => expected(
+                        stats,
+                        e,
+                        "prepare_wait_for_space",
+                        &[is_corrupt, is_full_or_large],
+                    )?,
                 }
             }
             6 => {
