@@ -1,0 +1,246 @@
+//! The same network as `netns_tap`, with real process cells: the hosted hypervisor (its
+//! library, in this test process) owns the link memory and the control socket; the smoltcp
+//! cell is a separate process (this test binary re-executed in cell mode) attached by name;
+//! the TAP bridge attaches as the second cell from a thread inside a network namespace.
+//! The cell is killed with SIGKILL and restarted: the link goes down, comes back, and new
+//! connections work. Root only: without root the test prints why it is skipped.
+
+mod common;
+
+use std::net::Ipv4Addr;
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use common::linux::{self, Netns};
+use hypervisor::cells::{self, Output, RunOptions, StopHandle};
+use hypervisor::config::SystemConfig;
+use hypervisor::control::SystemSpec;
+use linux_uio_client::Endpoint;
+use smoltcp::wire::Ipv4Cidr;
+use vnet::bridge::{Bridge, BridgeConfig};
+use vnet::cell::{Cell, CellConfig};
+use vnet::services::ServiceConfig;
+use vnet::tap::Tap;
+use vnet::{LinkConfig, LinkEvent, VnetLink};
+
+const CELL_IP: Ipv4Addr = Ipv4Addr::new(10, 79, 0, 2);
+const MIB: u64 = 1 << 20;
+const CHILD_ENV: &str = "VNET_TEST_CELL_CHILD";
+
+const SYSTEM: &str = r#"
+[system]
+name = "vnet-test"
+
+[[cells]]
+name = "rtos-net"
+kind = "process"
+cpus = [0]
+# Not spawned (the hypervisor runs with spawn = false; the test starts the cell).
+command = "/bin/true"
+
+[[cells]]
+name = "linux-net"
+kind = "process"
+cpus = [1]
+command = "/bin/true"
+
+[[links]]
+name = "net0"
+peers = ["rtos-net", "linux-net"]
+protocol = "ethernet"
+state_table_size = "4K"
+rw_size = 0
+output_size = "1M"
+interrupts = "intx"
+"#;
+
+/// The cell process: runs only when re-executed by the test below (with `--ignored`).
+#[test]
+#[ignore = "helper: the cell process of `process_cells_linux_through_tap_to_a_smoltcp_cell`"]
+fn cell_process_child() {
+    if std::env::var_os(CHILD_ENV).is_none() {
+        return;
+    }
+    let endpoint = Endpoint::attach_from_env(Some("net0")).expect("attach as a process cell");
+    let (dev, irq) = endpoint.into_parts();
+    let link = VnetLink::new(dev, LinkConfig::default()).unwrap();
+    let services = ServiceConfig::new(Ipv4Cidr::new(CELL_IP, 24));
+    let mut cell = Cell::new(link, irq, &services, CellConfig::default());
+    // Runs until the test kills the process.
+    cell.run(None).unwrap();
+}
+
+fn spawn_cell(socket: &PathBuf) -> Child {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    // SAFETY: prctl is async-signal-safe; the child dies with the test process.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    cmd.args([
+        "--exact",
+        "cell_process_child",
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env(CHILD_ENV, "1")
+    .env("IVSHMEM_SOCKET", socket)
+    .env("IVSHMEM_CELL", "rtos-net")
+    .spawn()
+    .unwrap()
+}
+
+fn eventfd() -> Arc<OwnedFd> {
+    // SAFETY: plain syscall, checked.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: fresh fd.
+    Arc::new(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+#[test]
+fn process_cells_linux_through_tap_to_a_smoltcp_cell() {
+    if !linux::root_or_skip("process_cells_linux_through_tap_to_a_smoltcp_cell") {
+        return;
+    }
+    let ns = Arc::new(Netns::new("proc"));
+    let dir = std::env::temp_dir().join(format!("vnet-proc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("vnet.sock");
+
+    // The hypervisor: links, control socket; cells attach by hand.
+    let valid = SystemConfig::from_toml_str(SYSTEM)
+        .unwrap()
+        .validate()
+        .unwrap();
+    let system = SystemSpec::from_config(&valid);
+    let stop = StopHandle::new().unwrap();
+    let (listening_tx, listening) = mpsc::channel();
+    let hv = {
+        let stop = stop.clone();
+        let socket = socket.clone();
+        std::thread::spawn(move || {
+            let options = RunOptions {
+                socket,
+                spawn: false,
+                handle_signals: false,
+                output: Output::Log,
+            };
+            // The first output line is "listening on ...": the socket is ready.
+            struct Lines(mpsc::Sender<()>, bool);
+            impl std::io::Write for Lines {
+                fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                    if !self.1 && b.windows(9).any(|w| w == b"listening") {
+                        self.1 = true;
+                        let _ = self.0.send(());
+                    }
+                    Ok(b.len())
+                }
+                fn flush(&mut self) -> std::io::Result<()> {
+                    Ok(())
+                }
+            }
+            let mut out = Lines(listening_tx, false);
+            cells::run(&system, &options, Some(&stop), &mut out).unwrap()
+        })
+    };
+    listening
+        .recv_timeout(Duration::from_secs(10))
+        .expect("hypervisor listening");
+
+    // The bridge: the second process cell, in the namespace.
+    let (events_tx, events) = mpsc::channel();
+    let bridge_stop = eventfd();
+    let bridge = {
+        let ns = Arc::clone(&ns);
+        let socket = socket.clone();
+        let stop = Arc::clone(&bridge_stop);
+        std::thread::spawn(move || {
+            ns.enter();
+            let tap = Tap::open("vnet0").unwrap();
+            tap.configure(Some("10.79.0.1/24"), 1500).unwrap();
+            let ep = Endpoint::attach_hosted(&socket, "linux-net", Some("net0")).unwrap();
+            let (dev, irq) = ep.into_parts();
+            let l = VnetLink::new(dev, LinkConfig::default()).unwrap();
+            let mut bridge = Bridge::new(l, irq, tap, BridgeConfig::default());
+            bridge.set_link_hook(Box::new(move |e| {
+                let _ = events_tx.send(e);
+            }));
+            bridge.run(Some(stop.as_fd())).unwrap();
+            bridge.stats()
+        })
+    };
+
+    let mut cell = spawn_cell(&socket);
+    assert_eq!(
+        events.recv_timeout(Duration::from_secs(30)).unwrap(),
+        LinkEvent::Up
+    );
+    let client = {
+        let ns = Arc::clone(&ns);
+        std::thread::spawn(move || {
+            ns.enter();
+            assert_eq!(linux::ping(CELL_IP, 5, 56).len(), 5);
+            linux::linux_sink(CELL_IP, 100 * MIB);
+            linux::linux_source(CELL_IP, 100 * MIB);
+            linux::http_get(&ns, CELL_IP)
+        })
+    };
+    let page = client.join().unwrap();
+    assert!(page.contains("sink_bytes 104857600"), "{page}");
+
+    // SIGKILL the cell process: the hypervisor sets its state to 0, the link goes down.
+    cell.kill().unwrap();
+    cell.wait().unwrap();
+    assert_eq!(
+        events.recv_timeout(Duration::from_secs(30)).unwrap(),
+        LinkEvent::Down
+    );
+    assert!(ns.ip(&["link", "show", "vnet0"]).contains("NO-CARRIER"));
+
+    // Restart it: the link comes back and new connections work.
+    let mut cell = spawn_cell(&socket);
+    assert_eq!(
+        events.recv_timeout(Duration::from_secs(30)).unwrap(),
+        LinkEvent::Up
+    );
+    let client = {
+        let ns = Arc::clone(&ns);
+        std::thread::spawn(move || {
+            ns.enter();
+            assert_eq!(linux::ping(CELL_IP, 2, 1000).len(), 2);
+            linux::linux_sink(CELL_IP, 4 * MIB);
+            linux::http_get(&ns, CELL_IP)
+        })
+    };
+    let page = client.join().unwrap();
+    assert!(
+        page.contains("sink_bytes 4194304"),
+        "the restarted cell: {page}"
+    );
+
+    cell.kill().unwrap();
+    cell.wait().unwrap();
+    let one = 1u64;
+    // SAFETY: 8-byte write to an eventfd.
+    let n = unsafe {
+        libc::write(
+            std::os::fd::AsRawFd::as_raw_fd(&*bridge_stop),
+            (&one as *const u64).cast(),
+            8,
+        )
+    };
+    assert_eq!(n, 8);
+    let stats = bridge.join().unwrap();
+    assert_eq!(stats.port_write_errors, 0);
+    stop.stop();
+    hv.join().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
