@@ -81,13 +81,20 @@ impl<R: RegisterAccess, I: Interrupt> Cell<R, I> {
         self.services.stats()
     }
 
-    /// One round without blocking: link (if an interrupt is pending), smoltcp, services,
-    /// flush. Returns whether frames moved or the link changed.
+    /// Takes a pending interrupt (without blocking) and, if there was one, runs the link
+    /// state machine. Returns whether the carrier changed.
+    pub fn handle_interrupt(&mut self) -> std::io::Result<bool> {
+        if self.irq.take()? {
+            return Ok(self.link.poll_link() != crate::link::LinkEvent::None);
+        }
+        Ok(false)
+    }
+
+    /// One round without blocking and without looking at the interrupt: smoltcp, services,
+    /// flush (a NIC fault runs the link state machine). Returns whether frames moved or the
+    /// link changed.
     pub fn step(&mut self) -> std::io::Result<bool> {
         let mut changed = false;
-        if self.irq.take()? {
-            changed |= self.link.poll_link() != crate::link::LinkEvent::None;
-        }
         if self.link.nic_ref().fault().is_some() {
             self.link.poll_link();
             changed = true;
@@ -122,9 +129,19 @@ impl<R: RegisterAccess, I: Interrupt> Cell<R, I> {
     /// Runs until `stop` becomes readable.
     pub fn run(&mut self, stop: Option<BorrowedFd<'_>>) -> std::io::Result<()> {
         let mut idle_rounds = 0;
+        let mut busy_rounds = 0u32;
         loop {
             if self.step()? {
                 idle_rounds = 0;
+                busy_rounds = busy_rounds.wrapping_add(1);
+                // While busy, look at the interrupt (link changes) now and then only: it
+                // costs a system call.
+                if busy_rounds % 64 == 0 {
+                    self.handle_interrupt()?;
+                }
+                continue;
+            }
+            if self.handle_interrupt()? {
                 continue;
             }
             if idle_rounds < self.config.spin {
