@@ -347,8 +347,9 @@ impl<R: RegisterAccess, I: Interrupt, P: FramePort> Bridge<R, I, P> {
                 continue;
             }
             idle_rounds = 0;
-            // Sleep handshake on the receive ring (after the flush above).
-            if self.link.carrier() {
+            // Sleep handshake on the receive ring (after the flush above); while the port
+            // cannot take frames, the ring's content waits for POLLOUT instead.
+            if self.link.carrier() && !out_blocked {
                 if let Some(d) = self.link.nic().duplex_mut() {
                     match d.rx.prepare_sleep() {
                         Ok(true) => {}

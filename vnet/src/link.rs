@@ -104,7 +104,9 @@ pub struct VnetLink<R: RegisterAccess> {
 impl<R: RegisterAccess> VnetLink<R> {
     /// Takes over the device of a 2-peer link. Checks the sections and that the own output
     /// section holds a ring for `config.mtu`; touches neither STATE nor shared memory (the
-    /// first [`poll_link`](Self::poll_link) starts the state machine).
+    /// first [`poll_link`](Self::poll_link) starts the state machine). Interrupts stay the
+    /// caller's business: enable them (and re-arm in one-shot mode) on the device or its
+    /// endpoint, and call `poll_link` after each one.
     pub fn new(dev: Ivshmem<R>, config: LinkConfig) -> Result<Self, LinkError> {
         if dev.max_peers() != 2 {
             return Err(LinkError::NotPointToPoint(dev.max_peers()));
