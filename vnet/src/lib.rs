@@ -14,7 +14,35 @@
 //!   `examples/vnet_tap.rs`.
 //!
 //! The core is `no_std` with `alloc` (smoltcp socket buffers and one MTU-sized scratch
-//! buffer per NIC).
+//! buffer per NIC); it builds for `x86_64-unknown-none`.
+//!
+//! A bare-metal cell's main loop:
+//!
+//! ```no_run
+//! use vnet::services::{ServiceConfig, Services};
+//! use vnet::smoltcp::time::Instant;
+//! use vnet::{LinkConfig, VnetLink};
+//!
+//! fn cell<R: ivshmem_dev::RegisterAccess>(
+//!     dev: ivshmem_dev::Ivshmem<R>,
+//!     wait_for_interrupt: impl Fn(),
+//!     now: impl Fn() -> Instant,
+//! ) -> Result<(), vnet::LinkError> {
+//!     dev.enable_interrupts();
+//!     let mut link = VnetLink::new(dev, LinkConfig::default())?;
+//!     link.poll_link();
+//!     let address = "10.0.0.2/24".parse().expect("an address");
+//!     let mut services = Services::new(&ServiceConfig::new(address), link.nic(), now());
+//!     loop {
+//!         services.poll(now(), link.nic(), &mut |_page| {});
+//!         link.flush(); // one publish per ring, at most one doorbell
+//!         if link.prepare_sleep() {
+//!             wait_for_interrupt(); // doorbell or peer state change (re-arm if one-shot)
+//!             link.poll_link(); // the link state machine runs after every interrupt
+//!         }
+//!     }
+//! }
+//! ```
 #![cfg_attr(not(feature = "std"), no_std)]
 #![warn(missing_docs)]
 
