@@ -3,7 +3,7 @@
 //!
 //! One thread, event driven: `poll(2)` over the link's interrupt fd, the port's fd and an
 //! optional stop fd. No busy loop when idle: after a bounded spin (`BridgeConfig::spin`
-//! empty rounds) it runs the rings' sleep handshake and blocks.
+//! after the last frame) it runs the rings' sleep handshake and blocks.
 //!
 //! - ring → port: frames are peeked in shared memory and written to the port straight from
 //!   there; a frame is released only after the write (a port that would block keeps it in the
@@ -23,6 +23,7 @@
 use std::io::{self, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixDatagram;
+use std::time::{Duration, Instant};
 
 use ivshmem_dev::RegisterAccess;
 
@@ -83,20 +84,25 @@ impl FramePort for UnixDatagram {
     }
 }
 
+/// Default spin before sleeping (bridge and cell loops).
+pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
+
 /// Bridge tuning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BridgeConfig {
     /// Frames per direction per round before flushing.
     pub batch: usize,
-    /// Empty rounds before the sleep handshake (a bounded spin).
-    pub spin: u32,
+    /// How long to keep polling after the last activity before the sleep handshake (a
+    /// bounded spin: it saves the wake-up latency on back-to-back traffic; zero: sleep as
+    /// soon as there is nothing to do).
+    pub spin: Duration,
 }
 
 impl Default for BridgeConfig {
     fn default() -> Self {
         BridgeConfig {
             batch: 64,
-            spin: 64,
+            spin: DEFAULT_SPIN,
         }
     }
 }
@@ -312,7 +318,7 @@ impl<R: RegisterAccess, I: Interrupt, P: FramePort> Bridge<R, I, P> {
         self.link_event(event);
         let mut tx_wait = false;
         let mut out_blocked = false;
-        let mut idle_rounds = 0u32;
+        let mut idle_since: Option<Instant> = None;
         loop {
             let mut progress = false;
             if self.link.carrier() {
@@ -334,11 +340,11 @@ impl<R: RegisterAccess, I: Interrupt, P: FramePort> Bridge<R, I, P> {
                 continue;
             }
             if progress {
-                idle_rounds = 0;
+                idle_since = None;
                 continue;
             }
-            if idle_rounds < self.config.spin {
-                idle_rounds += 1;
+            let since = *idle_since.get_or_insert_with(Instant::now);
+            if since.elapsed() < self.config.spin {
                 if self.irq.take()? {
                     let event = self.link.poll_link();
                     self.link_event(event);
@@ -346,7 +352,7 @@ impl<R: RegisterAccess, I: Interrupt, P: FramePort> Bridge<R, I, P> {
                 }
                 continue;
             }
-            idle_rounds = 0;
+            idle_since = None;
             // Sleep handshake on the receive ring (after the flush above); while the port
             // cannot take frames, the ring's content waits for POLLOUT instead.
             if self.link.carrier() && !out_blocked {
