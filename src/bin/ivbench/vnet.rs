@@ -430,17 +430,17 @@ impl Netns {
     }
 
     fn enter(&self) -> Result<()> {
-        let file = std::fs::File::open(format!("/run/netns/{}", self.0))?;
-        // SAFETY: setns on a valid namespace fd; affects only the calling thread.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        ensure!(
-            rc == 0,
-            "setns {}: {}",
-            self.0,
-            std::io::Error::last_os_error()
-        );
-        Ok(())
+        enter_netns(&self.0)
     }
+}
+
+/// Moves the calling thread into the named network namespace.
+fn enter_netns(name: &str) -> Result<()> {
+    let file = std::fs::File::open(format!("/run/netns/{name}"))?;
+    // SAFETY: setns on a valid namespace fd; affects only the calling thread.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    ensure!(rc == 0, "setns {name}: {}", std::io::Error::last_os_error());
+    Ok(())
 }
 
 impl Drop for Netns {
@@ -628,10 +628,12 @@ impl LinuxSide {
         ip(&["-n", &veth_a.0, "link", "set", "vb0", "up"])?;
         ip(&["-n", &veth_b.0, "link", "set", "vb1", "up"])?;
         let (listening_tx, listening_rx) = mpsc::channel();
-        let ns = Arc::clone(&veth_b);
+        // The server thread blocks in accept() until the process ends: it must not keep the
+        // namespace handle alive (dropping the last one deletes the namespace).
+        let ns_name = veth_b.0.clone();
         let server = std::thread::spawn(move || {
             let serve = || -> Result<()> {
-                ns.enter()?;
+                enter_netns(&ns_name)?;
                 let listener = TcpListener::bind(SocketAddrV4::new(VETH_SERVER, PORT_SINK))?;
                 let _ = listening_tx.send(Ok(()));
                 for conn in listener.incoming() {
