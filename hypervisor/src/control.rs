@@ -536,13 +536,14 @@ impl ControlServer {
             return;
         };
         let client = &self.clients[index];
-        let refusal = if client.cell.is_some() {
-            Some((
+        // The cell to attach, or why not.
+        let target = if client.cell.is_some() {
+            Err((
                 RefusalReason::BadRequest,
                 "this connection is already attached".to_string(),
             ))
         } else if client.uid != self.uid {
-            Some((
+            Err((
                 RefusalReason::PermissionDenied,
                 format!(
                     "process {} runs as uid {}, the hypervisor as uid {}",
@@ -554,7 +555,7 @@ impl ControlServer {
                 None => {
                     let known: Vec<&str> =
                         self.cells.iter().map(|c| c.spec.name.as_str()).collect();
-                    Some((
+                    Err((
                         RefusalReason::UnknownCell,
                         format!(
                             "no cell named `{name}` in this system (cells: {})",
@@ -562,32 +563,30 @@ impl ControlServer {
                         ),
                     ))
                 }
-                Some(ci) if !self.cells[ci].spec.process => Some((
+                Some(ci) if !self.cells[ci].spec.process => Err((
                     RefusalReason::NotAttachable,
                     format!("cell `{name}` is not a process cell"),
                 )),
-                Some(ci) if self.cells[ci].client.is_some() => Some((
+                Some(ci) if self.cells[ci].client.is_some() => Err((
                     RefusalReason::AlreadyAttached,
                     format!(
                         "cell `{name}` is already attached (pid {})",
                         self.cells[ci].pid.map_or("?".into(), |p| p.to_string())
                     ),
                 )),
-                Some(_) => None,
+                Some(ci) => Ok(ci),
             }
         };
-        if let Some((reason, detail)) = refusal {
-            tracing::warn!("attach refused: {detail}");
-            self.refuse(index, reason, &detail);
-            self.events
-                .push(ControlEvent::Refused { cell: name, detail });
-            return;
-        }
-        let ci = self
-            .cells
-            .iter()
-            .position(|c| c.spec.name == name)
-            .expect("checked above");
+        let ci = match target {
+            Ok(ci) => ci,
+            Err((reason, detail)) => {
+                tracing::warn!("attach refused: {detail}");
+                self.refuse(index, reason, &detail);
+                self.events
+                    .push(ControlEvent::Refused { cell: name, detail });
+                return;
+            }
+        };
         let pid = self.clients[index].pid;
         // Activate the cell on each of its links.
         for &(li, peer) in &self.cells[ci].memberships {
