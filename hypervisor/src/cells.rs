@@ -91,6 +91,12 @@ pub enum RunError {
     /// Writing the live status failed.
     #[error("writing status output: {0}")]
     Output(io::Error),
+    /// The system has a KVM cell, which this build cannot start.
+    #[error("KVM cells are not supported by this build yet: cell {cell}")]
+    KvmUnsupported {
+        /// The first KVM cell of the system.
+        cell: String,
+    },
 }
 
 /// Asks a running [`run`] loop to stop (from another thread); cheap to clone.
@@ -366,13 +372,21 @@ fn describe(event: &ControlEvent) -> String {
 /// Runs a hosted system until SIGINT/SIGTERM (if `options.handle_signals`) or `stop`:
 /// creates the links, listens at `options.socket`, spawns the cells, reports on `out`, and
 /// on stop terminates the spawned cells (SIGTERM, then SIGKILL after a grace period), waits
-/// for them and removes the socket.
+/// for them and removes the socket. A system with a KVM cell is refused
+/// ([`RunError::KvmUnsupported`]): this build has no KVM backend.
 pub fn run(
     system: &SystemSpec,
     options: &RunOptions,
     stop: Option<&StopHandle>,
     out: &mut dyn Write,
 ) -> Result<RunReport, RunError> {
+    // Refuse before creating anything: a system whose KVM cells never start is not the
+    // system the configuration describes.
+    if let Some(kvm) = system.cells.iter().find(|c| !c.process) {
+        return Err(RunError::KvmUnsupported {
+            cell: kvm.name.clone(),
+        });
+    }
     let signals = if options.handle_signals {
         Some(signal_fd().map_err(RunError::Signals)?)
     } else {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use hypervisor::config::{self, ValidConfig};
+use hypervisor::config::{self, CellKind, ValidConfig};
 
 /// Exit code for a configuration with errors.
 const EXIT_INVALID_CONFIG: u8 = 1;
@@ -106,6 +106,14 @@ fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
     match load_config(&args.config, args.cpu_count) {
         Some(valid) => {
             print!("{}", valid.summary());
+            for cell in valid.cells.iter().filter(|c| c.kind == CellKind::Kvm) {
+                eprintln!(
+                    "{}: warning: cell `{}`: KVM cells are not supported by this build yet; \
+                     `hypervisor run` refuses this configuration",
+                    args.config.display(),
+                    cell.name
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         None => Ok(ExitCode::from(EXIT_INVALID_CONFIG)),

@@ -181,5 +181,66 @@ fn status_needs_a_config_or_a_socket() {
     let output = hypervisor(&["status"]);
     assert_eq!(output.status.code(), Some(2), "a usage error");
     let stderr = text(&output.stderr);
-    assert!(stderr.contains("required arguments were not provided"), "{stderr}");
+    assert!(
+        stderr.contains("required arguments were not provided"),
+        "{stderr}"
+    );
+}
+
+const WITH_KVM_CELL: &str = r#"
+[system]
+name = "mixed"
+
+[[cells]]
+name = "linux"
+cpus = [0]
+command = "/bin/true"
+
+[[cells]]
+name = "rtos"
+cpus = [1]
+kind = "kvm"
+memory = "16M"
+image = "rtos.bin"
+
+[[links]]
+name = "l"
+peers = ["linux", "rtos"]
+protocol = "telemetry"
+output_size = "4K"
+"#;
+
+#[test]
+fn check_warns_that_kvm_cells_are_not_supported_yet() {
+    let config = temp_config("kvm-check", WITH_KVM_CELL);
+    let output = hypervisor(&["check", &config, "--cpu-count", "2"]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains(
+            "warning: cell `rtos`: KVM cells are not supported by this build yet; \
+             `hypervisor run` refuses this configuration"
+        ),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("cell `linux`"), "{stderr}");
+}
+
+#[test]
+fn run_refuses_a_system_with_kvm_cells() {
+    let config = temp_config("kvm-run", WITH_KVM_CELL);
+    let socket = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("config-cli-{}-kvm.sock", std::process::id()));
+    let output = hypervisor(&["run", &config, "--socket", &socket.to_string_lossy()]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("KVM cells are not supported by this build yet: cell rtos"),
+        "{stderr}"
+    );
+    assert!(!socket.exists(), "no control socket is created");
+    assert!(
+        !text(&output.stdout).contains("started"),
+        "no cell is started"
+    );
 }
