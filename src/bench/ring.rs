@@ -27,6 +27,8 @@ pub const STREAM_RING_BYTES: usize = 64 * 1024;
 pub const GRANT_FRAME: usize = 64 * 1024;
 /// Ring capacity of the grant case (room for three 64 KiB frames in flight).
 pub const GRANT_RING_BYTES: usize = 256 * 1024;
+/// Messages the batched shmring consumer releases between two publishes (at most).
+pub const CONSUMER_BATCH: u32 = 32;
 /// Frame size of the round-trip case.
 pub const RTT_FRAME: usize = 64;
 
@@ -35,6 +37,10 @@ pub const RTT_FRAME: usize = 64;
 pub enum Queue {
     /// shmring: `try_send` (copy in, publish) / `peek` + check + `release` + `flush`.
     Shmring,
+    /// shmring with the consumer batching its publishes: `try_send` per message as above;
+    /// `peek` + check + `release` per message, one `flush` per [`CONSUMER_BATCH`] messages
+    /// or as soon as the ring is found empty (the batching the ring's API is built for).
+    ShmringBatched,
     /// rtrb `RingBuffer<u8>`: `push_entire_slice` (= `write_chunk_uninit(n)` + copy + `commit_all`)
     /// / `read_chunk(n)` + check + `commit_all`.
     Rtrb,
@@ -60,9 +66,16 @@ pub fn comparisons() -> Vec<Comparison> {
             Metric::MsgPerS,
             Some(Target::AtLeast(1.0)),
         ),
+        ratio(
+            "shmring-batch-64",
+            "rtrb-64",
+            Metric::MsgPerS,
+            Some(Target::AtLeast(1.0)),
+        ),
         ratio("shmring-64", "crossbeam-64", Metric::MsgPerS, None),
         ratio("shmring-64", "mpsc-64", Metric::MsgPerS, None),
         ratio("shmring-1k", "rtrb-1k", Metric::MsgPerS, None),
+        ratio("shmring-batch-1k", "rtrb-1k", Metric::MsgPerS, None),
         ratio("shmring-1k", "crossbeam-1k", Metric::MsgPerS, None),
         ratio("shmring-1k", "mpsc-1k", Metric::MsgPerS, None),
         ratio(
@@ -84,6 +97,9 @@ pub fn cases() -> Vec<(&'static str, Metric, u64, CaseFn)> {
         ("shmring-64", Metric::MsgPerS, 0, |c, n| {
             stream::<64>(Queue::Shmring, c, n)
         }),
+        ("shmring-batch-64", Metric::MsgPerS, 0, |c, n| {
+            stream::<64>(Queue::ShmringBatched, c, n)
+        }),
         ("rtrb-64", Metric::MsgPerS, 0, |c, n| {
             stream::<64>(Queue::Rtrb, c, n)
         }),
@@ -95,6 +111,9 @@ pub fn cases() -> Vec<(&'static str, Metric, u64, CaseFn)> {
         }),
         ("shmring-1k", Metric::MsgPerS, 0, |c, n| {
             stream::<1024>(Queue::Shmring, c, n)
+        }),
+        ("shmring-batch-1k", Metric::MsgPerS, 0, |c, n| {
+            stream::<1024>(Queue::ShmringBatched, c, n)
         }),
         ("rtrb-1k", Metric::MsgPerS, 0, |c, n| {
             stream::<1024>(Queue::Rtrb, c, n)
@@ -145,8 +164,8 @@ fn notes(cpus: [usize; 2]) -> Vec<String> {
         ),
         "floor: one AtomicU64 on its own cache line, flipped odd/even between the two threads; rtt = time / round trips".into(),
         format!("shmring rtt: 64-byte frame out through a request ring and back through a reply ring (try_send / try_recv), {STREAM_RING_BYTES} B rings"),
-        format!("streaming: every queue holds {STREAM_RING_BYTES} B of messages; each message's first 8 bytes are its sequence number, checked by the consumer; every message is published on its own (no batching)"),
-        "shmring-N: try_send (copy in + publish) / peek + check + release + flush (zero-copy read); rtrb-N: RingBuffer<u8>, push_entire_slice (its write_chunk_uninit(N) + copy + commit_all) / read_chunk(N) + check + commit_all; crossbeam-N: ArrayQueue<[u8; N]> push/pop; mpsc-N: sync_channel::<[u8; N]> try_send/try_recv".into(),
+        format!("streaming: every queue holds {STREAM_RING_BYTES} B of messages; each message's first 8 bytes are its sequence number, checked by the consumer; every message is published on its own (no batching) except by the shmring-batch consumer"),
+        "shmring-N: try_send (copy in + publish) / peek + check + release + flush per message (zero-copy read); shmring-batch-N: the same producer, the consumer publishes once per 32 releases or when it finds the ring empty (every publish pays the wake-up handshake's StoreLoad fence, which rtrb has no need for: it cannot sleep); rtrb-N: RingBuffer<u8>, push_entire_slice (its write_chunk_uninit(N) + copy + commit_all) / read_chunk(N) + check + commit_all; crossbeam-N: ArrayQueue<[u8; N]> push/pop; mpsc-N: sync_channel::<[u8; N]> try_send/try_recv".into(),
         format!("shmring-grant-64k: producer grants 64 KiB, fills it with copy_from_slice from a 64 KiB source (+ seq stamps at both ends), commit + flush; consumer peeks, checks both stamps, releases + flushes; {GRANT_RING_BYTES} B ring"),
         format!("memcpy-64k: one thread on CPU {}, dst.copy_from_slice(&src) between two 64 KiB heap buffers (one byte of src changed per copy, black_box on dst), bytes/s = copies * 65536 / time", cpus[0]),
     ]
@@ -250,7 +269,8 @@ pub fn shmring_rtt(cpus: [usize; 2], iters: u64) -> Result<Duration> {
 pub fn stream<const N: usize>(queue: Queue, cpus: [usize; 2], iters: u64) -> Result<Duration> {
     assert!(N >= 8, "messages carry an 8-byte sequence number");
     match queue {
-        Queue::Shmring => stream_shmring::<N>(cpus, iters),
+        Queue::Shmring => stream_shmring::<N>(cpus, iters, 1),
+        Queue::ShmringBatched => stream_shmring::<N>(cpus, iters, CONSUMER_BATCH),
         Queue::Rtrb => stream_rtrb::<N>(cpus, iters),
         Queue::Crossbeam => stream_crossbeam::<N>(cpus, iters),
         Queue::Mpsc => stream_mpsc::<N>(cpus, iters),
@@ -268,24 +288,36 @@ fn check_seq(got: u64, want: u64) -> Result<()> {
     Ok(())
 }
 
-fn stream_shmring<const N: usize>(cpus: [usize; 2], iters: u64) -> Result<Duration> {
+/// `batch`: the consumer publishes after this many releases, or when it finds the ring empty.
+fn stream_shmring<const N: usize>(cpus: [usize; 2], iters: u64, batch: u32) -> Result<Duration> {
     let (mut tx, mut rx) = shmring::channel(STREAM_RING_BYTES)?;
     run_pinned_pair(
         cpus,
         move |abort| {
             let start = Instant::now();
+            let mut unpublished = 0u32;
             for seq in 0..iters {
                 spin_until(abort, || {
                     let Some(frame) = rx.peek()? else {
+                        if unpublished != 0 {
+                            // Idle: publish what was released so the producer sees the room.
+                            let _notify = rx.flush();
+                            unpublished = 0;
+                        }
                         return Ok(None);
                     };
                     ensure!(frame.len() == N, "frame {seq} has length {}", frame.len());
                     check_seq(seq_of(&frame), seq)?;
                     frame.release();
-                    let _notify = rx.flush();
+                    unpublished += 1;
+                    if unpublished >= batch {
+                        let _notify = rx.flush();
+                        unpublished = 0;
+                    }
                     Ok(Some(()))
                 })?;
             }
+            let _notify = rx.flush();
             Ok(start.elapsed())
         },
         move |abort| {
