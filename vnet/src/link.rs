@@ -38,6 +38,14 @@ pub enum LinkError {
     /// The output section is too small for any ring.
     #[error("output section of {0} bytes is too small for a ring")]
     SectionTooSmall(usize),
+    /// The own output section does not start on the rings' alignment boundary.
+    #[error("own output section at {addr:#x} is not aligned to {align} bytes")]
+    MisalignedOwnOutput {
+        /// Where the section is mapped.
+        addr: usize,
+        /// Required alignment ([`shmring::layout::REGION_ALIGN`]).
+        align: usize,
+    },
 }
 
 /// Configuration of a [`VnetLink`].
@@ -85,6 +93,9 @@ pub struct LinkStats {
     pub attach_failures: u64,
     /// Doorbells rung.
     pub doorbells: u64,
+    /// Failed set-ups of the own rings (the link then stays INIT and never announces READY;
+    /// see [`VnetLink::last_setup_error`]).
+    pub setup_failures: u64,
 }
 
 /// One vnet link: device driver, state machine, rings and NIC. See the module documentation.
@@ -99,6 +110,7 @@ pub struct VnetLink<R: RegisterAccess> {
     carrier: bool,
     stats: LinkStats,
     last_attach_error: Option<shmring::Error>,
+    last_setup_error: Option<shmring::Error>,
 }
 
 impl<R: RegisterAccess> VnetLink<R> {
@@ -119,6 +131,15 @@ impl<R: RegisterAccess> VnetLink<R> {
         if dev.peer_output(peer).map_or(true, |s| s.is_empty()) {
             return Err(LinkError::NoPeerOutput(peer));
         }
+        // The rings' set-up needs this too; checking here turns a link that could never come
+        // up into an error at creation.
+        let align = shmring::layout::REGION_ALIGN;
+        if own.as_ptr() as usize % align != 0 {
+            return Err(LinkError::MisalignedOwnOutput {
+                addr: own.as_ptr() as usize,
+                align,
+            });
+        }
         let capacity = duplex::capacity_for(own.len(), config.max_capacity)
             .ok_or(LinkError::SectionTooSmall(own.len()))?;
         let nic = ShmNic::new(config.mtu, capacity).map_err(|source| LinkError::Nic {
@@ -135,6 +156,7 @@ impl<R: RegisterAccess> VnetLink<R> {
             carrier: false,
             stats: LinkStats::default(),
             last_attach_error: None,
+            last_setup_error: None,
         })
     }
 
@@ -154,7 +176,15 @@ impl<R: RegisterAccess> VnetLink<R> {
             let step = link_state::next(self.state, peer);
             match step.action {
                 Action::None => {}
-                Action::SetUpOwn => self.set_up_own(),
+                Action::SetUpOwn => {
+                    if let Err(e) = self.set_up_own() {
+                        // No rings: announcing READY would make the peer attach to garbage.
+                        // Stay where we are; the fault is counted and kept for the owner.
+                        self.stats.setup_failures += 1;
+                        self.last_setup_error = Some(e);
+                        break;
+                    }
+                }
                 Action::AttachPeer => {
                     if !self.attach_peer() {
                         // Stay READY; a later interrupt retries.
@@ -196,14 +226,16 @@ impl<R: RegisterAccess> VnetLink<R> {
         self.dev.set_state(state.as_u32());
     }
 
-    fn set_up_own(&mut self) {
+    fn set_up_own(&mut self) -> Result<(), shmring::Error> {
+        self.init = None;
         let own = self.dev.own_output();
         // SAFETY: the own output section is mapped writable for the driver's lifetime (which
         // `self` owns, and the rings live inside `self`), only this peer writes it, and the
         // previous rings in it (if any) were dropped by `tear_down`.
-        let init = unsafe { DuplexInit::init(own.as_ptr(), own.len(), self.config.max_capacity) };
-        // Size and alignment were checked in `new`; the section never changes.
-        self.init = init.ok();
+        let init = unsafe { DuplexInit::init(own.as_ptr(), own.len(), self.config.max_capacity) }?;
+        self.init = Some(init);
+        self.last_setup_error = None;
+        Ok(())
     }
 
     fn attach_peer(&mut self) -> bool {
@@ -320,6 +352,12 @@ impl<R: RegisterAccess> VnetLink<R> {
         self.last_attach_error
     }
 
+    /// The last error setting up the own rings (cleared by a successful set-up). While set,
+    /// the link stays INIT: READY is never announced over rings that do not exist.
+    pub fn last_setup_error(&self) -> Option<shmring::Error> {
+        self.last_setup_error
+    }
+
     /// The device driver.
     pub fn device(&self) -> &Ivshmem<R> {
         &self.dev
@@ -332,5 +370,161 @@ impl<R: RegisterAccess> Drop for VnetLink<R> {
         // and tell the peer we left.
         self.tear_down();
         self.dev.set_state(LinkState::Reset.as_u32());
+    }
+}
+
+#[cfg(all(test, feature = "std"))]
+mod tests {
+    use super::*;
+    use core::cell::Cell;
+    use core::ptr::NonNull;
+    use ivshmem_dev::{regs, Section, Sections};
+
+    /// Registers of peer 0 on a 2-peer link; `STATE` writes are recorded.
+    #[derive(Debug)]
+    struct Registers {
+        state: Cell<u32>,
+        writes: Cell<usize>,
+    }
+
+    impl RegisterAccess for Registers {
+        fn read32(&self, offset: u32) -> u32 {
+            match offset {
+                regs::ID => 0,
+                regs::MAX_PEERS => 2,
+                regs::STATE => self.state.get(),
+                _ => 0,
+            }
+        }
+        fn write32(&self, offset: u32, value: u32) {
+            if offset == regs::STATE {
+                self.state.set(value);
+                self.writes.set(self.writes.get() + 1);
+            }
+        }
+    }
+
+    const OUT: usize = 64 * 1024;
+
+    /// Heap memory standing in for the state table and both output sections (page aligned).
+    struct Memory {
+        ptr: NonNull<u8>,
+        layout: std::alloc::Layout,
+    }
+
+    impl Memory {
+        fn new() -> Self {
+            let layout = std::alloc::Layout::from_size_align(4096 + 2 * OUT + 4096, 4096).unwrap();
+            // SAFETY: non-zero size.
+            let ptr = NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) }).unwrap();
+            Memory { ptr, layout }
+        }
+
+        /// The sections, the own output starting `skew` bytes into its slot.
+        fn sections(&self, skew: usize) -> Sections {
+            // SAFETY: every range lies inside the allocation, which outlives the driver in
+            // each test (declared first, dropped last).
+            unsafe {
+                let mut s = Sections::new(Section::new(self.ptr, 8, false));
+                s.outputs[0] = Some(Section::new(self.ptr.byte_add(4096 + skew), OUT, true));
+                s.outputs[1] = Some(Section::new(
+                    self.ptr.byte_add(4096 + OUT + 4096),
+                    OUT,
+                    false,
+                ));
+                s
+            }
+        }
+
+        fn set_peer_state(&self, state: LinkState) {
+            // SAFETY: entry 1 of the state table, inside the allocation, 4-byte aligned.
+            unsafe { self.ptr.cast::<u32>().add(1).write_volatile(state.as_u32()) }
+        }
+    }
+
+    impl Drop for Memory {
+        fn drop(&mut self) {
+            // SAFETY: allocated with this layout.
+            unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+        }
+    }
+
+    fn device(mem: &Memory, skew: usize) -> Ivshmem<Registers> {
+        let regs = Registers {
+            state: Cell::new(0),
+            writes: Cell::new(0),
+        };
+        Ivshmem::new(regs, mem.sections(skew)).unwrap()
+    }
+
+    #[test]
+    fn new_refuses_a_misaligned_own_output() {
+        let mem = Memory::new();
+        let err = VnetLink::new(device(&mem, 8), LinkConfig::default()).unwrap_err();
+        assert!(
+            matches!(err, LinkError::MisalignedOwnOutput { align: 64, addr } if addr % 64 == 8),
+            "{err:?}"
+        );
+        assert!(VnetLink::new(device(&mem, 64), LinkConfig::default()).is_ok());
+    }
+
+    #[test]
+    fn failed_ring_setup_never_announces_ready() {
+        let mem = Memory::new();
+        // `new` refuses this section, so build the link around it by hand: the set-up in
+        // `poll_link` is the last line of defence and must not publish READY on failure.
+        let dev = device(&mem, 8);
+        let capacity = duplex::capacity_for(OUT, None).unwrap();
+        let mut link = VnetLink {
+            dev,
+            peer: 1,
+            state: LinkState::Reset,
+            config: LinkConfig::default(),
+            init: None,
+            nic: ShmNic::new(nic::DEFAULT_MTU, capacity).unwrap(),
+            carrier: false,
+            stats: LinkStats::default(),
+            last_attach_error: None,
+            last_setup_error: None,
+        };
+        mem.set_peer_state(LinkState::Init);
+        assert_eq!(link.poll_link(), LinkEvent::None);
+        assert_eq!(link.state(), LinkState::Init, "stays INIT");
+        assert_eq!(
+            link.device().registers().state.get(),
+            LinkState::Init.as_u32(),
+            "READY was never written to STATE"
+        );
+        assert_eq!(link.stats().setup_failures, 1);
+        assert!(matches!(
+            link.last_setup_error(),
+            Some(shmring::Error::Misaligned { align: 64 })
+        ));
+        assert!(!link.carrier());
+        // The peer goes READY: still no READY from us, one more counted failure.
+        mem.set_peer_state(LinkState::Ready);
+        assert_eq!(link.poll_link(), LinkEvent::None);
+        assert_eq!(link.state(), LinkState::Init);
+        assert_eq!(link.stats().setup_failures, 2);
+        assert_eq!(
+            link.device().registers().state.get(),
+            LinkState::Init.as_u32()
+        );
+    }
+
+    #[test]
+    fn successful_setup_announces_ready() {
+        let mem = Memory::new();
+        let mut link = VnetLink::new(device(&mem, 0), LinkConfig::default()).unwrap();
+        mem.set_peer_state(LinkState::Init);
+        assert_eq!(link.poll_link(), LinkEvent::None);
+        assert_eq!(link.state(), LinkState::Ready);
+        assert_eq!(
+            link.device().registers().state.get(),
+            LinkState::Ready.as_u32()
+        );
+        assert_eq!(link.stats().setup_failures, 0);
+        assert_eq!(link.last_setup_error(), None);
+        assert!(link.device().registers().writes.get() >= 2);
     }
 }
