@@ -79,7 +79,10 @@
 //! capacity once at attach (never re-read), the peer's index on every re-read (monotonic, within
 //! one capacity of ours, aligned), and each frame header (length within the published data and
 //! the contiguous area, padding exactly up to the end and never at offset 0). A violation is
-//! [`Error::Corrupt`]: never a panic, never an access outside the two parts. A frame's header
+//! [`Error::Corrupt`]: never a panic, never an access outside the two parts. `Corrupt` is
+//! sticky by design: the ring does not advance past what it refused, so every later call
+//! reports it again until the layer above tears the link down ([`Producer::reset`],
+//! [`Consumer::reset`]) and re-attaches once the peer has restarted. A frame's header
 //! is read once and never re-read. A hostile producer can still change payload bytes while a
 //! [`Consumer::peek`] reader looks at them: treat payloads as untrusted input.
 //!
@@ -173,7 +176,7 @@ pub enum Error {
         /// Largest payload this ring accepts.
         max: usize,
     },
-    /// The peer broke the protocol.
+    /// The peer broke the protocol. Sticky: reset the ring and re-attach (see the crate docs).
     #[error("peer corrupted the ring: {what}")]
     Corrupt {
         /// What was wrong.

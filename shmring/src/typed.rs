@@ -78,7 +78,9 @@ impl<T: Pod> TypedConsumer<T> {
     }
 
     /// Copies out, releases and publishes the next value; a frame whose length is not
-    /// `size_of::<T>()` is [`Error::Corrupt`] (and stays in the ring).
+    /// `size_of::<T>()` is [`Error::Corrupt`] and stays in the ring: like every `Corrupt`, it
+    /// is sticky until the layer above resets the ring (the peer broke the protocol, so
+    /// skipping the frame would only hide it).
     #[inline]
     pub fn try_recv(&mut self) -> Result<Option<(T, Notify)>, Error> {
         let value = match self.inner.peek()? {
