@@ -402,24 +402,70 @@ pub fn run(
         last_draw: None,
         pending: false,
     };
+    let mut spawned: Vec<Spawned> = Vec::new();
+    let served = serve(
+        system,
+        options,
+        stop,
+        signals.as_ref(),
+        &mut server,
+        &mut spawned,
+        &mut display,
+    );
+    // The one exit path: whether serving stopped on request or failed, every spawned cell is
+    // stopped and reaped before `run` returns.
+    let announced = match &served {
+        Ok(reason) => display.event(&format!("stopping ({reason})")),
+        Err(e) => display.event(&format!("stopping after an error: {e}")),
+    };
+    let cells = terminate(&mut server, &mut spawned, &mut display);
+    let reason = served?;
+    announced.map_err(RunError::Output)?;
+    let socket = server.path().to_path_buf();
+    drop(server);
+    let mut summary = format!("stopped {} spawned cell(s)", cells.len());
+    for c in &cells {
+        let how = if c.exited_before_stop {
+            "had already exited"
+        } else {
+            "stopped"
+        };
+        summary.push_str(&format!("; {} (pid {}) {how}: {}", c.cell, c.pid, c.exit));
+    }
+    summary.push_str(&format!("; removed {}", socket.display()));
+    display.event(&summary).map_err(RunError::Output)?;
+    display.finish().map_err(RunError::Output)?;
+    Ok(RunReport { reason, cells })
+}
+
+/// Listens, spawns the cells and serves until a stop signal or request; returns why it
+/// stopped. Every child it starts is in `spawned` before anything else can fail, so the
+/// caller can always stop and reap them.
+fn serve(
+    system: &SystemSpec,
+    options: &RunOptions,
+    stop: Option<&StopHandle>,
+    signals: Option<&OwnedFd>,
+    server: &mut ControlServer,
+    spawned: &mut Vec<Spawned>,
+    display: &mut Display<'_>,
+) -> Result<String, RunError> {
     display
         .event(&format!("listening on {}", options.socket.display()))
         .map_err(RunError::Output)?;
-
-    let mut spawned: Vec<Spawned> = Vec::new();
     if options.spawn {
         for cell in system.cells.iter().filter(|c| c.process) {
             let Some(argv) = &cell.command else { continue };
-            let child = match spawn_cell(cell, argv, &options.socket) {
-                Ok(child) => child,
-                Err(e) => {
-                    // Stop what was started, then report.
-                    terminate(&mut server, &mut spawned, &mut display);
-                    return Err(e);
-                }
-            };
+            let child = spawn_cell(cell, argv, &options.socket)?;
             let pid = child.id();
             server.cell_spawned(&cell.name, pid);
+            spawned.push(Spawned {
+                cell: cell.name.clone(),
+                pidfd: pidfd_open(pid),
+                child,
+                exit: None,
+                exited_before_stop: false,
+            });
             display
                 .event(&format!(
                     "cell {}: started `{}` (pid {pid}, cpus {:?})",
@@ -428,13 +474,6 @@ pub fn run(
                     cell.cpus
                 ))
                 .map_err(RunError::Output)?;
-            spawned.push(Spawned {
-                cell: cell.name.clone(),
-                pidfd: pidfd_open(pid),
-                child,
-                exit: None,
-                exited_before_stop: false,
-            });
         }
     }
     for cell in system
@@ -453,9 +492,9 @@ pub fn run(
     }
 
     let mut wait: Option<Duration> = None;
-    let reason = loop {
+    loop {
         let mut extra: Vec<BorrowedFd<'_>> = Vec::new();
-        if let Some(s) = &signals {
+        if let Some(s) = signals {
             extra.push(s.as_fd());
         }
         if let Some(s) = stop {
@@ -480,7 +519,7 @@ pub fn run(
         };
         let ready = server.poll(&extra, timeout)?;
         let mut stop_reason = None;
-        if let Some(s) = &signals {
+        if let Some(s) = signals {
             if ready[0] {
                 if let Some(sig) = read_signal(s.as_fd()) {
                     stop_reason = Some(crate::status::signal_name(sig).to_string());
@@ -493,7 +532,7 @@ pub fn run(
                 stop_reason = Some("stop requested".to_string());
             }
         }
-        reap(&mut server, &mut spawned, &mut display, false).map_err(RunError::Output)?;
+        reap(server, spawned, display, false).map_err(RunError::Output)?;
         for event in server.take_events() {
             display.event(&describe(&event)).map_err(RunError::Output)?;
         }
@@ -501,28 +540,9 @@ pub fn run(
             .live(format_cell_lines(&server.status()))
             .map_err(RunError::Output)?;
         if let Some(r) = stop_reason {
-            break r;
+            return Ok(r);
         }
-    };
-    display
-        .event(&format!("stopping ({reason})"))
-        .map_err(RunError::Output)?;
-    let cells = terminate(&mut server, &mut spawned, &mut display);
-    let socket = server.path().to_path_buf();
-    drop(server);
-    let mut summary = format!("stopped {} spawned cell(s)", cells.len());
-    for c in &cells {
-        let how = if c.exited_before_stop {
-            "had already exited"
-        } else {
-            "stopped"
-        };
-        summary.push_str(&format!("; {} (pid {}) {how}: {}", c.cell, c.pid, c.exit));
     }
-    summary.push_str(&format!("; removed {}", socket.display()));
-    display.event(&summary).map_err(RunError::Output)?;
-    display.finish().map_err(RunError::Output)?;
-    Ok(RunReport { reason, cells })
 }
 
 /// Collects the children that have exited; logs each (never restarting it).
@@ -593,7 +613,11 @@ fn terminate(
                 .saturating_duration_since(now)
                 .min(Duration::from_millis(100))
         };
-        if server.poll(&fds, Some(timeout)).is_err() {
+        if let Err(e) = server.poll(&fds, Some(timeout)) {
+            let _ = display.event(&format!(
+                "control socket failed while stopping the cells ({e}); killing them"
+            ));
+            kill_and_reap(server, spawned, display);
             break;
         }
     }
@@ -608,6 +632,43 @@ fn terminate(
             })
         })
         .collect()
+}
+
+/// Last resort when the stop loop cannot wait for the children's pidfds: SIGKILL every live
+/// spawned cell and reap it with a blocking wait (a killed child cannot block the wait).
+fn kill_and_reap(server: &mut ControlServer, spawned: &mut [Spawned], display: &mut Display<'_>) {
+    for s in spawned.iter_mut().filter(|s| s.exit.is_none()) {
+        let _ = s.child.kill();
+        let exit = match s.child.wait() {
+            Ok(status) => exit_of(status),
+            Err(e) => {
+                let _ = display.event(&format!(
+                    "cell {}: waiting for process {} failed: {e}",
+                    s.cell,
+                    s.child.id()
+                ));
+                continue;
+            }
+        };
+        s.exit = Some(exit);
+        server.cell_exited(&s.cell, exit);
+        let _ = display.event(&format!(
+            "cell {}: process {} ended: {exit}",
+            s.cell,
+            s.child.id()
+        ));
+    }
+}
+
+impl Drop for Spawned {
+    /// A spawned cell never outlives its supervisor's bookkeeping, even on a panic: if it
+    /// was not reaped yet it is killed and reaped here.
+    fn drop(&mut self) {
+        if self.exit.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 #[cfg(test)]
@@ -657,6 +718,105 @@ mod tests {
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "cell a: attached (pid 1)\n"
+        );
+    }
+
+    /// A writer that fails once a cell's start line has been written (after recording it).
+    struct FailAfterStart {
+        text: Vec<u8>,
+    }
+
+    impl Write for FailAfterStart {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if String::from_utf8_lossy(&self.text).contains("started `") {
+                return Err(io::Error::other("output closed"));
+            }
+            self.text.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn sleeper_system() -> SystemSpec {
+        SystemSpec {
+            cells: vec![CellSpec {
+                name: "sleeper".into(),
+                cpus: Vec::new(),
+                command: Some(vec!["/bin/sleep".into(), "1000".into()]),
+                process: true,
+            }],
+            links: Vec::new(),
+        }
+    }
+
+    fn socket_path(tag: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("cells-unit-{}-{tag}.sock", std::process::id()))
+    }
+
+    /// Whether `pid` still names a process (running or an unreaped zombie).
+    fn exists(pid: u32) -> bool {
+        // SAFETY: signal 0 only checks for existence.
+        unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
+    }
+
+    #[test]
+    fn an_error_after_spawning_still_stops_and_reaps_every_cell() {
+        let options = RunOptions {
+            socket: socket_path("error-exit"),
+            spawn: true,
+            handle_signals: false,
+            output: Output::Log,
+        };
+        let mut out = FailAfterStart { text: Vec::new() };
+        let result = run(&sleeper_system(), &options, None, &mut out);
+        assert!(
+            matches!(result, Err(RunError::Output(_))),
+            "the failing output is reported: {result:?}"
+        );
+        let text = String::from_utf8(out.text).unwrap();
+        let pid: u32 = text
+            .split("(pid ")
+            .nth(1)
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no pid in {text:?}"));
+        assert!(
+            !exists(pid),
+            "cell process {pid} was left running or unreaped"
+        );
+        assert!(!options.socket.exists(), "the socket is removed");
+    }
+
+    #[test]
+    fn kill_and_reap_kills_and_reaps_live_cells() {
+        let system = sleeper_system();
+        let socket = socket_path("kill-reap");
+        let mut server =
+            ControlServer::bind(&system, &socket, &mut crate::control::device_model).unwrap();
+        let cell = &system.cells[0];
+        let child = spawn_cell(cell, cell.command.as_ref().unwrap(), &socket).unwrap();
+        let pid = child.id();
+        server.cell_spawned(&cell.name, pid);
+        let mut spawned = vec![Spawned {
+            cell: cell.name.clone(),
+            pidfd: None,
+            child,
+            exit: None,
+            exited_before_stop: false,
+        }];
+        let mut out = Vec::new();
+        let mut d = display(&mut out, Output::Log);
+        kill_and_reap(&mut server, &mut spawned, &mut d);
+        assert_eq!(spawned[0].exit, Some(CellExit::Signal(libc::SIGKILL)));
+        assert!(!exists(pid), "process {pid} is reaped");
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("cell sleeper: process"), "{text}");
+        assert_eq!(
+            server.status().cells[0].exit,
+            Some(CellExit::Signal(libc::SIGKILL))
         );
     }
 }
