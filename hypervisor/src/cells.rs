@@ -85,6 +85,16 @@ pub enum RunError {
         /// OS error.
         source: io::Error,
     },
+    /// A cell's CPU number cannot be put in a CPU set (`>= CPU_SETSIZE`).
+    #[error("cannot start cell `{cell}`: CPU {cpu} is out of range (this build pins CPUs below {limit})")]
+    CpuOutOfRange {
+        /// Cell name.
+        cell: String,
+        /// The CPU number.
+        cpu: usize,
+        /// `CPU_SETSIZE`.
+        limit: usize,
+    },
     /// Signal handling could not be set up.
     #[error("cannot set up signal handling: {0}")]
     Signals(io::Error),
@@ -214,12 +224,21 @@ pub fn spawn_cell(cell: &CellSpec, argv: &[String], socket: &Path) -> Result<Chi
     // Build the CPU set before forking: nothing in the child may allocate.
     // SAFETY: cpu_set_t is plain data; all-zero is the empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let limit = libc::CPU_SETSIZE as usize;
     for &cpu in &cell.cpus {
-        if cpu < libc::CPU_SETSIZE as usize {
-            // SAFETY: `cpu` is below CPU_SETSIZE, so the bit lies inside `set`.
-            unsafe { libc::CPU_SET(cpu, &mut set) };
+        if cpu >= limit {
+            return Err(RunError::CpuOutOfRange {
+                cell: cell.name.clone(),
+                cpu,
+                limit,
+            });
         }
+        // SAFETY: `cpu` is below CPU_SETSIZE, so the bit lies inside `set`.
+        unsafe { libc::CPU_SET(cpu, &mut set) };
     }
+    // The hypervisor's pid, to notice (in the child) that it died before PR_SET_PDEATHSIG
+    // was in place.
+    let hypervisor = std::process::id() as libc::pid_t;
     let pin = !cell.cpus.is_empty();
     let mut cmd = Command::new(program);
     cmd.args(args)
@@ -227,12 +246,17 @@ pub fn spawn_cell(cell: &CellSpec, argv: &[String], socket: &Path) -> Result<Chi
         .env(ENV_CELL, &cell.name)
         .stdin(Stdio::null());
     // SAFETY: the closure runs in the forked child before exec and only makes
-    // async-signal-safe system calls (prctl, sigprocmask, setpgid, sched_setaffinity) on
-    // stack data.
+    // async-signal-safe system calls (prctl, getppid, _exit, sigprocmask, setpgid,
+    // sched_setaffinity) on stack data.
     unsafe {
         cmd.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
                 return Err(io::Error::last_os_error());
+            }
+            // If the hypervisor died between fork and prctl, no death signal will come: the
+            // child was re-parented, so it must not run on as an orphan cell.
+            if libc::getppid() != hypervisor {
+                libc::_exit(1);
             }
             // The hypervisor blocks SIGINT/SIGTERM (it reads them from a signalfd); the
             // mask survives exec, so the cell must get a clean one.
@@ -788,6 +812,25 @@ mod tests {
             "cell process {pid} was left running or unreaped"
         );
         assert!(!options.socket.exists(), "the socket is removed");
+    }
+
+    #[test]
+    fn cpus_beyond_the_cpu_set_are_refused_before_spawning() {
+        let mut system = sleeper_system();
+        let limit = libc::CPU_SETSIZE as usize;
+        system.cells[0].cpus = vec![0, limit];
+        let socket = socket_path("cpu-range");
+        let cell = &system.cells[0];
+        match spawn_cell(cell, cell.command.as_ref().unwrap(), &socket) {
+            Err(RunError::CpuOutOfRange {
+                cell,
+                cpu,
+                limit: l,
+            }) => {
+                assert_eq!((cell.as_str(), cpu, l), ("sleeper", limit, limit));
+            }
+            other => panic!("expected CpuOutOfRange, got {other:?}"),
+        }
     }
 
     #[test]
