@@ -19,9 +19,12 @@
 //! - the link: carrier follows [`VnetLink::carrier`] (a TAP shows `NO-CARRIER` while the
 //!   peer cell is away); [`VnetLink::poll_link`] runs after every interrupt.
 //! - optional pcap capture of every forwarded frame, both directions.
+//! - a polled fd that reports an error, a hang-up or an invalid fd (`POLLERR`, `POLLHUP`,
+//!   `POLLNVAL`) ends the loop with [`LoopError::Fd`] naming it (poll would otherwise return
+//!   at once, forever); a hung-up stop fd means "stop".
 
 use std::io::{self, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
@@ -29,6 +32,91 @@ use ivshmem_dev::RegisterAccess;
 
 use crate::link::{LinkEvent, VnetLink};
 use crate::pcap::PcapWriter;
+
+/// Which fd of an event loop ([`Bridge::run`], [`crate::cell::Cell::run`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoopFd {
+    /// The link's interrupt fd.
+    Interrupt,
+    /// The frame port (TAP) fd.
+    Port,
+    /// The caller's stop fd.
+    Stop,
+}
+
+impl core::fmt::Display for LoopFd {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            LoopFd::Interrupt => "interrupt",
+            LoopFd::Port => "port",
+            LoopFd::Stop => "stop",
+        })
+    }
+}
+
+/// What `poll(2)` reported on a fd besides readiness.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FdCondition {
+    /// `POLLNVAL`: the fd is not open.
+    Invalid,
+    /// `POLLERR`: an error is pending on the fd.
+    Error,
+    /// `POLLHUP`: the other end hung up.
+    HangUp,
+}
+
+impl core::fmt::Display for FdCondition {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            FdCondition::Invalid => "POLLNVAL (not an open fd)",
+            FdCondition::Error => "POLLERR (error pending)",
+            FdCondition::HangUp => "POLLHUP (hung up)",
+        })
+    }
+}
+
+impl FdCondition {
+    /// The condition in `revents`, if any (`POLLNVAL` before `POLLERR` before `POLLHUP`).
+    pub fn from_revents(revents: libc::c_short) -> Option<FdCondition> {
+        if revents & libc::POLLNVAL != 0 {
+            Some(FdCondition::Invalid)
+        } else if revents & libc::POLLERR != 0 {
+            Some(FdCondition::Error)
+        } else if revents & libc::POLLHUP != 0 {
+            Some(FdCondition::HangUp)
+        } else {
+            None
+        }
+    }
+}
+
+/// Why an event loop ([`Bridge::run`], [`crate::cell::Cell::run`]) stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum LoopError {
+    /// A polled fd reported an error condition; polling it again would return at once.
+    #[error("{fd} fd {raw}: {condition}")]
+    Fd {
+        /// Which fd.
+        fd: LoopFd,
+        /// Its number.
+        raw: RawFd,
+        /// What `poll` reported.
+        condition: FdCondition,
+    },
+    /// An I/O error (the port, the interrupt, or `poll` itself).
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// Checks one fd's `revents` after `poll`: `Err` on `POLLERR`, `POLLHUP` or `POLLNVAL`,
+/// except that a hung-up stop fd is a stop request (`Ok`, the caller sees `revents != 0`).
+pub fn check_revents(fd: LoopFd, raw: RawFd, revents: libc::c_short) -> Result<(), LoopError> {
+    match FdCondition::from_revents(revents) {
+        None => Ok(()),
+        Some(FdCondition::HangUp) if fd == LoopFd::Stop => Ok(()),
+        Some(condition) => Err(LoopError::Fd { fd, raw, condition }),
+    }
+}
 
 /// The link's interrupt, as a pollable fd plus "take it (and re-arm)".
 pub trait Interrupt {
@@ -309,8 +397,9 @@ impl<R: RegisterAccess, I: Interrupt, P: FramePort> Bridge<R, I, P> {
         Ok(if moved > 0 { Pump::Moved } else { Pump::Idle })
     }
 
-    /// Runs until `stop` becomes readable (or an I/O error on the port or interrupt).
-    pub fn run(&mut self, stop: Option<BorrowedFd<'_>>) -> io::Result<()> {
+    /// Runs until `stop` becomes readable or hangs up. Errors: I/O on the port or interrupt,
+    /// or a polled fd reporting `POLLERR`/`POLLHUP`/`POLLNVAL` ([`LoopError::Fd`]).
+    pub fn run(&mut self, stop: Option<BorrowedFd<'_>>) -> Result<(), LoopError> {
         if let Err(e) = self.port.set_carrier(false) {
             tracing::warn!("cannot set the port's carrier: {e}");
         }
@@ -398,8 +487,11 @@ impl<R: RegisterAccess, I: Interrupt, P: FramePort> Bridge<R, I, P> {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
-                return Err(e);
+                return Err(e.into());
             }
+            check_revents(LoopFd::Interrupt, fds[0].fd, fds[0].revents)?;
+            check_revents(LoopFd::Port, fds[1].fd, fds[1].revents)?;
+            check_revents(LoopFd::Stop, fds[2].fd, fds[2].revents)?;
             if fds[2].revents != 0 {
                 self.link.flush();
                 return Ok(());
@@ -419,5 +511,45 @@ impl<R: RegisterAccess, I: Interrupt, P: FramePort> Bridge<R, I, P> {
     /// Gives the parts back.
     pub fn into_parts(self) -> (VnetLink<R>, I, P) {
         (self.link, self.irq, self.port)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn revents_conditions_are_errors_naming_the_fd() {
+        for fd in [LoopFd::Interrupt, LoopFd::Port, LoopFd::Stop] {
+            assert!(check_revents(fd, 3, 0).is_ok());
+            assert!(check_revents(fd, 3, libc::POLLIN | libc::POLLOUT).is_ok());
+            for (bits, condition) in [
+                (libc::POLLNVAL, FdCondition::Invalid),
+                (libc::POLLERR | libc::POLLIN, FdCondition::Error),
+                (libc::POLLERR | libc::POLLHUP, FdCondition::Error),
+                (libc::POLLNVAL | libc::POLLHUP, FdCondition::Invalid),
+            ] {
+                let err = check_revents(fd, 7, bits).unwrap_err();
+                assert!(
+                    matches!(err, LoopError::Fd { fd: f, raw: 7, condition: c } if f == fd && c == condition),
+                    "{err:?}"
+                );
+                assert!(
+                    err.to_string().starts_with(&format!("{fd} fd 7: ")),
+                    "{err}"
+                );
+            }
+        }
+        // A hang-up is an error except on the stop fd, where it asks to stop.
+        for fd in [LoopFd::Interrupt, LoopFd::Port] {
+            assert!(matches!(
+                check_revents(fd, 4, libc::POLLHUP | libc::POLLIN),
+                Err(LoopError::Fd {
+                    condition: FdCondition::HangUp,
+                    ..
+                })
+            ));
+        }
+        assert!(check_revents(LoopFd::Stop, 4, libc::POLLHUP).is_ok());
     }
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant as StdInstant};
 use ivshmem_dev::RegisterAccess;
 use smoltcp::time::Instant;
 
-use crate::bridge::{Interrupt, DEFAULT_SPIN};
+use crate::bridge::{check_revents, Interrupt, LoopError, LoopFd, DEFAULT_SPIN};
 use crate::link::VnetLink;
 use crate::services::{ServiceConfig, ServiceStats, Services};
 
@@ -128,8 +128,9 @@ impl<R: RegisterAccess, I: Interrupt> Cell<R, I> {
         Ok(changed || after.rx_frames != before.rx_frames || after.tx_frames != before.tx_frames)
     }
 
-    /// Runs until `stop` becomes readable.
-    pub fn run(&mut self, stop: Option<BorrowedFd<'_>>) -> std::io::Result<()> {
+    /// Runs until `stop` becomes readable or hangs up. Errors: I/O on the interrupt, or a
+    /// polled fd reporting `POLLERR`/`POLLHUP`/`POLLNVAL` ([`LoopError::Fd`]).
+    pub fn run(&mut self, stop: Option<BorrowedFd<'_>>) -> Result<(), LoopError> {
         let mut idle_since: Option<StdInstant> = None;
         let mut busy_rounds = 0u32;
         loop {
@@ -179,9 +180,12 @@ impl<R: RegisterAccess, I: Interrupt> Cell<R, I> {
             if rc < 0 {
                 let e = std::io::Error::last_os_error();
                 if e.kind() != std::io::ErrorKind::Interrupted {
-                    return Err(e);
+                    return Err(e.into());
                 }
+                continue;
             }
+            check_revents(LoopFd::Interrupt, fds[0].fd, fds[0].revents)?;
+            check_revents(LoopFd::Stop, fds[1].fd, fds[1].revents)?;
             if fds[1].revents != 0 {
                 self.link.shut_down();
                 return Ok(());

@@ -9,7 +9,9 @@ use std::os::unix::net::UnixDatagram;
 use std::sync::Arc;
 
 use linux_uio_client::{Endpoint, LocalLink};
-use vnet::bridge::{Bridge, BridgeConfig, Interrupt};
+use vnet::bridge::{Bridge, BridgeConfig, FdCondition, Interrupt, LoopError, LoopFd};
+use vnet::cell::{Cell, CellConfig};
+use vnet::services::ServiceConfig;
 use vnet::{LinkConfig, VnetLink};
 
 const FRAMES: u64 = 3000;
@@ -122,4 +124,113 @@ fn bridge_waits_for_ring_space_and_loses_nothing() {
         "the ring never filled: {stats:?}"
     );
     assert!(stats.sleeps >= 1);
+}
+
+/// An interrupt whose fd the test controls (here: a pipe's read end).
+struct PipeInterrupt(OwnedFd);
+
+impl Interrupt for PipeInterrupt {
+    fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+    fn take(&mut self) -> std::io::Result<bool> {
+        Ok(false)
+    }
+}
+
+/// A pipe: (read end, write end).
+fn pipe() -> (OwnedFd, OwnedFd) {
+    let mut fds = [0; 2];
+    // SAFETY: plain syscall into a 2-element array, checked.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: both fds were just created and are owned by nobody else.
+    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+}
+
+/// Runs `f` on a thread and waits for its result; the timeout only turns a regression (a
+/// loop that never returns) into a failure instead of a hung test.
+fn returns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the loop did not return: a hung-up fd makes it spin")
+}
+
+#[test]
+fn bridge_stops_with_an_error_naming_a_hung_up_port() {
+    let link = LocalLink::new("net0", 2, 256 * 1024).unwrap();
+    let (port, other) = UnixDatagram::pair().unwrap();
+    port.set_nonblocking(true).unwrap();
+    // Both directions shut down: poll reports POLLHUP on the port from now on.
+    port.shutdown(std::net::Shutdown::Both).unwrap();
+    let raw = port.as_raw_fd();
+    let result = returns(move || {
+        let (dev, irq) = Endpoint::attach_local(&link, 1).unwrap().into_parts();
+        let l = VnetLink::new(dev, LinkConfig::default()).unwrap();
+        let mut b = Bridge::new(l, irq, port, BridgeConfig::default());
+        // No peer: no carrier, the port is not even polled for input; only the hang-up.
+        b.run(None)
+    });
+    drop(other);
+    let err = result.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LoopError::Fd {
+                fd: LoopFd::Port,
+                raw: r,
+                condition: FdCondition::HangUp
+            } if r == raw
+        ),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn bridge_and_cell_stop_with_an_error_naming_a_hung_up_interrupt() {
+    let link = LocalLink::new("net0", 2, 256 * 1024).unwrap();
+    let (read, write) = pipe();
+    drop(write);
+    let raw = read.as_raw_fd();
+    let (port, _other) = UnixDatagram::pair().unwrap();
+    port.set_nonblocking(true).unwrap();
+    let bridge_link = Arc::clone(&link);
+    let result = returns(move || {
+        let (dev, _irq) = Endpoint::attach_local(&bridge_link, 1)
+            .unwrap()
+            .into_parts();
+        let l = VnetLink::new(dev, LinkConfig::default()).unwrap();
+        let mut b = Bridge::new(l, PipeInterrupt(read), port, BridgeConfig::default());
+        b.run(None)
+    });
+    let err = result.unwrap_err();
+    assert!(
+        matches!(err, LoopError::Fd { fd: LoopFd::Interrupt, raw: r, condition: FdCondition::HangUp } if r == raw),
+        "{err:?}"
+    );
+    assert!(err.to_string().starts_with("interrupt fd"), "{err}");
+
+    // The cell's loop too.
+    let (read, write) = pipe();
+    drop(write);
+    let raw = read.as_raw_fd();
+    let result = returns(move || {
+        let (dev, _irq) = Endpoint::attach_local(&link, 0).unwrap().into_parts();
+        let l = VnetLink::new(dev, LinkConfig::default()).unwrap();
+        let address = "10.9.0.2/24".parse().unwrap();
+        let mut cell = Cell::new(
+            l,
+            PipeInterrupt(read),
+            &ServiceConfig::new(address),
+            CellConfig::default(),
+        );
+        cell.run(None)
+    });
+    let err = result.unwrap_err();
+    assert!(
+        matches!(err, LoopError::Fd { fd: LoopFd::Interrupt, raw: r, condition: FdCondition::HangUp } if r == raw),
+        "{err:?}"
+    );
 }
