@@ -10,7 +10,10 @@
 //!   processes of another uid (`SO_PEERCRED`) are refused with a clear reply; otherwise the cell
 //!   gets, per link it is on, the link parameters and its fds (state table RO, R/W section RW,
 //!   own output RW, other outputs RO, the interrupt eventfds of every peer; its own drained
-//!   first);
+//!   first). The state table is sealed with `F_SEAL_FUTURE_WRITE`, so no cell can write it
+//!   even through a reopened fd; a peer's output section is read-only only as long as
+//!   same-uid cells do not reopen its fd read-write (see [`crate::memory`], "What read-only
+//!   protects against");
 //! - a STATE write goes through the device model, which updates the state table; the
 //!   hypervisor then writes the eventfds of the notified peers and acknowledges;
 //! - a closed socket (exit, crash, `kill -9`) detaches the cell: state 0, peers notified;
@@ -261,10 +264,9 @@ impl ControlServer {
                 spec.output_size,
             )
             .map_err(mem_err)?;
-            let table =
-                MappedStateTable::new(&memory.state_table, max_peers as usize).map_err(mem_err)?;
-            let view =
-                MappedStateTable::new(&memory.state_table, max_peers as usize).map_err(mem_err)?;
+            // The state table is sealed against writes; these share the hypervisor's mapping.
+            let table = memory.state_table_map();
+            let view = memory.state_table_map();
             let model = make_model(spec, table).map_err(|reason| ControlError::Device {
                 link: spec.name.clone(),
                 reason,

@@ -7,14 +7,32 @@
 //! that tries `mmap(PROT_WRITE, MAP_SHARED)` on such an fd gets `EACCES`, and `mprotect` cannot
 //! upgrade a read-only shared mapping either.
 //!
-//! The hypervisor maps the state table read-write and writes it with 32-bit atomic stores
-//! ([`MappedStateTable`]); only the hypervisor ever holds a writable fd for it.
-
+//! # What "read-only" protects against
+//!
+//! A read-only *fd* is not a read-only *file*: a memfd is an inode of the cell's own uid, so a
+//! process cell can open `/proc/self/fd/N` (or `/proc/<hypervisor>/fd/N`) again with
+//! `O_RDWR` and get a writable fd for the same memory. Two cases differ:
+//!
+//! - **The state table** has exactly one writer, the hypervisor. [`LinkMemory::create`] maps it
+//!   read-write first ([`MappedStateTable`]) and then seals it with `F_SEAL_FUTURE_WRITE` and
+//!   `F_SEAL_SEAL` (Linux >= 5.1): the hypervisor's existing mapping stays writable, but from
+//!   then on every `write(2)` and every new shared writable mapping fails with `EPERM`, through
+//!   any fd, including a reopened one. No cell can forge a peer's state.
+//! - **Output sections** must stay writable for their owning cell for the link's whole life
+//!   (it maps its own section again after a restart), so they cannot be sealed, and Linux has
+//!   no per-process write permission on one memfd. A same-uid process cell that reopens a
+//!   peer's output section `O_RDWR` can write it. The hosted backend therefore trusts process
+//!   cells of the hypervisor's uid not to do that (they are already trusted with everything a
+//!   same-uid process can do: `ptrace`, `/proc/<pid>/mem`); the `SO_PEERCRED` check on attach
+//!   keeps other uids out. The R/W section is writable by every peer by definition. KVM cells
+//!   see only the guest-physical mappings the hypervisor gives them, where read-only is
+//!   enforced by the MMU.
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 
 use memmap2::{MmapOptions, MmapRaw};
 
@@ -81,6 +99,16 @@ impl SectionMemory {
     /// Creates a memfd named `name` of `size` bytes (zero-filled), sealed against shrinking,
     /// growing and further sealing, and a read-only reopen of it.
     pub fn create(name: &str, size: u64) -> Result<Self, MemoryError> {
+        Self::create_sealed(name, size, libc::F_SEAL_SEAL)
+    }
+
+    /// Like [`SectionMemory::create`], but leaves sealing open so that
+    /// [`SectionMemory::seal_future_writes`] can follow once the writer has mapped it.
+    fn create_open(name: &str, size: u64) -> Result<Self, MemoryError> {
+        Self::create_sealed(name, size, 0)
+    }
+
+    fn create_sealed(name: &str, size: u64, extra_seals: libc::c_int) -> Result<Self, MemoryError> {
         let section = || name.to_string();
         if size == 0 || usize::try_from(size).is_err() {
             return Err(MemoryError::BadSize {
@@ -114,7 +142,7 @@ impl SectionMemory {
             libc::fcntl(
                 file.as_raw_fd(),
                 libc::F_ADD_SEALS,
-                libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL,
+                libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | extra_seals,
             )
         };
         if rc < 0 {
@@ -154,7 +182,30 @@ impl SectionMemory {
         self.read_only.as_fd()
     }
 
-    /// Maps the section read-write into the hypervisor.
+    /// Seals the section with `F_SEAL_FUTURE_WRITE` and `F_SEAL_SEAL`: mappings made before
+    /// stay writable, every later `write(2)` or shared writable mapping fails with `EPERM`,
+    /// whichever fd it goes through (also `/proc/self/fd/N` reopened `O_RDWR`).
+    fn seal_future_writes(&self) -> Result<(), MemoryError> {
+        // SAFETY: fcntl on a valid fd with an integer argument; the result is checked.
+        let rc = unsafe {
+            libc::fcntl(
+                self.read_write.as_raw_fd(),
+                libc::F_ADD_SEALS,
+                libc::F_SEAL_FUTURE_WRITE | libc::F_SEAL_SEAL,
+            )
+        };
+        if rc < 0 {
+            return Err(MemoryError::SizeOrSeal {
+                section: self.name.clone(),
+                size: self.size,
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Maps the section read-write into the hypervisor (fails with `EPERM` once the section
+    /// is sealed against writes, like the state table of a [`LinkMemory`]).
     pub fn map_raw(&self) -> Result<MmapRaw, MemoryError> {
         MmapOptions::new()
             .len(self.size as usize)
@@ -252,15 +303,17 @@ pub fn drain_eventfd(fd: BorrowedFd<'_>) -> io::Result<u64> {
 /// The state table, mapped read-write in the hypervisor; 32-bit atomic accesses only.
 ///
 /// Implements the device model's `StateTable`, so the device writes straight into the
-/// memory every cell maps read-only.
-#[derive(Debug)]
+/// memory every cell maps read-only. Clones share one mapping.
+#[derive(Debug, Clone)]
 pub struct MappedStateTable {
-    map: MmapRaw,
+    map: Arc<MmapRaw>,
     entries: usize,
 }
 
 impl MappedStateTable {
-    /// Maps `section` and serves `entries` (= max_peers) u32 entries from its start.
+    /// Maps `section` and serves `entries` (= max_peers) u32 entries from its start. Fails
+    /// once the section is sealed against writes; use [`LinkMemory::state_table_map`] for a
+    /// link's table.
     pub fn new(section: &SectionMemory, entries: usize) -> Result<Self, MemoryError> {
         if (entries as u64).saturating_mul(4) > section.size() {
             return Err(MemoryError::BadSize {
@@ -269,7 +322,7 @@ impl MappedStateTable {
             });
         }
         Ok(Self {
-            map: section.map_raw()?,
+            map: Arc::new(section.map_raw()?),
             entries,
         })
     }
@@ -327,8 +380,10 @@ impl crate::device::StateTable for MappedStateTable {
 /// All memory and interrupt lines of one link.
 #[derive(Debug)]
 pub struct LinkMemory {
-    /// The state table section.
+    /// The state table section, sealed against writes except through the hypervisor's own
+    /// mapping ([`LinkMemory::state_table_map`]).
     pub state_table: SectionMemory,
+    state_table_map: MappedStateTable,
     /// The R/W section, if its size is > 0.
     pub rw: Option<SectionMemory>,
     /// Output sections by peer ID (empty if the output size is 0).
@@ -352,7 +407,11 @@ impl LinkMemory {
                 reason: "state table smaller than 4 bytes per peer",
             });
         }
-        let state_table = SectionMemory::create(&format!("{link}/state-table"), state_table_size)?;
+        let state_table =
+            SectionMemory::create_open(&format!("{link}/state-table"), state_table_size)?;
+        // The hypervisor's mapping first, then the seal: it stays the only writable one.
+        let state_table_map = MappedStateTable::new(&state_table, usize::from(max_peers))?;
+        state_table.seal_future_writes()?;
         let rw = (rw_size > 0)
             .then(|| SectionMemory::create(&format!("{link}/rw"), rw_size))
             .transpose()?;
@@ -368,10 +427,17 @@ impl LinkMemory {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             state_table,
+            state_table_map,
             rw,
             outputs,
             interrupts,
         })
+    }
+
+    /// The hypervisor's read-write mapping of the state table (the only writable one; clones
+    /// share it).
+    pub fn state_table_map(&self) -> MappedStateTable {
+        self.state_table_map.clone()
     }
 
     /// Raises vector 0 on `peer` (ignores peers out of range).
@@ -415,7 +481,7 @@ mod tests {
         assert!(mem.rw.is_none());
         assert_eq!(mem.outputs.len(), 3);
         assert_eq!(mem.interrupts.len(), 3);
-        let table = MappedStateTable::new(&mem.state_table, 3).unwrap();
+        let table = mem.state_table_map();
         table.write(1, 7);
         table.write(5, 9); // out of range: ignored
         assert_eq!(table.read(1), 7);
@@ -435,5 +501,60 @@ mod tests {
         line.signal().unwrap();
         assert_eq!(line.drain().unwrap(), 2);
         assert_eq!(line.drain().unwrap(), 0);
+    }
+
+    /// Opens `/proc/self/fd/N` of `fd` with `O_RDWR`, as a misbehaving same-uid cell could.
+    fn reopen_read_write(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+        let path = CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap();
+        // SAFETY: valid NUL-terminated path; the result is checked.
+        let raw = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fresh fd owned by nobody else.
+        Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+    }
+
+    #[test]
+    fn state_table_cannot_be_written_through_a_reopened_fd() {
+        let mem = LinkMemory::create("seal", 2, 4096, 0, 4096).unwrap();
+        let table = mem.state_table_map();
+        // Whatever a cell can get: the read-only fd reopened read-write (the open itself
+        // may succeed; the memory must still refuse writes).
+        let reopened = reopen_read_write(mem.state_table.read_only_fd()).unwrap();
+        for fd in [reopened.as_fd(), mem.state_table.read_write_fd()] {
+            // SAFETY: the mapping is expected to fail; nothing is accessed.
+            let err = unsafe { MmapOptions::new().len(4096).map_mut(&fd) }.unwrap_err();
+            assert_eq!(err.raw_os_error(), Some(libc::EPERM), "shared writable map");
+            let forged: u32 = 1;
+            // SAFETY: pwrite of 4 bytes from a valid u32 to a valid fd.
+            let n = unsafe { libc::pwrite(fd.as_raw_fd(), (&forged as *const u32).cast(), 4, 0) };
+            assert_eq!(n, -1, "write(2) into the state table");
+            assert_eq!(io::Error::last_os_error().raw_os_error(), Some(libc::EPERM));
+        }
+        // The seal itself cannot be lifted or changed.
+        // SAFETY: fcntl on a valid fd with an integer argument.
+        let rc =
+            unsafe { libc::fcntl(reopened.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_WRITE) };
+        assert_eq!(rc, -1);
+        // The hypervisor's own mapping still writes, and readers see it.
+        table.write(1, 0xC0FFEE);
+        // SAFETY: mapping a valid fd read-only; nobody truncates it (sealed).
+        let ro = unsafe { MmapOptions::new().len(4096).map(&mem.state_table.read_only) }.unwrap();
+        assert_eq!(u32::from_ne_bytes(ro[4..8].try_into().unwrap()), 0xC0FFEE);
+        assert_eq!(table.read(1), 0xC0FFEE);
+    }
+
+    /// Documents the trust assumption of output sections (see the module docs): their owner
+    /// must keep writing them, so a same-uid process can reopen a peer's read-only fd
+    /// read-write. If this ever starts failing, the docs can drop the assumption.
+    #[test]
+    fn output_sections_rely_on_same_uid_cells_not_reopening_them() {
+        let mem = LinkMemory::create("trust", 2, 4096, 0, 4096).unwrap();
+        let output = &mem.outputs[0];
+        let reopened = reopen_read_write(output.read_only_fd()).unwrap();
+        // SAFETY: maps a valid fd of a sealed-size section; only this test touches it.
+        let map = unsafe { MmapOptions::new().len(4096).map_mut(&reopened) };
+        assert!(map.is_ok(), "reopen O_RDWR of an output section: {map:?}");
     }
 }
