@@ -17,7 +17,10 @@
 //! - a STATE write goes through the device model, which updates the state table; the
 //!   hypervisor then writes the eventfds of the notified peers and acknowledges;
 //! - a closed socket (exit, crash, `kill -9`) detaches the cell: state 0, peers notified;
-//! - a status query is answered on any connection.
+//! - a status query is answered on any connection;
+//! - the loop never waits for one cell: client sockets are non-blocking, and a client whose
+//!   reply would block (it does not read its socket) is dropped, an attached cell detached;
+//!   at most [`MAX_UNATTACHED_CLIENTS`] connections may be open without an attached cell.
 
 use std::collections::BTreeSet;
 use std::io::{self, IoSlice};
@@ -37,6 +40,10 @@ use nix::sys::socket::{
 
 use crate::memory::{LinkMemory, MappedStateTable, MemoryError};
 use crate::status::{CellExit, CellStatus, LinkStatus, PeerStatus, SystemStatus};
+
+/// Most connections that may be open without an attached cell (status queries, cells in the
+/// middle of attaching); further connections are closed at once.
+pub const MAX_UNATTACHED_CLIENTS: usize = 32;
 
 /// One link as the control server serves it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -452,7 +459,12 @@ impl ControlServer {
 
     fn accept_all(&mut self) {
         loop {
-            let raw = match accept4(self.listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
+            // Non-blocking: a reply that would block means the cell does not read its socket;
+            // it is dropped rather than stalling every other cell (see `send_reply`).
+            let raw = match accept4(
+                self.listener.as_raw_fd(),
+                SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            ) {
                 Ok(fd) => fd,
                 Err(nix::errno::Errno::EAGAIN) => return,
                 Err(nix::errno::Errno::EINTR | nix::errno::Errno::ECONNABORTED) => continue,
@@ -470,8 +482,19 @@ impl ControlServer {
                     continue;
                 }
             };
-            let tv = nix::sys::time::TimeVal::new(1, 0);
-            let _ = nix::sys::socket::setsockopt(&fd, sockopt::SendTimeout, &tv);
+            let mut waiting = self.clients.iter().filter(|c| c.cell.is_none()).count();
+            if waiting >= MAX_UNATTACHED_CLIENTS {
+                // Clients that hung up but were not serviced yet do not count.
+                self.drop_hung_up_unattached();
+                waiting = self.clients.iter().filter(|c| c.cell.is_none()).count();
+            }
+            if waiting >= MAX_UNATTACHED_CLIENTS {
+                tracing::warn!(
+                    "control socket: {waiting} connections are not attached; refusing another \
+                     from pid {pid} (uid {uid})"
+                );
+                continue;
+            }
             let id = self.next_client;
             self.next_client += 1;
             self.clients.push(Client {
@@ -481,6 +504,36 @@ impl ControlServer {
                 uid,
                 cell: None,
             });
+        }
+    }
+
+    /// Drops the unattached clients whose peer has closed its end.
+    fn drop_hung_up_unattached(&mut self) {
+        let mut fds: Vec<libc::pollfd> = self
+            .clients
+            .iter()
+            .filter(|c| c.cell.is_none())
+            .map(|c| libc::pollfd {
+                fd: c.fd.as_raw_fd(),
+                events: libc::POLLRDHUP,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: `fds` is a valid array of pollfd of the given length; timeout 0.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 0) };
+        if n <= 0 {
+            return;
+        }
+        let gone: Vec<u64> = self
+            .clients
+            .iter()
+            .filter(|c| c.cell.is_none())
+            .zip(&fds)
+            .filter(|(_, p)| p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0)
+            .map(|(c, _)| c.id)
+            .collect();
+        for id in gone {
+            self.drop_client(id, "control socket closed".into());
         }
     }
 
@@ -516,7 +569,7 @@ impl ControlServer {
                 let replies = crate::status::to_wire(&self.status());
                 for r in replies {
                     if let Err(e) = send_reply(self.clients[index].fd.as_fd(), &r, &[]) {
-                        return self.drop_client(id, format!("status reply failed: {e}"));
+                        return self.reply_failed(id, "status reply", e);
                     }
                 }
             }
@@ -604,7 +657,7 @@ impl ControlServer {
         cell.phase = CellPhase::Attached;
         self.clients[index].cell = Some(ci);
         if let Err(e) = self.send_grants(index, ci) {
-            return self.drop_client(id, format!("sending the link grants failed: {e}"));
+            return self.reply_failed(id, "link grants", e);
         }
         tracing::info!("cell `{name}` attached (pid {pid})");
         self.events.push(ControlEvent::Attached { cell: name, pid });
@@ -686,7 +739,7 @@ impl ControlServer {
                 signal_all(link, &notify);
                 let ack = Reply::StateAck(body);
                 if let Err(e) = send_reply(self.clients[index].fd.as_fd(), &ack, &[]) {
-                    return self.drop_client(id, format!("STATE ack failed: {e}"));
+                    return self.reply_failed(id, "STATE ack", e);
                 }
                 self.events.push(ControlEvent::State {
                     cell: self.cells[ci].spec.name.clone(),
@@ -701,6 +754,27 @@ impl ControlServer {
                 self.drop_client(id, detail);
             }
         }
+    }
+
+    /// A reply could not be sent: the client is dropped (an attached cell is detached). A
+    /// full socket (`EAGAIN`) means the client does not read its replies; the server never
+    /// waits for it, so one such cell cannot stall the others.
+    fn reply_failed(&mut self, id: u64, what: &str, error: io::Error) {
+        let Some(index) = self.client_index(id) else {
+            return;
+        };
+        let client = &self.clients[index];
+        let who = match client.cell {
+            Some(ci) => format!("cell `{}` (pid {})", self.cells[ci].spec.name, client.pid),
+            None => format!("unattached client pid {}", client.pid),
+        };
+        let reason = if error.kind() == io::ErrorKind::WouldBlock {
+            format!("{what} would block: {who} does not read its control socket")
+        } else {
+            format!("{what} to {who} failed: {error}")
+        };
+        tracing::warn!("{reason}; dropping it");
+        self.drop_client(id, reason);
     }
 
     /// Closes a client; if it was an attached cell, detaches it from every link.
@@ -763,7 +837,8 @@ fn signal_all(link: &ServedLink, notify: &[u16]) {
     }
 }
 
-/// Sends one reply datagram, with `fds` as `SCM_RIGHTS` beside it.
+/// Sends one reply datagram, with `fds` as `SCM_RIGHTS` beside it, without waiting: the
+/// client sockets are non-blocking, so a full socket is `WouldBlock`.
 fn send_reply(fd: BorrowedFd<'_>, reply: &Reply, fds: &[RawFd]) -> io::Result<()> {
     let mut buf = [0u8; MAX_MESSAGE_SIZE];
     let n = reply

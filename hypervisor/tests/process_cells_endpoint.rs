@@ -3,12 +3,13 @@
 //! unknown offsets, doorbells to missing peers, INT_CONTROL and one-shot mode.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::path::PathBuf;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use hypervisor::control::{device_model, CellSpec, ControlServer, LinkSpec, SystemSpec};
 use ivshmem_dev::hosted::{
-    decode_reply, RefusalReason, Reply, Request, SetStateBody, MAX_MESSAGE_SIZE,
+    decode_reply, AttachBody, RefusalReason, Reply, Request, SetStateBody, WireName,
+    MAX_FDS_PER_GRANT, MAX_MESSAGE_SIZE,
 };
 use ivshmem_dev::regs::{self, RegisterAccess};
 use linux_uio_client::hosted::{HostedEndpoint, HostedError};
@@ -216,4 +217,182 @@ fn requests_out_of_order_are_refused() {
     assert!(status.links[0].peers[2].active);
     c.links()[0].set_state(9).unwrap();
     assert_eq!(c.links()[0].peer_state(2), Some(9));
+}
+
+/// Connects to the control socket and attaches as `cell` with the raw protocol, taking the
+/// attach reply and the grants (their fds are closed); returns the connection.
+fn raw_attach(socket: &Path, cell: &str) -> OwnedFd {
+    use nix::sys::socket::{
+        connect, recvmsg, send, socket as new_socket, AddressFamily, ControlMessageOwned, MsgFlags,
+        SockFlag, SockType, UnixAddr,
+    };
+    use std::io::IoSliceMut;
+    use std::os::fd::{FromRawFd, RawFd};
+
+    let fd = new_socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    connect(fd.as_raw_fd(), &UnixAddr::new(socket).unwrap()).unwrap();
+    let tv = nix::sys::time::TimeVal::new(10, 0);
+    nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::ReceiveTimeout, &tv).unwrap();
+    let mut buf = [0u8; MAX_MESSAGE_SIZE];
+    let attach = Request::Attach(AttachBody {
+        cell: WireName::new(cell).unwrap(),
+    });
+    let n = attach.encode(&mut buf).unwrap();
+    send(fd.as_raw_fd(), &buf[..n], MsgFlags::MSG_NOSIGNAL).unwrap();
+    let mut grants_left = None;
+    while grants_left != Some(0) {
+        let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS_PER_GRANT]);
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let msg =
+            recvmsg::<()>(fd.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::empty()).unwrap();
+        for c in msg.cmsgs().unwrap() {
+            if let ControlMessageOwned::ScmRights(raw) = c {
+                for r in raw {
+                    // SAFETY: the kernel just installed this fd for us; closing it is all we do.
+                    drop(unsafe { OwnedFd::from_raw_fd(r) });
+                }
+            }
+        }
+        let n = msg.bytes;
+        match decode_reply(&buf[..n]).unwrap() {
+            Reply::Accepted(a) => grants_left = Some(a.link_count),
+            Reply::LinkGrant(_) => grants_left = grants_left.map(|g| g - 1),
+            other => panic!("attach as {cell}: {other:?}"),
+        }
+    }
+    fd
+}
+
+/// Waits (on interrupts) until `peer`'s state in `link` is `value`.
+fn wait_peer_state(link: &linux_uio_client::hosted::HostedLink, peer: u16, value: u32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while link.peer_state(peer) != Some(value) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "peer {peer} state stays {:?}, expected {value}",
+            link.peer_state(peer)
+        );
+        link.wait_interrupt_timeout(left).unwrap();
+    }
+}
+
+/// A cell that floods the socket with status requests and never reads the replies cannot
+/// stall the single-threaded server: the server never waits for it (a reply that would block
+/// drops it, detaching the cell), so another cell's STATE acknowledgements keep coming.
+#[test]
+fn a_cell_that_does_not_read_its_socket_is_detached_without_stalling_others() {
+    use nix::errno::Errno;
+    use nix::sys::socket::{send, MsgFlags};
+    /// Far above a STATE round trip, below the 1 s a blocking send would stall.
+    const STALL_GUARD: Duration = Duration::from_millis(500);
+
+    let served = Served::start("flood");
+    let b = HostedEndpoint::attach(&served.socket, "b").unwrap();
+    let lb = &b.links()[0];
+    lb.enable_interrupts();
+    let flooder = raw_attach(&served.socket, "a");
+    let mut buf = [0u8; MAX_MESSAGE_SIZE];
+    let n = Request::SetState(SetStateBody { link: 0, value: 1 })
+        .encode(&mut buf)
+        .unwrap();
+    send(flooder.as_raw_fd(), &buf[..n], MsgFlags::MSG_NOSIGNAL).unwrap();
+    wait_peer_state(lb, 0, 1);
+
+    let n = Request::Status.encode(&mut buf).unwrap();
+    let flags = MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT;
+    let mut slowest = Duration::ZERO;
+    let mut dropped = None;
+    for i in 0..100_000u32 {
+        match send(flooder.as_raw_fd(), &buf[..n], flags) {
+            Ok(_) => {}
+            Err(Errno::EAGAIN) => {
+                // The server is not reading: wait until it does (or drops us).
+                let mut pfd = libc::pollfd {
+                    fd: flooder.as_raw_fd(),
+                    events: libc::POLLOUT,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd.
+                assert_eq!(unsafe { libc::poll(&mut pfd, 1, 10_000) }, 1, "guard");
+            }
+            Err(e) => {
+                dropped = Some((i, e));
+                break;
+            }
+        }
+        if i % 8 == 0 {
+            let start = Instant::now();
+            lb.set_state(i + 2).unwrap();
+            slowest = slowest.max(start.elapsed());
+        }
+    }
+    let (sent, error) = dropped.expect("the flooding cell is never dropped");
+    assert!(
+        matches!(error, Errno::EPIPE | Errno::ECONNRESET),
+        "after {sent} requests: {error}"
+    );
+    assert!(
+        slowest < STALL_GUARD,
+        "a STATE ack of cell b waited {slowest:?} behind the flooding cell"
+    );
+    // The flooder was detached: its state is 0 and b was notified.
+    wait_peer_state(lb, 0, 0);
+    // The server still serves b.
+    lb.set_state(7).unwrap();
+    assert_eq!(lb.state(), 7);
+}
+
+/// Connections that never attach are capped: the one beyond the cap is closed at once, and
+/// the server keeps serving the others.
+#[test]
+fn unattached_connections_are_capped() {
+    use hypervisor::control::MAX_UNATTACHED_CLIENTS;
+    use nix::sys::socket::{
+        connect, recv, send, socket as new_socket, AddressFamily, MsgFlags, SockFlag, SockType,
+        UnixAddr,
+    };
+    let served = Served::start("cap");
+    let open = || {
+        let fd = new_socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        connect(fd.as_raw_fd(), &UnixAddr::new(&served.socket).unwrap()).unwrap();
+        let tv = nix::sys::time::TimeVal::new(10, 0);
+        nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::ReceiveTimeout, &tv).unwrap();
+        fd
+    };
+    let mut buf = [0u8; MAX_MESSAGE_SIZE];
+    let status = Request::Status.encode(&mut buf).unwrap();
+    let request = buf[..status].to_vec();
+    // Each connection is known to the server once its status query is answered.
+    let held: Vec<OwnedFd> = (0..MAX_UNATTACHED_CLIENTS)
+        .map(|_| {
+            let fd = open();
+            send(fd.as_raw_fd(), &request, MsgFlags::MSG_NOSIGNAL).unwrap();
+            let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()).unwrap();
+            assert!(matches!(decode_reply(&buf[..n]).unwrap(), Reply::Status(_)));
+            fd
+        })
+        .collect();
+    let extra = open();
+    assert_eq!(
+        recv(extra.as_raw_fd(), &mut buf, MsgFlags::empty()).unwrap(),
+        0,
+        "the connection beyond the cap is closed"
+    );
+    // A cell still attaches once a connection is free again.
+    drop(held);
+    let a = HostedEndpoint::attach(&served.socket, "a").unwrap();
+    a.links()[0].set_state(3).unwrap();
 }
