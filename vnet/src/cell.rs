@@ -120,6 +120,7 @@ impl<R: RegisterAccess, I: Interrupt> Cell<R, I> {
             let _ = writeln!(page, "tx_bytes {}", n.tx_bytes);
             let _ = writeln!(page, "tx_ring_full {}", n.tx_ring_full);
             let _ = writeln!(page, "tx_reply_dropped {}", n.tx_reply_dropped);
+            let _ = writeln!(page, "tx_oversize {}", n.tx_oversize);
             let _ = writeln!(page, "corrupt {}", n.corrupt);
         };
         self.services.poll(now, self.link.nic(), &mut status);

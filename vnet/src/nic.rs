@@ -14,9 +14,11 @@
 //! # The reply token of `receive`
 //!
 //! smoltcp's `receive` returns a transmit token together with the receive token, for an
-//! immediate reply (ARP reply, ICMP echo reply, TCP RST). If the send ring has MTU room it is
-//! a grant like above. If not, receiving still goes on and the reply token writes into a
-//! scratch buffer and the reply is **dropped and counted** ([`NicStats::tx_reply_dropped`]):
+//! immediate reply (ARP reply, ICMP echo reply, TCP RST). Most received frames get no
+//! immediate reply, so this token reserves nothing up front: only when smoltcp writes a
+//! reply does it take an MTU-sized grant (like above). If the send ring has no MTU room then,
+//! receiving still goes on and the reply is built in a scratch buffer and **dropped and
+//! counted** ([`NicStats::tx_reply_dropped`]):
 //! refusing to receive while the send ring is full would let two peers deadlock, each
 //! waiting for the other to free space (as on real Ethernet, a congested reply is lost and
 //! the protocols recover). Frames sent through `transmit` are never dropped.
@@ -133,6 +135,8 @@ pub struct NicStats {
     pub tx_ring_full: u64,
     /// Immediate replies dropped because the send ring was full (see the module docs).
     pub tx_reply_dropped: u64,
+    /// Frames smoltcp wrote longer than the MTU: dropped, never cut (not in `tx_frames`).
+    pub tx_oversize: u64,
     /// Protocol violations seen from the peer (each one faults the NIC).
     pub corrupt: u64,
     /// Flushes that asked for a doorbell.
@@ -152,6 +156,7 @@ struct TxSide {
     bytes: u64,
     full: u64,
     reply_dropped: u64,
+    oversize: u64,
     /// Set when `transmit` was refused since the last sleep handshake.
     blocked: bool,
 }
@@ -269,6 +274,7 @@ impl ShmNic {
             tx_bytes: self.tx.bytes,
             tx_ring_full: self.tx.full,
             tx_reply_dropped: self.tx.reply_dropped,
+            tx_oversize: self.tx.oversize,
             corrupt: self.corrupt,
             notifies: self.notifies,
         }
@@ -359,18 +365,43 @@ impl phy::RxToken for ShmRxToken<'_> {
     }
 }
 
-enum TxSlot<'a> {
-    /// MTU-sized grant in the send ring.
-    Ring(Grant<'a>),
-    /// No room: the reply is built in scratch memory and dropped (counted).
-    Overflow(&'a mut [u8]),
+/// Where a reply token built by `receive` reserves its send slot, once smoltcp uses it.
+struct ReplySlot<'a> {
+    tx: &'a mut Producer,
+    mtu: usize,
+    fault: &'a mut Option<shmring::Error>,
+    corrupt: &'a mut u64,
 }
 
-/// Transmit token: an MTU-sized grant in the send ring (or, for a reply while the ring is
-/// full, scratch memory whose frame is dropped and counted).
+enum TxSlot<'a> {
+    /// MTU-sized grant in the send ring, reserved by `transmit`.
+    Ring(Grant<'a>),
+    /// Reply token of `receive`: nothing reserved until `consume`.
+    Reply(ReplySlot<'a>),
+}
+
+/// Transmit token: an MTU-sized grant in the send ring (from `transmit`), or the reply token
+/// of `receive`, which reserves its MTU-sized grant only when smoltcp writes a reply (and, if
+/// the send ring has no room then, builds the reply in scratch memory and drops it, counted).
+/// A frame longer than the MTU is never cut: it is dropped and counted
+/// ([`NicStats::tx_oversize`]).
 pub struct ShmTxToken<'a> {
     slot: TxSlot<'a>,
     side: &'a mut TxSide,
+    scratch: &'a mut Vec<u8>,
+}
+
+impl ShmTxToken<'_> {
+    /// Lets `f` write `len` bytes that will not be sent (scratch memory, grown if needed).
+    fn discard<R, F>(scratch: &mut Vec<u8>, len: usize, f: F) -> R
+    where
+        F: FnOnce(&mut [u8]) -> R,
+    {
+        if scratch.len() < len {
+            scratch.resize(len, 0);
+        }
+        f(&mut scratch[..len])
+    }
 }
 
 impl phy::TxToken for ShmTxToken<'_> {
@@ -378,22 +409,40 @@ impl phy::TxToken for ShmTxToken<'_> {
     where
         F: FnOnce(&mut [u8]) -> R,
     {
-        match self.slot {
-            TxSlot::Ring(mut grant) => {
-                // smoltcp never asks for more than the MTU, the grant's size; clamp anyway
-                // (the frame would be cut, not overrun).
-                let n = len.min(grant.len());
-                let r = f(&mut grant[..n]);
-                grant.commit_len(n);
+        let mtu = match &self.slot {
+            TxSlot::Ring(grant) => grant.len(),
+            TxSlot::Reply(reply) => reply.mtu,
+        };
+        if len > mtu {
+            // smoltcp never asks for more than the MTU; if it did, cutting the frame would
+            // send garbage. The grant (if any) is never committed: abandoned.
+            self.side.oversize += 1;
+            return Self::discard(self.scratch, len, f);
+        }
+        let grant = match self.slot {
+            TxSlot::Ring(grant) => Some(grant),
+            TxSlot::Reply(reply) => match grant_mtu(reply.tx, reply.mtu) {
+                Ok(grant) => grant,
+                Err(e) => {
+                    *reply.corrupt += 1;
+                    reply.fault.get_or_insert(e);
+                    None
+                }
+            },
+        };
+        match grant {
+            Some(mut grant) => {
+                let r = f(&mut grant[..len]);
+                grant.commit_len(len);
                 self.side.frames += 1;
-                self.side.bytes += n as u64;
+                self.side.bytes += len as u64;
                 r
             }
-            TxSlot::Overflow(buf) => {
-                let n = len.min(buf.len());
-                let r = f(&mut buf[..n]);
+            None => {
+                // No room (or the peer broke the ring): the reply is lost, as on a congested
+                // Ethernet; see the module docs.
                 self.side.reply_dropped += 1;
-                r
+                Self::discard(self.scratch, len, f)
             }
         }
     }
@@ -430,15 +479,6 @@ impl Device for ShmNic {
                 return None;
             }
         };
-        let slot = match grant_mtu(&mut d.tx, mtu) {
-            Ok(Some(g)) => TxSlot::Ring(g),
-            Ok(None) => TxSlot::Overflow(&mut self.scratch),
-            Err(e) => {
-                self.corrupt += 1;
-                self.fault.get_or_insert(e);
-                return None;
-            }
-        };
         Some((
             ShmRxToken {
                 frame,
@@ -446,8 +486,14 @@ impl Device for ShmNic {
                 mtu,
             },
             ShmTxToken {
-                slot,
+                slot: TxSlot::Reply(ReplySlot {
+                    tx: &mut d.tx,
+                    mtu,
+                    fault: &mut self.fault,
+                    corrupt: &mut self.corrupt,
+                }),
                 side: &mut self.tx,
+                scratch: &mut self.scratch,
             },
         ))
     }
@@ -462,6 +508,7 @@ impl Device for ShmNic {
             Ok(Some(g)) => Some(ShmTxToken {
                 slot: TxSlot::Ring(g),
                 side: &mut self.tx,
+                scratch: &mut self.scratch,
             }),
             Ok(None) => {
                 self.tx.full += 1;
@@ -699,6 +746,34 @@ mod tests {
         );
     }
 
+    #[test]
+    fn oversized_frames_are_dropped_not_cut() {
+        let (mut nic, mut peer) = nic_and_peer(MTU, CAP);
+        let tok = nic.transmit(now()).unwrap();
+        let written = tok.consume(MTU + 100, |buf| {
+            buf.fill(4);
+            buf.len()
+        });
+        assert_eq!(written, MTU + 100, "smoltcp gets the length it asked for");
+        // Through the reply token of `receive` too.
+        let _ = peer.tx.try_send(&[1u8; 64]).unwrap();
+        let (rx, tx) = nic.receive(now()).unwrap();
+        rx.consume(|_| ());
+        tx.consume(MTU + 1, |buf| buf.fill(5));
+        let stats = nic.stats();
+        assert_eq!(stats.tx_oversize, 2);
+        assert_eq!(stats.tx_frames, 0, "not counted as sent");
+        assert_eq!(stats.tx_reply_dropped, 0, "not a congestion drop");
+        let _ = nic.flush();
+        assert!(peer.rx.peek().unwrap().is_none(), "nothing cut and sent");
+        // The abandoned grant left the ring usable: a full MTU frame goes through.
+        assert!(send_one(&mut nic, 6, MTU));
+        let _ = nic.flush();
+        let f = peer.rx.peek().unwrap().unwrap();
+        assert_eq!(f.len(), MTU);
+        assert!(f.iter().all(|&b| b == 6));
+    }
+
     struct Region {
         ptr: *mut u8,
         layout: std::alloc::Layout,
@@ -742,6 +817,45 @@ mod tests {
             // Faulted: no more tokens either way.
             assert!(nic.transmit(now()).is_none());
             assert!(nic.detach().is_some());
+        }
+    }
+
+    #[test]
+    fn reply_slot_is_reserved_only_when_a_reply_is_written() {
+        let len = 16384 + 4096;
+        let (ra, rb) = (Region::new(len), Region::new(len));
+        // SAFETY: two live regions, each written by its own side (and by the test playing a
+        // hostile peer on b's).
+        unsafe {
+            let ia = DuplexInit::init(ra.ptr, len, None).unwrap();
+            let ib = DuplexInit::init(rb.ptr, len, None).unwrap();
+            let a = ia.attach(rb.ptr, len).unwrap();
+            let mut b = ib.attach(ra.ptr, len).unwrap();
+            let mut nic = ShmNic::new(MTU, 16384).unwrap();
+            nic.attach(a).unwrap();
+            nic.set_carrier(true);
+            // Our send ring is full: a reservation would have to re-read the peer's index.
+            while send_one(&mut nic, 1, MTU) {}
+            let _ = nic.flush();
+            let _ = b.tx.try_send(&[1u8; 80]).unwrap();
+            // The hostile peer publishes a garbage release index for our send ring: any
+            // reservation now faults the NIC.
+            let index = rb.ptr.add(layout::C_INDEX).cast::<u64>();
+            index.write_volatile(u64::MAX - 7);
+            // Receiving without replying never touches the send ring.
+            let (rx, _unused_reply) = nic.receive(now()).expect("receiving ignores the send ring");
+            assert_eq!(rx.consume(|f| f.len()), 80);
+            assert_eq!(nic.fault(), None);
+            assert_eq!(nic.stats().tx_reply_dropped, 0);
+            // A reply does reserve: it meets the garbage, is dropped and faults the NIC.
+            let _ = b.tx.try_send(&[2u8; 80]).unwrap();
+            let (rx, tx) = nic.receive(now()).unwrap();
+            rx.consume(|_| ());
+            tx.consume(60, |buf| buf.fill(3));
+            assert!(matches!(nic.fault(), Some(shmring::Error::Corrupt { .. })));
+            assert_eq!(nic.stats().corrupt, 1);
+            assert_eq!(nic.stats().tx_reply_dropped, 1);
+            assert!(nic.receive(now()).is_none(), "faulted");
         }
     }
 }
