@@ -17,6 +17,9 @@
 //! - a STATE write goes through the device model, which updates the state table; the
 //!   hypervisor then writes the eventfds of the notified peers and acknowledges;
 //! - a closed socket (exit, crash, `kill -9`) detaches the cell: state 0, peers notified;
+//! - an illegal access (a STATE write the device refuses) stops the cell with a `FATAL:`
+//!   report: a spawned cell process is killed (SIGKILL), a cell started by hand is
+//!   disconnected; either way it is detached;
 //! - a status query is answered on any connection;
 //! - the loop never waits for one cell: client sockets are non-blocking, and a client whose
 //!   reply would block (it does not read its socket) is dropped, an attached cell detached;
@@ -38,6 +41,7 @@ use nix::sys::socket::{
     Backlog, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr,
 };
 
+use crate::device::AccessError;
 use crate::memory::{LinkMemory, MappedStateTable, MemoryError};
 use crate::status::{CellExit, CellStatus, LinkStatus, PeerStatus, SystemStatus};
 
@@ -96,8 +100,8 @@ pub trait LinkModel: Send {
     fn peer_attached(&mut self, peer: u16) -> Notify;
     /// A peer detached: its state becomes 0; returns the peers to notify.
     fn peer_detached(&mut self, peer: u16) -> Notify;
-    /// The peer wrote STATE; returns the peers to notify, or why the write was refused.
-    fn write_state(&mut self, peer: u16, value: u32) -> Result<Notify, String>;
+    /// The peer wrote STATE; returns the peers to notify, or the refused (illegal) access.
+    fn write_state(&mut self, peer: u16, value: u32) -> Result<Notify, AccessError>;
 }
 
 /// Errors of the control server.
@@ -197,6 +201,9 @@ struct ServedCell {
     pid: Option<u32>,
     phase: CellPhase,
     spawned: bool,
+    /// The process the supervisor spawned for this cell, while it is not reaped (the
+    /// attaching process may be another one, e.g. its child).
+    spawned_pid: Option<u32>,
     exit: Option<CellExit>,
 }
 
@@ -306,6 +313,7 @@ impl ControlServer {
                 pid: None,
                 phase: CellPhase::Waiting,
                 spawned: false,
+                spawned_pid: None,
                 exit: None,
             })
             .collect();
@@ -337,6 +345,7 @@ impl ControlServer {
     pub fn cell_spawned(&mut self, cell: &str, pid: u32) {
         if let Some(c) = self.cells.iter_mut().find(|c| c.spec.name == cell) {
             c.spawned = true;
+            c.spawned_pid = Some(pid);
             c.pid = Some(pid);
             c.exit = None;
             if c.phase == CellPhase::Exited {
@@ -345,11 +354,12 @@ impl ControlServer {
         }
     }
 
-    /// Records that `cell`'s spawned process ended. It is not restarted. If its socket is still
+    /// Records that `cell`'s spawned process ended (it has been reaped). It is not restarted. If its socket is still
     /// open (a child inherited it), it stays attached until that closes.
     pub fn cell_exited(&mut self, cell: &str, exit: CellExit) {
         if let Some(c) = self.cells.iter_mut().find(|c| c.spec.name == cell) {
             c.exit = Some(exit);
+            c.spawned_pid = None;
             if c.client.is_none() {
                 c.phase = CellPhase::Exited;
             }
@@ -747,13 +757,43 @@ impl ControlServer {
                     value: body.value,
                 });
             }
-            Err(reason) => {
-                let detail = format!("FATAL: cell `{}`: {reason}", self.cells[ci].spec.name);
-                tracing::error!("{detail}");
-                self.refuse(index, RefusalReason::BadRequest, &detail);
-                self.drop_client(id, detail);
-            }
+            Err(access) => self.illegal_access(id, ci, &access),
         }
+    }
+
+    /// Stops cell `ci` for an access the device refused (ivshmem-v2.md, "Illegal access"):
+    /// logs a `FATAL:` report naming the cell, the address (for a process cell: the offset in
+    /// its register page, it has no guest address), the access and its size, refuses the
+    /// request, kills a cell process the supervisor spawned (SIGKILL; the supervisor reaps it
+    /// and reports it, never restarting it) and detaches the cell: its states become 0 and its
+    /// peers are notified. A cell started by hand cannot be killed safely by pid (the pid
+    /// may belong to another process by then), so it is only disconnected.
+    fn illegal_access(&mut self, id: u64, ci: usize, access: &AccessError) {
+        let Some(index) = self.client_index(id) else {
+            return;
+        };
+        let cell = &self.cells[ci];
+        let report = access.fatal_report(&cell.spec.name, access.offset);
+        let action = match cell.spawned_pid {
+            Some(pid) => {
+                // SAFETY: kill with the pid of the supervisor's own child, not reaped yet
+                // (`cell_exited` clears `spawned_pid` once it is), so it cannot be recycled.
+                let rc = unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                if rc == 0 {
+                    format!("cell process {pid} killed")
+                } else {
+                    format!(
+                        "killing cell process {pid} failed: {}",
+                        io::Error::last_os_error()
+                    )
+                }
+            }
+            None => "cell started by hand: disconnected".to_string(),
+        };
+        let detail = format!("{report}; {action}");
+        tracing::error!("{detail}");
+        self.refuse(index, RefusalReason::BadRequest, &detail);
+        self.drop_client(id, detail);
     }
 
     /// A reply could not be sent: the client is dropped (an attached cell is detached). A
@@ -920,7 +960,7 @@ impl LinkModel for crate::device::Link {
             .collect()
     }
 
-    fn write_state(&mut self, peer: u16, value: u32) -> Result<Notify, String> {
+    fn write_state(&mut self, peer: u16, value: u32) -> Result<Notify, AccessError> {
         self.mmio_write(
             peer,
             u64::from(ivshmem_dev::regs::STATE),
@@ -928,7 +968,6 @@ impl LinkModel for crate::device::Link {
             u64::from(value),
         )
         .map(|effects| effects.targets().collect())
-        .map_err(|e| e.to_string())
     }
 }
 

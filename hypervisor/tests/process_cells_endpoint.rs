@@ -396,3 +396,160 @@ fn unattached_connections_are_capped() {
     let a = HostedEndpoint::attach(&served.socket, "a").unwrap();
     a.links()[0].set_state(3).unwrap();
 }
+
+/// A device model that refuses the STATE value 0xBAD as an illegal access.
+struct RefusingBad(Box<dyn hypervisor::control::LinkModel>);
+
+impl hypervisor::control::LinkModel for RefusingBad {
+    fn peer_attached(&mut self, peer: u16) -> hypervisor::control::Notify {
+        self.0.peer_attached(peer)
+    }
+
+    fn peer_detached(&mut self, peer: u16) -> hypervisor::control::Notify {
+        self.0.peer_detached(peer)
+    }
+
+    fn write_state(
+        &mut self,
+        peer: u16,
+        value: u32,
+    ) -> Result<hypervisor::control::Notify, hypervisor::device::AccessError> {
+        use hypervisor::device::{AccessError, AccessKind, AccessReason, AccessSpace};
+        if value != 0xBAD {
+            return self.0.write_state(peer, value);
+        }
+        Err(AccessError {
+            link: "bus".into(),
+            peer,
+            space: AccessSpace::Registers,
+            offset: u64::from(regs::STATE),
+            kind: AccessKind::Write,
+            size: 4,
+            value: Some(u64::from(value)),
+            reason: AccessReason::PeerNotAttached,
+        })
+    }
+}
+
+/// An illegal access stops the offending cell with a FATAL report (ivshmem-v2.md, "Illegal
+/// access"): a spawned cell's process is killed, a hand-started cell is disconnected; both
+/// are detached (state 0, peers notified) and the rest of the system keeps running.
+#[test]
+fn an_illegal_access_stops_the_cell_with_a_fatal_report() {
+    let dir = std::env::temp_dir().join(format!("process-cells-ep-fatal-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("hv.sock");
+    let cell = |name: &str| CellSpec {
+        name: name.into(),
+        cpus: Vec::new(),
+        command: None,
+        process: true,
+    };
+    let system = SystemSpec {
+        cells: vec![cell("a"), cell("b"), cell("c")],
+        links: vec![LinkSpec {
+            name: "bus".into(),
+            peers: vec!["a".into(), "b".into(), "c".into()],
+            protocol: 0x4001,
+            state_table_size: 4096,
+            rw_size: 0,
+            output_size: 4096,
+        }],
+    };
+    let mut factory = |spec: &LinkSpec, table| {
+        device_model(spec, table)
+            .map(|m| Box::new(RefusingBad(m)) as Box<dyn hypervisor::control::LinkModel>)
+    };
+    let mut server = ControlServer::bind(&system, &socket, &mut factory).unwrap();
+    // Cell a's process as the supervisor would have spawned it (the test attaches for it).
+    let mut spawned = std::process::Command::new("/bin/sleep")
+        .arg("1000")
+        .spawn()
+        .unwrap();
+    server.cell_spawned("a", spawned.id());
+    // SAFETY: plain syscall; checked below.
+    let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    assert!(raw >= 0);
+    // SAFETY: fresh fd owned by nobody else.
+    let stop: OwnedFd = unsafe { std::os::fd::FromRawFd::from_raw_fd(raw) };
+    let stop_for_thread = stop.try_clone().unwrap();
+    let thread = std::thread::spawn(move || {
+        let mut events = Vec::new();
+        loop {
+            let ready = server.poll(&[stop_for_thread.as_fd()], None).unwrap();
+            events.extend(server.take_events());
+            if ready[0] {
+                return events;
+            }
+        }
+    });
+
+    let c = HostedEndpoint::attach(&socket, "c").unwrap();
+    let lc = &c.links()[0];
+    lc.enable_interrupts();
+    let a = HostedEndpoint::attach(&socket, "a").unwrap();
+    let b = HostedEndpoint::attach(&socket, "b").unwrap();
+    a.links()[0].set_state(1).unwrap();
+    b.links()[0].set_state(1).unwrap();
+    wait_peer_state(lc, 0, 1);
+    wait_peer_state(lc, 1, 1);
+
+    let access = format!(
+        "FATAL: cell \"a\": invalid ivshmem register write at {:#x}, size 4, value 0xbad (link `bus`, peer 0",
+        regs::STATE
+    );
+    match a.links()[0].set_state(0xBAD) {
+        Err(HostedError::Refused { detail, .. }) => {
+            assert!(detail.contains(&access), "{detail}");
+            assert!(
+                detail.contains(&format!("cell process {} killed", spawned.id())),
+                "{detail}"
+            );
+        }
+        other => panic!("illegal STATE write answered with {other:?}"),
+    }
+    let status = spawned.wait().unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL),
+        "the spawned cell is killed"
+    );
+    wait_peer_state(lc, 0, 0);
+    assert!(a.links()[0].set_state(2).is_err(), "a is disconnected");
+
+    // A hand-started cell is disconnected (and detached), not killed.
+    match b.links()[0].set_state(0xBAD) {
+        Err(HostedError::Refused { detail, .. }) => {
+            assert!(detail.contains("FATAL: cell \"b\""), "{detail}");
+            assert!(
+                detail.contains("cell started by hand: disconnected"),
+                "{detail}"
+            );
+        }
+        other => panic!("illegal STATE write answered with {other:?}"),
+    }
+    wait_peer_state(lc, 1, 0);
+    assert!(b.links()[0].set_state(2).is_err(), "b is disconnected");
+
+    // The rest of the system keeps running.
+    lc.set_state(5).unwrap();
+    assert_eq!(lc.state(), 5);
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes to our eventfd.
+    unsafe { libc::write(stop.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    let events = thread.join().unwrap();
+    let detached: Vec<&str> = events
+        .iter()
+        .filter_map(|e| match e {
+            hypervisor::control::ControlEvent::Detached { cell, reason }
+                if reason.starts_with("FATAL") =>
+            {
+                Some(cell.as_str())
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(detached, ["a", "b"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
