@@ -24,6 +24,23 @@
 //! - the loop never waits for one cell: client sockets are non-blocking, and a client whose
 //!   reply would block (it does not read its socket) is dropped, an attached cell detached;
 //!   at most [`MAX_UNATTACHED_CLIENTS`] connections may be open without an attached cell.
+//!
+//! # Trust between process cells
+//!
+//! Process cells run as the hypervisor's uid (checked with `SO_PEERCRED` on attach) and are
+//! trusted not to interfere with each other beyond what the device allows:
+//!
+//! - **Doorbells.** A cell gets every peer's interrupt eventfd so that it can ring them
+//!   (`DOORBELL` writes 1 to the target's eventfd). An eventfd has no write-only mode, so these
+//!   fds are also readable: a cell that reads a peer's eventfd would consume that peer's
+//!   pending doorbells and state-change interrupts (the peer would miss a wake-up, never see
+//!   wrong data). Process cells are trusted not to read their peers' eventfds; only
+//!   `linux_uio_client::hosted` touches them, and it only writes them. KVM cells (not in
+//!   this build yet) ring doorbells through an `ioeventfd` on their register page that the
+//!   hypervisor owns; they never hold a peer's fd, so they cannot do this.
+//! - **Output sections.** Other peers' output sections are handed over read-only, but a
+//!   same-uid process can reopen the memfd read-write; see [`crate::memory`], "What read-only
+//!   protects against". The state table is sealed and cannot be written by any cell.
 
 use std::collections::BTreeSet;
 use std::io::{self, IoSlice};
