@@ -110,7 +110,7 @@ pub struct SystemSpec {
 pub type Notify = Vec<u16>;
 
 /// The emulated device of one link, as the control server drives it. Implemented by
-/// [`crate::device::Link`] (through [`DeviceLink`]).
+/// [`crate::device::Link`] (see [`device_model`]).
 pub trait LinkModel: Send {
     /// A peer attached: reset its registers, clear the table if it is the first; returns the
     /// peers to notify.
