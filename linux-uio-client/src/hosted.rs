@@ -26,7 +26,7 @@ use std::io::{self, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -279,16 +279,22 @@ impl LinkShared {
         }
     }
 
-    fn state_entry(&self, peer: u16) -> Option<&AtomicU32> {
+    /// Reads `peer`'s state table entry. The mapping is read-only, and std only promises
+    /// that `Relaxed` atomic loads work on read-only memory, so this is a `Relaxed` load
+    /// followed by an `Acquire` fence (pairing with the hypervisor's store, so what the peer
+    /// wrote before changing its state is visible after this returns).
+    fn read_state_entry(&self, peer: u16) -> Option<u32> {
         if peer >= self.max_peers {
             return None;
         }
         // SAFETY: the state table mapping holds at least 4*max_peers bytes (checked by the
         // decoder: state_table_size >= 4*max_peers, and the fd size was checked), it is
         // page-aligned, and only aligned 32-bit accesses are made to it by every process.
-        Some(unsafe {
-            &*(self.state_table.map.as_ptr().add(peer as usize * 4) as *const AtomicU32)
-        })
+        let entry =
+            unsafe { &*(self.state_table.map.as_ptr().add(peer as usize * 4) as *const AtomicU32) };
+        let value = entry.load(Ordering::Relaxed);
+        fence(Ordering::Acquire);
+        Some(value)
     }
 }
 
@@ -363,7 +369,13 @@ impl RegisterAccess for HostedRegisters {
             regs::STATE => {
                 // A register write cannot fail; if the hypervisor is gone, STATE keeps its old
                 // value (read it back to notice) and the peers see this cell detach anyway.
-                let _ = self.set_state(value);
+                if let Err(e) = self.set_state(value) {
+                    tracing::warn!(
+                        link = %s.name,
+                        "STATE write of {value:#x} failed, STATE stays {:#x}: {e}",
+                        s.state.load(Ordering::SeqCst)
+                    );
+                }
             }
             _ => {}
         }
@@ -424,9 +436,7 @@ impl HostedLink {
 
     /// Reads peer `peer`'s entry of the state table (`None` if the peer does not exist).
     pub fn peer_state(&self, peer: u16) -> Option<u32> {
-        self.shared()
-            .state_entry(peer)
-            .map(|e| e.load(Ordering::SeqCst))
+        self.shared().read_state_entry(peer)
     }
 
     /// This peer's STATE (as acknowledged by the hypervisor).
