@@ -8,7 +8,8 @@
 //! - sending with back-pressure: [`Channel::send`] and [`Channel::send_record`] wait for room,
 //!   woken by the peer through the rings' wait-for-space handshake;
 //! - [`tokio::io::AsyncRead`] and [`tokio::io::AsyncWrite`] on the channel itself (a byte
-//!   stream cut into frames of at most [`shmring::Producer::max_frame_len`]);
+//!   stream cut into frames of at most [`shmring::Producer::max_frame_len`]; a write first
+//!   waits for the link, so the limit is always the real ring's);
 //! - [`Channel::peer_states`]: a stream of the peer's state-table entry.
 //!
 //! # Link life cycle
@@ -39,6 +40,15 @@
 //! `register`/`register_with_interest` replace them; the duplicated [`OwnedFd`] owned by the
 //! `AsyncFd` meets their contract (open, the same description, for its whole life).
 //!
+//! # `STATE` writes
+//! Each link state change writes this side's `STATE` register, from inside the `poll_*`
+//! functions. On the UIO and local backends that is a register or memory store. On the hosted
+//! backend it is a short blocking round trip to the hypervisor over its socket: on a
+//! multi-thread runtime the channel runs it in [`tokio::task::block_in_place`] (the worker's
+//! other tasks move to another thread meanwhile); on a current-thread runtime it blocks the
+//! runtime for that round trip. It happens a few times per link bring-up or tear-down, never
+//! per frame.
+//!
 //! # One task
 //! The channel is `Send` but not `Sync`: drive it from one task. `tokio::io::split` across two
 //! tasks works: both halves share one interrupt registration whose wake-up wakes both.
@@ -61,7 +71,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::sync::watch;
 
-use crate::endpoint::{Endpoint, EndpointError};
+use crate::endpoint::{Backend, Endpoint, EndpointError};
 
 /// Polling mode: producer-index checks per poll before yielding to the runtime.
 const SPIN_CHECKS: usize = 256;
@@ -321,7 +331,7 @@ impl Channel {
             own: LinkState::Reset,
         };
         // Start from RESET as the device does (a previous user may have left another value).
-        endpoint.ivshmem().set_state(LinkState::Reset.as_u32());
+        write_state(&endpoint, LinkState::Reset);
         Ok(Self {
             endpoint,
             irq,
@@ -410,6 +420,10 @@ impl Channel {
         }
     }
 
+    fn write_state(&self, state: LinkState) {
+        write_state(&self.endpoint, state);
+    }
+
     fn publish_state(&self, state: u32) {
         let now = PeerState {
             peer: self.peer,
@@ -426,10 +440,14 @@ impl Channel {
     /// Reads the peer's state and steps the link state machine until it settles; acts on
     /// every step. With `drain_first`, a departure is not acted on while the receive ring
     /// still holds published frames (they are delivered first).
+    ///
+    /// The observed peer state is published to [`Channel::peer_states`] once per call.
     fn check_link(&mut self, drain_first: bool) -> Result<LinkCheck, ChannelError> {
         let dev = self.endpoint.ivshmem();
+        let mut seen = 0;
         for _ in 0..4 {
             let peer_state = dev.peer_state(self.peer).unwrap_or(0);
+            seen = peer_state;
             let step = link_state::next(self.own, peer_state);
             match step.action {
                 Action::None => {}
@@ -499,18 +517,16 @@ impl Channel {
             }
             if step.state != self.own {
                 self.own = step.state;
-                self.endpoint.ivshmem().set_state(step.state.as_u32());
+                self.write_state(step.state);
             }
             if step.action == Action::None {
                 if matches!(self.phase, Phase::Up(_)) && link_state::carrier(self.own, peer_state) {
                     self.carrier = true;
                 }
-                self.publish_state(peer_state);
                 break;
             }
         }
-        let dev = self.endpoint.ivshmem();
-        self.publish_state(dev.peer_state(self.peer).unwrap_or(0));
+        self.publish_state(seen);
         if let Some(state) = self.gone_pending {
             return Ok(LinkCheck::Gone(state));
         }
@@ -745,6 +761,29 @@ impl Channel {
         }
     }
 
+    /// Waits until frames may be sent (rings attached, carrier on); `Err(PeerGone)` once per
+    /// departure, as for a send.
+    fn poll_carrier(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ChannelError>> {
+        loop {
+            if matches!(self.phase, Phase::Up(_)) && self.carrier {
+                return Poll::Ready(Ok(()));
+            }
+            match self.check_link(false)? {
+                LinkCheck::Gone(state) => {
+                    if !self.reported_tx {
+                        self.reported_tx = true;
+                        return Poll::Ready(Err(self.gone_error(state)));
+                    }
+                    self.gone_pending = None;
+                    continue;
+                }
+                LinkCheck::Up if self.carrier => continue,
+                LinkCheck::Up | LinkCheck::Down => {}
+            }
+            ready!(self.poll_irq(cx, Side::Tx))?;
+        }
+    }
+
     /// Sends one frame, waiting for room (back-pressure) and for the link to be up.
     pub async fn send(&mut self, frame: &[u8]) -> Result<(), ChannelError> {
         std::future::poll_fn(|cx| {
@@ -769,6 +808,25 @@ impl Channel {
     }
 }
 
+/// Writes the own `STATE` register. On the hosted backend that is a short blocking round trip
+/// to the hypervisor over its socket; on a multi-thread tokio runtime it runs inside
+/// [`tokio::task::block_in_place`], so the worker's other tasks move to another thread
+/// meanwhile. Elsewhere (current-thread runtime, no runtime, UIO and local backends, where
+/// the write is a plain register or memory store) it is called directly.
+fn write_state(endpoint: &Endpoint, state: LinkState) {
+    let write = || endpoint.ivshmem().set_state(state.as_u32());
+    if endpoint.backend() == Backend::Hosted && on_multi_thread_runtime() {
+        tokio::task::block_in_place(write)
+    } else {
+        write()
+    }
+}
+
+fn on_multi_thread_runtime() -> bool {
+    tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+}
+
 impl Waiters {
     fn wake_by_ref_other(&self, side: Side) {
         let other = 1 - side as usize;
@@ -783,7 +841,7 @@ impl Drop for Channel {
     fn drop(&mut self) {
         // Leave the link: the peer sees state 0 and stops using our parts.
         self.phase = Phase::Idle;
-        self.endpoint.ivshmem().set_state(LinkState::Reset.as_u32());
+        write_state(&self.endpoint, LinkState::Reset);
     }
 }
 
@@ -893,9 +951,11 @@ impl AsyncWrite for Channel {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        // Cut at the ring's frame limit (a quarter of it when unknown keeps progress going).
+        // The frame limit is the real ring's: wait for the link (and carrier) first.
+        ready!(this.poll_carrier(cx))?;
         let limit = match &this.phase {
             Phase::Up(d) => d.tx.max_frame_len(),
+            // poll_carrier returned with the rings attached.
             _ => shmring::layout::max_frame_len(shmring::layout::MIN_CAPACITY),
         };
         let n = buf.len().min(limit.max(1));
@@ -974,5 +1034,31 @@ impl Stream for PeerStates {
         let value = *rx.borrow_and_update();
         this.rx = Some(rx);
         Poll::Ready(Some(value))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::on_multi_thread_runtime;
+
+    #[test]
+    fn block_in_place_only_on_a_multi_thread_runtime() {
+        assert!(!on_multi_thread_runtime(), "no runtime");
+        let current = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        assert!(!current.block_on(async { on_multi_thread_runtime() }));
+        let multi = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap();
+        assert!(multi.block_on(async { on_multi_thread_runtime() }));
+        // On a worker, block_in_place is then allowed (it would panic on current-thread).
+        let on_worker = multi.block_on(async {
+            tokio::spawn(async { tokio::task::block_in_place(on_multi_thread_runtime) })
+                .await
+                .unwrap()
+        });
+        assert!(on_worker);
     }
 }

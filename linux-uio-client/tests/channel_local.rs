@@ -327,3 +327,25 @@ async fn interrupt_await_rearms_one_shot_and_frames_stream() {
         assert_eq!(got, want, "frame {i}");
     }
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn first_write_before_link_up_sends_a_full_size_chunk_once_up() {
+    let link = LocalLink::new("w", 2, 64 * 1024).unwrap();
+    let mut a = channel(&link, 0, "reader", WaitMode::Interrupt, Some(16 * 1024));
+    let data: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+    let mut write = pin!(a.write(&data));
+    // No peer yet: the write waits for the link instead of cutting to a guessed limit.
+    let pending = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx).is_pending()));
+    assert!(pending.await, "wrote before the link was up");
+    let mut b = channel(&link, 1, "writer", WaitMode::Interrupt, None);
+    let (written, up) = guard(async { tokio::join!(write, b.wait_up()) }).await;
+    up.expect("b up");
+    let written = written.expect("write");
+    assert_eq!(
+        written,
+        data.len(),
+        "one full-size chunk (the ring takes 5000 bytes), not the minimum ring's limit"
+    );
+    let frame = guard(b.recv_frame()).await.expect("frame");
+    assert_eq!(frame, data);
+}
