@@ -553,3 +553,84 @@ fn an_illegal_access_stops_the_cell_with_a_fatal_report() {
     assert_eq!(detached, ["a", "b"]);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A STATE acknowledgement that arrives after the reply timeout must not be taken for the
+/// next write's: the connection is marked broken after the timeout, and later writes fail
+/// at once without reaching the hypervisor.
+#[test]
+fn a_late_state_ack_breaks_the_connection_instead_of_desynchronising_it() {
+    use hypervisor::control::ControlEvent;
+    const REPLY_TIMEOUT: Duration = Duration::from_millis(200);
+
+    let dir = std::env::temp_dir().join(format!("process-cells-ep-late-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("hv.sock");
+    let cell = |name: &str| CellSpec {
+        name: name.into(),
+        cpus: Vec::new(),
+        command: None,
+        process: true,
+    };
+    let system = SystemSpec {
+        cells: vec![cell("a"), cell("b")],
+        links: vec![LinkSpec {
+            name: "bus".into(),
+            peers: vec!["a".into(), "b".into()],
+            protocol: 0x4001,
+            state_table_size: 4096,
+            rw_size: 0,
+            output_size: 4096,
+        }],
+    };
+    // The server is polled by this thread only when the test says so.
+    let mut server = ControlServer::bind(&system, &socket, &mut device_model).unwrap();
+    let guard = Instant::now() + Duration::from_secs(10);
+    let attaching = {
+        let socket = socket.clone();
+        std::thread::spawn(move || HostedEndpoint::attach_with_timeout(&socket, "b", REPLY_TIMEOUT))
+    };
+    while !server.attached_cells().contains("b") {
+        assert!(Instant::now() < guard, "cell b never attached");
+        server.poll(&[], Some(Duration::from_secs(1))).unwrap();
+    }
+    let b = attaching.join().unwrap().unwrap();
+    let lb = &b.links()[0];
+    let _ = server.take_events();
+
+    // The hypervisor does not answer in time (it is not polled).
+    match lb.set_state(1) {
+        Err(HostedError::Timeout(t)) => assert_eq!(t, REPLY_TIMEOUT),
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    // Now it handles the write and sends the (late) ack.
+    while !server
+        .take_events()
+        .iter()
+        .any(|e| matches!(e, ControlEvent::State { cell, value: 1, .. } if cell == "b"))
+    {
+        assert!(
+            Instant::now() < guard,
+            "the STATE write never reached the server"
+        );
+        server.poll(&[], Some(Duration::from_secs(1))).unwrap();
+    }
+    // The next write fails at once, without pairing with the stale ack and without being sent.
+    match lb.set_state(2) {
+        Err(HostedError::Broken(why)) => assert!(why.contains("STATE write of 0x1"), "{why}"),
+        other => panic!("expected a broken connection, got {other:?}"),
+    }
+    server.poll(&[], Some(Duration::from_millis(0))).unwrap();
+    assert!(
+        !server
+            .take_events()
+            .iter()
+            .any(|e| matches!(e, ControlEvent::State { value: 2, .. })),
+        "a write after the failure reached the hypervisor"
+    );
+    assert_eq!(lb.state(), 0, "STATE keeps the last acknowledged value");
+    assert_eq!(lb.peer_state(1), Some(1), "the late write did take effect");
+    drop(b);
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}

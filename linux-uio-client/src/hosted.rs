@@ -12,7 +12,10 @@
 //!   `ID` and `MAX_PEERS` from the attach reply; `DOORBELL` writes 1 to the target peer's
 //!   interrupt eventfd (vector 0 only; no effect on a target that does not exist); `STATE` is
 //!   sent to the hypervisor, which updates the state table and notifies the peers, and the
-//!   write returns only after its acknowledgement; `INT_CONTROL` and one-shot mode are kept
+//!   write returns only after its acknowledgement (a failed register write is logged with
+//!   `tracing::warn!`; if no reply comes within the reply timeout, 5 s by default, the
+//!   connection is marked broken, since a late acknowledgement would otherwise be taken for
+//!   the next write's, and later writes fail with [`HostedError::Broken`]); `INT_CONTROL` and one-shot mode are kept
 //!   here: a doorbell that arrives while interrupts are disabled is discarded (drained when
 //!   interrupts are enabled or re-armed); other offsets read 0 and ignore writes;
 //! - [`HostedLink::ivshmem`], the driver [`Ivshmem<HostedRegisters>`] over those mappings;
@@ -98,6 +101,16 @@ pub enum HostedError {
     /// `wait_interrupt` was called with interrupts disabled: it would never return.
     #[error("interrupts are disabled (INT_CONTROL = 0): enable them before waiting")]
     InterruptsDisabled,
+    /// No reply arrived in time. A late reply would answer the wrong request, so the
+    /// connection is out of step and every later request fails with [`HostedError::Broken`].
+    #[error(
+        "no reply from the hypervisor within {0:?}; the control connection is unusable from now on"
+    )]
+    Timeout(Duration),
+    /// An earlier request failed half-way (timeout, I/O or protocol error), so replies can no
+    /// longer be paired with requests; attach again (a new endpoint) to continue.
+    #[error("the control connection is out of step after an earlier failure: {0}")]
+    Broken(String),
     /// An environment variable is missing.
     #[error("environment variable {0} is not set (is this process started by `hypervisor run`?)")]
     MissingEnv(&'static str),
@@ -107,6 +120,9 @@ pub enum HostedError {
 #[derive(Debug)]
 struct Connection {
     fd: Mutex<OwnedFd>,
+    /// Set when a request failed half-way: what went wrong. Nothing is sent after that.
+    broken: Mutex<Option<String>>,
+    reply_timeout: Duration,
 }
 
 impl Connection {
@@ -120,7 +136,8 @@ impl Connection {
     }
 
     /// Receives one reply and the fds beside it (owned at once, so they close on any error).
-    fn recv(fd: BorrowedFd<'_>) -> Result<(Reply, Vec<OwnedFd>), HostedError> {
+    /// `timeout` is the socket's receive timeout (for the error).
+    fn recv(fd: BorrowedFd<'_>, timeout: Duration) -> Result<(Reply, Vec<OwnedFd>), HostedError> {
         let mut buf = [0u8; MAX_MESSAGE_SIZE + 1];
         let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS_PER_GRANT]);
         let (n, truncated, fds) = {
@@ -134,6 +151,7 @@ impl Connection {
                 ) {
                     Ok(m) => break m,
                     Err(nix::errno::Errno::EINTR) => continue,
+                    Err(nix::errno::Errno::EAGAIN) => return Err(HostedError::Timeout(timeout)),
                     Err(e) => return Err(HostedError::Io(e.into())),
                 }
             };
@@ -160,20 +178,34 @@ impl Connection {
         Ok((hosted::decode_reply(&buf[..n])?, fds))
     }
 
+    /// Sends a STATE write and waits for its acknowledgement. Any failure other than a
+    /// refusal (a complete reply) leaves the conversation out of step, e.g. an ack that
+    /// arrives after the timeout would be taken for the next write's: the connection is then
+    /// marked broken and refuses every later request with [`HostedError::Broken`].
     fn set_state(&self, link: u32, value: u32) -> Result<(), HostedError> {
         let fd = self.fd.lock().unwrap_or_else(|p| p.into_inner());
-        Self::send(fd.as_fd(), &Request::SetState(SetStateBody { link, value }))?;
-        match Self::recv(fd.as_fd())? {
-            (Reply::StateAck(ack), fds)
-                if ack.link == link && ack.value == value && fds.is_empty() =>
-            {
-                Ok(())
-            }
-            (Reply::Refused(r), _) => Err(refused(&r)),
-            (other, _) => Err(HostedError::Protocol(format!(
-                "expected a STATE ack, got {other:?}"
-            ))),
+        let mut broken = self.broken.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(why) = broken.as_ref() {
+            return Err(HostedError::Broken(why.clone()));
         }
+        let result = Self::send(fd.as_fd(), &Request::SetState(SetStateBody { link, value }))
+            .and_then(|()| match Self::recv(fd.as_fd(), self.reply_timeout)? {
+                (Reply::StateAck(ack), fds)
+                    if ack.link == link && ack.value == value && fds.is_empty() =>
+                {
+                    Ok(())
+                }
+                (Reply::Refused(r), _) => Err(refused(&r)),
+                (other, _) => Err(HostedError::Protocol(format!(
+                    "expected a STATE ack, got {other:?}"
+                ))),
+            });
+        if let Err(e) = &result {
+            if !matches!(e, HostedError::Refused { .. }) {
+                *broken = Some(format!("STATE write of {value:#x} on link {link}: {e}"));
+            }
+        }
+        result
     }
 }
 
@@ -586,6 +618,18 @@ pub struct HostedEndpoint {
 impl HostedEndpoint {
     /// Attaches as cell `cell` through the control socket at `socket_path`.
     pub fn attach(socket_path: impl AsRef<Path>, cell: &str) -> Result<Self, HostedError> {
+        Self::attach_with_timeout(socket_path, cell, REPLY_TIMEOUT)
+    }
+
+    /// Like [`HostedEndpoint::attach`], waiting at most `reply_timeout` (at least 1 ms) for
+    /// each reply of the hypervisor instead of 5 s. After a reply times out the connection
+    /// is unusable ([`HostedError::Timeout`], then [`HostedError::Broken`]).
+    pub fn attach_with_timeout(
+        socket_path: impl AsRef<Path>,
+        cell: &str,
+        reply_timeout: Duration,
+    ) -> Result<Self, HostedError> {
+        let reply_timeout = reply_timeout.max(Duration::from_millis(1));
         let path = socket_path.as_ref();
         let connect_err = |source: io::Error| HostedError::Connect {
             path: path.to_path_buf(),
@@ -600,14 +644,17 @@ impl HostedEndpoint {
         .map_err(|e| connect_err(e.into()))?;
         let addr = UnixAddr::new(path).map_err(|e| connect_err(e.into()))?;
         connect(fd.as_raw_fd(), &addr).map_err(|e| connect_err(e.into()))?;
-        let tv = nix::sys::time::TimeVal::new(REPLY_TIMEOUT.as_secs() as _, 0);
+        let tv = nix::sys::time::TimeVal::new(
+            reply_timeout.as_secs() as _,
+            reply_timeout.subsec_micros() as _,
+        );
         nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::ReceiveTimeout, &tv)
             .map_err(io::Error::from)?;
 
         let name = WireName::new(cell)
             .map_err(|e| HostedError::Protocol(format!("cell name `{cell}`: {e}")))?;
         Connection::send(fd.as_fd(), &Request::Attach(AttachBody { cell: name }))?;
-        let accepted = match Connection::recv(fd.as_fd())? {
+        let accepted = match Connection::recv(fd.as_fd(), reply_timeout)? {
             (Reply::Accepted(a), fds) if fds.is_empty() => a,
             (Reply::Refused(r), _) => return Err(refused(&r)),
             (other, _) => {
@@ -618,7 +665,7 @@ impl HostedEndpoint {
         };
         let mut grants = Vec::new();
         for k in 0..accepted.link_count {
-            match Connection::recv(fd.as_fd())? {
+            match Connection::recv(fd.as_fd(), reply_timeout)? {
                 (Reply::LinkGrant(g), fds) if g.link == k => grants.push((g, fds)),
                 (other, _) => {
                     return Err(HostedError::Protocol(format!(
@@ -627,7 +674,11 @@ impl HostedEndpoint {
                 }
             }
         }
-        let connection = Arc::new(Connection { fd: Mutex::new(fd) });
+        let connection = Arc::new(Connection {
+            fd: Mutex::new(fd),
+            broken: Mutex::new(None),
+            reply_timeout,
+        });
         let links = grants
             .into_iter()
             .map(|(g, fds)| Self::link_from_grant(&connection, &g, fds))
