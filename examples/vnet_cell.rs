@@ -12,11 +12,10 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use linux_uio_client::Endpoint;
 use vnet::cell::{Cell, CellConfig};
 use vnet::services::ServiceConfig;
 use vnet::smoltcp::wire::Ipv4Cidr;
-use vnet::{LinkConfig, VnetLink};
+use vnet::{process, LinkConfig};
 
 /// A smoltcp cell with echo, sink, source and HTTP services.
 #[derive(Debug, Parser)]
@@ -50,19 +49,19 @@ fn main() -> Result<()> {
             args.ip
         )
     })?;
-    let link = args.link.as_deref();
-    let endpoint = match (&args.socket, &args.cell) {
-        (Some(socket), Some(cell)) => Endpoint::attach_hosted(socket, cell, link),
-        _ => Endpoint::attach_from_env(link),
-    }
-    .context("attaching to the hypervisor")?;
-    let name = endpoint.name().to_string();
-    let (dev, irq) = endpoint.into_parts();
+    let at = process::Attach {
+        socket_and_cell: args.socket.as_deref().zip(args.cell.as_deref()),
+        link: args.link.as_deref(),
+    };
     let config = LinkConfig {
         mtu: args.mtu,
-        max_capacity: None,
+        ..LinkConfig::default()
     };
-    let vlink = VnetLink::new(dev, config).with_context(|| format!("link `{name}`"))?;
+    let process::ProcessLink {
+        name,
+        link: vlink,
+        irq,
+    } = process::attach(at, config)?;
     let mut services = ServiceConfig::new(address);
     services.tcp_buffer = args.tcp_buffer;
     println!("vnet_cell: link `{name}`, {address}, MTU {}", args.mtu);

@@ -19,11 +19,10 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use linux_uio_client::Endpoint;
 use vnet::bridge::{Bridge, BridgeConfig};
 use vnet::pcap::PcapWriter;
 use vnet::tap::Tap;
-use vnet::{LinkConfig, LinkEvent, VnetLink};
+use vnet::{process, LinkConfig, LinkEvent};
 
 /// Bridges a vnet link to a Linux TAP device.
 #[derive(Debug, Parser)]
@@ -80,19 +79,19 @@ fn main() -> Result<()> {
     let args = Args::parse();
     vnet::nic::check_mtu(args.mtu)?;
     let stop = stop_signals()?;
-    let link = args.link.as_deref();
-    let endpoint = match (&args.socket, &args.cell) {
-        (Some(socket), Some(cell)) => Endpoint::attach_hosted(socket, cell, link),
-        _ => Endpoint::attach_from_env(link),
-    }
-    .context("attaching to the hypervisor")?;
-    let name = endpoint.name().to_string();
-    let (dev, irq) = endpoint.into_parts();
+    let at = process::Attach {
+        socket_and_cell: args.socket.as_deref().zip(args.cell.as_deref()),
+        link: args.link.as_deref(),
+    };
     let config = LinkConfig {
         mtu: args.mtu,
-        max_capacity: None,
+        ..LinkConfig::default()
     };
-    let vlink = VnetLink::new(dev, config).with_context(|| format!("link `{name}`"))?;
+    let process::ProcessLink {
+        name,
+        link: vlink,
+        irq,
+    } = process::attach(at, config)?;
     let tap =
         Tap::open(&args.tap).with_context(|| format!("creating TAP device `{}`", args.tap))?;
     tap.configure(

@@ -11,7 +11,9 @@
 //!   chargen 19, an HTTP status page on 80), no_std + alloc.
 //! - `std` only: [`pcap`] capture, [`tap`] (a Linux TAP device), [`bridge`] (TAP ⇄ ring
 //!   forwarding) and [`cell`] (the cell's event loop), used by `examples/vnet_cell.rs` and
-//!   `examples/vnet_tap.rs`.
+//!   `examples/vnet_tap.rs`; [`netns`] (network namespaces and ICMP echo from Linux, for the
+//!   root-only tests and `ivbench`) and [`process`] (a process cell's link, attached through
+//!   the hosted hypervisor).
 //!
 //! The core is `no_std` with `alloc` (smoltcp socket buffers and one MTU-sized scratch
 //! buffer per NIC); it builds for `x86_64-unknown-none`.
@@ -53,9 +55,13 @@ pub mod bridge;
 #[cfg(feature = "std")]
 pub mod cell;
 pub mod link;
+#[cfg(feature = "std")]
+pub mod netns;
 pub mod nic;
 #[cfg(feature = "std")]
 pub mod pcap;
+#[cfg(feature = "std")]
+pub mod process;
 pub mod services;
 #[cfg(feature = "std")]
 pub mod tap;

@@ -23,7 +23,6 @@
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-use std::process::Command;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -33,6 +32,7 @@ use ivshmem_stack::bench::{Measurement, Metric, Settings, SuiteReport};
 use linux_uio_client::{Endpoint, LocalLink};
 use vnet::bridge::{Bridge, BridgeConfig};
 use vnet::cell::{Cell, CellConfig};
+use vnet::netns::{echo_request, run_ip, EchoSocket, Netns};
 use vnet::services::{Crc32, ServiceConfig, PORT_SINK};
 use vnet::smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use vnet::smoltcp::phy::{ChecksumCapabilities, Device, DeviceCapabilities, Loopback, Medium};
@@ -362,7 +362,7 @@ fn smol_ping(mut pair: SmolPair, count: usize) -> Result<f64> {
     // One unmeasured echo resolves ARP.
     let mut total = Duration::ZERO;
     for seq in 0..=count {
-        let request = echo_request(0x4242, seq as u16);
+        let request = echo_request(0x4242, seq as u16, PING_PAYLOAD);
         let start = Instant::now();
         sockets[0]
             .get_mut::<icmp::Socket>(h)
@@ -385,82 +385,16 @@ fn smol_ping(mut pair: SmolPair, count: usize) -> Result<f64> {
     Ok(total.as_nanos() as f64 / count as f64)
 }
 
-fn checksum(data: &[u8]) -> u16 {
-    let mut sum = 0u32;
-    for chunk in data.chunks(2) {
-        sum += u32::from(u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]));
-    }
-    while sum > 0xFFFF {
-        sum = (sum & 0xFFFF) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-/// An ICMP echo request (type 8) with a checksum.
-fn echo_request(ident: u16, seq: u16) -> Vec<u8> {
-    let mut pkt = vec![0u8; 8 + PING_PAYLOAD];
-    pkt[0] = 8;
-    pkt[4..6].copy_from_slice(&ident.to_be_bytes());
-    pkt[6..8].copy_from_slice(&seq.to_be_bytes());
-    for (i, b) in pkt[8..].iter_mut().enumerate() {
-        *b = i as u8;
-    }
-    let c = checksum(&pkt);
-    pkt[2..4].copy_from_slice(&c.to_be_bytes());
-    pkt
-}
-
 // ---------------------------------------------------------------------------------------------
 // Linux <-> cell through the TAP bridge, Linux <-> Linux over veth
 
 const TAP_CELL: Ipv4Addr = Ipv4Addr::new(10, 98, 0, 2);
 const VETH_SERVER: Ipv4Addr = Ipv4Addr::new(10, 98, 1, 2);
 
-/// A named network namespace, deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new(tag: &str) -> Result<Netns> {
-        let name = format!("ivbench-{tag}-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        ip(&["netns", "add", &name])?;
-        let ns = Netns(name);
-        ip(&["-n", &ns.0, "link", "set", "lo", "up"])?;
-        Ok(ns)
-    }
-
-    fn enter(&self) -> Result<()> {
-        enter_netns(&self.0)
-    }
-}
-
-/// Moves the calling thread into the named network namespace.
-fn enter_netns(name: &str) -> Result<()> {
-    let file = std::fs::File::open(format!("/run/netns/{name}"))?;
-    // SAFETY: setns on a valid namespace fd; affects only the calling thread.
-    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-    ensure!(rc == 0, "setns {name}: {}", std::io::Error::last_os_error());
-    Ok(())
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("running ip")?;
-    ensure!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(())
+/// The namespace `ivbench-TAG-PID`, deleted on drop.
+fn netns(tag: &str) -> Result<Netns> {
+    let name = format!("ivbench-{tag}-{}", std::process::id());
+    Netns::create(&name).with_context(|| format!("network namespace {name}"))
 }
 
 fn eventfd() -> Result<Arc<OwnedFd>> {
@@ -544,7 +478,7 @@ struct LinuxSide {
 
 impl LinuxSide {
     fn new() -> Result<LinuxSide> {
-        let tap_ns = Arc::new(Netns::new("tap")?);
+        let tap_ns = Arc::new(netns("tap")?);
         let link = LocalLink::new("vnet-bench", 2, 1 << 20)?;
         let mut stops = Vec::new();
         let mut threads = Vec::new();
@@ -601,39 +535,49 @@ impl LinuxSide {
         }
 
         // veth between two namespaces, a CRC-ing sink server in the second.
-        let veth_a = Arc::new(Netns::new("vetha")?);
-        let veth_b = Arc::new(Netns::new("vethb")?);
-        ip(&[
-            "link", "add", "vb0", "netns", &veth_a.0, "type", "veth", "peer", "name", "vb1",
-            "netns", &veth_b.0,
+        let veth_a = Arc::new(netns("vetha")?);
+        let veth_b = Arc::new(netns("vethb")?);
+        run_ip(&[
+            "link",
+            "add",
+            "vb0",
+            "netns",
+            veth_a.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "vb1",
+            "netns",
+            veth_b.name(),
         ])?;
-        ip(&[
+        run_ip(&[
             "-n",
-            &veth_a.0,
+            veth_a.name(),
             "address",
             "add",
             "10.98.1.1/24",
             "dev",
             "vb0",
         ])?;
-        ip(&[
+        run_ip(&[
             "-n",
-            &veth_b.0,
+            veth_b.name(),
             "address",
             "add",
             "10.98.1.2/24",
             "dev",
             "vb1",
         ])?;
-        ip(&["-n", &veth_a.0, "link", "set", "vb0", "up"])?;
-        ip(&["-n", &veth_b.0, "link", "set", "vb1", "up"])?;
+        run_ip(&["-n", veth_a.name(), "link", "set", "vb0", "up"])?;
+        run_ip(&["-n", veth_b.name(), "link", "set", "vb1", "up"])?;
         let (listening_tx, listening_rx) = mpsc::channel();
         // The server thread blocks in accept() until the process ends: it must not keep the
         // namespace handle alive (dropping the last one deletes the namespace).
-        let ns_name = veth_b.0.clone();
+        let ns_name = veth_b.name().to_string();
         let server = std::thread::spawn(move || {
             let serve = || -> Result<()> {
-                enter_netns(&ns_name)?;
+                vnet::netns::enter(&ns_name)?;
                 let listener = TcpListener::bind(SocketAddrV4::new(VETH_SERVER, PORT_SINK))?;
                 let _ = listening_tx.send(Ok(()));
                 for conn in listener.incoming() {
@@ -742,86 +686,15 @@ fn linux_sink(dst: Ipv4Addr, run_time: Duration) -> Result<(u64, f64)> {
 
 /// `count` ICMP echoes over a raw socket: (count, total seconds).
 fn linux_ping(dst: Ipv4Addr, count: usize) -> Result<(u64, f64)> {
-    // SAFETY: plain syscall, checked.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_INET,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::IPPROTO_ICMP,
-        )
-    };
-    ensure!(
-        fd >= 0,
-        "raw ICMP socket: {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: a fresh fd.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let tv = libc::timeval {
-        tv_sec: 5,
-        tv_usec: 0,
-    };
-    // SAFETY: a valid option value of the right size.
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as u32,
-        )
-    };
-    let addr = libc::sockaddr_in {
-        sin_family: libc::AF_INET as u16,
-        sin_port: 0,
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(dst.octets()),
-        },
-        sin_zero: [0; 8],
-    };
-    let ident = (std::process::id() & 0xFFFF) as u16;
+    let socket = EchoSocket::open(Duration::from_secs(5)).context("raw ICMP socket")?;
     let mut total = Duration::ZERO;
     for seq in 0..=count {
-        let pkt = echo_request(ident, seq as u16);
-        let start = Instant::now();
-        // SAFETY: a valid buffer and address.
-        let n = unsafe {
-            libc::sendto(
-                fd.as_raw_fd(),
-                pkt.as_ptr().cast(),
-                pkt.len(),
-                0,
-                (&addr as *const libc::sockaddr_in).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as u32,
-            )
-        };
-        ensure!(
-            n as usize == pkt.len(),
-            "sendto: {}",
-            std::io::Error::last_os_error()
-        );
-        loop {
-            let mut buf = [0u8; 2048];
-            // SAFETY: a valid buffer.
-            let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            ensure!(
-                n > 0,
-                "no echo reply from {dst}: {}",
-                std::io::Error::last_os_error()
-            );
-            let ihl = usize::from(buf[0] & 0xF) * 4;
-            let icmp = &buf[ihl..n as usize];
-            if icmp.len() >= 8
-                && icmp[0] == 0
-                && icmp[4..6] == ident.to_be_bytes()
-                && icmp[6..8] == (seq as u16).to_be_bytes()
-            {
-                break;
-            }
-        }
+        let rtt = socket
+            .ping(dst, seq as u16, PING_PAYLOAD)
+            .with_context(|| format!("ICMP echo {seq} to {dst}"))?;
         // The first echo (ARP, cold caches) is not measured.
         if seq > 0 {
-            total += start.elapsed();
+            total += rtt;
         }
     }
     Ok((count as u64, total.as_secs_f64()))

@@ -4,10 +4,10 @@
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use vnet::netns::EchoSocket;
 use vnet::services::{source_byte, Crc32, PORT_SINK, PORT_SOURCE};
 
 /// Whether the test may run (root); prints why not otherwise.
@@ -19,173 +19,47 @@ pub fn root_or_skip(test: &str) -> bool {
     false
 }
 
-/// A named network namespace (`ip netns add`), deleted on drop.
-pub struct Netns {
-    pub name: String,
-}
+/// A named network namespace ([`vnet::netns::Netns`], `vnet-TAG-PID`), deleted on drop;
+/// panics on failure.
+pub struct Netns(vnet::netns::Netns);
 
 impl Netns {
     pub fn new(tag: &str) -> Netns {
         let name = format!("vnet-{tag}-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        let st = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .unwrap();
-        assert!(st.success(), "ip netns add {name}");
-        let ns = Netns { name };
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
+        Netns(vnet::netns::Netns::create(&name).unwrap_or_else(|e| panic!("netns {name}: {e}")))
     }
 
     /// Runs `ip -n NAME ARGS...` and returns its stdout.
     pub fn ip(&self, args: &[&str]) -> String {
-        let out = Command::new("ip")
-            .arg("-n")
-            .arg(&self.name)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "ip {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        self.0
+            .ip(args)
+            .unwrap_or_else(|e| panic!("ip {args:?}: {e}"))
     }
 
     /// A command run inside the namespace (`ip netns exec NAME PROGRAM`).
     pub fn command(&self, program: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name, program]);
-        c
+        self.0.command(program)
     }
 
     /// Moves the calling thread into the namespace (sockets it opens and processes it
     /// starts live there).
     pub fn enter(&self) {
-        let path = format!("/run/netns/{}", self.name);
-        let file = std::fs::File::open(&path).unwrap();
-        // SAFETY: setns on a valid namespace fd; affects only this thread.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        self.0.enter().unwrap();
     }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-fn icmp_checksum(data: &[u8]) -> u16 {
-    let mut sum = 0u32;
-    for chunk in data.chunks(2) {
-        let word = u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]);
-        sum += u32::from(word);
-    }
-    while sum > 0xFFFF {
-        sum = (sum & 0xFFFF) + (sum >> 16);
-    }
-    !(sum as u16)
 }
 
 /// Sends `count` ICMP echo requests to `dst` over a raw socket (the calling thread's
-/// namespace) and returns the round-trip times of the replies.
+/// namespace) and returns the round-trip times of the replies (each reply's payload is
+/// checked against the request's).
 pub fn ping(dst: Ipv4Addr, count: u16, payload: usize) -> Vec<Duration> {
-    // SAFETY: plain syscall, checked.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_INET,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::IPPROTO_ICMP,
-        )
-    };
-    assert!(
-        fd >= 0,
-        "raw ICMP socket: {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: fresh fd.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let tv = libc::timeval {
-        tv_sec: 5,
-        tv_usec: 0,
-    };
-    // SAFETY: valid option value.
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as u32,
-        )
-    };
-    let addr = libc::sockaddr_in {
-        sin_family: libc::AF_INET as u16,
-        sin_port: 0,
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(dst.octets()),
-        },
-        sin_zero: [0; 8],
-    };
-    let id = (std::process::id() & 0xFFFF) as u16;
-    let mut rtts = Vec::new();
-    for seq in 0..count {
-        let mut pkt = vec![0u8; 8 + payload];
-        pkt[0] = 8; // echo request
-        pkt[4..6].copy_from_slice(&id.to_be_bytes());
-        pkt[6..8].copy_from_slice(&seq.to_be_bytes());
-        for (i, b) in pkt[8..].iter_mut().enumerate() {
-            *b = i as u8;
-        }
-        let c = icmp_checksum(&pkt);
-        pkt[2..4].copy_from_slice(&c.to_be_bytes());
-        let start = Instant::now();
-        // SAFETY: valid buffer and address.
-        let n = unsafe {
-            libc::sendto(
-                fd.as_raw_fd(),
-                pkt.as_ptr().cast(),
-                pkt.len(),
-                0,
-                (&addr as *const libc::sockaddr_in).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as u32,
-            )
-        };
-        assert_eq!(
-            n as usize,
-            pkt.len(),
-            "sendto: {}",
-            std::io::Error::last_os_error()
-        );
-        loop {
-            let mut buf = [0u8; 65536];
-            // SAFETY: valid buffer.
-            let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            assert!(
-                n > 0,
-                "no echo reply from {dst} (seq {seq}): {}",
-                std::io::Error::last_os_error()
-            );
-            let n = n as usize;
-            let ihl = usize::from(buf[0] & 0xF) * 4;
-            let icmp = &buf[ihl..n];
-            if icmp.len() >= 8
-                && icmp[0] == 0
-                && icmp[4..6] == id.to_be_bytes()
-                && icmp[6..8] == seq.to_be_bytes()
-            {
-                assert_eq!(&icmp[8..], &pkt[8..], "echo payload");
-                rtts.push(start.elapsed());
-                break;
-            }
-        }
-    }
-    rtts
+    let socket = EchoSocket::open(Duration::from_secs(5)).expect("raw ICMP socket");
+    (0..count)
+        .map(|seq| {
+            socket
+                .ping(dst, seq, payload)
+                .unwrap_or_else(|e| panic!("echo {seq} to {dst}: {e}"))
+        })
+        .collect()
 }
 
 /// Sends `total` bytes to the cell's sink through Linux TCP and checks its CRC answer.

@@ -1,0 +1,82 @@
+//! A vnet link of a process cell of the hosted hypervisor: attach through
+//! [`linux_uio_client::Endpoint`] and take the device over with a [`VnetLink`] (what both
+//! `examples/vnet_cell.rs` and `examples/vnet_tap.rs` start with).
+
+use std::path::Path;
+
+use linux_uio_client::{Endpoint, EndpointError, EndpointInterrupt, EndpointRegisters};
+
+use crate::link::{LinkConfig, LinkError, VnetLink};
+
+/// Where the hypervisor is and which link to use.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Attach<'a> {
+    /// The hypervisor's control socket and this cell's name (`None`: from the environment
+    /// `hypervisor run` gives its cells, `IVSHMEM_SOCKET` and `IVSHMEM_CELL`).
+    pub socket_and_cell: Option<(&'a Path, &'a str)>,
+    /// The link's name (`None`: the cell's only link).
+    pub link: Option<&'a str>,
+}
+
+/// Why [`attach`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    /// Attaching to the hypervisor or opening the link failed.
+    #[error("attaching to the hypervisor: {0}")]
+    Endpoint(#[from] EndpointError),
+    /// The link is not usable as a vnet link.
+    #[error("link `{name}`: {source}")]
+    Link {
+        /// The link's name.
+        name: String,
+        /// Why.
+        source: LinkError,
+    },
+}
+
+/// A process cell's vnet link, ready for a [`crate::cell::Cell`] or a
+/// [`crate::bridge::Bridge`].
+#[derive(Debug)]
+pub struct ProcessLink {
+    /// The link's name.
+    pub name: String,
+    /// The link (state machine not started: the first `poll_link` starts it).
+    pub link: VnetLink<EndpointRegisters>,
+    /// Its interrupt.
+    pub irq: EndpointInterrupt,
+}
+
+/// Attaches to the hypervisor as `at` says and makes a [`VnetLink`] with `config`.
+pub fn attach(at: Attach<'_>, config: LinkConfig) -> Result<ProcessLink, AttachError> {
+    let endpoint = match at.socket_and_cell {
+        Some((socket, cell)) => Endpoint::attach_hosted(socket, cell, at.link),
+        None => Endpoint::attach_from_env(at.link),
+    }?;
+    let name = endpoint.name().to_string();
+    let (dev, irq) = endpoint.into_parts();
+    match VnetLink::new(dev, config) {
+        Ok(link) => Ok(ProcessLink { name, link, irq }),
+        Err(source) => Err(AttachError::Link { name, source }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attach_without_a_hypervisor_is_an_endpoint_error() {
+        let dir = std::env::temp_dir().join(format!("vnet-process-{}", std::process::id()));
+        let socket = dir.join("no-hypervisor.sock");
+        let at = Attach {
+            socket_and_cell: Some((&socket, "cell")),
+            link: Some("net0"),
+        };
+        let err = attach(at, LinkConfig::default()).unwrap_err();
+        assert!(matches!(err, AttachError::Endpoint(_)), "{err:?}");
+        assert!(
+            err.to_string().starts_with("attaching to the hypervisor: "),
+            "{err}"
+        );
+    }
+}
