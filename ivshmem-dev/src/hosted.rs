@@ -18,6 +18,12 @@
 //! A status query ([`Request::Status`]) is answered on any fresh connection without attaching:
 //! [`Reply::Status`] followed by one [`Reply::Cell`] per cell and one [`Reply::Link`] per link.
 //!
+//! Why this lives in `ivshmem-dev` (a deviation from DESIGN.md's dependency table, which has
+//! no shared crate for it): for a process cell this socket *is* the device's register path
+//! (STATE writes, the grant of sections and doorbells), so it is part of the device contract.
+//! The hypervisor (server side) and `linux-uio-client::hosted` (cell side) both speak it and
+//! neither depends on the other; the module is no_std and knows nothing of sockets.
+//!
 //! Every decoder treats its input as untrusted: wrong magic, version, kind, length, names that
 //! are not NUL-padded UTF-8, peer IDs out of range and unknown codes are [`DecodeError`]s,
 //! never panics.
