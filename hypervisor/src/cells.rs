@@ -9,10 +9,20 @@
 //! Cells without a command (or every cell with `--no-spawn`) are started by hand and attach
 //! by name.
 //!
-//! The loop is single-threaded: `poll(2)` over the control socket, the children's pidfds, a
-//! signalfd for SIGINT/SIGTERM and an optional [`StopHandle`].
+//! The loop is single-threaded: `poll(2)` over the control socket, the children's pidfds, the
+//! children's output pipes, a signalfd for SIGINT/SIGTERM and an optional [`StopHandle`].
+//!
+//! A spawned cell's stdout and stderr are pipes to the hypervisor, which forwards them line by
+//! line, each line prefixed with the cell's name (`[rtos-telemetry] ...`), to its own stdout
+//! and stderr respectively: several cells' lines never mix, and on a terminal each forwarded
+//! line is printed above the live status block like the hypervisor's own event lines. The
+//! pipes are non-blocking and each poll round reads at most [`FORWARD_CHUNK`] bytes per
+//! pipe, so a cell that writes a lot cannot starve the control socket. When a cell exits,
+//! what is left in its pipes is forwarded (a last line without a newline gets one) and the
+//! pipes are closed, even if a process the cell started still holds them.
 
-use std::io::{self, Write};
+use std::fs::File;
+use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -34,6 +44,13 @@ pub const ENV_CELL: &str = "IVSHMEM_CELL";
 const STOP_GRACE: Duration = Duration::from_secs(5);
 /// Redraw the live status line at most this often.
 const REDRAW_INTERVAL: Duration = Duration::from_millis(250);
+/// At most this many bytes are read from one cell output pipe per poll round.
+pub const FORWARD_CHUNK: usize = 16 * 1024;
+/// A line longer than this is forwarded in pieces of this size (bounds the memory a cell
+/// that never writes a newline can make the hypervisor hold).
+pub const MAX_FORWARDED_LINE: usize = 64 * 1024;
+/// When a cell has exited, at most this many more bytes are read from each of its pipes.
+const DRAIN_LIMIT: usize = 1024 * 1024;
 
 impl SystemSpec {
     /// The hosted view of a validated configuration.
@@ -188,8 +205,131 @@ struct Spawned {
     cell: String,
     child: Child,
     pidfd: Option<OwnedFd>,
+    /// The cell's stdout and stderr pipes still open.
+    pipes: Vec<CellPipe>,
     exit: Option<CellExit>,
     exited_before_stop: bool,
+}
+
+/// Which of a cell's output streams a pipe carries (and where its lines go).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// The read end of one of a cell's output pipes, with the partial line read so far.
+struct CellPipe {
+    file: File,
+    stream: Stream,
+    partial: Vec<u8>,
+}
+
+impl CellPipe {
+    /// Takes over a pipe read end, making it non-blocking.
+    fn new(fd: OwnedFd, stream: Stream) -> io::Result<Self> {
+        // SAFETY: fcntl on an fd we own; results are checked.
+        unsafe {
+            let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+            if flags < 0 || libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) < 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(Self {
+            file: File::from(fd),
+            stream,
+            partial: Vec::new(),
+        })
+    }
+
+    /// Reads what the pipe has (up to `limit` bytes, in chunks of [`FORWARD_CHUNK`]) and
+    /// forwards the complete lines. Returns whether the pipe is at end of file (or broken).
+    fn pump(&mut self, cell: &str, display: &mut Display<'_>, limit: usize) -> io::Result<bool> {
+        let mut buf = [0u8; FORWARD_CHUNK];
+        let mut total = 0;
+        let mut eof = false;
+        while total < limit {
+            let want = FORWARD_CHUNK.min(limit - total);
+            match self.file.read(&mut buf[..want]) {
+                Ok(0) => {
+                    eof = true;
+                    break;
+                }
+                Ok(n) => {
+                    total += n;
+                    self.partial.extend_from_slice(&buf[..n]);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    eof = true;
+                    break;
+                }
+            }
+        }
+        let mut lines: Vec<&[u8]> = Vec::new();
+        let mut start = 0;
+        for (i, &b) in self.partial.iter().enumerate() {
+            if b == b'\n' || i + 1 - start == MAX_FORWARDED_LINE {
+                let end = if b == b'\n' { i } else { i + 1 };
+                lines.push(&self.partial[start..end]);
+                start = i + 1;
+            }
+        }
+        if eof && start < self.partial.len() {
+            lines.push(&self.partial[start..]);
+            start = self.partial.len();
+        }
+        let result = display.cell_lines(cell, self.stream, &lines);
+        self.partial.drain(..start);
+        result.map(|()| eof)
+    }
+}
+
+impl Spawned {
+    /// Forwards what the pipes flagged in `ready` hold (one chunk each) and closes the pipes
+    /// at end of file.
+    fn forward(&mut self, ready: &[bool], display: &mut Display<'_>) -> io::Result<()> {
+        let mut i = 0;
+        let mut result = Ok(());
+        self.pipes.retain_mut(|pipe| {
+            let flagged = ready.get(i).copied().unwrap_or(false);
+            i += 1;
+            if !flagged || result.is_err() {
+                return true;
+            }
+            match pipe.pump(&self.cell, display, FORWARD_CHUNK) {
+                Ok(eof) => !eof,
+                Err(e) => {
+                    result = Err(e);
+                    true
+                }
+            }
+        });
+        result
+    }
+
+    /// The cell has exited: forwards what is left in its pipes (a last partial line with a
+    /// newline added) and closes them.
+    fn drain_output(&mut self, display: &mut Display<'_>) -> io::Result<()> {
+        let mut result = Ok(());
+        for mut pipe in std::mem::take(&mut self.pipes) {
+            let pumped = pipe.pump(&self.cell, display, DRAIN_LIMIT).and_then(|eof| {
+                // Not at end of file: a process the cell left behind still holds the pipe,
+                // or it kept writing; the cell is gone, so its partial line is flushed anyway.
+                if !eof && !pipe.partial.is_empty() {
+                    let rest = std::mem::take(&mut pipe.partial);
+                    display.cell_lines(&self.cell, pipe.stream, &[&rest])?;
+                }
+                Ok(())
+            });
+            if result.is_ok() {
+                result = pumped;
+            }
+        }
+        result
+    }
 }
 
 fn exit_of(status: ExitStatus) -> CellExit {
@@ -211,7 +351,9 @@ fn pidfd_open(pid: u32) -> Option<OwnedFd> {
 }
 
 /// Spawns one cell: `argv`, pinned to `cpus`, with the socket path and cell name in its
-/// environment, in its own process group, killed if the hypervisor dies.
+/// environment, in its own process group, killed if the hypervisor dies. Its stdin is
+/// `/dev/null`; its stdout and stderr are pipes (`Child::stdout`, `Child::stderr`) that the
+/// caller must read, or the cell blocks once a pipe is full.
 pub fn spawn_cell(cell: &CellSpec, argv: &[String], socket: &Path) -> Result<Child, RunError> {
     let spawn_err = |source| RunError::Spawn {
         cell: cell.name.clone(),
@@ -244,7 +386,9 @@ pub fn spawn_cell(cell: &CellSpec, argv: &[String], socket: &Path) -> Result<Chi
     cmd.args(args)
         .env(ENV_SOCKET, socket)
         .env(ENV_CELL, &cell.name)
-        .stdin(Stdio::null());
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     // SAFETY: the closure runs in the forked child before exec and only makes
     // async-signal-safe system calls (prctl, getppid, _exit, sigprocmask, setpgid,
     // sched_setaffinity) on stack data.
@@ -316,6 +460,8 @@ fn read_signal(fd: BorrowedFd<'_>) -> Option<i32> {
 
 struct Display<'a> {
     out: &'a mut dyn Write,
+    /// Where cells' stderr lines go.
+    err: &'a mut dyn Write,
     output: Output,
     /// The live block: one line per cell.
     lines: Vec<String>,
@@ -343,6 +489,34 @@ impl Display<'_> {
         }
         writeln!(self.out, "{text}")?;
         self.out.flush()
+    }
+
+    /// Prints lines a cell wrote to `stream`, each prefixed with `[cell] `, to the matching
+    /// stream of the hypervisor (above the live block on a terminal).
+    fn cell_lines(&mut self, cell: &str, stream: Stream, lines: &[&[u8]]) -> io::Result<()> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        if self.output == Output::Terminal && self.drawn > 0 {
+            self.erase()?;
+            // The erase must reach the terminal before a stderr line does.
+            self.out.flush()?;
+            self.pending = true;
+        }
+        let target: &mut dyn Write = match stream {
+            Stream::Stdout => &mut *self.out,
+            Stream::Stderr => &mut *self.err,
+        };
+        let mut text = Vec::new();
+        for line in lines {
+            text.push(b'[');
+            text.extend_from_slice(cell.as_bytes());
+            text.extend_from_slice(b"] ");
+            text.extend_from_slice(line);
+            text.push(b'\n');
+        }
+        target.write_all(&text)?;
+        target.flush()
     }
 
     /// Redraws the live block if it changed (or was erased) and the last redraw is old
@@ -376,6 +550,7 @@ impl Display<'_> {
     }
 
     fn finish(&mut self) -> io::Result<()> {
+        self.err.flush()?;
         self.out.flush()
     }
 }
@@ -398,11 +573,26 @@ fn describe(event: &ControlEvent) -> String {
 /// on stop terminates the spawned cells (SIGTERM, then SIGKILL after a grace period), waits
 /// for them and removes the socket. A system with a KVM cell is refused
 /// ([`RunError::KvmUnsupported`]): this build has no KVM backend.
+///
+/// The spawned cells' stdout lines are forwarded to `out` and their stderr lines to this
+/// process's stderr, prefixed with the cell name (see [`run_with_stderr`]).
 pub fn run(
     system: &SystemSpec,
     options: &RunOptions,
     stop: Option<&StopHandle>,
     out: &mut dyn Write,
+) -> Result<RunReport, RunError> {
+    run_with_stderr(system, options, stop, out, &mut io::stderr())
+}
+
+/// [`run`], with the spawned cells' stderr lines (prefixed `[cell] `) forwarded to `err`
+/// instead of this process's stderr.
+pub fn run_with_stderr(
+    system: &SystemSpec,
+    options: &RunOptions,
+    stop: Option<&StopHandle>,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
 ) -> Result<RunReport, RunError> {
     // Refuse before creating anything: a system whose KVM cells never start is not the
     // system the configuration describes.
@@ -420,6 +610,7 @@ pub fn run(
         ControlServer::bind(system, &options.socket, &mut crate::control::device_model)?;
     let mut display = Display {
         out,
+        err,
         output: options.output,
         lines: Vec::new(),
         drawn: 0,
@@ -480,16 +671,34 @@ fn serve(
     if options.spawn {
         for cell in system.cells.iter().filter(|c| c.process) {
             let Some(argv) = &cell.command else { continue };
-            let child = spawn_cell(cell, argv, &options.socket)?;
+            let mut child = spawn_cell(cell, argv, &options.socket)?;
             let pid = child.id();
             server.cell_spawned(&cell.name, pid);
+            let stdout = child
+                .stdout
+                .take()
+                .map(|p| (OwnedFd::from(p), Stream::Stdout));
+            let stderr = child
+                .stderr
+                .take()
+                .map(|p| (OwnedFd::from(p), Stream::Stderr));
             spawned.push(Spawned {
                 cell: cell.name.clone(),
                 pidfd: pidfd_open(pid),
                 child,
+                pipes: Vec::new(),
                 exit: None,
                 exited_before_stop: false,
             });
+            let s = spawned.last_mut().expect("just pushed");
+            for (fd, stream) in stdout.into_iter().chain(stderr) {
+                let pipe = CellPipe::new(fd, stream).map_err(|source| RunError::Spawn {
+                    cell: cell.name.clone(),
+                    command: argv.join(" "),
+                    source,
+                })?;
+                s.pipes.push(pipe);
+            }
             display
                 .event(&format!(
                     "cell {}: started `{}` (pid {pid}, cpus {:?})",
@@ -532,6 +741,10 @@ fn serve(
                 extra.push(fd.as_fd());
             }
         }
+        let pipes_from = extra.len();
+        for s in spawned.iter() {
+            extra.extend(s.pipes.iter().map(|p| p.file.as_fd()));
+        }
         // Without pidfds, look at the children every 100 ms.
         let fallback = live
             .iter()
@@ -556,6 +769,7 @@ fn serve(
                 stop_reason = Some("stop requested".to_string());
             }
         }
+        forward(spawned, &ready[pipes_from..], display).map_err(RunError::Output)?;
         reap(server, spawned, display, false).map_err(RunError::Output)?;
         for event in server.take_events() {
             display.event(&describe(&event)).map_err(RunError::Output)?;
@@ -569,7 +783,21 @@ fn serve(
     }
 }
 
-/// Collects the children that have exited; logs each (never restarting it).
+/// Forwards one chunk from each ready output pipe; `ready` flags the pipes of `spawned` in
+/// order.
+fn forward(spawned: &mut [Spawned], ready: &[bool], display: &mut Display<'_>) -> io::Result<()> {
+    let mut at = 0;
+    for s in spawned.iter_mut() {
+        let n = s.pipes.len();
+        let flags = ready.get(at..at + n).unwrap_or(&[]);
+        at += n;
+        s.forward(flags, display)?;
+    }
+    Ok(())
+}
+
+/// Collects the children that have exited (forwarding the rest of their output first); logs
+/// each (never restarting it).
 fn reap(
     server: &mut ControlServer,
     spawned: &mut [Spawned],
@@ -579,6 +807,7 @@ fn reap(
     for s in spawned.iter_mut().filter(|s| s.exit.is_none()) {
         if let Ok(Some(status)) = s.child.try_wait() {
             let exit = exit_of(status);
+            let drained = s.drain_output(display);
             s.exit = Some(exit);
             s.exited_before_stop = !stopping;
             server.cell_exited(&s.cell, exit);
@@ -588,6 +817,7 @@ fn reap(
                 s.cell,
                 s.child.id()
             ))?;
+            drained?;
         }
     }
     Ok(())
@@ -625,11 +855,15 @@ fn terminate(
             }
             killed = true;
         }
-        let fds: Vec<BorrowedFd<'_>> = spawned
+        let mut fds: Vec<BorrowedFd<'_>> = spawned
             .iter()
             .filter(|s| s.exit.is_none())
             .filter_map(|s| s.pidfd.as_ref().map(|f| f.as_fd()))
             .collect();
+        let pipes_from = fds.len();
+        for s in spawned.iter() {
+            fds.extend(s.pipes.iter().map(|p| p.file.as_fd()));
+        }
         let timeout = if killed {
             Duration::from_millis(100)
         } else {
@@ -637,12 +871,17 @@ fn terminate(
                 .saturating_duration_since(now)
                 .min(Duration::from_millis(100))
         };
-        if let Err(e) = server.poll(&fds, Some(timeout)) {
-            let _ = display.event(&format!(
-                "control socket failed while stopping the cells ({e}); killing them"
-            ));
-            kill_and_reap(server, spawned, display);
-            break;
+        match server.poll(&fds, Some(timeout)) {
+            Ok(ready) => {
+                let _ = forward(spawned, &ready[pipes_from..], display);
+            }
+            Err(e) => {
+                let _ = display.event(&format!(
+                    "control socket failed while stopping the cells ({e}); killing them"
+                ));
+                kill_and_reap(server, spawned, display);
+                break;
+            }
         }
     }
     spawned
@@ -676,6 +915,7 @@ fn kill_and_reap(server: &mut ControlServer, spawned: &mut [Spawned], display: &
         };
         s.exit = Some(exit);
         server.cell_exited(&s.cell, exit);
+        let _ = s.drain_output(display);
         let _ = display.event(&format!(
             "cell {}: process {} ended: {exit}",
             s.cell,
@@ -699,9 +939,10 @@ impl Drop for Spawned {
 mod tests {
     use super::*;
 
-    fn display(out: &mut Vec<u8>, output: Output) -> Display<'_> {
+    fn display<'a>(out: &'a mut Vec<u8>, err: &'a mut Vec<u8>, output: Output) -> Display<'a> {
         Display {
             out,
+            err,
             output,
             lines: Vec::new(),
             drawn: 0,
@@ -713,7 +954,8 @@ mod tests {
     #[test]
     fn terminal_redraws_the_cell_block_in_place_and_rate_limits() {
         let mut out = Vec::new();
-        let mut d = display(&mut out, Output::Terminal);
+        let mut err = Vec::new();
+        let mut d = display(&mut out, &mut err, Output::Terminal);
         assert_eq!(
             d.live(vec!["a: waiting".into(), "b: waiting".into()])
                 .unwrap(),
@@ -734,9 +976,91 @@ mod tests {
     }
 
     #[test]
+    fn cell_lines_go_above_the_live_block_on_their_own_stream() {
+        let mut out = Vec::new();
+        let mut err = Vec::new();
+        let mut d = display(&mut out, &mut err, Output::Terminal);
+        d.live(vec!["a: attached".into(), "b: waiting".into()])
+            .unwrap();
+        d.cell_lines("a", Stream::Stdout, &[b"one", b"two"])
+            .unwrap();
+        // The block is erased once and redrawn later (rate-limited), not after every line.
+        assert!(d.pending);
+        assert_eq!(d.drawn, 0);
+        d.cell_lines("b", Stream::Stderr, &[b"oops"]).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "a: attached\nb: waiting\n\x1b[2F\x1b[J[a] one\n[a] two\n"
+        );
+        assert_eq!(String::from_utf8(err).unwrap(), "[b] oops\n");
+    }
+
+    /// A pipe whose write end the test holds, as a [`CellPipe`].
+    fn test_pipe(stream: Stream) -> (CellPipe, File) {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 fills two fds on success; the result is checked.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: fresh fds owned by nobody else.
+        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+        (CellPipe::new(r, stream).unwrap(), w)
+    }
+
+    #[test]
+    fn pipes_forward_whole_lines_and_flush_the_last_partial_line_at_eof() {
+        let (mut pipe, mut w) = test_pipe(Stream::Stdout);
+        let mut out = Vec::new();
+        let mut err = Vec::new();
+        let mut d = display(&mut out, &mut err, Output::Log);
+        w.write_all(b"first\nsec").unwrap();
+        assert!(!pipe.pump("c", &mut d, FORWARD_CHUNK).unwrap());
+        // Nothing more to read: the pump returns instead of blocking.
+        assert!(!pipe.pump("c", &mut d, FORWARD_CHUNK).unwrap());
+        w.write_all(b"ond\nlast").unwrap();
+        drop(w);
+        assert!(pipe.pump("c", &mut d, FORWARD_CHUNK).unwrap(), "eof");
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "[c] first\n[c] second\n[c] last\n"
+        );
+        assert!(err.is_empty());
+    }
+
+    #[test]
+    fn overlong_lines_are_forwarded_in_pieces() {
+        let (mut pipe, mut w) = test_pipe(Stream::Stderr);
+        let mut out = Vec::new();
+        let mut err = Vec::new();
+        let mut d = display(&mut out, &mut err, Output::Log);
+        let long = vec![b'x'; MAX_FORWARDED_LINE + 10];
+        let writer = std::thread::spawn(move || {
+            w.write_all(&long).unwrap();
+        });
+        // Until the writer is done (and the pipe closed), keep reading.
+        let mut eof = false;
+        while !eof {
+            let mut pfd = libc::pollfd {
+                fd: pipe.file.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            unsafe { libc::poll(&mut pfd, 1, 10_000) };
+            eof = pipe.pump("c", &mut d, FORWARD_CHUNK).unwrap();
+        }
+        writer.join().unwrap();
+        let text = String::from_utf8(err).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{}", lines.len());
+        assert_eq!(lines[0].len(), 4 + MAX_FORWARDED_LINE);
+        assert_eq!(lines[1], format!("[c] {}", "x".repeat(10)));
+        assert!(out.is_empty());
+    }
+
+    #[test]
     fn log_output_prints_events_only() {
         let mut out = Vec::new();
-        let mut d = display(&mut out, Output::Log);
+        let mut err = Vec::new();
+        let mut d = display(&mut out, &mut err, Output::Log);
         assert_eq!(d.live(vec!["a: waiting".into()]).unwrap(), None);
         d.event("cell a: attached (pid 1)").unwrap();
         assert_eq!(
@@ -847,11 +1171,13 @@ mod tests {
             cell: cell.name.clone(),
             pidfd: None,
             child,
+            pipes: Vec::new(),
             exit: None,
             exited_before_stop: false,
         }];
         let mut out = Vec::new();
-        let mut d = display(&mut out, Output::Log);
+        let mut err = Vec::new();
+        let mut d = display(&mut out, &mut err, Output::Log);
         kill_and_reap(&mut server, &mut spawned, &mut d);
         assert_eq!(spawned[0].exit, Some(CellExit::Signal(libc::SIGKILL)));
         assert!(!exists(pid), "process {pid} is reaped");

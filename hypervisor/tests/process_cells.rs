@@ -857,3 +857,120 @@ fn control_socket_is_private_replaces_only_stale_sockets_and_refuses_garbage() {
     assert!(report.cells.is_empty());
     assert!(!socket.exists(), "socket not removed on stop");
 }
+
+#[test]
+fn spawned_cells_output_is_forwarded_line_by_line_with_the_cell_name_on_its_stream() {
+    let dir = TempDir::new("forward");
+    let socket = dir.0.join("hv.sock");
+    let config = dir.0.join("forward.toml");
+    // Each cell builds lines from several writes and ends both streams with a partial line;
+    // `talker` writes more than one forwarding chunk of stdout in one go.
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[system]
+name = "forward-test"
+control_socket = "{socket}"
+allow_shared_cpus = true
+
+[[cells]]
+name = "talker"
+cpus = [0]
+command = "/bin/sh"
+args = ["-c", "echo out-one; printf out-; printf two; echo; echo err-one >&2; head -c 40000 /dev/zero | tr '\\0' x; echo; printf partial-out; printf partial-err >&2"]
+
+[[cells]]
+name = "chatter"
+cpus = [0]
+command = "/bin/sh"
+args = ["-c", "printf chat-; echo one; printf chat-err >&2; exit 4"]
+"#,
+            socket = socket.display(),
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hypervisor"))
+        .arg("run")
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let stderr_reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut text).unwrap();
+        text
+    });
+    let mut hv = Hypervisor {
+        out: Lines::new(child.stdout.take().unwrap()),
+        child,
+    };
+    // Both cells exit on their own (in either order); their output comes before that.
+    let ended = |seen: &[String], cell: &str| {
+        let needle = format!("cell {cell}: process");
+        seen.iter().any(|l| l.contains(&needle))
+    };
+    while !(ended(&hv.out.seen, "talker") && ended(&hv.out.seen, "chatter")) {
+        let line = hv
+            .out
+            .rx
+            .recv_timeout(GUARD)
+            .expect("the cells' exits were not reported");
+        hv.out.seen.push(line);
+    }
+    let (status, log) = hv.stop();
+    assert!(status.success());
+    let err = stderr_reader.join().unwrap();
+    let err: Vec<&str> = err.lines().collect();
+
+    let long = format!("[talker] {}", "x".repeat(40000));
+    for want in [
+        "[talker] out-one",
+        "[talker] out-two",
+        long.as_str(),
+        "[talker] partial-out",
+        "[chatter] chat-one",
+    ] {
+        assert!(
+            log.iter().any(|l| l == want),
+            "stdout lacks {want:.40}: {log:#?}"
+        );
+        assert!(!err.contains(&want), "{want:.40} also on stderr");
+    }
+    for want in [
+        "[talker] err-one",
+        "[talker] partial-err",
+        "[chatter] chat-err",
+    ] {
+        assert!(err.contains(&want), "stderr lacks {want}: {err:#?}");
+        assert!(!log.iter().any(|l| l == want), "{want} also on stdout");
+    }
+    // Every forwarded line carries exactly one whole line of one cell.
+    let forwarded = log
+        .iter()
+        .map(String::as_str)
+        .chain(err.iter().copied())
+        .filter(|l| l.starts_with('['));
+    for line in forwarded {
+        let body = line.split_once("] ").map(|(_, b)| b).unwrap_or("");
+        assert!(
+            !body.contains("[talker]") && !body.contains("[chatter]"),
+            "mixed line {line:.80}"
+        );
+    }
+    let ended = log
+        .iter()
+        .position(|l| l.contains("cell talker: process"))
+        .unwrap();
+    let last = log
+        .iter()
+        .position(|l| l == "[talker] partial-out")
+        .unwrap();
+    assert!(
+        last < ended,
+        "the partial line comes before the exit report"
+    );
+}
