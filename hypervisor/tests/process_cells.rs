@@ -974,3 +974,88 @@ args = ["-c", "printf chat-; echo one; printf chat-err >&2; exit 4"]
         "the partial line comes before the exit report"
     );
 }
+
+#[test]
+fn a_cell_flooding_its_output_does_not_hold_up_the_control_socket() {
+    let dir = TempDir::new("flood");
+    let socket = dir.0.join("hv.sock");
+    let config = dir.0.join("flood.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[system]
+name = "flood-test"
+control_socket = "{socket}"
+allow_shared_cpus = true
+
+[[cells]]
+name = "flood"
+cpus = [0]
+command = "/usr/bin/yes"
+args = ["flooding"]
+
+# Exits at once; the test attaches as `a` by hand.
+[[cells]]
+name = "a"
+cpus = [0]
+command = "/bin/true"
+
+[[links]]
+name = "pair"
+peers = ["a", "flood"]
+protocol = 0x4001
+output_size = "4K"
+"#,
+            socket = socket.display(),
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hypervisor"))
+        .arg("run")
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read everything the hypervisor prints (it must not block on a full pipe), passing on
+    // only the lines that are not the flood.
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    let flood_lines = std::thread::spawn(move || {
+        let mut flood = 0u64;
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if line == "[flood] flooding" {
+                flood += 1;
+            } else if tx.send(line).is_err() {
+                break;
+            }
+        }
+        flood
+    });
+    let mut hv = Hypervisor {
+        child,
+        out: Lines {
+            rx,
+            seen: Vec::new(),
+        },
+    };
+    hv.out.expect("listening on");
+    hv.out.expect("cell a: process");
+    let a = HostedEndpoint::attach(&socket, "a").unwrap();
+    let link = &a.links()[0];
+    // Every state change is handled (and visible in a status query, served by the same loop)
+    // while the flood goes on.
+    for state in 1..=20 {
+        link.set_state(state).unwrap();
+        let status = hypervisor::status::query(&socket).unwrap();
+        assert_eq!(status.links[0].peers[0].state, state);
+        hv.out.expect(&format!("cell a: link pair: state {state}"));
+    }
+    drop(a);
+    let (status, _) = hv.stop();
+    assert!(status.success());
+    let flood = flood_lines.join().unwrap();
+    assert!(flood > 0, "the flood was forwarded");
+}
