@@ -122,7 +122,8 @@ fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
 
 /// `hypervisor run <config>`: validate, create the links, listen, spawn the cells, show a
 /// live status (a redrawn line on a terminal, log lines otherwise) until SIGINT/SIGTERM,
-/// then stop the cells and remove the socket.
+/// then stop the cells and remove the socket. The spawned cells' stdout and stderr lines
+/// appear on the hypervisor's stdout and stderr, prefixed with `[cell-name] `.
 fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     use anyhow::Context as _;
     use hypervisor::cells::{self, Output, RunOptions};
