@@ -1,7 +1,9 @@
 //! Functional run of `ivbench telemetry --quick --json`: the suite measures every
-//! (pipe, metric) row (ivshmem in polling and interrupt mode, Unix socket, TCP loopback; p50,
-//! p99 latency and the flat-out rate) and each run checked every sample arrived in order and
-//! untorn (the binary fails otherwise). Nothing is timed or compared against a threshold.
+//! (pipe, metric) row (ivshmem in polling and interrupt mode, in one process and across
+//! processes through the hosted hypervisor, Unix socket, TCP loopback; p50, p99 latency and
+//! the flat-out rate) and each run checked every sample arrived in order and untorn (the
+//! binary fails otherwise, also when the forked producer cell did not exit cleanly). Nothing
+//! is timed or compared against a threshold.
 
 use std::process::Command;
 
@@ -18,7 +20,14 @@ fn telemetry_suite_measures_every_pipe_and_metric() {
         .lines()
         .map(|l| serde_json::from_str(l).expect("a JSON line"))
         .collect();
-    for case in ["ivshmem-poll", "ivshmem-irq", "uds", "tcp"] {
+    for case in [
+        "ivshmem-poll",
+        "ivshmem-irq",
+        "ivshmem-poll-xproc",
+        "ivshmem-irq-xproc",
+        "uds",
+        "tcp",
+    ] {
         for (metric, unit) in [
             ("p50_ns", "ns"),
             ("p99_ns", "ns"),
@@ -37,5 +46,5 @@ fn telemetry_suite_measures_every_pipe_and_metric() {
             );
         }
     }
-    assert_eq!(rows.len(), 12, "{rows:?}");
+    assert_eq!(rows.len(), 18, "{rows:?}");
 }

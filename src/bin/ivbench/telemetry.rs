@@ -2,15 +2,20 @@
 //! over an ivshmem link in polling and in interrupt mode, beside the same pipe over a Unix
 //! domain socket and over TCP loopback, all measured in one run on the same two pinned CPUs.
 //!
-//! Cases (`ivshmem-poll`, `ivshmem-irq`, `uds`, `tcp`), each with three metrics:
+//! Cases (`ivshmem-poll`, `ivshmem-irq`, `ivshmem-poll-xproc`, `ivshmem-irq-xproc`, `uds`,
+//! `tcp`), each with three metrics:
 //! - `p50_ns`, `p99_ns`: one-way latency (consumer's `CLOCK_MONOTONIC` at receipt minus the
 //!   sample's timestamp) at a paced rate of [`PACED_RATE`] samples/s, far below saturation;
 //! - `max_rate_per_s`: samples per second, first to last receipt, with the producer flat out
 //!   (batches of [`BATCH`] samples per publish / per `write`).
 //!
-//! The ivshmem cases use an in-process [`LocalLink`] (heap sections, real eventfds as
-//! interrupts) between two threads: the producer is the bare-metal-style
-//! [`ProducerCell`], the consumer a tokio [`Channel`] on a current-thread runtime. The socket
+//! The `ivshmem-poll` and `ivshmem-irq` cases use an in-process [`LocalLink`] (heap sections,
+//! real eventfds as interrupts) between two threads: the producer is the bare-metal-style
+//! [`ProducerCell`], the consumer a tokio [`Channel`] on a current-thread runtime. The
+//! `ivshmem-poll-xproc` and `ivshmem-irq-xproc` cases run the same producer cell and consumer
+//! the way the real pipe runs, across processes through the hosted hypervisor: its control
+//! socket is served by a thread of this process, the producer cell runs in a forked child
+//! pinned to the peer CPU, the consumer in this process (see [`run_ivshmem_xproc`]). The socket
 //! cases use the same consumer shape (tokio stream, buffered `read_exact` of one sample) and a
 //! blocking std producer with the same pacing and batching. Every run checks that every sample
 //! arrived, in order and untorn.
@@ -35,22 +40,33 @@ pub const BATCH: usize = 32;
 /// Output section size of the link (the ring gets the largest power of two that fits).
 const OUTPUT_SIZE: usize = 256 * 1024;
 
-/// The four pipes.
+/// The pipes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pipe {
     IvshmemPoll,
     IvshmemIrq,
+    IvshmemPollXproc,
+    IvshmemIrqXproc,
     Uds,
     Tcp,
 }
 
 impl Pipe {
-    const ALL: [Pipe; 4] = [Pipe::IvshmemPoll, Pipe::IvshmemIrq, Pipe::Uds, Pipe::Tcp];
+    const ALL: [Pipe; 6] = [
+        Pipe::IvshmemPoll,
+        Pipe::IvshmemIrq,
+        Pipe::IvshmemPollXproc,
+        Pipe::IvshmemIrqXproc,
+        Pipe::Uds,
+        Pipe::Tcp,
+    ];
 
     fn case(self) -> &'static str {
         match self {
             Pipe::IvshmemPoll => "ivshmem-poll",
             Pipe::IvshmemIrq => "ivshmem-irq",
+            Pipe::IvshmemPollXproc => "ivshmem-poll-xproc",
+            Pipe::IvshmemIrqXproc => "ivshmem-irq-xproc",
             Pipe::Uds => "uds",
             Pipe::Tcp => "tcp",
         }
@@ -150,6 +166,42 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("tokio runtime")
 }
 
+/// The producer cell's settings for `load` (shared by the in-process and cross-process runs).
+fn producer_config(peer: u16, load: Load) -> ProducerConfig {
+    let (rate, batch) = match load {
+        Load::Paced { rate, .. } => (Some(rate), 1),
+        Load::FlatOut { .. } => (None, BATCH),
+    };
+    ProducerConfig {
+        peer,
+        rate_per_s: rate,
+        count: Some(load.count()),
+        batch,
+        max_capacity: None,
+    }
+}
+
+/// The tokio consumer of every ivshmem run: a [`Channel`] on `endpoint`, `count` samples.
+async fn consume_channel(endpoint: Endpoint, wait: WaitMode, count: u64) -> Result<RunResult> {
+    let mut channel = Channel::new(
+        endpoint,
+        ChannelOptions {
+            wait,
+            ..ChannelOptions::default()
+        },
+    )?;
+    let mut rx = Receiver::new(count);
+    let mut records = channel.records::<Sample>();
+    while rx.check.received < count {
+        match records.next().await {
+            Some(Ok(sample)) => rx.take(&sample),
+            Some(Err(e)) => return Err(e).context("ivshmem consumer"),
+            None => bail!("the record stream ended early"),
+        }
+    }
+    rx.finish(count)
+}
+
 /// One run over an ivshmem link (in-process, eventfd interrupts).
 fn run_ivshmem(cpus: [usize; 2], load: Load, wait: WaitMode) -> Result<RunResult> {
     let link = LocalLink::new("telemetry-bench", 2, OUTPUT_SIZE)?;
@@ -161,43 +213,14 @@ fn run_ivshmem(cpus: [usize; 2], load: Load, wait: WaitMode) -> Result<RunResult
             let rt = runtime()?;
             rt.block_on(async move {
                 let endpoint = Endpoint::attach_local(&consumer_link, 1)?;
-                let mut channel = Channel::new(
-                    endpoint,
-                    ChannelOptions {
-                        wait,
-                        ..ChannelOptions::default()
-                    },
-                )?;
-                let mut rx = Receiver::new(count);
-                let mut records = channel.records::<Sample>();
-                while rx.check.received < count {
-                    match records.next().await {
-                        Some(Ok(sample)) => rx.take(&sample),
-                        Some(Err(e)) => return Err(e).context("ivshmem consumer"),
-                        None => bail!("the record stream ended early"),
-                    }
-                }
-                rx.finish(count)
+                consume_channel(endpoint, wait, count).await
             })
         },
         move |_abort: &AtomicBool| {
             let endpoint = Endpoint::attach_local(&link, 0)?;
             let (dev, interrupt) = endpoint.into_parts();
             let mut platform = ProcessPlatform::new(interrupt);
-            let (rate, batch) = match load {
-                Load::Paced { rate, .. } => (Some(rate), 1),
-                Load::FlatOut { .. } => (None, BATCH),
-            };
-            let mut cell = ProducerCell::new(
-                &dev,
-                ProducerConfig {
-                    peer: 1,
-                    rate_per_s: rate,
-                    count: Some(count),
-                    batch,
-                    max_capacity: None,
-                },
-            );
+            let mut cell = ProducerCell::new(&dev, producer_config(1, load));
             let stats = cell.run(&mut platform);
             if let Some(e) = platform.error() {
                 bail!("producer interrupt wait: {e}");
@@ -208,6 +231,248 @@ fn run_ivshmem(cpus: [usize; 2], load: Load, wait: WaitMode) -> Result<RunResult
             Ok(())
         },
     )
+}
+
+/// Cell names of the cross-process runs (peer 0 produces, peer 1 consumes).
+const PRODUCER_CELL: &str = "telemetry-producer";
+const CONSUMER_CELL: &str = "telemetry-consumer";
+const LINK: &str = "telemetry";
+
+/// Exit codes of the forked producer cell.
+const CHILD_OK: i32 = 0;
+const CHILD_PIN_FAILED: i32 = 1;
+const CHILD_PRODUCER_FAILED: i32 = 2;
+
+/// One run across processes, the way the real pipe runs: a hosted hypervisor's control
+/// socket served by a thread of this process, the producer cell in a forked child pinned to
+/// `cpus[1]`, the tokio consumer in this process on `cpus[0]`. Both cells are attached here
+/// before the fork (as in the `doorbell` suite's ivshmem case); the child keeps the producer's
+/// attachment, this process drops its copy, so the producer leaving (its exit) reaches the
+/// consumer through the hypervisor exactly like a real cell's departure.
+fn run_ivshmem_xproc(cpus: [usize; 2], load: Load, wait: WaitMode) -> Result<RunResult> {
+    pin::run_pinned(cpus[0], || hosted_run(cpus, load, wait))
+}
+
+fn hosted_run(cpus: [usize; 2], load: Load, wait: WaitMode) -> Result<RunResult> {
+    use hypervisor::control::{device_model, CellSpec, ControlServer, LinkSpec, SystemSpec};
+    use nix::sys::eventfd::{EfdFlags, EventFd};
+    use std::os::fd::AsFd as _;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    static RUN: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "ivbench-telemetry-{}-{}",
+        std::process::id(),
+        RUN.fetch_add(1, Ordering::Relaxed)
+    ));
+    let socket = dir.join("hypervisor.sock");
+    let cell = |name: &str, cpu: usize| CellSpec {
+        name: name.into(),
+        cpus: vec![cpu],
+        command: None,
+        process: true,
+    };
+    let system = SystemSpec {
+        cells: vec![cell(PRODUCER_CELL, cpus[1]), cell(CONSUMER_CELL, cpus[0])],
+        links: vec![LinkSpec {
+            name: LINK.into(),
+            peers: vec![PRODUCER_CELL.into(), CONSUMER_CELL.into()],
+            protocol: 0x4001,
+            state_table_size: 4096,
+            rw_size: 0,
+            output_size: OUTPUT_SIZE as u64,
+        }],
+    };
+    let result = (|| {
+        let mut server = ControlServer::bind(&system, &socket, &mut device_model)
+            .context("starting the hosted hypervisor")?;
+        let stop = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+            .context("eventfd")?;
+        std::thread::scope(|scope| {
+            let serving = scope.spawn(|| -> Result<()> {
+                loop {
+                    let ready = server
+                        .poll(&[stop.as_fd()], None)
+                        .context("serving the control socket")?;
+                    if ready[0] {
+                        return Ok(());
+                    }
+                }
+            });
+            let measured = xproc_pipe(&socket, cpus[1], load, wait);
+            let _ = stop.write(1);
+            let served = serving
+                .join()
+                .map_err(|_| anyhow::anyhow!("the control socket thread panicked"))?;
+            let result = measured?;
+            served?;
+            Ok(result)
+        })
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// The forked producer cell: killed (if still running) and reaped when dropped, so no path
+/// out of [`xproc_pipe`], error or panic, leaves it running or unreaped. Its pidfd becomes
+/// readable when it exits, which the consumer watches (a producer that dies before it ever
+/// reached RUN changes no state the consumer could see).
+struct ProducerChild {
+    pid: Option<nix::unistd::Pid>,
+    pidfd: Option<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>>,
+}
+
+impl ProducerChild {
+    /// Takes charge of `pid`: from here on it is always reaped.
+    fn new(pid: nix::unistd::Pid) -> Self {
+        Self {
+            pid: Some(pid),
+            pidfd: None,
+        }
+    }
+
+    /// Opens the pidfd and registers it with the current tokio runtime.
+    fn watch(&mut self) -> Result<()> {
+        use std::os::fd::FromRawFd as _;
+        let pid = self.pid.context("the producer was reaped already")?;
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1. The pid is our
+        // unreaped child, so it cannot have been reused.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).context("pidfd_open (Linux >= 5.3)");
+        }
+        // SAFETY: the syscall just returned this fd; nobody else owns it.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+        // SAFETY: `fd` is an open OwnedFd that the AsyncFd owns from here on, so it stays
+        // open and the same for the AsyncFd's whole life.
+        let registered = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+        };
+        self.pidfd = Some(
+            registered
+                .map_err(|e| e.into_parts().1)
+                .context("registering the pidfd with the runtime")?,
+        );
+        Ok(())
+    }
+
+    /// Resolves when the child has exited (it is not reaped yet).
+    async fn exited(&self) -> Result<()> {
+        let pidfd = self.pidfd.as_ref().context("the pidfd is not open")?;
+        // Readable once and for all when the process has exited: no need to clear readiness.
+        let _ = pidfd.readable().await.context("polling the pidfd")?;
+        Ok(())
+    }
+
+    /// Waits for the child to exit by itself and says how it ended.
+    fn reap(&mut self) -> Result<()> {
+        use nix::sys::wait::{waitpid, WaitStatus};
+        let pid = self.pid.take().context("the producer was reaped already")?;
+        match waitpid(pid, None).context("waitpid")? {
+            WaitStatus::Exited(_, CHILD_OK) => Ok(()),
+            WaitStatus::Exited(_, CHILD_PIN_FAILED) => {
+                bail!("the producer process could not pin itself to its CPU")
+            }
+            WaitStatus::Exited(_, CHILD_PRODUCER_FAILED) => {
+                bail!("the producer cell failed (ring or interrupt error)")
+            }
+            status => bail!("the producer process ended badly: {status:?}"),
+        }
+    }
+}
+
+impl Drop for ProducerChild {
+    fn drop(&mut self) {
+        if let Some(pid) = self.pid.take() {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(pid, None);
+        }
+    }
+}
+
+/// Pins the calling thread using only system calls (safe in a freshly forked child).
+fn pin_without_allocating(cpu: usize) -> nix::Result<()> {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu)?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+}
+
+/// Attaches both cells, forks the producer cell (pinned to `peer_cpu`) and consumes in this
+/// thread; the child is always reaped before this returns.
+fn xproc_pipe(
+    socket: &std::path::Path,
+    peer_cpu: usize,
+    load: Load,
+    wait: WaitMode,
+) -> Result<RunResult> {
+    use nix::unistd::{fork, ForkResult};
+
+    let producer = Endpoint::attach_hosted(socket, PRODUCER_CELL, Some(LINK))
+        .context("attaching the producer cell")?;
+    let consumer = Endpoint::attach_hosted(socket, CONSUMER_CELL, Some(LINK))
+        .context("attaching the consumer cell")?;
+    let peer = producer
+        .the_peer()
+        .context("the telemetry link has more than two peers")?;
+    let count = load.count();
+    // Everything the child needs exists before the fork; the child only runs the cell.
+    let (dev, interrupt) = producer.into_parts();
+    let mut platform = ProcessPlatform::new(interrupt);
+    let mut cell = ProducerCell::new(&dev, producer_config(peer, load));
+    // SAFETY: the child runs the producer cell on objects that already exist: atomic and
+    // volatile accesses to shared memory, eventfd reads/writes, poll, and STATE writes over
+    // the producer's own control connection (no other thread of this process uses that
+    // connection or its locks; its reply buffer is the only allocation, which glibc's malloc
+    // supports after fork). It leaves with _exit, running none of the parent's destructors.
+    let mut child = match unsafe { fork() }.context("fork")? {
+        ForkResult::Child => {
+            let code = if pin_without_allocating(peer_cpu).is_err() {
+                CHILD_PIN_FAILED
+            } else {
+                match cell.run(&mut platform) {
+                    Ok(_) if platform.error().is_none() => CHILD_OK,
+                    _ => CHILD_PRODUCER_FAILED,
+                }
+            };
+            // SAFETY: _exit ends the child without running the parent's destructors or atexit
+            // handlers.
+            unsafe { libc::_exit(code) }
+        }
+        ForkResult::Parent { child } => ProducerChild::new(child),
+    };
+    // The child owns the producer's attachment now: this process lets go of its copy, so the
+    // hypervisor sees the producer leave when the child exits.
+    drop(cell);
+    drop(platform);
+    drop(dev);
+    let rt = runtime()?;
+    // Every error return below drops `child`: killed if still running, and reaped.
+    let result = rt.block_on(async {
+        child.watch()?;
+        let consume = consume_channel(consumer, wait, count);
+        tokio::pin!(consume);
+        let result = tokio::select! {
+            result = &mut consume => result?,
+            exited = child.exited() => {
+                exited?;
+                // The child may leave as soon as it published the last sample, before the
+                // consumer took it: then it exited cleanly and the consumer carries on (it
+                // gets every published sample before the departure). Any other exit is the
+                // run's failure, e.g. a producer that died before reaching RUN, which the
+                // consumer alone would wait for forever.
+                child.reap()?;
+                consume.await?
+            }
+        };
+        // The child published `count` samples, all received: it exits by itself.
+        if child.pid.is_some() {
+            child.reap()?;
+        }
+        Ok(result)
+    });
+    // Kills (on error) and reaps the child, and closes its pidfd while the runtime exists.
+    drop(child);
+    result
 }
 
 /// The blocking socket producer: same pacing and batching as the ring producer.
@@ -305,6 +570,14 @@ fn run_pipe(pipe: Pipe, cpus: [usize; 2], load: Load) -> Result<RunResult> {
             },
         ),
         Pipe::IvshmemIrq => run_ivshmem(cpus, load, WaitMode::Interrupt),
+        Pipe::IvshmemPollXproc => run_ivshmem_xproc(
+            cpus,
+            load,
+            WaitMode::Poll {
+                spin: Duration::from_millis(100),
+            },
+        ),
+        Pipe::IvshmemIrqXproc => run_ivshmem_xproc(cpus, load, WaitMode::Interrupt),
         Pipe::Uds => run_uds(cpus, load),
         Pipe::Tcp => run_tcp(cpus, load),
     }
@@ -368,6 +641,9 @@ pub fn run(settings: &Settings) -> Result<SuiteReport> {
             ("ivshmem-poll", Metric::P50Ns),
             ("ivshmem-irq", Metric::P50Ns),
             ("ivshmem-irq", Metric::MaxRatePerS),
+            ("ivshmem-poll-xproc", Metric::P50Ns),
+            ("ivshmem-irq-xproc", Metric::P50Ns),
+            ("ivshmem-irq-xproc", Metric::MaxRatePerS),
         ] {
             report.comparisons.push(Comparison {
                 case,
@@ -381,9 +657,13 @@ pub fn run(settings: &Settings) -> Result<SuiteReport> {
         "40-byte samples producer -> tokio consumer; latency = receipt - sample timestamp (CLOCK_MONOTONIC) at {PACED_RATE}/s; max rate flat out, batches of {BATCH}"
     ));
     report.notes.push(
-        "ivshmem: in-process link (heap sections, eventfd interrupts), bare-metal-style producer cell, tokio Channel consumer; uds/tcp: blocking writer, tokio BufReader reader"
+        "ivshmem-poll/-irq: in-process link (heap sections, eventfd interrupts) between two threads, bare-metal-style producer cell, tokio Channel consumer; uds/tcp: two threads, blocking writer, tokio BufReader reader"
             .into(),
     );
+    report.notes.push(format!(
+        "ivshmem-*-xproc: the same producer cell and consumer across processes: hosted hypervisor (control socket served by a thread of the measuring process, memfd sections), the producer cell in a forked child pinned to CPU {}, the consumer in the measuring process on CPU {}; one hypervisor and child per run",
+        settings.cpus[1], settings.cpus[0]
+    ));
     let _ = std::io::stderr().flush();
     Ok(report)
 }
