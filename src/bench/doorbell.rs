@@ -18,6 +18,7 @@ use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{fork, pipe2, ForkResult, Pid};
 
+use super::hosted::{with_hosted_link, BenchLink};
 use super::measure::{measure, Metric, Settings};
 use super::pin::run_pinned;
 use super::report::{Comparison, Entry, SuiteReport, Target};
@@ -150,130 +151,82 @@ const FLAG_PIN_FAILED: u8 = 2;
 const FLAG_STOP: u8 = 3;
 
 fn hosted_doorbell_rtt(cpus: [usize; 2], iters: u64) -> Result<Duration> {
-    use hypervisor::control::{device_model, CellSpec, ControlServer, LinkSpec, SystemSpec};
     use linux_uio_client::hosted::HostedEndpoint;
-    use std::sync::atomic::{AtomicU64, Ordering};
 
-    static RUN: AtomicU64 = AtomicU64::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "ivbench-doorbell-{}-{}",
-        std::process::id(),
-        RUN.fetch_add(1, Ordering::Relaxed)
-    ));
-    let socket = dir.join("hypervisor.sock");
-    let cell = |name: &str, cpu: usize| CellSpec {
-        name: name.into(),
-        cpus: vec![cpu],
-        command: None,
-        process: true,
+    let link = BenchLink {
+        name: "doorbell",
+        cells: [("ping", cpus[0]), ("pong", cpus[1])],
+        output_size: 4096,
     };
-    let system = SystemSpec {
-        cells: vec![cell("ping", cpus[0]), cell("pong", cpus[1])],
-        links: vec![LinkSpec {
-            name: "doorbell".into(),
-            peers: vec!["ping".into(), "pong".into()],
-            protocol: 0x4001,
-            state_table_size: 4096,
-            rw_size: 0,
-            output_size: 4096,
-        }],
-    };
-    let mut server = ControlServer::bind(&system, &socket, &mut device_model)
-        .context("starting the hosted hypervisor")?;
-    let stop =
-        EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).context("eventfd")?;
-    std::thread::scope(|scope| {
-        let serving = scope.spawn(|| -> Result<()> {
-            loop {
-                let ready = server
-                    .poll(&[stop.as_fd()], None)
-                    .context("serving the control socket")?;
-                if ready[0] {
-                    return Ok(());
-                }
-            }
-        });
-        let measured = (|| -> Result<Duration> {
-            let ping = HostedEndpoint::attach(&socket, "ping").context("attaching cell ping")?;
-            let pong = HostedEndpoint::attach(&socket, "pong").context("attaching cell pong")?;
-            let (ping, pong) = (&ping.links()[0], &pong.links()[0]);
-            ping.enable_interrupts();
-            pong.enable_interrupts();
-            // ping's own output, seen read-write by ping and read-only by pong; and back.
-            let ping_flag = ping.output(0).context("no output section")?.as_ptr();
-            let ping_flag_seen = pong.output(0).context("no output section")?.as_ptr();
-            let pong_flag = pong.output(1).context("no output section")?.as_ptr();
-            let pong_flag_seen = ping.output(1).context("no output section")?.as_ptr();
-            // SAFETY: the child only makes system calls and atomic/volatile accesses on
-            // memory and fds that already exist (no allocation, no locks) and leaves with
-            // _exit, which is what fork in a multi-threaded process allows.
-            match unsafe { fork() }.context("fork")? {
-                ForkResult::Child => {
-                    let flag = if pin_without_allocating(cpus[1]).is_ok() {
-                        FLAG_READY
-                    } else {
-                        FLAG_PIN_FAILED
-                    };
-                    // SAFETY: byte 0 of pong's own, writable output section.
-                    unsafe { pong_flag.write_volatile(flag) };
+    with_hosted_link("doorbell", &link, |socket| {
+        let ping = HostedEndpoint::attach(socket, "ping").context("attaching cell ping")?;
+        let pong = HostedEndpoint::attach(socket, "pong").context("attaching cell pong")?;
+        let (ping, pong) = (&ping.links()[0], &pong.links()[0]);
+        ping.enable_interrupts();
+        pong.enable_interrupts();
+        // ping's own output, seen read-write by ping and read-only by pong; and back.
+        let ping_flag = ping.output(0).context("no output section")?.as_ptr();
+        let ping_flag_seen = pong.output(0).context("no output section")?.as_ptr();
+        let pong_flag = pong.output(1).context("no output section")?.as_ptr();
+        let pong_flag_seen = ping.output(1).context("no output section")?.as_ptr();
+        // SAFETY: the child only makes system calls and atomic/volatile accesses on
+        // memory and fds that already exist (no allocation, no locks) and leaves with
+        // _exit, which is what fork in a multi-threaded process allows.
+        match unsafe { fork() }.context("fork")? {
+            ForkResult::Child => {
+                let flag = if pin_without_allocating(cpus[1]).is_ok() {
+                    FLAG_READY
+                } else {
+                    FLAG_PIN_FAILED
+                };
+                // SAFETY: byte 0 of pong's own, writable output section.
+                unsafe { pong_flag.write_volatile(flag) };
+                pong.ring(0);
+                let code = loop {
+                    if pong.wait_interrupt().is_err() {
+                        break 2;
+                    }
+                    // SAFETY: byte 0 of ping's output section, mapped read-only here.
+                    if unsafe { ping_flag_seen.read_volatile() } == FLAG_STOP {
+                        break 0;
+                    }
                     pong.ring(0);
-                    let code = loop {
-                        if pong.wait_interrupt().is_err() {
-                            break 2;
-                        }
-                        // SAFETY: byte 0 of ping's output section, mapped read-only here.
-                        if unsafe { ping_flag_seen.read_volatile() } == FLAG_STOP {
-                            break 0;
-                        }
-                        pong.ring(0);
-                    };
-                    // SAFETY: _exit ends the child without running the parent's destructors.
-                    unsafe { libc::_exit(code) }
-                }
-                ForkResult::Parent { child } => {
-                    let timed = (|| -> Result<Duration> {
-                        ping.wait_interrupt_timeout(Duration::from_millis(
-                            HANDSHAKE_TIMEOUT_MS.into(),
-                        ))
+                };
+                // SAFETY: _exit ends the child without running the parent's destructors.
+                unsafe { libc::_exit(code) }
+            }
+            ForkResult::Parent { child } => {
+                let timed = (|| -> Result<Duration> {
+                    ping.wait_interrupt_timeout(Duration::from_millis(HANDSHAKE_TIMEOUT_MS.into()))
                         .context("waiting for the pong cell")?
                         .context("the pong cell did not answer")?;
-                        // SAFETY: byte 0 of pong's output section, mapped read-only here.
-                        match unsafe { pong_flag_seen.read_volatile() } {
-                            FLAG_READY => {}
-                            FLAG_PIN_FAILED => {
-                                bail!("the pong cell could not pin itself to CPU {}", cpus[1])
-                            }
-                            other => bail!("unexpected handshake flag {other} from the pong cell"),
+                    // SAFETY: byte 0 of pong's output section, mapped read-only here.
+                    match unsafe { pong_flag_seen.read_volatile() } {
+                        FLAG_READY => {}
+                        FLAG_PIN_FAILED => {
+                            bail!("the pong cell could not pin itself to CPU {}", cpus[1])
                         }
-                        let start = Instant::now();
-                        for _ in 0..iters {
-                            ping.ring(1);
-                            ping.wait_interrupt()
-                                .context("waiting for pong's doorbell")?;
-                        }
-                        Ok(start.elapsed())
-                    })();
-                    // Stop the child in every case, then reap it.
-                    // SAFETY: byte 0 of ping's own, writable output section.
-                    unsafe { ping_flag.write_volatile(FLAG_STOP) };
-                    ping.ring(1);
-                    let reaped = reap(child);
-                    let elapsed = timed?;
-                    reaped?;
-                    Ok(elapsed)
-                }
+                        other => bail!("unexpected handshake flag {other} from the pong cell"),
+                    }
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        ping.ring(1);
+                        ping.wait_interrupt()
+                            .context("waiting for pong's doorbell")?;
+                    }
+                    Ok(start.elapsed())
+                })();
+                // Stop the child in every case, then reap it.
+                // SAFETY: byte 0 of ping's own, writable output section.
+                unsafe { ping_flag.write_volatile(FLAG_STOP) };
+                ping.ring(1);
+                let reaped = reap(child);
+                let elapsed = timed?;
+                reaped?;
+                Ok(elapsed)
             }
-        })();
-        let _ = stop.write(1);
-        let served = serving
-            .join()
-            .map_err(|_| anyhow::anyhow!("the control socket thread panicked"))?;
-        let elapsed = measured?;
-        served?;
-        Ok(elapsed)
+        }
     })
-    .inspect(|_| drop(std::fs::remove_dir_all(&dir)))
-    .inspect_err(|_| drop(std::fs::remove_dir_all(&dir)))
 }
 
 /// `iters` eventfd ping-pongs between this process (on `cpus[0]`) and a forked child (on

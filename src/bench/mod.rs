@@ -10,6 +10,7 @@
 //! [`machine`] (the header's CPU model, core count and kernel).
 
 pub mod doorbell;
+pub mod hosted;
 pub mod machine;
 pub mod measure;
 pub mod pin;

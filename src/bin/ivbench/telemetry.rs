@@ -25,6 +25,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
+use ivshmem_stack::bench::hosted::{with_hosted_link, BenchLink};
 use ivshmem_stack::bench::report::{Comparison, Entry};
 use ivshmem_stack::bench::{pin, Measurement, Metric, Settings, SuiteReport};
 use linux_uio_client::telemetry::{
@@ -254,63 +255,14 @@ fn run_ivshmem_xproc(cpus: [usize; 2], load: Load, wait: WaitMode) -> Result<Run
 }
 
 fn hosted_run(cpus: [usize; 2], load: Load, wait: WaitMode) -> Result<RunResult> {
-    use hypervisor::control::{device_model, CellSpec, ControlServer, LinkSpec, SystemSpec};
-    use nix::sys::eventfd::{EfdFlags, EventFd};
-    use std::os::fd::AsFd as _;
-    use std::sync::atomic::{AtomicU64, Ordering};
-
-    static RUN: AtomicU64 = AtomicU64::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "ivbench-telemetry-{}-{}",
-        std::process::id(),
-        RUN.fetch_add(1, Ordering::Relaxed)
-    ));
-    let socket = dir.join("hypervisor.sock");
-    let cell = |name: &str, cpu: usize| CellSpec {
-        name: name.into(),
-        cpus: vec![cpu],
-        command: None,
-        process: true,
+    let link = BenchLink {
+        name: LINK,
+        cells: [(PRODUCER_CELL, cpus[1]), (CONSUMER_CELL, cpus[0])],
+        output_size: OUTPUT_SIZE as u64,
     };
-    let system = SystemSpec {
-        cells: vec![cell(PRODUCER_CELL, cpus[1]), cell(CONSUMER_CELL, cpus[0])],
-        links: vec![LinkSpec {
-            name: LINK.into(),
-            peers: vec![PRODUCER_CELL.into(), CONSUMER_CELL.into()],
-            protocol: 0x4001,
-            state_table_size: 4096,
-            rw_size: 0,
-            output_size: OUTPUT_SIZE as u64,
-        }],
-    };
-    let result = (|| {
-        let mut server = ControlServer::bind(&system, &socket, &mut device_model)
-            .context("starting the hosted hypervisor")?;
-        let stop = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
-            .context("eventfd")?;
-        std::thread::scope(|scope| {
-            let serving = scope.spawn(|| -> Result<()> {
-                loop {
-                    let ready = server
-                        .poll(&[stop.as_fd()], None)
-                        .context("serving the control socket")?;
-                    if ready[0] {
-                        return Ok(());
-                    }
-                }
-            });
-            let measured = xproc_pipe(&socket, cpus[1], load, wait);
-            let _ = stop.write(1);
-            let served = serving
-                .join()
-                .map_err(|_| anyhow::anyhow!("the control socket thread panicked"))?;
-            let result = measured?;
-            served?;
-            Ok(result)
-        })
-    })();
-    let _ = std::fs::remove_dir_all(&dir);
-    result
+    with_hosted_link("telemetry", &link, |socket| {
+        xproc_pipe(socket, cpus[1], load, wait)
+    })
 }
 
 /// The forked producer cell: killed (if still running) and reaped when dropped, so no path
