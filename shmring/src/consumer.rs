@@ -5,7 +5,7 @@ use core::ops::Deref;
 
 use crate::layout::{self, FrameHeader, FLAG_PADDING, NO_EVENT};
 use crate::sync::{fence, load_acquire, word, AtomicU64, Ordering};
-use crate::{check_region, need_event, Error, Notify, Owner};
+use crate::{check_region, Error, Notify, Owner};
 
 /// A consumer part that is initialised (and announced) but not yet attached to its producer.
 ///
@@ -286,19 +286,18 @@ impl Consumer {
         if new == old {
             return Notify::NONE;
         }
-        // SAFETY: own part, checked at init.
-        let index = unsafe { word(self.own.add(layout::C_INDEX).cast()) };
-        // Release: our reads of the released frames happen before the producer (Acquire load of
-        // this index) overwrites them.
-        index.store(new, Ordering::Release);
         self.published = new;
-        // SeqCst fence: Dekker with `Producer::prepare_wait_for_space` (store event; fence; load
-        // consumer index): either it sees `new` or we see its event.
-        fence(Ordering::SeqCst);
-        // SAFETY: peer part, checked at attach; load only. Any value is harmless.
-        let event = unsafe { word(self.peer.add(layout::P_SPACE_EVENT).cast_mut().cast()) }
-            .load(Ordering::Relaxed);
-        Notify(need_event(event, new, old))
+        // Pairs with `Producer::prepare_wait_for_space` (see `publish`).
+        // SAFETY: own index word (checked at init) and the peer's space event (checked at
+        // attach), both aligned and mapped.
+        unsafe {
+            crate::publish(
+                self.own.add(layout::C_INDEX).cast(),
+                self.peer.add(layout::P_SPACE_EVENT).cast(),
+                new,
+                old,
+            )
+        }
     }
 
     /// Sleep handshake: announces "wake me on the next publish", fences, re-checks.

@@ -269,6 +269,29 @@ pub(crate) type Owner = Option<NoOwner>;
 #[derive(Clone)]
 pub(crate) enum NoOwner {}
 
+/// The publishing half of both wake-up handshakes (producer data / consumer space): stores
+/// `new` into the own index word at `index`, then tells whether the peer's event word at
+/// `event` asks to be woken for the move from `old` to `new`.
+///
+/// Ordering: the Release store makes everything written (producer: frames) or read
+/// (consumer: released frames) before it visible to / ordered before a peer that loads the
+/// index with Acquire. The SeqCst fence is the Dekker handshake with the peer's announcement
+/// (store event; SeqCst fence; load our index): either its re-check sees `new`, or we see its
+/// event. The event is loaded Relaxed: any value is harmless, it only decides a doorbell.
+///
+/// # Safety
+/// `index` points to an aligned word of our own part, `event` to an aligned word of the
+/// peer's part; both stay mapped.
+#[inline(always)]
+pub(crate) unsafe fn publish(index: *mut u64, event: *const u64, new: u64, old: u64) -> Notify {
+    // SAFETY: forwarded to the caller (own, aligned, mapped).
+    unsafe { sync::word(index) }.store(new, sync::Ordering::Release);
+    sync::fence(sync::Ordering::SeqCst);
+    // SAFETY: forwarded to the caller (peer part, aligned, mapped; load only).
+    let event = unsafe { sync::word(event.cast_mut()) }.load(sync::Ordering::Relaxed);
+    Notify(need_event(event, new, old))
+}
+
 /// virtio's `vring_need_event`: whether `event` lies in `[old, new)`, i.e. the index moved past
 /// the value the peer asked to be woken at. Wrapping arithmetic: any event value is harmless.
 #[inline(always)]

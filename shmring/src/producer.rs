@@ -6,7 +6,7 @@ use core::ptr;
 
 use crate::layout::{self, FrameHeader, FLAG_PADDING, NO_EVENT};
 use crate::sync::{fence, load_acquire, word, Ordering};
-use crate::{check_region, need_event, Error, Notify, Owner};
+use crate::{check_region, Error, Notify, Owner};
 
 /// A producer part that is initialised (and announced) but not yet attached to its consumer.
 ///
@@ -327,20 +327,18 @@ impl Producer {
         if new == old {
             return Notify::NONE;
         }
-        // SAFETY: own part, checked at init.
-        let index = unsafe { word(self.own.add(layout::P_INDEX).cast()) };
-        // Release: the headers and payloads written before are visible to a consumer that
-        // loads this index with Acquire.
-        index.store(new, Ordering::Release);
         self.published = new;
-        // SeqCst fence: Dekker handshake with `Consumer::prepare_sleep` (store data event; fence;
-        // load producer index). Either the consumer's re-check sees `new`, or we see its event.
-        fence(Ordering::SeqCst);
-        // SAFETY: peer part, checked at attach; load only.
-        let event = unsafe { word(self.peer.add(layout::C_DATA_EVENT).cast_mut().cast()) }
-            .load(Ordering::Relaxed);
-        // Any event value is harmless: it only decides whether we ask for a doorbell.
-        Notify(need_event(event, new, old))
+        // Pairs with `Consumer::prepare_sleep` (see `publish`).
+        // SAFETY: own index word (checked at init) and the peer's data event (checked at
+        // attach), both aligned and mapped.
+        unsafe {
+            crate::publish(
+                self.own.add(layout::P_INDEX).cast(),
+                self.peer.add(layout::C_DATA_EVENT).cast(),
+                new,
+                old,
+            )
+        }
     }
 
     /// Back-pressure handshake: announces "wake me when a frame of `len` bytes fits", fences
