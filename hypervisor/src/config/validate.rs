@@ -118,6 +118,32 @@ impl Checker {
         }
     }
 
+    /// Reports `name` if an earlier entry of `table` (`"cells"`/`"links"`) already uses it;
+    /// otherwise remembers it in `seen` as used by entry `index`. `kind` says which problem
+    /// and `entry` names the thing ("cell", "link") in the message and the fix.
+    #[allow(clippy::too_many_arguments)]
+    fn unique_name<'a>(
+        &mut self,
+        seen: &mut HashMap<&'a str, usize>,
+        kind: ProblemKind,
+        location: &str,
+        name: &'a str,
+        index: usize,
+        table: &str,
+        entry: &str,
+    ) {
+        if let Some(&first) = seen.get(name) {
+            self.error(
+                kind,
+                format!("{location} .name"),
+                format!("{entry} name \"{name}\" is already used by {table}[{first}]"),
+                format!("give every {entry} a unique name"),
+            );
+        } else {
+            seen.insert(name, index);
+        }
+    }
+
     /// Parses an optional size; reports unparsable text. `None` when absent or unparsable.
     fn size(&mut self, location: String, size: Option<&SizeSpec>) -> Option<Result<u64, ()>> {
         let size = size?;
@@ -295,16 +321,16 @@ fn check_cells(
 
         let name = check.name(&location, cell.name.as_deref(), "my-cell");
         if let Some(name) = cell.name.as_deref().filter(|_| name.is_some()) {
-            if let Some(&first) = first_by_name.get(name) {
-                check.error(
-                    ProblemKind::DuplicateCellName,
-                    format!("{location} .name"),
-                    format!("cell name \"{name}\" is already used by cells[{first}]"),
-                    "give every cell a unique name",
-                );
-            } else {
-                first_by_name.insert(name, index);
-            }
+            let kind = ProblemKind::DuplicateCellName;
+            check.unique_name(
+                &mut first_by_name,
+                kind,
+                &location,
+                name,
+                index,
+                "cells",
+                "cell",
+            );
         }
 
         let kind = match cell.kind.as_deref() {
@@ -555,16 +581,16 @@ fn check_links(check: &mut Checker, config: &SystemConfig) -> Vec<Option<LinkCon
 
         let name = check.name(&location, link.name.as_deref(), "my-link");
         if let Some(name) = link.name.as_deref().filter(|_| name.is_some()) {
-            if let Some(&first) = first_by_name.get(name) {
-                check.error(
-                    ProblemKind::DuplicateLinkName,
-                    format!("{location} .name"),
-                    format!("link name \"{name}\" is already used by links[{first}]"),
-                    "give every link a unique name",
-                );
-            } else {
-                first_by_name.insert(name, index);
-            }
+            let kind = ProblemKind::DuplicateLinkName;
+            check.unique_name(
+                &mut first_by_name,
+                kind,
+                &location,
+                name,
+                index,
+                "links",
+                "link",
+            );
         }
 
         // Peers.
