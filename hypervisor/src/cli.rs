@@ -148,7 +148,7 @@ fn check(args: &CheckArgs) -> anyhow::Result<u8> {
 }
 
 /// `hypervisor run <config>`: validate, create the links, listen, spawn the cells, show a
-/// live status (a redrawn line on a terminal, log lines otherwise) until SIGINT/SIGTERM or
+/// live status (a redrawn line on a terminal, log lines otherwise) until SIGINT/SIGTERM/SIGHUP or
 /// (without `--keep-running`) until every spawned cell has exited, then stop the cells,
 /// remove the socket and print a summary; exit [`EXIT_CELL_FAILED`] if a cell failed. The spawned cells' stdout and stderr lines
 /// appear on the hypervisor's stdout and stderr, prefixed with `[cell-name] `.

@@ -55,7 +55,7 @@ use ivshmem_dev::hosted::{
 };
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
-use nix::sys::signal::{kill, Signal};
+use nix::sys::signal::{kill, killpg, Signal};
 use nix::sys::socket::{
     accept4, bind, connect, getsockopt, listen, send, sendmsg, socket, sockopt, AddressFamily,
     Backlog, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr,
@@ -778,7 +778,15 @@ impl ControlServer {
             Some(pid) => {
                 // The pid of the supervisor's own child, not reaped yet (`cell_exited` clears
                 // `spawned_pid` once it is), so it cannot have been recycled.
-                match kill(Pid::from_raw(pid as i32), Signal::SIGKILL) {
+                // Its whole process group: a cell the supervisor spawned runs in one of its
+                // own (see `crate::cells::spawn_cell`), so that what it started goes with
+                // it. A process without a group of its own is killed alone.
+                let pid = Pid::from_raw(pid as i32);
+                let killed = match killpg(pid, Signal::SIGKILL) {
+                    Err(Errno::ESRCH) => kill(pid, Signal::SIGKILL),
+                    other => other,
+                };
+                match killed {
                     Ok(()) => format!("cell process {pid} killed"),
                     Err(errno) => format!(
                         "killing cell process {pid} failed: {}",
