@@ -107,10 +107,28 @@ where
     match result {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("hypervisor: error: {error:#}");
+            eprintln!("hypervisor: error: {}", error_chain(&error));
             EXIT_FAILURE
         }
     }
+}
+
+/// `error` and its causes, joined by `: `, each cause once: a cause whose text the message
+/// so far already contains (library errors often name their source in their own message)
+/// is left out.
+fn error_chain(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let cause = cause.to_string();
+        if text.contains(&cause) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause);
+    }
+    text
 }
 
 /// Loads and validates `path` (machine checks against `cpu_count` or this machine's CPUs).

@@ -131,6 +131,13 @@ pub enum ControlError {
     /// Another hypervisor listens at the path.
     #[error("another hypervisor is already listening at {0}")]
     AlreadyRunning(PathBuf),
+    /// The socket at the path belongs to another user (connecting to it was refused with
+    /// `EACCES`): most likely another user's hypervisor listens there.
+    #[error(
+        "{0} belongs to another user (permission denied): their hypervisor may be running \
+         there; choose another path with --socket or control_socket"
+    )]
+    NotPermitted(PathBuf),
     /// The path exists and is not a socket.
     #[error("{0} exists and is not a socket; refusing to replace it")]
     NotASocket(PathBuf),
@@ -931,6 +938,9 @@ fn listen_at(path: &Path) -> Result<OwnedFd, ControlError> {
         }
         Ok(_) => match connect_control_socket(path) {
             Ok(_) => return Err(ControlError::AlreadyRunning(path.to_path_buf())),
+            Err(Errno::EACCES | Errno::EPERM) => {
+                return Err(ControlError::NotPermitted(path.to_path_buf()))
+            }
             Err(Errno::ECONNREFUSED | Errno::ENOENT) => {
                 tracing::info!("removing stale control socket {}", path.display());
                 match std::fs::remove_file(path) {
