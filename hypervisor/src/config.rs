@@ -160,11 +160,30 @@ impl SystemConfig {
     pub fn load(path: impl AsRef<Path>) -> Result<SystemConfig, ConfigErrors> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|error| {
+            let (message, fix) = match error.kind() {
+                std::io::ErrorKind::InvalidData => (
+                    "the file is not text (not UTF-8); a configuration is a TOML text file"
+                        .to_owned(),
+                    "give the path of the system's .toml file",
+                ),
+                std::io::ErrorKind::NotFound => (
+                    format!("cannot read the configuration file: {error}"),
+                    "check the path (a relative one is taken from the working directory)",
+                ),
+                std::io::ErrorKind::PermissionDenied => (
+                    format!("cannot read the configuration file: {error}"),
+                    "check the file's permissions, or run as a user who may read it",
+                ),
+                _ => (
+                    format!("cannot read the configuration file: {error}"),
+                    "check the path and its permissions",
+                ),
+            };
             ConfigErrors::single(Problem::error(
                 ProblemKind::Io,
                 path.display().to_string(),
-                format!("cannot read the configuration file: {error}"),
-                "check the path and its permissions",
+                message,
+                fix,
             ))
         })?;
         Self::from_toml_str(&text).map_err(|mut errors| {

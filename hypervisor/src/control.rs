@@ -652,7 +652,8 @@ impl ControlServer {
         let ci = match target {
             Ok(ci) => ci,
             Err((reason, detail)) => {
-                tracing::warn!("attach refused: {detail}");
+                // Reported once, as a ControlEvent (the run log line); this is for RUST_LOG.
+                tracing::debug!("attach refused: {detail}");
                 self.refuse(index, reason, &detail);
                 self.events
                     .push(ControlEvent::Refused { cell: name, detail });
@@ -804,7 +805,9 @@ impl ControlServer {
             None => "cell started by hand: disconnected".to_string(),
         };
         let detail = format!("{report}; {action}");
-        tracing::error!("{detail}");
+        // Reported once, as the cell's Detached event (the run log line); this is for
+        // RUST_LOG.
+        tracing::debug!("{detail}");
         self.refuse(index, RefusalReason::BadRequest, &detail);
         self.drop_client(id, detail);
     }
