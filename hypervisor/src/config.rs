@@ -126,6 +126,10 @@ pub struct CellTable {
     pub memory: Option<SizeSpec>,
     /// KVM cells: the bare-metal image to load (required).
     pub image: Option<PathBuf>,
+    /// Process cells: run the program under this user ID (its group ID the same number, no
+    /// supplementary groups) when the hypervisor runs as root, so that it cannot reopen
+    /// other cells' sections read-write (see [`crate::memory`]).
+    pub uid: Option<u32>,
 }
 
 /// One `[[links]]` table as written.
@@ -317,6 +321,8 @@ pub struct CellConfig {
     pub memory: Option<u64>,
     /// KVM cells: the image to load; `None` for process cells.
     pub image: Option<PathBuf>,
+    /// Process cells: the user ID its program runs under, if not the hypervisor's.
+    pub uid: Option<u32>,
     /// The links this cell is a peer of, with its peer ID on each, in link order.
     pub links: Vec<CellLink>,
 }

@@ -492,6 +492,7 @@ fn check_cells(
                 for (field, present) in [
                     ("command", cell.command.is_some()),
                     ("args", cell.args.is_some()),
+                    ("uid", cell.uid.is_some()),
                 ] {
                     if present {
                         check.error(
@@ -522,6 +523,7 @@ fn check_cells(
                     Vec::new()
                 },
                 memory,
+                uid: cell.uid.filter(|_| kind == CellKind::Process),
                 image: if kind == CellKind::Kvm {
                     cell.image.clone()
                 } else {
