@@ -196,7 +196,7 @@ async fn main() -> Result<()> {
     )?;
     println!(
         "telemetry_consumer: link `{}`, waiting for {}",
-        channel.endpoint().name(),
+        channel.name(),
         channel.peer_label()
     );
     let mut sinks = open_sinks(&args)?;

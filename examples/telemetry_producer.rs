@@ -87,7 +87,7 @@ fn main() -> Result<()> {
     let (dev, interrupt) = endpoint.into_parts();
     let mut platform = ProcessPlatform::new(interrupt);
     let mut cell = ProducerCell::new(
-        &dev,
+        dev,
         ProducerConfig {
             peer,
             rate_per_s: args.rate,
@@ -95,7 +95,8 @@ fn main() -> Result<()> {
             batch: args.batch,
             max_capacity: None,
         },
-    );
+    )
+    .context("taking over the link")?;
     let result = cell.run(&mut platform);
     if let Some(e) = platform.error() {
         bail!("waiting for interrupts: {e}");

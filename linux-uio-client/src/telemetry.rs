@@ -2,8 +2,8 @@
 //!
 //! [`Sample`] is the fixed-size record (`#[repr(C)]`, `Pod`) one frame each.
 //! [`ProducerCell`] is the producer written as bare-metal code would be: it uses only `core`,
-//! [`ivshmem_dev`] (the driver, generic over [`RegisterAccess`], and
-//! [`ivshmem_dev::link_state`]) and [`shmring`] (the duplex layout), and reaches the platform
+//! [`ivshmem_dev`] (the driver, generic over [`RegisterAccess`]), [`ivshmem_link`] (the
+//! link's life cycle) and [`shmring`] (the rings), and reaches the platform
 //! only through [`CellPlatform`] (a clock and "wait for an interrupt or a deadline"). The same
 //! code runs as a process cell (the `telemetry_producer` example gives it a hosted
 //! [`Endpoint`](crate::Endpoint)) or, with a port-I/O/MMIO `RegisterAccess`, in a KVM cell.
@@ -14,9 +14,8 @@
 use core::fmt;
 
 use bytemuck::{Pod, Zeroable};
-use ivshmem_dev::link_state::{self, Action, LinkState};
 use ivshmem_dev::{Ivshmem, RegisterAccess};
-use shmring::duplex::{Duplex, DuplexInit};
+use ivshmem_link::{Drain, Link, LinkConfig, LinkEvent, LinkFault, LinkState};
 
 /// Number of channel values in a sample.
 pub const CHANNELS: usize = 6;
@@ -123,11 +122,10 @@ pub enum ProducerError {
     Ring(shmring::Error),
     /// The platform failed to wait (see the platform for why).
     Platform,
-    /// The consumer's output section is not mapped.
-    NoPeerSection {
-        /// The consumer's peer ID.
-        peer: u16,
-    },
+    /// The device cannot carry the link (sections, peer ID).
+    Link(ivshmem_link::LinkError),
+    /// Setting up or attaching the rings failed.
+    Fault(LinkFault),
 }
 
 impl fmt::Display for ProducerError {
@@ -135,59 +133,51 @@ impl fmt::Display for ProducerError {
         match self {
             Self::Ring(e) => write!(f, "ring: {e}"),
             Self::Platform => write!(f, "the platform failed to wait for an interrupt"),
-            Self::NoPeerSection { peer } => write!(f, "peer {peer} has no output section"),
+            Self::Link(e) => write!(f, "link: {e}"),
+            Self::Fault(e) => write!(f, "link: {e}"),
         }
     }
 }
 
 impl core::error::Error for ProducerError {}
 
-enum Phase {
-    Idle,
-    Init(DuplexInit),
-    Up(Duplex),
-}
-
-/// The producer cell: drives the link state machine and streams [`Sample`]s.
-pub struct ProducerCell<'d, R: RegisterAccess> {
-    dev: &'d Ivshmem<R>,
+/// The producer cell: drives the link and streams [`Sample`]s.
+pub struct ProducerCell<R: RegisterAccess> {
+    link: Link<R>,
     config: ProducerConfig,
-    own: LinkState,
-    phase: Phase,
-    /// Both sides RUN: only then is anything published (the consumer has attached).
-    carrier: bool,
     seq: u64,
-    /// Start of pacing in this attachment and samples sent since.
-    pace_start: u64,
+    /// Samples sent since the carrier came on (pacing restarts with every attachment).
     paced: u64,
     stats: ProducerStats,
 }
 
-impl<R: RegisterAccess> fmt::Debug for ProducerCell<'_, R> {
+impl<R: RegisterAccess> fmt::Debug for ProducerCell<R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ProducerCell")
-            .field("own", &self.own)
+            .field("link", &self.link)
             .field("seq", &self.seq)
             .field("stats", &self.stats)
             .finish_non_exhaustive()
     }
 }
 
-impl<'d, R: RegisterAccess> ProducerCell<'d, R> {
-    /// A producer on `dev` (interrupts must be enabled by whoever set the device up).
-    pub fn new(dev: &'d Ivshmem<R>, config: ProducerConfig) -> Self {
-        dev.set_state(LinkState::Reset.as_u32());
-        Self {
-            dev,
+impl<R: RegisterAccess> ProducerCell<R> {
+    /// A producer on `dev` (interrupts must be enabled by whoever set the device up); it
+    /// publishes RESET at once.
+    pub fn new(dev: Ivshmem<R>, config: ProducerConfig) -> Result<Self, ProducerError> {
+        let link_config = LinkConfig {
+            max_capacity: config.max_capacity,
+            ..LinkConfig::default()
+        };
+        let mut link = Link::new(dev, config.peer, link_config).map_err(ProducerError::Link)?;
+        link.leave();
+        Ok(Self {
+            link,
             config,
-            own: LinkState::Reset,
-            phase: Phase::Idle,
-            carrier: false,
             seq: 0,
-            pace_start: 0,
             paced: 0,
             stats: ProducerStats::default(),
-        }
+        })
     }
 
     /// What it did so far.
@@ -197,76 +187,34 @@ impl<'d, R: RegisterAccess> ProducerCell<'d, R> {
 
     /// This side's link state.
     pub fn link_state(&self) -> LinkState {
-        self.own
+        self.link.state()
     }
 
-    /// Steps the link state machine until it settles; true when attached.
+    /// Makes dropping the producer silent (`STATE` keeps its value): for a process that
+    /// handed the cell to a forked child.
+    pub fn keep_state_on_drop(&mut self) {
+        self.link.keep_state_on_drop();
+    }
+
+    /// Polls the link; true when the carrier is on (the consumer attached).
     fn step_link(&mut self, now: u64) -> Result<bool, ProducerError> {
-        let peer = self.config.peer;
-        for _ in 0..4 {
-            let peer_state = self.dev.peer_state(peer).unwrap_or(0);
-            let step = link_state::next(self.own, peer_state);
-            match step.action {
-                Action::None => {}
-                Action::SetUpOwn => {
-                    let init = match core::mem::replace(&mut self.phase, Phase::Idle) {
-                        Phase::Init(init) => init,
-                        Phase::Up(duplex) => duplex.reset(),
-                        Phase::Idle => {
-                            let own = self.dev.own_output();
-                            // SAFETY: the own output section is writable, stays mapped as long
-                            // as the driver `dev` (borrowed for 'd, longer than self), and is
-                            // written only through this DuplexInit.
-                            unsafe {
-                                DuplexInit::init(own.as_ptr(), own.len(), self.config.max_capacity)
-                            }
-                            .map_err(ProducerError::Ring)?
-                        }
-                    };
-                    self.phase = Phase::Init(init);
-                }
-                Action::AttachPeer => {
-                    let Phase::Init(init) = &self.phase else {
-                        return Err(ProducerError::Ring(shmring::Error::AlreadyAttached));
-                    };
-                    let section = self
-                        .dev
-                        .peer_output(peer)
-                        .ok_or(ProducerError::NoPeerSection { peer })?;
-                    // SAFETY: the peer's section stays mapped as long as `dev`; its content is
-                    // validated by the rings.
-                    match unsafe { init.attach(section.as_ptr(), section.len()) } {
-                        Ok(duplex) => self.phase = Phase::Up(duplex),
-                        Err(shmring::Error::PeerNotReady) => return Ok(false),
-                        Err(e) => return Err(ProducerError::Ring(e)),
-                    }
-                }
-                Action::TearDown => {
-                    if let Phase::Up(duplex) = core::mem::replace(&mut self.phase, Phase::Idle) {
-                        self.phase = Phase::Init(duplex.reset());
-                    } else {
-                        self.phase = Phase::Idle;
-                    }
-                    self.stats.departures += 1;
-                    self.carrier = false;
-                }
-            }
-            if step.state != self.own {
-                self.own = step.state;
-                self.dev.set_state(step.state.as_u32());
-            }
-            if step.action == Action::None {
-                if link_state::carrier(self.own, peer_state) && matches!(self.phase, Phase::Up(_)) {
-                    if !self.carrier {
-                        self.pace_start = now;
-                        self.paced = 0;
-                    }
-                    self.carrier = true;
-                }
-                break;
-            }
+        // The producer never receives: nothing to drain when the consumer leaves.
+        let status = self.link.poll(now, Drain::Discard);
+        if status.departed.is_some() {
+            self.stats.departures += 1;
         }
-        Ok(self.carrier)
+        match status.fault {
+            None
+            | Some(LinkFault::Attach {
+                error: shmring::Error::PeerNotReady,
+                ..
+            }) => {}
+            Some(fault) => return Err(ProducerError::Fault(fault)),
+        }
+        if status.event == LinkEvent::Up {
+            self.paced = 0;
+        }
+        Ok(self.link.carrier())
     }
 
     fn done(&self) -> bool {
@@ -292,11 +240,12 @@ impl<'d, R: RegisterAccess> ProducerCell<'d, R> {
                 None => self.config.batch.max(1) as u64,
                 Some(rate) => {
                     let rate = rate.max(1);
-                    let elapsed = now.saturating_sub(self.pace_start);
+                    let pace_start = self.link.up_since().unwrap_or(now);
+                    let elapsed = now.saturating_sub(pace_start);
                     let due_total = (elapsed as u128 * rate as u128 / 1_000_000_000) as u64 + 1;
                     let due = due_total.saturating_sub(self.paced);
                     if due == 0 {
-                        let next = self.pace_start
+                        let next = pace_start
                             + ((self.paced as u128 * 1_000_000_000) / rate as u128) as u64;
                         if !platform.wait(Some(next)) {
                             return Err(ProducerError::Platform);
@@ -307,7 +256,7 @@ impl<'d, R: RegisterAccess> ProducerCell<'d, R> {
                 }
             }
             .min(left);
-            let Phase::Up(duplex) = &mut self.phase else {
+            let Some(duplex) = self.link.rings_mut() else {
                 continue;
             };
             let mut wrote = 0u64;
@@ -328,13 +277,16 @@ impl<'d, R: RegisterAccess> ProducerCell<'d, R> {
                     Err(e) => return Err(ProducerError::Ring(e)),
                 }
             }
-            if duplex.tx.flush().needed() {
-                self.dev.ring_peer(self.config.peer);
+            let notify = duplex.tx.flush();
+            if self.link.notify(notify) {
                 self.stats.doorbells += 1;
             }
             self.stats.sent += wrote;
             self.paced += wrote;
             if full && wrote == 0 {
+                let Some(duplex) = self.link.rings_mut() else {
+                    continue;
+                };
                 match duplex.tx.prepare_wait_for_space(Sample::SIZE) {
                     Ok(true) => {
                         self.stats.full_waits += 1;

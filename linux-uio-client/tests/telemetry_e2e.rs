@@ -42,7 +42,7 @@ fn producer_role() {
     let (dev, interrupt) = endpoint.into_parts();
     let mut platform = ProcessPlatform::new(interrupt);
     let mut cell = ProducerCell::new(
-        &dev,
+        dev,
         ProducerConfig {
             peer,
             count,
@@ -50,7 +50,8 @@ fn producer_role() {
             max_capacity: Some(16 * 1024),
             ..ProducerConfig::default()
         },
-    );
+    )
+    .unwrap();
     let stats = cell.run(&mut platform).unwrap();
     eprintln!("producer: {stats:?}");
     std::process::exit(0);

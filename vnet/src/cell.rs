@@ -59,7 +59,7 @@ impl<R: RegisterAccess, I: Interrupt> Cell<R, I> {
     ) -> Self {
         let epoch = StdInstant::now();
         link.poll_link();
-        let services = Services::new(services, link.nic(), Instant::from_micros(0));
+        let services = Services::new(services, &mut link.nic(), Instant::from_micros(0));
         Cell {
             link,
             irq,
@@ -123,7 +123,7 @@ impl<R: RegisterAccess, I: Interrupt> Cell<R, I> {
             let _ = writeln!(page, "tx_oversize {}", n.tx_oversize);
             let _ = writeln!(page, "corrupt {}", n.corrupt);
         };
-        self.services.poll(now, self.link.nic(), &mut status);
+        self.services.poll(now, &mut self.link.nic(), &mut status);
         self.link.flush();
         let after = self.link.nic_ref().stats();
         Ok(changed || after.rx_frames != before.rx_frames || after.tx_frames != before.tx_frames)

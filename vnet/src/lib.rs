@@ -34,9 +34,9 @@
 //!     let mut link = VnetLink::new(dev, LinkConfig::default())?;
 //!     link.poll_link();
 //!     let address = "10.0.0.2/24".parse().expect("an address");
-//!     let mut services = Services::new(&ServiceConfig::new(address), link.nic(), now());
+//!     let mut services = Services::new(&ServiceConfig::new(address), &mut link.nic(), now());
 //!     loop {
-//!         services.poll(now(), link.nic(), &mut |_page| {});
+//!         services.poll(now(), &mut link.nic(), &mut |_page| {});
 //!         link.flush(); // one publish per ring, at most one doorbell
 //!         if link.prepare_sleep() {
 //!             wait_for_interrupt(); // doorbell or peer state change (re-arm if one-shot)

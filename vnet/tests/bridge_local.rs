@@ -72,9 +72,9 @@ fn bridge_waits_for_ring_space_and_loses_nothing() {
     });
 
     // Not reading: wait until the ring is nearly full (woken by the bridge's doorbells).
-    let capacity = peer.nic().duplex_mut().unwrap().rx.capacity();
+    let capacity = peer.rings_mut().unwrap().rx.capacity();
     loop {
-        let rx = &mut peer.nic().duplex_mut().unwrap().rx;
+        let rx = &mut peer.rings_mut().unwrap().rx;
         if rx.available() + 2 * (FRAME_LEN + 16) > capacity {
             break;
         }
@@ -90,7 +90,7 @@ fn bridge_waits_for_ring_space_and_loses_nothing() {
     while next < FRAMES {
         let mut got = 0;
         {
-            let rx = &mut peer.nic().duplex_mut().unwrap().rx;
+            let rx = &mut peer.rings_mut().unwrap().rx;
             while let Some(f) = rx.peek().unwrap() {
                 assert_eq!(f.len(), FRAME_LEN);
                 buf[..FRAME_LEN].copy_from_slice(&f);
@@ -102,7 +102,7 @@ fn bridge_waits_for_ring_space_and_loses_nothing() {
         }
         peer.flush();
         if got == 0 && next < FRAMES {
-            let may_sleep = peer.nic().duplex_mut().unwrap().rx.prepare_sleep().unwrap();
+            let may_sleep = peer.rings_mut().unwrap().rx.prepare_sleep().unwrap();
             if may_sleep {
                 wait(&irq);
                 Interrupt::take(&mut irq).unwrap();

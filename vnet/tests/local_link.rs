@@ -7,7 +7,7 @@ mod common;
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 
-use ivshmem_dev::link_state::LinkState;
+use ivshmem_link::LinkState;
 use linux_uio_client::{Endpoint, EndpointInterrupt, EndpointRegisters, LocalLink};
 use shmring::duplex::CONSUMER_SLOT;
 use smoltcp::wire::{Ipv4Address, Ipv4Cidr};
@@ -37,12 +37,11 @@ fn settle(
 }
 
 fn exchange(a: &mut VnetLink<EndpointRegisters>, b: &mut VnetLink<EndpointRegisters>, tag: u8) {
-    let d = a.nic().duplex_mut().expect("attached");
+    let d = a.rings_mut().expect("attached");
     let _ = d.tx.try_send(&[tag; 100]).unwrap();
     let mut buf = [0u8; 128];
     let got = b
-        .nic()
-        .duplex_mut()
+        .rings_mut()
         .unwrap()
         .rx
         .try_recv(&mut buf)
@@ -71,10 +70,7 @@ fn link_comes_up_goes_down_when_the_peer_dies_and_comes_back() {
     assert_eq!(a.0.poll_link(), LinkEvent::Down);
     assert!(!a.0.carrier());
     assert_eq!(a.0.state(), LinkState::Init);
-    assert!(
-        a.0.nic().duplex_mut().is_none(),
-        "peer's section no longer used"
-    );
+    assert!(a.0.rings_mut().is_none(), "peer's section no longer used");
     assert_eq!(a.0.stats().teardowns, 1);
 
     // It restarts: fresh rings on both sides, frames flow again from index 0.
@@ -104,7 +100,7 @@ fn hostile_peer_is_torn_down_and_the_link_recovers() {
     }
     // a's receive path sees it: no token, a fault, never a panic.
     let now = smoltcp::time::Instant::from_millis(0);
-    assert!(smoltcp::phy::Device::receive(a.0.nic(), now).is_none());
+    assert!(smoltcp::phy::Device::receive(&mut a.0, now).is_none());
     assert!(a.0.nic_ref().fault().is_some());
     assert_eq!(a.0.poll_link(), LinkEvent::Down);
     assert_eq!(a.0.stats().faults, 1);

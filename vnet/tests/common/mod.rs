@@ -64,13 +64,13 @@ impl<R: RegisterAccess> Device for LinkDevice<R> {
     where
         Self: 'a;
     fn receive(&mut self, t: Instant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
-        self.0.nic().receive(t)
+        self.0.receive(t)
     }
     fn transmit(&mut self, t: Instant) -> Option<Self::TxToken<'_>> {
-        self.0.nic().transmit(t)
+        self.0.transmit(t)
     }
     fn capabilities(&self) -> smoltcp::phy::DeviceCapabilities {
-        self.0.nic_ref().capabilities()
+        self.0.capabilities()
     }
 }
 
