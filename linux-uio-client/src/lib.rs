@@ -7,7 +7,6 @@
 //! - [`local`]: an in-process link with eventfd interrupts (tests, benchmarks).
 //! - [`channel`]: tokio: [`Channel`] (interrupts under `AsyncFd`, record and frame streams,
 //!   back-pressured sends, `AsyncRead`/`AsyncWrite`, polling mode, peer states, re-attach).
-//! - [`telemetry`]: the telemetry pipe's sample record and its bare-metal-style producer cell.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
@@ -31,7 +30,6 @@ pub mod channel;
 pub mod endpoint;
 pub mod hosted;
 pub mod local;
-pub mod telemetry;
 pub mod uio;
 
 pub use channel::{Channel, ChannelError, ChannelOptions, ChannelStats, PeerState, WaitMode};

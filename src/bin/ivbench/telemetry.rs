@@ -24,13 +24,12 @@ use std::io::Write as _;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
+use ::telemetry::process::{monotonic_ns, ProcessPlatform};
+use ::telemetry::{ProducerCell, ProducerConfig, Sample, SampleCheck};
 use anyhow::{bail, ensure, Context, Result};
 use ivshmem_stack::bench::hosted::{with_hosted_link, BenchLink};
 use ivshmem_stack::bench::report::{Comparison, Entry};
 use ivshmem_stack::bench::{pin, Measurement, Metric, Settings, SuiteReport};
-use linux_uio_client::telemetry::{
-    monotonic_ns, ProcessPlatform, ProducerCell, ProducerConfig, Sample, SampleCheck,
-};
 use linux_uio_client::{Channel, ChannelOptions, Endpoint, LocalLink, WaitMode};
 use tokio::io::{AsyncRead, AsyncReadExt, BufReader};
 

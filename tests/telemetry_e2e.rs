@@ -16,10 +16,9 @@ use hypervisor::cells::{self, Output, RunOptions, StopHandle};
 use hypervisor::config::SystemConfig;
 use hypervisor::control::SystemSpec;
 use linux_uio_client::channel::ChannelError;
-use linux_uio_client::telemetry::{
-    ProcessPlatform, ProducerCell, ProducerConfig, Sample, SampleCheck,
-};
 use linux_uio_client::{Channel, ChannelOptions, Endpoint, WaitMode};
+use telemetry::process::ProcessPlatform;
+use telemetry::{ProducerCell, ProducerConfig, Sample, SampleCheck};
 
 const ROLE_ENV: &str = "TELEMETRY_E2E_ROLE";
 const SOCKET_ENV: &str = "TELEMETRY_E2E_SOCKET";
