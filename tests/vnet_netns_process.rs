@@ -5,6 +5,7 @@
 //! The cell is killed with SIGKILL and restarted: the link goes down, comes back, and new
 //! connections work. Root only: without root the test prints why it is skipped.
 
+#[path = "../vnet/tests/common/mod.rs"]
 mod common;
 
 use std::net::Ipv4Addr;
