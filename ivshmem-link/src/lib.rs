@@ -353,7 +353,7 @@ impl<R: RegisterAccess> Link<R> {
         if !own.is_writable() || own.is_empty() {
             return Err(LinkError::NoOwnOutput);
         }
-        if !dev.peer_output(peer).is_some_and(|s| !s.is_empty()) {
+        if dev.peer_output(peer).is_none_or(|s| s.is_empty()) {
             return Err(LinkError::NoPeerOutput(peer));
         }
         let align = shmring::layout::REGION_ALIGN;
