@@ -9,7 +9,9 @@
 mod common;
 
 use std::net::Ipv4Addr;
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::fd::AsFd;
+
+use nix::sys::eventfd::{EfdFlags, EventFd};
 use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::sync::{mpsc, Arc};
@@ -98,12 +100,8 @@ fn spawn_cell(socket: &PathBuf) -> Child {
     .unwrap()
 }
 
-fn eventfd() -> Arc<OwnedFd> {
-    // SAFETY: plain syscall, checked.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-    assert!(fd >= 0);
-    // SAFETY: fresh fd.
-    Arc::new(unsafe { OwnedFd::from_raw_fd(fd) })
+fn eventfd() -> Arc<EventFd> {
+    Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC).expect("eventfd"))
 }
 
 #[test]
@@ -227,16 +225,7 @@ fn process_cells_linux_through_tap_to_a_smoltcp_cell() {
 
     cell.kill().unwrap();
     cell.wait().unwrap();
-    let one = 1u64;
-    // SAFETY: 8-byte write to an eventfd.
-    let n = unsafe {
-        libc::write(
-            std::os::fd::AsRawFd::as_raw_fd(&*bridge_stop),
-            (&one as *const u64).cast(),
-            8,
-        )
-    };
-    assert_eq!(n, 8);
+    assert_eq!(bridge_stop.write(1).expect("eventfd write"), 8);
     let stats = bridge.join().unwrap();
     assert_eq!(stats.port_write_errors, 0);
     stop.stop();

@@ -6,6 +6,8 @@
 
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
+
+use nix::sys::eventfd::{EfdFlags, EventFd};
 use std::sync::Arc;
 
 use linux_uio_client::{Endpoint, LocalLink};
@@ -39,8 +41,7 @@ fn bridge_waits_for_ring_space_and_loses_nothing() {
     let link = LocalLink::new("net0", 2, 256 * 1024).unwrap();
     let (bridge_end, writer_end) = UnixDatagram::pair().unwrap();
     bridge_end.set_nonblocking(true).unwrap();
-    // SAFETY: plain syscall, checked.
-    let stop = Arc::new(unsafe { OwnedFd::from_raw_fd(libc::eventfd(0, libc::EFD_CLOEXEC)) });
+    let stop = Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC).unwrap());
 
     let bridge = {
         let link = Arc::clone(&link);
@@ -111,12 +112,7 @@ fn bridge_waits_for_ring_space_and_loses_nothing() {
     }
     writer.join().unwrap();
 
-    let one = 1u64;
-    // SAFETY: 8-byte write to an eventfd.
-    assert_eq!(
-        unsafe { libc::write(stop.as_raw_fd(), (&one as *const u64).cast(), 8) },
-        8
-    );
+    assert_eq!(stop.write(1).unwrap(), 8);
     let stats = bridge.join().unwrap();
     assert_eq!(stats.from_port_frames, FRAMES);
     assert!(

@@ -4,7 +4,9 @@
 
 mod common;
 
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::fd::AsFd;
+
+use nix::sys::eventfd::{EfdFlags, EventFd};
 use std::sync::Arc;
 
 use ivshmem_link::LinkState;
@@ -128,25 +130,12 @@ fn mtu_too_large_for_the_section_is_refused() {
     assert!(text.contains("cannot hold 4 frames of MTU 65549"), "{text}");
 }
 
-fn eventfd() -> OwnedFd {
-    // SAFETY: plain syscall, checked.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-    assert!(fd >= 0);
-    // SAFETY: fresh fd.
-    unsafe { OwnedFd::from_raw_fd(fd) }
+fn eventfd() -> EventFd {
+    EventFd::from_flags(EfdFlags::EFD_CLOEXEC).expect("eventfd")
 }
 
-fn signal(fd: &OwnedFd) {
-    let one = 1u64;
-    // SAFETY: 8-byte write to an eventfd.
-    let n = unsafe {
-        libc::write(
-            std::os::fd::AsRawFd::as_raw_fd(fd),
-            (&one as *const u64).cast(),
-            8,
-        )
-    };
-    assert_eq!(n, 8);
+fn signal(fd: &EventFd) {
+    assert_eq!(fd.write(1).expect("eventfd write"), 8);
 }
 
 #[test]

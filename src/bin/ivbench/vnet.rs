@@ -22,7 +22,9 @@
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsFd;
+
+use nix::sys::eventfd::{EfdFlags, EventFd};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -397,18 +399,15 @@ fn netns(tag: &str) -> Result<Netns> {
     Netns::create(&name).with_context(|| format!("network namespace {name}"))
 }
 
-fn eventfd() -> Result<Arc<OwnedFd>> {
-    // SAFETY: plain syscall, checked.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-    ensure!(fd >= 0, "eventfd: {}", std::io::Error::last_os_error());
-    // SAFETY: a fresh fd.
-    Ok(Arc::new(unsafe { OwnedFd::from_raw_fd(fd) }))
+fn eventfd() -> Result<Arc<EventFd>> {
+    Ok(Arc::new(
+        EventFd::from_flags(EfdFlags::EFD_CLOEXEC).context("eventfd")?,
+    ))
 }
 
-fn signal(fd: &OwnedFd) {
-    let one = 1u64;
-    // SAFETY: an 8-byte write to an eventfd.
-    let _ = unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+fn signal(fd: &EventFd) {
+    // EAGAIN (counter full) means the stop is signalled anyway.
+    let _ = fd.write(1);
 }
 
 /// A job run by a thread that lives in a namespace.
@@ -467,7 +466,7 @@ impl Drop for NsWorker {
 
 /// Namespaces, TAP bridge + cell threads, veth pair and the client workers.
 struct LinuxSide {
-    stops: Vec<Arc<OwnedFd>>,
+    stops: Vec<Arc<EventFd>>,
     threads: Vec<std::thread::JoinHandle<()>>,
     tap_client: NsWorker,
     veth_client: NsWorker,
