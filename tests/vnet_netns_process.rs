@@ -5,7 +5,7 @@
 //! The cell is killed with SIGKILL and restarted: the link goes down, comes back, and new
 //! connections work. Root only: without root the test prints why it is skipped.
 
-#[path = "../vnet/tests/common/mod.rs"]
+#[path = "vnet_common/mod.rs"]
 mod common;
 
 use std::net::Ipv4Addr;
@@ -21,11 +21,11 @@ use common::linux::{self, Netns};
 use hypervisor::cells::{self, RunOptions, StopHandle};
 use hypervisor::config::SystemConfig;
 use hypervisor::control::SystemSpec;
+use ivshmem_stack::vnet_cell::cell::{Cell, CellConfig};
+use ivshmem_stack::vnet_cell::services::ServiceConfig;
 use linux_uio_client::Endpoint;
 use smoltcp::wire::Ipv4Cidr;
 use vnet::bridge::{Bridge, BridgeConfig};
-use vnet::cell::{Cell, CellConfig};
-use vnet::services::ServiceConfig;
 use vnet::tap::Tap;
 use vnet::{LinkConfig, LinkEvent, VnetLink};
 

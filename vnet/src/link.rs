@@ -11,10 +11,10 @@
 //! tokens without carrier, and TCP recovers from the loss.
 
 use ivshmem_dev::{Ivshmem, RegisterAccess};
-use ivshmem_link::{Drain, Link, LinkState};
+use ivshmem_link::{Drain, Link};
 use shmring::duplex;
 
-pub use ivshmem_link::{LinkEvent, LinkFault, LinkStats};
+pub use ivshmem_link::{LinkEvent, LinkFault, LinkState, LinkStats};
 
 use crate::nic::{self, NicError, NicPort, NicState};
 

@@ -7,7 +7,7 @@
 //!   and server socket on it, polled by one thread; same MTU (1514), same socket buffers
 //!   (256 KiB), same checksum setting (not computed, as `Loopback` does) as `shmring`;
 //! - `tap-bridge`: Linux's TCP/IP stack in a network namespace → TAP → `vnet::bridge` →
-//!   ring → a smoltcp cell (`vnet::cell`, sink service: it CRCs every byte), the bridge and
+//!   ring → a smoltcp cell (`ivshmem_stack::vnet_cell::cell`, sink service: it CRCs every byte), the bridge and
 //!   the cell each on their own thread over an in-process `LocalLink` (real eventfd
 //!   interrupts);
 //! - `veth`: Linux → Linux over a veth pair between two network namespaces, the receiver
@@ -31,11 +31,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use ivshmem_stack::bench::report::{Comparison, Entry, Target};
 use ivshmem_stack::bench::{Measurement, Metric, Settings, SuiteReport};
+use ivshmem_stack::vnet_cell::cell::{Cell, CellConfig};
+use ivshmem_stack::vnet_cell::netns::{echo_request, run_ip, EchoSocket, Netns};
+use ivshmem_stack::vnet_cell::services::{Crc32, ServiceConfig, PORT_SINK};
 use linux_uio_client::{Endpoint, LocalLink};
 use vnet::bridge::{Bridge, BridgeConfig};
-use vnet::cell::{Cell, CellConfig};
-use vnet::netns::{echo_request, run_ip, EchoSocket, Netns};
-use vnet::services::{Crc32, ServiceConfig, PORT_SINK};
 use vnet::smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use vnet::smoltcp::phy::{ChecksumCapabilities, Device, DeviceCapabilities, Loopback, Medium};
 use vnet::smoltcp::socket::{icmp, tcp};
@@ -576,7 +576,7 @@ impl LinuxSide {
         let ns_name = veth_b.name().to_string();
         let server = std::thread::spawn(move || {
             let serve = || -> Result<()> {
-                vnet::netns::enter(&ns_name)?;
+                ivshmem_stack::vnet_cell::netns::enter(&ns_name)?;
                 let listener = TcpListener::bind(SocketAddrV4::new(VETH_SERVER, PORT_SINK))?;
                 let _ = listening_tx.send(Ok(()));
                 for conn in listener.incoming() {

@@ -6,6 +6,7 @@
 //! `linux_uio_client::LocalLink` (the hosted device semantics on heap memory, real eventfd
 //! interrupts); the kernel side is real (TAP device, TCP, ICMP, curl).
 
+#[path = "vnet_common/mod.rs"]
 mod common;
 
 use std::net::Ipv4Addr;
@@ -17,11 +18,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::linux::{self, Netns};
+use ivshmem_stack::vnet_cell::cell::{Cell, CellConfig};
+use ivshmem_stack::vnet_cell::services::ServiceConfig;
 use linux_uio_client::{Endpoint, LocalLink};
 use smoltcp::wire::Ipv4Cidr;
 use vnet::bridge::{Bridge, BridgeConfig};
-use vnet::cell::{Cell, CellConfig};
-use vnet::services::ServiceConfig;
 use vnet::tap::Tap;
 use vnet::{LinkConfig, LinkEvent, VnetLink};
 

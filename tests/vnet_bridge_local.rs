@@ -10,10 +10,10 @@ use std::os::unix::net::UnixDatagram;
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use std::sync::Arc;
 
+use ivshmem_stack::vnet_cell::cell::{Cell, CellConfig};
+use ivshmem_stack::vnet_cell::services::ServiceConfig;
 use linux_uio_client::{Endpoint, LocalLink};
 use vnet::bridge::{Bridge, BridgeConfig, FdCondition, Interrupt, LoopError, LoopFd};
-use vnet::cell::{Cell, CellConfig};
-use vnet::services::ServiceConfig;
 use vnet::{LinkConfig, VnetLink};
 
 const FRAMES: u64 = 3000;

@@ -2,6 +2,7 @@
 //! memory, real eventfd interrupts): the link life cycle, a hostile peer, and two smoltcp
 //! cells exchanging checksummed TCP data.
 
+#[path = "vnet_common/mod.rs"]
 mod common;
 
 use std::os::fd::AsFd;
@@ -9,13 +10,13 @@ use std::os::fd::AsFd;
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use std::sync::Arc;
 
-use ivshmem_link::LinkState;
+use ivshmem_stack::vnet_cell::cell::{Cell, CellConfig};
+use ivshmem_stack::vnet_cell::services::ServiceConfig;
 use linux_uio_client::{Endpoint, EndpointInterrupt, EndpointRegisters, LocalLink};
 use shmring::duplex::CONSUMER_SLOT;
 use smoltcp::wire::{Ipv4Address, Ipv4Cidr};
 use vnet::bridge::Interrupt;
-use vnet::cell::{Cell, CellConfig};
-use vnet::services::ServiceConfig;
+use vnet::link::LinkState;
 use vnet::{LinkConfig, LinkEvent, VnetLink};
 
 const SECTION: usize = 1 << 20;
