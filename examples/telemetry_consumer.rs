@@ -18,8 +18,9 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use hdrhistogram::Histogram;
 use linux_uio_client::channel::ChannelError;
-use linux_uio_client::telemetry::{monotonic_ns, Sample, SampleCheck};
 use linux_uio_client::{Channel, ChannelOptions, Endpoint, WaitMode};
+use telemetry::process::monotonic_ns;
+use telemetry::{Sample, SampleCheck};
 
 /// Receives telemetry samples and summarises them.
 #[derive(Debug, Parser)]
@@ -95,7 +96,7 @@ fn open_sinks(args: &Args) -> Result<Vec<Sink>> {
             File::create(path).with_context(|| format!("creating {}", path.display()))?,
         );
         write!(w, "seq,timestamp_ns,latency_ns")?;
-        for i in 0..linux_uio_client::telemetry::CHANNELS {
+        for i in 0..telemetry::CHANNELS {
             write!(w, ",ch{i}")?;
         }
         writeln!(w)?;
@@ -196,7 +197,7 @@ async fn main() -> Result<()> {
     )?;
     println!(
         "telemetry_consumer: link `{}`, waiting for {}",
-        channel.endpoint().name(),
+        channel.name(),
         channel.peer_label()
     );
     let mut sinks = open_sinks(&args)?;

@@ -1,7 +1,7 @@
 //! The telemetry pipe's producer cell: an RTOS-style program that streams fixed-size samples
 //! to a Linux consumer over one ivshmem link.
 //!
-//! The cell logic is bare-metal style ([`linux_uio_client::telemetry::ProducerCell`]: only
+//! The cell logic is bare-metal style ([`telemetry::ProducerCell`]: only
 //! `ivshmem-dev` and `shmring`, generic over the register access); this `main` only attaches
 //! as a process cell of the hosted hypervisor and runs it.
 //!
@@ -15,8 +15,9 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use linux_uio_client::telemetry::{ProcessPlatform, ProducerCell, ProducerConfig, Sample};
 use linux_uio_client::Endpoint;
+use telemetry::process::ProcessPlatform;
+use telemetry::{ProducerCell, ProducerConfig, Sample};
 
 /// Streams telemetry samples to the other peer of an ivshmem link.
 #[derive(Debug, Parser)]
@@ -87,7 +88,7 @@ fn main() -> Result<()> {
     let (dev, interrupt) = endpoint.into_parts();
     let mut platform = ProcessPlatform::new(interrupt);
     let mut cell = ProducerCell::new(
-        &dev,
+        dev,
         ProducerConfig {
             peer,
             rate_per_s: args.rate,
@@ -95,7 +96,8 @@ fn main() -> Result<()> {
             batch: args.batch,
             max_capacity: None,
         },
-    );
+    )
+    .context("taking over the link")?;
     let result = cell.run(&mut platform);
     if let Some(e) = platform.error() {
         bail!("waiting for interrupts: {e}");

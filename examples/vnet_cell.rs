@@ -12,10 +12,11 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use vnet::cell::{Cell, CellConfig};
-use vnet::services::ServiceConfig;
+use ivshmem_stack::vnet_cell::cell::{Cell, CellConfig};
+use ivshmem_stack::vnet_cell::process;
+use ivshmem_stack::vnet_cell::services::ServiceConfig;
 use vnet::smoltcp::wire::Ipv4Cidr;
-use vnet::{process, LinkConfig};
+use vnet::LinkConfig;
 
 /// A smoltcp cell with echo, sink, source and HTTP services.
 #[derive(Debug, Parser)]

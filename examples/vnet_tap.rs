@@ -19,10 +19,11 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use ivshmem_stack::vnet_cell::process;
 use vnet::bridge::{Bridge, BridgeConfig};
 use vnet::pcap::PcapWriter;
 use vnet::tap::Tap;
-use vnet::{process, LinkConfig, LinkEvent};
+use vnet::{LinkConfig, LinkEvent};
 
 /// Bridges a vnet link to a Linux TAP device.
 #[derive(Debug, Parser)]

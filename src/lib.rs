@@ -1,8 +1,12 @@
-//! Shared code for the ivshmem-stack examples and the side-by-side benchmark tool `ivbench`.
+//! Shared code for the ivshmem-stack examples, the whole-system tests and the side-by-side
+//! benchmark tool `ivbench`: [`vnet_cell`] (a network cell on a vnet link) and [`bench`].
 //!
 //! The benchmark suites live in [`bench`] (not inside the binary) so that integration tests can
 //! run every measurement function with tiny iteration counts. The `ivbench` binary
 //! (`src/bin/ivbench/main.rs`) is only the command line around them.
 #![warn(missing_docs)]
 
+extern crate alloc;
+
 pub mod bench;
+pub mod vnet_cell;

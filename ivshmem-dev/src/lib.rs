@@ -28,7 +28,6 @@ pub mod doorbell;
 pub mod driver;
 pub mod hosted;
 pub mod layout;
-pub mod link_state;
 pub mod pci;
 #[cfg(all(
     feature = "x86-port-io",

@@ -13,11 +13,11 @@
 //! - [`Channel::peer_states`]: a stream of the peer's state-table entry.
 //!
 //! # Link life cycle
-//! The link follows [`ivshmem_dev::link_state`]: after every interrupt (and whenever a ring is
-//! found empty or full) the channel reads the peer's state-table entry, steps, acts
-//! (`SetUpOwn`: initialise the own region with [`shmring::duplex::DuplexInit::init`];
-//! `AttachPeer`: attach to the peer's region; `TearDown`: reset the own parts) and writes its
-//! own `STATE`. When the peer leaves (its state goes to 0) a receiver first gets every frame
+//! The link is an [`ivshmem_link::Link`]: after every interrupt (and whenever a ring is found
+//! empty or full) the channel polls it (it reads the peer's state-table entry, steps the state
+//! machine, sets up, attaches or resets the rings and writes the own `STATE`); receives poll
+//! with [`Drain::DeliverFirst`], sends and [`Channel::wait_up`] with [`Drain::Discard`].
+//! When the peer leaves (its state goes to 0) a receiver first gets every frame
 //! the peer had published, then one [`ChannelError::PeerGone`] naming the peer, and the
 //! streams end. The next receive or send waits until the peer is back (it comes back through
 //! INIT and READY; the channel resets its own ring parts and re-attaches), so a new stream can
@@ -65,13 +65,13 @@ use std::time::{Duration, Instant};
 
 use bytemuck::Pod;
 use futures_core::Stream;
-use ivshmem_dev::link_state::{self, Action, LinkState};
-use shmring::duplex::{Duplex, DuplexInit};
+use ivshmem_dev::{Ivshmem, RegisterAccess};
+use ivshmem_link::{Drain, Link, LinkConfig, LinkFault, LinkState};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::sync::watch;
 
-use crate::endpoint::{Backend, Endpoint, EndpointError};
+use crate::endpoint::{Backend, Endpoint, EndpointError, EndpointInterrupt, EndpointRegisters};
 
 /// Polling mode: producer-index checks per poll before yielding to the runtime.
 const SPIN_CHECKS: usize = 256;
@@ -153,6 +153,14 @@ pub enum ChannelError {
         /// What is wrong.
         detail: String,
     },
+    /// The endpoint's sections cannot carry the link.
+    #[error("link `{link}`: {error}")]
+    Link {
+        /// The link.
+        link: String,
+        /// What is wrong.
+        error: ivshmem_link::LinkError,
+    },
     /// The endpoint failed.
     #[error(transparent)]
     Endpoint(#[from] EndpointError),
@@ -191,15 +199,6 @@ impl PeerState {
     pub fn present(&self) -> bool {
         self.state != 0
     }
-}
-
-enum Phase {
-    /// Own parts not initialised.
-    Idle,
-    /// Own parts initialised (READY), not attached to the peer's.
-    Init(DuplexInit),
-    /// Attached.
-    Up(Duplex),
 }
 
 /// Wakes every task that waits on the shared interrupt registration.
@@ -243,18 +242,15 @@ enum LinkCheck {
 
 /// A duplex channel to one peer over an [`Endpoint`], with tokio wake-ups.
 pub struct Channel {
-    endpoint: Endpoint,
+    name: String,
+    link: Link<ChannelRegisters>,
+    interrupt: EndpointInterrupt,
     irq: AsyncFd<OwnedFd>,
     waiters: Arc<Waiters>,
     combined: Waker,
     peer: u16,
     peer_label: String,
     options: ChannelOptions,
-    own: LinkState,
-    phase: Phase,
-    /// Carrier: both sides RUN (set once seen; cleared at tear-down). Sending waits for it, so
-    /// nothing is published before the receiver has attached.
-    carrier: bool,
     states: watch::Sender<PeerState>,
     spin_since: [Option<Instant>; 2],
     /// Departure seen and not reported yet (peer state).
@@ -281,10 +277,10 @@ pub struct ChannelStats {
 impl std::fmt::Debug for Channel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Channel")
-            .field("link", &self.endpoint.name())
+            .field("link", &self.name)
             .field("peer", &self.peer_label)
-            .field("own", &self.own)
-            .field("up", &matches!(self.phase, Phase::Up(_)))
+            .field("own", &self.link.state())
+            .field("up", &self.link.is_up())
             .finish()
     }
 }
@@ -295,6 +291,7 @@ impl Channel {
     /// [`Channel::wait_up`]).
     pub fn new(endpoint: Endpoint, options: ChannelOptions) -> Result<Self, ChannelError> {
         let link = endpoint.name().to_string();
+        let link_name = link.clone();
         let max_peers = endpoint.ivshmem().max_peers();
         let peer = match options.peer.or_else(|| endpoint.the_peer()) {
             Some(p) if p < max_peers && p != endpoint.id() => p,
@@ -330,19 +327,33 @@ impl Channel {
             state: endpoint.ivshmem().peer_state(peer).unwrap_or(0),
             own: LinkState::Reset,
         };
+        let backend = endpoint.backend();
+        let (dev, interrupt) = endpoint.into_parts();
+        let regs = ChannelRegisters {
+            inner: dev.registers().clone(),
+            hosted: backend == Backend::Hosted,
+        };
+        let dev = Ivshmem::new(regs, *dev.sections()).map_err(EndpointError::from)?;
+        let config = LinkConfig {
+            max_capacity: options.max_capacity,
+            ..LinkConfig::default()
+        };
+        let mut link = Link::new(dev, peer, config).map_err(|error| ChannelError::Link {
+            link: link.clone(),
+            error,
+        })?;
         // Start from RESET as the device does (a previous user may have left another value).
-        write_state(&endpoint, LinkState::Reset);
+        link.leave();
         Ok(Self {
-            endpoint,
+            name: link_name,
+            link,
+            interrupt,
             irq,
             waiters,
             combined,
             peer,
             peer_label,
             options,
-            own: LinkState::Reset,
-            phase: Phase::Idle,
-            carrier: false,
             states: watch::channel(initial).0,
             spin_since: [None, None],
             gone_pending: None,
@@ -353,9 +364,14 @@ impl Channel {
         })
     }
 
-    /// The endpoint.
-    pub fn endpoint(&self) -> &Endpoint {
-        &self.endpoint
+    /// The link's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The device driver (owned by the channel's link).
+    pub fn device(&self) -> &Ivshmem<ChannelRegisters> {
+        self.link.device()
     }
 
     /// The peer's ID.
@@ -370,17 +386,17 @@ impl Channel {
 
     /// This side's link state.
     pub fn link_state(&self) -> LinkState {
-        self.own
+        self.link.state()
     }
 
     /// Whether both rings are attached.
     pub fn is_up(&self) -> bool {
-        matches!(self.phase, Phase::Up(_))
+        self.link.is_up()
     }
 
     /// Whether the carrier is on (both sides RUN): sending only happens then.
     pub fn carrier(&self) -> bool {
-        self.carrier
+        self.link.carrier()
     }
 
     /// Counters so far.
@@ -402,7 +418,7 @@ impl Channel {
 
     /// The peer's current state-table entry.
     pub fn peer_state(&self) -> u32 {
-        self.endpoint.ivshmem().peer_state(self.peer).unwrap_or(0)
+        self.link.peer_state()
     }
 
     fn ring_error(&self, source: shmring::Error) -> ChannelError {
@@ -414,21 +430,17 @@ impl Channel {
 
     fn gone_error(&self, state: u32) -> ChannelError {
         ChannelError::PeerGone {
-            link: self.endpoint.name().to_string(),
+            link: self.name.clone(),
             peer: self.peer_label.clone(),
             state,
         }
-    }
-
-    fn write_state(&self, state: LinkState) {
-        write_state(&self.endpoint, state);
     }
 
     fn publish_state(&self, state: u32) {
         let now = PeerState {
             peer: self.peer,
             state,
-            own: self.own,
+            own: self.link.state(),
         };
         self.states.send_if_modified(|old| {
             let changed = *old != now;
@@ -437,100 +449,54 @@ impl Channel {
         });
     }
 
-    /// Reads the peer's state and steps the link state machine until it settles; acts on
-    /// every step. With `drain_first`, a departure is not acted on while the receive ring
-    /// still holds published frames (they are delivered first).
+    /// Polls the link (see the module docs); with `drain_first`, a departure is not acted
+    /// on while the receive ring still holds published frames (they are delivered first).
     ///
     /// The observed peer state is published to [`Channel::peer_states`] once per call.
     fn check_link(&mut self, drain_first: bool) -> Result<LinkCheck, ChannelError> {
-        let dev = self.endpoint.ivshmem();
-        let mut seen = 0;
-        for _ in 0..4 {
-            let peer_state = dev.peer_state(self.peer).unwrap_or(0);
-            seen = peer_state;
-            let step = link_state::next(self.own, peer_state);
-            match step.action {
-                Action::None => {}
-                Action::SetUpOwn => {
-                    let init = match std::mem::replace(&mut self.phase, Phase::Idle) {
-                        Phase::Init(init) => init,
-                        Phase::Up(duplex) => duplex.reset(),
-                        Phase::Idle => {
-                            let own = dev.own_output();
-                            // SAFETY: the own output section is writable and mapped as long
-                            // as the endpoint, which `Channel` owns and drops only after the
-                            // rings (`Drop for Channel` drops `phase` first); only this
-                            // DuplexInit (and the rings made from it) writes it.
-                            unsafe {
-                                DuplexInit::init(own.as_ptr(), own.len(), self.options.max_capacity)
-                            }
-                            .map_err(|e| self.ring_error(e))?
-                        }
-                    };
-                    self.phase = Phase::Init(init);
-                }
-                Action::AttachPeer => {
-                    let Phase::Init(init) = &self.phase else {
-                        return Err(self.ring_error(shmring::Error::AlreadyAttached));
-                    };
-                    let Some(section) = dev.peer_output(self.peer) else {
-                        return Err(ChannelError::BadPeer {
-                            link: self.endpoint.name().to_string(),
-                            detail: format!("{} has no output section", self.peer_label),
-                        });
-                    };
-                    // SAFETY: the peer's output section stays mapped as long as the endpoint;
-                    // its content is validated by the rings.
-                    match unsafe { init.attach(section.as_ptr(), section.len()) } {
-                        Ok(duplex) => {
-                            self.phase = Phase::Up(duplex);
-                            self.reported_rx = false;
-                            self.reported_tx = false;
-                            self.gone_pending = None;
-                        }
-                        // The peer announced READY before its parts are valid: a broken or
-                        // racing peer. Stay READY and look again at the next interrupt.
-                        Err(shmring::Error::PeerNotReady) => {
-                            self.publish_state(peer_state);
-                            return Ok(LinkCheck::Down);
-                        }
-                        Err(e) => return Err(self.ring_error(e)),
-                    }
-                }
-                Action::TearDown => {
-                    if drain_first {
-                        if let Phase::Up(duplex) = &mut self.phase {
-                            if !duplex.rx.is_empty() {
-                                return Ok(LinkCheck::Up);
-                            }
-                        }
-                    }
-                    self.phase = match std::mem::replace(&mut self.phase, Phase::Idle) {
-                        Phase::Up(duplex) => Phase::Init(duplex.reset()),
-                        other => other,
-                    };
-                    self.carrier = false;
-                    self.gone_pending = Some(peer_state);
-                    self.stats.departures += 1;
-                    tracing::info!(link = self.endpoint.name(), peer = %self.peer_label, state = peer_state, "peer left");
-                }
-            }
-            if step.state != self.own {
-                self.own = step.state;
-                self.write_state(step.state);
-            }
-            if step.action == Action::None {
-                if matches!(self.phase, Phase::Up(_)) && link_state::carrier(self.own, peer_state) {
-                    self.carrier = true;
-                }
-                break;
+        let drain = if drain_first {
+            Drain::DeliverFirst
+        } else {
+            Drain::Discard
+        };
+        let was_up = self.link.is_up();
+        let status = self.link.poll(0, drain);
+        if let Some(state) = status.departed {
+            self.gone_pending = Some(state);
+            self.stats.departures += 1;
+            tracing::info!(link = self.name, peer = %self.peer_label, state, "peer left");
+        }
+        if self.link.is_up() && (!was_up || status.departed.is_some()) {
+            // Attached (again): a new departure will be reported anew.
+            self.reported_rx = false;
+            self.reported_tx = false;
+            self.gone_pending = None;
+        }
+        self.publish_state(status.peer_state);
+        match status.fault {
+            None => {}
+            // The peer announced READY before its parts are valid: a broken or racing peer.
+            // Stay READY and look again at the next interrupt.
+            Some(LinkFault::Attach {
+                error: shmring::Error::PeerNotReady,
+                ..
+            }) => return Ok(LinkCheck::Down),
+            Some(
+                LinkFault::SetUp(error)
+                | LinkFault::Attach { error, .. }
+                | LinkFault::PeerViolation { error, .. },
+            ) => return Err(self.ring_error(error)),
+            Some(LinkFault::RingTooSmall { capacity, min, .. }) => {
+                return Err(self.ring_error(shmring::Error::RegionTooSmall {
+                    needed: min,
+                    got: capacity,
+                }))
             }
         }
-        self.publish_state(seen);
         if let Some(state) = self.gone_pending {
             return Ok(LinkCheck::Gone(state));
         }
-        Ok(if matches!(self.phase, Phase::Up(_)) {
+        Ok(if self.link.is_up() {
             LinkCheck::Up
         } else {
             LinkCheck::Down
@@ -547,7 +513,7 @@ impl Channel {
         let mut combined_cx = Context::from_waker(&self.combined);
         loop {
             let mut guard = ready!(self.irq.poll_read_ready(&mut combined_cx))?;
-            let taken = self.endpoint.take_interrupt();
+            let taken = self.interrupt.take();
             // Read everything pending (or nothing was there): no longer readable. A new
             // interrupt after our read is a new readiness event that clear_ready keeps.
             guard.clear_ready();
@@ -607,13 +573,13 @@ impl Channel {
         f: &mut dyn FnMut(&[u8]) -> R,
     ) -> Poll<Result<R, ChannelError>> {
         'next: loop {
-            if let Phase::Up(duplex) = &mut self.phase {
+            if let Some(duplex) = self.link.rings_mut() {
                 match duplex.rx.peek() {
                     Ok(Some(frame)) => {
                         let out = f(&frame);
                         frame.release();
-                        if duplex.rx.flush().needed() {
-                            self.endpoint.ivshmem().ring_peer(self.peer);
+                        let notify = duplex.rx.flush();
+                        if self.link.notify(notify) {
                             self.stats.doorbells += 1;
                         }
                         self.spin_since[Side::Rx as usize] = None;
@@ -634,8 +600,8 @@ impl Channel {
                     continue;
                 }
                 LinkCheck::Up => {
-                    if let (WaitMode::Poll { .. }, Phase::Up(duplex)) =
-                        (self.options.wait, &mut self.phase)
+                    if let (WaitMode::Poll { .. }, Some(duplex)) =
+                        (self.options.wait, self.link.rings_mut())
                     {
                         // A short busy spin on the producer index before yielding to the
                         // runtime: most samples arrive within it under load.
@@ -649,7 +615,7 @@ impl Channel {
                     if self.spin(cx, Side::Rx) {
                         return Poll::Pending;
                     }
-                    if let Phase::Up(duplex) = &mut self.phase {
+                    if let Some(duplex) = self.link.rings_mut() {
                         match duplex.rx.prepare_sleep() {
                             Ok(true) => {}
                             Ok(false) => continue,
@@ -716,13 +682,14 @@ impl Channel {
         fill: &mut dyn FnMut(&mut [u8]),
     ) -> Poll<Result<(), ChannelError>> {
         loop {
-            if let (Phase::Up(duplex), true) = (&mut self.phase, self.carrier) {
+            let carrier = self.link.carrier();
+            if let (Some(duplex), true) = (self.link.rings_mut(), carrier) {
                 match duplex.tx.grant(len) {
                     Ok(mut grant) => {
                         fill(&mut grant);
                         grant.commit();
-                        if duplex.tx.flush().needed() {
-                            self.endpoint.ivshmem().ring_peer(self.peer);
+                        let notify = duplex.tx.flush();
+                        if self.link.notify(notify) {
                             self.stats.doorbells += 1;
                         }
                         self.spin_since[Side::Tx as usize] = None;
@@ -742,12 +709,12 @@ impl Channel {
                     continue;
                 }
                 // Attached, but the peer is not RUN yet: its state change will interrupt us.
-                LinkCheck::Up if !self.carrier => {}
+                LinkCheck::Up if !self.link.carrier() => {}
                 LinkCheck::Up => {
                     if self.spin(cx, Side::Tx) {
                         return Poll::Pending;
                     }
-                    if let Phase::Up(duplex) = &mut self.phase {
+                    if let Some(duplex) = self.link.rings_mut() {
                         match duplex.tx.prepare_wait_for_space(len) {
                             Ok(true) => {}
                             Ok(false) => continue,
@@ -765,7 +732,7 @@ impl Channel {
     /// departure, as for a send.
     fn poll_carrier(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ChannelError>> {
         loop {
-            if matches!(self.phase, Phase::Up(_)) && self.carrier {
+            if self.link.is_up() && self.link.carrier() {
                 return Poll::Ready(Ok(()));
             }
             match self.check_link(false)? {
@@ -777,7 +744,7 @@ impl Channel {
                     self.gone_pending = None;
                     continue;
                 }
-                LinkCheck::Up if self.carrier => continue,
+                LinkCheck::Up if self.link.carrier() => continue,
                 LinkCheck::Up | LinkCheck::Down => {}
             }
             ready!(self.poll_irq(cx, Side::Tx))?;
@@ -801,24 +768,33 @@ impl Channel {
 
     /// Largest frame the sending ring accepts (`None` while the link is not up).
     pub fn max_frame_len(&self) -> Option<usize> {
-        match &self.phase {
-            Phase::Up(d) => Some(d.tx.max_frame_len()),
-            _ => None,
-        }
+        self.link.rings().map(|d| d.tx.max_frame_len())
     }
 }
 
-/// Writes the own `STATE` register. On the hosted backend that is a short blocking round trip
-/// to the hypervisor over its socket; on a multi-thread tokio runtime it runs inside
-/// [`tokio::task::block_in_place`], so the worker's other tasks move to another thread
-/// meanwhile. Elsewhere (current-thread runtime, no runtime, UIO and local backends, where
-/// the write is a plain register or memory store) it is called directly.
-fn write_state(endpoint: &Endpoint, state: LinkState) {
-    let write = || endpoint.ivshmem().set_state(state.as_u32());
-    if endpoint.backend() == Backend::Hosted && on_multi_thread_runtime() {
-        tokio::task::block_in_place(write)
-    } else {
-        write()
+/// The endpoint's registers as the channel's link uses them. A `STATE` write on the hosted
+/// backend is a short blocking round trip to the hypervisor over its socket; on a multi-thread
+/// tokio runtime it runs inside [`tokio::task::block_in_place`], so the worker's other tasks
+/// move to another thread meanwhile. Elsewhere (current-thread runtime, no runtime, UIO and
+/// local backends, where the write is a plain register or memory store) it is direct.
+#[derive(Debug, Clone)]
+pub struct ChannelRegisters {
+    inner: EndpointRegisters,
+    hosted: bool,
+}
+
+impl RegisterAccess for ChannelRegisters {
+    fn read32(&self, offset: u32) -> u32 {
+        self.inner.read32(offset)
+    }
+
+    fn write32(&self, offset: u32, value: u32) {
+        let write = || self.inner.write32(offset, value);
+        if offset == ivshmem_dev::regs::STATE && self.hosted && on_multi_thread_runtime() {
+            tokio::task::block_in_place(write)
+        } else {
+            write()
+        }
     }
 }
 
@@ -834,14 +810,6 @@ impl Waiters {
         if let Some(w) = w {
             w.wake();
         }
-    }
-}
-
-impl Drop for Channel {
-    fn drop(&mut self) {
-        // Leave the link: the peer sees state 0 and stops using our parts.
-        self.phase = Phase::Idle;
-        write_state(&self.endpoint, LinkState::Reset);
     }
 }
 
@@ -953,11 +921,11 @@ impl AsyncWrite for Channel {
         }
         // The frame limit is the real ring's: wait for the link (and carrier) first.
         ready!(this.poll_carrier(cx))?;
-        let limit = match &this.phase {
-            Phase::Up(d) => d.tx.max_frame_len(),
-            // poll_carrier returned with the rings attached.
-            _ => shmring::layout::max_frame_len(shmring::layout::MIN_CAPACITY),
-        };
+        // poll_carrier returned with the rings attached.
+        let limit = this.link.rings().map_or(
+            shmring::layout::max_frame_len(shmring::layout::MIN_CAPACITY),
+            |d| d.tx.max_frame_len(),
+        );
         let n = buf.len().min(limit.max(1));
         ready!(this.poll_send_with(cx, n, &mut |dst: &mut [u8]| dst.copy_from_slice(&buf[..n])))?;
         Poll::Ready(Ok(n))

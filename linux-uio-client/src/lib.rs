@@ -5,9 +5,8 @@
 //! - [`uio`]: the UIO backend (sysfs discovery, map layout, interrupt count reads).
 //! - [`hosted`]: the process-cell backend (attach to the hosted hypervisor's control socket).
 //! - [`local`]: an in-process link with eventfd interrupts (tests, benchmarks).
-//! - [`channel`]: tokio: [`Channel`] (interrupts under `AsyncFd`, record and frame streams,
+//! - [`channel`] (feature `tokio`, on by default): tokio: [`Channel`] (interrupts under `AsyncFd`, record and frame streams,
 //!   back-pressured sends, `AsyncRead`/`AsyncWrite`, polling mode, peer states, re-attach).
-//! - [`telemetry`]: the telemetry pipe's sample record and its bare-metal-style producer cell.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
@@ -27,13 +26,14 @@
 //! ```
 #![warn(missing_docs)]
 
+#[cfg(feature = "tokio")]
 pub mod channel;
 pub mod endpoint;
 pub mod hosted;
 pub mod local;
-pub mod telemetry;
 pub mod uio;
 
+#[cfg(feature = "tokio")]
 pub use channel::{Channel, ChannelError, ChannelOptions, ChannelStats, PeerState, WaitMode};
 pub use endpoint::{Backend, Endpoint, EndpointError, EndpointInterrupt, EndpointRegisters};
 pub use local::LocalLink;

@@ -10,14 +10,15 @@
 //! then attach again (a restarted peer); the memory keeps whatever the old peer left there.
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
-use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use ivshmem_dev::regs::{self, RegisterAccess, INT_CONTROL_ENABLE};
 use ivshmem_dev::{Section, Sections, MAX_SUPPORTED_PEERS};
+use nix::errno::Errno;
+use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use crate::endpoint::EndpointError;
 
@@ -55,7 +56,7 @@ impl Drop for Memory {
 
 #[derive(Debug)]
 struct PeerSlot {
-    interrupt: OwnedFd,
+    interrupt: EventFd,
     output: Memory,
     attached: AtomicBool,
     int_control: AtomicU32,
@@ -72,17 +73,13 @@ pub struct LocalLink {
     peers: Vec<PeerSlot>,
 }
 
-fn eventfd() -> Result<OwnedFd, EndpointError> {
-    // SAFETY: plain syscall; the result is checked.
-    let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-    if raw < 0 {
-        return Err(EndpointError::Io {
+fn eventfd() -> Result<EventFd, EndpointError> {
+    EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).map_err(|e| {
+        EndpointError::Io {
             what: "creating an eventfd",
-            source: io::Error::last_os_error(),
-        });
-    }
-    // SAFETY: a fresh fd nobody else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+            source: e.into(),
+        }
+    })
 }
 
 impl LocalLink {
@@ -153,30 +150,19 @@ impl LocalLink {
 
     fn signal(&self, target: u16) {
         if let Some(slot) = self.peers.get(usize::from(target)) {
-            let one: u64 = 1;
-            // SAFETY: writes 8 bytes from a valid u64 to an eventfd we own. EAGAIN (counter
-            // full) means an interrupt is pending anyway.
-            let _ =
-                unsafe { libc::write(slot.interrupt.as_raw_fd(), (&one as *const u64).cast(), 8) };
+            // EAGAIN (counter full) means an interrupt is pending anyway.
+            let _ = slot.interrupt.write(1);
         }
     }
 
     fn drain(&self, id: u16) -> Result<u64, EndpointError> {
-        let mut count: u64 = 0;
-        let fd = self.peers[usize::from(id)].interrupt.as_raw_fd();
-        // SAFETY: reads 8 bytes into a valid u64 from our non-blocking eventfd.
-        let n = unsafe { libc::read(fd, (&mut count as *mut u64).cast(), 8) };
-        if n == 8 {
-            return Ok(count);
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() == io::ErrorKind::WouldBlock {
-            Ok(0)
-        } else {
-            Err(EndpointError::Io {
+        match self.peers[usize::from(id)].interrupt.read() {
+            Ok(count) => Ok(count),
+            Err(Errno::EAGAIN) => Ok(0),
+            Err(e) => Err(EndpointError::Io {
                 what: "reading the interrupt eventfd",
-                source: err,
-            })
+                source: e.into(),
+            }),
         }
     }
 

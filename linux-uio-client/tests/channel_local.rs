@@ -300,17 +300,17 @@ async fn interrupt_await_rearms_one_shot_and_frames_stream() {
     // Five doorbells while `a` is not waiting merge into one interrupt (with any state-change
     // interrupt still pending from the set-up).
     for _ in 0..5 {
-        b.endpoint().ivshmem().ring_peer(0);
+        b.device().ring_peer(0);
     }
     let n = guard(a.interrupt()).await.unwrap();
     assert!(n >= 5, "merged count {n}");
     assert!(
-        a.endpoint().ivshmem().interrupts_enabled(),
+        a.device().interrupts_enabled(),
         "one-shot delivery must be re-armed before interrupt() returns"
     );
     // Re-armed: the next doorbells interrupt again, and only they are counted.
     for _ in 0..3 {
-        b.endpoint().ivshmem().ring_peer(0);
+        b.device().ring_peer(0);
     }
     assert_eq!(guard(a.interrupt()).await.unwrap(), 3);
 

@@ -297,7 +297,7 @@ impl<R: RegisterAccess, I: Interrupt, P: FramePort> Bridge<R, I, P> {
     fn ring_to_port(&mut self, blocked: &mut bool) -> Pump {
         let mut moved = 0;
         let mut fault = None;
-        if let Some(d) = self.link.nic().duplex_mut() {
+        if let Some(d) = self.link.rings_mut() {
             while moved < self.config.batch {
                 let frame = match d.rx.peek() {
                     Ok(Some(f)) => f,
@@ -331,7 +331,7 @@ impl<R: RegisterAccess, I: Interrupt, P: FramePort> Bridge<R, I, P> {
         }
         if let Some(e) = fault {
             tracing::warn!("peer broke the ring protocol: {e}");
-            self.link.nic().record_fault(e);
+            self.link.record_fault(e);
         }
         if moved > 0 {
             Pump::Moved
@@ -347,7 +347,7 @@ impl<R: RegisterAccess, I: Interrupt, P: FramePort> Bridge<R, I, P> {
         let mut moved = 0;
         let mut full = false;
         let mut fault = None;
-        if let Some(d) = self.link.nic().duplex_mut() {
+        if let Some(d) = self.link.rings_mut() {
             while moved < self.config.batch {
                 let mut grant = match d.tx.grant(mtu) {
                     Ok(g) => g,
@@ -378,19 +378,19 @@ impl<R: RegisterAccess, I: Interrupt, P: FramePort> Bridge<R, I, P> {
             }
         }
         if let Some(e) = fault {
-            self.link.nic().record_fault(e);
+            self.link.record_fault(e);
         }
         if full {
             // Publish what we have (the peer may be waiting for it), then ask for space.
             self.link.flush();
-            if let Some(d) = self.link.nic().duplex_mut() {
+            if let Some(d) = self.link.rings_mut() {
                 match d.tx.prepare_wait_for_space(mtu) {
                     Ok(true) => {
                         *tx_wait = true;
                         self.stats.ring_full_waits += 1;
                     }
                     Ok(false) => {}
-                    Err(e) => self.link.nic().record_fault(e),
+                    Err(e) => self.link.record_fault(e),
                 }
             }
         }
@@ -450,12 +450,12 @@ impl<R: RegisterAccess, I: Interrupt, P: FramePort> Bridge<R, I, P> {
             // Sleep handshake on the receive ring (after the flush above); while the port
             // cannot take frames, the ring's content waits for POLLOUT instead.
             if self.link.carrier() && !out_blocked {
-                if let Some(d) = self.link.nic().duplex_mut() {
+                if let Some(d) = self.link.rings_mut() {
                     match d.rx.prepare_sleep() {
                         Ok(true) => {}
                         Ok(false) => continue,
                         Err(e) => {
-                            self.link.nic().record_fault(e);
+                            self.link.record_fault(e);
                             continue;
                         }
                     }

@@ -1,28 +1,33 @@
 //! A smoltcp virtual NIC over shmring rings on an ivshmem link (protocol 0001h), and a
 //! virtual network Linux can join through a TAP bridge.
 //!
-//! - [`nic::ShmNic`]: a smoltcp [`smoltcp::phy::Device`] over a [`shmring::Duplex`]: Ethernet
-//!   frames, zero-copy tokens (grants and peeks inside shared memory), MTU up to 64 KiB,
-//!   batching (one flush and at most one doorbell per poll), hostile-peer safe.
-//! - [`link::VnetLink`]: owns the [`ivshmem_dev::Ivshmem`] driver, runs the ivshmem-net link
-//!   state machine ([`ivshmem_dev::link_state`]) over `STATE`, sets up and tears down the
-//!   rings, rings the doorbell only when the peer asked for it.
-//! - [`services`]: the cell's network services (ICMP echo by smoltcp, TCP echo 7, discard 9,
-//!   chargen 19, an HTTP status page on 80), no_std + alloc.
-//! - `std` only: [`pcap`] capture, [`tap`] (a Linux TAP device), [`bridge`] (TAP ⇄ ring
-//!   forwarding) and [`cell`] (the cell's event loop), used by `examples/vnet_cell.rs` and
-//!   `examples/vnet_tap.rs`; [`netns`] (network namespaces and ICMP echo from Linux, for the
-//!   root-only tests and `ivbench`) and [`process`] (a process cell's link, attached through
-//!   the hosted hypervisor).
+//! - [`nic`]: the NIC — [`nic::NicState`] (MTU, carrier, fault, counters) and the smoltcp
+//!   [`smoltcp::phy::Device`]s over a [`shmring::Duplex`]: [`nic::NicPort`] (rings lent by a
+//!   link) and [`nic::ShmNic`] (rings owned, for in-process pairs). Ethernet frames, zero-copy
+//!   tokens (grants and peeks inside shared memory), MTU up to 64 KiB, batching (one flush and
+//!   at most one doorbell per poll), hostile-peer safe.
+//! - [`link::VnetLink`]: the NIC on an [`ivshmem_link::Link`] (device driver, the ivshmem-net
+//!   state machine over `STATE`, rings set up and torn down, doorbell only when the peer asked
+//!   for it). It is a smoltcp `Device` itself.
+//! - `std` only: [`pcap`] capture, [`tap`] (a Linux TAP device) and [`bridge`] (TAP ⇄ ring
+//!   forwarding, the Linux side of the virtual network).
 //!
-//! The core is `no_std` with `alloc` (smoltcp socket buffers and one MTU-sized scratch
-//! buffer per NIC); it builds for `x86_64-unknown-none`.
+//! Applications on top — a cell's network services and event loop, process-cell glue,
+//! network namespaces for tests — live with the examples (`ivshmem_stack::vnet_cell` in the
+//! root package), not here.
+//!
+//! Dependency rule: `shmring`, `ivshmem-dev` ← `ivshmem-link` ← this crate; `std` adds
+//! `linux-uio-client`'s endpoint (never its tokio integration) for the bridge's interrupt.
+//!
+//! The core is `no_std` with `alloc` (one MTU-sized scratch buffer per NIC); it builds for
+//! `x86_64-unknown-none`.
 //!
 //! A bare-metal cell's main loop:
 //!
 //! ```no_run
-//! use vnet::services::{ServiceConfig, Services};
+//! use vnet::smoltcp::iface::{Config, Interface, SocketSet};
 //! use vnet::smoltcp::time::Instant;
+//! use vnet::smoltcp::wire::{EthernetAddress, IpCidr, Ipv4Address};
 //! use vnet::{LinkConfig, VnetLink};
 //!
 //! fn cell<R: ivshmem_dev::RegisterAccess>(
@@ -33,10 +38,13 @@
 //!     dev.enable_interrupts();
 //!     let mut link = VnetLink::new(dev, LinkConfig::default())?;
 //!     link.poll_link();
-//!     let address = "10.0.0.2/24".parse().expect("an address");
-//!     let mut services = Services::new(&ServiceConfig::new(address), link.nic(), now());
+//!     let mac = EthernetAddress([0x02, 0, 0, 0, 0, 2]);
+//!     let mut iface = Interface::new(Config::new(mac.into()), &mut link, now());
+//!     let address = IpCidr::new(Ipv4Address::new(10, 0, 0, 2).into(), 24);
+//!     iface.update_ip_addrs(|a| a.push(address).unwrap());
+//!     let mut sockets = SocketSet::new(Vec::new()); // ICMP echo is answered by smoltcp
 //!     loop {
-//!         services.poll(now(), link.nic(), &mut |_page| {});
+//!         iface.poll(now(), &mut link, &mut sockets);
 //!         link.flush(); // one publish per ring, at most one doorbell
 //!         if link.prepare_sleep() {
 //!             wait_for_interrupt(); // doorbell or peer state change (re-arm if one-shot)
@@ -52,21 +60,14 @@ extern crate alloc;
 
 #[cfg(feature = "std")]
 pub mod bridge;
-#[cfg(feature = "std")]
-pub mod cell;
 pub mod link;
-#[cfg(feature = "std")]
-pub mod netns;
 pub mod nic;
 #[cfg(feature = "std")]
 pub mod pcap;
 #[cfg(feature = "std")]
-pub mod process;
-pub mod services;
-#[cfg(feature = "std")]
 pub mod tap;
 
-pub use link::{LinkConfig, LinkError, LinkEvent, LinkStats, VnetLink};
-pub use nic::{NicError, NicStats, ShmNic};
+pub use link::{LinkConfig, LinkError, LinkEvent, LinkFault, LinkStats, VnetLink};
+pub use nic::{NicError, NicPort, NicState, NicStats, ShmNic};
 /// The smoltcp version this crate is built on.
 pub use smoltcp;

@@ -161,10 +161,13 @@ struct TxSide {
     blocked: bool,
 }
 
-/// A smoltcp Ethernet device over a duplex of shmring rings. See the module documentation.
+/// The NIC itself without its rings: MTU, carrier, fault, counters and scratch memory.
+///
+/// Whoever owns the rings lends them for each use: [`ShmNic`] owns its rings (in-process
+/// pairs, tests, benchmarks), [`crate::VnetLink`] keeps them in its [`ivshmem_link::Link`] and
+/// hands out a [`NicPort`] per poll.
 #[derive(Debug)]
-pub struct ShmNic {
-    duplex: Option<Duplex>,
+pub struct NicState {
     carrier: bool,
     mtu: usize,
     burst: usize,
@@ -177,19 +180,18 @@ pub struct ShmNic {
     scratch: Vec<u8>,
 }
 
-impl ShmNic {
+impl NicState {
     /// A NIC with device MTU `mtu` (Ethernet frame size including the 14-byte header) whose
-    /// rings will have about `ring_capacity` bytes; no rings attached yet, carrier off.
+    /// rings will have about `ring_capacity` bytes; carrier off.
     ///
     /// `ring_capacity` sets the advertised burst (smoltcp caps its TCP receive window to
     /// `max_burst_size` MTU frames): the number of MTU frames one ring holds.
-    pub fn new(mtu: usize, ring_capacity: usize) -> Result<ShmNic, NicError> {
+    pub fn new(mtu: usize, ring_capacity: usize) -> Result<NicState, NicError> {
         check_mtu(mtu)?;
         check_ring("expected", ring_capacity, mtu)?;
         // One frame's worth of slack for the padding at the wrap.
         let burst = ring_capacity / layout::frame_size(mtu) - 1;
-        Ok(ShmNic {
-            duplex: None,
+        Ok(NicState {
             carrier: false,
             mtu,
             burst,
@@ -220,27 +222,12 @@ impl ShmNic {
         check_ring("receive", duplex.rx.capacity(), self.mtu)
     }
 
-    /// Attaches the rings after [`check_rings`](Self::check_rings) (on error the duplex is
-    /// dropped; check first to keep it). Clears a previous fault.
-    pub fn attach(&mut self, duplex: Duplex) -> Result<(), NicError> {
-        self.check_rings(&duplex)?;
-        self.duplex = Some(duplex);
-        self.fault = None;
-        Ok(())
-    }
-
-    /// Detaches the rings (link going down); carrier off; a fault is cleared (it stays
+    /// The rings went away (link going down): carrier off; a fault is cleared (it stays
     /// counted in [`NicStats::corrupt`]).
-    pub fn detach(&mut self) -> Option<Duplex> {
+    pub fn rings_gone(&mut self) {
         self.carrier = false;
         self.fault = None;
         self.tx.blocked = false;
-        self.duplex.take()
-    }
-
-    /// Whether rings are attached.
-    pub fn is_attached(&self) -> bool {
-        self.duplex.is_some()
     }
 
     /// Turns the carrier on or off. Without carrier (or rings, or after a fault) the NIC
@@ -257,11 +244,6 @@ impl ShmNic {
     /// The peer's protocol violation that stopped this NIC, if any.
     pub fn fault(&self) -> Option<shmring::Error> {
         self.fault
-    }
-
-    /// The attached rings (for frame-level users such as the TAP bridge).
-    pub fn duplex_mut(&mut self) -> Option<&mut Duplex> {
-        self.duplex.as_mut()
     }
 
     /// Counters.
@@ -292,10 +274,13 @@ impl ShmNic {
         self.carrier && self.fault.is_none()
     }
 
-    /// Publishes every commit and release since the last flush (one index store per ring)
-    /// and returns whether the peer must be notified (ring its doorbell once).
-    pub fn flush(&mut self) -> Notify {
-        let Some(d) = self.duplex.as_mut() else {
+    /// Lends `duplex` to this NIC for one use (a poll of smoltcp, a flush).
+    pub fn port<'a>(&'a mut self, duplex: Option<&'a mut Duplex>) -> NicPort<'a> {
+        NicPort { nic: self, duplex }
+    }
+
+    fn flush(&mut self, duplex: Option<&mut Duplex>) -> Notify {
+        let Some(d) = duplex else {
             return Notify::NONE;
         };
         let notify = d.tx.flush() | d.rx.flush();
@@ -305,18 +290,13 @@ impl ShmNic {
         notify
     }
 
-    /// Sleep handshake: flushes (the returned [`Notify`] says whether to ring the peer's
-    /// doorbell first), then announces "wake me" for new frames and, if `transmit` was
-    /// refused since the last handshake, for send space. `true`: nothing to do, the caller
-    /// may sleep until its interrupt (or smoltcp's next timer); `false`: work arrived, poll
-    /// again. Without usable rings: `true` (only a link change can wake the NIC up).
-    pub fn prepare_sleep(&mut self) -> (bool, Notify) {
-        let notify = self.flush();
+    fn prepare_sleep(&mut self, mut duplex: Option<&mut Duplex>) -> (bool, Notify) {
+        let notify = self.flush(duplex.as_deref_mut());
         let mtu = self.mtu;
         if !self.usable() {
             return (true, notify);
         }
-        let Some(d) = self.duplex.as_mut() else {
+        let Some(d) = duplex else {
             return (true, notify);
         };
         let rx = d.rx.prepare_sleep();
@@ -338,6 +318,238 @@ impl ShmNic {
             }
         };
         (idle, notify)
+    }
+
+    pub(crate) fn receive<'a>(
+        &'a mut self,
+        duplex: Option<&'a mut Duplex>,
+    ) -> Option<(ShmRxToken<'a>, ShmTxToken<'a>)> {
+        if !self.usable() {
+            return None;
+        }
+        let mtu = self.mtu;
+        let d = duplex?;
+        let frame = match peek(&mut d.rx) {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return None,
+            Err(e) => {
+                self.corrupt += 1;
+                self.fault.get_or_insert(e);
+                return None;
+            }
+        };
+        Some((
+            ShmRxToken {
+                frame,
+                side: &mut self.rx,
+                mtu,
+            },
+            ShmTxToken {
+                slot: TxSlot::Reply(ReplySlot {
+                    tx: &mut d.tx,
+                    mtu,
+                    fault: &mut self.fault,
+                    corrupt: &mut self.corrupt,
+                }),
+                side: &mut self.tx,
+                scratch: &mut self.scratch,
+            },
+        ))
+    }
+
+    pub(crate) fn transmit<'a>(
+        &'a mut self,
+        duplex: Option<&'a mut Duplex>,
+    ) -> Option<ShmTxToken<'a>> {
+        if !self.usable() {
+            return None;
+        }
+        let mtu = self.mtu;
+        let d = duplex?;
+        match grant_mtu(&mut d.tx, mtu) {
+            Ok(Some(g)) => Some(ShmTxToken {
+                slot: TxSlot::Ring(g),
+                side: &mut self.tx,
+                scratch: &mut self.scratch,
+            }),
+            Ok(None) => {
+                self.tx.full += 1;
+                self.tx.blocked = true;
+                None
+            }
+            Err(e) => {
+                self.corrupt += 1;
+                self.fault.get_or_insert(e);
+                None
+            }
+        }
+    }
+
+    pub(crate) fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ethernet;
+        caps.max_transmission_unit = self.mtu;
+        caps.max_burst_size = Some(self.burst);
+        caps.checksum = self.checksum.clone();
+        caps
+    }
+}
+
+/// A [`NicState`] with rings lent to it: the smoltcp [`Device`] for one use.
+#[derive(Debug)]
+pub struct NicPort<'a> {
+    nic: &'a mut NicState,
+    duplex: Option<&'a mut Duplex>,
+}
+
+impl NicPort<'_> {
+    /// The lent rings (for frame-level users such as the TAP bridge).
+    pub fn duplex_mut(&mut self) -> Option<&mut Duplex> {
+        self.duplex.as_deref_mut()
+    }
+
+    /// Records a protocol violation by the peer.
+    pub fn record_fault(&mut self, error: shmring::Error) {
+        self.nic.record_fault(error);
+    }
+
+    /// Publishes every commit and release since the last flush (one index store per ring)
+    /// and returns whether the peer must be notified (ring its doorbell once).
+    pub fn flush(&mut self) -> Notify {
+        self.nic.flush(self.duplex.as_deref_mut())
+    }
+
+    /// The sleep handshake; see [`ShmNic::prepare_sleep`].
+    pub fn prepare_sleep(&mut self) -> (bool, Notify) {
+        self.nic.prepare_sleep(self.duplex.as_deref_mut())
+    }
+
+    /// The NIC without its rings (counters, MTU, fault).
+    pub fn state(&self) -> &NicState {
+        self.nic
+    }
+}
+
+impl Device for NicPort<'_> {
+    type RxToken<'a>
+        = ShmRxToken<'a>
+    where
+        Self: 'a;
+    type TxToken<'a>
+        = ShmTxToken<'a>
+    where
+        Self: 'a;
+
+    fn receive(&mut self, _timestamp: Instant) -> Option<(ShmRxToken<'_>, ShmTxToken<'_>)> {
+        self.nic.receive(self.duplex.as_deref_mut())
+    }
+
+    fn transmit(&mut self, _timestamp: Instant) -> Option<ShmTxToken<'_>> {
+        self.nic.transmit(self.duplex.as_deref_mut())
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        self.nic.capabilities()
+    }
+}
+
+/// A smoltcp Ethernet device that owns its duplex of shmring rings (in-process pairs, tests,
+/// benchmarks). See the module documentation.
+#[derive(Debug)]
+pub struct ShmNic {
+    state: NicState,
+    duplex: Option<Duplex>,
+}
+
+impl ShmNic {
+    /// A NIC with device MTU `mtu`; see [`NicState::new`]. No rings attached yet, carrier off.
+    pub fn new(mtu: usize, ring_capacity: usize) -> Result<ShmNic, NicError> {
+        Ok(ShmNic {
+            state: NicState::new(mtu, ring_capacity)?,
+            duplex: None,
+        })
+    }
+
+    /// Sets the checksum capabilities reported to smoltcp (see [`NicState::set_checksum`]).
+    pub fn set_checksum(&mut self, checksum: ChecksumCapabilities) {
+        self.state.set_checksum(checksum);
+    }
+
+    /// The device MTU (Ethernet frame size).
+    pub fn mtu(&self) -> usize {
+        self.state.mtu
+    }
+
+    /// Checks that both rings of `duplex` hold [`MIN_FRAMES_PER_RING`] MTU frames.
+    pub fn check_rings(&self, duplex: &Duplex) -> Result<(), NicError> {
+        self.state.check_rings(duplex)
+    }
+
+    /// Attaches the rings after [`check_rings`](Self::check_rings) (on error the duplex is
+    /// dropped; check first to keep it). Clears a previous fault.
+    pub fn attach(&mut self, duplex: Duplex) -> Result<(), NicError> {
+        self.check_rings(&duplex)?;
+        self.duplex = Some(duplex);
+        self.state.fault = None;
+        Ok(())
+    }
+
+    /// Detaches the rings (link going down); carrier off; a fault is cleared (it stays
+    /// counted in [`NicStats::corrupt`]).
+    pub fn detach(&mut self) -> Option<Duplex> {
+        self.state.rings_gone();
+        self.duplex.take()
+    }
+
+    /// Whether rings are attached.
+    pub fn is_attached(&self) -> bool {
+        self.duplex.is_some()
+    }
+
+    /// Turns the carrier on or off. Without carrier (or rings, or after a fault) the NIC
+    /// hands out no tokens; frames stay in the rings.
+    pub fn set_carrier(&mut self, on: bool) {
+        self.state.set_carrier(on);
+    }
+
+    /// Whether the carrier is on.
+    pub fn carrier(&self) -> bool {
+        self.state.carrier
+    }
+
+    /// The peer's protocol violation that stopped this NIC, if any.
+    pub fn fault(&self) -> Option<shmring::Error> {
+        self.state.fault
+    }
+
+    /// The attached rings (for frame-level users such as the TAP bridge).
+    pub fn duplex_mut(&mut self) -> Option<&mut Duplex> {
+        self.duplex.as_mut()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> NicStats {
+        self.state.stats()
+    }
+
+    /// Records a protocol violation by the peer.
+    pub fn record_fault(&mut self, error: shmring::Error) {
+        self.state.record_fault(error);
+    }
+
+    /// Publishes every commit and release since the last flush (one index store per ring)
+    /// and returns whether the peer must be notified (ring its doorbell once).
+    pub fn flush(&mut self) -> Notify {
+        self.state.flush(self.duplex.as_mut())
+    }
+
+    /// Sleep handshake: flushes (the returned [`Notify`] says whether to ring the peer's
+    /// doorbell first), then announces "wake me" for new frames and, if `transmit` was
+    /// refused since the last handshake, for send space. `true`: nothing to do, the caller
+    /// may sleep until its interrupt (or smoltcp's next timer); `false`: work arrived, poll
+    /// again. Without usable rings: `true` (only a link change can wake the NIC up).
+    pub fn prepare_sleep(&mut self) -> (bool, Notify) {
+        self.state.prepare_sleep(self.duplex.as_mut())
     }
 }
 
@@ -465,71 +677,15 @@ impl Device for ShmNic {
     type TxToken<'a> = ShmTxToken<'a>;
 
     fn receive(&mut self, _timestamp: Instant) -> Option<(ShmRxToken<'_>, ShmTxToken<'_>)> {
-        if !self.usable() {
-            return None;
-        }
-        let mtu = self.mtu;
-        let d = self.duplex.as_mut()?;
-        let frame = match peek(&mut d.rx) {
-            Ok(Some(frame)) => frame,
-            Ok(None) => return None,
-            Err(e) => {
-                self.corrupt += 1;
-                self.fault.get_or_insert(e);
-                return None;
-            }
-        };
-        Some((
-            ShmRxToken {
-                frame,
-                side: &mut self.rx,
-                mtu,
-            },
-            ShmTxToken {
-                slot: TxSlot::Reply(ReplySlot {
-                    tx: &mut d.tx,
-                    mtu,
-                    fault: &mut self.fault,
-                    corrupt: &mut self.corrupt,
-                }),
-                side: &mut self.tx,
-                scratch: &mut self.scratch,
-            },
-        ))
+        self.state.receive(self.duplex.as_mut())
     }
 
     fn transmit(&mut self, _timestamp: Instant) -> Option<ShmTxToken<'_>> {
-        if !self.usable() {
-            return None;
-        }
-        let mtu = self.mtu;
-        let d = self.duplex.as_mut()?;
-        match grant_mtu(&mut d.tx, mtu) {
-            Ok(Some(g)) => Some(ShmTxToken {
-                slot: TxSlot::Ring(g),
-                side: &mut self.tx,
-                scratch: &mut self.scratch,
-            }),
-            Ok(None) => {
-                self.tx.full += 1;
-                self.tx.blocked = true;
-                None
-            }
-            Err(e) => {
-                self.corrupt += 1;
-                self.fault.get_or_insert(e);
-                None
-            }
-        }
+        self.state.transmit(self.duplex.as_mut())
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
-        let mut caps = DeviceCapabilities::default();
-        caps.medium = Medium::Ethernet;
-        caps.max_transmission_unit = self.mtu;
-        caps.max_burst_size = Some(self.burst);
-        caps.checksum = self.checksum.clone();
-        caps
+        self.state.capabilities()
     }
 }
 

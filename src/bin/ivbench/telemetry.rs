@@ -24,13 +24,12 @@ use std::io::Write as _;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
+use ::telemetry::process::{monotonic_ns, ProcessPlatform};
+use ::telemetry::{ProducerCell, ProducerConfig, Sample, SampleCheck};
 use anyhow::{bail, ensure, Context, Result};
 use ivshmem_stack::bench::hosted::{with_hosted_link, BenchLink};
 use ivshmem_stack::bench::report::{Comparison, Entry};
 use ivshmem_stack::bench::{pin, Measurement, Metric, Settings, SuiteReport};
-use linux_uio_client::telemetry::{
-    monotonic_ns, ProcessPlatform, ProducerCell, ProducerConfig, Sample, SampleCheck,
-};
 use linux_uio_client::{Channel, ChannelOptions, Endpoint, LocalLink, WaitMode};
 use tokio::io::{AsyncRead, AsyncReadExt, BufReader};
 
@@ -221,7 +220,8 @@ fn run_ivshmem(cpus: [usize; 2], load: Load, wait: WaitMode) -> Result<RunResult
             let endpoint = Endpoint::attach_local(&link, 0)?;
             let (dev, interrupt) = endpoint.into_parts();
             let mut platform = ProcessPlatform::new(interrupt);
-            let mut cell = ProducerCell::new(&dev, producer_config(1, load));
+            let mut cell = ProducerCell::new(dev, producer_config(1, load))
+                .map_err(|e| anyhow::anyhow!("producer cell: {e}"))?;
             let stats = cell.run(&mut platform);
             if let Some(e) = platform.error() {
                 bail!("producer interrupt wait: {e}");
@@ -370,7 +370,8 @@ fn xproc_pipe(
     // Everything the child needs exists before the fork; the child only runs the cell.
     let (dev, interrupt) = producer.into_parts();
     let mut platform = ProcessPlatform::new(interrupt);
-    let mut cell = ProducerCell::new(&dev, producer_config(peer, load));
+    let mut cell = ProducerCell::new(dev, producer_config(peer, load))
+        .map_err(|e| anyhow::anyhow!("producer cell: {e}"))?;
     // SAFETY: the child runs the producer cell on objects that already exist: atomic and
     // volatile accesses to shared memory, eventfd reads/writes, poll, and STATE writes over
     // the producer's own control connection (no other thread of this process uses that
@@ -394,9 +395,9 @@ fn xproc_pipe(
     };
     // The child owns the producer's attachment now: this process lets go of its copy, so the
     // hypervisor sees the producer leave when the child exits.
+    cell.keep_state_on_drop();
     drop(cell);
     drop(platform);
-    drop(dev);
     let rt = runtime()?;
     // Every error return below drops `child`: killed if still running, and reaped.
     let result = rt.block_on(async {

@@ -7,7 +7,7 @@
 //!   and server socket on it, polled by one thread; same MTU (1514), same socket buffers
 //!   (256 KiB), same checksum setting (not computed, as `Loopback` does) as `shmring`;
 //! - `tap-bridge`: Linux's TCP/IP stack in a network namespace → TAP → `vnet::bridge` →
-//!   ring → a smoltcp cell (`vnet::cell`, sink service: it CRCs every byte), the bridge and
+//!   ring → a smoltcp cell (`ivshmem_stack::vnet_cell::cell`, sink service: it CRCs every byte), the bridge and
 //!   the cell each on their own thread over an in-process `LocalLink` (real eventfd
 //!   interrupts);
 //! - `veth`: Linux → Linux over a veth pair between two network namespaces, the receiver
@@ -22,18 +22,20 @@
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsFd;
+
+use nix::sys::eventfd::{EfdFlags, EventFd};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use ivshmem_stack::bench::report::{Comparison, Entry, Target};
 use ivshmem_stack::bench::{Measurement, Metric, Settings, SuiteReport};
+use ivshmem_stack::vnet_cell::cell::{Cell, CellConfig};
+use ivshmem_stack::vnet_cell::netns::{echo_request, run_ip, EchoSocket, Netns};
+use ivshmem_stack::vnet_cell::services::{Crc32, ServiceConfig, PORT_SINK};
 use linux_uio_client::{Endpoint, LocalLink};
 use vnet::bridge::{Bridge, BridgeConfig};
-use vnet::cell::{Cell, CellConfig};
-use vnet::netns::{echo_request, run_ip, EchoSocket, Netns};
-use vnet::services::{Crc32, ServiceConfig, PORT_SINK};
 use vnet::smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use vnet::smoltcp::phy::{ChecksumCapabilities, Device, DeviceCapabilities, Loopback, Medium};
 use vnet::smoltcp::socket::{icmp, tcp};
@@ -397,18 +399,15 @@ fn netns(tag: &str) -> Result<Netns> {
     Netns::create(&name).with_context(|| format!("network namespace {name}"))
 }
 
-fn eventfd() -> Result<Arc<OwnedFd>> {
-    // SAFETY: plain syscall, checked.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-    ensure!(fd >= 0, "eventfd: {}", std::io::Error::last_os_error());
-    // SAFETY: a fresh fd.
-    Ok(Arc::new(unsafe { OwnedFd::from_raw_fd(fd) }))
+fn eventfd() -> Result<Arc<EventFd>> {
+    Ok(Arc::new(
+        EventFd::from_flags(EfdFlags::EFD_CLOEXEC).context("eventfd")?,
+    ))
 }
 
-fn signal(fd: &OwnedFd) {
-    let one = 1u64;
-    // SAFETY: an 8-byte write to an eventfd.
-    let _ = unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+fn signal(fd: &EventFd) {
+    // EAGAIN (counter full) means the stop is signalled anyway.
+    let _ = fd.write(1);
 }
 
 /// A job run by a thread that lives in a namespace.
@@ -467,7 +466,7 @@ impl Drop for NsWorker {
 
 /// Namespaces, TAP bridge + cell threads, veth pair and the client workers.
 struct LinuxSide {
-    stops: Vec<Arc<OwnedFd>>,
+    stops: Vec<Arc<EventFd>>,
     threads: Vec<std::thread::JoinHandle<()>>,
     tap_client: NsWorker,
     veth_client: NsWorker,
@@ -577,7 +576,7 @@ impl LinuxSide {
         let ns_name = veth_b.name().to_string();
         let server = std::thread::spawn(move || {
             let serve = || -> Result<()> {
-                vnet::netns::enter(&ns_name)?;
+                ivshmem_stack::vnet_cell::netns::enter(&ns_name)?;
                 let listener = TcpListener::bind(SocketAddrV4::new(VETH_SERVER, PORT_SINK))?;
                 let _ = listening_tx.send(Ok(()));
                 for conn in listener.incoming() {

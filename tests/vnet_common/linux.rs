@@ -7,8 +7,8 @@ use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
 use std::process::Command;
 use std::time::Duration;
 
-use vnet::netns::EchoSocket;
-use vnet::services::{source_byte, Crc32, PORT_SINK, PORT_SOURCE};
+use ivshmem_stack::vnet_cell::netns::EchoSocket;
+use ivshmem_stack::vnet_cell::services::{source_byte, Crc32, PORT_SINK, PORT_SOURCE};
 
 /// Whether the test may run (root); prints why not otherwise.
 pub fn root_or_skip(test: &str) -> bool {
@@ -19,14 +19,17 @@ pub fn root_or_skip(test: &str) -> bool {
     false
 }
 
-/// A named network namespace ([`vnet::netns::Netns`], `vnet-TAG-PID`), deleted on drop;
+/// A named network namespace ([`ivshmem_stack::vnet_cell::netns::Netns`], `vnet-TAG-PID`), deleted on drop;
 /// panics on failure.
-pub struct Netns(vnet::netns::Netns);
+pub struct Netns(ivshmem_stack::vnet_cell::netns::Netns);
 
 impl Netns {
     pub fn new(tag: &str) -> Netns {
         let name = format!("vnet-{tag}-{}", std::process::id());
-        Netns(vnet::netns::Netns::create(&name).unwrap_or_else(|e| panic!("netns {name}: {e}")))
+        Netns(
+            ivshmem_stack::vnet_cell::netns::Netns::create(&name)
+                .unwrap_or_else(|e| panic!("netns {name}: {e}")),
+        )
     }
 
     /// Runs `ip -n NAME ARGS...` and returns its stdout.

@@ -6,49 +6,39 @@
 //! `linux_uio_client::LocalLink` (the hosted device semantics on heap memory, real eventfd
 //! interrupts); the kernel side is real (TAP device, TCP, ICMP, curl).
 
+#[path = "vnet_common/mod.rs"]
 mod common;
 
 use std::net::Ipv4Addr;
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::fd::AsFd;
+
+use nix::sys::eventfd::{EfdFlags, EventFd};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::linux::{self, Netns};
+use ivshmem_stack::vnet_cell::cell::{Cell, CellConfig};
+use ivshmem_stack::vnet_cell::services::ServiceConfig;
 use linux_uio_client::{Endpoint, LocalLink};
 use smoltcp::wire::Ipv4Cidr;
 use vnet::bridge::{Bridge, BridgeConfig};
-use vnet::cell::{Cell, CellConfig};
-use vnet::services::ServiceConfig;
 use vnet::tap::Tap;
 use vnet::{LinkConfig, LinkEvent, VnetLink};
 
 const CELL_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
 const MIB: u64 = 1 << 20;
 
-fn eventfd() -> Arc<OwnedFd> {
-    // SAFETY: plain syscall, checked.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-    assert!(fd >= 0);
-    // SAFETY: fresh fd.
-    Arc::new(unsafe { OwnedFd::from_raw_fd(fd) })
+fn eventfd() -> Arc<EventFd> {
+    Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC).expect("eventfd"))
 }
 
-fn signal(fd: &OwnedFd) {
-    let one = 1u64;
-    // SAFETY: 8-byte write to an eventfd.
-    let n = unsafe {
-        libc::write(
-            std::os::fd::AsRawFd::as_raw_fd(fd),
-            (&one as *const u64).cast(),
-            8,
-        )
-    };
-    assert_eq!(n, 8);
+fn signal(fd: &EventFd) {
+    assert_eq!(fd.write(1).expect("eventfd write"), 8);
 }
 
 /// Starts the cell (peer 0) in a thread; returns its stop fd and handle.
-fn start_cell(link: &Arc<LocalLink>) -> (Arc<OwnedFd>, std::thread::JoinHandle<()>) {
+fn start_cell(link: &Arc<LocalLink>) -> (Arc<EventFd>, std::thread::JoinHandle<()>) {
     let stop = eventfd();
     let link = Arc::clone(link);
     let s = Arc::clone(&stop);

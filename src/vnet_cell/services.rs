@@ -16,11 +16,11 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::fmt::Write as _;
 
-use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
-use smoltcp::phy::Device;
-use smoltcp::socket::tcp;
-use smoltcp::time::{Duration, Instant};
-use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address, Ipv4Cidr};
+use vnet::smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use vnet::smoltcp::phy::Device;
+use vnet::smoltcp::socket::tcp;
+use vnet::smoltcp::time::{Duration, Instant};
+use vnet::smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address, Ipv4Cidr};
 
 /// Echo port.
 pub const PORT_ECHO: u16 = 7;
@@ -250,8 +250,8 @@ impl Services {
         device: &mut D,
         status: &mut dyn FnMut(&mut String),
     ) -> bool {
-        let mut changed =
-            self.iface.poll(now, device, &mut self.sockets) != smoltcp::iface::PollResult::None;
+        let mut changed = self.iface.poll(now, device, &mut self.sockets)
+            != vnet::smoltcp::iface::PollResult::None;
         if self.serve(status) {
             changed = true;
             let _ = self.iface.poll(now, device, &mut self.sockets);

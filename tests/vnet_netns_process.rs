@@ -5,10 +5,13 @@
 //! The cell is killed with SIGKILL and restarted: the link goes down, comes back, and new
 //! connections work. Root only: without root the test prints why it is skipped.
 
+#[path = "vnet_common/mod.rs"]
 mod common;
 
 use std::net::Ipv4Addr;
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::fd::AsFd;
+
+use nix::sys::eventfd::{EfdFlags, EventFd};
 use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::sync::{mpsc, Arc};
@@ -18,11 +21,11 @@ use common::linux::{self, Netns};
 use hypervisor::cells::{self, RunOptions, StopHandle};
 use hypervisor::config::SystemConfig;
 use hypervisor::control::SystemSpec;
+use ivshmem_stack::vnet_cell::cell::{Cell, CellConfig};
+use ivshmem_stack::vnet_cell::services::ServiceConfig;
 use linux_uio_client::Endpoint;
 use smoltcp::wire::Ipv4Cidr;
 use vnet::bridge::{Bridge, BridgeConfig};
-use vnet::cell::{Cell, CellConfig};
-use vnet::services::ServiceConfig;
 use vnet::tap::Tap;
 use vnet::{LinkConfig, LinkEvent, VnetLink};
 
@@ -97,12 +100,8 @@ fn spawn_cell(socket: &PathBuf) -> Child {
     .unwrap()
 }
 
-fn eventfd() -> Arc<OwnedFd> {
-    // SAFETY: plain syscall, checked.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-    assert!(fd >= 0);
-    // SAFETY: fresh fd.
-    Arc::new(unsafe { OwnedFd::from_raw_fd(fd) })
+fn eventfd() -> Arc<EventFd> {
+    Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC).expect("eventfd"))
 }
 
 #[test]
@@ -226,16 +225,7 @@ fn process_cells_linux_through_tap_to_a_smoltcp_cell() {
 
     cell.kill().unwrap();
     cell.wait().unwrap();
-    let one = 1u64;
-    // SAFETY: 8-byte write to an eventfd.
-    let n = unsafe {
-        libc::write(
-            std::os::fd::AsRawFd::as_raw_fd(&*bridge_stop),
-            (&one as *const u64).cast(),
-            8,
-        )
-    };
-    assert_eq!(n, 8);
+    assert_eq!(bridge_stop.write(1).expect("eventfd write"), 8);
     let stats = bridge.join().unwrap();
     assert_eq!(stats.port_write_errors, 0);
     stop.stop();

@@ -1,10 +1,10 @@
-//! The ivshmem-net link state machine (RESET → INIT → READY → RUN), pure and `no_std`.
+//! The ivshmem-net link state machine (RESET → INIT → READY → RUN), pure.
 //!
 //! Each peer publishes its [`LinkState`] in its `STATE` register; after every interrupt (and at
 //! start) a peer reads the other peer's state-table entry, calls [`next`], performs the
 //! returned [`Action`] and writes the new own state to `STATE` if it changed. Repeat until the
-//! step returns the same state with [`Action::None`] (at most three steps). Used by `vnet`
-//! and by the telemetry pipe.
+//! step returns the same state with [`Action::None`] (at most three steps). [`crate::Link`]
+//! does exactly that; this module is the table alone, for tests and for other drivers.
 //!
 //! Transitions (own state × peer state → new state, action), following the Linux
 //! `ivshmem-net` driver:

@@ -16,10 +16,9 @@ use hypervisor::cells::{self, RunOptions, StopHandle};
 use hypervisor::config::SystemConfig;
 use hypervisor::control::SystemSpec;
 use linux_uio_client::channel::ChannelError;
-use linux_uio_client::telemetry::{
-    ProcessPlatform, ProducerCell, ProducerConfig, Sample, SampleCheck,
-};
 use linux_uio_client::{Channel, ChannelOptions, Endpoint, WaitMode};
+use telemetry::process::ProcessPlatform;
+use telemetry::{ProducerCell, ProducerConfig, Sample, SampleCheck};
 
 const ROLE_ENV: &str = "TELEMETRY_E2E_ROLE";
 const SOCKET_ENV: &str = "TELEMETRY_E2E_SOCKET";
@@ -42,7 +41,7 @@ fn producer_role() {
     let (dev, interrupt) = endpoint.into_parts();
     let mut platform = ProcessPlatform::new(interrupt);
     let mut cell = ProducerCell::new(
-        &dev,
+        dev,
         ProducerConfig {
             peer,
             count,
@@ -50,7 +49,8 @@ fn producer_role() {
             max_capacity: Some(16 * 1024),
             ..ProducerConfig::default()
         },
-    );
+    )
+    .unwrap();
     let stats = cell.run(&mut platform).unwrap();
     eprintln!("producer: {stats:?}");
     std::process::exit(0);

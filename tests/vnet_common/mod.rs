@@ -8,13 +8,13 @@ use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant as StdInstant};
 
 use ivshmem_dev::RegisterAccess;
+use ivshmem_stack::vnet_cell::services::{source_byte, Crc32};
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::Device;
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, Ipv4Address, Ipv4Cidr};
 use vnet::bridge::Interrupt;
-use vnet::services::{source_byte, Crc32};
 use vnet::VnetLink;
 
 /// Safety net for a hung test (never used for synchronisation).
@@ -64,13 +64,13 @@ impl<R: RegisterAccess> Device for LinkDevice<R> {
     where
         Self: 'a;
     fn receive(&mut self, t: Instant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
-        self.0.nic().receive(t)
+        self.0.receive(t)
     }
     fn transmit(&mut self, t: Instant) -> Option<Self::TxToken<'_>> {
-        self.0.nic().transmit(t)
+        self.0.transmit(t)
     }
     fn capabilities(&self) -> smoltcp::phy::DeviceCapabilities {
-        self.0.nic_ref().capabilities()
+        self.0.capabilities()
     }
 }
 
@@ -198,7 +198,11 @@ impl<D: Device, I: Interrupt> Client<D, I> {
         total: u64,
         buffer: usize,
     ) -> (u64, u32, u32) {
-        let h = self.connect(remote, vnet::services::PORT_SINK, buffer);
+        let h = self.connect(
+            remote,
+            ivshmem_stack::vnet_cell::services::PORT_SINK,
+            buffer,
+        );
         let mut sent = 0u64;
         let mut crc = Crc32::new();
         let mut closed = false;
@@ -253,7 +257,11 @@ impl<D: Device, I: Interrupt> Client<D, I> {
 
     /// Reads `total` bytes from the source and checks every byte; returns the bytes read.
     pub fn source_transfer(&mut self, remote: Ipv4Address, total: u64, buffer: usize) -> u64 {
-        let h = self.connect(remote, vnet::services::PORT_SOURCE, buffer);
+        let h = self.connect(
+            remote,
+            ivshmem_stack::vnet_cell::services::PORT_SOURCE,
+            buffer,
+        );
         let mut got = 0u64;
         let mut bad = None;
         self.run_until(|sockets| {
@@ -283,7 +291,11 @@ impl<D: Device, I: Interrupt> Client<D, I> {
 
     /// Sends `total` bytes to the echo port and checks they come back identical.
     pub fn echo_transfer(&mut self, remote: Ipv4Address, total: u64, buffer: usize) {
-        let h = self.connect(remote, vnet::services::PORT_ECHO, buffer);
+        let h = self.connect(
+            remote,
+            ivshmem_stack::vnet_cell::services::PORT_ECHO,
+            buffer,
+        );
         let (mut sent, mut got) = (0u64, 0u64);
         let mut bad = None;
         self.run_until(|sockets| {

@@ -6,12 +6,14 @@
 
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
+
+use nix::sys::eventfd::{EfdFlags, EventFd};
 use std::sync::Arc;
 
+use ivshmem_stack::vnet_cell::cell::{Cell, CellConfig};
+use ivshmem_stack::vnet_cell::services::ServiceConfig;
 use linux_uio_client::{Endpoint, LocalLink};
 use vnet::bridge::{Bridge, BridgeConfig, FdCondition, Interrupt, LoopError, LoopFd};
-use vnet::cell::{Cell, CellConfig};
-use vnet::services::ServiceConfig;
 use vnet::{LinkConfig, VnetLink};
 
 const FRAMES: u64 = 3000;
@@ -39,8 +41,7 @@ fn bridge_waits_for_ring_space_and_loses_nothing() {
     let link = LocalLink::new("net0", 2, 256 * 1024).unwrap();
     let (bridge_end, writer_end) = UnixDatagram::pair().unwrap();
     bridge_end.set_nonblocking(true).unwrap();
-    // SAFETY: plain syscall, checked.
-    let stop = Arc::new(unsafe { OwnedFd::from_raw_fd(libc::eventfd(0, libc::EFD_CLOEXEC)) });
+    let stop = Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC).unwrap());
 
     let bridge = {
         let link = Arc::clone(&link);
@@ -72,9 +73,9 @@ fn bridge_waits_for_ring_space_and_loses_nothing() {
     });
 
     // Not reading: wait until the ring is nearly full (woken by the bridge's doorbells).
-    let capacity = peer.nic().duplex_mut().unwrap().rx.capacity();
+    let capacity = peer.rings_mut().unwrap().rx.capacity();
     loop {
-        let rx = &mut peer.nic().duplex_mut().unwrap().rx;
+        let rx = &mut peer.rings_mut().unwrap().rx;
         if rx.available() + 2 * (FRAME_LEN + 16) > capacity {
             break;
         }
@@ -90,7 +91,7 @@ fn bridge_waits_for_ring_space_and_loses_nothing() {
     while next < FRAMES {
         let mut got = 0;
         {
-            let rx = &mut peer.nic().duplex_mut().unwrap().rx;
+            let rx = &mut peer.rings_mut().unwrap().rx;
             while let Some(f) = rx.peek().unwrap() {
                 assert_eq!(f.len(), FRAME_LEN);
                 buf[..FRAME_LEN].copy_from_slice(&f);
@@ -102,7 +103,7 @@ fn bridge_waits_for_ring_space_and_loses_nothing() {
         }
         peer.flush();
         if got == 0 && next < FRAMES {
-            let may_sleep = peer.nic().duplex_mut().unwrap().rx.prepare_sleep().unwrap();
+            let may_sleep = peer.rings_mut().unwrap().rx.prepare_sleep().unwrap();
             if may_sleep {
                 wait(&irq);
                 Interrupt::take(&mut irq).unwrap();
@@ -111,12 +112,7 @@ fn bridge_waits_for_ring_space_and_loses_nothing() {
     }
     writer.join().unwrap();
 
-    let one = 1u64;
-    // SAFETY: 8-byte write to an eventfd.
-    assert_eq!(
-        unsafe { libc::write(stop.as_raw_fd(), (&one as *const u64).cast(), 8) },
-        8
-    );
+    assert_eq!(stop.write(1).unwrap(), 8);
     let stats = bridge.join().unwrap();
     assert_eq!(stats.from_port_frames, FRAMES);
     assert!(

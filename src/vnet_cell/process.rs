@@ -6,7 +6,7 @@ use std::path::Path;
 
 use linux_uio_client::{Endpoint, EndpointError, EndpointInterrupt, EndpointRegisters};
 
-use crate::link::{LinkConfig, LinkError, VnetLink};
+use vnet::link::{LinkConfig, LinkError, VnetLink};
 
 /// Where the hypervisor is and which link to use.
 #[derive(Debug, Clone, Copy, Default)]
@@ -34,8 +34,8 @@ pub enum AttachError {
     },
 }
 
-/// A process cell's vnet link, ready for a [`crate::cell::Cell`] or a
-/// [`crate::bridge::Bridge`].
+/// A process cell's vnet link, ready for a [`super::cell::Cell`] or a
+/// [`vnet::bridge::Bridge`].
 #[derive(Debug)]
 pub struct ProcessLink {
     /// The link's name.

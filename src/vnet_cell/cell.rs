@@ -11,11 +11,11 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use std::time::{Duration, Instant as StdInstant};
 
 use ivshmem_dev::RegisterAccess;
-use smoltcp::time::Instant;
+use vnet::smoltcp::time::Instant;
 
-use crate::bridge::{check_revents, Interrupt, LoopError, LoopFd, DEFAULT_SPIN};
-use crate::link::VnetLink;
-use crate::services::{ServiceConfig, ServiceStats, Services};
+use super::services::{ServiceConfig, ServiceStats, Services};
+use vnet::bridge::{check_revents, Interrupt, LoopError, LoopFd, DEFAULT_SPIN};
+use vnet::link::VnetLink;
 
 /// Tuning of the cell loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,7 +59,7 @@ impl<R: RegisterAccess, I: Interrupt> Cell<R, I> {
     ) -> Self {
         let epoch = StdInstant::now();
         link.poll_link();
-        let services = Services::new(services, link.nic(), Instant::from_micros(0));
+        let services = Services::new(services, &mut link.nic(), Instant::from_micros(0));
         Cell {
             link,
             irq,
@@ -87,7 +87,7 @@ impl<R: RegisterAccess, I: Interrupt> Cell<R, I> {
     /// state machine. Returns whether the carrier changed.
     pub fn handle_interrupt(&mut self) -> std::io::Result<bool> {
         if self.irq.take()? {
-            return Ok(self.link.poll_link() != crate::link::LinkEvent::None);
+            return Ok(self.link.poll_link() != vnet::link::LinkEvent::None);
         }
         Ok(false)
     }
@@ -123,7 +123,7 @@ impl<R: RegisterAccess, I: Interrupt> Cell<R, I> {
             let _ = writeln!(page, "tx_oversize {}", n.tx_oversize);
             let _ = writeln!(page, "corrupt {}", n.corrupt);
         };
-        self.services.poll(now, self.link.nic(), &mut status);
+        self.services.poll(now, &mut self.link.nic(), &mut status);
         self.link.flush();
         let after = self.link.nic_ref().stats();
         Ok(changed || after.rx_frames != before.rx_frames || after.tx_frames != before.tx_frames)
@@ -140,7 +140,7 @@ impl<R: RegisterAccess, I: Interrupt> Cell<R, I> {
                 busy_rounds = busy_rounds.wrapping_add(1);
                 // While busy, look at the interrupt (link changes) now and then only: it
                 // costs a system call.
-                if busy_rounds % 64 == 0 {
+                if busy_rounds.is_multiple_of(64) {
                     self.handle_interrupt()?;
                 }
                 continue;

@@ -2,18 +2,21 @@
 //! memory, real eventfd interrupts): the link life cycle, a hostile peer, and two smoltcp
 //! cells exchanging checksummed TCP data.
 
+#[path = "vnet_common/mod.rs"]
 mod common;
 
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::fd::AsFd;
+
+use nix::sys::eventfd::{EfdFlags, EventFd};
 use std::sync::Arc;
 
-use ivshmem_dev::link_state::LinkState;
+use ivshmem_stack::vnet_cell::cell::{Cell, CellConfig};
+use ivshmem_stack::vnet_cell::services::ServiceConfig;
 use linux_uio_client::{Endpoint, EndpointInterrupt, EndpointRegisters, LocalLink};
 use shmring::duplex::CONSUMER_SLOT;
 use smoltcp::wire::{Ipv4Address, Ipv4Cidr};
 use vnet::bridge::Interrupt;
-use vnet::cell::{Cell, CellConfig};
-use vnet::services::ServiceConfig;
+use vnet::link::LinkState;
 use vnet::{LinkConfig, LinkEvent, VnetLink};
 
 const SECTION: usize = 1 << 20;
@@ -37,12 +40,11 @@ fn settle(
 }
 
 fn exchange(a: &mut VnetLink<EndpointRegisters>, b: &mut VnetLink<EndpointRegisters>, tag: u8) {
-    let d = a.nic().duplex_mut().expect("attached");
+    let d = a.rings_mut().expect("attached");
     let _ = d.tx.try_send(&[tag; 100]).unwrap();
     let mut buf = [0u8; 128];
     let got = b
-        .nic()
-        .duplex_mut()
+        .rings_mut()
         .unwrap()
         .rx
         .try_recv(&mut buf)
@@ -71,10 +73,7 @@ fn link_comes_up_goes_down_when_the_peer_dies_and_comes_back() {
     assert_eq!(a.0.poll_link(), LinkEvent::Down);
     assert!(!a.0.carrier());
     assert_eq!(a.0.state(), LinkState::Init);
-    assert!(
-        a.0.nic().duplex_mut().is_none(),
-        "peer's section no longer used"
-    );
+    assert!(a.0.rings_mut().is_none(), "peer's section no longer used");
     assert_eq!(a.0.stats().teardowns, 1);
 
     // It restarts: fresh rings on both sides, frames flow again from index 0.
@@ -104,7 +103,7 @@ fn hostile_peer_is_torn_down_and_the_link_recovers() {
     }
     // a's receive path sees it: no token, a fault, never a panic.
     let now = smoltcp::time::Instant::from_millis(0);
-    assert!(smoltcp::phy::Device::receive(a.0.nic(), now).is_none());
+    assert!(smoltcp::phy::Device::receive(&mut a.0, now).is_none());
     assert!(a.0.nic_ref().fault().is_some());
     assert_eq!(a.0.poll_link(), LinkEvent::Down);
     assert_eq!(a.0.stats().faults, 1);
@@ -132,25 +131,12 @@ fn mtu_too_large_for_the_section_is_refused() {
     assert!(text.contains("cannot hold 4 frames of MTU 65549"), "{text}");
 }
 
-fn eventfd() -> OwnedFd {
-    // SAFETY: plain syscall, checked.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-    assert!(fd >= 0);
-    // SAFETY: fresh fd.
-    unsafe { OwnedFd::from_raw_fd(fd) }
+fn eventfd() -> EventFd {
+    EventFd::from_flags(EfdFlags::EFD_CLOEXEC).expect("eventfd")
 }
 
-fn signal(fd: &OwnedFd) {
-    let one = 1u64;
-    // SAFETY: 8-byte write to an eventfd.
-    let n = unsafe {
-        libc::write(
-            std::os::fd::AsRawFd::as_raw_fd(fd),
-            (&one as *const u64).cast(),
-            8,
-        )
-    };
-    assert_eq!(n, 8);
+fn signal(fd: &EventFd) {
+    assert_eq!(fd.write(1).expect("eventfd write"), 8);
 }
 
 #[test]
