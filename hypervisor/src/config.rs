@@ -83,19 +83,19 @@ pub const MAX_SOCKET_PATH: usize = 107;
 #[serde(deny_unknown_fields)]
 pub struct SystemConfig {
     /// The `[system]` table.
-    pub system: Option<SystemSpec>,
+    pub system: Option<SystemTable>,
     /// The `[[cells]]` tables.
     #[serde(default)]
-    pub cells: Vec<CellSpec>,
+    pub cells: Vec<CellTable>,
     /// The `[[links]]` tables.
     #[serde(default)]
-    pub links: Vec<LinkSpec>,
+    pub links: Vec<LinkTable>,
 }
 
 /// The `[system]` table as written.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SystemSpec {
+pub struct SystemTable {
     /// The system's name (required).
     pub name: Option<String>,
     /// Where the control socket is created (default: [`default_control_socket`]).
@@ -109,7 +109,7 @@ pub struct SystemSpec {
 /// One `[[cells]]` table as written.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct CellSpec {
+pub struct CellTable {
     /// The cell's name (required, unique).
     pub name: Option<String>,
     /// `"process"` (default) or `"kvm"`.
@@ -129,7 +129,7 @@ pub struct CellSpec {
 /// One `[[links]]` table as written.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct LinkSpec {
+pub struct LinkTable {
     /// The link's name (required, unique).
     pub name: Option<String>,
     /// The peer cells' names; a cell's position is its peer ID (required, 2..=16 entries).
@@ -349,8 +349,7 @@ impl LinkConfig {
 /// The default control socket path for a system called `system`, for the current user and
 /// environment (see the module documentation).
 pub fn default_control_socket(system: &str) -> PathBuf {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
+    let euid = nix::unistd::geteuid().as_raw();
     let runtime_dir = std::env::var_os("XDG_RUNTIME_DIR");
     default_control_socket_for(system, euid, runtime_dir.as_deref().map(Path::new))
 }
@@ -369,11 +368,9 @@ pub fn default_control_socket_for(system: &str, euid: u32, runtime_dir: Option<&
 
 /// The number of CPUs online on this machine (CPUs are numbered `0..count`).
 pub fn online_cpu_count() -> usize {
-    // SAFETY: sysconf only reads a system value; it has no memory-safety preconditions.
-    let count = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
-    if count > 0 {
-        count as usize
-    } else {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
+    use nix::unistd::{sysconf, SysconfVar};
+    match sysconf(SysconfVar::_NPROCESSORS_ONLN) {
+        Ok(Some(count)) if count > 0 => count as usize,
+        _ => std::thread::available_parallelism().map_or(1, |n| n.get()),
     }
 }
