@@ -83,19 +83,19 @@ pub const MAX_SOCKET_PATH: usize = 107;
 #[serde(deny_unknown_fields)]
 pub struct SystemConfig {
     /// The `[system]` table.
-    pub system: Option<SystemSpec>,
+    pub system: Option<SystemTable>,
     /// The `[[cells]]` tables.
     #[serde(default)]
-    pub cells: Vec<CellSpec>,
+    pub cells: Vec<CellTable>,
     /// The `[[links]]` tables.
     #[serde(default)]
-    pub links: Vec<LinkSpec>,
+    pub links: Vec<LinkTable>,
 }
 
 /// The `[system]` table as written.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SystemSpec {
+pub struct SystemTable {
     /// The system's name (required).
     pub name: Option<String>,
     /// Where the control socket is created (default: [`default_control_socket`]).
@@ -109,7 +109,7 @@ pub struct SystemSpec {
 /// One `[[cells]]` table as written.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct CellSpec {
+pub struct CellTable {
     /// The cell's name (required, unique).
     pub name: Option<String>,
     /// `"process"` (default) or `"kvm"`.
@@ -129,7 +129,7 @@ pub struct CellSpec {
 /// One `[[links]]` table as written.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct LinkSpec {
+pub struct LinkTable {
     /// The link's name (required, unique).
     pub name: Option<String>,
     /// The peer cells' names; a cell's position is its peer ID (required, 2..=16 entries).

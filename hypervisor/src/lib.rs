@@ -8,8 +8,11 @@
 //! - [`control`]: the control socket that process cells attach to.
 //! - [`cells`]: spawning and supervising cell programs.
 //! - [`status`]: what `hypervisor status` reports.
+//! - `cli` (feature `cli`, default): the `hypervisor` command line.
 
 pub mod cells;
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod device;

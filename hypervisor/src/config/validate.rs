@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, HashMap};
 use ivshmem_dev::layout::{LayoutError, LayoutParams, SharedMemoryLayout};
 
 use super::{
-    default_control_socket, CellConfig, CellKind, CellLink, CellSpec, ConfigErrors, Interrupts,
-    LinkConfig, LinkSpec, Problem, ProblemKind, SizeSpec, SystemConfig, ValidConfig, MAX_PEERS,
+    default_control_socket, CellConfig, CellKind, CellLink, CellTable, ConfigErrors, Interrupts,
+    LinkConfig, LinkTable, Problem, ProblemKind, SizeSpec, SystemConfig, ValidConfig, MAX_PEERS,
     MAX_SOCKET_PATH, PAGE_SIZE, PROTOCOL_NAMES,
 };
 
@@ -23,14 +23,14 @@ fn name_is_valid(name: &str) -> bool {
 }
 
 /// `cells[0] "rtos"` or `cells[0]` when the cell has no usable name.
-fn cell_location(index: usize, cell: &CellSpec) -> String {
+fn cell_location(index: usize, cell: &CellTable) -> String {
     match cell.name.as_deref() {
         Some(name) if !name.is_empty() => format!("cells[{index}] \"{name}\""),
         _ => format!("cells[{index}]"),
     }
 }
 
-fn link_location(index: usize, link: &LinkSpec) -> String {
+fn link_location(index: usize, link: &LinkTable) -> String {
     match link.name.as_deref() {
         Some(name) if !name.is_empty() => format!("links[{index}] \"{name}\""),
         _ => format!("links[{index}]"),
