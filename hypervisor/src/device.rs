@@ -203,6 +203,17 @@ impl InterruptMode {
     }
 }
 
+/// `intx`, or `msix (16 vectors)`: the config file's words.
+impl fmt::Display for InterruptMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            InterruptMode::Intx => f.write_str("intx"),
+            InterruptMode::Msix { vectors: 1 } => f.write_str("msix (1 vector)"),
+            InterruptMode::Msix { vectors } => write!(f, "msix ({vectors} vectors)"),
+        }
+    }
+}
+
 /// Why a [`Link`] could not be built.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LinkError {
