@@ -341,8 +341,7 @@ impl LinkConfig {
 /// The default control socket path for a system called `system`, for the current user and
 /// environment (see the module documentation).
 pub fn default_control_socket(system: &str) -> PathBuf {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
+    let euid = nix::unistd::geteuid().as_raw();
     let runtime_dir = std::env::var_os("XDG_RUNTIME_DIR");
     default_control_socket_for(system, euid, runtime_dir.as_deref().map(Path::new))
 }
@@ -361,11 +360,9 @@ pub fn default_control_socket_for(system: &str, euid: u32, runtime_dir: Option<&
 
 /// The number of CPUs online on this machine (CPUs are numbered `0..count`).
 pub fn online_cpu_count() -> usize {
-    // SAFETY: sysconf only reads a system value; it has no memory-safety preconditions.
-    let count = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
-    if count > 0 {
-        count as usize
-    } else {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
+    use nix::unistd::{sysconf, SysconfVar};
+    match sysconf(SysconfVar::_NPROCESSORS_ONLN) {
+        Ok(Some(count)) if count > 0 => count as usize,
+        _ => std::thread::available_parallelism().map_or(1, |n| n.get()),
     }
 }

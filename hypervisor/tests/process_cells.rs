@@ -81,8 +81,9 @@ struct Hypervisor {
 impl Hypervisor {
     /// SIGTERM, then the exit status; checks that it says what it stopped.
     fn stop(mut self) -> (ExitStatus, Vec<String>) {
-        // SAFETY: signalling our own unreaped child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        // Our own unreaped child: its pid cannot have been recycled.
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
         self.out.expect("stopped");
         let status = self.child.wait().unwrap();
         (status, std::mem::take(&mut self.out.seen))
