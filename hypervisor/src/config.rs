@@ -29,7 +29,9 @@
 //! state_table_size = "4K"            # default 4K; >= 4 bytes per peer, page multiple
 //! rw_size = 0                        # default 0; page multiple
 //! output_size = "64K"                # required; page multiple; 0 only if rw_size > 0
-//! interrupts = "intx"                # default "intx" (the only kind supported)
+//! interrupts = "intx"                # "intx" or "msix"; default "msix" if a peer is a kvm
+//!                                    # cell, else "intx"
+//! # vectors = 16                     # msix only: vectors per peer, 1..=16 (default 1)
 //! ```
 //!
 //! Sizes are integers (bytes) or strings with a binary unit: `"4K"`, `"64KiB"`, `"1M"`, `"0x1000"`.
@@ -142,8 +144,11 @@ pub struct LinkTable {
     pub rw_size: Option<SizeSpec>,
     /// Size of each peer's output section (required).
     pub output_size: Option<SizeSpec>,
-    /// Interrupt kind; `"intx"` (default) is the only one supported.
+    /// Interrupt kind: `"intx"` or `"msix"` (default: `"msix"` when a peer is a KVM cell,
+    /// else `"intx"`).
     pub interrupts: Option<String>,
+    /// MSI-X vectors per peer, `1..=16` (default 1; INTx has exactly one).
+    pub vectors: Option<i64>,
 }
 
 impl SystemConfig {
@@ -222,21 +227,8 @@ impl CellKind {
     }
 }
 
-/// The interrupt kind of a link.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Interrupts {
-    /// Legacy INTx: one vector (0) per peer.
-    Intx,
-}
-
-impl Interrupts {
-    /// The number of interrupt vectors each peer has.
-    pub fn vectors(self) -> u16 {
-        match self {
-            Interrupts::Intx => 1,
-        }
-    }
-}
+/// The interrupt kind of a link (the device model's type: one thing written once).
+pub use crate::device::InterruptMode;
 
 /// A validated system: every value resolved, every cross-reference checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -326,8 +318,8 @@ pub struct LinkConfig {
     pub rw_size: u64,
     /// Size of each output section in bytes (page multiple, 0 only when `rw_size` > 0).
     pub output_size: u64,
-    /// The interrupt kind.
-    pub interrupts: Interrupts,
+    /// The interrupt kind and vector count.
+    pub interrupts: InterruptMode,
     /// Where every section lies in the link's shared memory, computed by ivshmem-dev's
     /// calculator (page size [`PAGE_SIZE`]), exactly as the device lays it out.
     pub layout: SharedMemoryLayout,

@@ -1000,6 +1000,7 @@ pub fn device_model(
         max_peers,
         protocol: spec.protocol.into(),
         layout,
+        interrupts: crate::device::InterruptMode::Intx,
     };
     let mut link = Link::new(params, Box::new(table)).map_err(|e| e.to_string())?;
     for peer in 0..max_peers {
