@@ -27,6 +27,7 @@
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use ivshmem_dev::msix::BAR1_SIZE;
 use ivshmem_dev::regs::{DOORBELL, REGISTER_PAGE_SIZE};
 use kvm_bindings::{kvm_irq_routing_entry, kvm_msi, KvmIrqRouting, KVM_IRQ_ROUTING_MSI};
 use kvm_ioctls::{IoEventAddress, VmFd};
@@ -35,7 +36,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::devices::Bdf;
 use super::memory::{GuestMemory, GuestRegion};
 use super::KvmError;
-use crate::device::{AccessError, Effects, InterruptGate, Link};
+use crate::device::{AccessError, Effects, InterruptGate, Link, MsiMessage, Route};
 use crate::memory::LinkMemory;
 
 /// The first GSI used for MSI routes (below are the irqchip's pins).
@@ -45,15 +46,6 @@ const GSIS_PER_LINK: u32 = 16;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// An MSI message: address and data of an MSI-X table entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MsiMessage {
-    /// Message address (`0xFEE00000 | x2APIC ID << 12` on x86).
-    pub address: u64,
-    /// Message data (the IDT vector).
-    pub data: u32,
 }
 
 /// The interrupt side of a running KVM cell: its VM, its GSI routing table and the eventfd
@@ -136,6 +128,8 @@ impl CellIrq {
 pub struct LinkWiring {
     model: Mutex<Link>,
     memory: Arc<LinkMemory>,
+    /// Eventfds of vectors 1.. by peer (vector 0 is [`LinkMemory::interrupts`]).
+    extra_vectors: Vec<Vec<EventFd>>,
     kvm_targets: Mutex<Vec<Option<Arc<CellIrq>>>>,
 }
 
@@ -150,13 +144,26 @@ impl std::fmt::Debug for LinkWiring {
 impl LinkWiring {
     /// Puts a link's device model and memory together (the model's state table must be the
     /// memory's).
-    pub fn new(model: Link, memory: Arc<LinkMemory>) -> Arc<Self> {
+    pub fn new(model: Link, memory: Arc<LinkMemory>) -> Result<Arc<Self>, KvmError> {
         let peers = usize::from(model.max_peers());
-        Arc::new(Self {
+        let extra = model.vectors().saturating_sub(1);
+        let extra_vectors = (0..peers)
+            .map(|_| {
+                (0..extra)
+                    .map(|_| EventFd::new(EFD_NONBLOCK))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| KvmError::Os {
+                call: "eventfd (interrupt vector)",
+                source,
+            })?;
+        Ok(Arc::new(Self {
             model: Mutex::new(model),
             memory,
+            extra_vectors,
             kvm_targets: Mutex::new(vec![None; peers]),
-        })
+        }))
     }
 
     /// The device model (locked).
@@ -189,7 +196,7 @@ impl LinkWiring {
                     }
                 }
                 None => {
-                    if let Err(e) = self.memory.signal(interrupt.target) {
+                    if let Err(e) = self.signal(interrupt.target, interrupt.vector) {
                         tracing::warn!(
                             "link `{}`: raising the interrupt of peer {} failed: {e}",
                             self.name(),
@@ -201,8 +208,34 @@ impl LinkWiring {
         }
     }
 
+    /// Writes the eventfd of (`peer`, `vector`) (a process cell's interrupt line).
+    pub fn signal(&self, peer: u16, vector: u16) -> std::io::Result<()> {
+        if vector == 0 {
+            return self.memory.signal(peer);
+        }
+        match self
+            .extra_vectors
+            .get(usize::from(peer))
+            .and_then(|v| v.get(usize::from(vector) - 1))
+        {
+            Some(fd) => match fd.write(1) {
+                Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => Err(e),
+                _ => Ok(()),
+            },
+            None => Ok(()),
+        }
+    }
+
     /// The eventfd of (`peer`, `vector`), duplicated as an [`EventFd`].
-    fn interrupt_eventfd(&self, peer: u16, _vector: u16) -> Option<EventFd> {
+    fn interrupt_eventfd(&self, peer: u16, vector: u16) -> Option<EventFd> {
+        if vector > 0 {
+            return self
+                .extra_vectors
+                .get(usize::from(peer))?
+                .get(usize::from(vector) - 1)?
+                .try_clone()
+                .ok();
+        }
         let line = self.memory.interrupts.get(usize::from(peer))?;
         let owned = line.fd().as_fd().try_clone_to_owned().ok()?;
         // SAFETY: `owned` is a fresh duplicate of an eventfd, handed over whole.
@@ -211,22 +244,26 @@ impl LinkWiring {
 
     /// Number of vectors per peer.
     fn vectors(&self) -> u16 {
-        crate::device::INTX_VECTORS
+        self.model().vectors()
     }
 }
 
-/// The MSI message for (`peer`, `vector`) now, if the peer's device has one.
-fn message(_model: &Link, _peer: u16, _vector: u16) -> Option<MsiMessage> {
-    None
+/// The MSI message to inject for an interrupt the model delivered to (`peer`, `vector`).
+fn message(model: &Link, peer: u16, vector: u16) -> Option<MsiMessage> {
+    model.msi_message(peer, vector)
 }
 
-/// Whether doorbells on (`peer`, `vector`) may bypass user space now: deliverable and not
-/// one-shot (one-shot needs the model to clear `INT_CONTROL` on each delivery).
+/// The message doorbells on (`peer`, `vector`) may reach the guest with, bypassing user
+/// space: only a deliverable MSI route without one-shot (one-shot needs the model to clear
+/// `INT_CONTROL` on each delivery).
 fn fast_path(model: &Link, peer: u16, vector: u16) -> Option<MsiMessage> {
-    if model.one_shot(peer) != Some(false) || !model.deliverable(peer, vector) {
-        return None;
+    match model.route(peer, vector) {
+        Route::Msi {
+            message,
+            one_shot: false,
+        } => Some(message),
+        _ => None,
     }
-    message(model, peer, vector)
 }
 
 /// One KVM cell's place on one link.
@@ -421,15 +458,24 @@ impl Attachment {
         (address >= base && address - base < u64::from(REGISTER_PAGE_SIZE)).then(|| address - base)
     }
 
+    /// The offset in BAR1 (MSI-X table and PBA) if `address` lies in it.
+    fn bar1_offset(&self, address: u64) -> Option<u64> {
+        let base = self.wiring().model().bar1_mapping(self.peer())?;
+        (address >= base && address - base < u64::from(BAR1_SIZE)).then(|| address - base)
+    }
+
     /// An MMIO read, if `address` is in one of this function's BARs.
     pub(crate) fn mmio_read(&self, address: u64, size: u8) -> Option<Result<u64, AccessError>> {
-        let offset = self.bar0_offset(address)?;
-        Some(
-            self.wiring()
-                .model()
-                .mmio_read(self.peer(), offset, size)
-                .map(u64::from),
-        )
+        if let Some(offset) = self.bar0_offset(address) {
+            return Some(
+                self.wiring()
+                    .model()
+                    .mmio_read(self.peer(), offset, size)
+                    .map(u64::from),
+            );
+        }
+        let offset = self.bar1_offset(address)?;
+        Some(self.wiring().model().msix_read(self.peer(), offset, size))
     }
 
     /// An MMIO write, if `address` is in one of this function's BARs.
@@ -440,15 +486,22 @@ impl Attachment {
         size: u8,
         value: u64,
     ) -> Option<Result<(), AccessError>> {
-        let offset = self.bar0_offset(address)?;
+        if let Some(offset) = self.bar0_offset(address) {
+            let result = self
+                .wiring()
+                .model()
+                .mmio_write(self.peer(), offset, size, value);
+            return Some(result.map(|effects| {
+                self.wiring().deliver(&effects);
+                self.sync(irq);
+            }));
+        }
+        let offset = self.bar1_offset(address)?;
         let result = self
             .wiring()
             .model()
-            .mmio_write(self.peer(), offset, size, value);
-        Some(result.map(|effects| {
-            self.wiring().deliver(&effects);
-            self.sync(irq);
-        }))
+            .msix_write(self.peer(), offset, size, value);
+        Some(result.map(|()| self.sync(irq)))
     }
 
     /// The relays the service thread must watch now.

@@ -72,7 +72,7 @@ pub use cell::{
 pub use devices::{Bdf, BdfParseError, PmTimer, Uart};
 pub use events::{EventQueue, HaltReason, KvmEvent};
 pub use fault::{AddressSpace, IllegalAccess};
-pub use links::{CellIrq, KvmLinkConfig, LinkWiring, MsiMessage};
+pub use links::{CellIrq, KvmLinkConfig, LinkWiring};
 pub use memory::{GuestMemory, GuestRegion, RegionKind};
 
 /// Errors of the KVM backend; each names the failing call.
