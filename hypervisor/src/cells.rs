@@ -23,7 +23,7 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -32,8 +32,14 @@ use std::time::{Duration, Instant};
 
 use crate::config::{CellKind, ValidConfig};
 use crate::control::{CellSpec, ControlError, ControlEvent, ControlServer, LinkSpec, SystemSpec};
-use crate::memory::{drain_eventfd, signal_eventfd};
+use crate::memory::{InterruptEventFd, MemoryError};
 use crate::status::{format_cell_lines, CellExit};
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::sched::{sched_setaffinity, CpuSet};
+use nix::sys::signal::{kill, sigprocmask, SigSet, SigmaskHow, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::unistd::{getppid, setpgid, Pid};
 
 /// Environment variable carrying the control socket path to spawned cells.
 pub const ENV_SOCKET: &str = "IVSHMEM_SOCKET";
@@ -129,30 +135,28 @@ pub enum RunError {
 /// Asks a running [`run`] loop to stop (from another thread); cheap to clone.
 #[derive(Debug, Clone)]
 pub struct StopHandle {
-    fd: Arc<OwnedFd>,
+    event: Arc<InterruptEventFd>,
 }
 
 impl StopHandle {
     /// A new, untriggered handle.
     pub fn new() -> io::Result<Self> {
-        // SAFETY: plain syscall; the result is checked.
-        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fresh fd owned by nobody else.
+        let event = InterruptEventFd::new().map_err(|e| match e {
+            MemoryError::EventFd(source) => source,
+            other => io::Error::other(other),
+        })?;
         Ok(Self {
-            fd: Arc::new(unsafe { OwnedFd::from_raw_fd(raw) }),
+            event: Arc::new(event),
         })
     }
 
     /// Asks the loop to stop.
     pub fn stop(&self) {
-        let _ = signal_eventfd(self.fd.as_fd());
+        let _ = self.event.signal();
     }
 
     fn fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
+        self.event.fd()
     }
 }
 
@@ -228,14 +232,8 @@ struct CellPipe {
 impl CellPipe {
     /// Takes over a pipe read end, making it non-blocking.
     fn new(fd: OwnedFd, stream: Stream) -> io::Result<Self> {
-        // SAFETY: fcntl on an fd we own; results are checked.
-        unsafe {
-            let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
-            if flags < 0 || libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) < 0
-            {
-                return Err(io::Error::last_os_error());
-            }
-        }
+        let flags = OFlag::from_bits_retain(fcntl(&fd, FcntlArg::F_GETFL)?);
+        fcntl(&fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
         Ok(Self {
             file: File::from(fd),
             stream,
@@ -340,6 +338,9 @@ fn exit_of(status: ExitStatus) -> CellExit {
     }
 }
 
+/// A pidfd for child `pid` (readable once it exits), or `None` on kernels before 5.3.
+///
+/// The one system call of the hypervisor made without nix: nix (0.32) has no `pidfd_open`.
 fn pidfd_open(pid: u32) -> Option<OwnedFd> {
     // SAFETY: plain syscall with integer arguments; the result is checked.
     let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
@@ -364,23 +365,17 @@ pub fn spawn_cell(cell: &CellSpec, argv: &[String], socket: &Path) -> Result<Chi
         .split_first()
         .ok_or_else(|| spawn_err(io::ErrorKind::InvalidInput.into()))?;
     // Build the CPU set before forking: nothing in the child may allocate.
-    // SAFETY: cpu_set_t is plain data; all-zero is the empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    let limit = libc::CPU_SETSIZE as usize;
+    let mut set = CpuSet::new();
     for &cpu in &cell.cpus {
-        if cpu >= limit {
-            return Err(RunError::CpuOutOfRange {
-                cell: cell.name.clone(),
-                cpu,
-                limit,
-            });
-        }
-        // SAFETY: `cpu` is below CPU_SETSIZE, so the bit lies inside `set`.
-        unsafe { libc::CPU_SET(cpu, &mut set) };
+        set.set(cpu).map_err(|_| RunError::CpuOutOfRange {
+            cell: cell.name.clone(),
+            cpu,
+            limit: CpuSet::count(),
+        })?;
     }
     // The hypervisor's pid, to notice (in the child) that it died before PR_SET_PDEATHSIG
     // was in place.
-    let hypervisor = std::process::id() as libc::pid_t;
+    let hypervisor = Pid::this();
     let pin = !cell.cpus.is_empty();
     let mut cmd = Command::new(program);
     cmd.args(args)
@@ -391,30 +386,22 @@ pub fn spawn_cell(cell: &CellSpec, argv: &[String], socket: &Path) -> Result<Chi
         .stderr(Stdio::piped());
     // SAFETY: the closure runs in the forked child before exec and only makes
     // async-signal-safe system calls (prctl, getppid, _exit, sigprocmask, setpgid,
-    // sched_setaffinity) on stack data.
+    // sched_setaffinity) through nix's thin wrappers, on stack data; it allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
-                return Err(io::Error::last_os_error());
-            }
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
             // If the hypervisor died between fork and prctl, no death signal will come: the
             // child was re-parented, so it must not run on as an orphan cell.
-            if libc::getppid() != hypervisor {
-                libc::_exit(1);
+            // (An error here ends the child before exec, and spawning fails.)
+            if getppid() != hypervisor {
+                return Err(Errno::ESRCH.into());
             }
             // The hypervisor blocks SIGINT/SIGTERM (it reads them from a signalfd); the
             // mask survives exec, so the cell must get a clean one.
-            let mut empty: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut empty);
-            if libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if libc::setpgid(0, 0) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if pin && libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0
-            {
-                return Err(io::Error::last_os_error());
+            sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)?;
+            setpgid(Pid::from_raw(0), Pid::from_raw(0))?;
+            if pin {
+                sched_setaffinity(Pid::from_raw(0), &set)?;
             }
             Ok(())
         });
@@ -422,40 +409,25 @@ pub fn spawn_cell(cell: &CellSpec, argv: &[String], socket: &Path) -> Result<Chi
     cmd.spawn().map_err(spawn_err)
 }
 
-/// Blocks SIGINT and SIGTERM in this thread and returns a signalfd that reads them.
-fn signal_fd() -> io::Result<OwnedFd> {
-    // SAFETY: sigset manipulation on a local set, then pthread_sigmask/signalfd with valid
-    // pointers; results are checked.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        if rc != 0 {
-            return Err(io::Error::from_raw_os_error(rc));
-        }
-        let raw = libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(OwnedFd::from_raw_fd(raw))
-    }
+/// The signals that stop `run` (when it handles signals).
+const STOP_SIGNALS: [Signal; 2] = [Signal::SIGINT, Signal::SIGTERM];
+
+/// Blocks [`STOP_SIGNALS`] in this thread and returns a signalfd that reads them.
+fn signal_fd() -> io::Result<SignalFd> {
+    let set: SigSet = STOP_SIGNALS.into_iter().collect();
+    set.thread_block()?;
+    Ok(SignalFd::with_flags(
+        &set,
+        SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK,
+    )?)
 }
 
-fn read_signal(fd: BorrowedFd<'_>) -> Option<i32> {
-    // SAFETY: signalfd_siginfo is plain data; read fills at most its size.
-    let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
-    let size = std::mem::size_of::<libc::signalfd_siginfo>();
-    // SAFETY: reads into a valid, correctly sized buffer.
-    let n = unsafe {
-        libc::read(
-            fd.as_raw_fd(),
-            (&mut info as *mut libc::signalfd_siginfo).cast(),
-            size,
-        )
-    };
-    (n as usize == size).then_some(info.ssi_signo as i32)
+/// The next pending signal's number, if any.
+fn read_signal(fd: &SignalFd) -> Option<i32> {
+    fd.read_signal()
+        .ok()
+        .flatten()
+        .map(|info| info.ssi_signo as i32)
 }
 
 struct Display<'a> {
@@ -660,7 +632,7 @@ fn serve(
     system: &SystemSpec,
     options: &RunOptions,
     stop: Option<&StopHandle>,
-    signals: Option<&OwnedFd>,
+    signals: Option<&SignalFd>,
     server: &mut ControlServer,
     spawned: &mut Vec<Spawned>,
     display: &mut Display<'_>,
@@ -758,14 +730,14 @@ fn serve(
         let mut stop_reason = None;
         if let Some(s) = signals {
             if ready[0] {
-                if let Some(sig) = read_signal(s.as_fd()) {
+                if let Some(sig) = read_signal(s) {
                     stop_reason = Some(crate::status::signal_name(sig).to_string());
                 }
             }
         }
         if let Some(s) = stop {
             if ready[usize::from(signals.is_some())] {
-                let _ = drain_eventfd(s.fd());
+                let _ = s.event.drain();
                 stop_reason = Some("stop requested".to_string());
             }
         }
@@ -831,8 +803,8 @@ fn terminate(
     display: &mut Display<'_>,
 ) -> Vec<StoppedCell> {
     for s in spawned.iter().filter(|s| s.exit.is_none()) {
-        // SAFETY: kill with a pid of our own unreaped child (cannot be recycled yet).
-        unsafe { libc::kill(s.child.id() as libc::pid_t, libc::SIGTERM) };
+        // The pid of our own unreaped child: it cannot have been recycled yet.
+        let _ = kill(Pid::from_raw(s.child.id() as i32), Signal::SIGTERM);
     }
     let deadline = Instant::now() + STOP_GRACE;
     let mut killed = false;
@@ -997,12 +969,8 @@ mod tests {
 
     /// A pipe whose write end the test holds, as a [`CellPipe`].
     fn test_pipe(stream: Stream) -> (CellPipe, File) {
-        let mut fds = [0; 2];
-        // SAFETY: pipe2 fills two fds on success; the result is checked.
-        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-        // SAFETY: fresh fds owned by nobody else.
-        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
-        (CellPipe::new(r, stream).unwrap(), w)
+        let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).unwrap();
+        (CellPipe::new(r, stream).unwrap(), File::from(w))
     }
 
     #[test]
@@ -1038,13 +1006,11 @@ mod tests {
         // Until the writer is done (and the pipe closed), keep reading.
         let mut eof = false;
         while !eof {
-            let mut pfd = libc::pollfd {
-                fd: pipe.file.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd.
-            unsafe { libc::poll(&mut pfd, 1, 10_000) };
+            let mut pfd = [nix::poll::PollFd::new(
+                pipe.file.as_fd(),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            nix::poll::poll(&mut pfd, 10_000u16).unwrap();
             eof = pipe.pump("c", &mut d, FORWARD_CHUNK).unwrap();
         }
         writer.join().unwrap();
@@ -1106,8 +1072,7 @@ mod tests {
 
     /// Whether `pid` still names a process (running or an unreaped zombie).
     fn exists(pid: u32) -> bool {
-        // SAFETY: signal 0 only checks for existence.
-        unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
+        kill(Pid::from_raw(pid as i32), None).is_ok()
     }
 
     #[test]
@@ -1141,7 +1106,7 @@ mod tests {
     #[test]
     fn cpus_beyond_the_cpu_set_are_refused_before_spawning() {
         let mut system = sleeper_system();
-        let limit = libc::CPU_SETSIZE as usize;
+        let limit = CpuSet::count();
         system.cells[0].cpus = vec![0, limit];
         let socket = socket_path("cpu-range");
         let cell = &system.cells[0];
@@ -1179,13 +1144,16 @@ mod tests {
         let mut err = Vec::new();
         let mut d = display(&mut out, &mut err, Output::Log);
         kill_and_reap(&mut server, &mut spawned, &mut d);
-        assert_eq!(spawned[0].exit, Some(CellExit::Signal(libc::SIGKILL)));
+        assert_eq!(
+            spawned[0].exit,
+            Some(CellExit::Signal(Signal::SIGKILL as i32))
+        );
         assert!(!exists(pid), "process {pid} is reaped");
         let text = String::from_utf8(out).unwrap();
         assert!(text.contains("cell sleeper: process"), "{text}");
         assert_eq!(
             server.status().cells[0].exit,
-            Some(CellExit::Signal(libc::SIGKILL))
+            Some(CellExit::Signal(Signal::SIGKILL as i32))
         );
     }
 }

@@ -29,7 +29,9 @@
 //! state_table_size = "4K"            # default 4K; >= 4 bytes per peer, page multiple
 //! rw_size = 0                        # default 0; page multiple
 //! output_size = "64K"                # required; page multiple; 0 only if rw_size > 0
-//! interrupts = "intx"                # default "intx" (the only kind supported)
+//! interrupts = "intx"                # "intx" or "msix"; default "msix" if a peer is a kvm
+//!                                    # cell, else "intx"
+//! # vectors = 16                     # msix only: vectors per peer, 1..=16 (default 1)
 //! ```
 //!
 //! Sizes are integers (bytes) or strings with a binary unit: `"4K"`, `"64KiB"`, `"1M"`, `"0x1000"`.
@@ -83,19 +85,19 @@ pub const MAX_SOCKET_PATH: usize = 107;
 #[serde(deny_unknown_fields)]
 pub struct SystemConfig {
     /// The `[system]` table.
-    pub system: Option<SystemSpec>,
+    pub system: Option<SystemTable>,
     /// The `[[cells]]` tables.
     #[serde(default)]
-    pub cells: Vec<CellSpec>,
+    pub cells: Vec<CellTable>,
     /// The `[[links]]` tables.
     #[serde(default)]
-    pub links: Vec<LinkSpec>,
+    pub links: Vec<LinkTable>,
 }
 
 /// The `[system]` table as written.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SystemSpec {
+pub struct SystemTable {
     /// The system's name (required).
     pub name: Option<String>,
     /// Where the control socket is created (default: [`default_control_socket`]).
@@ -109,7 +111,7 @@ pub struct SystemSpec {
 /// One `[[cells]]` table as written.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct CellSpec {
+pub struct CellTable {
     /// The cell's name (required, unique).
     pub name: Option<String>,
     /// `"process"` (default) or `"kvm"`.
@@ -129,7 +131,7 @@ pub struct CellSpec {
 /// One `[[links]]` table as written.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct LinkSpec {
+pub struct LinkTable {
     /// The link's name (required, unique).
     pub name: Option<String>,
     /// The peer cells' names; a cell's position is its peer ID (required, 2..=16 entries).
@@ -142,8 +144,11 @@ pub struct LinkSpec {
     pub rw_size: Option<SizeSpec>,
     /// Size of each peer's output section (required).
     pub output_size: Option<SizeSpec>,
-    /// Interrupt kind; `"intx"` (default) is the only one supported.
+    /// Interrupt kind: `"intx"` or `"msix"` (default: `"msix"` when a peer is a KVM cell,
+    /// else `"intx"`).
     pub interrupts: Option<String>,
+    /// MSI-X vectors per peer, `1..=16` (default 1; INTx has exactly one).
+    pub vectors: Option<i64>,
 }
 
 impl SystemConfig {
@@ -222,21 +227,8 @@ impl CellKind {
     }
 }
 
-/// The interrupt kind of a link.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Interrupts {
-    /// Legacy INTx: one vector (0) per peer.
-    Intx,
-}
-
-impl Interrupts {
-    /// The number of interrupt vectors each peer has.
-    pub fn vectors(self) -> u16 {
-        match self {
-            Interrupts::Intx => 1,
-        }
-    }
-}
+/// The interrupt kind of a link (the device model's type: one thing written once).
+pub use crate::device::InterruptMode;
 
 /// A validated system: every value resolved, every cross-reference checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -326,8 +318,8 @@ pub struct LinkConfig {
     pub rw_size: u64,
     /// Size of each output section in bytes (page multiple, 0 only when `rw_size` > 0).
     pub output_size: u64,
-    /// The interrupt kind.
-    pub interrupts: Interrupts,
+    /// The interrupt kind and vector count.
+    pub interrupts: InterruptMode,
     /// Where every section lies in the link's shared memory, computed by ivshmem-dev's
     /// calculator (page size [`PAGE_SIZE`]), exactly as the device lays it out.
     pub layout: SharedMemoryLayout,
@@ -349,8 +341,7 @@ impl LinkConfig {
 /// The default control socket path for a system called `system`, for the current user and
 /// environment (see the module documentation).
 pub fn default_control_socket(system: &str) -> PathBuf {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
+    let euid = nix::unistd::geteuid().as_raw();
     let runtime_dir = std::env::var_os("XDG_RUNTIME_DIR");
     default_control_socket_for(system, euid, runtime_dir.as_deref().map(Path::new))
 }
@@ -369,11 +360,9 @@ pub fn default_control_socket_for(system: &str, euid: u32, runtime_dir: Option<&
 
 /// The number of CPUs online on this machine (CPUs are numbered `0..count`).
 pub fn online_cpu_count() -> usize {
-    // SAFETY: sysconf only reads a system value; it has no memory-safety preconditions.
-    let count = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
-    if count > 0 {
-        count as usize
-    } else {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
+    use nix::unistd::{sysconf, SysconfVar};
+    match sysconf(SysconfVar::_NPROCESSORS_ONLN) {
+        Ok(Some(count)) if count > 0 => count as usize,
+        _ => std::thread::available_parallelism().map_or(1, |n| n.get()),
     }
 }

@@ -44,7 +44,7 @@
 
 use std::collections::BTreeSet;
 use std::io::{self, IoSlice};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -53,10 +53,14 @@ use ivshmem_dev::hosted::{
     self, AcceptedBody, CellPhase, GrantFds, LinkGrantBody, RefusalReason, RefusedBody, Reply,
     Request, SetStateBody, WireName, MAX_MESSAGE_SIZE, MAX_WIRE_PEERS,
 };
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{kill, Signal};
 use nix::sys::socket::{
     accept4, bind, connect, getsockopt, listen, send, sendmsg, socket, sockopt, AddressFamily,
     Backlog, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr,
 };
+use nix::unistd::Pid;
 
 use crate::device::AccessError;
 use crate::memory::{LinkMemory, MappedStateTable, MemoryError};
@@ -343,8 +347,7 @@ impl ControlServer {
             socket_inode,
             listener,
             path: path.to_path_buf(),
-            // SAFETY: getuid has no preconditions and cannot fail.
-            uid: unsafe { libc::getuid() },
+            uid: nix::unistd::getuid().as_raw(),
             links,
             cells,
             clients: Vec::new(),
@@ -433,48 +436,32 @@ impl ControlServer {
         timeout: Option<Duration>,
     ) -> Result<Vec<bool>, ControlError> {
         let mut fds = Vec::with_capacity(1 + self.clients.len() + extra.len());
-        let ev = libc::POLLIN;
-        fds.push(libc::pollfd {
-            fd: self.listener.as_raw_fd(),
-            events: ev,
-            revents: 0,
-        });
+        fds.push(PollFd::new(self.listener.as_fd(), PollFlags::POLLIN));
         for c in &self.clients {
-            fds.push(libc::pollfd {
-                fd: c.fd.as_raw_fd(),
-                events: ev,
-                revents: 0,
-            });
+            fds.push(PollFd::new(c.fd.as_fd(), PollFlags::POLLIN));
         }
         for e in extra {
-            fds.push(libc::pollfd {
-                fd: e.as_raw_fd(),
-                events: ev,
-                revents: 0,
-            });
+            fds.push(PollFd::new(*e, PollFlags::POLLIN));
         }
-        let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
-        // SAFETY: `fds` is a valid array of pollfd of the given length.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
-        if n < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                return Ok(vec![false; extra.len()]);
-            }
-            return Err(ControlError::Poll(err));
+        let timeout = timeout.map_or(PollTimeout::NONE, |t| {
+            PollTimeout::try_from(t).unwrap_or(PollTimeout::MAX)
+        });
+        match nix::poll::poll(&mut fds, timeout) {
+            Ok(_) => {}
+            Err(Errno::EINTR) => return Ok(vec![false; extra.len()]),
+            Err(errno) => return Err(ControlError::Poll(errno.into())),
         }
+        let ready = |p: &PollFd<'_>| p.revents().is_some_and(|r| !r.is_empty());
         let ready_clients: Vec<u64> = self
             .clients
             .iter()
             .zip(&fds[1..])
-            .filter(|(_, p)| p.revents != 0)
+            .filter(|(_, p)| ready(p))
             .map(|(c, _)| c.id)
             .collect();
-        let extra_ready = fds[1 + self.clients.len()..]
-            .iter()
-            .map(|p| p.revents != 0)
-            .collect();
-        let accept_ready = fds[0].revents != 0;
+        let extra_ready = fds[1 + self.clients.len()..].iter().map(ready).collect();
+        let accept_ready = ready(&fds[0]);
+        drop(fds);
         for id in ready_clients {
             self.service_client(id);
         }
@@ -488,20 +475,18 @@ impl ControlServer {
         loop {
             // Non-blocking: a reply that would block means the cell does not read its socket;
             // it is dropped rather than stalling every other cell (see `send_reply`).
-            let raw = match accept4(
-                self.listener.as_raw_fd(),
+            let fd = match accept4(
+                &self.listener,
                 SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
             ) {
                 Ok(fd) => fd,
-                Err(nix::errno::Errno::EAGAIN) => return,
-                Err(nix::errno::Errno::EINTR | nix::errno::Errno::ECONNABORTED) => continue,
+                Err(Errno::EAGAIN) => return,
+                Err(Errno::EINTR | Errno::ECONNABORTED) => continue,
                 Err(e) => {
                     tracing::warn!("control socket: accept failed: {e}");
                     return;
                 }
             };
-            // SAFETY: accept4 returned a fresh fd owned by nobody else.
-            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
             let (pid, uid) = match getsockopt(&fd, sockopt::PeerCredentials) {
                 Ok(cred) => (cred.pid() as u32, cred.uid()),
                 Err(e) => {
@@ -536,29 +521,27 @@ impl ControlServer {
 
     /// Drops the unattached clients whose peer has closed its end.
     fn drop_hung_up_unattached(&mut self) {
-        let mut fds: Vec<libc::pollfd> = self
+        let mut fds: Vec<PollFd<'_>> = self
             .clients
             .iter()
             .filter(|c| c.cell.is_none())
-            .map(|c| libc::pollfd {
-                fd: c.fd.as_raw_fd(),
-                events: libc::POLLRDHUP,
-                revents: 0,
-            })
+            .map(|c| PollFd::new(c.fd.as_fd(), PollFlags::empty()))
             .collect();
-        // SAFETY: `fds` is a valid array of pollfd of the given length; timeout 0.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 0) };
-        if n <= 0 {
+        if !matches!(nix::poll::poll(&mut fds, PollTimeout::ZERO), Ok(1..)) {
             return;
         }
+        // A Unix stream or seqpacket socket whose peer closed its end reports POLLHUP (poll
+        // always reports it, whatever the requested events).
+        let hung_up = PollFlags::POLLHUP | PollFlags::POLLERR;
         let gone: Vec<u64> = self
             .clients
             .iter()
             .filter(|c| c.cell.is_none())
             .zip(&fds)
-            .filter(|(_, p)| p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0)
+            .filter(|(_, p)| p.revents().is_some_and(|r| r.intersects(hung_up)))
             .map(|(c, _)| c.id)
             .collect();
+        drop(fds);
         for id in gone {
             self.drop_client(id, "control socket closed".into());
         }
@@ -580,7 +563,7 @@ impl ControlServer {
         ) {
             Ok(0) => return self.drop_client(id, "control socket closed".into()),
             Ok(n) => n,
-            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => return,
+            Err(Errno::EAGAIN | Errno::EINTR) => return,
             Err(e) => return self.drop_client(id, format!("control socket error: {e}")),
         };
         let request = match hosted::decode_request(&buf[..n]) {
@@ -793,16 +776,14 @@ impl ControlServer {
         let report = access.fatal_report(&cell.spec.name, access.offset);
         let action = match cell.spawned_pid {
             Some(pid) => {
-                // SAFETY: kill with the pid of the supervisor's own child, not reaped yet
-                // (`cell_exited` clears `spawned_pid` once it is), so it cannot be recycled.
-                let rc = unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-                if rc == 0 {
-                    format!("cell process {pid} killed")
-                } else {
-                    format!(
+                // The pid of the supervisor's own child, not reaped yet (`cell_exited` clears
+                // `spawned_pid` once it is), so it cannot have been recycled.
+                match kill(Pid::from_raw(pid as i32), Signal::SIGKILL) {
+                    Ok(()) => format!("cell process {pid} killed"),
+                    Err(errno) => format!(
                         "killing cell process {pid} failed: {}",
-                        io::Error::last_os_error()
-                    )
+                        io::Error::from(errno)
+                    ),
                 }
             }
             None => "cell started by hand: disconnected".to_string(),
@@ -911,6 +892,20 @@ fn send_reply(fd: BorrowedFd<'_>, reply: &Reply, fds: &[RawFd]) -> io::Result<()
     Ok(())
 }
 
+/// Connects a close-on-exec `SOCK_SEQPACKET` socket to the control socket at `path` (a status
+/// query, or the check whether a hypervisor still listens there). `ECONNREFUSED` or `ENOENT`
+/// mean nobody listens; `EACCES` that the socket belongs to another user.
+pub fn connect_control_socket(path: &Path) -> Result<OwnedFd, Errno> {
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    connect(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+    Ok(fd)
+}
+
 /// Creates the listening socket at `path` (mode 0600). A stale socket file is replaced only
 /// if nobody listens on it.
 fn listen_at(path: &Path) -> Result<OwnedFd, ControlError> {
@@ -926,27 +921,18 @@ fn listen_at(path: &Path) -> Result<OwnedFd, ControlError> {
         Ok(meta) if !meta.file_type().is_socket() => {
             return Err(ControlError::NotASocket(path.to_path_buf()))
         }
-        Ok(_) => {
-            let probe = socket(
-                AddressFamily::Unix,
-                SockType::SeqPacket,
-                SockFlag::SOCK_CLOEXEC,
-                None,
-            )
-            .map_err(|e| sock_err(e.into()))?;
-            match connect(probe.as_raw_fd(), &addr) {
-                Ok(()) => return Err(ControlError::AlreadyRunning(path.to_path_buf())),
-                Err(nix::errno::Errno::ECONNREFUSED | nix::errno::Errno::ENOENT) => {
-                    tracing::info!("removing stale control socket {}", path.display());
-                    match std::fs::remove_file(path) {
-                        Ok(()) => {}
-                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                        Err(e) => return Err(sock_err(e)),
-                    }
+        Ok(_) => match connect_control_socket(path) {
+            Ok(_) => return Err(ControlError::AlreadyRunning(path.to_path_buf())),
+            Err(Errno::ECONNREFUSED | Errno::ENOENT) => {
+                tracing::info!("removing stale control socket {}", path.display());
+                match std::fs::remove_file(path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(sock_err(e)),
                 }
-                Err(e) => return Err(sock_err(e.into())),
             }
-        }
+            Err(e) => return Err(sock_err(e.into())),
+        },
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(sock_err(e)),
     }
@@ -1014,6 +1000,7 @@ pub fn device_model(
         max_peers,
         protocol: spec.protocol.into(),
         layout,
+        interrupts: crate::device::InterruptMode::Intx,
     };
     let mut link = Link::new(params, Box::new(table)).map_err(|e| e.to_string())?;
     for peer in 0..max_peers {

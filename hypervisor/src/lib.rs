@@ -8,10 +8,15 @@
 //! - [`control`]: the control socket that process cells attach to.
 //! - [`cells`]: spawning and supervising cell programs.
 //! - [`status`]: what `hypervisor status` reports.
+//! - `cli` (feature `cli`, default): the `hypervisor` command line.
+//! - [`kvm`]: KVM cells (bare-metal inmates in virtual machines).
 
 pub mod cells;
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod device;
+pub mod kvm;
 pub mod memory;
 pub mod status;

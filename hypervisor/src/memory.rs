@@ -27,14 +27,18 @@
 //!   keeps other uids out. The R/W section is writable by every peer by definition. KVM cells
 //!   see only the guest-physical mappings the hypervisor gives them, where read-only is
 //!   enforced by the MMU.
-use std::ffi::CString;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use memmap2::{MmapOptions, MmapRaw};
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, open, FcntlArg, OFlag, SealFlag};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use nix::sys::memfd::{memfd_create, MFdFlags};
+use nix::sys::stat::Mode;
 
 /// Errors while creating or mapping link memory.
 #[derive(Debug, thiserror::Error)]
@@ -99,16 +103,16 @@ impl SectionMemory {
     /// Creates a memfd named `name` of `size` bytes (zero-filled), sealed against shrinking,
     /// growing and further sealing, and a read-only reopen of it.
     pub fn create(name: &str, size: u64) -> Result<Self, MemoryError> {
-        Self::create_sealed(name, size, libc::F_SEAL_SEAL)
+        Self::create_sealed(name, size, SealFlag::F_SEAL_SEAL)
     }
 
     /// Like [`SectionMemory::create`], but leaves sealing open so that
     /// [`SectionMemory::seal_future_writes`] can follow once the writer has mapped it.
     fn create_open(name: &str, size: u64) -> Result<Self, MemoryError> {
-        Self::create_sealed(name, size, 0)
+        Self::create_sealed(name, size, SealFlag::empty())
     }
 
-    fn create_sealed(name: &str, size: u64, extra_seals: libc::c_int) -> Result<Self, MemoryError> {
+    fn create_sealed(name: &str, size: u64, extra_seals: SealFlag) -> Result<Self, MemoryError> {
         let section = || name.to_string();
         if size == 0 || usize::try_from(size).is_err() {
             return Err(MemoryError::BadSize {
@@ -116,20 +120,14 @@ impl SectionMemory {
                 reason: "size must be > 0 and fit usize",
             });
         }
-        let cname = CString::new(format!("ivshmem:{name}").replace('\0', "?"))
-            .expect("no NUL after replace");
-        // SAFETY: plain syscall with a valid NUL-terminated name; the result is checked.
-        let raw = unsafe {
-            libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
-        };
-        if raw < 0 {
-            return Err(MemoryError::Create {
-                section: section(),
-                source: io::Error::last_os_error(),
-            });
-        }
-        // SAFETY: `raw` is a fresh fd owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let fd = memfd_create(
+            format!("ivshmem:{name}").replace('\0', "?").as_str(),
+            MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+        )
+        .map_err(|errno| MemoryError::Create {
+            section: section(),
+            source: errno.into(),
+        })?;
         let file = File::from(fd);
         let size_err = |source| MemoryError::SizeOrSeal {
             section: section(),
@@ -137,17 +135,11 @@ impl SectionMemory {
             source,
         };
         file.set_len(size).map_err(size_err)?;
-        // SAFETY: fcntl on a valid fd with an integer argument; the result is checked.
-        let rc = unsafe {
-            libc::fcntl(
-                file.as_raw_fd(),
-                libc::F_ADD_SEALS,
-                libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | extra_seals,
-            )
-        };
-        if rc < 0 {
-            return Err(size_err(io::Error::last_os_error()));
-        }
+        fcntl(
+            &file,
+            FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | extra_seals),
+        )
+        .map_err(|errno| size_err(errno.into()))?;
         let read_write = OwnedFd::from(file);
         let read_only =
             reopen_read_only(read_write.as_fd()).map_err(|source| MemoryError::ReadOnly {
@@ -186,22 +178,16 @@ impl SectionMemory {
     /// stay writable, every later `write(2)` or shared writable mapping fails with `EPERM`,
     /// whichever fd it goes through (also `/proc/self/fd/N` reopened `O_RDWR`).
     fn seal_future_writes(&self) -> Result<(), MemoryError> {
-        // SAFETY: fcntl on a valid fd with an integer argument; the result is checked.
-        let rc = unsafe {
-            libc::fcntl(
-                self.read_write.as_raw_fd(),
-                libc::F_ADD_SEALS,
-                libc::F_SEAL_FUTURE_WRITE | libc::F_SEAL_SEAL,
-            )
-        };
-        if rc < 0 {
-            return Err(MemoryError::SizeOrSeal {
-                section: self.name.clone(),
-                size: self.size,
-                source: io::Error::last_os_error(),
-            });
-        }
-        Ok(())
+        fcntl(
+            &self.read_write,
+            FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_FUTURE_WRITE | SealFlag::F_SEAL_SEAL),
+        )
+        .map(drop)
+        .map_err(|errno| MemoryError::SizeOrSeal {
+            section: self.name.clone(),
+            size: self.size,
+            source: errno.into(),
+        })
     }
 
     /// Maps the section read-write into the hypervisor (fails with `EPERM` once the section
@@ -220,83 +206,51 @@ impl SectionMemory {
 /// Opens `/proc/self/fd/N` with `O_RDONLY`: a new open file description of the same memfd
 /// that can never be mapped writable and shared.
 pub fn reopen_read_only(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
-    let path = CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL in path");
-    // SAFETY: valid NUL-terminated path; the result is checked.
-    let raw = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `raw` is a fresh fd owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+    let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    Ok(open(
+        path.as_str(),
+        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?)
 }
 
-/// An interrupt line of one peer: a non-blocking eventfd. Writing adds to its counter
-/// (raising the interrupt); the receiving cell reads it to acknowledge.
+/// An interrupt line of one peer (or any other wake-up the hypervisor polls, such as a stop
+/// request): a non-blocking, close-on-exec eventfd. Writing adds to its counter (raising the
+/// interrupt); the receiver reads it to acknowledge. The one eventfd type of the hypervisor.
 #[derive(Debug)]
 pub struct InterruptEventFd {
-    fd: OwnedFd,
+    fd: EventFd,
 }
 
 impl InterruptEventFd {
     /// Creates a non-blocking, close-on-exec eventfd with counter 0.
     pub fn new() -> Result<Self, MemoryError> {
-        // SAFETY: plain syscall; the result is checked.
-        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if raw < 0 {
-            return Err(MemoryError::EventFd(io::Error::last_os_error()));
-        }
-        // SAFETY: `raw` is a fresh fd owned by nobody else.
-        Ok(Self {
-            fd: unsafe { OwnedFd::from_raw_fd(raw) },
-        })
+        EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+            .map(|fd| Self { fd })
+            .map_err(|errno| MemoryError::EventFd(errno.into()))
     }
 
     /// Raises the interrupt (adds 1 to the counter). A full counter (impossible in practice)
     /// already means "pending", so `EAGAIN` is not an error.
     pub fn signal(&self) -> io::Result<()> {
-        signal_eventfd(self.fd.as_fd())
+        match self.fd.write(1) {
+            Ok(_) | Err(Errno::EAGAIN) => Ok(()),
+            Err(errno) => Err(errno.into()),
+        }
     }
 
     /// Reads and clears the counter; returns 0 if nothing was pending.
     pub fn drain(&self) -> io::Result<u64> {
-        drain_eventfd(self.fd.as_fd())
+        match self.fd.read() {
+            Ok(count) => Ok(count),
+            Err(Errno::EAGAIN) => Ok(0),
+            Err(errno) => Err(errno.into()),
+        }
     }
 
-    /// The fd (sent to cells).
+    /// The fd (sent to cells, polled by the hypervisor).
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
-    }
-}
-
-/// Adds 1 to an eventfd's counter; `EAGAIN` (counter full, interrupt already pending) is fine.
-pub fn signal_eventfd(fd: BorrowedFd<'_>) -> io::Result<()> {
-    let one: u64 = 1;
-    // SAFETY: writes 8 bytes from a valid u64 to a valid fd.
-    let n = unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
-    if n == 8 {
-        return Ok(());
-    }
-    let err = io::Error::last_os_error();
-    if err.kind() == io::ErrorKind::WouldBlock {
-        Ok(())
-    } else {
-        Err(err)
-    }
-}
-
-/// Reads a non-blocking eventfd's counter (clearing it); 0 if nothing was pending.
-pub fn drain_eventfd(fd: BorrowedFd<'_>) -> io::Result<u64> {
-    let mut count: u64 = 0;
-    // SAFETY: reads 8 bytes into a valid u64 from a valid fd.
-    let n = unsafe { libc::read(fd.as_raw_fd(), (&mut count as *mut u64).cast(), 8) };
-    if n == 8 {
-        return Ok(count);
-    }
-    let err = io::Error::last_os_error();
-    if err.kind() == io::ErrorKind::WouldBlock {
-        Ok(0)
-    } else {
-        Err(err)
     }
 }
 
@@ -457,15 +411,13 @@ mod tests {
     fn sections_are_sealed_and_read_only_fd_refuses_shared_write_maps() {
         let s = SectionMemory::create("test/out", 8192).unwrap();
         // Growing and shrinking are sealed.
-        // SAFETY: ftruncate on a valid fd.
-        assert!(unsafe { libc::ftruncate(s.read_write_fd().as_raw_fd(), 4096) } < 0);
-        assert_eq!(io::Error::last_os_error().raw_os_error(), Some(libc::EPERM));
-        // SAFETY: as above.
-        assert!(unsafe { libc::ftruncate(s.read_write_fd().as_raw_fd(), 16384) } < 0);
+        let fd = s.read_write_fd();
+        assert_eq!(nix::unistd::ftruncate(fd, 4096), Err(Errno::EPERM));
+        assert_eq!(nix::unistd::ftruncate(fd, 16384), Err(Errno::EPERM));
         // Read-only fd: a shared writable mapping is refused with EACCES.
         // SAFETY: the mapping is expected to fail; nothing is accessed.
         let err = unsafe { MmapOptions::new().len(8192).map_mut(&s.read_only) }.unwrap_err();
-        assert_eq!(err.raw_os_error(), Some(libc::EACCES));
+        assert_eq!(err.raw_os_error(), Some(Errno::EACCES as i32));
         // A read mapping of the RO fd sees what the RW mapping wrote.
         let rw = s.map_raw().unwrap();
         // SAFETY: in-bounds byte write into our own mapping.
@@ -505,14 +457,12 @@ mod tests {
 
     /// Opens `/proc/self/fd/N` of `fd` with `O_RDWR`, as a misbehaving same-uid cell could.
     fn reopen_read_write(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
-        let path = CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap();
-        // SAFETY: valid NUL-terminated path; the result is checked.
-        let raw = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fresh fd owned by nobody else.
-        Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+        let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+        Ok(open(
+            path.as_str(),
+            OFlag::O_RDWR | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?)
     }
 
     #[test]
@@ -525,18 +475,20 @@ mod tests {
         for fd in [reopened.as_fd(), mem.state_table.read_write_fd()] {
             // SAFETY: the mapping is expected to fail; nothing is accessed.
             let err = unsafe { MmapOptions::new().len(4096).map_mut(&fd) }.unwrap_err();
-            assert_eq!(err.raw_os_error(), Some(libc::EPERM), "shared writable map");
-            let forged: u32 = 1;
-            // SAFETY: pwrite of 4 bytes from a valid u32 to a valid fd.
-            let n = unsafe { libc::pwrite(fd.as_raw_fd(), (&forged as *const u32).cast(), 4, 0) };
-            assert_eq!(n, -1, "write(2) into the state table");
-            assert_eq!(io::Error::last_os_error().raw_os_error(), Some(libc::EPERM));
+            assert_eq!(
+                err.raw_os_error(),
+                Some(Errno::EPERM as i32),
+                "shared writable map"
+            );
+            let forged = 1u32.to_ne_bytes();
+            assert_eq!(
+                nix::sys::uio::pwrite(fd, &forged, 0),
+                Err(Errno::EPERM),
+                "write(2) into the state table"
+            );
         }
         // The seal itself cannot be lifted or changed.
-        // SAFETY: fcntl on a valid fd with an integer argument.
-        let rc =
-            unsafe { libc::fcntl(reopened.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_WRITE) };
-        assert_eq!(rc, -1);
+        assert!(fcntl(&reopened, FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_WRITE)).is_err());
         // The hypervisor's own mapping still writes, and readers see it.
         table.write(1, 0xC0FFEE);
         // SAFETY: mapping a valid fd read-only; nobody truncates it (sealed).

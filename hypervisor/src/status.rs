@@ -15,7 +15,8 @@ use ivshmem_dev::hosted::{
     self, exit_kind, CellPhase, CellStatusBody, DecodeError, LinkStatusBody, Reply, Request,
     StatusBody, WireName, MAX_MESSAGE_SIZE, MAX_WIRE_PEERS,
 };
-use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+
+use crate::control::connect_control_socket;
 
 /// How a spawned cell process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,22 +36,9 @@ impl std::fmt::Display for CellExit {
     }
 }
 
-/// Short name of a signal number (for messages).
+/// Short name of a signal number (`SIGTERM`; `signal` for a number that is none).
 pub fn signal_name(signal: i32) -> &'static str {
-    match signal {
-        libc::SIGHUP => "SIGHUP",
-        libc::SIGINT => "SIGINT",
-        libc::SIGQUIT => "SIGQUIT",
-        libc::SIGILL => "SIGILL",
-        libc::SIGABRT => "SIGABRT",
-        libc::SIGBUS => "SIGBUS",
-        libc::SIGFPE => "SIGFPE",
-        libc::SIGKILL => "SIGKILL",
-        libc::SIGSEGV => "SIGSEGV",
-        libc::SIGPIPE => "SIGPIPE",
-        libc::SIGTERM => "SIGTERM",
-        _ => "signal",
-    }
+    nix::sys::signal::Signal::try_from(signal).map_or("signal", |s| s.as_str())
 }
 
 /// One cell as the hypervisor sees it.
@@ -228,15 +216,7 @@ pub fn query(path: &Path) -> Result<SystemStatus, StatusError> {
         path: path.to_path_buf(),
         source,
     };
-    let fd = socket(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .map_err(|e| io_err(e.into()))?;
-    let addr = UnixAddr::new(path).map_err(|e| io_err(e.into()))?;
-    connect(fd.as_raw_fd(), &addr).map_err(|e| StatusError::NotRunning {
+    let fd = connect_control_socket(path).map_err(|e| StatusError::NotRunning {
         path: path.to_path_buf(),
         source: e.into(),
     })?;

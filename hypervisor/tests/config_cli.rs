@@ -104,6 +104,7 @@ peers = ["rtos", "linux", "ghost"]
 protocol = "ethernet"
 output_size = "3K"
 interrupts = "msix"
+vectors = 17
 "#,
     );
     let output = hypervisor(&["check", &path, "--cpu-count", "1"]);
@@ -123,7 +124,7 @@ interrupts = "msix"
         "error: cells[1] \"linux\" .cpus: CPU 1 does not exist on this machine, which has 1 CPU (0)",
         "error: links[0] \"net0\" .peers[2]: there is no cell called \"ghost\"",
         "error: links[0] \"net0\" .output_size: the output section size 0xc00 (3072 bytes) is not a multiple of the page size",
-        "error: links[0] \"net0\" .interrupts: MSI-X interrupts are not supported yet",
+        "error: links[0] \"net0\" .vectors: 17 vectors: the device offers 1 to 16 MSI-X vectors per peer",
         "warning: links[0] \"net0\" .protocol: ethernet links are point-to-point",
     ] {
         assert!(stderr.contains(expected), "missing {expected:?} in:\n{stderr}");

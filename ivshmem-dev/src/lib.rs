@@ -29,6 +29,7 @@ pub mod driver;
 pub mod hosted;
 pub mod layout;
 pub mod link_state;
+pub mod msix;
 pub mod pci;
 #[cfg(all(
     feature = "x86-port-io",

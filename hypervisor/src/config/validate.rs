@@ -4,9 +4,11 @@ use std::collections::{BTreeMap, HashMap};
 
 use ivshmem_dev::layout::{LayoutError, LayoutParams, SharedMemoryLayout};
 
+use crate::device::MAX_MSIX_VECTORS;
+
 use super::{
-    default_control_socket, CellConfig, CellKind, CellLink, CellSpec, ConfigErrors, Interrupts,
-    LinkConfig, LinkSpec, Problem, ProblemKind, SizeSpec, SystemConfig, ValidConfig, MAX_PEERS,
+    default_control_socket, CellConfig, CellKind, CellLink, CellTable, ConfigErrors, InterruptMode,
+    LinkConfig, LinkTable, Problem, ProblemKind, SizeSpec, SystemConfig, ValidConfig, MAX_PEERS,
     MAX_SOCKET_PATH, PAGE_SIZE, PROTOCOL_NAMES,
 };
 
@@ -23,14 +25,14 @@ fn name_is_valid(name: &str) -> bool {
 }
 
 /// `cells[0] "rtos"` or `cells[0]` when the cell has no usable name.
-fn cell_location(index: usize, cell: &CellSpec) -> String {
+fn cell_location(index: usize, cell: &CellTable) -> String {
     match cell.name.as_deref() {
         Some(name) if !name.is_empty() => format!("cells[{index}] \"{name}\""),
         _ => format!("cells[{index}]"),
     }
 }
 
-fn link_location(index: usize, link: &LinkSpec) -> String {
+fn link_location(index: usize, link: &LinkTable) -> String {
     match link.name.as_deref() {
         Some(name) if !name.is_empty() => format!("links[{index}] \"{name}\""),
         _ => format!("links[{index}]"),
@@ -792,26 +794,54 @@ fn check_links(check: &mut Checker, config: &SystemConfig) -> Vec<Option<LinkCon
             );
         }
 
-        // Interrupts.
-        let interrupts = match link.interrupts.as_deref() {
-            None | Some("intx") => Some(Interrupts::Intx),
-            Some(kind)
-                if kind.eq_ignore_ascii_case("msix") || kind.eq_ignore_ascii_case("msi-x") =>
-            {
-                check.error(
-                    ProblemKind::UnsupportedInterrupts,
-                    format!("{location} .interrupts"),
-                    "MSI-X interrupts are not supported yet".to_owned(),
-                    "use interrupts = \"intx\"",
-                );
-                None
+        // Interrupts: MSI-X is what Jailhouse offers on x86, so it is the default for links
+        // with a KVM cell.
+        let kvm_peer = peer_cells
+            .iter()
+            .any(|&cell| config.cells[cell].kind.as_deref() == Some("kvm"));
+        let kind = link
+            .interrupts
+            .as_deref()
+            .unwrap_or(if kvm_peer { "msix" } else { "intx" });
+        let interrupts = match kind {
+            "intx" => {
+                if link.vectors.is_some_and(|n| n != 1) {
+                    check.error(
+                        ProblemKind::InvalidVectors,
+                        format!("{location} .vectors"),
+                        "INTx has exactly one vector (0)".to_owned(),
+                        "remove vectors, or set interrupts = \"msix\"",
+                    );
+                }
+                Some(InterruptMode::Intx)
             }
-            Some(other) => {
+            _ if kind.eq_ignore_ascii_case("msix") || kind.eq_ignore_ascii_case("msi-x") => {
+                match link.vectors {
+                    None => Some(InterruptMode::Msix { vectors: 1 }),
+                    Some(n) => match u16::try_from(n) {
+                        Ok(vectors) if (1..=MAX_MSIX_VECTORS).contains(&vectors) => {
+                            Some(InterruptMode::Msix { vectors })
+                        }
+                        _ => {
+                            check.error(
+                                ProblemKind::InvalidVectors,
+                                format!("{location} .vectors"),
+                                format!(
+                                    "{n} vectors: the device offers 1 to {MAX_MSIX_VECTORS} MSI-X vectors per peer"
+                                ),
+                                "use vectors = 1 up to 16 (Jailhouse's x86 demo uses 16)",
+                            );
+                            None
+                        }
+                    },
+                }
+            }
+            other => {
                 check.error(
                     ProblemKind::UnsupportedInterrupts,
                     format!("{location} .interrupts"),
                     format!("unknown interrupt kind \"{other}\""),
-                    "use interrupts = \"intx\" (the only kind supported)",
+                    "use interrupts = \"msix\" (with vectors = 1..16) or \"intx\"",
                 );
                 None
             }

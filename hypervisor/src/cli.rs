@@ -1,0 +1,216 @@
+//! The `hypervisor` command line: run, check and inspect an ivshmem-stack system.
+//!
+//! The `hypervisor` binary is [`main`]; whole-system tests run the same code in a re-executed
+//! test process through [`main_from`]. Only built with the `cli` feature (default), so the
+//! library without it has no CLI dependencies.
+//!
+//! Logging goes to stderr and is controlled by `RUST_LOG` (default `warn`).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use crate::config::{self, CellKind, ValidConfig};
+use clap::{Args, Parser, Subcommand};
+
+/// Exit code of a command that did what it was asked.
+const EXIT_SUCCESS: u8 = 0;
+
+/// Exit code of a command that failed (the error is printed).
+const EXIT_FAILURE: u8 = 1;
+
+/// Exit code for a configuration with errors.
+const EXIT_INVALID_CONFIG: u8 = 1;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "hypervisor",
+    version,
+    about = "The hosted ivshmem v2 hypervisor"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Validate a system configuration and print its cells, links and shared-memory layouts.
+    Check(CheckArgs),
+    /// Start a system: create the links, open the control socket, start the cells.
+    Run(RunArgs),
+    /// Show the state of a running system.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+struct CheckArgs {
+    /// The system configuration (TOML).
+    config: PathBuf,
+    /// Check CPU numbers against a machine with this many CPUs instead of this machine.
+    #[arg(long, value_name = "N")]
+    cpu_count: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// The system configuration (TOML).
+    config: PathBuf,
+    /// Create the control socket here instead of the configured or default path.
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Start no cell programs: every process cell is started by hand and attaches by name.
+    #[arg(long)]
+    no_spawn: bool,
+}
+
+#[derive(Debug, Args)]
+struct StatusArgs {
+    /// The running system's configuration (its control socket path is used).
+    #[arg(conflicts_with = "socket", required_unless_present = "socket")]
+    config: Option<PathBuf>,
+    /// The running system's control socket.
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+}
+
+/// The `hypervisor` program: parses the process's arguments and runs the command.
+pub fn main() -> ExitCode {
+    ExitCode::from(main_from(std::env::args_os()))
+}
+
+/// The `hypervisor` program with explicit arguments (the first is the program name): sets up
+/// logging to stderr, parses, runs the command and returns its exit code. On `--help`,
+/// `--version` or a usage error it prints and exits the process, as the binary does.
+pub fn main_from<I, T>(args: I) -> u8
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    // A second call in one process keeps the first subscriber.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    let cli = Cli::parse_from(args);
+    let result = match cli.command {
+        Command::Check(args) => check(&args),
+        Command::Run(args) => run(&args),
+        Command::Status(args) => status(&args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("hypervisor: error: {error:#}");
+            EXIT_FAILURE
+        }
+    }
+}
+
+/// Loads and validates `path` (machine checks against `cpu_count` or this machine's CPUs).
+/// On failure prints every problem to stderr and returns `None`.
+fn load_config(path: &Path, cpu_count: Option<usize>) -> Option<ValidConfig> {
+    let cpu_count = cpu_count.unwrap_or_else(config::online_cpu_count);
+    tracing::debug!(path = %path.display(), cpu_count, "validating configuration");
+    match config::load_and_validate(path, Some(cpu_count)) {
+        Ok(valid) => Some(valid),
+        Err(errors) => {
+            eprintln!("{}: {errors}", path.display());
+            None
+        }
+    }
+}
+
+/// `hypervisor check <config>`: exit 0 and a summary when valid, exit 1 and every problem
+/// when not.
+fn check(args: &CheckArgs) -> anyhow::Result<u8> {
+    match load_config(&args.config, args.cpu_count) {
+        Some(valid) => {
+            print!("{}", valid.summary());
+            for cell in valid.cells.iter().filter(|c| c.kind == CellKind::Kvm) {
+                eprintln!(
+                    "{}: warning: cell `{}`: KVM cells are not supported by this build yet; \
+                     `hypervisor run` refuses this configuration",
+                    args.config.display(),
+                    cell.name
+                );
+            }
+            Ok(EXIT_SUCCESS)
+        }
+        None => Ok(EXIT_INVALID_CONFIG),
+    }
+}
+
+/// `hypervisor run <config>`: validate, create the links, listen, spawn the cells, show a
+/// live status (a redrawn line on a terminal, log lines otherwise) until SIGINT/SIGTERM,
+/// then stop the cells and remove the socket. The spawned cells' stdout and stderr lines
+/// appear on the hypervisor's stdout and stderr, prefixed with `[cell-name] `.
+fn run(args: &RunArgs) -> anyhow::Result<u8> {
+    use crate::cells::{self, Output, RunOptions};
+    use crate::control::SystemSpec;
+    use anyhow::Context as _;
+    use std::io::IsTerminal as _;
+
+    let Some(valid) = load_config(&args.config, None) else {
+        return Ok(EXIT_INVALID_CONFIG);
+    };
+    for warning in &valid.warnings {
+        eprintln!("{}: {warning}", args.config.display());
+    }
+    let socket = args
+        .socket
+        .clone()
+        .unwrap_or_else(|| valid.control_socket.clone());
+    let system = SystemSpec::from_config(&valid);
+    let output = if std::io::stdout().is_terminal() {
+        Output::Terminal
+    } else {
+        Output::Log
+    };
+    let options = RunOptions {
+        socket,
+        spawn: !args.no_spawn,
+        handle_signals: true,
+        output,
+    };
+    let mut stdout = std::io::stdout();
+    cells::run(&system, &options, None, &mut stdout).with_context(|| {
+        format!(
+            "running system `{}` from {}",
+            valid.name,
+            args.config.display()
+        )
+    })?;
+    Ok(EXIT_SUCCESS)
+}
+
+/// Exit code of `status` when no hypervisor runs at the socket.
+const EXIT_NOT_RUNNING: u8 = 3;
+
+/// `hypervisor status [--socket PATH | <config>]`: ask the running hypervisor for its cells,
+/// links and peer states and print them as a table.
+fn status(args: &StatusArgs) -> anyhow::Result<u8> {
+    use crate::status::{self, StatusError};
+
+    let socket = match (&args.socket, &args.config) {
+        (Some(socket), _) => socket.clone(),
+        (None, Some(path)) => match load_config(path, None) {
+            Some(valid) => valid.control_socket,
+            None => return Ok(EXIT_INVALID_CONFIG),
+        },
+        (None, None) => anyhow::bail!("give a configuration or --socket PATH"),
+    };
+    match status::query(&socket) {
+        Ok(system) => {
+            print!("{}", status::format_table(&system));
+            Ok(EXIT_SUCCESS)
+        }
+        Err(error @ StatusError::NotRunning { .. }) => {
+            eprintln!("hypervisor: {error}");
+            Ok(EXIT_NOT_RUNNING)
+        }
+        Err(error) => Err(error.into()),
+    }
+}
