@@ -112,7 +112,7 @@ pub fn bring_up_at(access: &PortIo, found: IvshmemPci) -> Result<Device, BringUp
     if base % PAGE_SIZE != 0
         || base
             .checked_add(size)
-            .map_or(true, |end| end > IDENTITY_MAP_END)
+            .is_none_or(|end| end > IDENTITY_MAP_END)
     {
         return Err(BringUpError::AboveIdentityMap { base, size });
     }

@@ -100,6 +100,10 @@ fn fail_exception(frame: &interrupts::Frame) -> ! {
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     interrupts::disable();
-    println!("PANIC: {info}");
+    // One line (PanicInfo's Display puts the message on a line of its own).
+    match info.location() {
+        Some(at) => println!("PANIC: {} at {}:{}", info.message(), at.file(), at.line()),
+        None => println!("PANIC: {}", info.message()),
+    }
     fail()
 }
