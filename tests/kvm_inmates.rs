@@ -287,3 +287,171 @@ fn the_inmate_scan_sees_the_config_space_of_kvm_cells_md_and_bar_sizing_works() 
         format!("id 1 max_peers 3 base {LINK_ADDRESS:#x}")
     );
 }
+
+/// Waits for `line` on `cell`'s console and returns everything printed up to it.
+fn until_line(events: &EventQueue, cell: &str, line: &str) -> Vec<String> {
+    lines_until(events, cell, |l| l == line)
+}
+
+#[test]
+fn two_demo_inmates_exchange_state_and_doorbells_with_matching_counts() {
+    if skip_without_kvm() {
+        return;
+    }
+    let events = events();
+    let link = demo_link("demo-kvm", 3);
+    let mut cell_one = cell(
+        "one",
+        "ivshmem-demo",
+        "target=2 count=3",
+        Some((&link, 1)),
+        &events,
+    );
+    let mut cell_two = cell(
+        "two",
+        "ivshmem-demo",
+        "target=1 count=3",
+        Some((&link, 2)),
+        &events,
+    );
+
+    let one = until_line(&events, "one", "IVSHMEM: initialized device");
+    assert!(
+        one.contains(&"IVSHMEM: Found device at 01:0e.0".to_owned()),
+        "{one:#?}"
+    );
+    assert!(one.contains(&"IVSHMEM: ID is 1".to_owned()), "{one:#?}");
+    assert!(
+        one.contains(&"IVSHMEM: max. peers is 3".to_owned()),
+        "{one:#?}"
+    );
+    assert!(one.contains(&"IVSHMEM: 4 MSI-X vectors from IDT vector 32".to_owned()));
+    // Each rings vector ID + 1 three times, then only serves interrupts: the other side must
+    // count exactly three on that vector (one's doorbells are vector 2, two's vector 3).
+    let mut one = until_line(&events, "one", "IVSHMEM: sent 3 interrupts, done");
+    let mut two = until_line(&events, "two", "IVSHMEM: sent 3 interrupts, done");
+    let sent = |lines: &[String], vector: u16, target: u16| {
+        let want = format!("IVSHMEM: sending IRQ {vector} to peer {target}");
+        lines.iter().filter(|l| **l == want).count()
+    };
+    assert_eq!(sent(&one, 2, 2), 3, "{one:#?}");
+    assert_eq!(sent(&two, 3, 1), 3, "{two:#?}");
+    for (name, lines, vector) in [("one", &mut one, 3), ("two", &mut two, 2)] {
+        let last = format!("IVSHMEM: got interrupt {vector} (#3)");
+        if !lines.contains(&last) {
+            lines.extend(until_line(&events, name, &last));
+        }
+        let got: Vec<&String> = lines
+            .iter()
+            .filter(|l| l.starts_with(&format!("IVSHMEM: got interrupt {vector} ")))
+            .collect();
+        assert_eq!(
+            got,
+            (1..=3)
+                .map(|n| format!("IVSHMEM: got interrupt {vector} (#{n})"))
+                .collect::<Vec<_>>()
+                .iter()
+                .collect::<Vec<_>>(),
+            "{name}: one interrupt per doorbell, in order"
+        );
+    }
+    // STATE went both ways: each printed the other's state (ID + 1).
+    assert!(one.contains(&"state[2] = 3".to_owned()) || two.contains(&"state[1] = 2".to_owned()));
+    let table = link.memory().state_table_map();
+    assert_eq!((table.read(1), table.read(2)), (2, 3));
+    // Both have sent all their doorbells and seen three: stop them, and nothing printed up to
+    // the stop may show a fourth.
+    cell_one.stop();
+    cell_two.stop();
+    let rest: Vec<String> = events
+        .take()
+        .into_iter()
+        .filter_map(|e| match e {
+            KvmEvent::Console { line, .. } => Some(line),
+            _ => None,
+        })
+        .collect();
+    assert!(!rest.iter().any(|l| l.contains("(#4)")), "{rest:#?}");
+}
+
+/// Runs the test inmate in `mode` as peer 2 next to a demo inmate (peer 1) and returns the
+/// FATAL report; checks the demo inmate saw the offender's state go to 0.
+fn illegal_access(mode: &str) -> String {
+    let events = events();
+    let link = demo_link(&format!("illegal-{mode}"), 3);
+    let _demo = cell(
+        "demo",
+        "ivshmem-demo",
+        "target=2",
+        Some((&link, 1)),
+        &events,
+    );
+    until_line(&events, "demo", "IVSHMEM: initialized device");
+    // Its interrupts are enabled once it printed the shared memory.
+    lines_until(&events, "demo", |l| l.starts_with("in@0x4000 = "));
+    let _bad = cell(
+        "offender",
+        "test-inmate",
+        &format!("mode={mode} peer=1"),
+        Some((&link, 2)),
+        &events,
+    );
+    let lines = until_line(&events, "offender", "ready");
+    assert!(lines.contains(&"test-inmate: ID 2 state 3 waiting for peer 1".to_owned()));
+    let report = match expect_halt(&events, "offender") {
+        HaltReason::Fatal(report) => report,
+        other => panic!("the offender halted with {other}, not a FATAL report"),
+    };
+    assert!(
+        report.starts_with("FATAL: cell \"offender\": illegal "),
+        "{report}"
+    );
+    assert!(report.contains("RIP 0x"), "{report}");
+    // The offender's state is 0, and the demo inmate got the state interrupt and saw it.
+    let table = link.memory().state_table_map();
+    assert_eq!(table.read(2), 0, "the stopped cell's state");
+    assert_ne!(table.read(1), 0, "the demo inmate keeps running");
+    // Two state interrupts: the offender coming up (state 3), then going away (state 0).
+    until_line(&events, "demo", "IVSHMEM: got interrupt 0 (#1)");
+    // (What #1 prints races with the stop: the handler may already read state 0.)
+    until_line(&events, "demo", "IVSHMEM: got interrupt 0 (#2)");
+    until_line(&events, "demo", "state[2] = 0");
+    // The offender printed nothing after the access.
+    assert!(!kvm_common::console_lines(&events, "offender")
+        .iter()
+        .any(|l| l == "illegal access not stopped"));
+    report
+}
+
+#[test]
+fn a_write_to_a_peer_output_section_stops_the_cell() {
+    if skip_without_kvm() {
+        return;
+    }
+    let report = illegal_access("write-peer-output");
+    // Peer 1's output section: base + state table + R/W + 1 * output size.
+    let address = LINK_ADDRESS + STATE_TABLE_SIZE + RW_SIZE + OUTPUT_SIZE;
+    assert!(
+        report.contains(&format!("write at {address:#x}")),
+        "{report}"
+    );
+    assert!(report.contains("size 4"), "{report}");
+}
+
+#[test]
+fn an_unknown_port_stops_the_cell() {
+    if skip_without_kvm() {
+        return;
+    }
+    let report = illegal_access("unknown-port");
+    assert!(report.contains("port write at 0x1234, size 1"), "{report}");
+}
+
+#[test]
+fn a_misaligned_bar0_access_stops_the_cell() {
+    if skip_without_kvm() {
+        return;
+    }
+    let report = illegal_access("misaligned-bar0");
+    assert!(report.contains("read at 0xff000002, size 4"), "{report}");
+}
