@@ -17,7 +17,7 @@ use core::arch::global_asm;
 pub const CODE32_SELECTOR: u16 = 0x08;
 /// Selector of the flat data segment.
 pub const DATA_SELECTOR: u16 = 0x10;
-/// Selector of the 64-bit code segment (used by the IDT's gates).
+/// Selector of the 64-bit code segment (used by the IDT's gates; `interrupts` repeats it).
 pub const CODE64_SELECTOR: u16 = 0x18;
 
 global_asm!(

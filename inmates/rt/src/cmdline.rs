@@ -103,3 +103,41 @@ pub fn parse_int(text: &str) -> Option<i64> {
     };
     Some(if negative { -value } else { value })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_values_and_bare_words() {
+        let c = Cmdline::from_bytes_truncated(b"target=1 irq_base=0x40  verbose target=2");
+        assert_eq!(c.get("target"), Some("2"), "the last one wins");
+        assert_eq!(c.int("target", 0), 2);
+        assert_eq!(c.int("irq_base", 32), 0x40);
+        assert_eq!(c.get("verbose"), Some(""));
+        assert_eq!(c.get("missing"), None);
+        assert_eq!(c.int("missing", 7), 7);
+        assert_eq!(c.get("targ"), None, "no prefix matches");
+    }
+
+    #[test]
+    fn malformed_numbers_fall_back_to_the_default() {
+        let c = Cmdline::from_bytes_truncated(b"a=12x b=0x c=-5 d=0XfF");
+        assert_eq!(c.int("a", -1), -1);
+        assert_eq!(c.int("b", -1), -1);
+        assert_eq!(c.int("c", 0), -5);
+        assert_eq!(c.int("d", 0), 255);
+    }
+
+    #[test]
+    fn long_and_non_utf8_lines_are_cut() {
+        let long = [b'x'; 400];
+        assert_eq!(
+            Cmdline::from_bytes_truncated(&long).as_str().len(),
+            CMDLINE_SIZE - 1
+        );
+        let c = Cmdline::from_bytes_truncated(b"mode=config \xff target=1");
+        assert_eq!(c.as_str(), "mode=config ");
+        assert_eq!(c.get("mode"), Some("config"));
+    }
+}

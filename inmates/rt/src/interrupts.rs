@@ -12,7 +12,8 @@ use core::arch::{asm, global_asm};
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::boot::CODE64_SELECTOR;
+/// Selector of the boot GDT's 64-bit code segment (`boot::CODE64_SELECTOR`).
+const CODE64_SELECTOR: u16 = 0x18;
 
 /// The first vector free for device interrupts (Jailhouse's x86 `DEFAULT_IRQ_BASE`).
 pub const FIRST_DEVICE_VECTOR: u8 = 32;

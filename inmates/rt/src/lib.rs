@@ -23,9 +23,13 @@
 //! The code runs in ring 0. On this project's PVM-backed `/dev/kvm`, ring-0 code is emulated
 //! (~0.7 µs per instruction), so hot loops are kept short and every wait polls a device (PM
 //! timer) or halts; no SSE: the target is soft-float and the boot stub never enables it.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 #![warn(missing_docs)]
 
+// The boot stub, the start and the panic handler only exist in the inmate image: the host
+// build of the unit tests (`cargo test --target x86_64-unknown-linux-gnu -p inmate-rt`) has no
+// linker script and its own entry point.
+#[cfg(not(test))]
 pub mod boot;
 pub mod cmdline;
 pub mod comm;
@@ -41,6 +45,7 @@ use core::arch::asm;
 
 pub use cmdline::Cmdline;
 
+#[cfg(not(test))]
 mod start {
     /// Called by the boot stub in long mode with a stack and a cleared `.bss`.
     pub extern "C" fn __inmate_start() -> ! {
@@ -89,6 +94,7 @@ pub fn fail() -> ! {
     halt()
 }
 
+#[cfg_attr(test, allow(dead_code))]
 fn fail_exception(frame: &interrupts::Frame) -> ! {
     println!(
         "FATAL: exception {} error {:#x} at rip {:#x} rsp {:#x}",
@@ -97,6 +103,7 @@ fn fail_exception(frame: &interrupts::Frame) -> ! {
     fail()
 }
 
+#[cfg(not(test))]
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     interrupts::disable();

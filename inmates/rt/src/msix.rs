@@ -160,3 +160,27 @@ impl MsixTable {
         core::array::from_fn(|i| unsafe { ptr::read_volatile(self.word(entry, i)) })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_address_targets_the_x2apic_id() {
+        assert_eq!(message_address(0), 0xFEE0_0000);
+        assert_eq!(message_address(3), 0xFEE0_3000);
+    }
+
+    #[test]
+    fn table_entries_are_masked_while_rewritten_and_unmasked_after() {
+        let mut memory = [0xFFFF_FFFFu32; 8];
+        // SAFETY: `memory` holds two 16-byte entries and outlives the table.
+        let table =
+            unsafe { MsixTable::new(NonNull::new(memory.as_mut_ptr().cast::<u8>()).unwrap(), 2) };
+        table.program(1, 2, 0x21);
+        assert_eq!(table.read(1), [0xFEE0_2000, 0, 0x21, 0]);
+        assert_eq!(table.read(0), [u32::MAX; 4], "entry 0 untouched");
+        table.set_masked(1, true);
+        assert_eq!(table.read(1)[3], ENTRY_MASKED);
+    }
+}

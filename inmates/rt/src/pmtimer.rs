@@ -70,3 +70,17 @@ impl Deadline {
         self.left == 0
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tick_conversions_round_down() {
+        assert_eq!(ticks(1_000_000), FREQUENCY_HZ);
+        assert_eq!(ticks(1_000), 3_579);
+        assert_eq!(micros(FREQUENCY_HZ), 1_000_000);
+        // One 24-bit wrap lasts about 4.69 s.
+        assert_eq!(micros(u64::from(MASK) + 1), 4_686_968);
+    }
+}
