@@ -9,10 +9,9 @@
 use core::fmt;
 use core::ptr::NonNull;
 
+use ivshmem_dev::msix::{x86_msi_address, MsixCapability, MsixTable};
 use ivshmem_dev::pci::{self, ConfigAccess, DiscoveryError, IvshmemPci, BAR1};
 use ivshmem_dev::{DriverError, Ivshmem, LayoutError, Mmio, PortIo, Sections, SharedMemoryLayout};
-
-use crate::msix::{MsixCapability, MsixTable};
 
 /// Where BAR0 (registers) goes.
 pub const BAR0_BASE: u32 = 0xFF00_0000;
@@ -72,7 +71,7 @@ pub struct Device {
     /// The MSI-X capability, if the device has one.
     pub msix: Option<MsixCapability>,
     /// The MSI-X table behind BAR1 (only with MSI-X).
-    pub msix_table: Option<MsixTable>,
+    pub msix_table: Option<MsixTable<Mmio>>,
     /// The shared-memory layout.
     pub layout: SharedMemoryLayout,
     /// The shared memory's guest-physical (= virtual) base.
@@ -129,15 +128,11 @@ pub fn bring_up_at(access: &PortIo, found: IvshmemPci) -> Result<Device, BringUp
     };
     let driver = Ivshmem::new(regs, sections).map_err(BringUpError::Driver)?;
     let msix_table = msix.map(|cap| {
-        // SAFETY: BAR1 was programmed to BAR1_BASE with memory decoding on; the table lies at
-        // `table_offset` in it (checked to be BAR1 by the caller's device: kvm-cells.md), and
-        // the page is identity-mapped.
-        unsafe {
-            MsixTable::new(
-                NonNull::new_unchecked((BAR1_BASE + cap.table_offset) as usize as *mut u8),
-                cap.table_size,
-            )
-        }
+        // SAFETY: BAR1 was programmed to BAR1_BASE with memory decoding on and its page is
+        // identity-mapped; the table lies at `table_offset` inside it (kvm-cells.md: BIR 1,
+        // offset 0).
+        let bar1 = unsafe { Mmio::new(NonNull::new_unchecked(BAR1_BASE as usize as *mut u8)) };
+        MsixTable::new(bar1, &cap)
     });
     Ok(Device {
         pci: found,
@@ -156,12 +151,17 @@ impl Device {
         let (Some(cap), Some(table)) = (self.msix, self.msix_table.as_ref()) else {
             return 0;
         };
-        let count = vectors.min(table.entries());
-        let apic = crate::x2apic::id();
+        let count = vectors.min(table.vectors());
+        let address = x86_msi_address(crate::x2apic::id() as u8);
         for entry in 0..count {
-            table.program(entry, apic, first_vector + entry as u8);
+            table.program(
+                entry,
+                address,
+                u32::from(first_vector) + u32::from(entry),
+                true,
+            );
         }
-        cap.enable(access);
+        cap.set_control(access, true, false);
         count
     }
 }

@@ -5,7 +5,8 @@
 //! - [`comm`]: the communication region at 0x100000 (checked before `main`).
 //! - [`cmdline`]: the 256-byte command line at 0x1000 (`target=1`).
 //! - [`interrupts`]: IDT, entry stubs, one handler for device vectors.
-//! - [`x2apic`], [`msix`]: EOI, APIC ID, MSI-X capability and table.
+//! - [`x2apic`]: EOI, APIC ID (MSI-X capability and table: `ivshmem_dev::msix`, programmed
+//!   for this CPU by [`ivshmem::Device::setup_msix`]).
 //! - [`pmtimer`]: delays on the ACPI PM timer.
 //! - [`console`]: the 8250 UART at 0x3F8, [`println!`].
 //! - [`ivshmem`]: bringing up an ivshmem v2 device the Jailhouse way.
@@ -36,7 +37,6 @@ pub mod comm;
 pub mod console;
 pub mod interrupts;
 pub mod ivshmem;
-pub mod msix;
 pub mod pmtimer;
 pub mod port;
 pub mod x2apic;

@@ -21,8 +21,8 @@
 use core::arch::asm;
 
 use inmate_rt::ivshmem::{self, BAR0_BASE, BAR1_BASE};
-use inmate_rt::msix::MsixCapability;
 use inmate_rt::{comm, pmtimer, println, Cmdline};
+use ivshmem_dev::msix::MsixCapability;
 use ivshmem_dev::pci::{self, ConfigAccess, PciAddress};
 use ivshmem_dev::PortIo;
 
@@ -92,9 +92,9 @@ fn config() -> ! {
         .expect("no MSI-X capability");
     println!(
         "msix table size {} bir {} offset {:x} pba bir {} offset {:x}",
-        msix.table_size, msix.table_bir, msix.table_offset, msix.pba_bir, msix.pba_offset
+        msix.vectors, msix.table_bar, msix.table_offset, msix.pba_bar, msix.pba_offset
     );
-    let programmed = device.setup_msix(&access, 32, msix.table_size);
+    let programmed = device.setup_msix(&access, 32, msix.vectors);
     let pba = BAR1_BASE as usize + msix.pba_offset as usize;
     // SAFETY: BAR1 is programmed and decoded; the PBA lies at its offset in BAR1's page.
     let pending = unsafe { core::ptr::read_volatile(pba as *const u32) };
