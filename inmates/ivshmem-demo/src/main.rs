@@ -17,7 +17,8 @@
 //!
 //! Command line: `target=N`, `irq_base=N` (Jailhouse's key), `count=N` (stop ringing after N
 //! doorbells and only serve interrupts from then on, so a test can compare counts; default:
-//! ring forever).
+//! ring forever), `delay=pm` (wait by polling the PM timer as Jailhouse's `delay_us` does,
+//! instead of halting until the x2APIC timer fires).
 #![no_std]
 #![no_main]
 
@@ -26,7 +27,7 @@ use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 use inmate_rt::interrupts::{self, FIRST_DEVICE_VECTOR};
 use inmate_rt::ivshmem::{self, Device};
-use inmate_rt::{pmtimer, println, Cmdline};
+use inmate_rt::{println, Cmdline};
 use ivshmem_dev::{pci, PortIo, Protocol};
 
 inmate_rt::entry!(main);
@@ -121,10 +122,21 @@ fn main(cmdline: &Cmdline) -> ! {
     };
     let count = cmdline.int("count", -1);
     let int_no = if vectors > 0 { id + 1 } else { 0 };
+    // Sleep on the APIC timer (halted between interrupts) unless `delay=pm` asks for the
+    // PM-timer polling of Jailhouse's `delay_us` (one VM exit per read on a KVM cell).
+    let poll_pm_timer = cmdline.get("delay") == Some("pm");
+    if !poll_pm_timer {
+        let ticks = inmate_rt::timer::calibrate();
+        println!("IVSHMEM: APIC timer {ticks} ticks/ms");
+    }
     interrupts::enable();
     let mut sent = 0i64;
     loop {
-        pmtimer::delay_us(1_000_000);
+        if poll_pm_timer {
+            inmate_rt::pmtimer::delay_us(1_000_000);
+        } else {
+            inmate_rt::timer::sleep_us(1_000_000);
+        }
         interrupts::without(|| {
             println!();
             println!("IVSHMEM: sending IRQ {int_no} to peer {target}");

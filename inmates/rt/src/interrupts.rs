@@ -3,7 +3,8 @@
 //! All 256 vectors get a gate. Exceptions (vectors 0–31) are fatal: the runtime prints the
 //! vector, error code and RIP and fails the cell (`cell_state` = 3). Vectors 32–254 go to the
 //! handler installed with [`set_handler`] (one handler for all vectors, as Jailhouse's
-//! `irq_init`), followed by an x2APIC EOI. Vector 255 is the spurious vector (no EOI).
+//! `irq_init`), followed by an x2APIC EOI; [`crate::timer::TIMER_VECTOR`] is the runtime's
+//! own. Vector 255 is the spurious vector (no EOI).
 //!
 //! The stubs save only the caller-saved registers: the handler is an `extern "C"` Rust
 //! function, and there is no FPU/SSE state to save in a soft-float inmate.
@@ -169,6 +170,11 @@ extern "C" fn dispatch(frame: &mut Frame) {
         crate::fail_exception(frame);
     }
     if vector == SPURIOUS_VECTOR {
+        return;
+    }
+    if vector == crate::timer::TIMER_VECTOR {
+        crate::timer::fired();
+        crate::x2apic::eoi();
         return;
     }
     // Acquire pairs with `set_handler`'s Release.

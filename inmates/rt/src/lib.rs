@@ -7,7 +7,7 @@
 //! - [`interrupts`]: IDT, entry stubs, one handler for device vectors.
 //! - [`x2apic`]: EOI, APIC ID (MSI-X capability and table: `ivshmem_dev::msix`, programmed
 //!   for this CPU by [`ivshmem::Device::setup_msix`]).
-//! - [`pmtimer`]: delays on the ACPI PM timer.
+//! - [`pmtimer`]: delays on the ACPI PM timer; [`timer`]: sleeping on the x2APIC timer.
 //! - [`console`]: the 8250 UART at 0x3F8, [`println!`].
 //! - [`ivshmem`]: bringing up an ivshmem v2 device the Jailhouse way.
 //!
@@ -39,6 +39,7 @@ pub mod interrupts;
 pub mod ivshmem;
 pub mod pmtimer;
 pub mod port;
+pub mod timer;
 pub mod x2apic;
 
 use core::arch::asm;
