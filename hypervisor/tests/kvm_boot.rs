@@ -15,7 +15,6 @@ fn boots_in_real_mode_with_console_cmdline_comm_region_and_pm_timer() {
     let body = r#"
 main:
     call setup
-    mov $0x8000, %sp
     mov $hello, %si
     call puts
     # the communication region: "JHCOMM", revision 2, cell_state 0
@@ -86,7 +85,7 @@ main:
     mov $0x5a, %al
     outb %al, $0x80
     jmp fault
-    .org 0x100
+    .org 0x500
 fault:
     outb %al, $0x42
     mov $after, %si
@@ -110,7 +109,7 @@ after: .asciz "still running\n"
         ))
     };
     assert!(
-        reason == report(0x100) || reason == report(0x102),
+        reason == report(0x500) || reason == report(0x502),
         "{reason:?}"
     );
     assert!(console_lines(&events, "bad-port").is_empty());

@@ -36,8 +36,11 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::devices::Bdf;
 use super::memory::{GuestMemory, GuestRegion};
 use super::KvmError;
-use crate::device::{AccessError, Effects, InterruptGate, Link, MsiMessage, Route};
+use crate::device::{
+    AccessError, Effects, InterruptGate, InterruptMode, Link, LinkParams, MsiMessage, Route,
+};
 use crate::memory::LinkMemory;
+use ivshmem_dev::{LayoutParams, SharedMemoryLayout};
 
 /// The first GSI used for MSI routes (below are the irqchip's pins).
 const FIRST_MSI_GSI: u32 = 32;
@@ -123,6 +126,17 @@ impl CellIrq {
     }
 }
 
+/// Section sizes of a link, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkSizes {
+    /// State table (a page multiple, >= 4 bytes per peer).
+    pub state_table: u64,
+    /// R/W section (may be 0).
+    pub rw: u64,
+    /// Each output section.
+    pub output: u64,
+}
+
 /// One link's device model, memory and interrupt lines, shared by every backend that serves
 /// one of its peers (the control server for process cells, KVM cells' vCPU threads).
 pub struct LinkWiring {
@@ -164,6 +178,41 @@ impl LinkWiring {
             extra_vectors,
             kvm_targets: Mutex::new(vec![None; peers]),
         }))
+    }
+
+    /// Creates a link's memory and device model (every peer gated by the device until an
+    /// endpoint-gated backend says otherwise) and puts them together.
+    pub fn create(
+        name: &str,
+        max_peers: u16,
+        protocol: u16,
+        sizes: LinkSizes,
+        interrupts: InterruptMode,
+    ) -> Result<Arc<Self>, KvmError> {
+        let memory = LinkMemory::create(name, max_peers, sizes.state_table, sizes.rw, sizes.output)
+            .map_err(|e| KvmError::Config(format!("link `{name}`: {e}")))?;
+        let state_table_size = u32::try_from(sizes.state_table)
+            .map_err(|_| KvmError::Config(format!("link `{name}`: state table too large")))?;
+        let layout = SharedMemoryLayout::new(LayoutParams {
+            max_peers,
+            state_table_size,
+            rw_size: sizes.rw,
+            output_size: sizes.output,
+            page_size: crate::config::PAGE_SIZE,
+        })
+        .map_err(|e| KvmError::Config(format!("link `{name}`: {e}")))?;
+        let model = Link::new(
+            LinkParams {
+                name: name.to_string(),
+                max_peers,
+                protocol: protocol.into(),
+                layout,
+                interrupts,
+            },
+            Box::new(memory.state_table_map()),
+        )
+        .map_err(|e| KvmError::Config(e.to_string()))?;
+        Self::new(model, Arc::new(memory))
     }
 
     /// The device model (locked).

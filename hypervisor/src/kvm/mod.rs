@@ -65,6 +65,7 @@ mod fault;
 pub mod layout;
 mod links;
 mod memory;
+pub mod test_guests;
 
 pub use cell::{
     kvm_available, ExitCounts, KvmCell, KvmCellConfig, KvmCellPhase, MemoryRegionConfig,
@@ -72,7 +73,7 @@ pub use cell::{
 pub use devices::{Bdf, BdfParseError, PmTimer, Uart};
 pub use events::{EventQueue, HaltReason, KvmEvent};
 pub use fault::{AddressSpace, IllegalAccess};
-pub use links::{CellIrq, KvmLinkConfig, LinkWiring};
+pub use links::{CellIrq, KvmLinkConfig, LinkSizes, LinkWiring};
 pub use memory::{GuestMemory, GuestRegion, RegionKind};
 
 /// Errors of the KVM backend; each names the failing call.
