@@ -482,3 +482,23 @@ fn the_demo_inmate_halts_between_doorbells_instead_of_polling() {
     // the second instead costs about 20 000 exits (one per read).
     assert!(exits < 3 * 100, "{exits} exits in three one-second periods");
 }
+
+/// What `jailhouse cell load CELL image.bin -s "target=1" -a 0x1000` and the KVM VMM rely on:
+/// a flat image entered at offset 0 in real mode, with the 256-byte command-line area at
+/// 0x1000, everything below the communication region. (Runs without KVM.)
+#[test]
+fn inmate_images_are_flat_binaries_with_the_command_line_area_at_0x1000() {
+    for name in ["ivshmem-demo", "test-inmate"] {
+        let image = inmate(name);
+        assert!(
+            (0x1100..0x10_0000).contains(&image.len()),
+            "{name}: {} bytes",
+            image.len()
+        );
+        assert_eq!(image[0], 0xFA, "{name}: the entry at 0 starts with `cli`");
+        assert!(
+            image[0x1000..0x1100].iter().all(|b| *b == 0),
+            "{name}: the command-line area is empty until the loader writes it"
+        );
+    }
+}
