@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::{CellKind, ValidConfig};
 use crate::control::{CellSpec, ControlError, ControlEvent, ControlServer, LinkSpec, SystemSpec};
+use crate::kvm::{create_wirings, KvmCells, KvmNotice, KvmSystem, LinkSizes};
 use crate::memory::{InterruptEventFd, MemoryError};
 use crate::status::{format_cell_lines, CellExit};
 use nix::errno::Errno;
@@ -124,12 +125,15 @@ pub enum RunError {
     /// Writing the live status failed.
     #[error("writing status output: {0}")]
     Output(io::Error),
-    /// The system has a KVM cell, which this build cannot start.
-    #[error("KVM cells are not supported by this build yet: cell {cell}")]
+    /// The system has a KVM cell but no KVM plan for it ([`run_system`] takes one).
+    #[error("cell {cell} is a KVM cell, but no image and placement were given for it (use run_system with a KvmSystem)")]
     KvmUnsupported {
-        /// The first KVM cell of the system.
+        /// The first KVM cell of the system without a plan.
         cell: String,
     },
+    /// A KVM cell could not be built or started.
+    #[error(transparent)]
+    Kvm(#[from] crate::kvm::KvmError),
 }
 
 /// Asks a running [`run`] loop to stop (from another thread); cheap to clone.
@@ -544,7 +548,7 @@ fn describe(event: &ControlEvent) -> String {
 /// creates the links, listens at `options.socket`, spawns the cells, reports on `out`, and
 /// on stop terminates the spawned cells (SIGTERM, then SIGKILL after a grace period), waits
 /// for them and removes the socket. A system with a KVM cell is refused
-/// ([`RunError::KvmUnsupported`]): this build has no KVM backend.
+/// ([`RunError::KvmUnsupported`]); [`run_system`] runs those.
 ///
 /// The spawned cells' stdout lines are forwarded to `out` and their stderr lines to this
 /// process's stderr, prefixed with the cell name (see [`run_with_stderr`]).
@@ -566,20 +570,66 @@ pub fn run_with_stderr(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> Result<RunReport, RunError> {
+    run_system(system, &KvmSystem::default(), options, stop, out, err)
+}
+
+/// [`run_with_stderr`] for a system with KVM cells: `kvm` names their images and where
+/// their links appear. The KVM cells start after the process cells are spawned; their
+/// console lines are forwarded like a process cell's stdout (`[cell] line`), their stops
+/// (`FATAL:` reports, `cell_state`) are printed as events, and on stop (SIGINT/SIGTERM or
+/// `stop`) every VM is stopped before the process cells.
+pub fn run_system(
+    system: &SystemSpec,
+    kvm: &KvmSystem,
+    options: &RunOptions,
+    stop: Option<&StopHandle>,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<RunReport, RunError> {
     // Refuse before creating anything: a system whose KVM cells never start is not the
     // system the configuration describes.
-    if let Some(kvm) = system.cells.iter().find(|c| !c.process) {
+    if let Some(cell) = system
+        .cells
+        .iter()
+        .find(|c| !c.process && !kvm.cells.iter().any(|k| k.name == c.name))
+    {
         return Err(RunError::KvmUnsupported {
-            cell: kvm.name.clone(),
+            cell: cell.name.clone(),
         });
     }
+    kvm.check_images()?;
     let signals = if options.handle_signals {
         Some(signal_fd().map_err(RunError::Signals)?)
     } else {
         None
     };
-    let mut server =
-        ControlServer::bind(system, &options.socket, &mut crate::control::device_model)?;
+    let (mut server, mut vms) = if kvm.cells.is_empty() {
+        (
+            ControlServer::bind(system, &options.socket, &mut crate::control::device_model)?,
+            KvmCells::none()?,
+        )
+    } else {
+        let specs: Vec<_> = system
+            .links
+            .iter()
+            .map(|l| {
+                (
+                    l.name.clone(),
+                    l.peers.clone(),
+                    l.protocol,
+                    LinkSizes {
+                        state_table: l.state_table_size,
+                        rw: l.rw_size,
+                        output: l.output_size,
+                    },
+                )
+            })
+            .collect();
+        let wirings = create_wirings(&specs, kvm)?;
+        let server = ControlServer::bind_wired(system, &options.socket, &wirings)?;
+        let names: Vec<_> = specs.into_iter().map(|(n, p, _, _)| (n, p)).collect();
+        (server, KvmCells::new(kvm, &names, &wirings)?)
+    };
     let mut display = Display {
         out,
         err,
@@ -595,8 +645,11 @@ pub fn run_with_stderr(
         options,
         stop,
         signals.as_ref(),
-        &mut server,
-        &mut spawned,
+        Supervised {
+            server: &mut server,
+            spawned: &mut spawned,
+            vms: &mut vms,
+        },
         &mut display,
     );
     // The one exit path: whether serving stopped on request or failed, every spawned cell is
@@ -605,6 +658,8 @@ pub fn run_with_stderr(
         Ok(reason) => display.event(&format!("stopping ({reason})")),
         Err(e) => display.event(&format!("stopping after an error: {e}")),
     };
+    vms.stop_all();
+    let _ = show_kvm(&mut server, &vms, &mut display);
     let cells = terminate(&mut server, &mut spawned, &mut display);
     let reason = served?;
     announced.map_err(RunError::Output)?;
@@ -625,6 +680,13 @@ pub fn run_with_stderr(
     Ok(RunReport { reason, cells })
 }
 
+/// What [`serve`] supervises: the control server, the spawned process cells, the KVM cells.
+struct Supervised<'a> {
+    server: &'a mut ControlServer,
+    spawned: &'a mut Vec<Spawned>,
+    vms: &'a mut KvmCells,
+}
+
 /// Listens, spawns the cells and serves until a stop signal or request; returns why it
 /// stopped. Every child it starts is in `spawned` before anything else can fail, so the
 /// caller can always stop and reap them.
@@ -633,10 +695,14 @@ fn serve(
     options: &RunOptions,
     stop: Option<&StopHandle>,
     signals: Option<&SignalFd>,
-    server: &mut ControlServer,
-    spawned: &mut Vec<Spawned>,
+    supervised: Supervised<'_>,
     display: &mut Display<'_>,
 ) -> Result<String, RunError> {
+    let Supervised {
+        server,
+        spawned,
+        vms,
+    } = supervised;
     display
         .event(&format!("listening on {}", options.socket.display()))
         .map_err(RunError::Output)?;
@@ -696,6 +762,9 @@ fn serve(
             .map_err(RunError::Output)?;
     }
 
+    vms.start_all()?;
+    show_kvm(server, vms, display).map_err(RunError::Output)?;
+
     let mut wait: Option<Duration> = None;
     loop {
         let mut extra: Vec<BorrowedFd<'_>> = Vec::new();
@@ -705,6 +774,7 @@ fn serve(
         if let Some(s) = stop {
             extra.push(s.fd());
         }
+        extra.push(vms.fd());
         let live: Vec<usize> = (0..spawned.len())
             .filter(|&i| spawned[i].exit.is_none())
             .collect();
@@ -743,6 +813,7 @@ fn serve(
         }
         forward(spawned, &ready[pipes_from..], display).map_err(RunError::Output)?;
         reap(server, spawned, display, false).map_err(RunError::Output)?;
+        show_kvm(server, vms, display).map_err(RunError::Output)?;
         for event in server.take_events() {
             display.event(&describe(&event)).map_err(RunError::Output)?;
         }
@@ -753,6 +824,32 @@ fn serve(
             return Ok(r);
         }
     }
+}
+
+/// Prints what the KVM cells reported (console lines with the `[cell]` prefix, starts and
+/// stops) and records their phases for the status.
+fn show_kvm(
+    server: &mut ControlServer,
+    vms: &KvmCells,
+    display: &mut Display<'_>,
+) -> io::Result<()> {
+    for notice in vms.take() {
+        match notice {
+            KvmNotice::Console { cell, line } => {
+                display.cell_lines(&cell, Stream::Stdout, &[line.as_bytes()])?
+            }
+            KvmNotice::Phase {
+                cell,
+                text,
+                phase,
+                exit,
+            } => {
+                server.set_kvm_phase(&cell, phase, exit);
+                display.event(&text)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Forwards one chunk from each ready output pipe; `ready` flags the pipes of `spawned` in

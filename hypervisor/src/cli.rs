@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use crate::config::{self, CellKind, ValidConfig};
+use crate::config::{self, ValidConfig};
 use clap::{Args, Parser, Subcommand};
 
 /// Exit code of a command that did what it was asked.
@@ -129,14 +129,6 @@ fn check(args: &CheckArgs) -> anyhow::Result<u8> {
     match load_config(&args.config, args.cpu_count) {
         Some(valid) => {
             print!("{}", valid.summary());
-            for cell in valid.cells.iter().filter(|c| c.kind == CellKind::Kvm) {
-                eprintln!(
-                    "{}: warning: cell `{}`: KVM cells are not supported by this build yet; \
-                     `hypervisor run` refuses this configuration",
-                    args.config.display(),
-                    cell.name
-                );
-            }
             Ok(EXIT_SUCCESS)
         }
         None => Ok(EXIT_INVALID_CONFIG),
@@ -175,8 +167,17 @@ fn run(args: &RunArgs) -> anyhow::Result<u8> {
         handle_signals: true,
         output,
     };
+    let kvm = crate::kvm::KvmSystem::from_config(&valid);
     let mut stdout = std::io::stdout();
-    cells::run(&system, &options, None, &mut stdout).with_context(|| {
+    cells::run_system(
+        &system,
+        &kvm,
+        &options,
+        None,
+        &mut stdout,
+        &mut std::io::stderr(),
+    )
+    .with_context(|| {
         format!(
             "running system `{}` from {}",
             valid.name,

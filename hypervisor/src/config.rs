@@ -14,8 +14,10 @@
 //! cpus = [1]                         # required, non-empty, exclusive to this cell
 //! command = "target/release/examples/telemetry_producer"   # process cells: required
 //! args = ["--link", "telemetry"]     # process cells: optional
-//! # memory = "16M"                   # kvm cells: required, page-aligned
-//! # image = "inmates/telemetry.bin"  # kvm cells: required
+//! # memory = "1M"                    # kvm cells: required, page-aligned; RAM from 0 up to
+//! #                                  # 1 MiB, the rest above the comm region (0x101000)
+//! # image = "inmates/telemetry.bin"  # kvm cells: required; flat image loaded at 0
+//! # cmdline = "target=1"             # kvm cells: written at 0x1000, at most 255 bytes
 //!
 //! [[cells]]
 //! name = "linux-consumer"
@@ -32,6 +34,8 @@
 //! interrupts = "intx"                # "intx" or "msix"; default "msix" if a peer is a kvm
 //!                                    # cell, else "intx"
 //! # vectors = 16                     # msix only: vectors per peer, 1..=16 (default 1)
+//! # bdf = "01:0e.0"                  # kvm peers: PCI function (default 01:0e.0, next link 01:0f.0…)
+//! # address = "0x3f0f0000"           # kvm peers: guest-physical address of the link memory
 //! ```
 //!
 //! Sizes are integers (bytes) or strings with a binary unit: `"4K"`, `"64KiB"`, `"1M"`, `"0x1000"`.
@@ -126,6 +130,8 @@ pub struct CellTable {
     pub memory: Option<SizeSpec>,
     /// KVM cells: the bare-metal image to load (required).
     pub image: Option<PathBuf>,
+    /// KVM cells: the command line written at 0x1000 (at most 255 bytes).
+    pub cmdline: Option<String>,
 }
 
 /// One `[[links]]` table as written.
@@ -149,6 +155,12 @@ pub struct LinkTable {
     pub interrupts: Option<String>,
     /// MSI-X vectors per peer, `1..=16` (default 1; INTx has exactly one).
     pub vectors: Option<i64>,
+    /// KVM peers: the PCI function of the device, `bus:device.function` in hex (default
+    /// `01:0e.0`, Jailhouse's demo; the n-th link of the file uses device 0x0e + n).
+    pub bdf: Option<String>,
+    /// KVM peers: guest-physical address of the link memory (default 0x3F0F0000 for the first
+    /// link, the next links above it, each on a 1 MiB boundary).
+    pub address: Option<SizeSpec>,
 }
 
 impl SystemConfig {
@@ -288,6 +300,8 @@ pub struct CellConfig {
     pub memory: Option<u64>,
     /// KVM cells: the image to load; `None` for process cells.
     pub image: Option<PathBuf>,
+    /// KVM cells: the command line (empty: none); empty for process cells.
+    pub cmdline: String,
     /// The links this cell is a peer of, with its peer ID on each, in link order.
     pub links: Vec<CellLink>,
 }
@@ -323,6 +337,10 @@ pub struct LinkConfig {
     /// Where every section lies in the link's shared memory, computed by ivshmem-dev's
     /// calculator (page size [`PAGE_SIZE`]), exactly as the device lays it out.
     pub layout: SharedMemoryLayout,
+    /// Where the device appears in KVM peers' PCI config space.
+    pub bdf: crate::kvm::Bdf,
+    /// Guest-physical address of the link memory in KVM peers.
+    pub address: u64,
 }
 
 impl LinkConfig {

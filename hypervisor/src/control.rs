@@ -47,6 +47,7 @@ use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ivshmem_dev::hosted::{
@@ -123,6 +124,21 @@ pub trait LinkModel: Send {
     fn peer_detached(&mut self, peer: u16) -> Notify;
     /// The peer wrote STATE; returns the peers to notify, or the refused (illegal) access.
     fn write_state(&mut self, peer: u16, value: u32) -> Result<Notify, AccessError>;
+    /// Raises vector 0 on `peers` (state changes). By default writes their eventfds in
+    /// `memory`; a model shared with KVM cells injects their MSI instead
+    /// ([`crate::kvm::WiredModel`]).
+    /// Whether `peer` is active, if the model knows better than the server's own record
+    /// (a model shared with KVM cells does: they attach without the server).
+    fn is_active(&self, _peer: u16) -> Option<bool> {
+        None
+    }
+    fn raise(&self, memory: &LinkMemory, link: &str, peers: &[u16]) {
+        for &peer in peers {
+            if let Err(e) = memory.signal(peer) {
+                tracing::warn!("link `{link}`: raising the interrupt of peer {peer} failed: {e}");
+            }
+        }
+    }
 }
 
 /// Errors of the control server.
@@ -208,7 +224,7 @@ pub enum ControlEvent {
 
 struct ServedLink {
     spec: LinkSpec,
-    memory: LinkMemory,
+    memory: Arc<LinkMemory>,
     view: MappedStateTable,
     model: Box<dyn LinkModel>,
     active: u32,
@@ -258,6 +274,10 @@ impl std::fmt::Debug for ControlServer {
     }
 }
 
+/// Creates (or hands over) one link's memory and device model.
+type LinkMaker<'a> =
+    dyn FnMut(&LinkSpec) -> Result<(Arc<LinkMemory>, Box<dyn LinkModel>), ControlError> + 'a;
+
 /// Builds the device model of a link over its mapped state table.
 pub type ModelFactory<'a> =
     dyn FnMut(&LinkSpec, MappedStateTable) -> Result<Box<dyn LinkModel>, String> + 'a;
@@ -268,6 +288,55 @@ impl ControlServer {
         system: &SystemSpec,
         path: &Path,
         make_model: &mut ModelFactory<'_>,
+    ) -> Result<Self, ControlError> {
+        Self::bind_links(system, path, &mut |spec| {
+            let memory = LinkMemory::create(
+                &spec.name,
+                spec.peers.len() as u16,
+                spec.state_table_size,
+                spec.rw_size,
+                spec.output_size,
+            )
+            .map_err(|source| ControlError::Memory {
+                link: spec.name.clone(),
+                source,
+            })?;
+            // The state table is sealed against writes; the model shares the hypervisor's
+            // mapping.
+            let model = make_model(spec, memory.state_table_map()).map_err(|reason| {
+                ControlError::Device {
+                    link: spec.name.clone(),
+                    reason,
+                }
+            })?;
+            Ok((Arc::new(memory), model))
+        })
+    }
+
+    /// Like [`bind`](Self::bind), over links that already exist and are shared with KVM
+    /// cells: `wirings[i]` is `system.links[i]`.
+    pub fn bind_wired(
+        system: &SystemSpec,
+        path: &Path,
+        wirings: &[Arc<crate::kvm::LinkWiring>],
+    ) -> Result<Self, ControlError> {
+        let mut next = wirings.iter();
+        Self::bind_links(system, path, &mut |spec| {
+            let wiring = next.next().ok_or_else(|| ControlError::BadLink {
+                link: spec.name.clone(),
+                reason: "no link memory for it".into(),
+            })?;
+            Ok((
+                wiring.memory().clone(),
+                Box::new(crate::kvm::WiredModel::new(wiring.clone())),
+            ))
+        })
+    }
+
+    fn bind_links(
+        system: &SystemSpec,
+        path: &Path,
+        make_link: &mut LinkMaker<'_>,
     ) -> Result<Self, ControlError> {
         let mut links = Vec::new();
         for spec in &system.links {
@@ -286,26 +355,8 @@ impl ControlServer {
                     return Err(bad(format!("peer `{p}` is not a configured cell")));
                 }
             }
-            let max_peers = spec.peers.len() as u16;
-            let mem_err = |source| ControlError::Memory {
-                link: spec.name.clone(),
-                source,
-            };
-            let memory = LinkMemory::create(
-                &spec.name,
-                max_peers,
-                spec.state_table_size,
-                spec.rw_size,
-                spec.output_size,
-            )
-            .map_err(mem_err)?;
-            // The state table is sealed against writes; these share the hypervisor's mapping.
-            let table = memory.state_table_map();
+            let (memory, model) = make_link(spec)?;
             let view = memory.state_table_map();
-            let model = make_model(spec, table).map_err(|reason| ControlError::Device {
-                link: spec.name.clone(),
-                reason,
-            })?;
             links.push(ServedLink {
                 spec: spec.clone(),
                 memory,
@@ -386,6 +437,16 @@ impl ControlServer {
         }
     }
 
+    /// Records the phase of KVM cell `cell` (the supervisor runs it; the server only reports
+    /// it in the status).
+    pub fn set_kvm_phase(&mut self, cell: &str, phase: CellPhase, exit: Option<CellExit>) {
+        if let Some(c) = self.cells.iter_mut().find(|c| c.spec.name == cell) {
+            c.phase = phase;
+            c.exit = exit;
+            c.pid = (phase == CellPhase::Running).then_some(std::process::id());
+        }
+    }
+
     /// Takes the events since the last call.
     pub fn take_events(&mut self) -> Vec<ControlEvent> {
         std::mem::take(&mut self.events)
@@ -419,7 +480,10 @@ impl ControlServer {
                         .enumerate()
                         .map(|(id, cell)| PeerStatus {
                             cell: cell.clone(),
-                            active: l.active & (1 << id) != 0,
+                            active: l
+                                .model
+                                .is_active(id as u16)
+                                .unwrap_or(l.active & (1 << id) != 0),
                             state: l.view.read(id as u16),
                         })
                         .collect(),
@@ -865,14 +929,7 @@ impl Drop for ControlServer {
 }
 
 fn signal_all(link: &ServedLink, notify: &[u16]) {
-    for &peer in notify {
-        if let Err(e) = link.memory.signal(peer) {
-            tracing::warn!(
-                "link `{}`: raising the interrupt of peer {peer} failed: {e}",
-                link.spec.name
-            );
-        }
-    }
+    link.model.raise(&link.memory, &link.spec.name, notify);
 }
 
 /// Sends one reply datagram, with `fds` as `SCM_RIGHTS` beside it, without waiting: the

@@ -25,6 +25,13 @@ pub enum CellExit {
     Code(i32),
     /// Killed by this signal.
     Signal(i32),
+    /// A KVM cell stopped itself with this `cell_state` (2 shut down, 3 failed, 4 wrong
+    /// communication region revision).
+    CellState(i32),
+    /// A KVM cell was stopped for an illegal access (the `FATAL:` report is in the log).
+    Fatal,
+    /// A KVM cell was stopped on request.
+    Stopped,
 }
 
 impl std::fmt::Display for CellExit {
@@ -32,6 +39,13 @@ impl std::fmt::Display for CellExit {
         match self {
             CellExit::Code(c) => write!(f, "exit code {c}"),
             CellExit::Signal(s) => write!(f, "killed by signal {s} ({})", signal_name(*s)),
+            CellExit::CellState(s) => write!(
+                f,
+                "cell_state {s} ({})",
+                crate::kvm::layout::describe_cell_state(*s as u32)
+            ),
+            CellExit::Fatal => f.write_str("stopped for an illegal access"),
+            CellExit::Stopped => f.write_str("stopped"),
         }
     }
 }
@@ -96,6 +110,9 @@ fn phase_word(cell: &CellStatus) -> String {
         (CellPhase::Detached, _) => "detached".into(),
         (CellPhase::Exited, Some(exit)) => format!("exited ({exit})"),
         (CellPhase::Exited, None) => "exited".into(),
+        (CellPhase::Running, _) => "running (kvm)".into(),
+        (CellPhase::Stopped, Some(exit)) => format!("stopped (kvm, {exit})"),
+        (CellPhase::Stopped, None) => "stopped (kvm)".into(),
     }
 }
 
@@ -290,6 +307,9 @@ fn cell_from_wire(c: &CellStatusBody) -> Result<CellStatus, StatusError> {
     let exit = match c.exit_kind {
         exit_kind::CODE => Some(CellExit::Code(c.exit_value)),
         exit_kind::SIGNAL => Some(CellExit::Signal(c.exit_value)),
+        exit_kind::CELL_STATE => Some(CellExit::CellState(c.exit_value)),
+        exit_kind::FATAL => Some(CellExit::Fatal),
+        exit_kind::STOPPED => Some(CellExit::Stopped),
         _ => None,
     };
     Ok(CellStatus {
@@ -336,6 +356,9 @@ pub(crate) fn to_wire(status: &SystemStatus) -> Vec<Reply> {
             None => (exit_kind::NONE, 0),
             Some(CellExit::Code(v)) => (exit_kind::CODE, v),
             Some(CellExit::Signal(v)) => (exit_kind::SIGNAL, v),
+            Some(CellExit::CellState(v)) => (exit_kind::CELL_STATE, v),
+            Some(CellExit::Fatal) => (exit_kind::FATAL, 0),
+            Some(CellExit::Stopped) => (exit_kind::STOPPED, 0),
         };
         out.push(Reply::Cell(CellStatusBody {
             name: wire_name(&c.name),

@@ -212,23 +212,16 @@ output_size = "4K"
 "#;
 
 #[test]
-fn check_warns_that_kvm_cells_are_not_supported_yet() {
+fn check_accepts_kvm_cells() {
     let config = temp_config("kvm-check", WITH_KVM_CELL);
     let output = hypervisor(&["check", &config, "--cpu-count", "2"]);
     let stderr = text(&output.stderr);
     assert_eq!(output.status.code(), Some(0), "{stderr}");
-    assert!(
-        stderr.contains(
-            "warning: cell `rtos`: KVM cells are not supported by this build yet; \
-             `hypervisor run` refuses this configuration"
-        ),
-        "{stderr}"
-    );
-    assert!(!stderr.contains("cell `linux`"), "{stderr}");
+    assert!(!stderr.contains("warning"), "{stderr}");
 }
 
 #[test]
-fn run_refuses_a_system_with_kvm_cells() {
+fn run_refuses_a_kvm_cell_whose_image_cannot_be_read_before_starting_anything() {
     let config = temp_config("kvm-run", WITH_KVM_CELL);
     let socket = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("config-cli-{}-kvm.sock", std::process::id()));
@@ -236,7 +229,7 @@ fn run_refuses_a_system_with_kvm_cells() {
     let stderr = text(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(
-        stderr.contains("KVM cells are not supported by this build yet: cell rtos"),
+        stderr.contains("cell `rtos`: cannot read image rtos.bin"),
         "{stderr}"
     );
     assert!(!socket.exists(), "no control socket is created");

@@ -282,6 +282,11 @@ pub enum CellPhase {
     Detached = 2,
     /// The spawned process has exited; it is not restarted.
     Exited = 3,
+    /// A KVM cell whose vCPU runs.
+    Running = 4,
+    /// A KVM cell that stopped (on request, on an illegal access or by its `cell_state`; the
+    /// exit fields say which).
+    Stopped = 5,
 }
 
 impl CellPhase {
@@ -291,6 +296,8 @@ impl CellPhase {
             1 => Self::Attached,
             2 => Self::Detached,
             3 => Self::Exited,
+            4 => Self::Running,
+            5 => Self::Stopped,
             _ => return None,
         })
     }
@@ -304,6 +311,12 @@ pub mod exit_kind {
     pub const CODE: u32 = 1;
     /// Killed by a signal (`exit_value` is the signal number).
     pub const SIGNAL: u32 = 2;
+    /// A KVM cell stopped by its `cell_state` (`exit_value`).
+    pub const CELL_STATE: u32 = 3;
+    /// A KVM cell stopped for an illegal access.
+    pub const FATAL: u32 = 4;
+    /// A KVM cell stopped on request.
+    pub const STOPPED: u32 = 5;
 }
 
 /// Body of [`kind::CELL_STATUS`].
@@ -583,7 +596,7 @@ pub fn decode_reply(bytes: &[u8]) -> Result<Reply, DecodeError> {
             if CellPhase::from_code(b.phase).is_none() {
                 return Err(DecodeError::OutOfRange("phase"));
             }
-            if b.exit_kind > exit_kind::SIGNAL {
+            if b.exit_kind > exit_kind::STOPPED {
                 return Err(DecodeError::OutOfRange("exit_kind"));
             }
             Ok(Reply::Cell(b))

@@ -735,3 +735,64 @@ impl Relay {
         }
     }
 }
+
+/// The control server's view of a link shared with KVM cells: STATE writes and attach/detach
+/// of process cells go through the shared model, and state interrupts are raised with
+/// [`LinkWiring::deliver`] (MSI injection for KVM targets, eventfds for process cells).
+#[derive(Debug)]
+pub struct WiredModel {
+    wiring: Arc<LinkWiring>,
+}
+
+impl WiredModel {
+    /// The control server's side of `wiring`.
+    pub fn new(wiring: Arc<LinkWiring>) -> Self {
+        Self { wiring }
+    }
+
+    fn notify(effects: &Effects) -> crate::control::Notify {
+        effects.targets().collect()
+    }
+}
+
+impl crate::control::LinkModel for WiredModel {
+    fn peer_attached(&mut self, peer: u16) -> crate::control::Notify {
+        let mut model = self.wiring.model();
+        // A process cell gates its own interrupts.
+        model.set_interrupt_gate(peer, InterruptGate::Endpoint);
+        Self::notify(&model.peer_attached(peer))
+    }
+
+    fn peer_detached(&mut self, peer: u16) -> crate::control::Notify {
+        Self::notify(&self.wiring.model().peer_detached(peer))
+    }
+
+    fn write_state(
+        &mut self,
+        peer: u16,
+        value: u32,
+    ) -> Result<crate::control::Notify, AccessError> {
+        self.wiring
+            .model()
+            .mmio_write(
+                peer,
+                u64::from(ivshmem_dev::regs::STATE),
+                4,
+                u64::from(value),
+            )
+            .map(|effects| Self::notify(&effects))
+    }
+
+    fn is_active(&self, peer: u16) -> Option<bool> {
+        Some(self.wiring.model().is_active(peer))
+    }
+
+    fn raise(&self, _memory: &LinkMemory, _link: &str, peers: &[u16]) {
+        // State changes are vector 0; the model already gated them.
+        let interrupts = peers
+            .iter()
+            .map(|&target| crate::device::Interrupt { target, vector: 0 })
+            .collect();
+        self.wiring.deliver(&Effects { interrupts });
+    }
+}

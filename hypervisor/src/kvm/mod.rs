@@ -65,6 +65,7 @@ mod fault;
 pub mod layout;
 mod links;
 mod memory;
+mod system;
 pub mod test_guests;
 
 pub use cell::{
@@ -73,8 +74,9 @@ pub use cell::{
 pub use devices::{Bdf, BdfParseError, PmTimer, Uart};
 pub use events::{EventQueue, HaltReason, KvmEvent};
 pub use fault::{AddressSpace, IllegalAccess};
-pub use links::{CellIrq, KvmLinkConfig, LinkSizes, LinkWiring};
+pub use links::{CellIrq, KvmLinkConfig, LinkSizes, LinkWiring, WiredModel};
 pub use memory::{GuestMemory, GuestRegion, RegionKind};
+pub use system::{create_wirings, KvmCellPlan, KvmCells, KvmLinkPlan, KvmNotice, KvmSystem};
 
 /// Errors of the KVM backend; each names the failing call.
 #[derive(Debug, thiserror::Error)]
