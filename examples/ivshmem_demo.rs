@@ -127,7 +127,7 @@ impl Demo {
     }
 }
 
-fn main() -> Result<()> {
+pub fn main() -> Result<()> {
     let args = Args::parse();
     let endpoint = match (&args.uio, &args.socket, &args.cell) {
         (Some(name), _, _) => {
