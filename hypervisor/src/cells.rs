@@ -31,7 +31,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::{CellKind, ValidConfig};
-use crate::control::{CellSpec, ControlError, ControlEvent, ControlServer, LinkSpec, SystemSpec};
+use crate::control::{
+    CellAction, CellRequest, CellSpec, ControlError, ControlEvent, ControlServer, LinkSpec,
+    SystemSpec,
+};
 use crate::kvm::{create_wirings, KvmCells, KvmNotice, KvmSystem, LinkSizes};
 use crate::memory::{InterruptEventFd, MemoryError};
 use crate::status::{format_cell_lines, CellExit};
@@ -680,6 +683,130 @@ pub fn run_system(
     Ok(RunReport { reason, cells })
 }
 
+/// Spawns process cell `cell` (which has a command) and starts forwarding its output.
+fn spawn_process_cell(
+    cell: &CellSpec,
+    options: &RunOptions,
+    server: &mut ControlServer,
+    spawned: &mut Vec<Spawned>,
+    display: &mut Display<'_>,
+) -> Result<(), RunError> {
+    let Some(argv) = &cell.command else {
+        return Ok(());
+    };
+    let mut child = spawn_cell(cell, argv, &options.socket)?;
+    let pid = child.id();
+    server.cell_spawned(&cell.name, pid);
+    let stdout = child
+        .stdout
+        .take()
+        .map(|p| (OwnedFd::from(p), Stream::Stdout));
+    let stderr = child
+        .stderr
+        .take()
+        .map(|p| (OwnedFd::from(p), Stream::Stderr));
+    spawned.push(Spawned {
+        cell: cell.name.clone(),
+        pidfd: pidfd_open(pid),
+        child,
+        pipes: Vec::new(),
+        exit: None,
+        exited_before_stop: false,
+    });
+    let s = spawned.last_mut().expect("just pushed");
+    for (fd, stream) in stdout.into_iter().chain(stderr) {
+        let pipe = CellPipe::new(fd, stream).map_err(|source| RunError::Spawn {
+            cell: cell.name.clone(),
+            command: argv.join(" "),
+            source,
+        })?;
+        s.pipes.push(pipe);
+    }
+    display
+        .event(&format!(
+            "cell {}: started `{}` (pid {pid}, cpus {:?})",
+            cell.name,
+            argv.join(" "),
+            cell.cpus
+        ))
+        .map_err(RunError::Output)?;
+    Ok(())
+}
+
+/// Carries out `hypervisor cell stop|start|restart` for `cell`. Process cells: stop kills
+/// the spawned process (SIGKILL, reaped at once) or disconnects a cell started by hand;
+/// start spawns its command again. KVM cells: stop parks the vCPU and frees the VM; start
+/// boots a fresh VM from the image. Either way the cell's states go to 0 on stop.
+fn control_cell(
+    request: &CellRequest,
+    system: &SystemSpec,
+    options: &RunOptions,
+    supervised: &mut Supervised<'_>,
+    display: &mut Display<'_>,
+) -> Result<(), String> {
+    let Supervised {
+        server,
+        spawned,
+        vms,
+    } = supervised;
+    let name = request.cell.as_str();
+    if vms.contains(name) {
+        let result = match request.action {
+            CellAction::Stop => vms.stop(name),
+            CellAction::Start | CellAction::Restart => vms.start(name),
+        };
+        return result.map_err(|e| e.to_string());
+    }
+    let cell = system
+        .cells
+        .iter()
+        .find(|c| c.name == name)
+        .ok_or_else(|| format!("no cell named `{name}`"))?;
+    let live = spawned
+        .iter()
+        .position(|s| s.cell == name && s.exit.is_none());
+    if matches!(request.action, CellAction::Stop | CellAction::Restart) {
+        match live {
+            Some(i) => {
+                let s = &mut spawned[i];
+                let _ = s.child.kill();
+                let status = s
+                    .child
+                    .wait()
+                    .map_err(|e| format!("waiting for cell `{name}`: {e}"))?;
+                let _ = s.drain_output(display);
+                let exit = exit_of(status);
+                s.exit = Some(exit);
+                s.exited_before_stop = false;
+                server.cell_exited(name, exit);
+                let _ = display.event(&format!(
+                    "cell {name}: process {} stopped on request: {exit}",
+                    s.child.id()
+                ));
+            }
+            None if server.disconnect_cell(name) => {
+                let _ = display.event(&format!("cell {name}: disconnected on request"));
+            }
+            None if request.action == CellAction::Stop => {
+                return Err(format!("cell `{name}` is not running"));
+            }
+            None => {}
+        }
+    }
+    if matches!(request.action, CellAction::Start | CellAction::Restart) {
+        if request.action == CellAction::Start && live.is_some() {
+            return Err(format!("cell `{name}` is already running"));
+        }
+        if cell.command.is_none() || !options.spawn {
+            return Err(format!(
+                "cell `{name}` is started by hand: start its program with {ENV_CELL}={name}"
+            ));
+        }
+        spawn_process_cell(cell, options, server, spawned, display).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
 /// What [`serve`] supervises: the control server, the spawned process cells, the KVM cells.
 struct Supervised<'a> {
     server: &'a mut ControlServer,
@@ -708,43 +835,9 @@ fn serve(
         .map_err(RunError::Output)?;
     if options.spawn {
         for cell in system.cells.iter().filter(|c| c.process) {
-            let Some(argv) = &cell.command else { continue };
-            let mut child = spawn_cell(cell, argv, &options.socket)?;
-            let pid = child.id();
-            server.cell_spawned(&cell.name, pid);
-            let stdout = child
-                .stdout
-                .take()
-                .map(|p| (OwnedFd::from(p), Stream::Stdout));
-            let stderr = child
-                .stderr
-                .take()
-                .map(|p| (OwnedFd::from(p), Stream::Stderr));
-            spawned.push(Spawned {
-                cell: cell.name.clone(),
-                pidfd: pidfd_open(pid),
-                child,
-                pipes: Vec::new(),
-                exit: None,
-                exited_before_stop: false,
-            });
-            let s = spawned.last_mut().expect("just pushed");
-            for (fd, stream) in stdout.into_iter().chain(stderr) {
-                let pipe = CellPipe::new(fd, stream).map_err(|source| RunError::Spawn {
-                    cell: cell.name.clone(),
-                    command: argv.join(" "),
-                    source,
-                })?;
-                s.pipes.push(pipe);
+            if cell.command.is_some() {
+                spawn_process_cell(cell, options, server, spawned, display)?;
             }
-            display
-                .event(&format!(
-                    "cell {}: started `{}` (pid {pid}, cpus {:?})",
-                    cell.name,
-                    argv.join(" "),
-                    cell.cpus
-                ))
-                .map_err(RunError::Output)?;
         }
     }
     for cell in system
@@ -814,6 +907,16 @@ fn serve(
         forward(spawned, &ready[pipes_from..], display).map_err(RunError::Output)?;
         reap(server, spawned, display, false).map_err(RunError::Output)?;
         show_kvm(server, vms, display).map_err(RunError::Output)?;
+        for request in server.take_cell_requests() {
+            let mut supervised = Supervised {
+                server,
+                spawned,
+                vms,
+            };
+            let result = control_cell(&request, system, options, &mut supervised, display);
+            show_kvm(server, vms, display).map_err(RunError::Output)?;
+            server.answer_cell_request(&request, result);
+        }
         for event in server.take_events() {
             display.event(&describe(&event)).map_err(RunError::Output)?;
         }

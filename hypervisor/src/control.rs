@@ -141,6 +141,48 @@ pub trait LinkModel: Send {
     }
 }
 
+/// What `hypervisor cell ACTION NAME` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CellAction {
+    /// Stop the cell.
+    Stop,
+    /// Start a stopped cell.
+    Start,
+    /// Stop and start the cell.
+    Restart,
+}
+
+impl CellAction {
+    /// The wire code ([`hosted::cell_action`]).
+    pub fn code(self) -> u32 {
+        match self {
+            CellAction::Stop => hosted::cell_action::STOP,
+            CellAction::Start => hosted::cell_action::START,
+            CellAction::Restart => hosted::cell_action::RESTART,
+        }
+    }
+
+    fn from_code(code: u32) -> Option<Self> {
+        match code {
+            hosted::cell_action::STOP => Some(CellAction::Stop),
+            hosted::cell_action::START => Some(CellAction::Start),
+            hosted::cell_action::RESTART => Some(CellAction::Restart),
+            _ => None,
+        }
+    }
+}
+
+/// A cell stop/start/restart request waiting for the supervisor
+/// ([`ControlServer::take_cell_requests`], [`ControlServer::answer_cell_request`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CellRequest {
+    client: u64,
+    /// The cell.
+    pub cell: String,
+    /// What to do.
+    pub action: CellAction,
+}
+
 /// Errors of the control server.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -262,6 +304,7 @@ pub struct ControlServer {
     clients: Vec<Client>,
     next_client: u64,
     events: Vec<ControlEvent>,
+    cell_requests: Vec<CellRequest>,
     socket_inode: Option<(u64, u64)>,
 }
 
@@ -404,6 +447,7 @@ impl ControlServer {
             clients: Vec::new(),
             next_client: 1,
             events: Vec::new(),
+            cell_requests: Vec::new(),
         })
     }
 
@@ -649,6 +693,70 @@ impl ControlServer {
             }
             Request::Attach(body) => self.attach(id, body.cell.as_str().unwrap_or("?").to_string()),
             Request::SetState(body) => self.set_state(id, body),
+            Request::CellControl(body) => {
+                let name = body.cell.as_str().unwrap_or("?").to_string();
+                match CellAction::from_code(body.action) {
+                    Some(action) if self.cells.iter().any(|c| c.spec.name == name) => {
+                        self.cell_requests.push(CellRequest {
+                            client: id,
+                            cell: name,
+                            action,
+                        });
+                    }
+                    _ => {
+                        let known: Vec<&str> =
+                            self.cells.iter().map(|c| c.spec.name.as_str()).collect();
+                        let detail = format!(
+                            "no cell named `{name}` in this system (cells: {})",
+                            known.join(", ")
+                        );
+                        self.refuse(index, RefusalReason::UnknownCell, &detail);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes the cell stop/start/restart requests received since the last call; answer each
+    /// with [`answer_cell_request`](Self::answer_cell_request).
+    pub fn take_cell_requests(&mut self) -> Vec<CellRequest> {
+        std::mem::take(&mut self.cell_requests)
+    }
+
+    /// Answers a cell request: the cell's status after it, or the refusal.
+    pub fn answer_cell_request(&mut self, request: &CellRequest, result: Result<(), String>) {
+        let Some(index) = self.client_index(request.client) else {
+            return;
+        };
+        match result {
+            Ok(()) => {
+                let reply = crate::status::to_wire(&self.status()).into_iter().find(
+                    |r| matches!(r, Reply::Cell(b) if b.name.as_str() == Ok(request.cell.as_str())),
+                );
+                if let Some(reply) = reply {
+                    if let Err(e) = send_reply(self.clients[index].fd.as_fd(), &reply, &[]) {
+                        self.reply_failed(request.client, "cell request reply", e);
+                    }
+                }
+            }
+            Err(detail) => self.refuse(index, RefusalReason::BadRequest, &detail),
+        }
+    }
+
+    /// Disconnects a cell started by hand (its states become 0); `false` if it is not
+    /// attached.
+    pub fn disconnect_cell(&mut self, cell: &str) -> bool {
+        let client = self
+            .cells
+            .iter()
+            .find(|c| c.spec.name == cell)
+            .and_then(|c| c.client);
+        match client {
+            Some(id) => {
+                self.drop_client(id, "stopped on request".into());
+                true
+            }
+            None => false,
         }
     }
 

@@ -54,6 +54,9 @@ pub mod kind {
     pub const SET_STATE: u16 = 0x0002;
     /// Anyone (same uid) → hypervisor: status query (empty body).
     pub const STATUS: u16 = 0x0003;
+    /// Anyone (same uid) → hypervisor: stop, start or restart a cell
+    /// ([`super::CellControlBody`]); answered with [`CELL_STATUS`] or [`REFUSED`].
+    pub const CELL_CONTROL: u16 = 0x0004;
     /// Hypervisor → cell: attach accepted ([`super::AcceptedBody`]).
     pub const ACCEPTED: u16 = 0x0081;
     /// Hypervisor → cell: one link's parameters, fds beside it ([`super::LinkGrantBody`]).
@@ -130,6 +133,28 @@ impl core::fmt::Debug for WireName {
 pub struct AttachBody {
     /// The configured name of the cell that attaches.
     pub cell: WireName,
+}
+
+/// What [`kind::CELL_CONTROL`] asks for.
+pub mod cell_action {
+    /// Stop the cell (its states become 0).
+    pub const STOP: u32 = 1;
+    /// Start a stopped cell.
+    pub const START: u32 = 2;
+    /// Stop and start the cell.
+    pub const RESTART: u32 = 3;
+}
+
+/// Body of [`kind::CELL_CONTROL`].
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+pub struct CellControlBody {
+    /// The cell.
+    pub cell: WireName,
+    /// One of the [`cell_action`] constants.
+    pub action: u32,
+    /// Zero.
+    pub reserved: u32,
 }
 
 /// Body of [`kind::SET_STATE`] and [`kind::STATE_ACK`].
@@ -373,6 +398,8 @@ pub enum Request {
     SetState(SetStateBody),
     /// Ask for the status tables.
     Status,
+    /// Stop, start or restart a cell.
+    CellControl(CellControlBody),
 }
 
 /// A reply, as decoded by a cell or status client.
@@ -468,6 +495,7 @@ impl Request {
             Request::Attach(b) => encode_raw(kind::ATTACH, b, out),
             Request::SetState(b) => encode_raw(kind::SET_STATE, b, out),
             Request::Status => encode_raw(kind::STATUS, &[0u8; 0], out),
+            Request::CellControl(b) => encode_raw(kind::CELL_CONTROL, b, out),
         }
     }
 }
@@ -534,6 +562,17 @@ pub fn decode_request(bytes: &[u8]) -> Result<Request, DecodeError> {
                 });
             }
             Ok(Request::Status)
+        }
+        kind::CELL_CONTROL => {
+            let b: CellControlBody = body(rest)?;
+            b.cell.as_str()?;
+            if !(cell_action::STOP..=cell_action::RESTART).contains(&b.action) {
+                return Err(DecodeError::OutOfRange("action"));
+            }
+            if b.reserved != 0 {
+                return Err(DecodeError::ReservedNotZero);
+            }
+            Ok(Request::CellControl(b))
         }
         other => Err(DecodeError::UnexpectedKind(other)),
     }
