@@ -915,6 +915,22 @@ impl Link {
         }
     }
 
+    /// Why a register access of `kind` and `size` at `offset` by `peer` would be refused, or
+    /// `None` if the device allows it. No side effects: for backends that emulate the
+    /// register page elsewhere (process cells) and must tell a legal access from an illegal
+    /// one the cell reports.
+    pub fn register_access_error(
+        &self,
+        peer: u16,
+        offset: u64,
+        kind: AccessKind,
+        size: u8,
+        value: Option<u64>,
+    ) -> Option<AccessError> {
+        self.check_register_access(peer, offset, kind, size, value)
+            .err()
+    }
+
     /// A load of `size` bytes at `offset` in `peer`'s register page. Only aligned 32-bit
     /// loads are allowed. `ID`, `MAX_PEERS`, `INT_CONTROL`, `STATE` return their values;
     /// `DOORBELL` and every other offset read 0.
