@@ -182,6 +182,26 @@ pub struct RunOptions {
     pub handle_signals: bool,
     /// Live status or log lines.
     pub output: Output,
+    /// Stop once every spawned cell has exited and no cell is attached (at least one cell
+    /// must have been spawned); false (`--keep-running`): serve until a signal or a stop
+    /// request, so that cells can attach again.
+    pub stop_when_cells_exit: bool,
+}
+
+impl RunOptions {
+    /// The options of `hypervisor run` with the socket at `socket`: spawn the cells, stop
+    /// when they have all exited, log lines, signals not handled. Set other fields with
+    /// `RunOptions { spawn: false, ..RunOptions::new(path) }`, so that new options do not
+    /// break callers.
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
+        Self {
+            socket: socket.into(),
+            spawn: true,
+            handle_signals: false,
+            output: Output::Log,
+            stop_when_cells_exit: true,
+        }
+    }
 }
 
 /// How one spawned cell ended when `run` stopped.
@@ -197,13 +217,26 @@ pub struct StoppedCell {
     pub exited_before_stop: bool,
 }
 
+/// Why [`run`] stopped when every spawned cell had exited.
+pub const REASON_CELLS_EXITED: &str = "every spawned cell has exited";
+
 /// What `run` did when it stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunReport {
-    /// Why it stopped (`SIGINT`, `SIGTERM`, `stop requested`).
+    /// Why it stopped (`SIGINT`, `SIGTERM`, `stop requested`, [`REASON_CELLS_EXITED`]).
     pub reason: String,
     /// Every spawned cell and how it ended.
     pub cells: Vec<StoppedCell>,
+}
+
+impl RunReport {
+    /// The cells that failed: they ended on their own (not stopped by `run`) with a non-zero
+    /// exit code or by a signal.
+    pub fn failed(&self) -> impl Iterator<Item = &StoppedCell> {
+        self.cells
+            .iter()
+            .filter(|c| c.exited_before_stop && c.exit != CellExit::Code(0))
+    }
 }
 
 struct Spawned {
@@ -541,7 +574,8 @@ fn describe(event: &ControlEvent) -> String {
     }
 }
 
-/// Runs a hosted system until SIGINT/SIGTERM (if `options.handle_signals`) or `stop`:
+/// Runs a hosted system until SIGINT/SIGTERM (if `options.handle_signals`), `stop`, or (if
+/// `options.stop_when_cells_exit`) every spawned cell has exited and no cell is attached:
 /// creates the links, listens at `options.socket`, spawns the cells, reports on `out`, and
 /// on stop terminates the spawned cells (SIGTERM, then SIGKILL after a grace period), waits
 /// for them and removes the socket. A system with a KVM cell is refused
@@ -752,6 +786,13 @@ fn serve(
             .map_err(RunError::Output)?;
         if let Some(r) = stop_reason {
             return Ok(r);
+        }
+        if options.stop_when_cells_exit
+            && !spawned.is_empty()
+            && spawned.iter().all(|s| s.exit.is_some())
+            && server.attached_cells().is_empty()
+        {
+            return Ok(REASON_CELLS_EXITED.to_string());
         }
     }
 }
@@ -1079,10 +1120,7 @@ mod tests {
     #[test]
     fn an_error_after_spawning_still_stops_and_reaps_every_cell() {
         let options = RunOptions {
-            socket: socket_path("error-exit"),
-            spawn: true,
-            handle_signals: false,
-            output: Output::Log,
+            ..RunOptions::new(socket_path("error-exit"))
         };
         let mut out = FailAfterStart { text: Vec::new() };
         let result = run(&sleeper_system(), &options, None, &mut out);

@@ -61,6 +61,10 @@ struct RunArgs {
     /// Start no cell programs: every process cell is started by hand and attaches by name.
     #[arg(long)]
     no_spawn: bool,
+    /// Keep serving after every spawned cell has exited (cells may attach again by hand);
+    /// stop only on Ctrl-C (SIGINT) or SIGTERM.
+    #[arg(long)]
+    keep_running: bool,
 }
 
 #[derive(Debug, Args)]
@@ -144,8 +148,9 @@ fn check(args: &CheckArgs) -> anyhow::Result<u8> {
 }
 
 /// `hypervisor run <config>`: validate, create the links, listen, spawn the cells, show a
-/// live status (a redrawn line on a terminal, log lines otherwise) until SIGINT/SIGTERM,
-/// then stop the cells and remove the socket. The spawned cells' stdout and stderr lines
+/// live status (a redrawn line on a terminal, log lines otherwise) until SIGINT/SIGTERM or
+/// (without `--keep-running`) until every spawned cell has exited, then stop the cells,
+/// remove the socket and print a summary; exit [`EXIT_CELL_FAILED`] if a cell failed. The spawned cells' stdout and stderr lines
 /// appear on the hypervisor's stdout and stderr, prefixed with `[cell-name] `.
 fn run(args: &RunArgs) -> anyhow::Result<u8> {
     use crate::cells::{self, Output, RunOptions};
@@ -170,21 +175,39 @@ fn run(args: &RunArgs) -> anyhow::Result<u8> {
         Output::Log
     };
     let options = RunOptions {
-        socket,
         spawn: !args.no_spawn,
         handle_signals: true,
         output,
+        stop_when_cells_exit: !args.keep_running,
+        ..RunOptions::new(socket)
     };
     let mut stdout = std::io::stdout();
-    cells::run(&system, &options, None, &mut stdout).with_context(|| {
+    let report = cells::run(&system, &options, None, &mut stdout).with_context(|| {
         format!(
             "running system `{}` from {}",
             valid.name,
             args.config.display()
         )
     })?;
-    Ok(EXIT_SUCCESS)
+    let failed: Vec<String> = report
+        .failed()
+        .map(|c| format!("{} ({})", c.cell, c.exit))
+        .collect();
+    if failed.is_empty() {
+        Ok(EXIT_SUCCESS)
+    } else {
+        eprintln!(
+            "hypervisor: {} cell(s) failed: {}",
+            failed.len(),
+            failed.join(", ")
+        );
+        Ok(EXIT_CELL_FAILED)
+    }
 }
+
+/// Exit code of `run` when a spawned cell ended on its own with a non-zero exit code or by a
+/// signal.
+const EXIT_CELL_FAILED: u8 = 4;
 
 /// Exit code of `status` when no hypervisor runs at the socket.
 const EXIT_NOT_RUNNING: u8 = 3;

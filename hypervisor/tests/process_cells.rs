@@ -4,7 +4,7 @@
 //! `tests/process_cells.rs`.
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver};
 use std::time::Duration;
@@ -147,9 +147,11 @@ args = ["-c", "printf chat-; echo one; printf chat-err >&2; exit 4"]
         ),
     )
     .unwrap();
+    // Kept running after both cells exit, so that the test stops it.
     let mut child = Command::new(env!("CARGO_BIN_EXE_hypervisor"))
         .arg("run")
         .arg(&config)
+        .arg("--keep-running")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -179,7 +181,8 @@ args = ["-c", "printf chat-; echo one; printf chat-err >&2; exit 4"]
         hv.out.seen.push(line);
     }
     let (status, log) = hv.stop();
-    assert!(status.success());
+    // `chatter` failed on its own (exit 4).
+    assert_eq!(status.code(), Some(4), "{status:?}");
     let err = stderr_reader.join().unwrap();
     let err: Vec<&str> = err.lines().collect();
 
@@ -230,4 +233,135 @@ args = ["-c", "printf chat-; echo one; printf chat-err >&2; exit 4"]
         last < ended,
         "the partial line comes before the exit report"
     );
+}
+
+/// A configuration of shell-script cells (`name`, script) on no link.
+fn shell_cells(dir: &Path, socket: &Path, cells: &[(&str, &str)]) -> PathBuf {
+    let mut text = format!(
+        "[system]\nname = \"exit-test\"\ncontrol_socket = \"{}\"\nallow_shared_cpus = true\n",
+        socket.display()
+    );
+    for (name, script) in cells {
+        text.push_str(&format!(
+            "\n[[cells]]\nname = \"{name}\"\ncpus = [0]\ncommand = \"/bin/sh\"\nargs = [\"-c\", \"{script}\"]\n"
+        ));
+    }
+    let config = dir.join("cells.toml");
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
+/// `hypervisor run <config> [extra]` with stdout read line by line and stderr collected.
+fn run_hypervisor(config: &Path, extra: &[&str]) -> (Hypervisor, std::thread::JoinHandle<String>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hypervisor"))
+        .arg("run")
+        .arg(config)
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let stderr_reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut text).unwrap();
+        text
+    });
+    let hv = Hypervisor {
+        out: Lines::new(child.stdout.take().unwrap()),
+        child,
+    };
+    (hv, stderr_reader)
+}
+
+/// Issue 14 item 14: `run` ends by itself once every spawned cell has exited, with a summary,
+/// and its exit code says whether a cell failed.
+#[test]
+fn run_exits_with_a_summary_once_every_spawned_cell_has_exited() {
+    let dir = TempDir::new("all-exited");
+    let socket = dir.0.join("hv.sock");
+    let config = shell_cells(
+        &dir.0,
+        &socket,
+        &[
+            ("fine", "exit 0"),
+            ("three", "exit 3"),
+            ("crash", "kill -SEGV $$"),
+        ],
+    );
+    let (mut hv, stderr) = run_hypervisor(&config, &[]);
+    hv.out.expect("stopping (every spawned cell has exited)");
+    let summary = hv.out.expect("stopped 3 spawned cell(s)");
+    let status = hv.child.wait().unwrap();
+    let err = stderr.join().unwrap();
+    assert_eq!(status.code(), Some(4), "{status:?}; stderr: {err}");
+    for want in [
+        "fine (pid ",
+        "had already exited: exit code 0",
+        "three (pid ",
+        "had already exited: exit code 3",
+        "had already exited: killed by signal 11 (SIGSEGV)",
+    ] {
+        assert!(summary.contains(want), "summary lacks {want}: {summary}");
+    }
+    assert!(
+        err.contains("hypervisor: 2 cell(s) failed: "),
+        "stderr: {err}"
+    );
+    assert!(err.contains("three (exit code 3)"), "stderr: {err}");
+    assert!(
+        err.contains("crash (killed by signal 11 (SIGSEGV))"),
+        "stderr: {err}"
+    );
+    assert!(!err.contains("fine ("), "stderr: {err}");
+    assert!(!socket.exists(), "the control socket was not removed");
+
+    // Every cell succeeds: exit 0, no failure reported.
+    let config = shell_cells(&dir.0, &socket, &[("one", "exit 0"), ("two", "true")]);
+    let (mut hv, stderr) = run_hypervisor(&config, &[]);
+    hv.out.expect("stopped 2 spawned cell(s)");
+    let status = hv.child.wait().unwrap();
+    let err = stderr.join().unwrap();
+    assert!(status.success(), "{status:?}; stderr: {err}");
+    assert!(!err.contains("failed"), "stderr: {err}");
+}
+
+/// With `--keep-running` the hypervisor serves on after its cells have exited (a status query
+/// is answered) until it is told to stop.
+#[test]
+fn keep_running_serves_after_every_spawned_cell_has_exited() {
+    let dir = TempDir::new("keep-running");
+    let socket = dir.0.join("hv.sock");
+    let config = shell_cells(&dir.0, &socket, &[("only", "exit 0")]);
+    let (mut hv, stderr) = run_hypervisor(&config, &["--keep-running"]);
+    // The loop that reports the exit would stop in the same round; a status query is
+    // served only if it did not.
+    hv.out.expect("cell only: process");
+    let out = Command::new(env!("CARGO_BIN_EXE_hypervisor"))
+        .arg("status")
+        .arg("--socket")
+        .arg(&socket)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "status after the cell exited: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("only ") && l.contains("exited")),
+        "{table}"
+    );
+    let (status, log) = hv.stop();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        log.iter().any(|l| l.contains("stopping (SIGTERM)")),
+        "{log:#?}"
+    );
+    let err = stderr.join().unwrap();
+    assert!(!err.contains("failed"), "stderr: {err}");
 }

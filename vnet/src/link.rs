@@ -128,7 +128,7 @@ impl<R: RegisterAccess> VnetLink<R> {
         if !own.is_writable() || own.is_empty() {
             return Err(LinkError::NoOwnOutput);
         }
-        if dev.peer_output(peer).map_or(true, |s| s.is_empty()) {
+        if dev.peer_output(peer).is_none_or(|s| s.is_empty()) {
             return Err(LinkError::NoPeerOutput(peer));
         }
         // The rings' set-up needs this too; checking here turns a link that could never come
