@@ -91,6 +91,7 @@ impl SystemSpec {
                     state_table_size: l.state_table_size,
                     rw_size: l.rw_size,
                     output_size: l.output_size,
+                    interrupts: l.interrupts,
                 })
                 .collect(),
         }

@@ -51,8 +51,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ivshmem_dev::hosted::{
-    self, AcceptedBody, CellPhase, GrantFds, LinkGrantBody, RefusalReason, RefusedBody, Reply,
-    Request, SetStateBody, WireName, MAX_MESSAGE_SIZE, MAX_WIRE_PEERS,
+    self, AcceptedBody, AccessBody, CellPhase, GrantFds, LinkGrantBody, PeerBody, RefusalReason,
+    RefusedBody, Reply, Request, SetStateBody, WireName, MAX_MESSAGE_SIZE, MAX_WIRE_PEERS,
 };
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
@@ -86,6 +86,8 @@ pub struct LinkSpec {
     pub rw_size: u64,
     /// Output section size in bytes (0: none).
     pub output_size: u64,
+    /// Interrupt kind and vectors per peer: each peer gets one eventfd per vector.
+    pub interrupts: crate::device::InterruptMode,
 }
 
 /// One cell as the control server and the supervisor see it.
@@ -124,14 +126,28 @@ pub trait LinkModel: Send {
     fn peer_detached(&mut self, peer: u16) -> Notify;
     /// The peer wrote STATE; returns the peers to notify, or the refused (illegal) access.
     fn write_state(&mut self, peer: u16, value: u32) -> Result<Notify, AccessError>;
-    /// Raises vector 0 on `peers` (state changes). By default writes their eventfds in
-    /// `memory`; a model shared with KVM cells injects their MSI instead
-    /// ([`crate::kvm::WiredModel`]).
+    /// Why a register access the peer's endpoint reports would be refused by the device, or
+    /// `None` if it is legal. The default judges nothing (`None`): such a model never stops a
+    /// cell for a reported access.
+    fn register_access_error(
+        &self,
+        peer: u16,
+        offset: u64,
+        kind: crate::device::AccessKind,
+        size: u8,
+        value: Option<u64>,
+    ) -> Option<AccessError> {
+        let _ = (peer, offset, kind, size, value);
+        None
+    }
     /// Whether `peer` is active, if the model knows better than the server's own record
     /// (a model shared with KVM cells does: they attach without the server).
     fn is_active(&self, _peer: u16) -> Option<bool> {
         None
     }
+    /// Raises vector 0 on `peers` (state changes). By default writes their eventfds in
+    /// `memory`; a model shared with KVM cells injects their MSI instead
+    /// ([`crate::kvm::WiredModel`]).
     fn raise(&self, memory: &LinkMemory, link: &str, peers: &[u16]) {
         for &peer in peers {
             if let Err(e) = memory.signal(peer) {
@@ -343,6 +359,7 @@ impl ControlServer {
             let memory = LinkMemory::create(
                 &spec.name,
                 spec.peers.len() as u16,
+                spec.interrupts.vectors(),
                 spec.state_table_size,
                 spec.rw_size,
                 spec.output_size,
@@ -700,6 +717,7 @@ impl ControlServer {
             }
             Request::Attach(body) => self.attach(id, body.cell.as_str().unwrap_or("?").to_string()),
             Request::SetState(body) => self.set_state(id, body),
+            Request::IllegalAccess(body) => self.illegal_access_reported(id, body),
             Request::CellControl(body) => {
                 let name = body.cell.as_str().unwrap_or("?").to_string();
                 match CellAction::from_code(body.action) {
@@ -835,7 +853,9 @@ impl ControlServer {
         // Activate the cell on each of its links.
         for &(li, peer) in &self.cells[ci].memberships {
             let link = &mut self.links[li];
-            let _ = link.memory.interrupts[peer as usize].drain();
+            for line in &link.memory.interrupts[peer as usize] {
+                let _ = line.drain();
+            }
             let notify = link.model.peer_attached(peer);
             link.active |= 1 << peer;
             signal_all(link, &notify);
@@ -877,9 +897,6 @@ impl ControlServer {
                 };
                 fds.push(fd.as_raw_fd());
             }
-            for line in &link.memory.interrupts {
-                fds.push(line.fd().as_raw_fd());
-            }
             debug_assert_eq!(fds.len(), layout.count());
             let grant = LinkGrantBody {
                 name: WireName::new(&spec.name)
@@ -888,7 +905,7 @@ impl ControlServer {
                 peer_id: peer,
                 max_peers,
                 protocol: spec.protocol,
-                reserved: 0,
+                vectors: spec.interrupts.vectors(),
                 state_table_size: spec.state_table_size as u32,
                 rw_size: spec.rw_size,
                 output_size: spec.output_size,
@@ -896,6 +913,19 @@ impl ControlServer {
                 reserved2: 0,
             };
             send_reply(fd, &Reply::LinkGrant(grant), &fds)?;
+            // Each peer's name and interrupt eventfds (one per vector): the cell's own are
+            // where its interrupts arrive, the others are what its DOORBELL writes signal.
+            for (p, lines) in link.memory.interrupts.iter().enumerate() {
+                let fds: Vec<RawFd> = lines.iter().map(|line| line.fd().as_raw_fd()).collect();
+                let body = PeerBody {
+                    cell: WireName::new(&spec.peers[p])
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
+                    link: k as u32,
+                    peer: p as u16,
+                    fd_count: fds.len() as u16,
+                };
+                send_reply(fd, &Reply::Peer(body), &fds)?;
+            }
         }
         Ok(())
     }
@@ -937,6 +967,52 @@ impl ControlServer {
                 });
             }
             Err(access) => self.illegal_access(id, ci, &access),
+        }
+    }
+
+    /// The cell reports a register access its code made that its endpoint found illegal
+    /// (process cells emulate the register page in the cell). If the device model agrees,
+    /// the cell is stopped like for any illegal access; otherwise the report is refused.
+    fn illegal_access_reported(&mut self, id: u64, body: AccessBody) {
+        let Some(index) = self.client_index(id) else {
+            return;
+        };
+        let Some(ci) = self.clients[index].cell else {
+            self.refuse(
+                index,
+                RefusalReason::BadRequest,
+                "access report before attach",
+            );
+            return self.drop_client(id, "access report before attach".into());
+        };
+        let Some(&(li, peer)) = self.cells[ci].memberships.get(body.link as usize) else {
+            let detail = format!("link index {} does not exist", body.link);
+            self.refuse(index, RefusalReason::UnknownLink, &detail);
+            return;
+        };
+        let kind = if body.write == 1 {
+            crate::device::AccessKind::Write
+        } else {
+            crate::device::AccessKind::Read
+        };
+        let value = (body.write == 1).then_some(u64::from(body.value));
+        let verdict = self.links[li].model.register_access_error(
+            peer,
+            u64::from(body.offset),
+            kind,
+            body.size,
+            value,
+        );
+        match verdict {
+            Some(access) => self.illegal_access(id, ci, &access),
+            None => self.refuse(
+                index,
+                RefusalReason::BadRequest,
+                &format!(
+                    "the reported {kind} at offset {:#x}, size {} is a legal access",
+                    body.offset, body.size
+                ),
+            ),
         }
     }
 
@@ -1146,6 +1222,17 @@ impl LinkModel for crate::device::Link {
             .collect()
     }
 
+    fn register_access_error(
+        &self,
+        peer: u16,
+        offset: u64,
+        kind: crate::device::AccessKind,
+        size: u8,
+        value: Option<u64>,
+    ) -> Option<AccessError> {
+        crate::device::Link::register_access_error(self, peer, offset, kind, size, value)
+    }
+
     fn write_state(&mut self, peer: u16, value: u32) -> Result<Notify, AccessError> {
         self.mmio_write(
             peer,
@@ -1183,7 +1270,7 @@ pub fn device_model(
         max_peers,
         protocol: spec.protocol.into(),
         layout,
-        interrupts: crate::device::InterruptMode::Intx,
+        interrupts: spec.interrupts,
     };
     let mut link = Link::new(params, Box::new(table)).map_err(|e| e.to_string())?;
     for peer in 0..max_peers {
