@@ -3,14 +3,15 @@
 //!
 //! A spawned cell gets `IVSHMEM_SOCKET` (control socket path) and `IVSHMEM_CELL` (its name) in
 //! its environment, runs in its own process group (so a terminal's Ctrl-C reaches the
-//! hypervisor, which then stops the cells in order) and dies with the hypervisor
-//! (`PR_SET_PDEATHSIG`). A cell that exits is logged with its exit status and **never
+//! hypervisor, which then stops the cells in order; and so that stopping a cell signals the
+//! whole group, processes it started included) and dies with the hypervisor
+//! (`PR_SET_PDEATHSIG`; what the cell started does not, unless it asks for that itself). A cell that exits is logged with its exit status and **never
 //! restarted**: it stays dead and is reported; its peers see state 0 when its socket closes.
 //! Cells without a command (or every cell with `--no-spawn`) are started by hand and attach
 //! by name.
 //!
 //! The loop is single-threaded: `poll(2)` over the control socket, the children's pidfds, the
-//! children's output pipes, a signalfd for SIGINT/SIGTERM and an optional [`StopHandle`].
+//! children's output pipes, a signalfd for SIGINT/SIGTERM/SIGHUP and an optional [`StopHandle`].
 //!
 //! A spawned cell's stdout and stderr are pipes to the hypervisor, which forwards them line by
 //! line, each line prefixed with the cell's name (`[rtos-telemetry] ...`), to its own stdout
@@ -31,14 +32,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::{CellKind, ValidConfig};
-use crate::control::{CellSpec, ControlError, ControlEvent, ControlServer, LinkSpec, SystemSpec};
+use crate::control::{
+    CellAction, CellRequest, CellSpec, ControlError, ControlEvent, ControlServer, LinkSpec,
+    SystemSpec,
+};
 use crate::kvm::{create_wirings, KvmCells, KvmNotice, KvmSystem, LinkSizes};
 use crate::memory::{InterruptEventFd, MemoryError};
 use crate::status::{format_cell_lines, CellExit};
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::sched::{sched_setaffinity, CpuSet};
-use nix::sys::signal::{kill, sigprocmask, SigSet, SigmaskHow, Signal};
+use nix::sys::signal::{killpg, sigprocmask, SigSet, SigmaskHow, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::unistd::{getppid, setpgid, Pid};
 
@@ -87,6 +91,7 @@ impl SystemSpec {
                     state_table_size: l.state_table_size,
                     rw_size: l.rw_size,
                     output_size: l.output_size,
+                    interrupts: l.interrupts,
                 })
                 .collect(),
         }
@@ -181,10 +186,30 @@ pub struct RunOptions {
     pub socket: PathBuf,
     /// Spawn the cells that have a command (false: `--no-spawn`, every cell attaches by hand).
     pub spawn: bool,
-    /// Stop on SIGINT/SIGTERM (blocks them in the calling thread and reads a signalfd).
+    /// Stop on SIGINT/SIGTERM/SIGHUP (blocks them in the calling thread and reads a signalfd).
     pub handle_signals: bool,
     /// Live status or log lines.
     pub output: Output,
+    /// Stop once every spawned cell has exited and no cell is attached (at least one cell
+    /// must have been spawned); false (`--keep-running`): serve until a signal or a stop
+    /// request, so that cells can attach again.
+    pub stop_when_cells_exit: bool,
+}
+
+impl RunOptions {
+    /// The options of `hypervisor run` with the socket at `socket`: spawn the cells, stop
+    /// when they have all exited, log lines, signals not handled. Set other fields with
+    /// `RunOptions { spawn: false, ..RunOptions::new(path) }`, so that new options do not
+    /// break callers.
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
+        Self {
+            socket: socket.into(),
+            spawn: true,
+            handle_signals: false,
+            output: Output::Log,
+            stop_when_cells_exit: true,
+        }
+    }
 }
 
 /// How one spawned cell ended when `run` stopped.
@@ -200,13 +225,26 @@ pub struct StoppedCell {
     pub exited_before_stop: bool,
 }
 
+/// Why [`run`] stopped when every spawned cell had exited.
+pub const REASON_CELLS_EXITED: &str = "every spawned cell has exited";
+
 /// What `run` did when it stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunReport {
-    /// Why it stopped (`SIGINT`, `SIGTERM`, `stop requested`).
+    /// Why it stopped (`SIGINT`, `SIGTERM`, `stop requested`, [`REASON_CELLS_EXITED`]).
     pub reason: String,
     /// Every spawned cell and how it ended.
     pub cells: Vec<StoppedCell>,
+}
+
+impl RunReport {
+    /// The cells that failed: they ended on their own (not stopped by `run`) with a non-zero
+    /// exit code or by a signal.
+    pub fn failed(&self) -> impl Iterator<Item = &StoppedCell> {
+        self.cells
+            .iter()
+            .filter(|c| c.exited_before_stop && c.exit != CellExit::Code(0))
+    }
 }
 
 struct Spawned {
@@ -400,7 +438,7 @@ pub fn spawn_cell(cell: &CellSpec, argv: &[String], socket: &Path) -> Result<Chi
             if getppid() != hypervisor {
                 return Err(Errno::ESRCH.into());
             }
-            // The hypervisor blocks SIGINT/SIGTERM (it reads them from a signalfd); the
+            // The hypervisor blocks SIGINT/SIGTERM/SIGHUP (it reads them from a signalfd); the
             // mask survives exec, so the cell must get a clean one.
             sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)?;
             setpgid(Pid::from_raw(0), Pid::from_raw(0))?;
@@ -413,8 +451,16 @@ pub fn spawn_cell(cell: &CellSpec, argv: &[String], socket: &Path) -> Result<Chi
     cmd.spawn().map_err(spawn_err)
 }
 
+/// Sends `signal` to a spawned cell: to its whole process group (the cell runs in a group of
+/// its own, see [`spawn_cell`]), so that processes it started go with it. Only for children
+/// not reaped yet: until then the group ID cannot name another group.
+pub fn signal_cell(child: &Child, signal: Signal) -> io::Result<()> {
+    Ok(killpg(Pid::from_raw(child.id() as i32), signal)?)
+}
+
 /// The signals that stop `run` (when it handles signals).
-const STOP_SIGNALS: [Signal; 2] = [Signal::SIGINT, Signal::SIGTERM];
+/// SIGHUP too: a closed terminal stops the system like Ctrl-C (summary, socket removed).
+const STOP_SIGNALS: [Signal; 3] = [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP];
 
 /// Blocks [`STOP_SIGNALS`] in this thread and returns a signalfd that reads them.
 fn signal_fd() -> io::Result<SignalFd> {
@@ -544,7 +590,8 @@ fn describe(event: &ControlEvent) -> String {
     }
 }
 
-/// Runs a hosted system until SIGINT/SIGTERM (if `options.handle_signals`) or `stop`:
+/// Runs a hosted system until SIGINT/SIGTERM/SIGHUP (if `options.handle_signals`), `stop`, or (if
+/// `options.stop_when_cells_exit`) every spawned cell has exited and no cell is attached:
 /// creates the links, listens at `options.socket`, spawns the cells, reports on `out`, and
 /// on stop terminates the spawned cells (SIGTERM, then SIGKILL after a grace period), waits
 /// for them and removes the socket. A system with a KVM cell is refused
@@ -680,6 +727,130 @@ pub fn run_system(
     Ok(RunReport { reason, cells })
 }
 
+/// Spawns process cell `cell` (which has a command) and starts forwarding its output.
+fn spawn_process_cell(
+    cell: &CellSpec,
+    options: &RunOptions,
+    server: &mut ControlServer,
+    spawned: &mut Vec<Spawned>,
+    display: &mut Display<'_>,
+) -> Result<(), RunError> {
+    let Some(argv) = &cell.command else {
+        return Ok(());
+    };
+    let mut child = spawn_cell(cell, argv, &options.socket)?;
+    let pid = child.id();
+    server.cell_spawned(&cell.name, pid);
+    let stdout = child
+        .stdout
+        .take()
+        .map(|p| (OwnedFd::from(p), Stream::Stdout));
+    let stderr = child
+        .stderr
+        .take()
+        .map(|p| (OwnedFd::from(p), Stream::Stderr));
+    spawned.push(Spawned {
+        cell: cell.name.clone(),
+        pidfd: pidfd_open(pid),
+        child,
+        pipes: Vec::new(),
+        exit: None,
+        exited_before_stop: false,
+    });
+    let s = spawned.last_mut().expect("just pushed");
+    for (fd, stream) in stdout.into_iter().chain(stderr) {
+        let pipe = CellPipe::new(fd, stream).map_err(|source| RunError::Spawn {
+            cell: cell.name.clone(),
+            command: argv.join(" "),
+            source,
+        })?;
+        s.pipes.push(pipe);
+    }
+    display
+        .event(&format!(
+            "cell {}: started `{}` (pid {pid}, cpus {:?})",
+            cell.name,
+            argv.join(" "),
+            cell.cpus
+        ))
+        .map_err(RunError::Output)?;
+    Ok(())
+}
+
+/// Carries out `hypervisor cell stop|start|restart` for `cell`. Process cells: stop kills
+/// the spawned process (SIGKILL, reaped at once) or disconnects a cell started by hand;
+/// start spawns its command again. KVM cells: stop parks the vCPU and frees the VM; start
+/// boots a fresh VM from the image. Either way the cell's states go to 0 on stop.
+fn control_cell(
+    request: &CellRequest,
+    system: &SystemSpec,
+    options: &RunOptions,
+    supervised: &mut Supervised<'_>,
+    display: &mut Display<'_>,
+) -> Result<(), String> {
+    let Supervised {
+        server,
+        spawned,
+        vms,
+    } = supervised;
+    let name = request.cell.as_str();
+    if vms.contains(name) {
+        let result = match request.action {
+            CellAction::Stop => vms.stop(name),
+            CellAction::Start | CellAction::Restart => vms.start(name),
+        };
+        return result.map_err(|e| e.to_string());
+    }
+    let cell = system
+        .cells
+        .iter()
+        .find(|c| c.name == name)
+        .ok_or_else(|| format!("no cell named `{name}`"))?;
+    let live = spawned
+        .iter()
+        .position(|s| s.cell == name && s.exit.is_none());
+    if matches!(request.action, CellAction::Stop | CellAction::Restart) {
+        match live {
+            Some(i) => {
+                let s = &mut spawned[i];
+                let _ = s.child.kill();
+                let status = s
+                    .child
+                    .wait()
+                    .map_err(|e| format!("waiting for cell `{name}`: {e}"))?;
+                let _ = s.drain_output(display);
+                let exit = exit_of(status);
+                s.exit = Some(exit);
+                s.exited_before_stop = false;
+                server.cell_exited(name, exit);
+                let _ = display.event(&format!(
+                    "cell {name}: process {} stopped on request: {exit}",
+                    s.child.id()
+                ));
+            }
+            None if server.disconnect_cell(name) => {
+                let _ = display.event(&format!("cell {name}: disconnected on request"));
+            }
+            None if request.action == CellAction::Stop => {
+                return Err(format!("cell `{name}` is not running"));
+            }
+            None => {}
+        }
+    }
+    if matches!(request.action, CellAction::Start | CellAction::Restart) {
+        if request.action == CellAction::Start && live.is_some() {
+            return Err(format!("cell `{name}` is already running"));
+        }
+        if cell.command.is_none() || !options.spawn {
+            return Err(format!(
+                "cell `{name}` is started by hand: start its program with {ENV_CELL}={name}"
+            ));
+        }
+        spawn_process_cell(cell, options, server, spawned, display).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
 /// What [`serve`] supervises: the control server, the spawned process cells, the KVM cells.
 struct Supervised<'a> {
     server: &'a mut ControlServer,
@@ -708,43 +879,9 @@ fn serve(
         .map_err(RunError::Output)?;
     if options.spawn {
         for cell in system.cells.iter().filter(|c| c.process) {
-            let Some(argv) = &cell.command else { continue };
-            let mut child = spawn_cell(cell, argv, &options.socket)?;
-            let pid = child.id();
-            server.cell_spawned(&cell.name, pid);
-            let stdout = child
-                .stdout
-                .take()
-                .map(|p| (OwnedFd::from(p), Stream::Stdout));
-            let stderr = child
-                .stderr
-                .take()
-                .map(|p| (OwnedFd::from(p), Stream::Stderr));
-            spawned.push(Spawned {
-                cell: cell.name.clone(),
-                pidfd: pidfd_open(pid),
-                child,
-                pipes: Vec::new(),
-                exit: None,
-                exited_before_stop: false,
-            });
-            let s = spawned.last_mut().expect("just pushed");
-            for (fd, stream) in stdout.into_iter().chain(stderr) {
-                let pipe = CellPipe::new(fd, stream).map_err(|source| RunError::Spawn {
-                    cell: cell.name.clone(),
-                    command: argv.join(" "),
-                    source,
-                })?;
-                s.pipes.push(pipe);
+            if cell.command.is_some() {
+                spawn_process_cell(cell, options, server, spawned, display)?;
             }
-            display
-                .event(&format!(
-                    "cell {}: started `{}` (pid {pid}, cpus {:?})",
-                    cell.name,
-                    argv.join(" "),
-                    cell.cpus
-                ))
-                .map_err(RunError::Output)?;
         }
     }
     for cell in system
@@ -814,6 +951,16 @@ fn serve(
         forward(spawned, &ready[pipes_from..], display).map_err(RunError::Output)?;
         reap(server, spawned, display, false).map_err(RunError::Output)?;
         show_kvm(server, vms, display).map_err(RunError::Output)?;
+        for request in server.take_cell_requests() {
+            let mut supervised = Supervised {
+                server,
+                spawned,
+                vms,
+            };
+            let result = control_cell(&request, system, options, &mut supervised, display);
+            show_kvm(server, vms, display).map_err(RunError::Output)?;
+            server.answer_cell_request(&request, result);
+        }
         for event in server.take_events() {
             display.event(&describe(&event)).map_err(RunError::Output)?;
         }
@@ -822,6 +969,14 @@ fn serve(
             .map_err(RunError::Output)?;
         if let Some(r) = stop_reason {
             return Ok(r);
+        }
+        if options.stop_when_cells_exit
+            && !spawned.is_empty()
+            && spawned.iter().all(|s| s.exit.is_some())
+            && server.attached_cells().is_empty()
+            && !vms.any_running()
+        {
+            return Ok(REASON_CELLS_EXITED.to_string());
         }
     }
 }
@@ -901,7 +1056,7 @@ fn terminate(
 ) -> Vec<StoppedCell> {
     for s in spawned.iter().filter(|s| s.exit.is_none()) {
         // The pid of our own unreaped child: it cannot have been recycled yet.
-        let _ = kill(Pid::from_raw(s.child.id() as i32), Signal::SIGTERM);
+        let _ = signal_cell(&s.child, Signal::SIGTERM);
     }
     let deadline = Instant::now() + STOP_GRACE;
     let mut killed = false;
@@ -920,7 +1075,7 @@ fn terminate(
                     "cell {}: did not stop within {STOP_GRACE:?}, killing it",
                     s.cell
                 ));
-                let _ = s.child.kill();
+                let _ = signal_cell(&s.child, Signal::SIGKILL);
             }
             killed = true;
         }
@@ -970,7 +1125,7 @@ fn terminate(
 /// spawned cell and reap it with a blocking wait (a killed child cannot block the wait).
 fn kill_and_reap(server: &mut ControlServer, spawned: &mut [Spawned], display: &mut Display<'_>) {
     for s in spawned.iter_mut().filter(|s| s.exit.is_none()) {
-        let _ = s.child.kill();
+        let _ = signal_cell(&s.child, Signal::SIGKILL);
         let exit = match s.child.wait() {
             Ok(status) => exit_of(status),
             Err(e) => {
@@ -998,7 +1153,7 @@ impl Drop for Spawned {
     /// was not reaped yet it is killed and reaped here.
     fn drop(&mut self) {
         if self.exit.is_none() {
-            let _ = self.child.kill();
+            let _ = signal_cell(&self.child, Signal::SIGKILL);
             let _ = self.child.wait();
         }
     }
@@ -1169,16 +1324,13 @@ mod tests {
 
     /// Whether `pid` still names a process (running or an unreaped zombie).
     fn exists(pid: u32) -> bool {
-        kill(Pid::from_raw(pid as i32), None).is_ok()
+        nix::sys::signal::kill(Pid::from_raw(pid as i32), None).is_ok()
     }
 
     #[test]
     fn an_error_after_spawning_still_stops_and_reaps_every_cell() {
         let options = RunOptions {
-            socket: socket_path("error-exit"),
-            spawn: true,
-            handle_signals: false,
-            output: Output::Log,
+            ..RunOptions::new(socket_path("error-exit"))
         };
         let mut out = FailAfterStart { text: Vec::new() };
         let result = run(&sleeper_system(), &options, None, &mut out);

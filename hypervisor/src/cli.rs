@@ -40,6 +40,34 @@ enum Command {
     Run(RunArgs),
     /// Show the state of a running system.
     Status(StatusArgs),
+    /// Stop, start or restart one cell (process or KVM) of a running system.
+    Cell(CellArgs),
+}
+
+/// What `hypervisor cell` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum CellVerb {
+    /// Stop the cell: a process cell's process is killed, a KVM cell's vCPU parked; its
+    /// states become 0.
+    Stop,
+    /// Start a stopped cell (a KVM cell boots its image afresh).
+    Start,
+    /// Stop and start.
+    Restart,
+}
+
+#[derive(Debug, Args)]
+struct CellArgs {
+    /// stop, start or restart.
+    verb: CellVerb,
+    /// The cell's name.
+    name: String,
+    /// The running system's configuration (its control socket path is used).
+    #[arg(conflicts_with = "socket", required_unless_present = "socket")]
+    config: Option<PathBuf>,
+    /// The running system's control socket.
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -61,6 +89,10 @@ struct RunArgs {
     /// Start no cell programs: every process cell is started by hand and attaches by name.
     #[arg(long)]
     no_spawn: bool,
+    /// Keep serving after every spawned cell has exited (cells may attach again by hand);
+    /// stop only on Ctrl-C (SIGINT) or SIGTERM.
+    #[arg(long)]
+    keep_running: bool,
 }
 
 #[derive(Debug, Args)]
@@ -99,14 +131,33 @@ where
         Command::Check(args) => check(&args),
         Command::Run(args) => run(&args),
         Command::Status(args) => status(&args),
+        Command::Cell(args) => cell(&args),
     };
     match result {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("hypervisor: error: {error:#}");
+            eprintln!("hypervisor: error: {}", error_chain(&error));
             EXIT_FAILURE
         }
     }
+}
+
+/// `error` and its causes, joined by `: `, each cause once: a cause whose text the message
+/// so far already contains (library errors often name their source in their own message)
+/// is left out.
+fn error_chain(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let cause = cause.to_string();
+        if text.contains(&cause) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause);
+    }
+    text
 }
 
 /// Loads and validates `path` (machine checks against `cpu_count` or this machine's CPUs).
@@ -136,8 +187,9 @@ fn check(args: &CheckArgs) -> anyhow::Result<u8> {
 }
 
 /// `hypervisor run <config>`: validate, create the links, listen, spawn the cells, show a
-/// live status (a redrawn line on a terminal, log lines otherwise) until SIGINT/SIGTERM,
-/// then stop the cells and remove the socket. The spawned cells' stdout and stderr lines
+/// live status (a redrawn line on a terminal, log lines otherwise) until SIGINT/SIGTERM/SIGHUP or
+/// (without `--keep-running`) until every spawned cell has exited, then stop the cells,
+/// remove the socket and print a summary; exit [`EXIT_CELL_FAILED`] if a cell failed. The spawned cells' stdout and stderr lines
 /// appear on the hypervisor's stdout and stderr, prefixed with `[cell-name] `.
 fn run(args: &RunArgs) -> anyhow::Result<u8> {
     use crate::cells::{self, Output, RunOptions};
@@ -162,14 +214,15 @@ fn run(args: &RunArgs) -> anyhow::Result<u8> {
         Output::Log
     };
     let options = RunOptions {
-        socket,
         spawn: !args.no_spawn,
         handle_signals: true,
         output,
+        stop_when_cells_exit: !args.keep_running,
+        ..RunOptions::new(socket)
     };
     let kvm = crate::kvm::KvmSystem::from_config(&valid);
     let mut stdout = std::io::stdout();
-    cells::run_system(
+    let report = cells::run_system(
         &system,
         &kvm,
         &options,
@@ -184,8 +237,25 @@ fn run(args: &RunArgs) -> anyhow::Result<u8> {
             args.config.display()
         )
     })?;
-    Ok(EXIT_SUCCESS)
+    let failed: Vec<String> = report
+        .failed()
+        .map(|c| format!("{} ({})", c.cell, c.exit))
+        .collect();
+    if failed.is_empty() {
+        Ok(EXIT_SUCCESS)
+    } else {
+        eprintln!(
+            "hypervisor: {} cell(s) failed: {}",
+            failed.len(),
+            failed.join(", ")
+        );
+        Ok(EXIT_CELL_FAILED)
+    }
 }
+
+/// Exit code of `run` when a spawned cell ended on its own with a non-zero exit code or by a
+/// signal.
+const EXIT_CELL_FAILED: u8 = 4;
 
 /// Exit code of `status` when no hypervisor runs at the socket.
 const EXIT_NOT_RUNNING: u8 = 3;
@@ -206,6 +276,44 @@ fn status(args: &StatusArgs) -> anyhow::Result<u8> {
     match status::query(&socket) {
         Ok(system) => {
             print!("{}", status::format_table(&system));
+            Ok(EXIT_SUCCESS)
+        }
+        Err(error @ StatusError::NotRunning { .. }) => {
+            eprintln!("hypervisor: {error}");
+            Ok(EXIT_NOT_RUNNING)
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// `hypervisor cell stop|start|restart NAME [--socket PATH | <config>]`: asks the running
+/// hypervisor and prints the cell's status line afterwards.
+fn cell(args: &CellArgs) -> anyhow::Result<u8> {
+    use crate::control::CellAction;
+    use crate::status::{self, StatusError};
+
+    let socket = match (&args.socket, &args.config) {
+        (Some(socket), _) => socket.clone(),
+        (None, Some(path)) => match load_config(path, None) {
+            Some(valid) => valid.control_socket,
+            None => return Ok(EXIT_INVALID_CONFIG),
+        },
+        (None, None) => anyhow::bail!("give a configuration or --socket PATH"),
+    };
+    let action = match args.verb {
+        CellVerb::Stop => CellAction::Stop,
+        CellVerb::Start => CellAction::Start,
+        CellVerb::Restart => CellAction::Restart,
+    };
+    match status::control_cell(&socket, &args.name, action) {
+        Ok(cell) => {
+            for line in status::format_cell_lines(&status::SystemStatus {
+                hypervisor_pid: 0,
+                cells: vec![cell],
+                links: Vec::new(),
+            }) {
+                println!("{line}");
+            }
             Ok(EXIT_SUCCESS)
         }
         Err(error @ StatusError::NotRunning { .. }) => {

@@ -51,12 +51,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ivshmem_dev::hosted::{
-    self, AcceptedBody, CellPhase, GrantFds, LinkGrantBody, RefusalReason, RefusedBody, Reply,
-    Request, SetStateBody, WireName, MAX_MESSAGE_SIZE, MAX_WIRE_PEERS,
+    self, AcceptedBody, AccessBody, CellPhase, GrantFds, LinkGrantBody, PeerBody, RefusalReason,
+    RefusedBody, Reply, Request, SetStateBody, WireName, MAX_MESSAGE_SIZE, MAX_WIRE_PEERS,
 };
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
-use nix::sys::signal::{kill, Signal};
+use nix::sys::signal::{kill, killpg, Signal};
 use nix::sys::socket::{
     accept4, bind, connect, getsockopt, listen, send, sendmsg, socket, sockopt, AddressFamily,
     Backlog, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr,
@@ -86,6 +86,8 @@ pub struct LinkSpec {
     pub rw_size: u64,
     /// Output section size in bytes (0: none).
     pub output_size: u64,
+    /// Interrupt kind and vectors per peer: each peer gets one eventfd per vector.
+    pub interrupts: crate::device::InterruptMode,
 }
 
 /// One cell as the control server and the supervisor see it.
@@ -124,14 +126,28 @@ pub trait LinkModel: Send {
     fn peer_detached(&mut self, peer: u16) -> Notify;
     /// The peer wrote STATE; returns the peers to notify, or the refused (illegal) access.
     fn write_state(&mut self, peer: u16, value: u32) -> Result<Notify, AccessError>;
-    /// Raises vector 0 on `peers` (state changes). By default writes their eventfds in
-    /// `memory`; a model shared with KVM cells injects their MSI instead
-    /// ([`crate::kvm::WiredModel`]).
+    /// Why a register access the peer's endpoint reports would be refused by the device, or
+    /// `None` if it is legal. The default judges nothing (`None`): such a model never stops a
+    /// cell for a reported access.
+    fn register_access_error(
+        &self,
+        peer: u16,
+        offset: u64,
+        kind: crate::device::AccessKind,
+        size: u8,
+        value: Option<u64>,
+    ) -> Option<AccessError> {
+        let _ = (peer, offset, kind, size, value);
+        None
+    }
     /// Whether `peer` is active, if the model knows better than the server's own record
     /// (a model shared with KVM cells does: they attach without the server).
     fn is_active(&self, _peer: u16) -> Option<bool> {
         None
     }
+    /// Raises vector 0 on `peers` (state changes). By default writes their eventfds in
+    /// `memory`; a model shared with KVM cells injects their MSI instead
+    /// ([`crate::kvm::WiredModel`]).
     fn raise(&self, memory: &LinkMemory, link: &str, peers: &[u16]) {
         for &peer in peers {
             if let Err(e) = memory.signal(peer) {
@@ -141,12 +157,61 @@ pub trait LinkModel: Send {
     }
 }
 
+/// What `hypervisor cell ACTION NAME` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CellAction {
+    /// Stop the cell.
+    Stop,
+    /// Start a stopped cell.
+    Start,
+    /// Stop and start the cell.
+    Restart,
+}
+
+impl CellAction {
+    /// The wire code ([`hosted::cell_action`]).
+    pub fn code(self) -> u32 {
+        match self {
+            CellAction::Stop => hosted::cell_action::STOP,
+            CellAction::Start => hosted::cell_action::START,
+            CellAction::Restart => hosted::cell_action::RESTART,
+        }
+    }
+
+    fn from_code(code: u32) -> Option<Self> {
+        match code {
+            hosted::cell_action::STOP => Some(CellAction::Stop),
+            hosted::cell_action::START => Some(CellAction::Start),
+            hosted::cell_action::RESTART => Some(CellAction::Restart),
+            _ => None,
+        }
+    }
+}
+
+/// A cell stop/start/restart request waiting for the supervisor
+/// ([`ControlServer::take_cell_requests`], [`ControlServer::answer_cell_request`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CellRequest {
+    client: u64,
+    /// The cell.
+    pub cell: String,
+    /// What to do.
+    pub action: CellAction,
+}
+
 /// Errors of the control server.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     /// Another hypervisor listens at the path.
     #[error("another hypervisor is already listening at {0}")]
     AlreadyRunning(PathBuf),
+    /// The socket at the path belongs to another user (connecting to it was refused with
+    /// `EACCES`): most likely another user's hypervisor listens there.
+    #[error(
+        "{0} belongs to another user (permission denied): their hypervisor may be running \
+         there; choose another path with --socket or control_socket"
+    )]
+    NotPermitted(PathBuf),
     /// The path exists and is not a socket.
     #[error("{0} exists and is not a socket; refusing to replace it")]
     NotASocket(PathBuf),
@@ -262,6 +327,7 @@ pub struct ControlServer {
     clients: Vec<Client>,
     next_client: u64,
     events: Vec<ControlEvent>,
+    cell_requests: Vec<CellRequest>,
     socket_inode: Option<(u64, u64)>,
 }
 
@@ -293,6 +359,7 @@ impl ControlServer {
             let memory = LinkMemory::create(
                 &spec.name,
                 spec.peers.len() as u16,
+                spec.interrupts.vectors(),
                 spec.state_table_size,
                 spec.rw_size,
                 spec.output_size,
@@ -404,6 +471,7 @@ impl ControlServer {
             clients: Vec::new(),
             next_client: 1,
             events: Vec::new(),
+            cell_requests: Vec::new(),
         })
     }
 
@@ -649,6 +717,71 @@ impl ControlServer {
             }
             Request::Attach(body) => self.attach(id, body.cell.as_str().unwrap_or("?").to_string()),
             Request::SetState(body) => self.set_state(id, body),
+            Request::IllegalAccess(body) => self.illegal_access_reported(id, body),
+            Request::CellControl(body) => {
+                let name = body.cell.as_str().unwrap_or("?").to_string();
+                match CellAction::from_code(body.action) {
+                    Some(action) if self.cells.iter().any(|c| c.spec.name == name) => {
+                        self.cell_requests.push(CellRequest {
+                            client: id,
+                            cell: name,
+                            action,
+                        });
+                    }
+                    _ => {
+                        let known: Vec<&str> =
+                            self.cells.iter().map(|c| c.spec.name.as_str()).collect();
+                        let detail = format!(
+                            "no cell named `{name}` in this system (cells: {})",
+                            known.join(", ")
+                        );
+                        self.refuse(index, RefusalReason::UnknownCell, &detail);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes the cell stop/start/restart requests received since the last call; answer each
+    /// with [`answer_cell_request`](Self::answer_cell_request).
+    pub fn take_cell_requests(&mut self) -> Vec<CellRequest> {
+        std::mem::take(&mut self.cell_requests)
+    }
+
+    /// Answers a cell request: the cell's status after it, or the refusal.
+    pub fn answer_cell_request(&mut self, request: &CellRequest, result: Result<(), String>) {
+        let Some(index) = self.client_index(request.client) else {
+            return;
+        };
+        match result {
+            Ok(()) => {
+                let reply = crate::status::to_wire(&self.status()).into_iter().find(
+                    |r| matches!(r, Reply::Cell(b) if b.name.as_str() == Ok(request.cell.as_str())),
+                );
+                if let Some(reply) = reply {
+                    if let Err(e) = send_reply(self.clients[index].fd.as_fd(), &reply, &[]) {
+                        self.reply_failed(request.client, "cell request reply", e);
+                    }
+                }
+            }
+            Err(detail) => self.refuse(index, RefusalReason::BadRequest, &detail),
+        }
+    }
+
+    /// Disconnects a cell started by hand (its states become 0); `false` if it is not
+    /// attached.
+    pub fn disconnect_cell(&mut self, cell: &str) -> bool {
+        let client = self
+            .cells
+            .iter()
+            .find(|c| c.spec.name == cell)
+            .and_then(|c| c.client);
+        match client {
+            Some(id) => {
+                self.drop_client(id, "stopped on request".into());
+                true
+            }
+            None => false,
         }
     }
 
@@ -720,7 +853,9 @@ impl ControlServer {
         // Activate the cell on each of its links.
         for &(li, peer) in &self.cells[ci].memberships {
             let link = &mut self.links[li];
-            let _ = link.memory.interrupts[peer as usize].drain();
+            for line in &link.memory.interrupts[peer as usize] {
+                let _ = line.drain();
+            }
             let notify = link.model.peer_attached(peer);
             link.active |= 1 << peer;
             signal_all(link, &notify);
@@ -762,9 +897,6 @@ impl ControlServer {
                 };
                 fds.push(fd.as_raw_fd());
             }
-            for line in &link.memory.interrupts {
-                fds.push(line.fd().as_raw_fd());
-            }
             debug_assert_eq!(fds.len(), layout.count());
             let grant = LinkGrantBody {
                 name: WireName::new(&spec.name)
@@ -773,7 +905,7 @@ impl ControlServer {
                 peer_id: peer,
                 max_peers,
                 protocol: spec.protocol,
-                reserved: 0,
+                vectors: spec.interrupts.vectors(),
                 state_table_size: spec.state_table_size as u32,
                 rw_size: spec.rw_size,
                 output_size: spec.output_size,
@@ -781,6 +913,19 @@ impl ControlServer {
                 reserved2: 0,
             };
             send_reply(fd, &Reply::LinkGrant(grant), &fds)?;
+            // Each peer's name and interrupt eventfds (one per vector): the cell's own are
+            // where its interrupts arrive, the others are what its DOORBELL writes signal.
+            for (p, lines) in link.memory.interrupts.iter().enumerate() {
+                let fds: Vec<RawFd> = lines.iter().map(|line| line.fd().as_raw_fd()).collect();
+                let body = PeerBody {
+                    cell: WireName::new(&spec.peers[p])
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
+                    link: k as u32,
+                    peer: p as u16,
+                    fd_count: fds.len() as u16,
+                };
+                send_reply(fd, &Reply::Peer(body), &fds)?;
+            }
         }
         Ok(())
     }
@@ -825,6 +970,52 @@ impl ControlServer {
         }
     }
 
+    /// The cell reports a register access its code made that its endpoint found illegal
+    /// (process cells emulate the register page in the cell). If the device model agrees,
+    /// the cell is stopped like for any illegal access; otherwise the report is refused.
+    fn illegal_access_reported(&mut self, id: u64, body: AccessBody) {
+        let Some(index) = self.client_index(id) else {
+            return;
+        };
+        let Some(ci) = self.clients[index].cell else {
+            self.refuse(
+                index,
+                RefusalReason::BadRequest,
+                "access report before attach",
+            );
+            return self.drop_client(id, "access report before attach".into());
+        };
+        let Some(&(li, peer)) = self.cells[ci].memberships.get(body.link as usize) else {
+            let detail = format!("link index {} does not exist", body.link);
+            self.refuse(index, RefusalReason::UnknownLink, &detail);
+            return;
+        };
+        let kind = if body.write == 1 {
+            crate::device::AccessKind::Write
+        } else {
+            crate::device::AccessKind::Read
+        };
+        let value = (body.write == 1).then_some(u64::from(body.value));
+        let verdict = self.links[li].model.register_access_error(
+            peer,
+            u64::from(body.offset),
+            kind,
+            body.size,
+            value,
+        );
+        match verdict {
+            Some(access) => self.illegal_access(id, ci, &access),
+            None => self.refuse(
+                index,
+                RefusalReason::BadRequest,
+                &format!(
+                    "the reported {kind} at offset {:#x}, size {} is a legal access",
+                    body.offset, body.size
+                ),
+            ),
+        }
+    }
+
     /// Stops cell `ci` for an access the device refused (ivshmem-v2.md, "Illegal access"):
     /// logs a `FATAL:` report naming the cell, the address (for a process cell: the offset in
     /// its register page, it has no guest address), the access and its size, refuses the
@@ -842,7 +1033,15 @@ impl ControlServer {
             Some(pid) => {
                 // The pid of the supervisor's own child, not reaped yet (`cell_exited` clears
                 // `spawned_pid` once it is), so it cannot have been recycled.
-                match kill(Pid::from_raw(pid as i32), Signal::SIGKILL) {
+                // Its whole process group: a cell the supervisor spawned runs in one of its
+                // own (see `crate::cells::spawn_cell`), so that what it started goes with
+                // it. A process without a group of its own is killed alone.
+                let pid = Pid::from_raw(pid as i32);
+                let killed = match killpg(pid, Signal::SIGKILL) {
+                    Err(Errno::ESRCH) => kill(pid, Signal::SIGKILL),
+                    other => other,
+                };
+                match killed {
                     Ok(()) => format!("cell process {pid} killed"),
                     Err(errno) => format!(
                         "killing cell process {pid} failed: {}",
@@ -980,6 +1179,9 @@ fn listen_at(path: &Path) -> Result<OwnedFd, ControlError> {
         }
         Ok(_) => match connect_control_socket(path) {
             Ok(_) => return Err(ControlError::AlreadyRunning(path.to_path_buf())),
+            Err(Errno::EACCES | Errno::EPERM) => {
+                return Err(ControlError::NotPermitted(path.to_path_buf()))
+            }
             Err(Errno::ECONNREFUSED | Errno::ENOENT) => {
                 tracing::info!("removing stale control socket {}", path.display());
                 match std::fs::remove_file(path) {
@@ -1020,6 +1222,17 @@ impl LinkModel for crate::device::Link {
             .collect()
     }
 
+    fn register_access_error(
+        &self,
+        peer: u16,
+        offset: u64,
+        kind: crate::device::AccessKind,
+        size: u8,
+        value: Option<u64>,
+    ) -> Option<AccessError> {
+        crate::device::Link::register_access_error(self, peer, offset, kind, size, value)
+    }
+
     fn write_state(&mut self, peer: u16, value: u32) -> Result<Notify, AccessError> {
         self.mmio_write(
             peer,
@@ -1057,7 +1270,7 @@ pub fn device_model(
         max_peers,
         protocol: spec.protocol.into(),
         layout,
-        interrupts: crate::device::InterruptMode::Intx,
+        interrupts: spec.interrupts,
     };
     let mut link = Link::new(params, Box::new(table)).map_err(|e| e.to_string())?;
     for peer in 0..max_peers {

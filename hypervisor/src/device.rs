@@ -16,11 +16,15 @@
 //! | cell starts / stops | [`Link::peer_attached`] / [`Link::peer_detached`] | raises [`Effects::interrupts`]; re-syncs routes |
 //! | an [`AccessError`] | — | stops the cell with [`AccessError::fatal_report`] |
 //!
-//! Raising an [`Interrupt`] of [`Effects::interrupts`] means: for an MSI-X target inject
-//! [`Link::msi_message`]`(target, vector)` (e.g. write the target's irqfd for that vector, or
-//! `KVM_SIGNAL_MSI`); for an INTx target pulse its line; for a process cell write its eventfd
-//! for that vector. The model has already checked the gating and applied one-shot mode, so
-//! the VMM must not check [`Link::route`] again for these.
+//! Raising an [`Interrupt`] of [`Effects::interrupts`] (or of [`Link::deliver`]) means: for a
+//! device-gated MSI-X target inject [`Link::msi_message`]`(target, vector)` directly
+//! (`KVM_SIGNAL_MSI`); for a device-gated INTx target pulse its line; for an endpoint-gated
+//! target ([`Route::Endpoint`], process cells) write its eventfd for that vector. The model
+//! has already checked the gating and applied one-shot mode, so the VMM must not gate these
+//! again — in particular it must not write them into a device-gated target's doorbell
+//! eventfd when that eventfd feeds a user-space one-shot path that calls [`Link::deliver`]
+//! (the second delivery would find `INT_CONTROL` cleared and drop the interrupt). Doorbell
+//! eventfds carry **ungated** doorbells; interrupts from the model are **gated** ones.
 //!
 //! ## Doorbells without the model (the KVM fast path)
 //!
@@ -913,6 +917,22 @@ impl Link {
             )),
             None => Ok(offset as u32),
         }
+    }
+
+    /// Why a register access of `kind` and `size` at `offset` by `peer` would be refused, or
+    /// `None` if the device allows it. No side effects: for backends that emulate the
+    /// register page elsewhere (process cells) and must tell a legal access from an illegal
+    /// one the cell reports.
+    pub fn register_access_error(
+        &self,
+        peer: u16,
+        offset: u64,
+        kind: AccessKind,
+        size: u8,
+        value: Option<u64>,
+    ) -> Option<AccessError> {
+        self.check_register_access(peer, offset, kind, size, value)
+            .err()
     }
 
     /// A load of `size` bytes at `offset` in `peer`'s register page. Only aligned 32-bit

@@ -16,6 +16,8 @@ use ivshmem_dev::hosted::{
     StatusBody, WireName, MAX_MESSAGE_SIZE, MAX_WIRE_PEERS,
 };
 
+use nix::errno::Errno;
+
 use crate::control::connect_control_socket;
 
 /// How a spawned cell process ended.
@@ -205,6 +207,15 @@ pub enum StatusError {
         /// Why connecting failed.
         source: io::Error,
     },
+    /// The control socket belongs to another user (connecting was refused with `EACCES`).
+    #[error(
+        "the hypervisor at {path} belongs to another user (connecting was refused: permission \
+         denied); run this as that user (or root)"
+    )]
+    NotPermitted {
+        /// The socket path.
+        path: PathBuf,
+    },
     /// Talking to the hypervisor failed.
     #[error("control socket {path}: {source}")]
     Io {
@@ -233,9 +244,14 @@ pub fn query(path: &Path) -> Result<SystemStatus, StatusError> {
         path: path.to_path_buf(),
         source,
     };
-    let fd = connect_control_socket(path).map_err(|e| StatusError::NotRunning {
-        path: path.to_path_buf(),
-        source: e.into(),
+    let fd = connect_control_socket(path).map_err(|e| match e {
+        Errno::EACCES | Errno::EPERM => StatusError::NotPermitted {
+            path: path.to_path_buf(),
+        },
+        e => StatusError::NotRunning {
+            path: path.to_path_buf(),
+            source: e.into(),
+        },
     })?;
     set_recv_timeout(&fd, Duration::from_secs(5)).map_err(io_err)?;
     let mut buf = [0u8; MAX_MESSAGE_SIZE];
@@ -297,6 +313,56 @@ pub fn query(path: &Path) -> Result<SystemStatus, StatusError> {
 }
 
 /// Sets `SO_RCVTIMEO` on a socket.
+/// Asks the hypervisor at `path` to stop, start or restart `cell` and returns the cell's
+/// status afterwards (`hypervisor cell ACTION NAME`).
+pub fn control_cell(
+    path: &Path,
+    cell: &str,
+    action: crate::control::CellAction,
+) -> Result<CellStatus, StatusError> {
+    let io_err = |source: io::Error| StatusError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let fd = connect_control_socket(path).map_err(|e| StatusError::NotRunning {
+        path: path.to_path_buf(),
+        source: e.into(),
+    })?;
+    // A restart boots a VM or waits for a process: give it time.
+    set_recv_timeout(&fd, Duration::from_secs(60)).map_err(io_err)?;
+    let name = WireName::new(cell).map_err(|e| StatusError::Protocol(e.to_string()))?;
+    let mut buf = [0u8; MAX_MESSAGE_SIZE];
+    let n = Request::CellControl(hosted::CellControlBody {
+        cell: name,
+        action: action.code(),
+        reserved: 0,
+    })
+    .encode(&mut buf)
+    .map_err(|e| StatusError::Protocol(e.to_string()))?;
+    nix::sys::socket::send(
+        fd.as_raw_fd(),
+        &buf[..n],
+        nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+    )
+    .map_err(|e| io_err(e.into()))?;
+    let n = nix::sys::socket::recv(
+        fd.as_raw_fd(),
+        &mut buf,
+        nix::sys::socket::MsgFlags::empty(),
+    )
+    .map_err(|e| io_err(e.into()))?;
+    if n == 0 {
+        return Err(StatusError::Protocol(
+            "hypervisor closed the connection".into(),
+        ));
+    }
+    match hosted::decode_reply(&buf[..n])? {
+        Reply::Cell(c) => cell_from_wire(&c),
+        Reply::Refused(r) => Err(StatusError::Refused(r.detail().to_string())),
+        other => Err(StatusError::Protocol(format!("unexpected reply {other:?}"))),
+    }
+}
+
 pub(crate) fn set_recv_timeout(fd: &OwnedFd, timeout: Duration) -> io::Result<()> {
     let tv = nix::sys::time::TimeVal::new(timeout.as_secs() as _, timeout.subsec_micros() as _);
     nix::sys::socket::setsockopt(fd, nix::sys::socket::sockopt::ReceiveTimeout, &tv)

@@ -721,3 +721,60 @@ fn reserved_protocol_is_a_warning() {
     assert_eq!(valid.warnings[0].kind, ProblemKind::ReservedProtocol);
     assert_eq!(valid.warnings[0].location, r#"links[0] "l" .protocol"#);
 }
+
+/// Issue 14 item 10: an absurd peer list gets one error (the limit), not one per peer.
+#[test]
+fn a_huge_peer_list_reports_the_limit_alone() {
+    let peers: Vec<String> = (0..65_537)
+        .map(|i| format!("\"p{}\"", i % 65_536))
+        .collect();
+    let text = GOOD.replace(
+        r#"peers = ["a", "b"]"#,
+        &format!("peers = [{}]", peers.join(", ")),
+    );
+    let errors = refused(&text);
+    expect(
+        &errors,
+        ProblemKind::TooManyPeers,
+        r#"links[0] "l" .peers"#,
+        &["at most 16", "has 65537"],
+    );
+    let on_peers: Vec<&Problem> = errors
+        .problems
+        .iter()
+        .filter(|p| p.location.starts_with(r#"links[0] "l" .peers"#))
+        .collect();
+    assert_eq!(on_peers.len(), 1, "one problem for the peer list: {errors}");
+    assert!(
+        errors.problems.len() < 10,
+        "{} problems",
+        errors.problems.len()
+    );
+}
+
+/// Issue 14 item 9: the example in the fix for an unaligned size is itself a multiple of the
+/// page size, also where rounding up would overflow.
+#[test]
+fn the_fix_for_an_unaligned_size_is_itself_aligned() {
+    for (size, want) in [
+        ("5000", 0x2000u64),
+        ("18446744073709551615", 0xffff_ffff_ffff_f000),
+    ] {
+        let text = GOOD.replace("output_size = \"4K\"", &format!("output_size = \"{size}\""));
+        let errors = refused(&text);
+        let problem = expect(
+            &errors,
+            ProblemKind::InvalidSize,
+            r#"links[0] "l" .output_size"#,
+            &["not a multiple of the page size"],
+        );
+        let example = problem
+            .fix
+            .rsplit("e.g. 0x")
+            .next()
+            .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+            .unwrap_or_else(|| panic!("no example in {:?}", problem.fix));
+        assert_eq!(example, want, "{problem}");
+        assert_eq!(example % 4096, 0, "{problem}");
+    }
+}

@@ -200,7 +200,8 @@ fn the_guest_capability_walk_finds_vendor_then_msix() {
         find_capability(&guest, SLOT, CAP_ID_MSIX).unwrap(),
         Some(0x60)
     );
-    let cap = MsixCapability::find(&guest, SLOT).unwrap().unwrap();
+    let cap = found.msix(&guest).unwrap().unwrap();
+    assert_eq!(Some(cap), MsixCapability::find(&guest, SLOT).unwrap());
     assert_eq!(
         (
             cap.offset,

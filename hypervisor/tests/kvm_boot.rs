@@ -201,3 +201,54 @@ up: .asciz "up\n"
     assert_eq!(expect_halt(&events, "spin"), HaltReason::Requested);
     assert_eq!(cell.phase(), KvmCellPhase::Halted(HaltReason::Requested));
 }
+
+/// A guest that reports through `cell_state` (e.g. a panicking inmate writes 3, one that
+/// finds a wrong comm revision writes 4) is stopped and reported with that state.
+fn cell_state_report(state: u32) -> HaltReason {
+    let body = format!(
+        r#"
+main:
+    call setup
+    mov $msg, %si
+    call puts
+    mov ${state}, %eax
+    call stop
+msg: .asciz "giving up\n"
+"#
+    );
+    let events = events();
+    let name = format!("state-{state}");
+    let mut cell = KvmCell::new(
+        KvmCellConfig::new(name.clone(), assemble(&body)),
+        events.clone(),
+    )
+    .unwrap();
+    cell.start().unwrap();
+    expect_line(&events, &name, "giving up");
+    let reason = expect_halt(&events, &name);
+    assert_eq!(cell.phase(), KvmCellPhase::Halted(reason.clone()));
+    reason
+}
+
+#[test]
+fn a_failed_cell_is_reported_with_its_cell_state() {
+    if skip_without_kvm() {
+        return;
+    }
+    let reason = cell_state_report(3);
+    assert_eq!(reason, HaltReason::CellState(3));
+    assert_eq!(reason.to_string(), "cell_state 3 (failed)");
+}
+
+#[test]
+fn a_wrong_comm_revision_is_reported_with_its_cell_state() {
+    if skip_without_kvm() {
+        return;
+    }
+    let reason = cell_state_report(4);
+    assert_eq!(reason, HaltReason::CellState(4));
+    assert_eq!(
+        reason.to_string(),
+        "cell_state 4 (failed: wrong communication region revision)"
+    );
+}

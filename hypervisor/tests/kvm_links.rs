@@ -72,7 +72,7 @@ fn attach_process_peer(wiring: &LinkWiring, peer: u16) {
 
 /// Waits for `peer`'s vector-0 eventfd and returns its count.
 fn wait_interrupt(wiring: &LinkWiring, peer: u16) -> u64 {
-    let line = &wiring.memory().interrupts[usize::from(peer)];
+    let line = &wiring.memory().interrupts[usize::from(peer)][0];
     let fd = line.fd();
     let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
     let n = nix::poll::poll(&mut fds, PollTimeout::from(30_000u16)).unwrap();
@@ -217,7 +217,7 @@ fn fault(mode: char) -> (String, Guest) {
     );
     assert!(!wiring.model().is_active(0));
     assert_eq!(
-        wiring.memory().interrupts[1].drain().unwrap(),
+        wiring.memory().interrupts[1][0].drain().unwrap(),
         2,
         "the peer got the state interrupt for 0 -> 1 and for 1 -> 0"
     );
@@ -352,7 +352,7 @@ fn a_process_peer_and_a_kvm_cell_ring_each_other() {
     assert_eq!(wait_interrupt(&wiring, 1), 1, "the state change 0 -> 1");
     for _ in 0..ROUNDS {
         // What the hosted endpoint does for DOORBELL = 0 << 16: write the target's eventfd.
-        wiring.memory().interrupts[0].signal().unwrap();
+        wiring.memory().interrupts[0][0].signal().unwrap();
         assert_eq!(wait_interrupt(&wiring, 1), 1, "the echo");
     }
     assert_eq!(echo.exits().mmio, IVSHMEM_SETUP_MMIO, "{:?}", echo.exits());

@@ -276,3 +276,141 @@ impl<R: RegisterAccess> MsixTable<R> {
         (address, data, masked)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::cell::RefCell;
+
+    const AT: PciAddress = PciAddress::new(0, 1, 0);
+
+    /// One function's 256-byte config space; dword accesses.
+    struct Space(RefCell<[u8; CONFIG_SPACE_SIZE]>);
+
+    impl Space {
+        /// Status with a capability list, capability pointer `first`, and `caps` as
+        /// (offset, bytes).
+        fn new(first: u8, caps: &[(u8, &[u8])]) -> Self {
+            let mut bytes = [0u8; CONFIG_SPACE_SIZE];
+            bytes[0x06] = 0x10;
+            bytes[0x34] = first;
+            for (offset, cap) in caps {
+                let at = usize::from(*offset);
+                bytes[at..at + cap.len()].copy_from_slice(cap);
+            }
+            Self(RefCell::new(bytes))
+        }
+    }
+
+    impl ConfigAccess for Space {
+        fn read32(&self, _: PciAddress, offset: u8) -> u32 {
+            let at = usize::from(offset & !3);
+            u32::from_le_bytes(self.0.borrow()[at..at + 4].try_into().unwrap())
+        }
+        fn write32(&self, _: PciAddress, offset: u8, value: u32) {
+            let at = usize::from(offset & !3);
+            let mut bytes = self.0.borrow_mut();
+            // Like the device: only control bits 14 and 15 of the MSI-X capability stick.
+            if at == usize::from(MSIX_CAP_OFFSET) {
+                let control = (value >> 16) as u16 & MSIX_CONTROL_WRITABLE;
+                let old = u16::from_le_bytes([bytes[at + 2], bytes[at + 3]]);
+                let new = old & !MSIX_CONTROL_WRITABLE | control;
+                bytes[at + 2..at + 4].copy_from_slice(&new.to_le_bytes());
+            }
+        }
+    }
+
+    const VENDOR: [u8; 4] = [0x09, 0x60, 0x20, 0x00];
+    const MSIX: [u8; 12] = [0x11, 0, 0x0F, 0, 0x01, 0, 0, 0, 0x01, 0x01, 0, 0];
+
+    #[test]
+    fn finds_the_jailhouse_layout() {
+        let space = Space::new(0x40, &[(0x40, &VENDOR), (0x60, &MSIX)]);
+        let cap = MsixCapability::find(&space, AT).unwrap().unwrap();
+        assert_eq!(
+            cap,
+            MsixCapability {
+                address: AT,
+                offset: 0x60,
+                vectors: 16,
+                table_bar: 1,
+                table_offset: 0,
+                pba_bar: 1,
+                pba_offset: 0x100,
+            }
+        );
+        assert_eq!(cap.set_control(&space, true, true), 0xC00F);
+        assert_eq!(cap.set_control(&space, true, false), 0x800F);
+        assert_eq!(cap.control(&space), 0x800F);
+    }
+
+    #[test]
+    fn no_msix_capability_is_not_an_error() {
+        let vendor_last = [0x09, 0x00, 0x20, 0x00];
+        let space = Space::new(0x40, &[(0x40, &vendor_last)]);
+        assert_eq!(MsixCapability::find(&space, AT), Ok(None));
+    }
+
+    #[test]
+    fn hostile_capabilities_are_refused() {
+        // A BIR above 5.
+        let mut bad_bir = MSIX;
+        bad_bir[4] = 0x07;
+        let space = Space::new(0x40, &[(0x40, &VENDOR), (0x60, &bad_bir)]);
+        assert_eq!(
+            MsixCapability::find(&space, AT),
+            Err(DiscoveryError::BadMsixCapability {
+                address: AT,
+                offset: 0x60
+            })
+        );
+        // A capability that would run past config space.
+        let space = Space::new(0xF8, &[(0xF8, &[0x11, 0, 0, 0])]);
+        assert_eq!(
+            MsixCapability::find(&space, AT),
+            Err(DiscoveryError::BadMsixCapability {
+                address: AT,
+                offset: 0xF8
+            })
+        );
+        // A loop is caught by the list walk.
+        let looping = [0x09, 0x40, 0x20, 0x00];
+        let space = Space::new(0x40, &[(0x40, &looping)]);
+        assert_eq!(
+            MsixCapability::find(&space, AT),
+            Err(DiscoveryError::CapabilityLoop { address: AT })
+        );
+    }
+
+    /// A BAR page in memory, 32-bit accesses.
+    struct Page(RefCell<[u32; 1024]>);
+
+    impl RegisterAccess for Page {
+        fn read32(&self, offset: u32) -> u32 {
+            self.0.borrow()[offset as usize / 4]
+        }
+        fn write32(&self, offset: u32, value: u32) {
+            self.0.borrow_mut()[offset as usize / 4] = value;
+        }
+    }
+
+    #[test]
+    fn table_entries_are_programmed_masked_first() {
+        let space = Space::new(0x40, &[(0x40, &VENDOR), (0x60, &MSIX)]);
+        let cap = MsixCapability::find(&space, AT).unwrap().unwrap();
+        let table = MsixTable::new(Page(RefCell::new([0; 1024])), &cap);
+        table.program(2, x86_msi_address(3), 0x41, false);
+        assert_eq!(table.read(2), (0xFEE0_3000, 0x41, true), "left masked");
+        table.set_masked(2, false);
+        assert_eq!(table.read(2), (0xFEE0_3000, 0x41, false));
+        assert_eq!(table.vectors(), 16);
+    }
+
+    #[test]
+    #[should_panic(expected = "outside the table")]
+    fn vectors_outside_the_table_panic() {
+        let space = Space::new(0x40, &[(0x40, &VENDOR), (0x60, &MSIX)]);
+        let cap = MsixCapability::find(&space, AT).unwrap().unwrap();
+        MsixTable::new(Page(RefCell::new([0; 1024])), &cap).set_masked(16, true);
+    }
+}

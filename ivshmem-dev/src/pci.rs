@@ -63,7 +63,8 @@ pub const SUBSYSTEM_ID: u8 = 0x2E;
 pub const CAP_POINTER: u8 = 0x34;
 /// Offset of the interrupt line (u8).
 pub const INTERRUPT_LINE: u8 = 0x3C;
-/// Offset of the interrupt pin (u8): 1..4 with INTx, 0 with MSI-X.
+/// Offset of the interrupt pin (u8): 1..4 with INTx, 0 with MSI-X. (The Jailhouse
+/// specification's table says 3Eh, a typo: PCI and Jailhouse's code use 3Dh.)
 pub const INTERRUPT_PIN: u8 = 0x3D;
 /// Size of the standard type 0 header; capabilities live above it.
 pub const HEADER_SIZE: u8 = 0x40;
@@ -75,7 +76,8 @@ pub const CONFIG_SPACE_SIZE: usize = 0x100;
 pub const COMMAND_IO: u16 = 1 << 0;
 /// Command bit 1: memory space decoding (BAR0 visible).
 pub const COMMAND_MEMORY: u16 = 1 << 1;
-/// Command bit 2: bus master.
+/// Command bit 2: bus master; gates MSI-X delivery. (The Jailhouse specification's table
+/// says bit 3, a typo: PCI and Jailhouse's code use bit 2.)
 pub const COMMAND_BUS_MASTER: u16 = 1 << 2;
 /// Command bit 10: INTx disable.
 pub const COMMAND_INTX_DISABLE: u16 = 1 << 10;
@@ -764,6 +766,15 @@ impl IvshmemPci {
             });
         }
         Ok(())
+    }
+
+    /// The device's MSI-X capability, or `None` in INTx mode; see
+    /// [`crate::msix::MsixCapability::find`].
+    pub fn msix<C: ConfigAccess + ?Sized>(
+        &self,
+        access: &C,
+    ) -> Result<Option<crate::msix::MsixCapability>, DiscoveryError> {
+        crate::msix::MsixCapability::find(access, self.address)
     }
 
     /// Sets the command register's memory and bus-master bits (keeping the others) and

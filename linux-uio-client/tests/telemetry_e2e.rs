@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use hypervisor::cells::{self, Output, RunOptions, StopHandle};
+use hypervisor::cells::{self, RunOptions, StopHandle};
 use hypervisor::config::SystemConfig;
 use hypervisor::control::SystemSpec;
 use linux_uio_client::channel::ChannelError;
@@ -126,10 +126,8 @@ interrupts = "intx"
         let stop = StopHandle::new().unwrap();
         let (tx, rx) = mpsc::channel();
         let options = RunOptions {
-            socket: socket.clone(),
             spawn: false,
-            handle_signals: false,
-            output: Output::Log,
+            ..RunOptions::new(socket.clone())
         };
         let stop2 = stop.clone();
         let thread = std::thread::spawn(move || {

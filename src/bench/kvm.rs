@@ -247,8 +247,8 @@ pub fn kvm_process_rtt(guest: &Guest, cpus: [usize; 2], iters: u64) -> Result<Du
     echo.start()?;
     let memory = wiring.memory().clone();
     run_pinned(cpus[0], move || {
-        let kvm = &memory.interrupts[0];
-        let own = &memory.interrupts[1];
+        let kvm = &memory.interrupts[0][0];
+        let own = &memory.interrupts[1][0];
         let wait = || -> Result<()> {
             let fd = own.fd();
             let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];

@@ -15,7 +15,7 @@ use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use common::linux::{self, Netns};
-use hypervisor::cells::{self, Output, RunOptions, StopHandle};
+use hypervisor::cells::{self, RunOptions, StopHandle};
 use hypervisor::config::SystemConfig;
 use hypervisor::control::SystemSpec;
 use linux_uio_client::Endpoint;
@@ -128,10 +128,8 @@ fn process_cells_linux_through_tap_to_a_smoltcp_cell() {
         let socket = socket.clone();
         std::thread::spawn(move || {
             let options = RunOptions {
-                socket,
                 spawn: false,
-                handle_signals: false,
-                output: Output::Log,
+                ..RunOptions::new(socket)
             };
             // The first output line is "listening on ...": the socket is ready.
             struct Lines(mpsc::Sender<()>, bool);

@@ -167,12 +167,17 @@ impl Checker {
         if bytes % PAGE_SIZE == 0 {
             return true;
         }
-        let up = bytes.div_ceil(PAGE_SIZE).saturating_mul(PAGE_SIZE);
+        // Round up when that fits in 64 bits, else down: the example is itself valid.
+        let down = bytes - bytes % PAGE_SIZE;
+        let example = match down.checked_add(PAGE_SIZE) {
+            Some(up) => up,
+            None => down,
+        };
         self.error(
             ProblemKind::InvalidSize,
             location,
             format!("{what} {bytes:#x} ({bytes} bytes) is not a multiple of the page size ({PAGE_SIZE:#x})"),
-            format!("round it to a multiple of 4K, e.g. {up:#x}"),
+            format!("round it to a multiple of 4K, e.g. {example:#x}"),
         );
         false
     }
@@ -638,6 +643,20 @@ fn check_links(check: &mut Checker, config: &SystemConfig) -> Vec<Option<LinkCon
                 );
                 None
             }
+            Some(peers) if peers.len() > MAX_PEERS => {
+                // Reported alone: per-peer checks of a list this long would only flood
+                // (and the duplicate scan is quadratic).
+                check.error(
+                    ProblemKind::TooManyPeers,
+                    format!("{location} .peers"),
+                    format!(
+                        "a link supports at most {MAX_PEERS} peers, this one has {}",
+                        peers.len()
+                    ),
+                    "split the cells over several links",
+                );
+                Some(peers.len())
+            }
             Some(peers) => {
                 for (position, peer) in peers.iter().enumerate() {
                     let peer_location = format!("{location} .peers[{position}]");
@@ -676,16 +695,6 @@ fn check_links(check: &mut Checker, config: &SystemConfig) -> Vec<Option<LinkCon
                             peers.len()
                         ),
                         "list at least two cells in peers",
-                    );
-                } else if peers.len() > MAX_PEERS {
-                    check.error(
-                        ProblemKind::TooManyPeers,
-                        format!("{location} .peers"),
-                        format!(
-                            "a link supports at most {MAX_PEERS} peers, this one has {}",
-                            peers.len()
-                        ),
-                        "split the cells over several links",
                     );
                 }
                 Some(peers.len())

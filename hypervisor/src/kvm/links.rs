@@ -24,7 +24,7 @@
 //!   detach) are already gated and one-shot-applied: [`LinkWiring::deliver`] injects them
 //!   into KVM targets with `KVM_SIGNAL_MSI` and signals the eventfd of process targets.
 
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ivshmem_dev::msix::BAR1_SIZE;
@@ -142,8 +142,6 @@ pub struct LinkSizes {
 pub struct LinkWiring {
     model: Mutex<Link>,
     memory: Arc<LinkMemory>,
-    /// Eventfds of vectors 1.. by peer (vector 0 is [`LinkMemory::interrupts`]).
-    extra_vectors: Vec<Vec<EventFd>>,
     kvm_targets: Mutex<Vec<Option<Arc<CellIrq>>>>,
 }
 
@@ -160,22 +158,20 @@ impl LinkWiring {
     /// memory's).
     pub fn new(model: Link, memory: Arc<LinkMemory>) -> Result<Arc<Self>, KvmError> {
         let peers = usize::from(model.max_peers());
-        let extra = model.vectors().saturating_sub(1);
-        let extra_vectors = (0..peers)
-            .map(|_| {
-                (0..extra)
-                    .map(|_| EventFd::new(EFD_NONBLOCK))
-                    .collect::<Result<Vec<_>, _>>()
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|source| KvmError::Os {
-                call: "eventfd (interrupt vector)",
-                source,
-            })?;
+        if memory.interrupts.len() != peers
+            || memory
+                .interrupts
+                .iter()
+                .any(|v| v.len() < usize::from(model.vectors()))
+        {
+            return Err(KvmError::Config(format!(
+                "link `{}`: the memory has no eventfd for every (peer, vector)",
+                model.name()
+            )));
+        }
         Ok(Arc::new(Self {
             model: Mutex::new(model),
             memory,
-            extra_vectors,
             kvm_targets: Mutex::new(vec![None; peers]),
         }))
     }
@@ -189,8 +185,15 @@ impl LinkWiring {
         sizes: LinkSizes,
         interrupts: InterruptMode,
     ) -> Result<Arc<Self>, KvmError> {
-        let memory = LinkMemory::create(name, max_peers, sizes.state_table, sizes.rw, sizes.output)
-            .map_err(|e| KvmError::Config(format!("link `{name}`: {e}")))?;
+        let memory = LinkMemory::create(
+            name,
+            max_peers,
+            interrupts.vectors(),
+            sizes.state_table,
+            sizes.rw,
+            sizes.output,
+        )
+        .map_err(|e| KvmError::Config(format!("link `{name}`: {e}")))?;
         let state_table_size = u32::try_from(sizes.state_table)
             .map_err(|_| KvmError::Config(format!("link `{name}`: state table too large")))?;
         let layout = SharedMemoryLayout::new(LayoutParams {
@@ -259,34 +262,22 @@ impl LinkWiring {
 
     /// Writes the eventfd of (`peer`, `vector`) (a process cell's interrupt line).
     pub fn signal(&self, peer: u16, vector: u16) -> std::io::Result<()> {
-        if vector == 0 {
-            return self.memory.signal(peer);
-        }
-        match self
-            .extra_vectors
-            .get(usize::from(peer))
-            .and_then(|v| v.get(usize::from(vector) - 1))
-        {
-            Some(fd) => match fd.write(1) {
-                Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => Err(e),
-                _ => Ok(()),
-            },
+        match self.line(peer, vector) {
+            Some(line) => line.signal(),
             None => Ok(()),
         }
     }
 
+    fn line(&self, peer: u16, vector: u16) -> Option<&crate::memory::InterruptEventFd> {
+        self.memory
+            .interrupts
+            .get(usize::from(peer))?
+            .get(usize::from(vector))
+    }
+
     /// The eventfd of (`peer`, `vector`), duplicated as an [`EventFd`].
     fn interrupt_eventfd(&self, peer: u16, vector: u16) -> Option<EventFd> {
-        if vector > 0 {
-            return self
-                .extra_vectors
-                .get(usize::from(peer))?
-                .get(usize::from(vector) - 1)?
-                .try_clone()
-                .ok();
-        }
-        let line = self.memory.interrupts.get(usize::from(peer))?;
-        let owned = line.fd().as_fd().try_clone_to_owned().ok()?;
+        let owned = self.line(peer, vector)?.fd().try_clone_to_owned().ok()?;
         // SAFETY: `owned` is a fresh duplicate of an eventfd, handed over whole.
         Some(unsafe { EventFd::from_raw_fd(owned.into_raw_fd()) })
     }
@@ -781,6 +772,19 @@ impl crate::control::LinkModel for WiredModel {
                 u64::from(value),
             )
             .map(|effects| Self::notify(&effects))
+    }
+
+    fn register_access_error(
+        &self,
+        peer: u16,
+        offset: u64,
+        kind: crate::device::AccessKind,
+        size: u8,
+        value: Option<u64>,
+    ) -> Option<AccessError> {
+        self.wiring
+            .model()
+            .register_access_error(peer, offset, kind, size, value)
     }
 
     fn is_active(&self, peer: u16) -> Option<bool> {

@@ -217,6 +217,13 @@ impl KvmCells {
         Ok(())
     }
 
+    /// Whether a KVM cell runs.
+    pub fn any_running(&self) -> bool {
+        self.cells
+            .iter()
+            .any(|c| c.phase() == super::KvmCellPhase::Running)
+    }
+
     /// Stops every cell.
     pub fn stop_all(&mut self) {
         for c in &mut self.cells {
