@@ -58,7 +58,15 @@ fn demo_link(name: &str, max_peers: u16) -> Arc<LinkWiring> {
     })
     .unwrap();
     let memory = Arc::new(
-        LinkMemory::create(name, max_peers, STATE_TABLE_SIZE, RW_SIZE, OUTPUT_SIZE).unwrap(),
+        LinkMemory::create(
+            name,
+            max_peers,
+            VECTORS,
+            STATE_TABLE_SIZE,
+            RW_SIZE,
+            OUTPUT_SIZE,
+        )
+        .unwrap(),
     );
     let model = Link::new(
         LinkParams {
