@@ -419,10 +419,11 @@ fn illegal_access(mode: &str) -> String {
     let table = link.memory().state_table_map();
     assert_eq!(table.read(2), 0, "the stopped cell's state");
     assert_ne!(table.read(1), 0, "the demo inmate keeps running");
-    // Two state interrupts: the offender coming up (state 3), then going away (state 0).
+    // State interrupts on vector 0 for the offender coming up (state 3) and going away
+    // (state 0): two, or one when both arrive while the demo prints with interrupts off (an
+    // MSI pending in the APIC merges with the next on its vector). Either way the demo's
+    // handler runs after the stop and prints the offender's state as 0.
     until_line(&events, "demo", "IVSHMEM: got interrupt 0 (#1)");
-    // (What #1 prints races with the stop: the handler may already read state 0.)
-    until_line(&events, "demo", "IVSHMEM: got interrupt 0 (#2)");
     until_line(&events, "demo", "state[2] = 0");
     // The offender printed nothing after the access.
     assert!(!kvm_common::console_lines(&events, "offender")
