@@ -362,3 +362,33 @@ fn a_process_peer_and_a_kvm_cell_ring_each_other() {
     echo.stop();
     assert_eq!(expect_halt(&events, "kvm-echo"), HaltReason::Requested);
 }
+
+#[test]
+fn a_one_shot_kvm_target_gets_its_doorbells_through_user_space() {
+    if skip_without_kvm() {
+        return;
+    }
+    const ROUNDS: u64 = 16;
+    let guest = test_guests::assemble(IVSHMEM_GUEST).unwrap();
+    let wiring = link(2, 1);
+    attach_process_peer(&wiring, 1);
+    let events = events();
+    let mut echo = cell("one-shot", &guest, &wiring, 0, "e01o", 0, &events);
+    echo.start().unwrap();
+    wait_state(&wiring, 0, 1);
+    assert_eq!(wait_interrupt(&wiring, 1), 1, "the state change 0 -> 1");
+    assert_eq!(wiring.model().one_shot(0), Some(true));
+    for _ in 0..ROUNDS {
+        wiring.memory().interrupts[0][0].signal().unwrap();
+        assert_eq!(wait_interrupt(&wiring, 1), 1, "the echo");
+    }
+    // Each delivery cleared INT_CONTROL (the model did it: the relay passed every doorbell
+    // through user space), and each handler re-armed it with one MMIO write.
+    assert_eq!(
+        echo.exits().mmio,
+        IVSHMEM_SETUP_MMIO + ROUNDS,
+        "{:?}",
+        echo.exits()
+    );
+    echo.stop();
+}

@@ -119,7 +119,8 @@ pub const IVSHMEM_SETUP_MMIO: u64 = 6;
 
 /// An ivshmem guest for a link at [`LINK_ADDRESS`] with 4 KiB state table, no R/W section
 /// and 4 KiB output sections, its function at 00:0e.0. The command line is three
-/// characters: mode, own peer ID, target peer ID (digits).
+/// characters: mode, own peer ID, target peer ID (digits), and an optional `o` for one-shot
+/// mode (the handler then re-arms with `INT_CONTROL` = 1, one MMIO exit per interrupt).
 ///
 /// Set-up: BAR0, BAR1, command = memory | bus master, MSI-X entry 0 → vector 0x40 on APIC 0,
 /// MSI-X enabled, x2APIC software-enabled, `INT_CONTROL` = 1, `sti`, then `STATE` = 1. The
@@ -181,7 +182,13 @@ main:
     mov $0x1ff, %eax
     xor %edx, %edx
     wrmsr
-    movl $1, %fs:0x08
+    # one-shot mode if the command line's 4th character is 'o'
+    cmpb $'o', 0x1003
+    jne 11f
+    mov $0x40, %bl
+    mov $0x01000000, %ecx
+    call cfgwr
+11: movl $1, %fs:0x08
     sti
     movl $1, %fs:0x10
     movb 0x1000, %al
@@ -261,11 +268,15 @@ isr:
     mov count, %eax
     mov myout, %ebx
     mov %eax, %gs:(%ebx)
-    cmpb $'e', 0x1000
+    # one-shot: re-arm first, so that the answer's answer finds interrupts enabled
+    cmpb $'o', 0x1003
     jne 9f
+    movl $1, %fs:0x08
+9:  cmpb $'e', 0x1000
+    jne 12f
     mov bell, %eax
     mov %eax, %fs:0x0c
-9:  xor %eax, %eax
+12: xor %eax, %eax
     xor %edx, %edx
     mov $0x80b, %ecx
     wrmsr
