@@ -45,6 +45,7 @@ impl Served {
                 state_table_size: 4096,
                 rw_size: 4096,
                 output_size: 4096,
+                interrupts: hypervisor::device::InterruptMode::Intx,
             }],
         };
         let mut server = ControlServer::bind(&system, &socket, &mut device_model).unwrap();
@@ -457,6 +458,7 @@ fn an_illegal_access_stops_the_cell_with_a_fatal_report() {
             state_table_size: 4096,
             rw_size: 0,
             output_size: 4096,
+            interrupts: hypervisor::device::InterruptMode::Intx,
         }],
     };
     let mut factory = |spec: &LinkSpec, table| {
@@ -584,6 +586,7 @@ fn a_late_state_ack_breaks_the_connection_instead_of_desynchronising_it() {
             state_table_size: 4096,
             rw_size: 0,
             output_size: 4096,
+            interrupts: hypervisor::device::InterruptMode::Intx,
         }],
     };
     // The server is polled by this thread only when the test says so.

@@ -32,7 +32,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::{CellKind, ValidConfig};
-use crate::control::{CellSpec, ControlError, ControlEvent, ControlServer, LinkSpec, SystemSpec};
+use crate::control::{
+    CellAction, CellRequest, CellSpec, ControlError, ControlEvent, ControlServer, LinkSpec,
+    SystemSpec,
+};
+use crate::kvm::{create_wirings, KvmCells, KvmNotice, KvmSystem, LinkSizes};
 use crate::memory::{InterruptEventFd, MemoryError};
 use crate::status::{format_cell_lines, CellExit};
 use nix::errno::Errno;
@@ -88,6 +92,7 @@ impl SystemSpec {
                     state_table_size: l.state_table_size,
                     rw_size: l.rw_size,
                     output_size: l.output_size,
+                    interrupts: l.interrupts,
                 })
                 .collect(),
         }
@@ -126,12 +131,15 @@ pub enum RunError {
     /// Writing the live status failed.
     #[error("writing status output: {0}")]
     Output(io::Error),
-    /// The system has a KVM cell, which this build cannot start.
-    #[error("KVM cells are not supported by this build yet: cell {cell}")]
+    /// The system has a KVM cell but no KVM plan for it ([`run_system`] takes one).
+    #[error("cell {cell} is a KVM cell, but no image and placement were given for it (use run_system with a KvmSystem)")]
     KvmUnsupported {
-        /// The first KVM cell of the system.
+        /// The first KVM cell of the system without a plan.
         cell: String,
     },
+    /// A KVM cell could not be built or started.
+    #[error(transparent)]
+    Kvm(#[from] crate::kvm::KvmError),
 }
 
 /// Asks a running [`run`] loop to stop (from another thread); cheap to clone.
@@ -606,7 +614,7 @@ fn describe(event: &ControlEvent) -> String {
 /// creates the links, listens at `options.socket`, spawns the cells, reports on `out`, and
 /// on stop terminates the spawned cells (SIGTERM, then SIGKILL after a grace period), waits
 /// for them and removes the socket. A system with a KVM cell is refused
-/// ([`RunError::KvmUnsupported`]): this build has no KVM backend.
+/// ([`RunError::KvmUnsupported`]); [`run_system`] runs those.
 ///
 /// The spawned cells' stdout lines are forwarded to `out` and their stderr lines to this
 /// process's stderr, prefixed with the cell name (see [`run_with_stderr`]).
@@ -628,20 +636,66 @@ pub fn run_with_stderr(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> Result<RunReport, RunError> {
+    run_system(system, &KvmSystem::default(), options, stop, out, err)
+}
+
+/// [`run_with_stderr`] for a system with KVM cells: `kvm` names their images and where
+/// their links appear. The KVM cells start after the process cells are spawned; their
+/// console lines are forwarded like a process cell's stdout (`[cell] line`), their stops
+/// (`FATAL:` reports, `cell_state`) are printed as events, and on stop (SIGINT/SIGTERM or
+/// `stop`) every VM is stopped before the process cells.
+pub fn run_system(
+    system: &SystemSpec,
+    kvm: &KvmSystem,
+    options: &RunOptions,
+    stop: Option<&StopHandle>,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<RunReport, RunError> {
     // Refuse before creating anything: a system whose KVM cells never start is not the
     // system the configuration describes.
-    if let Some(kvm) = system.cells.iter().find(|c| !c.process) {
+    if let Some(cell) = system
+        .cells
+        .iter()
+        .find(|c| !c.process && !kvm.cells.iter().any(|k| k.name == c.name))
+    {
         return Err(RunError::KvmUnsupported {
-            cell: kvm.name.clone(),
+            cell: cell.name.clone(),
         });
     }
+    kvm.check_images()?;
     let signals = if options.handle_signals {
         Some(signal_fd().map_err(RunError::Signals)?)
     } else {
         None
     };
-    let mut server =
-        ControlServer::bind(system, &options.socket, &mut crate::control::device_model)?;
+    let (mut server, mut vms) = if kvm.cells.is_empty() {
+        (
+            ControlServer::bind(system, &options.socket, &mut crate::control::device_model)?,
+            KvmCells::none()?,
+        )
+    } else {
+        let specs: Vec<_> = system
+            .links
+            .iter()
+            .map(|l| {
+                (
+                    l.name.clone(),
+                    l.peers.clone(),
+                    l.protocol,
+                    LinkSizes {
+                        state_table: l.state_table_size,
+                        rw: l.rw_size,
+                        output: l.output_size,
+                    },
+                )
+            })
+            .collect();
+        let wirings = create_wirings(&specs, kvm)?;
+        let server = ControlServer::bind_wired(system, &options.socket, &wirings)?;
+        let names: Vec<_> = specs.into_iter().map(|(n, p, _, _)| (n, p)).collect();
+        (server, KvmCells::new(kvm, &names, &wirings)?)
+    };
     let mut display = Display {
         out,
         err,
@@ -657,8 +711,11 @@ pub fn run_with_stderr(
         options,
         stop,
         signals.as_ref(),
-        &mut server,
-        &mut spawned,
+        Supervised {
+            server: &mut server,
+            spawned: &mut spawned,
+            vms: &mut vms,
+        },
         &mut display,
     );
     // The one exit path: whether serving stopped on request or failed, every spawned cell is
@@ -667,6 +724,8 @@ pub fn run_with_stderr(
         Ok(reason) => display.event(&format!("stopping ({reason})")),
         Err(e) => display.event(&format!("stopping after an error: {e}")),
     };
+    vms.stop_all();
+    let _ = show_kvm(&mut server, &vms, &mut display);
     let cells = terminate(&mut server, &mut spawned, &mut display);
     let reason = served?;
     announced.map_err(RunError::Output)?;
@@ -687,6 +746,137 @@ pub fn run_with_stderr(
     Ok(RunReport { reason, cells })
 }
 
+/// Spawns process cell `cell` (which has a command) and starts forwarding its output.
+fn spawn_process_cell(
+    cell: &CellSpec,
+    options: &RunOptions,
+    server: &mut ControlServer,
+    spawned: &mut Vec<Spawned>,
+    display: &mut Display<'_>,
+) -> Result<(), RunError> {
+    let Some(argv) = &cell.command else {
+        return Ok(());
+    };
+    let mut child = spawn_cell(cell, argv, &options.socket)?;
+    let pid = child.id();
+    server.cell_spawned(&cell.name, pid);
+    let stdout = child
+        .stdout
+        .take()
+        .map(|p| (OwnedFd::from(p), Stream::Stdout));
+    let stderr = child
+        .stderr
+        .take()
+        .map(|p| (OwnedFd::from(p), Stream::Stderr));
+    spawned.push(Spawned {
+        cell: cell.name.clone(),
+        pidfd: pidfd_open(pid),
+        child,
+        pipes: Vec::new(),
+        exit: None,
+        exited_before_stop: false,
+    });
+    let s = spawned.last_mut().expect("just pushed");
+    for (fd, stream) in stdout.into_iter().chain(stderr) {
+        let pipe = CellPipe::new(fd, stream).map_err(|source| RunError::Spawn {
+            cell: cell.name.clone(),
+            command: argv.join(" "),
+            source,
+        })?;
+        s.pipes.push(pipe);
+    }
+    display
+        .event(&format!(
+            "cell {}: started `{}` (pid {pid}, cpus {:?})",
+            cell.name,
+            argv.join(" "),
+            cell.cpus
+        ))
+        .map_err(RunError::Output)?;
+    Ok(())
+}
+
+/// Carries out `hypervisor cell stop|start|restart` for `cell`. Process cells: stop kills
+/// the spawned process (SIGKILL, reaped at once) or disconnects a cell started by hand;
+/// start spawns its command again. KVM cells: stop parks the vCPU and frees the VM; start
+/// boots a fresh VM from the image. Either way the cell's states go to 0 on stop.
+fn control_cell(
+    request: &CellRequest,
+    system: &SystemSpec,
+    options: &RunOptions,
+    supervised: &mut Supervised<'_>,
+    display: &mut Display<'_>,
+) -> Result<(), String> {
+    let Supervised {
+        server,
+        spawned,
+        vms,
+    } = supervised;
+    let name = request.cell.as_str();
+    if vms.contains(name) {
+        let result = match request.action {
+            CellAction::Stop => vms.stop(name),
+            CellAction::Start | CellAction::Restart => vms.start(name),
+        };
+        return result.map_err(|e| e.to_string());
+    }
+    let cell = system
+        .cells
+        .iter()
+        .find(|c| c.name == name)
+        .ok_or_else(|| format!("no cell named `{name}`"))?;
+    let live = spawned
+        .iter()
+        .position(|s| s.cell == name && s.exit.is_none());
+    if matches!(request.action, CellAction::Stop | CellAction::Restart) {
+        match live {
+            Some(i) => {
+                let s = &mut spawned[i];
+                let _ = s.child.kill();
+                let status = s
+                    .child
+                    .wait()
+                    .map_err(|e| format!("waiting for cell `{name}`: {e}"))?;
+                let _ = s.drain_output(display);
+                let exit = exit_of(status);
+                s.exit = Some(exit);
+                s.exited_before_stop = false;
+                server.cell_exited(name, exit);
+                let _ = display.event(&format!(
+                    "cell {name}: process {} stopped on request: {exit}",
+                    s.child.id()
+                ));
+            }
+            None if server.disconnect_cell(name) => {
+                let _ = display.event(&format!("cell {name}: disconnected on request"));
+            }
+            None if request.action == CellAction::Stop => {
+                return Err(format!("cell `{name}` is not running"));
+            }
+            None => {}
+        }
+    }
+    if matches!(request.action, CellAction::Start | CellAction::Restart) {
+        if request.action == CellAction::Start && live.is_some() {
+            return Err(format!("cell `{name}` is already running"));
+        }
+        if cell.command.is_none() || !options.spawn {
+            return Err(format!(
+                "cell `{name}` is started by hand: start its program with {ENV_CELL}={name}"
+            ));
+        }
+        spawn_process_cell(cell, options, server, spawned, display).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// What [`serve`] supervises: the control server, the spawned process cells, the KVM cells.
+struct Supervised<'a> {
+    server: &'a mut ControlServer,
+    spawned: &'a mut Vec<Spawned>,
+    vms: &'a mut KvmCells,
+}
+
 /// Listens, spawns the cells and serves until a stop signal or request; returns why it
 /// stopped. Every child it starts is in `spawned` before anything else can fail, so the
 /// caller can always stop and reap them.
@@ -695,52 +885,22 @@ fn serve(
     options: &RunOptions,
     stop: Option<&StopHandle>,
     signals: Option<&SignalFd>,
-    server: &mut ControlServer,
-    spawned: &mut Vec<Spawned>,
+    supervised: Supervised<'_>,
     display: &mut Display<'_>,
 ) -> Result<String, RunError> {
+    let Supervised {
+        server,
+        spawned,
+        vms,
+    } = supervised;
     display
         .event(&format!("listening on {}", options.socket.display()))
         .map_err(RunError::Output)?;
     if options.spawn {
         for cell in system.cells.iter().filter(|c| c.process) {
-            let Some(argv) = &cell.command else { continue };
-            let mut child = spawn_cell(cell, argv, &options.socket)?;
-            let pid = child.id();
-            server.cell_spawned(&cell.name, pid);
-            let stdout = child
-                .stdout
-                .take()
-                .map(|p| (OwnedFd::from(p), Stream::Stdout));
-            let stderr = child
-                .stderr
-                .take()
-                .map(|p| (OwnedFd::from(p), Stream::Stderr));
-            spawned.push(Spawned {
-                cell: cell.name.clone(),
-                pidfd: pidfd_open(pid),
-                child,
-                pipes: Vec::new(),
-                exit: None,
-                exited_before_stop: false,
-            });
-            let s = spawned.last_mut().expect("just pushed");
-            for (fd, stream) in stdout.into_iter().chain(stderr) {
-                let pipe = CellPipe::new(fd, stream).map_err(|source| RunError::Spawn {
-                    cell: cell.name.clone(),
-                    command: argv.join(" "),
-                    source,
-                })?;
-                s.pipes.push(pipe);
+            if cell.command.is_some() {
+                spawn_process_cell(cell, options, server, spawned, display)?;
             }
-            display
-                .event(&format!(
-                    "cell {}: started `{}` (pid {pid}, cpus {:?})",
-                    cell.name,
-                    argv.join(" "),
-                    cell.cpus
-                ))
-                .map_err(RunError::Output)?;
         }
     }
     for cell in system
@@ -758,6 +918,9 @@ fn serve(
             .map_err(RunError::Output)?;
     }
 
+    vms.start_all()?;
+    show_kvm(server, vms, display).map_err(RunError::Output)?;
+
     let mut wait: Option<Duration> = None;
     loop {
         let mut extra: Vec<BorrowedFd<'_>> = Vec::new();
@@ -767,6 +930,7 @@ fn serve(
         if let Some(s) = stop {
             extra.push(s.fd());
         }
+        extra.push(vms.fd());
         let live: Vec<usize> = (0..spawned.len())
             .filter(|&i| spawned[i].exit.is_none())
             .collect();
@@ -805,6 +969,17 @@ fn serve(
         }
         forward(spawned, &ready[pipes_from..], display).map_err(RunError::Output)?;
         reap(server, spawned, display, false).map_err(RunError::Output)?;
+        show_kvm(server, vms, display).map_err(RunError::Output)?;
+        for request in server.take_cell_requests() {
+            let mut supervised = Supervised {
+                server,
+                spawned,
+                vms,
+            };
+            let result = control_cell(&request, system, options, &mut supervised, display);
+            show_kvm(server, vms, display).map_err(RunError::Output)?;
+            server.answer_cell_request(&request, result);
+        }
         for event in server.take_events() {
             display.event(&describe(&event)).map_err(RunError::Output)?;
         }
@@ -818,10 +993,37 @@ fn serve(
             && !spawned.is_empty()
             && spawned.iter().all(|s| s.exit.is_some())
             && server.attached_cells().is_empty()
+            && !vms.any_running()
         {
             return Ok(REASON_CELLS_EXITED.to_string());
         }
     }
+}
+
+/// Prints what the KVM cells reported (console lines with the `[cell]` prefix, starts and
+/// stops) and records their phases for the status.
+fn show_kvm(
+    server: &mut ControlServer,
+    vms: &KvmCells,
+    display: &mut Display<'_>,
+) -> io::Result<()> {
+    for notice in vms.take() {
+        match notice {
+            KvmNotice::Console { cell, line } => {
+                display.cell_lines(&cell, Stream::Stdout, &[line.as_bytes()])?
+            }
+            KvmNotice::Phase {
+                cell,
+                text,
+                phase,
+                exit,
+            } => {
+                server.set_kvm_phase(&cell, phase, exit);
+                display.event(&text)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Forwards one chunk from each ready output pipe; `ready` flags the pipes of `spawned` in

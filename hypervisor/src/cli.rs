@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use crate::config::{self, CellKind, Problem, Severity, ValidConfig};
+use crate::config::{self, Problem, Severity, ValidConfig};
 use clap::{Args, Parser, Subcommand};
 
 /// The end of `hypervisor --help`.
@@ -63,6 +63,34 @@ enum Command {
     Run(RunArgs),
     /// Show the state of a running system.
     Status(StatusArgs),
+    /// Stop, start or restart one cell (process or KVM) of a running system.
+    Cell(CellArgs),
+}
+
+/// What `hypervisor cell` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum CellVerb {
+    /// Stop the cell: a process cell's process is killed, a KVM cell's vCPU parked; its
+    /// states become 0.
+    Stop,
+    /// Start a stopped cell (a KVM cell boots its image afresh).
+    Start,
+    /// Stop and start.
+    Restart,
+}
+
+#[derive(Debug, Args)]
+struct CellArgs {
+    /// stop, start or restart.
+    verb: CellVerb,
+    /// The cell's name.
+    name: String,
+    /// The running system's configuration (its control socket path is used).
+    #[arg(conflicts_with = "socket", required_unless_present = "socket")]
+    config: Option<PathBuf>,
+    /// The running system's control socket.
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -136,6 +164,7 @@ where
         Command::Check(args) => check(&args),
         Command::Run(args) => run(&args),
         Command::Status(args) => status(&args),
+        Command::Cell(args) => cell(&args),
     };
     match result {
         Ok(code) => code,
@@ -221,14 +250,6 @@ fn check(args: &CheckArgs) -> anyhow::Result<u8> {
                 return Ok(EXIT_INVALID_CONFIG);
             }
             print!("{}", valid.summary());
-            for cell in valid.cells.iter().filter(|c| c.kind == CellKind::Kvm) {
-                eprintln!(
-                    "{}: warning: cell `{}`: KVM cells are not supported by this build yet; \
-                     `hypervisor run` refuses this configuration",
-                    args.config.display(),
-                    cell.name
-                );
-            }
             Ok(EXIT_SUCCESS)
         }
         None => Ok(EXIT_INVALID_CONFIG),
@@ -274,8 +295,17 @@ fn run(args: &RunArgs) -> anyhow::Result<u8> {
         stop_when_cells_exit: !args.keep_running,
         ..RunOptions::new(socket)
     };
+    let kvm = crate::kvm::KvmSystem::from_config(&valid);
     let mut stdout = std::io::stdout();
-    let report = cells::run(&system, &options, None, &mut stdout).with_context(|| {
+    let report = cells::run_system(
+        &system,
+        &kvm,
+        &options,
+        None,
+        &mut stdout,
+        &mut std::io::stderr(),
+    )
+    .with_context(|| {
         format!(
             "running system `{}` from {}",
             valid.name,
@@ -321,6 +351,44 @@ fn status(args: &StatusArgs) -> anyhow::Result<u8> {
     match status::query(&socket) {
         Ok(system) => {
             print!("{}", status::format_table(&system));
+            Ok(EXIT_SUCCESS)
+        }
+        Err(error @ StatusError::NotRunning { .. }) => {
+            eprintln!("hypervisor: {error}");
+            Ok(EXIT_NOT_RUNNING)
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// `hypervisor cell stop|start|restart NAME [--socket PATH | <config>]`: asks the running
+/// hypervisor and prints the cell's status line afterwards.
+fn cell(args: &CellArgs) -> anyhow::Result<u8> {
+    use crate::control::CellAction;
+    use crate::status::{self, StatusError};
+
+    let socket = match (&args.socket, &args.config) {
+        (Some(socket), _) => socket.clone(),
+        (None, Some(path)) => match load_config(path, None) {
+            Some(valid) => valid.control_socket,
+            None => return Ok(EXIT_INVALID_CONFIG),
+        },
+        (None, None) => anyhow::bail!("give a configuration or --socket PATH"),
+    };
+    let action = match args.verb {
+        CellVerb::Stop => CellAction::Stop,
+        CellVerb::Start => CellAction::Start,
+        CellVerb::Restart => CellAction::Restart,
+    };
+    match status::control_cell(&socket, &args.name, action) {
+        Ok(cell) => {
+            for line in status::format_cell_lines(&status::SystemStatus {
+                hypervisor_pid: 0,
+                cells: vec![cell],
+                links: Vec::new(),
+            }) {
+                println!("{line}");
+            }
             Ok(EXIT_SUCCESS)
         }
         Err(error @ StatusError::NotRunning { .. }) => {

@@ -14,8 +14,10 @@
 //! cpus = [1]                         # required, non-empty, exclusive to this cell
 //! command = "target/release/examples/telemetry_producer"   # process cells: required
 //! args = ["--link", "telemetry"]     # process cells: optional
-//! # memory = "16M"                   # kvm cells: required, page-aligned
-//! # image = "inmates/telemetry.bin"  # kvm cells: required
+//! # memory = "1M"                    # kvm cells: required, page-aligned; RAM from 0 up to
+//! #                                  # 1 MiB, the rest above the comm region (0x101000)
+//! # image = "inmates/telemetry.bin"  # kvm cells: required; flat image loaded at 0
+//! # cmdline = "target=1"             # kvm cells: written at 0x1000, at most 255 bytes
 //!
 //! [[cells]]
 //! name = "linux-consumer"
@@ -29,7 +31,11 @@
 //! state_table_size = "4K"            # default 4K; >= 4 bytes per peer, page multiple
 //! rw_size = 0                        # default 0; page multiple
 //! output_size = "64K"                # required; page multiple; 0 only if rw_size > 0
-//! interrupts = "intx"                # default "intx" (the only kind supported)
+//! interrupts = "intx"                # "intx" or "msix"; default "msix" if a peer is a kvm
+//!                                    # cell, else "intx"
+//! # vectors = 16                     # msix only: vectors per peer, 1..=16 (default 1)
+//! # bdf = "01:0e.0"                  # kvm peers: PCI function (default 01:0e.0, next link 01:0f.0…)
+//! # address = "0x3f0f0000"           # kvm peers: guest-physical address of the link memory
 //! ```
 //!
 //! Sizes are integers (bytes) or strings with a binary unit: `"4K"`, `"64KiB"`, `"1M"`, `"0x1000"`.
@@ -130,6 +136,8 @@ pub struct CellTable {
     /// supplementary groups) when the hypervisor runs as root, so that it cannot reopen
     /// other cells' sections read-write (see [`crate::memory`]).
     pub uid: Option<u32>,
+    /// KVM cells: the command line written at 0x1000 (at most 255 bytes).
+    pub cmdline: Option<String>,
 }
 
 /// One `[[links]]` table as written.
@@ -148,8 +156,17 @@ pub struct LinkTable {
     pub rw_size: Option<SizeSpec>,
     /// Size of each peer's output section (required).
     pub output_size: Option<SizeSpec>,
-    /// Interrupt kind; `"intx"` (default) is the only one supported.
+    /// Interrupt kind: `"intx"` or `"msix"` (default: `"msix"` when a peer is a KVM cell,
+    /// else `"intx"`).
     pub interrupts: Option<String>,
+    /// MSI-X vectors per peer, `1..=16` (default 1; INTx has exactly one).
+    pub vectors: Option<i64>,
+    /// KVM peers: the PCI function of the device, `bus:device.function` in hex (default
+    /// `01:0e.0`, Jailhouse's demo; the n-th link of the file uses device 0x0e + n).
+    pub bdf: Option<String>,
+    /// KVM peers: guest-physical address of the link memory (default 0x3F0F0000 for the first
+    /// link, the next links above it, each on a 1 MiB boundary).
+    pub address: Option<SizeSpec>,
 }
 
 impl SystemConfig {
@@ -247,21 +264,8 @@ impl CellKind {
     }
 }
 
-/// The interrupt kind of a link.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Interrupts {
-    /// Legacy INTx: one vector (0) per peer.
-    Intx,
-}
-
-impl Interrupts {
-    /// The number of interrupt vectors each peer has.
-    pub fn vectors(self) -> u16 {
-        match self {
-            Interrupts::Intx => 1,
-        }
-    }
-}
+/// The interrupt kind of a link (the device model's type: one thing written once).
+pub use crate::device::InterruptMode;
 
 /// A validated system: every value resolved, every cross-reference checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -323,6 +327,8 @@ pub struct CellConfig {
     pub image: Option<PathBuf>,
     /// Process cells: the user ID its program runs under, if not the hypervisor's.
     pub uid: Option<u32>,
+    /// KVM cells: the command line (empty: none); empty for process cells.
+    pub cmdline: String,
     /// The links this cell is a peer of, with its peer ID on each, in link order.
     pub links: Vec<CellLink>,
 }
@@ -353,11 +359,15 @@ pub struct LinkConfig {
     pub rw_size: u64,
     /// Size of each output section in bytes (page multiple, 0 only when `rw_size` > 0).
     pub output_size: u64,
-    /// The interrupt kind.
-    pub interrupts: Interrupts,
+    /// The interrupt kind and vector count.
+    pub interrupts: InterruptMode,
     /// Where every section lies in the link's shared memory, computed by ivshmem-dev's
     /// calculator (page size [`PAGE_SIZE`]), exactly as the device lays it out.
     pub layout: SharedMemoryLayout,
+    /// Where the device appears in KVM peers' PCI config space.
+    pub bdf: crate::kvm::Bdf,
+    /// Guest-physical address of the link memory in KVM peers.
+    pub address: u64,
 }
 
 impl LinkConfig {

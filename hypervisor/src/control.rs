@@ -50,11 +50,12 @@ use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ivshmem_dev::hosted::{
-    self, AcceptedBody, CellPhase, GrantFds, LinkGrantBody, RefusalReason, RefusedBody, Reply,
-    Request, SetStateBody, WireName, MAX_MESSAGE_SIZE, MAX_WIRE_PEERS,
+    self, AcceptedBody, AccessBody, CellPhase, GrantFds, LinkGrantBody, PeerBody, RefusalReason,
+    RefusedBody, Reply, Request, SetStateBody, WireName, MAX_MESSAGE_SIZE, MAX_WIRE_PEERS,
 };
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
@@ -88,6 +89,8 @@ pub struct LinkSpec {
     pub rw_size: u64,
     /// Output section size in bytes (0: none).
     pub output_size: u64,
+    /// Interrupt kind and vectors per peer: each peer gets one eventfd per vector.
+    pub interrupts: crate::device::InterruptMode,
 }
 
 /// One cell as the control server and the supervisor see it.
@@ -129,6 +132,77 @@ pub trait LinkModel: Send {
     fn peer_detached(&mut self, peer: u16) -> Notify;
     /// The peer wrote STATE; returns the peers to notify, or the refused (illegal) access.
     fn write_state(&mut self, peer: u16, value: u32) -> Result<Notify, AccessError>;
+    /// Why a register access the peer's endpoint reports would be refused by the device, or
+    /// `None` if it is legal. The default judges nothing (`None`): such a model never stops a
+    /// cell for a reported access.
+    fn register_access_error(
+        &self,
+        peer: u16,
+        offset: u64,
+        kind: crate::device::AccessKind,
+        size: u8,
+        value: Option<u64>,
+    ) -> Option<AccessError> {
+        let _ = (peer, offset, kind, size, value);
+        None
+    }
+    /// Whether `peer` is active, if the model knows better than the server's own record
+    /// (a model shared with KVM cells does: they attach without the server).
+    fn is_active(&self, _peer: u16) -> Option<bool> {
+        None
+    }
+    /// Raises vector 0 on `peers` (state changes). By default writes their eventfds in
+    /// `memory`; a model shared with KVM cells injects their MSI instead
+    /// ([`crate::kvm::WiredModel`]).
+    fn raise(&self, memory: &LinkMemory, link: &str, peers: &[u16]) {
+        for &peer in peers {
+            if let Err(e) = memory.signal(peer) {
+                tracing::warn!("link `{link}`: raising the interrupt of peer {peer} failed: {e}");
+            }
+        }
+    }
+}
+
+/// What `hypervisor cell ACTION NAME` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CellAction {
+    /// Stop the cell.
+    Stop,
+    /// Start a stopped cell.
+    Start,
+    /// Stop and start the cell.
+    Restart,
+}
+
+impl CellAction {
+    /// The wire code ([`hosted::cell_action`]).
+    pub fn code(self) -> u32 {
+        match self {
+            CellAction::Stop => hosted::cell_action::STOP,
+            CellAction::Start => hosted::cell_action::START,
+            CellAction::Restart => hosted::cell_action::RESTART,
+        }
+    }
+
+    fn from_code(code: u32) -> Option<Self> {
+        match code {
+            hosted::cell_action::STOP => Some(CellAction::Stop),
+            hosted::cell_action::START => Some(CellAction::Start),
+            hosted::cell_action::RESTART => Some(CellAction::Restart),
+            _ => None,
+        }
+    }
+}
+
+/// A cell stop/start/restart request waiting for the supervisor
+/// ([`ControlServer::take_cell_requests`], [`ControlServer::answer_cell_request`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CellRequest {
+    client: u64,
+    /// The cell.
+    pub cell: String,
+    /// What to do.
+    pub action: CellAction,
 }
 
 /// Errors of the control server.
@@ -221,7 +295,7 @@ pub enum ControlEvent {
 
 struct ServedLink {
     spec: LinkSpec,
-    memory: LinkMemory,
+    memory: Arc<LinkMemory>,
     view: MappedStateTable,
     model: Box<dyn LinkModel>,
     active: u32,
@@ -259,6 +333,7 @@ pub struct ControlServer {
     clients: Vec<Client>,
     next_client: u64,
     events: Vec<ControlEvent>,
+    cell_requests: Vec<CellRequest>,
     socket_inode: Option<(u64, u64)>,
 }
 
@@ -271,6 +346,10 @@ impl std::fmt::Debug for ControlServer {
     }
 }
 
+/// Creates (or hands over) one link's memory and device model.
+type LinkMaker<'a> =
+    dyn FnMut(&LinkSpec) -> Result<(Arc<LinkMemory>, Box<dyn LinkModel>), ControlError> + 'a;
+
 /// Builds the device model of a link over its mapped state table.
 pub type ModelFactory<'a> =
     dyn FnMut(&LinkSpec, MappedStateTable) -> Result<Box<dyn LinkModel>, String> + 'a;
@@ -281,6 +360,56 @@ impl ControlServer {
         system: &SystemSpec,
         path: &Path,
         make_model: &mut ModelFactory<'_>,
+    ) -> Result<Self, ControlError> {
+        Self::bind_links(system, path, &mut |spec| {
+            let memory = LinkMemory::create(
+                &spec.name,
+                spec.peers.len() as u16,
+                spec.interrupts.vectors(),
+                spec.state_table_size,
+                spec.rw_size,
+                spec.output_size,
+            )
+            .map_err(|source| ControlError::Memory {
+                link: spec.name.clone(),
+                source,
+            })?;
+            // The state table is sealed against writes; the model shares the hypervisor's
+            // mapping.
+            let model = make_model(spec, memory.state_table_map()).map_err(|reason| {
+                ControlError::Device {
+                    link: spec.name.clone(),
+                    reason,
+                }
+            })?;
+            Ok((Arc::new(memory), model))
+        })
+    }
+
+    /// Like [`bind`](Self::bind), over links that already exist and are shared with KVM
+    /// cells: `wirings[i]` is `system.links[i]`.
+    pub fn bind_wired(
+        system: &SystemSpec,
+        path: &Path,
+        wirings: &[Arc<crate::kvm::LinkWiring>],
+    ) -> Result<Self, ControlError> {
+        let mut next = wirings.iter();
+        Self::bind_links(system, path, &mut |spec| {
+            let wiring = next.next().ok_or_else(|| ControlError::BadLink {
+                link: spec.name.clone(),
+                reason: "no link memory for it".into(),
+            })?;
+            Ok((
+                wiring.memory().clone(),
+                Box::new(crate::kvm::WiredModel::new(wiring.clone())),
+            ))
+        })
+    }
+
+    fn bind_links(
+        system: &SystemSpec,
+        path: &Path,
+        make_link: &mut LinkMaker<'_>,
     ) -> Result<Self, ControlError> {
         let mut links = Vec::new();
         for spec in &system.links {
@@ -299,26 +428,8 @@ impl ControlServer {
                     return Err(bad(format!("peer `{p}` is not a configured cell")));
                 }
             }
-            let max_peers = spec.peers.len() as u16;
-            let mem_err = |source| ControlError::Memory {
-                link: spec.name.clone(),
-                source,
-            };
-            let memory = LinkMemory::create(
-                &spec.name,
-                max_peers,
-                spec.state_table_size,
-                spec.rw_size,
-                spec.output_size,
-            )
-            .map_err(mem_err)?;
-            // The state table is sealed against writes; these share the hypervisor's mapping.
-            let table = memory.state_table_map();
+            let (memory, model) = make_link(spec)?;
             let view = memory.state_table_map();
-            let model = make_model(spec, table).map_err(|reason| ControlError::Device {
-                link: spec.name.clone(),
-                reason,
-            })?;
             links.push(ServedLink {
                 spec: spec.clone(),
                 memory,
@@ -373,6 +484,7 @@ impl ControlServer {
             clients: Vec::new(),
             next_client: 1,
             events: Vec::new(),
+            cell_requests: Vec::new(),
         })
     }
 
@@ -403,6 +515,16 @@ impl ControlServer {
             if c.client.is_none() {
                 c.phase = CellPhase::Exited;
             }
+        }
+    }
+
+    /// Records the phase of KVM cell `cell` (the supervisor runs it; the server only reports
+    /// it in the status).
+    pub fn set_kvm_phase(&mut self, cell: &str, phase: CellPhase, exit: Option<CellExit>) {
+        if let Some(c) = self.cells.iter_mut().find(|c| c.spec.name == cell) {
+            c.phase = phase;
+            c.exit = exit;
+            c.pid = (phase == CellPhase::Running).then_some(std::process::id());
         }
     }
 
@@ -439,7 +561,10 @@ impl ControlServer {
                         .enumerate()
                         .map(|(id, cell)| PeerStatus {
                             cell: cell.clone(),
-                            active: l.active & (1 << id) != 0,
+                            active: l
+                                .model
+                                .is_active(id as u16)
+                                .unwrap_or(l.active & (1 << id) != 0),
                             state: l.view.read(id as u16),
                         })
                         .collect(),
@@ -605,6 +730,71 @@ impl ControlServer {
             }
             Request::Attach(body) => self.attach(id, body.cell.as_str().unwrap_or("?").to_string()),
             Request::SetState(body) => self.set_state(id, body),
+            Request::IllegalAccess(body) => self.illegal_access_reported(id, body),
+            Request::CellControl(body) => {
+                let name = body.cell.as_str().unwrap_or("?").to_string();
+                match CellAction::from_code(body.action) {
+                    Some(action) if self.cells.iter().any(|c| c.spec.name == name) => {
+                        self.cell_requests.push(CellRequest {
+                            client: id,
+                            cell: name,
+                            action,
+                        });
+                    }
+                    _ => {
+                        let known: Vec<&str> =
+                            self.cells.iter().map(|c| c.spec.name.as_str()).collect();
+                        let detail = format!(
+                            "no cell named `{name}` in this system (cells: {})",
+                            known.join(", ")
+                        );
+                        self.refuse(index, RefusalReason::UnknownCell, &detail);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes the cell stop/start/restart requests received since the last call; answer each
+    /// with [`answer_cell_request`](Self::answer_cell_request).
+    pub fn take_cell_requests(&mut self) -> Vec<CellRequest> {
+        std::mem::take(&mut self.cell_requests)
+    }
+
+    /// Answers a cell request: the cell's status after it, or the refusal.
+    pub fn answer_cell_request(&mut self, request: &CellRequest, result: Result<(), String>) {
+        let Some(index) = self.client_index(request.client) else {
+            return;
+        };
+        match result {
+            Ok(()) => {
+                let reply = crate::status::to_wire(&self.status()).into_iter().find(
+                    |r| matches!(r, Reply::Cell(b) if b.name.as_str() == Ok(request.cell.as_str())),
+                );
+                if let Some(reply) = reply {
+                    if let Err(e) = send_reply(self.clients[index].fd.as_fd(), &reply, &[]) {
+                        self.reply_failed(request.client, "cell request reply", e);
+                    }
+                }
+            }
+            Err(detail) => self.refuse(index, RefusalReason::BadRequest, &detail),
+        }
+    }
+
+    /// Disconnects a cell started by hand (its states become 0); `false` if it is not
+    /// attached.
+    pub fn disconnect_cell(&mut self, cell: &str) -> bool {
+        let client = self
+            .cells
+            .iter()
+            .find(|c| c.spec.name == cell)
+            .and_then(|c| c.client);
+        match client {
+            Some(id) => {
+                self.drop_client(id, "stopped on request".into());
+                true
+            }
+            None => false,
         }
     }
 
@@ -692,7 +882,9 @@ impl ControlServer {
         // Activate the cell on each of its links.
         for &(li, peer) in &self.cells[ci].memberships {
             let link = &mut self.links[li];
-            let _ = link.memory.interrupts[peer as usize].drain();
+            for line in &link.memory.interrupts[peer as usize] {
+                let _ = line.drain();
+            }
             let notify = link.model.peer_attached(peer);
             link.active |= 1 << peer;
             signal_all(link, &notify);
@@ -734,9 +926,6 @@ impl ControlServer {
                 };
                 fds.push(fd.as_raw_fd());
             }
-            for line in &link.memory.interrupts {
-                fds.push(line.fd().as_raw_fd());
-            }
             debug_assert_eq!(fds.len(), layout.count());
             let grant = LinkGrantBody {
                 name: WireName::new(&spec.name)
@@ -745,7 +934,7 @@ impl ControlServer {
                 peer_id: peer,
                 max_peers,
                 protocol: spec.protocol,
-                reserved: 0,
+                vectors: spec.interrupts.vectors(),
                 state_table_size: spec.state_table_size as u32,
                 rw_size: spec.rw_size,
                 output_size: spec.output_size,
@@ -753,6 +942,19 @@ impl ControlServer {
                 reserved2: 0,
             };
             send_reply(fd, &Reply::LinkGrant(grant), &fds)?;
+            // Each peer's name and interrupt eventfds (one per vector): the cell's own are
+            // where its interrupts arrive, the others are what its DOORBELL writes signal.
+            for (p, lines) in link.memory.interrupts.iter().enumerate() {
+                let fds: Vec<RawFd> = lines.iter().map(|line| line.fd().as_raw_fd()).collect();
+                let body = PeerBody {
+                    cell: WireName::new(&spec.peers[p])
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
+                    link: k as u32,
+                    peer: p as u16,
+                    fd_count: fds.len() as u16,
+                };
+                send_reply(fd, &Reply::Peer(body), &fds)?;
+            }
         }
         Ok(())
     }
@@ -794,6 +996,52 @@ impl ControlServer {
                 });
             }
             Err(access) => self.illegal_access(id, ci, &access),
+        }
+    }
+
+    /// The cell reports a register access its code made that its endpoint found illegal
+    /// (process cells emulate the register page in the cell). If the device model agrees,
+    /// the cell is stopped like for any illegal access; otherwise the report is refused.
+    fn illegal_access_reported(&mut self, id: u64, body: AccessBody) {
+        let Some(index) = self.client_index(id) else {
+            return;
+        };
+        let Some(ci) = self.clients[index].cell else {
+            self.refuse(
+                index,
+                RefusalReason::BadRequest,
+                "access report before attach",
+            );
+            return self.drop_client(id, "access report before attach".into());
+        };
+        let Some(&(li, peer)) = self.cells[ci].memberships.get(body.link as usize) else {
+            let detail = format!("link index {} does not exist", body.link);
+            self.refuse(index, RefusalReason::UnknownLink, &detail);
+            return;
+        };
+        let kind = if body.write == 1 {
+            crate::device::AccessKind::Write
+        } else {
+            crate::device::AccessKind::Read
+        };
+        let value = (body.write == 1).then_some(u64::from(body.value));
+        let verdict = self.links[li].model.register_access_error(
+            peer,
+            u64::from(body.offset),
+            kind,
+            body.size,
+            value,
+        );
+        match verdict {
+            Some(access) => self.illegal_access(id, ci, &access),
+            None => self.refuse(
+                index,
+                RefusalReason::BadRequest,
+                &format!(
+                    "the reported {kind} at offset {:#x}, size {} is a legal access",
+                    body.offset, body.size
+                ),
+            ),
         }
     }
 
@@ -911,14 +1159,7 @@ impl Drop for ControlServer {
 }
 
 fn signal_all(link: &ServedLink, notify: &[u16]) {
-    for &peer in notify {
-        if let Err(e) = link.memory.signal(peer) {
-            tracing::warn!(
-                "link `{}`: raising the interrupt of peer {peer} failed: {e}",
-                link.spec.name
-            );
-        }
-    }
+    link.model.raise(&link.memory, &link.spec.name, notify);
 }
 
 /// Sends one reply datagram, with `fds` as `SCM_RIGHTS` beside it, without waiting: the
@@ -1012,6 +1253,17 @@ impl LinkModel for crate::device::Link {
             .collect()
     }
 
+    fn register_access_error(
+        &self,
+        peer: u16,
+        offset: u64,
+        kind: crate::device::AccessKind,
+        size: u8,
+        value: Option<u64>,
+    ) -> Option<AccessError> {
+        crate::device::Link::register_access_error(self, peer, offset, kind, size, value)
+    }
+
     fn write_state(&mut self, peer: u16, value: u32) -> Result<Notify, AccessError> {
         self.mmio_write(
             peer,
@@ -1049,6 +1301,7 @@ pub fn device_model(
         max_peers,
         protocol: spec.protocol.into(),
         layout,
+        interrupts: spec.interrupts,
     };
     let mut link = Link::new(params, Box::new(table)).map_err(|e| e.to_string())?;
     for peer in 0..max_peers {

@@ -1,35 +1,92 @@
 //! The emulated ivshmem v2 device, independent of how cells run (processes or KVM).
 //!
 //! One [`Link`] models one link: the state table (through [`StateTable`]), and for every peer
-//! the register file behind BAR0 and the config space that peer's guest sees. Backends feed
-//! it guest accesses ([`Link::mmio_read`], [`Link::mmio_write`], [`Link::config_read`],
-//! [`Link::config_write`]) and life-cycle events ([`Link::peer_attached`],
-//! [`Link::peer_detached`]) and carry out the [`Effects`] it returns: interrupts that are
-//! already filtered (the target exists, is active and accepts interrupts) and for which
-//! one-shot mode has already been applied.
+//! the register file behind BAR0, the MSI-X table behind BAR1 and the config space that
+//! peer's guest sees. Backends feed it guest accesses and life-cycle events and carry out the
+//! [`Effects`] it returns: interrupts that are already filtered (the target exists, is
+//! active and accepts interrupts) and for which one-shot mode has already been applied.
 //!
-//! Behaviour follows `ivshmem-v2.md`; where it leaves a choice:
+//! # The API a VMM calls
+//!
+//! | guest event | call | the VMM then |
+//! |---|---|---|
+//! | BAR0 load / store | [`Link::mmio_read`] / [`Link::mmio_write`] | raises [`Effects::interrupts`] |
+//! | BAR1 load / store | [`Link::msix_read`] / [`Link::msix_write`] | re-syncs routes if [`Link::route_generation`] moved |
+//! | config load / store | [`Link::config_read`] / [`Link::config_write`] | moves its BAR handlers ([`Link::bar0_mapping`], [`Link::bar1_mapping`]); re-syncs routes |
+//! | cell starts / stops | [`Link::peer_attached`] / [`Link::peer_detached`] | raises [`Effects::interrupts`]; re-syncs routes |
+//! | an [`AccessError`] | — | stops the cell with [`AccessError::fatal_report`] |
+//!
+//! Raising an [`Interrupt`] of [`Effects::interrupts`] (or of [`Link::deliver`]) means: for a
+//! device-gated MSI-X target inject [`Link::msi_message`]`(target, vector)` directly
+//! (`KVM_SIGNAL_MSI`); for a device-gated INTx target pulse its line; for an endpoint-gated
+//! target ([`Route::Endpoint`], process cells) write its eventfd for that vector. The model
+//! has already checked the gating and applied one-shot mode, so the VMM must not gate these
+//! again — in particular it must not write them into a device-gated target's doorbell
+//! eventfd when that eventfd feeds a user-space one-shot path that calls [`Link::deliver`]
+//! (the second delivery would find `INT_CONTROL` cleared and drop the interrupt). Doorbell
+//! eventfds carry **ungated** doorbells; interrupts from the model are **gated** ones.
+//!
+//! ## Doorbells without the model (the KVM fast path)
+//!
+//! [`Link::route`]`(peer, vector)` says how an interrupt for (peer, vector) would be delivered
+//! **now** ([`Route`]): dropped ([`Route::Blocked`]), as an MSI with a given message
+//! ([`Route::Msi`]), on the INTx line ([`Route::Intx`]), or by the peer's endpoint
+//! ([`Route::Endpoint`], process cells). A backend that lets `DOORBELL` writes bypass the model
+//! (ioeventfd with datamatch → the target's eventfd for that vector → irqfd on an MSI route)
+//! keeps its routes equal to [`Link::routes`] and re-reads them whenever
+//! [`Link::route_generation`] of a peer changes. The generation changes **exactly** when the
+//! route set of that peer changed (INT_CONTROL, command register, MSI-X control, a table
+//! entry, one-shot, attach/detach, or a one-shot delivery); compare it after each access and
+//! each [`Effects`]. Routes with `one_shot: true` must not be wired in the kernel: every
+//! delivery clears `INT_CONTROL` bit 0, so it must pass through [`Link::deliver`] (user space),
+//! which returns the [`Interrupt`] to raise (or `None` when it is blocked) and applies one-shot.
+//! A doorbell for a [`Route::Blocked`] pair has no effect: an irqfd must not stay assigned to
+//! it, and its eventfd must be drained before the irqfd is assigned again (KVM injects at
+//! once if the eventfd is already signalled when the irqfd is assigned).
+//!
+//! Behaviour follows `ivshmem-v2.md` and `kvm-cells.md`; where they leave a choice:
 //! - Writes to the read-only `ID` and `MAX_PEERS` registers are ignored (as Jailhouse does).
 //!   Illegal register accesses are only the misaligned or non-32-bit ones.
-//! - Config space is 256 bytes. Accesses must be 1, 2 or 4 bytes wide and naturally aligned,
-//!   and BAR0 only takes aligned 32-bit accesses; anything else is an [`AccessError`]. Writes
-//!   to registers that are read-only or unimplemented are ignored.
+//! - Config space is 256 bytes. Accesses must be 1, 2 or 4 bytes wide and must not cross a
+//!   dword boundary (that is what PCI byte enables can express); any such access of any
+//!   register works, BARs included. Anything else is an [`AccessError`]. Writes to registers
+//!   that are read-only or unimplemented are ignored (Jailhouse stops the cell on some of
+//!   them; this model never does for in-range config writes).
+//! - The command register keeps only memory, bus master and INTx disable
+//!   ([`ivshmem_dev::pci::COMMAND_WRITABLE`]).
 //! - The shared memory is announced through the vendor capability's base-address field
 //!   (length 20h, no BAR2); its value is per peer ([`Link::set_shmem_base`]).
-//! - Interrupts are INTx: one vector (0). Ringing another vector has no effect.
+//! - Interrupts are per link [`InterruptMode::Intx`] (one vector, pin 1, honours INTx disable)
+//!   or [`InterruptMode::Msix`] (1..=16 vectors, pin 0, vendor capability → MSI-X capability at
+//!   60h, table and PBA in BAR1). Ringing a vector the device does not have has no effect.
+//! - MSI-X has no pending bits: an interrupt raised while its entry or the function is masked,
+//!   MSI-X is disabled or bus mastering is off is dropped, not remembered (the PBA reads 0);
+//!   event state lives in shared memory (Jailhouse behaves the same). Table entries are masked
+//!   after reset, as PCI requires.
+//! - A doorbell to a peer that is attached but whose state is 0 is delivered: "active" means
+//!   attached (the cell runs), not a non-zero state (Jailhouse does the same).
 //! - A peer's state entry changes to 0 on attach (reset) and detach; the other peers are
 //!   notified when the entry actually changed, like a `STATE` write.
-//! - Register writes from a peer that is not attached are refused (it has no device); its
-//!   reads are served.
+//! - Register and BAR1 writes from a peer that is not attached are refused (it has no
+//!   device); its reads are served. Config space is served either way (a VMM may set up
+//!   config space before the cell runs; attaching resets it).
 
 use std::fmt;
 
 use ivshmem_dev::doorbell::Doorbell;
 use ivshmem_dev::layout::SharedMemoryLayout;
+use ivshmem_dev::msix::{
+    MsixCapabilityLayout, BAR1_SIZE, BAR1_SIZE_MASK, CAP_ID_MSIX, MAX_VECTORS, MSIX_BAR,
+    MSIX_CAP_OFFSET, MSIX_CONTROL, MSIX_CONTROL_ENABLE, MSIX_CONTROL_FUNCTION_MASK,
+    MSIX_CONTROL_WRITABLE, MSIX_ENTRY_ADDR_HI, MSIX_ENTRY_ADDR_LO, MSIX_ENTRY_DATA,
+    MSIX_ENTRY_MASKED, MSIX_ENTRY_SIZE, MSIX_ENTRY_VECTOR_CONTROL, MSIX_PBA_OFFSET_IN_BAR,
+    MSIX_TABLE_OFFSET_IN_BAR,
+};
 use ivshmem_dev::pci::{
-    ConfigHeader, VendorCapabilityLayout, BAR0, BAR0_SIZE_MASK, CAP_ID_VENDOR, CAP_LEN_WITH_BASE,
-    CAP_PRIV_CONTROL, CLASS_CODE, COMMAND, COMMAND_WRITABLE, CONFIG_SPACE_SIZE, DEVICE_ID,
-    INTX_PIN, PRIV_CONTROL_ONESHOT, REVISION_ID, STATUS_CAP_LIST, VENDOR_ID,
+    ConfigHeader, VendorCapabilityLayout, BAR0, BAR0_SIZE_MASK, BAR1, CAP_ID_VENDOR,
+    CAP_LEN_WITH_BASE, CAP_PRIV_CONTROL, CLASS_CODE, COMMAND, COMMAND_BUS_MASTER,
+    COMMAND_INTX_DISABLE, COMMAND_MEMORY, COMMAND_WRITABLE, CONFIG_SPACE_SIZE, DEVICE_ID,
+    INTERRUPT_LINE, INTX_PIN, PRIV_CONTROL_ONESHOT, REVISION_ID, STATUS_CAP_LIST, VENDOR_ID,
 };
 use ivshmem_dev::protocol::Protocol;
 use ivshmem_dev::regs::{
@@ -40,9 +97,18 @@ use ivshmem_dev::zerocopy::IntoBytes;
 /// Number of interrupt vectors per peer with INTx: one, vector 0.
 pub const INTX_VECTORS: u16 = 1;
 
+/// Most MSI-X vectors per peer (re-exported from [`ivshmem_dev::msix::MAX_VECTORS`]).
+pub const MAX_MSIX_VECTORS: u16 = MAX_VECTORS;
+
 /// Where the vendor capability sits in the emulated config space (right after the header).
 pub const VENDOR_CAP_OFFSET: u8 = 0x40;
 
+/// Where the MSI-X capability sits (MSI-X mode only): Jailhouse's x86 layout.
+pub const MSIX_CAP: u8 = MSIX_CAP_OFFSET;
+
+/// Offset of the interrupt pin (3Dh). The Jailhouse specification's table says 3Eh, a typo:
+/// PCI and Jailhouse's code use 3Dh.
+pub const INTERRUPT_PIN: u8 = ivshmem_dev::pci::INTERRUPT_PIN;
 /// The state table of a link: one `u32` per peer. Only the device model writes it.
 ///
 /// Implemented by [`VecStateTable`] (tests) and by the process-cells backend over the mapped
@@ -109,6 +175,47 @@ pub struct LinkParams {
     pub protocol: Protocol,
     /// The shared-memory layout (sizes announced in the vendor capability).
     pub layout: SharedMemoryLayout,
+    /// How the device interrupts its peers (every peer of a link the same way).
+    pub interrupts: InterruptMode,
+}
+
+/// How a link's device interrupts: the `interrupts` and `vectors` keys of a link's config.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum InterruptMode {
+    /// One vector (0) on INTx pin 1 (ARM-Jailhouse style; what process cells used first).
+    #[default]
+    Intx,
+    /// MSI-X with `vectors` vectors (`1..=16`), Jailhouse's x86 layout.
+    Msix {
+        /// Number of vectors, `1..=`[`MAX_MSIX_VECTORS`].
+        vectors: u16,
+    },
+}
+
+impl InterruptMode {
+    /// Number of vectors per peer.
+    pub const fn vectors(self) -> u16 {
+        match self {
+            InterruptMode::Intx => INTX_VECTORS,
+            InterruptMode::Msix { vectors } => vectors,
+        }
+    }
+
+    /// Whether this is MSI-X.
+    pub const fn is_msix(self) -> bool {
+        matches!(self, InterruptMode::Msix { .. })
+    }
+}
+
+/// `intx`, or `msix (16 vectors)`: the config file's words.
+impl fmt::Display for InterruptMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            InterruptMode::Intx => f.write_str("intx"),
+            InterruptMode::Msix { vectors: 1 } => f.write_str("msix (1 vector)"),
+            InterruptMode::Msix { vectors } => write!(f, "msix ({vectors} vectors)"),
+        }
+    }
 }
 
 /// Why a [`Link`] could not be built.
@@ -126,6 +233,14 @@ pub enum LinkError {
         /// `layout.max_peers()`.
         layout_max_peers: u16,
     },
+    /// An MSI-X vector count outside `1..=16`.
+    #[error("link `{link}`: {vectors} MSI-X vectors; the device offers 1 to {MAX_MSIX_VECTORS}")]
+    BadVectorCount {
+        /// Link name.
+        link: String,
+        /// The count asked for.
+        vectors: u16,
+    },
 }
 
 /// One interrupt to raise: `vector` on peer `target`.
@@ -135,6 +250,78 @@ pub struct Interrupt {
     pub target: u16,
     /// The vector (always 0 with INTx).
     pub vector: u16,
+}
+
+/// An MSI message: what the device writes when it raises an MSI-X vector (the table entry's
+/// address and data). On x86 the address is `0xFEE0_0000 | apic_id << 12` and the data the
+/// IDT vector; a KVM backend puts both into a `kvm_irq_routing_msi` or a `KVM_SIGNAL_MSI`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct MsiMessage {
+    /// Message address (upper half from the entry's upper-address dword).
+    pub address: u64,
+    /// Message data.
+    pub data: u32,
+}
+
+/// One MSI-X table entry as the guest programmed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MsixEntry {
+    /// Address and data.
+    pub message: MsiMessage,
+    /// The entry's mask bit (vector control bit 0); set after reset.
+    pub masked: bool,
+}
+
+impl Default for MsixEntry {
+    fn default() -> Self {
+        Self {
+            message: MsiMessage::default(),
+            masked: true,
+        }
+    }
+}
+
+/// How an interrupt for one (peer, vector) is delivered right now; see [`Link::route`] and the
+/// module docs ("Doorbells without the model").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Route {
+    /// Not deliverable: the peer is detached, the vector does not exist, or the gating is
+    /// closed (`INT_CONTROL` bit 0, MSI-X enable / function mask / entry mask / bus master,
+    /// or INTx disable). A doorbell has no effect.
+    Blocked,
+    /// An MSI with this message.
+    Msi {
+        /// Address and data to signal.
+        message: MsiMessage,
+        /// One-shot mode: delivering clears `INT_CONTROL` bit 0, so each delivery must go
+        /// through [`Link::deliver`] (no in-kernel fast path).
+        one_shot: bool,
+    },
+    /// The INTx line (vector 0 only).
+    Intx {
+        /// One-shot mode, as for [`Route::Msi`].
+        one_shot: bool,
+    },
+    /// The peer's endpoint gates its own interrupts ([`InterruptGate::Endpoint`], process
+    /// cells): signal its eventfd for this vector.
+    Endpoint,
+}
+
+impl Route {
+    /// Whether an interrupt would be delivered.
+    pub fn is_deliverable(self) -> bool {
+        self != Route::Blocked
+    }
+
+    /// Whether the route may be wired in the kernel (irqfd / eventfd) with no user-space
+    /// step: deliverable and not one-shot.
+    pub fn is_direct(self) -> bool {
+        match self {
+            Route::Blocked => false,
+            Route::Msi { one_shot, .. } | Route::Intx { one_shot } => !one_shot,
+            Route::Endpoint => true,
+        }
+    }
 }
 
 /// What the caller must do after an access or life-cycle event.
@@ -200,6 +387,8 @@ pub enum AccessSpace {
     Registers,
     /// PCI config space.
     Config,
+    /// BAR1: the MSI-X table and PBA.
+    Msix,
 }
 
 impl fmt::Display for AccessSpace {
@@ -207,6 +396,7 @@ impl fmt::Display for AccessSpace {
         f.write_str(match self {
             AccessSpace::Registers => "register",
             AccessSpace::Config => "config space",
+            AccessSpace::Msix => "MSI-X (BAR1)",
         })
     }
 }
@@ -214,14 +404,16 @@ impl fmt::Display for AccessSpace {
 /// Why an access was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum AccessReason {
-    /// Register accesses must be 4 bytes; config accesses 1, 2 or 4 bytes.
+    /// Register accesses must be 4 bytes; BAR1 accesses 4 or 8 bytes; config accesses 1, 2
+    /// or 4 bytes.
     WrongSize,
-    /// The offset is not a multiple of the access size.
+    /// The offset is not a multiple of the access size (registers, BAR1), or a config access
+    /// crosses a dword boundary.
     Misaligned,
-    /// BAR0 takes aligned 32-bit accesses only.
-    Bar0NotDword,
-    /// The offset is beyond the 4 KiB register page.
+    /// The offset is beyond the 4 KiB register page or BAR1 page.
     OutsideRegisterPage,
+    /// BAR1 was accessed on a link without MSI-X (it has no BAR1).
+    NoMsix,
     /// The access does not lie inside the 256-byte config space.
     OutsideConfigSpace,
     /// The peer ID is not on this link.
@@ -235,8 +427,8 @@ impl fmt::Display for AccessReason {
         f.write_str(match self {
             AccessReason::WrongSize => "unsupported access size",
             AccessReason::Misaligned => "misaligned access",
-            AccessReason::Bar0NotDword => "BAR0 takes aligned 32-bit accesses only",
-            AccessReason::OutsideRegisterPage => "outside the 4 KiB register page",
+            AccessReason::OutsideRegisterPage => "outside the 4 KiB page",
+            AccessReason::NoMsix => "the device has no MSI-X (BAR1) on this link",
             AccessReason::OutsideConfigSpace => "outside the 256-byte config space",
             AccessReason::UnknownPeer => "no such peer on this link",
             AccessReason::PeerNotAttached => "the peer is not attached",
@@ -310,8 +502,15 @@ struct PeerDevice {
     int_control: u32,
     one_shot: bool,
     command: u16,
+    cache_line_size: u8,
+    latency_timer: u8,
+    interrupt_line: u8,
     bar0: u32,
+    bar1: u32,
+    msix_control: u16,
+    msix_table: [MsixEntry; MAX_VECTORS as usize],
     shmem_base: u64,
+    route_generation: u64,
 }
 
 impl PeerDevice {
@@ -320,18 +519,26 @@ impl PeerDevice {
         self.int_control = 0;
         self.one_shot = false;
         self.command = 0;
+        self.cache_line_size = 0;
+        self.latency_timer = 0;
+        self.interrupt_line = 0;
         self.bar0 = 0;
+        self.bar1 = 0;
+        self.msix_control = 0;
+        self.msix_table = [MsixEntry::default(); MAX_VECTORS as usize];
     }
 }
 
-/// The emulated ivshmem v2 device of one link: state table, and per peer the register file
-/// and config space.
+/// The emulated ivshmem v2 device of one link: state table, and per peer the register file,
+/// the MSI-X table and config space.
 pub struct Link {
     name: String,
     protocol: Protocol,
     layout: SharedMemoryLayout,
+    interrupts: InterruptMode,
     state_table: Box<dyn StateTable>,
     peers: Vec<PeerDevice>,
+    route_generation: u64,
 }
 
 impl fmt::Debug for Link {
@@ -340,6 +547,7 @@ impl fmt::Debug for Link {
             .field("name", &self.name)
             .field("protocol", &self.protocol)
             .field("layout", &self.layout)
+            .field("interrupts", &self.interrupts)
             .field("peers", &self.peers)
             .finish_non_exhaustive()
     }
@@ -356,12 +564,22 @@ impl Link {
                 layout_max_peers: params.layout.max_peers(),
             });
         }
+        if let InterruptMode::Msix { vectors } = params.interrupts {
+            if !(1..=MAX_MSIX_VECTORS).contains(&vectors) {
+                return Err(LinkError::BadVectorCount {
+                    link: params.name,
+                    vectors,
+                });
+            }
+        }
         Ok(Self {
             name: params.name,
             protocol: params.protocol,
             layout: params.layout,
+            interrupts: params.interrupts,
             state_table,
             peers: vec![PeerDevice::default(); usize::from(params.max_peers)],
+            route_generation: 0,
         })
     }
 
@@ -383,6 +601,16 @@ impl Link {
     /// The shared-memory layout.
     pub fn layout(&self) -> &SharedMemoryLayout {
         &self.layout
+    }
+
+    /// How the device interrupts (the same for every peer).
+    pub fn interrupt_mode(&self) -> InterruptMode {
+        self.interrupts
+    }
+
+    /// Number of vectors per peer (1 with INTx).
+    pub fn vectors(&self) -> u16 {
+        self.interrupts.vectors()
     }
 
     /// The state table.
@@ -434,13 +662,26 @@ impl Link {
         self.peer(peer).map(|p| p.bar0)
     }
 
+    /// `peer`'s BAR1 register value (address bits only; always 0 without MSI-X).
+    pub fn bar1(&self, peer: u16) -> Option<u32> {
+        self.peer(peer).map(|p| p.bar1)
+    }
+
     /// Where `peer`'s guest decodes the register page: BAR0's address while memory decoding
     /// is on and BAR0 is non-zero, else `None`. A backend re-reads this after every config
     /// write to move its MMIO handler.
     pub fn bar0_mapping(&self, peer: u16) -> Option<u64> {
         let p = self.peer(peer)?;
-        (p.command & ivshmem_dev::pci::COMMAND_MEMORY != 0 && p.bar0 != 0)
-            .then_some(u64::from(p.bar0))
+        (p.command & COMMAND_MEMORY != 0 && p.bar0 != 0).then_some(u64::from(p.bar0))
+    }
+
+    /// Where `peer`'s guest decodes BAR1 (MSI-X table and PBA, [`BAR1_SIZE`] bytes): BAR1's
+    /// address while memory decoding is on, BAR1 is non-zero and the link uses MSI-X, else
+    /// `None`. Re-read after every config write, like [`bar0_mapping`](Self::bar0_mapping).
+    pub fn bar1_mapping(&self, peer: u16) -> Option<u64> {
+        let p = self.peer(peer)?;
+        (self.interrupts.is_msix() && p.command & COMMAND_MEMORY != 0 && p.bar1 != 0)
+            .then_some(u64::from(p.bar1))
     }
 
     /// Sets the shared-memory base address `peer`'s guest finds in the vendor capability
@@ -459,9 +700,11 @@ impl Link {
     /// Chooses who applies `INT_CONTROL` for `peer` (default [`InterruptGate::Device`]).
     /// Process cells use [`InterruptGate::Endpoint`].
     pub fn set_interrupt_gate(&mut self, peer: u16, gate: InterruptGate) {
-        if let Some(p) = self.peer_mut(peer) {
-            p.gate = gate;
-        }
+        self.tracking_routes(peer, |link| {
+            if let Some(p) = link.peer_mut(peer) {
+                p.gate = gate;
+            }
+        })
     }
 
     /// Who applies `INT_CONTROL` for `peer`.
@@ -469,26 +712,131 @@ impl Link {
         self.peer(peer).map(|p| p.gate)
     }
 
-    /// Whether an interrupt on `vector` would reach `target` now: the target is on the link,
-    /// attached, the vector exists, and (when the device gates it) `INT_CONTROL` bit 0 is set.
-    pub fn deliverable(&self, target: u16, vector: u16) -> bool {
+    /// `peer`'s MSI-X message control (enable bit 15, function mask bit 14; the read-only
+    /// table size is not included). 0 without MSI-X.
+    pub fn msix_control(&self, peer: u16) -> Option<u16> {
+        self.peer(peer).map(|p| p.msix_control)
+    }
+
+    /// `peer`'s MSI-X table entry for `vector`, or `None` without MSI-X, for a vector the
+    /// device does not have, or a peer not on the link.
+    pub fn msix_entry(&self, peer: u16, vector: u16) -> Option<MsixEntry> {
+        let p = self.peer(peer)?;
+        (self.interrupts.is_msix() && vector < self.vectors())
+            .then(|| p.msix_table[usize::from(vector)])
+    }
+
+    /// The MSI message of (`peer`, `vector`), whatever the gating: what to inject for an
+    /// [`Interrupt`] of [`Effects::interrupts`] or of [`deliver`](Self::deliver). `None`
+    /// without MSI-X or for a vector the device does not have.
+    pub fn msi_message(&self, peer: u16, vector: u16) -> Option<MsiMessage> {
+        self.msix_entry(peer, vector).map(|entry| entry.message)
+    }
+
+    /// How an interrupt for (`target`, `vector`) would be delivered now (see [`Route`]):
+    /// - [`Route::Blocked`] unless the target is on the link, attached, and `vector` is one of
+    ///   its vectors;
+    /// - [`Route::Endpoint`] for a target gated by its endpoint;
+    /// - with INTx: [`Route::Intx`] while `INT_CONTROL` bit 0 is set and the command
+    ///   register's INTx disable is clear;
+    /// - with MSI-X: [`Route::Msi`] while `INT_CONTROL` bit 0 is set, MSI-X is enabled and
+    ///   not function-masked, the entry is unmasked and bus mastering is on.
+    pub fn route(&self, target: u16, vector: u16) -> Route {
         let Some(p) = self.peer(target) else {
-            return false;
+            return Route::Blocked;
         };
-        p.active
-            && vector < INTX_VECTORS
-            && (p.gate == InterruptGate::Endpoint || p.int_control & INT_CONTROL_ENABLE != 0)
+        if !p.active || vector >= self.vectors() {
+            return Route::Blocked;
+        }
+        if p.gate == InterruptGate::Endpoint {
+            return Route::Endpoint;
+        }
+        if p.int_control & INT_CONTROL_ENABLE == 0 {
+            return Route::Blocked;
+        }
+        let one_shot = p.one_shot;
+        match self.interrupts {
+            InterruptMode::Intx => {
+                if p.command & COMMAND_INTX_DISABLE != 0 {
+                    Route::Blocked
+                } else {
+                    Route::Intx { one_shot }
+                }
+            }
+            InterruptMode::Msix { .. } => {
+                let entry = p.msix_table[usize::from(vector)];
+                let open = p.msix_control & MSIX_CONTROL_ENABLE != 0
+                    && p.msix_control & MSIX_CONTROL_FUNCTION_MASK == 0
+                    && !entry.masked
+                    && p.command & COMMAND_BUS_MASTER != 0;
+                if open {
+                    Route::Msi {
+                        message: entry.message,
+                        one_shot,
+                    }
+                } else {
+                    Route::Blocked
+                }
+            }
+        }
+    }
+
+    /// The routes of every vector of `peer`, indexed by vector (empty for a peer not on the
+    /// link).
+    pub fn routes(&self, peer: u16) -> Vec<Route> {
+        if self.peer(peer).is_none() {
+            return Vec::new();
+        }
+        (0..self.vectors())
+            .map(|vector| self.route(peer, vector))
+            .collect()
+    }
+
+    /// A counter that changes exactly when [`routes`](Self::routes)`(peer)` changes (0 for a
+    /// peer not on the link). A backend that wires routes in the kernel compares it after
+    /// every call into the model and re-syncs that peer's routes when it moved.
+    pub fn route_generation(&self, peer: u16) -> u64 {
+        self.peer(peer).map_or(0, |p| p.route_generation)
+    }
+
+    /// A counter that changes whenever any peer's [`route_generation`](Self::route_generation)
+    /// changes: one cheap check for "did any route of this link change".
+    pub fn link_route_generation(&self) -> u64 {
+        self.route_generation
+    }
+
+    /// Runs `f` and bumps `peer`'s route generation if its routes changed.
+    fn tracking_routes<T>(&mut self, peer: u16, f: impl FnOnce(&mut Self) -> T) -> T {
+        let before = self.routes(peer);
+        let result = f(self);
+        if self.routes(peer) != before {
+            self.route_generation += 1;
+            if let Some(p) = self.peer_mut(peer) {
+                p.route_generation += 1;
+            }
+        }
+        result
+    }
+
+    /// Whether an interrupt on `vector` would reach `target` now (its [`route`](Self::route)
+    /// is not [`Route::Blocked`]).
+    pub fn deliverable(&self, target: u16, vector: u16) -> bool {
+        self.route(target, vector).is_deliverable()
     }
 
     /// Delivers `vector` to `target` if [`deliverable`](Self::deliverable), applying one-shot
-    /// mode (clears `INT_CONTROL` bit 0). For backends that route a doorbell themselves.
+    /// mode (clears `INT_CONTROL` bit 0, which changes the target's route generation). For
+    /// backends that route a doorbell themselves; the caller then raises the returned
+    /// interrupt (for MSI-X: injects [`msi_message`](Self::msi_message)).
     pub fn deliver(&mut self, target: u16, vector: u16) -> Option<Interrupt> {
         if !self.deliverable(target, vector) {
             return None;
         }
-        let p = &mut self.peers[usize::from(target)];
+        let p = &self.peers[usize::from(target)];
         if p.gate == InterruptGate::Device && p.one_shot {
-            p.int_control &= !INT_CONTROL_ENABLE;
+            self.tracking_routes(target, |link| {
+                link.peers[usize::from(target)].int_control &= !INT_CONTROL_ENABLE;
+            });
         }
         Some(Interrupt { target, vector })
     }
@@ -513,9 +861,11 @@ impl Link {
         self.notify_others(peer)
     }
 
-    fn register_error(
+    #[allow(clippy::too_many_arguments)]
+    fn access_error(
         &self,
         peer: u16,
+        space: AccessSpace,
         offset: u64,
         kind: AccessKind,
         size: u8,
@@ -525,7 +875,7 @@ impl Link {
         AccessError {
             link: self.name.clone(),
             peer,
-            space: AccessSpace::Registers,
+            space,
             offset,
             kind,
             size,
@@ -556,9 +906,33 @@ impl Link {
             None
         };
         match reason {
-            Some(reason) => Err(self.register_error(peer, offset, kind, size, value, reason)),
+            Some(reason) => Err(self.access_error(
+                peer,
+                AccessSpace::Registers,
+                offset,
+                kind,
+                size,
+                value,
+                reason,
+            )),
             None => Ok(offset as u32),
         }
+    }
+
+    /// Why a register access of `kind` and `size` at `offset` by `peer` would be refused, or
+    /// `None` if the device allows it. No side effects: for backends that emulate the
+    /// register page elsewhere (process cells) and must tell a legal access from an illegal
+    /// one the cell reports.
+    pub fn register_access_error(
+        &self,
+        peer: u16,
+        offset: u64,
+        kind: AccessKind,
+        size: u8,
+        value: Option<u64>,
+    ) -> Option<AccessError> {
+        self.check_register_access(peer, offset, kind, size, value)
+            .err()
     }
 
     /// A load of `size` bytes at `offset` in `peer`'s register page. Only aligned 32-bit
@@ -579,8 +953,8 @@ impl Link {
     /// A store of `size` bytes (`value`, low 32 bits used) at `offset` in `peer`'s register
     /// page. Only aligned 32-bit stores from an attached peer are allowed.
     /// - `INT_CONTROL`: keeps bit 0 (enable / re-arm).
-    /// - `DOORBELL`: interrupts the target if it exists, is attached and accepts interrupts;
-    ///   otherwise nothing. Ringing oneself is allowed.
+    /// - `DOORBELL`: interrupts the target if its [`route`](Self::route) is open; otherwise
+    ///   nothing. Ringing oneself is allowed.
     /// - `STATE`: a different value goes into the state table and raises vector 0 on every
     ///   other peer that accepts it; the same value does nothing.
     /// - `ID`, `MAX_PEERS` and unknown offsets: ignored.
@@ -595,10 +969,10 @@ impl Link {
             self.check_register_access(peer, offset, AccessKind::Write, size, Some(value))?;
         let value = value as u32;
         Ok(match offset {
-            INT_CONTROL => {
-                self.peers[usize::from(peer)].int_control = value & INT_CONTROL_ENABLE;
+            INT_CONTROL => self.tracking_routes(peer, |link| {
+                link.peers[usize::from(peer)].int_control = value & INT_CONTROL_ENABLE;
                 Effects::none()
-            }
+            }),
             DOORBELL => {
                 let doorbell = Doorbell::decode(value);
                 Effects {
@@ -613,6 +987,114 @@ impl Link {
         })
     }
 
+    fn check_msix_access(
+        &self,
+        peer: u16,
+        offset: u64,
+        kind: AccessKind,
+        size: u8,
+        value: Option<u64>,
+    ) -> Result<u32, AccessError> {
+        let reason = if self.peer(peer).is_none() {
+            Some(AccessReason::UnknownPeer)
+        } else if !self.interrupts.is_msix() {
+            Some(AccessReason::NoMsix)
+        } else if offset >= u64::from(BAR1_SIZE) {
+            Some(AccessReason::OutsideRegisterPage)
+        } else if !matches!(size, 4 | 8) {
+            Some(AccessReason::WrongSize)
+        } else if offset % u64::from(size) != 0 {
+            Some(AccessReason::Misaligned)
+        } else if kind == AccessKind::Write && !self.is_active(peer) {
+            Some(AccessReason::PeerNotAttached)
+        } else {
+            None
+        };
+        match reason {
+            Some(reason) => {
+                Err(self.access_error(peer, AccessSpace::Msix, offset, kind, size, value, reason))
+            }
+            None => Ok(offset as u32),
+        }
+    }
+
+    /// The dword at `offset` (4-aligned) of `peer`'s BAR1.
+    fn msix_dword(&self, peer: u16, offset: u32) -> u32 {
+        let p = &self.peers[usize::from(peer)];
+        let table_end = MSIX_TABLE_OFFSET_IN_BAR + u32::from(self.vectors()) * MSIX_ENTRY_SIZE;
+        if !(MSIX_TABLE_OFFSET_IN_BAR..table_end).contains(&offset) {
+            // The PBA (always 0: no pending bits) and everything else in the page.
+            return 0;
+        }
+        let relative = offset - MSIX_TABLE_OFFSET_IN_BAR;
+        let entry = &p.msix_table[(relative / MSIX_ENTRY_SIZE) as usize];
+        match relative % MSIX_ENTRY_SIZE {
+            MSIX_ENTRY_ADDR_LO => entry.message.address as u32,
+            MSIX_ENTRY_ADDR_HI => (entry.message.address >> 32) as u32,
+            MSIX_ENTRY_DATA => entry.message.data,
+            MSIX_ENTRY_VECTOR_CONTROL => u32::from(entry.masked),
+            // Unreachable: `offset` is 4-aligned.
+            _ => 0,
+        }
+    }
+
+    fn write_msix_dword(&mut self, peer: u16, offset: u32, value: u32) {
+        let table_end = MSIX_TABLE_OFFSET_IN_BAR + u32::from(self.vectors()) * MSIX_ENTRY_SIZE;
+        if !(MSIX_TABLE_OFFSET_IN_BAR..table_end).contains(&offset) {
+            return;
+        }
+        let relative = offset - MSIX_TABLE_OFFSET_IN_BAR;
+        let entry =
+            &mut self.peers[usize::from(peer)].msix_table[(relative / MSIX_ENTRY_SIZE) as usize];
+        let address = &mut entry.message.address;
+        match relative % MSIX_ENTRY_SIZE {
+            MSIX_ENTRY_ADDR_LO => *address = *address & !0xFFFF_FFFF | u64::from(value),
+            MSIX_ENTRY_ADDR_HI => *address = *address & 0xFFFF_FFFF | u64::from(value) << 32,
+            MSIX_ENTRY_DATA => entry.message.data = value,
+            // Only the mask bit of vector control is implemented; the rest reads 0.
+            MSIX_ENTRY_VECTOR_CONTROL => entry.masked = value & MSIX_ENTRY_MASKED != 0,
+            // Unreachable: `offset` is 4-aligned.
+            _ => {}
+        }
+    }
+
+    /// A load of `size` (4 or 8, naturally aligned) bytes at `offset` in `peer`'s BAR1 (MSI-X
+    /// mode only). The table (entries `0..vectors` at [`MSIX_TABLE_OFFSET_IN_BAR`], 16 bytes
+    /// each: address low, address high, data, vector control) reads back what was written
+    /// (vector control: the mask bit only); the PBA at [`MSIX_PBA_OFFSET_IN_BAR`] and the rest
+    /// of the page read 0.
+    pub fn msix_read(&self, peer: u16, offset: u64, size: u8) -> Result<u64, AccessError> {
+        let offset = self.check_msix_access(peer, offset, AccessKind::Read, size, None)?;
+        let low = u64::from(self.msix_dword(peer, offset));
+        Ok(if size == 8 {
+            low | u64::from(self.msix_dword(peer, offset + 4)) << 32
+        } else {
+            low
+        })
+    }
+
+    /// A store of `size` (4 or 8, naturally aligned) bytes at `offset` in `peer`'s BAR1
+    /// (MSI-X mode only, attached peers only). Table entries take address, data and the mask
+    /// bit; the PBA and the rest of the page ignore writes. Raises nothing (there are no
+    /// pending bits to flush on unmask) but may change [`route`](Self::route)s: check
+    /// [`route_generation`](Self::route_generation).
+    pub fn msix_write(
+        &mut self,
+        peer: u16,
+        offset: u64,
+        size: u8,
+        value: u64,
+    ) -> Result<(), AccessError> {
+        let offset = self.check_msix_access(peer, offset, AccessKind::Write, size, Some(value))?;
+        self.tracking_routes(peer, |link| {
+            link.write_msix_dword(peer, offset, value as u32);
+            if size == 8 {
+                link.write_msix_dword(peer, offset + 4, (value >> 32) as u32);
+            }
+        });
+        Ok(())
+    }
+
     fn check_config_access(
         &self,
         peer: u16,
@@ -622,32 +1104,27 @@ impl Link {
         value: Option<u64>,
     ) -> Result<(), AccessError> {
         let end = usize::from(offset) + usize::from(size);
-        let bar0 = u16::from(BAR0)..u16::from(BAR0) + 4;
-        let touches_bar0 = offset < bar0.end && end > usize::from(bar0.start);
         let reason = if self.peer(peer).is_none() {
             Some(AccessReason::UnknownPeer)
         } else if !matches!(size, 1 | 2 | 4) {
             Some(AccessReason::WrongSize)
-        } else if offset % u16::from(size) != 0 {
+        } else if usize::from(offset % 4) + usize::from(size) > 4 {
             Some(AccessReason::Misaligned)
         } else if end > CONFIG_SPACE_SIZE {
             Some(AccessReason::OutsideConfigSpace)
-        } else if touches_bar0 && (size != 4 || offset != bar0.start) {
-            Some(AccessReason::Bar0NotDword)
         } else {
             None
         };
         match reason {
-            Some(reason) => Err(AccessError {
-                link: self.name.clone(),
+            Some(reason) => Err(self.access_error(
                 peer,
-                space: AccessSpace::Config,
-                offset: u64::from(offset),
+                AccessSpace::Config,
+                u64::from(offset),
                 kind,
                 size,
                 value,
                 reason,
-            }),
+            )),
             None => Ok(()),
         }
     }
@@ -656,9 +1133,11 @@ impl Link {
     /// the link.
     pub fn config_space(&self, peer: u16) -> Option<[u8; CONFIG_SPACE_SIZE]> {
         let p = self.peer(peer)?;
+        let msix = self.interrupts.is_msix();
         let (prog_if, subclass) = self.protocol.to_config_bytes();
         let mut bars = [0u32.into(); 6];
         bars[0] = p.bar0.into();
+        bars[usize::from(MSIX_BAR)] = p.bar1.into();
         let header = ConfigHeader {
             vendor_id: VENDOR_ID.into(),
             device_id: DEVICE_ID.into(),
@@ -668,17 +1147,20 @@ impl Link {
             prog_if,
             subclass,
             class: CLASS_CODE,
+            cache_line_size: p.cache_line_size,
+            latency_timer: p.latency_timer,
             bars,
             subsystem_vendor_id: VENDOR_ID.into(),
             subsystem_id: DEVICE_ID.into(),
             cap_pointer: VENDOR_CAP_OFFSET,
-            interrupt_pin: INTX_PIN,
+            interrupt_line: p.interrupt_line,
+            interrupt_pin: if msix { 0 } else { INTX_PIN },
             ..ConfigHeader::default()
         };
         let params = self.layout.params();
         let capability = VendorCapabilityLayout {
             id: CAP_ID_VENDOR,
-            next: 0,
+            next: if msix { MSIX_CAP } else { 0 },
             length: CAP_LEN_WITH_BASE,
             priv_control: if p.one_shot { PRIV_CONTROL_ONESHOT } else { 0 },
             state_table_size: params.state_table_size.into(),
@@ -690,11 +1172,23 @@ impl Link {
         image[..header.as_bytes().len()].copy_from_slice(header.as_bytes());
         let cap = usize::from(VENDOR_CAP_OFFSET);
         image[cap..cap + capability.as_bytes().len()].copy_from_slice(capability.as_bytes());
+        if msix {
+            let msix_cap = MsixCapabilityLayout {
+                id: CAP_ID_MSIX,
+                next: 0,
+                control: (p.msix_control | (self.vectors() - 1)).into(),
+                table: (MSIX_TABLE_OFFSET_IN_BAR | u32::from(MSIX_BAR)).into(),
+                pba: (MSIX_PBA_OFFSET_IN_BAR | u32::from(MSIX_BAR)).into(),
+            };
+            let at = usize::from(MSIX_CAP);
+            image[at..at + msix_cap.as_bytes().len()].copy_from_slice(msix_cap.as_bytes());
+        }
         Some(image)
     }
 
-    /// A config-space load of `size` (1, 2 or 4) bytes at `offset` (naturally aligned; BAR0
-    /// only as an aligned dword). Unimplemented registers read 0.
+    /// A config-space load of `size` (1, 2 or 4) bytes at `offset`, not crossing a dword
+    /// boundary (any register, BARs included, may be read piecewise). Unimplemented registers
+    /// read 0.
     pub fn config_read(&self, peer: u16, offset: u16, size: u8) -> Result<u32, AccessError> {
         self.check_config_access(peer, offset, AccessKind::Read, size, None)?;
         let image = self.config_space(peer).unwrap_or([0; CONFIG_SPACE_SIZE]);
@@ -704,11 +1198,18 @@ impl Link {
         Ok(u32::from_le_bytes(bytes))
     }
 
-    /// A config-space store of `size` (1, 2 or 4) bytes at `offset` (naturally aligned; BAR0
-    /// only as an aligned dword). Writable: the command register's I/O, memory, bus-master and
-    /// INTx-disable bits; BAR0's address bits (writing all ones then reading returns the size
-    /// mask); the one-shot bit of the vendor capability's privileged control byte. Every other
-    /// bit is ignored.
+    /// A config-space store of `size` (1, 2 or 4) bytes at `offset`, not crossing a dword
+    /// boundary. Each byte lands where it belongs (PCI byte enables),
+    /// so a BAR or the command register may be written piecewise. Writable:
+    /// - the command register's memory, bus-master and INTx-disable bits;
+    /// - cache line size and latency timer (no effect), the interrupt line;
+    /// - BAR0's address bits, and BAR1's with MSI-X (writing all ones then reading returns
+    ///   the 4 KiB size mask; without MSI-X BAR1 reads 0: not implemented);
+    /// - the one-shot bit of the vendor capability's privileged control byte;
+    /// - with MSI-X, the capability's ENABLE and FUNCTION MASK control bits.
+    ///
+    /// Every other bit is ignored. Changes of the gating bits change
+    /// [`route_generation`](Self::route_generation).
     pub fn config_write(
         &mut self,
         peer: u16,
@@ -723,30 +1224,21 @@ impl Link {
             size,
             Some(u64::from(value)),
         )?;
-        let p = &mut self.peers[usize::from(peer)];
-        if offset == u16::from(BAR0) {
-            p.bar0 = value & BAR0_SIZE_MASK;
-            return Ok(());
-        }
-        let priv_control = u16::from(VENDOR_CAP_OFFSET) + u16::from(CAP_PRIV_CONTROL);
-        for (i, byte) in value.to_le_bytes()[..usize::from(size)].iter().enumerate() {
-            let at = offset + i as u16;
-            if at == u16::from(COMMAND) {
-                p.command = (p.command & 0xFF00 | u16::from(*byte)) & COMMAND_WRITABLE;
-            } else if at == u16::from(COMMAND) + 1 {
-                p.command = (p.command & 0x00FF | u16::from(*byte) << 8) & COMMAND_WRITABLE;
-            } else if at == priv_control {
-                p.one_shot = byte & PRIV_CONTROL_ONESHOT != 0;
+        let msix = self.interrupts.is_msix();
+        self.tracking_routes(peer, |link| {
+            let p = &mut link.peers[usize::from(peer)];
+            for (i, byte) in value.to_le_bytes()[..usize::from(size)].iter().enumerate() {
+                write_config_byte(p, msix, offset + i as u16, *byte);
             }
-        }
+        });
         Ok(())
     }
 
     /// `peer`'s cell started (or restarted): if no peer is attached yet, the whole state
     /// table is cleared (stale states from a previous run must not fool anyone); the peer's
-    /// registers and config space are reset; its state entry becomes 0 (the others are
-    /// notified if it was not 0, i.e. on a reset of an attached peer); it becomes active.
-    /// A peer not on the link is ignored (with a warning).
+    /// registers, MSI-X table and config space are reset; its state entry becomes 0 (the
+    /// others are notified if it was not 0, i.e. on a reset of an attached peer); it becomes
+    /// active. A peer not on the link is ignored (with a warning).
     pub fn peer_attached(&mut self, peer: u16) -> Effects {
         if self.peer(peer).is_none() {
             tracing::warn!(link = %self.name, peer, "attach of a peer that is not on the link");
@@ -756,9 +1248,11 @@ impl Link {
             tracing::debug!(link = %self.name, "first peer attaches: clearing the state table");
             self.state_table.clear();
         }
-        let p = &mut self.peers[usize::from(peer)];
-        p.reset();
-        p.active = true;
+        self.tracking_routes(peer, |link| {
+            let p = &mut link.peers[usize::from(peer)];
+            p.reset();
+            p.active = true;
+        });
         self.change_state(peer, 0)
     }
 
@@ -766,12 +1260,51 @@ impl Link {
     /// target until it attaches), its registers reset, and its state entry becomes 0; the
     /// other peers are notified if the entry was not 0 already.
     pub fn peer_detached(&mut self, peer: u16) -> Effects {
-        let Some(p) = self.peer_mut(peer) else {
+        if self.peer(peer).is_none() {
             tracing::warn!(link = %self.name, peer, "detach of a peer that is not on the link");
             return Effects::none();
-        };
-        p.reset();
-        p.active = false;
+        }
+        self.tracking_routes(peer, |link| {
+            let p = &mut link.peers[usize::from(peer)];
+            p.reset();
+            p.active = false;
+        });
         self.change_state(peer, 0)
+    }
+}
+
+/// Replaces byte `shift / 8` of `register` with `byte`.
+fn merge_byte32(register: u32, shift: u16, byte: u8) -> u32 {
+    register & !(0xFF << shift) | u32::from(byte) << shift
+}
+
+/// One byte of a config-space write (see [`Link::config_write`] for what is writable).
+fn write_config_byte(p: &mut PeerDevice, msix: bool, at: u16, byte: u8) {
+    let command = u16::from(COMMAND);
+    let bar0 = u16::from(BAR0);
+    let bar1 = u16::from(BAR1);
+    let priv_control = u16::from(VENDOR_CAP_OFFSET) + u16::from(CAP_PRIV_CONTROL);
+    // The writable control bits (14, 15) are in the control word's high byte.
+    let msix_control_high = u16::from(MSIX_CAP) + u16::from(MSIX_CONTROL) + 1;
+    match at {
+        _ if at == command || at == command + 1 => {
+            let shift = (at - command) * 8;
+            let merged = p.command & !(0xFF << shift) | u16::from(byte) << shift;
+            p.command = merged & COMMAND_WRITABLE;
+        }
+        0x0C => p.cache_line_size = byte,
+        0x0D => p.latency_timer = byte,
+        _ if (bar0..bar0 + 4).contains(&at) => {
+            p.bar0 = merge_byte32(p.bar0, (at - bar0) * 8, byte) & BAR0_SIZE_MASK;
+        }
+        _ if msix && (bar1..bar1 + 4).contains(&at) => {
+            p.bar1 = merge_byte32(p.bar1, (at - bar1) * 8, byte) & BAR1_SIZE_MASK;
+        }
+        _ if at == u16::from(INTERRUPT_LINE) => p.interrupt_line = byte,
+        _ if at == priv_control => p.one_shot = byte & PRIV_CONTROL_ONESHOT != 0,
+        _ if msix && at == msix_control_high => {
+            p.msix_control = u16::from(byte) << 8 & MSIX_CONTROL_WRITABLE;
+        }
+        _ => {}
     }
 }

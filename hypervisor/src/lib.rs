@@ -9,6 +9,7 @@
 //! - [`cells`]: spawning and supervising cell programs.
 //! - [`status`]: what `hypervisor status` reports.
 //! - `cli` (feature `cli`, default): the `hypervisor` command line.
+//! - [`kvm`]: KVM cells (bare-metal inmates in virtual machines).
 
 pub mod cells;
 #[cfg(feature = "cli")]
@@ -16,5 +17,6 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod device;
+pub mod kvm;
 pub mod memory;
 pub mod status;

@@ -351,15 +351,18 @@ pub struct LinkMemory {
     pub rw: Option<SectionMemory>,
     /// Output sections by peer ID (empty if the output size is 0).
     pub outputs: Vec<SectionMemory>,
-    /// Interrupt eventfd of each peer (INTx: vector 0), by peer ID.
-    pub interrupts: Vec<InterruptEventFd>,
+    /// Interrupt eventfds by peer ID, then by vector (INTx: vector 0 only; MSI-X: one per
+    /// vector). Vector 0 carries state changes.
+    pub interrupts: Vec<Vec<InterruptEventFd>>,
 }
 
 impl LinkMemory {
-    /// Creates every section and interrupt line of link `link` with `max_peers` peers.
+    /// Creates every section and interrupt line of link `link` with `max_peers` peers and
+    /// `vectors` interrupt vectors per peer (at least one is created).
     pub fn create(
         link: &str,
         max_peers: u16,
+        vectors: u16,
         state_table_size: u64,
         rw_size: u64,
         output_size: u64,
@@ -386,7 +389,11 @@ impl LinkMemory {
             Vec::new()
         };
         let interrupts = (0..max_peers)
-            .map(|_| InterruptEventFd::new())
+            .map(|_| {
+                (0..vectors.max(1))
+                    .map(|_| InterruptEventFd::new())
+                    .collect::<Result<Vec<_>, _>>()
+            })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             state_table,
@@ -405,7 +412,11 @@ impl LinkMemory {
 
     /// Raises vector 0 on `peer` (ignores peers out of range).
     pub fn signal(&self, peer: u16) -> io::Result<()> {
-        match self.interrupts.get(peer as usize) {
+        match self
+            .interrupts
+            .get(peer as usize)
+            .and_then(|vectors| vectors.first())
+        {
             Some(line) => line.signal(),
             None => Ok(()),
         }
@@ -438,10 +449,11 @@ mod tests {
 
     #[test]
     fn state_table_atomic_entries() {
-        let mem = LinkMemory::create("t", 3, 4096, 0, 4096).unwrap();
+        let mem = LinkMemory::create("t", 3, 4, 4096, 0, 4096).unwrap();
         assert!(mem.rw.is_none());
         assert_eq!(mem.outputs.len(), 3);
         assert_eq!(mem.interrupts.len(), 3);
+        assert!(mem.interrupts.iter().all(|vectors| vectors.len() == 4));
         let table = mem.state_table_map();
         table.write(1, 7);
         table.write(5, 9); // out of range: ignored
@@ -476,7 +488,7 @@ mod tests {
 
     #[test]
     fn state_table_cannot_be_written_through_a_reopened_fd() {
-        let mem = LinkMemory::create("seal", 2, 4096, 0, 4096).unwrap();
+        let mem = LinkMemory::create("seal", 2, 1, 4096, 0, 4096).unwrap();
         let table = mem.state_table_map();
         // Whatever a cell can get: the read-only fd reopened read-write (the open itself
         // may succeed; the memory must still refuse writes).
@@ -511,7 +523,7 @@ mod tests {
     /// read-write. If this ever starts failing, the docs can drop the assumption.
     #[test]
     fn output_sections_rely_on_same_uid_cells_not_reopening_them() {
-        let mem = LinkMemory::create("trust", 2, 4096, 0, 4096).unwrap();
+        let mem = LinkMemory::create("trust", 2, 1, 4096, 0, 4096).unwrap();
         let output = &mem.outputs[0];
         let reopened = reopen_read_write(output.read_only_fd()).unwrap();
         // SAFETY: maps a valid fd of a sealed-size section; only this test touches it.

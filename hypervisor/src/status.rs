@@ -27,6 +27,13 @@ pub enum CellExit {
     Code(i32),
     /// Killed by this signal.
     Signal(i32),
+    /// A KVM cell stopped itself with this `cell_state` (2 shut down, 3 failed, 4 wrong
+    /// communication region revision).
+    CellState(i32),
+    /// A KVM cell was stopped for an illegal access (the `FATAL:` report is in the log).
+    Fatal,
+    /// A KVM cell was stopped on request.
+    Stopped,
 }
 
 impl std::fmt::Display for CellExit {
@@ -34,6 +41,13 @@ impl std::fmt::Display for CellExit {
         match self {
             CellExit::Code(c) => write!(f, "exit code {c}"),
             CellExit::Signal(s) => write!(f, "killed by signal {s} ({})", signal_name(*s)),
+            CellExit::CellState(s) => write!(
+                f,
+                "cell_state {s} ({})",
+                crate::kvm::layout::describe_cell_state(*s as u32)
+            ),
+            CellExit::Fatal => f.write_str("stopped for an illegal access"),
+            CellExit::Stopped => f.write_str("stopped"),
         }
     }
 }
@@ -98,6 +112,9 @@ fn phase_word(cell: &CellStatus) -> String {
         (CellPhase::Detached, _) => "detached".into(),
         (CellPhase::Exited, Some(exit)) => format!("exited ({exit})"),
         (CellPhase::Exited, None) => "exited".into(),
+        (CellPhase::Running, _) => "running (kvm)".into(),
+        (CellPhase::Stopped, Some(exit)) => format!("stopped (kvm, {exit})"),
+        (CellPhase::Stopped, None) => "stopped (kvm)".into(),
     }
 }
 
@@ -296,6 +313,56 @@ pub fn query(path: &Path) -> Result<SystemStatus, StatusError> {
 }
 
 /// Sets `SO_RCVTIMEO` on a socket.
+/// Asks the hypervisor at `path` to stop, start or restart `cell` and returns the cell's
+/// status afterwards (`hypervisor cell ACTION NAME`).
+pub fn control_cell(
+    path: &Path,
+    cell: &str,
+    action: crate::control::CellAction,
+) -> Result<CellStatus, StatusError> {
+    let io_err = |source: io::Error| StatusError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let fd = connect_control_socket(path).map_err(|e| StatusError::NotRunning {
+        path: path.to_path_buf(),
+        source: e.into(),
+    })?;
+    // A restart boots a VM or waits for a process: give it time.
+    set_recv_timeout(&fd, Duration::from_secs(60)).map_err(io_err)?;
+    let name = WireName::new(cell).map_err(|e| StatusError::Protocol(e.to_string()))?;
+    let mut buf = [0u8; MAX_MESSAGE_SIZE];
+    let n = Request::CellControl(hosted::CellControlBody {
+        cell: name,
+        action: action.code(),
+        reserved: 0,
+    })
+    .encode(&mut buf)
+    .map_err(|e| StatusError::Protocol(e.to_string()))?;
+    nix::sys::socket::send(
+        fd.as_raw_fd(),
+        &buf[..n],
+        nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+    )
+    .map_err(|e| io_err(e.into()))?;
+    let n = nix::sys::socket::recv(
+        fd.as_raw_fd(),
+        &mut buf,
+        nix::sys::socket::MsgFlags::empty(),
+    )
+    .map_err(|e| io_err(e.into()))?;
+    if n == 0 {
+        return Err(StatusError::Protocol(
+            "hypervisor closed the connection".into(),
+        ));
+    }
+    match hosted::decode_reply(&buf[..n])? {
+        Reply::Cell(c) => cell_from_wire(&c),
+        Reply::Refused(r) => Err(StatusError::Refused(r.detail().to_string())),
+        other => Err(StatusError::Protocol(format!("unexpected reply {other:?}"))),
+    }
+}
+
 pub(crate) fn set_recv_timeout(fd: &OwnedFd, timeout: Duration) -> io::Result<()> {
     let tv = nix::sys::time::TimeVal::new(timeout.as_secs() as _, timeout.subsec_micros() as _);
     nix::sys::socket::setsockopt(fd, nix::sys::socket::sockopt::ReceiveTimeout, &tv)
@@ -306,6 +373,9 @@ fn cell_from_wire(c: &CellStatusBody) -> Result<CellStatus, StatusError> {
     let exit = match c.exit_kind {
         exit_kind::CODE => Some(CellExit::Code(c.exit_value)),
         exit_kind::SIGNAL => Some(CellExit::Signal(c.exit_value)),
+        exit_kind::CELL_STATE => Some(CellExit::CellState(c.exit_value)),
+        exit_kind::FATAL => Some(CellExit::Fatal),
+        exit_kind::STOPPED => Some(CellExit::Stopped),
         _ => None,
     };
     Ok(CellStatus {
@@ -352,6 +422,9 @@ pub(crate) fn to_wire(status: &SystemStatus) -> Vec<Reply> {
             None => (exit_kind::NONE, 0),
             Some(CellExit::Code(v)) => (exit_kind::CODE, v),
             Some(CellExit::Signal(v)) => (exit_kind::SIGNAL, v),
+            Some(CellExit::CellState(v)) => (exit_kind::CELL_STATE, v),
+            Some(CellExit::Fatal) => (exit_kind::FATAL, 0),
+            Some(CellExit::Stopped) => (exit_kind::STOPPED, 0),
         };
         out.push(Reply::Cell(CellStatusBody {
             name: wire_name(&c.name),

@@ -104,6 +104,7 @@ peers = ["rtos", "linux", "ghost"]
 protocol = "ethernet"
 output_size = "3K"
 interrupts = "msix"
+vectors = 17
 "#,
     );
     let output = hypervisor(&["check", &path, "--cpu-count", "1"]);
@@ -123,7 +124,7 @@ interrupts = "msix"
         "error: cells[1] \"linux\" .cpus: CPU 1 does not exist on this machine, which has 1 CPU (0)",
         "error: links[0] \"net0\" .peers[2]: there is no cell called \"ghost\"",
         "error: links[0] \"net0\" .output_size: the output section size 0xc00 (3072 bytes) is not a multiple of the page size",
-        "error: links[0] \"net0\" .interrupts: MSI-X interrupts are not supported yet",
+        "error: links[0] \"net0\" .vectors: 17 vectors: the device offers 1 to 16 MSI-X vectors per peer",
         "warning: links[0] \"net0\" .protocol: ethernet links are point-to-point",
     ] {
         assert!(stderr.contains(expected), "missing {expected:?} in:\n{stderr}");
@@ -211,23 +212,16 @@ output_size = "4K"
 "#;
 
 #[test]
-fn check_warns_that_kvm_cells_are_not_supported_yet() {
+fn check_accepts_kvm_cells() {
     let config = temp_config("kvm-check", WITH_KVM_CELL);
     let output = hypervisor(&["check", &config, "--cpu-count", "2"]);
     let stderr = text(&output.stderr);
     assert_eq!(output.status.code(), Some(0), "{stderr}");
-    assert!(
-        stderr.contains(
-            "warning: cell `rtos`: KVM cells are not supported by this build yet; \
-             `hypervisor run` refuses this configuration"
-        ),
-        "{stderr}"
-    );
-    assert!(!stderr.contains("cell `linux`"), "{stderr}");
+    assert!(!stderr.contains("warning"), "{stderr}");
 }
 
 #[test]
-fn run_refuses_a_system_with_kvm_cells() {
+fn run_refuses_a_kvm_cell_whose_image_cannot_be_read_before_starting_anything() {
     let config = temp_config("kvm-run", WITH_KVM_CELL);
     let socket = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("config-cli-{}-kvm.sock", std::process::id()));
@@ -235,7 +229,7 @@ fn run_refuses_a_system_with_kvm_cells() {
     let stderr = text(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(
-        stderr.contains("KVM cells are not supported by this build yet: cell rtos"),
+        stderr.contains("cell `rtos`: cannot read image rtos.bin"),
         "{stderr}"
     );
     assert!(!socket.exists(), "no control socket is created");

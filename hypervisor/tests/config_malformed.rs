@@ -1,7 +1,9 @@
 //! Malformed configurations: each must be refused with the location of the problem, what is
 //! wrong and a fix, and every problem in a file must be reported, not only the first.
 
-use hypervisor::config::{ConfigErrors, Problem, ProblemKind, Severity, SystemConfig};
+use hypervisor::config::{
+    ConfigErrors, InterruptMode, Problem, ProblemKind, Severity, SystemConfig,
+};
 
 /// A valid two-cell system, the base most cases modify.
 const GOOD: &str = r#"
@@ -501,21 +503,64 @@ fn unparsable_size_string() {
 }
 
 #[test]
-fn msix_is_refused_as_not_supported_yet() {
-    let errors = refused(&GOOD.replace("output_size", "interrupts = \"msix\"\noutput_size"));
+fn msix_takes_1_to_16_vectors_and_intx_exactly_one() {
+    let with = |keys: &str| GOOD.replace("output_size", &format!("{keys}\noutput_size"));
+    for (keys, expected) in [
+        (
+            "interrupts = \"msix\"\nvectors = 16",
+            InterruptMode::Msix { vectors: 16 },
+        ),
+        ("interrupts = \"MSI-X\"", InterruptMode::Msix { vectors: 1 }),
+        ("interrupts = \"intx\"\nvectors = 1", InterruptMode::Intx),
+        ("", InterruptMode::Intx),
+    ] {
+        let config = SystemConfig::from_toml_str(&with(keys)).unwrap();
+        let valid = config.validate().unwrap();
+        assert_eq!(valid.links[0].interrupts, expected, "{keys}");
+    }
+    for n in [0, 17, -1, 65_536] {
+        let errors = refused(&with(&format!("interrupts = \"msix\"\nvectors = {n}")));
+        let problem = expect(
+            &errors,
+            ProblemKind::InvalidVectors,
+            r#"links[0] "l" .vectors"#,
+            &[&format!("{n} vectors"), "1 to 16"],
+        );
+        assert!(problem.fix.contains("vectors = 1 up to 16"), "{problem}");
+        assert_eq!(errors.error_count(), 1, "{errors}");
+    }
+    let errors = refused(&with("vectors = 4"));
+    let problem = expect(
+        &errors,
+        ProblemKind::InvalidVectors,
+        r#"links[0] "l" .vectors"#,
+        &["INTx has exactly one vector"],
+    );
+    assert!(problem.fix.contains("msix"), "{problem}");
+    let errors = refused(&with("interrupts = \"edge\""));
     let problem = expect(
         &errors,
         ProblemKind::UnsupportedInterrupts,
         r#"links[0] "l" .interrupts"#,
-        &["MSI-X", "not supported yet"],
-    );
-    assert!(problem.fix.contains("intx"), "{problem}");
-    let errors = refused(&GOOD.replace("output_size", "interrupts = \"edge\"\noutput_size"));
-    expect(
-        &errors,
-        ProblemKind::UnsupportedInterrupts,
-        r#"links[0] "l" .interrupts"#,
         &["unknown interrupt kind \"edge\""],
+    );
+    assert!(
+        problem.fix.contains("msix") && problem.fix.contains("intx"),
+        "{problem}"
+    );
+    // A link with a KVM cell defaults to MSI-X, what Jailhouse offers on x86.
+    let kvm = GOOD.replacen(
+        "command = \"/bin/true\"",
+        "kind = \"kvm\"\nmemory = \"1M\"\nimage = \"inmate.bin\"",
+        1,
+    );
+    let valid = SystemConfig::from_toml_str(&kvm)
+        .unwrap()
+        .validate()
+        .unwrap();
+    assert_eq!(
+        valid.links[0].interrupts,
+        InterruptMode::Msix { vectors: 1 }
     );
 }
 
@@ -606,7 +651,7 @@ name = "l"
 peers = ["a", "zz"]
 protocol = "nope"
 output_size = 100
-interrupts = "msix"
+interrupts = "msi"
 "#;
     let errors = refused(text);
     let expected = [

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use hypervisor::config::{load_and_validate, CellKind, Interrupts, SystemConfig, ValidConfig};
+use hypervisor::config::{load_and_validate, CellKind, InterruptMode, SystemConfig, ValidConfig};
 
 fn configs_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../configs")
@@ -63,7 +63,7 @@ fn telemetry_is_a_one_to_one_telemetry_link() {
     assert_eq!(link.protocol, 0x4001);
     assert_eq!(link.peers, ["rtos-telemetry", "linux-consumer"]);
     assert_eq!(link.peer_cells, [0, 1]);
-    assert_eq!(link.interrupts, Interrupts::Intx);
+    assert_eq!(link.interrupts, InterruptMode::Intx);
     assert_eq!(link.max_peers(), 2);
     assert_eq!(link.layout.state_table().offset, 0);
     assert_eq!(

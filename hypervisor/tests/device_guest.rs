@@ -7,7 +7,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use hypervisor::device::{Interrupt, Link, LinkParams, StateTable};
+use hypervisor::device::{Interrupt, InterruptMode, Link, LinkParams, StateTable};
 use ivshmem_dev::layout::{LayoutParams, SharedMemoryLayout};
 use ivshmem_dev::pci::{self, find_ivshmem};
 use ivshmem_dev::{ConfigAccess, Ivshmem, PciAddress, Protocol, RegisterAccess, Section, Sections};
@@ -118,6 +118,7 @@ fn guests_find_set_up_and_drive_the_emulated_device() {
         max_peers: 2,
         protocol: Protocol::ETHERNET,
         layout,
+        interrupts: InterruptMode::Intx,
     };
     let machine = Machine {
         link: RefCell::new(Link::new(params, Box::new(table.clone())).unwrap()),

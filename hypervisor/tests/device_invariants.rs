@@ -9,7 +9,7 @@
 //! - `ID`, `MAX_PEERS` and `DOORBELL` read what they must.
 
 use hypervisor::device::{
-    Interrupt, InterruptGate, Link, LinkParams, VecStateTable, VENDOR_CAP_OFFSET,
+    Interrupt, InterruptGate, InterruptMode, Link, LinkParams, VecStateTable, VENDOR_CAP_OFFSET,
 };
 use ivshmem_dev::layout::{LayoutParams, SharedMemoryLayout};
 use ivshmem_dev::pci::CAP_PRIV_CONTROL;
@@ -46,6 +46,7 @@ fn new_link(max_peers: u16, stale: u32) -> Link {
         max_peers,
         protocol: Protocol::ETHERNET,
         layout,
+        interrupts: InterruptMode::Intx,
     };
     let table = VecStateTable::from_entries(vec![stale; usize::from(max_peers)]);
     Link::new(params, Box::new(table)).unwrap()

@@ -5,8 +5,8 @@
 use std::sync::{Arc, Mutex};
 
 use hypervisor::device::{
-    AccessError, AccessKind, AccessReason, AccessSpace, Effects, Interrupt, InterruptGate, Link,
-    LinkError, LinkParams, StateTable, VecStateTable, VENDOR_CAP_OFFSET,
+    AccessError, AccessKind, AccessReason, AccessSpace, Effects, Interrupt, InterruptGate,
+    InterruptMode, Link, LinkError, LinkParams, StateTable, VecStateTable, VENDOR_CAP_OFFSET,
 };
 use ivshmem_dev::layout::{LayoutParams, SharedMemoryLayout};
 use ivshmem_dev::pci::{self, CAP_PRIV_CONTROL};
@@ -34,6 +34,7 @@ fn link_with_table(max_peers: u16, table: VecStateTable) -> Link {
         max_peers,
         protocol: Protocol::TELEMETRY,
         layout: layout(max_peers),
+        interrupts: InterruptMode::Intx,
     };
     Link::new(params, Box::new(table)).unwrap()
 }
@@ -385,10 +386,10 @@ fn access_errors_name_offset_kind_size_and_reason() {
         err.fatal_report("rtos", 0xFE00_0011),
         "FATAL: cell \"rtos\": invalid ivshmem register write at 0xfe000011, size 2, value 0x1 (link `telemetry`, peer 1, offset 0x11): unsupported access size"
     );
-    let err = link.config_read(0, 0x12, 2).unwrap_err();
+    let err = link.config_read(0, 0x13, 2).unwrap_err();
     assert_eq!(
         err.to_string(),
-        "invalid ivshmem config space read at offset 0x12, size 2 (link `telemetry`, peer 0): BAR0 takes aligned 32-bit accesses only"
+        "invalid ivshmem config space read at offset 0x13, size 2 (link `telemetry`, peer 0): misaligned access"
     );
 }
 
@@ -500,8 +501,8 @@ fn command_register_keeps_only_its_writable_bits() {
     cfg_write(&mut link, 0, pci::COMMAND, 2, 0xFFFF);
     assert_eq!(
         cfg(&link, 0, pci::COMMAND, 2),
-        0x0407,
-        "I/O, memory, bus master, INTx disable"
+        0x0406,
+        "memory, bus master, INTx disable; never I/O (no I/O BAR)"
     );
     cfg_write(&mut link, 0, pci::COMMAND, 4, 0xFFFF_0000);
     assert_eq!(
@@ -523,10 +524,11 @@ fn read_only_header_fields_ignore_writes() {
     for (offset, size) in [
         (0x00u8, 4u8),
         (0x08, 4),
-        (0x0C, 4),
+        (0x0E, 2),
         (0x2C, 4),
         (0x34, 1),
-        (0x3C, 4),
+        (0x3D, 1),
+        (0x3E, 2),
         (0x14, 4),
         (0x18, 4),
         (0x80, 4),
@@ -569,35 +571,68 @@ fn bar0_sizing_and_programming() {
 }
 
 #[test]
-fn bar0_takes_aligned_dword_accesses_only() {
+fn cache_line_latency_and_interrupt_line_are_writable_without_effect() {
     let mut link = link(2);
-    for (offset, size) in [(0x10u16, 2u8), (0x12, 2), (0x10, 1), (0x13, 1)] {
-        let err = link.config_write(0, offset, size, 0xFFFF).unwrap_err();
-        assert_eq!(
-            (err.space, err.offset, err.kind, err.size, err.reason),
-            (
-                AccessSpace::Config,
-                u64::from(offset),
-                AccessKind::Write,
-                size,
-                AccessReason::Bar0NotDword
-            )
-        );
-        let err = link.config_read(0, offset, size).unwrap_err();
-        assert_eq!(err.reason, AccessReason::Bar0NotDword);
-    }
-    assert_eq!(link.bar0(0), Some(0));
+    cfg_write(&mut link, 0, 0x0C, 4, 0xFFFF_FFFF);
+    assert_eq!(
+        cfg(&link, 0, 0x0C, 4),
+        0x0000_FFFF,
+        "header type and BIST stay 0"
+    );
+    cfg_write(&mut link, 0, pci::INTERRUPT_LINE, 4, 0xFFFF_FF0B);
+    assert_eq!(
+        cfg(&link, 0, pci::INTERRUPT_LINE, 4),
+        0x0000_010B,
+        "line 0Bh, pin 1"
+    );
+    assert_eq!(
+        cfg(&link, 1, pci::INTERRUPT_LINE, 4),
+        0x0000_0100,
+        "per peer"
+    );
 }
 
 #[test]
-fn config_accesses_must_be_naturally_aligned_and_inside_config_space() {
+fn sub_dword_config_accesses_of_any_register_work_bars_included() {
+    let mut link = link(2);
+    // Byte-wise sizing of BAR0, as guests with byte enables do it.
+    for byte in 0..4u8 {
+        cfg_write(&mut link, 0, pci::BAR0 + byte, 1, 0xFF);
+    }
+    assert_eq!(cfg(&link, 0, pci::BAR0, 4), 0xFFFF_F000);
+    assert_eq!(cfg(&link, 0, pci::BAR0, 1), 0x00);
+    assert_eq!(cfg(&link, 0, pci::BAR0 + 1, 1), 0xF0);
+    assert_eq!(cfg(&link, 0, pci::BAR0 + 2, 2), 0xFFFF);
+    assert_eq!(cfg(&link, 0, pci::BAR0 + 1, 2), 0xFFF0, "within a dword");
+    // Word-wise programming.
+    cfg_write(&mut link, 0, pci::BAR0, 2, 0x1234);
+    cfg_write(&mut link, 0, pci::BAR0 + 2, 2, 0xFEBF);
+    assert_eq!(link.bar0(0), Some(0xFEBF_1000));
+    assert_eq!(cfg(&link, 0, pci::BAR0 + 3, 1), 0xFE);
+    // Byte reads of the ID dword.
+    assert_eq!(cfg(&link, 0, 0x01, 1), 0x11);
+    assert_eq!(cfg(&link, 0, 0x03, 1), 0x41);
+    assert_eq!(cfg(&link, 0, 0x01, 2), 0x0611);
+    // Byte write of the command register's high byte only.
+    cfg_write(&mut link, 0, pci::COMMAND, 1, 0x02);
+    cfg_write(&mut link, 0, pci::COMMAND + 1, 1, 0xFF);
+    assert_eq!(link.command(0), Some(0x0402));
+}
+
+#[test]
+fn config_accesses_must_stay_in_one_dword_and_inside_config_space() {
     let mut link = link(2);
     assert_eq!(
         link.config_read(0, 0x02, 4).unwrap_err().reason,
         AccessReason::Misaligned
     );
     assert_eq!(
-        link.config_read(0, 0x05, 2).unwrap_err().reason,
+        link.config_read(0, 0x03, 2).unwrap_err().reason,
+        AccessReason::Misaligned,
+        "crosses a dword boundary"
+    );
+    assert_eq!(
+        link.config_write(0, 0x12, 4, 0).unwrap_err().reason,
         AccessReason::Misaligned
     );
     assert_eq!(
@@ -669,6 +704,7 @@ fn a_new_run_after_everyone_left_clears_again() {
         max_peers: 2,
         protocol: Protocol::TELEMETRY,
         layout: layout(2),
+        interrupts: InterruptMode::Intx,
     };
     let mut link = Link::new(params, Box::new(table.clone())).unwrap();
     link.peer_attached(0);
@@ -778,6 +814,7 @@ fn link_refuses_a_layout_for_another_peer_count() {
         max_peers: 3,
         protocol: Protocol::ETHERNET,
         layout: layout(2),
+        interrupts: InterruptMode::Intx,
     };
     let err = Link::new(params, Box::new(VecStateTable::new(3))).unwrap_err();
     assert_eq!(

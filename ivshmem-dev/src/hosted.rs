@@ -9,11 +9,23 @@
 //! Conversation of a cell:
 //! 1. cell → [`Request::Attach`] with its cell name;
 //! 2. hypervisor → [`Reply::Refused`] (unknown name, already attached, wrong uid, …) **or**
-//!    [`Reply::Accepted`] with the number of links, followed by one [`Reply::LinkGrant`] per
-//!    link (in link index order), each carrying that link's fds (see [`GrantFds`]);
+//!    [`Reply::Accepted`] with the number of links, followed per link (in link index order)
+//!    by one [`Reply::LinkGrant`] carrying that link's section fds (see [`GrantFds`]) and then
+//!    one [`Reply::Peer`] per peer (in peer-ID order) with the peer's cell name and its
+//!    interrupt eventfds, one per vector (see [`PeerBody`]);
 //! 3. cell → [`Request::SetState`] for each STATE write; hypervisor → [`Reply::StateAck`]
 //!    once the state table holds the value and the peers were notified (or `Refused`);
-//! 4. the cell closes the socket (exit or crash): the hypervisor detaches it (state 0).
+//! 4. cell → [`Request::IllegalAccess`] when its code made a register access the device
+//!    refuses (misaligned, wrong size, outside the page): the hypervisor checks it against
+//!    the device model, reports it (`FATAL:`), answers [`Reply::Refused`] and stops the cell;
+//!    the cell stops itself too if it still runs;
+//! 5. the cell closes the socket (exit or crash): the hypervisor detaches it (state 0).
+//!
+//! Interrupts: a link has `vectors` vectors per peer (1 with INTx, 1..=16 with MSI-X). Vector
+//! 0 carries state changes (the hypervisor signals it); a DOORBELL write of (target, vector)
+//! signals the target's eventfd for that vector directly. Per-peer messages keep every
+//! datagram's fds far below the kernel's limit (`SCM_MAX_FD`, 253): 16 peers × 16 vectors
+//! would not fit in one.
 //!
 //! A status query ([`Request::Status`]) is answered on any fresh connection without attaching:
 //! [`Reply::Status`] followed by one [`Reply::Cell`] per cell and one [`Reply::Link`] per link.
@@ -32,17 +44,25 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 /// Magic at the start of every message: the bytes `"IVHS"` in memory order.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"IVHS");
-/// Protocol version spoken by this crate; a different version is refused.
-pub const VERSION: u16 = 1;
+/// Protocol version spoken by this crate; a different version is refused. Version 2 added
+/// vectors, [`Reply::Peer`] and [`Request::IllegalAccess`].
+pub const VERSION: u16 = 2;
 /// Maximum length in bytes of a cell or link name on the wire.
 pub const NAME_LEN: usize = 64;
 /// Size of a buffer large enough for any message of this protocol.
 pub const MAX_MESSAGE_SIZE: usize = 512;
 /// Most peers a link may have on the wire (same bound as the layout calculator).
 pub const MAX_WIRE_PEERS: usize = 16;
-/// Most fds one [`Reply::LinkGrant`] carries: state table, R/W section, every output section,
-/// every peer's interrupt eventfd.
-pub const MAX_FDS_PER_GRANT: usize = 2 + 2 * MAX_WIRE_PEERS;
+/// Most interrupt vectors per peer on the wire (the device's MSI-X limit).
+pub const MAX_WIRE_VECTORS: usize = 16;
+/// Most fds one [`Reply::LinkGrant`] carries: state table, R/W section, every output section.
+pub const MAX_FDS_PER_GRANT: usize = 2 + MAX_WIRE_PEERS;
+/// Most fds any one message carries (a grant, or a [`Reply::Peer`] with its vectors).
+pub const MAX_FDS_PER_MESSAGE: usize = if MAX_FDS_PER_GRANT > MAX_WIRE_VECTORS {
+    MAX_FDS_PER_GRANT
+} else {
+    MAX_WIRE_VECTORS
+};
 /// Size of the [`Header`] in bytes.
 pub const HEADER_SIZE: usize = core::mem::size_of::<Header>();
 
@@ -54,6 +74,11 @@ pub mod kind {
     pub const SET_STATE: u16 = 0x0002;
     /// Anyone (same uid) → hypervisor: status query (empty body).
     pub const STATUS: u16 = 0x0003;
+    /// Cell → hypervisor: the cell made an illegal register access ([`super::AccessBody`]).
+    pub const ILLEGAL_ACCESS: u16 = 0x0004;
+    /// Anyone (same uid) → hypervisor: stop, start or restart a cell
+    /// ([`super::CellControlBody`]); answered with [`CELL_STATUS`] or [`REFUSED`].
+    pub const CELL_CONTROL: u16 = 0x0005;
     /// Hypervisor → cell: attach accepted ([`super::AcceptedBody`]).
     pub const ACCEPTED: u16 = 0x0081;
     /// Hypervisor → cell: one link's parameters, fds beside it ([`super::LinkGrantBody`]).
@@ -68,6 +93,9 @@ pub mod kind {
     pub const CELL_STATUS: u16 = 0x0086;
     /// Hypervisor → status client: one link ([`super::LinkStatusBody`]).
     pub const LINK_STATUS: u16 = 0x0087;
+    /// Hypervisor → cell: one peer of a granted link, its eventfds beside it
+    /// ([`super::PeerBody`]).
+    pub const PEER: u16 = 0x0088;
 }
 
 /// Every message starts with this header.
@@ -132,6 +160,28 @@ pub struct AttachBody {
     pub cell: WireName,
 }
 
+/// What [`kind::CELL_CONTROL`] asks for.
+pub mod cell_action {
+    /// Stop the cell (its states become 0).
+    pub const STOP: u32 = 1;
+    /// Start a stopped cell.
+    pub const START: u32 = 2;
+    /// Stop and start the cell.
+    pub const RESTART: u32 = 3;
+}
+
+/// Body of [`kind::CELL_CONTROL`].
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+pub struct CellControlBody {
+    /// The cell.
+    pub cell: WireName,
+    /// One of the [`cell_action`] constants.
+    pub action: u32,
+    /// Zero.
+    pub reserved: u32,
+}
+
 /// Body of [`kind::SET_STATE`] and [`kind::STATE_ACK`].
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
@@ -167,8 +217,8 @@ pub struct LinkGrantBody {
     pub max_peers: u16,
     /// The link's protocol (PCI prog-IF/sub-class).
     pub protocol: u16,
-    /// Zero.
-    pub reserved: u16,
+    /// Interrupt vectors per peer, `1..=`[`MAX_WIRE_VECTORS`] (1 with INTx).
+    pub vectors: u16,
     /// Size of the state table in bytes.
     pub state_table_size: u32,
     /// Size of the R/W section in bytes (0: none, no fd).
@@ -179,6 +229,42 @@ pub struct LinkGrantBody {
     pub fd_count: u32,
     /// Zero.
     pub reserved2: u32,
+}
+
+/// Body of [`kind::PEER`]: one peer of the link granted just before, in peer-ID order. Its
+/// interrupt eventfds travel beside it, one per vector in vector order (`fd_count` = the
+/// grant's `vectors`): the cell's own are where its interrupts arrive, the others are what
+/// its DOORBELL writes signal.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+pub struct PeerBody {
+    /// The peer's cell name from the configuration.
+    pub cell: WireName,
+    /// Index of the link (as in [`LinkGrantBody::link`]).
+    pub link: u32,
+    /// The peer's ID on the link.
+    pub peer: u16,
+    /// Number of eventfds beside this message, `1..=`[`MAX_WIRE_VECTORS`].
+    pub fd_count: u16,
+}
+
+/// Body of [`kind::ILLEGAL_ACCESS`]: a register access the cell's code made that the device
+/// does not allow (for a process cell its register page is emulated in the cell).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+pub struct AccessBody {
+    /// Index of the link.
+    pub link: u32,
+    /// Offset in the register page.
+    pub offset: u32,
+    /// The value of a write (0 for a read).
+    pub value: u32,
+    /// Access size in bytes.
+    pub size: u8,
+    /// 1 for a write, 0 for a read.
+    pub write: u8,
+    /// Zero.
+    pub reserved: u16,
 }
 
 /// Why the hypervisor refused a request (the `reason` of [`RefusedBody`]).
@@ -282,6 +368,11 @@ pub enum CellPhase {
     Detached = 2,
     /// The spawned process has exited; it is not restarted.
     Exited = 3,
+    /// A KVM cell whose vCPU runs.
+    Running = 4,
+    /// A KVM cell that stopped (on request, on an illegal access or by its `cell_state`; the
+    /// exit fields say which).
+    Stopped = 5,
 }
 
 impl CellPhase {
@@ -291,6 +382,8 @@ impl CellPhase {
             1 => Self::Attached,
             2 => Self::Detached,
             3 => Self::Exited,
+            4 => Self::Running,
+            5 => Self::Stopped,
             _ => return None,
         })
     }
@@ -304,6 +397,12 @@ pub mod exit_kind {
     pub const CODE: u32 = 1;
     /// Killed by a signal (`exit_value` is the signal number).
     pub const SIGNAL: u32 = 2;
+    /// A KVM cell stopped by its `cell_state` (`exit_value`).
+    pub const CELL_STATE: u32 = 3;
+    /// A KVM cell stopped for an illegal access.
+    pub const FATAL: u32 = 4;
+    /// A KVM cell stopped on request.
+    pub const STOPPED: u32 = 5;
 }
 
 /// Body of [`kind::CELL_STATUS`].
@@ -360,6 +459,10 @@ pub enum Request {
     SetState(SetStateBody),
     /// Ask for the status tables.
     Status,
+    /// Report an illegal register access (the hypervisor stops the cell).
+    IllegalAccess(AccessBody),
+    /// Stop, start or restart a cell.
+    CellControl(CellControlBody),
 }
 
 /// A reply, as decoded by a cell or status client.
@@ -367,8 +470,10 @@ pub enum Request {
 pub enum Reply {
     /// Attach accepted; link grants follow.
     Accepted(AcceptedBody),
-    /// One link grant (fds beside it).
+    /// One link grant (section fds beside it).
     LinkGrant(LinkGrantBody),
+    /// One peer of the last granted link (its interrupt eventfds beside it).
+    Peer(PeerBody),
     /// STATE write done.
     StateAck(SetStateBody),
     /// Request refused.
@@ -455,6 +560,8 @@ impl Request {
             Request::Attach(b) => encode_raw(kind::ATTACH, b, out),
             Request::SetState(b) => encode_raw(kind::SET_STATE, b, out),
             Request::Status => encode_raw(kind::STATUS, &[0u8; 0], out),
+            Request::IllegalAccess(b) => encode_raw(kind::ILLEGAL_ACCESS, b, out),
+            Request::CellControl(b) => encode_raw(kind::CELL_CONTROL, b, out),
         }
     }
 }
@@ -465,6 +572,7 @@ impl Reply {
         match self {
             Reply::Accepted(b) => encode_raw(kind::ACCEPTED, b, out),
             Reply::LinkGrant(b) => encode_raw(kind::LINK_GRANT, b, out),
+            Reply::Peer(b) => encode_raw(kind::PEER, b, out),
             Reply::StateAck(b) => encode_raw(kind::STATE_ACK, b, out),
             Reply::Refused(b) => encode_raw(kind::REFUSED, b, out),
             Reply::Status(b) => encode_raw(kind::STATUS_REPLY, b, out),
@@ -522,6 +630,27 @@ pub fn decode_request(bytes: &[u8]) -> Result<Request, DecodeError> {
             }
             Ok(Request::Status)
         }
+        kind::ILLEGAL_ACCESS => {
+            let b: AccessBody = body(rest)?;
+            if b.reserved != 0 {
+                return Err(DecodeError::ReservedNotZero);
+            }
+            if b.write > 1 {
+                return Err(DecodeError::OutOfRange("write"));
+            }
+            Ok(Request::IllegalAccess(b))
+        }
+        kind::CELL_CONTROL => {
+            let b: CellControlBody = body(rest)?;
+            b.cell.as_str()?;
+            if !(cell_action::STOP..=cell_action::RESTART).contains(&b.action) {
+                return Err(DecodeError::OutOfRange("action"));
+            }
+            if b.reserved != 0 {
+                return Err(DecodeError::ReservedNotZero);
+            }
+            Ok(Request::CellControl(b))
+        }
         other => Err(DecodeError::UnexpectedKind(other)),
     }
 }
@@ -541,8 +670,11 @@ pub fn decode_reply(bytes: &[u8]) -> Result<Reply, DecodeError> {
         kind::LINK_GRANT => {
             let b: LinkGrantBody = body(rest)?;
             b.name.as_str()?;
-            if b.reserved != 0 || b.reserved2 != 0 {
+            if b.reserved2 != 0 {
                 return Err(DecodeError::ReservedNotZero);
+            }
+            if b.vectors == 0 || b.vectors as usize > MAX_WIRE_VECTORS {
+                return Err(DecodeError::OutOfRange("vectors"));
             }
             if b.max_peers < 2 || b.max_peers as usize > MAX_WIRE_PEERS {
                 return Err(DecodeError::OutOfRange("max_peers"));
@@ -557,6 +689,17 @@ pub fn decode_reply(bytes: &[u8]) -> Result<Reply, DecodeError> {
                 return Err(DecodeError::OutOfRange("fd_count"));
             }
             Ok(Reply::LinkGrant(b))
+        }
+        kind::PEER => {
+            let b: PeerBody = body(rest)?;
+            b.cell.as_str()?;
+            if b.peer as usize >= MAX_WIRE_PEERS {
+                return Err(DecodeError::OutOfRange("peer"));
+            }
+            if b.fd_count == 0 || b.fd_count as usize > MAX_WIRE_VECTORS {
+                return Err(DecodeError::OutOfRange("fd_count"));
+            }
+            Ok(Reply::Peer(b))
         }
         kind::STATE_ACK => Ok(Reply::StateAck(body(rest)?)),
         kind::REFUSED => {
@@ -583,7 +726,7 @@ pub fn decode_reply(bytes: &[u8]) -> Result<Reply, DecodeError> {
             if CellPhase::from_code(b.phase).is_none() {
                 return Err(DecodeError::OutOfRange("phase"));
             }
-            if b.exit_kind > exit_kind::SIGNAL {
+            if b.exit_kind > exit_kind::STOPPED {
                 return Err(DecodeError::OutOfRange("exit_kind"));
             }
             Ok(Reply::Cell(b))
@@ -605,9 +748,9 @@ pub fn decode_reply(bytes: &[u8]) -> Result<Reply, DecodeError> {
 /// 1. the state table (read-only);
 /// 2. the R/W section (read-write), only if `rw_size > 0`;
 /// 3. the output sections of peers `0..max_peers` (own read-write, others read-only), only if
-///    `output_size > 0`;
-/// 4. the interrupt eventfds (vector 0) of peers `0..max_peers`: the cell's own one is where its
-///    interrupts arrive, the others are what its DOORBELL writes signal.
+///    `output_size > 0`.
+///
+/// The interrupt eventfds follow in one [`Reply::Peer`] per peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GrantFds {
     max_peers: usize,
@@ -646,17 +789,10 @@ impl GrantFds {
         (self.has_outputs && peer < self.max_peers).then(|| 1 + usize::from(self.has_rw) + peer)
     }
 
-    /// Index of peer `peer`'s interrupt eventfd.
-    pub fn interrupt(&self, peer: u16) -> Option<usize> {
-        let peer = peer as usize;
-        let outputs = if self.has_outputs { self.max_peers } else { 0 };
-        (peer < self.max_peers).then(|| 1 + usize::from(self.has_rw) + outputs + peer)
-    }
-
     /// Total number of fds.
     pub fn count(&self) -> usize {
         let outputs = if self.has_outputs { self.max_peers } else { 0 };
-        1 + usize::from(self.has_rw) + outputs + self.max_peers
+        1 + usize::from(self.has_rw) + outputs
     }
 }
 
@@ -729,14 +865,11 @@ mod tests {
         assert_eq!(fds.output(0), Some(2));
         assert_eq!(fds.output(2), Some(4));
         assert_eq!(fds.output(3), None);
-        assert_eq!(fds.interrupt(0), Some(5));
-        assert_eq!(fds.interrupt(2), Some(7));
-        assert_eq!(fds.count(), 8);
+        assert_eq!(fds.count(), 5);
         let no_rw = GrantFds::new(2, 0, 0);
         assert_eq!(no_rw.rw(), None);
         assert_eq!(no_rw.output(0), None);
-        assert_eq!(no_rw.interrupt(1), Some(2));
-        assert_eq!(no_rw.count(), 3);
+        assert_eq!(no_rw.count(), 1);
 
         let mut grant = LinkGrantBody {
             name: WireName::new("net").unwrap(),
@@ -744,11 +877,11 @@ mod tests {
             peer_id: 1,
             max_peers: 3,
             protocol: 1,
-            reserved: 0,
+            vectors: 16,
             state_table_size: 4096,
             rw_size: 4096,
             output_size: 4096,
-            fd_count: 8,
+            fd_count: 5,
             reserved2: 0,
         };
         let mut buf = [0u8; MAX_MESSAGE_SIZE];
@@ -767,6 +900,70 @@ mod tests {
             decode_reply(&buf[..n]),
             Err(DecodeError::OutOfRange("fd_count"))
         );
+        grant.fd_count = 5;
+        for vectors in [0, 17] {
+            grant.vectors = vectors;
+            let n = Reply::LinkGrant(grant).encode(&mut buf).unwrap();
+            assert_eq!(
+                decode_reply(&buf[..n]),
+                Err(DecodeError::OutOfRange("vectors"))
+            );
+        }
+    }
+
+    #[test]
+    fn peer_messages_name_the_peer_and_count_its_vectors() {
+        let mut buf = [0u8; MAX_MESSAGE_SIZE];
+        let mut peer = PeerBody {
+            cell: WireName::new("rtos-telemetry").unwrap(),
+            link: 1,
+            peer: 0,
+            fd_count: 16,
+        };
+        let n = Reply::Peer(peer).encode(&mut buf).unwrap();
+        match decode_reply(&buf[..n]).unwrap() {
+            Reply::Peer(b) => assert_eq!(b.cell.as_str().unwrap(), "rtos-telemetry"),
+            other => panic!("unexpected {other:?}"),
+        }
+        for (field, bad) in [
+            ("fd_count", (0u16, 0u16)),
+            ("fd_count", (0, 17)),
+            ("peer", (16, 1)),
+        ] {
+            peer.peer = bad.0;
+            peer.fd_count = bad.1;
+            let n = Reply::Peer(peer).encode(&mut buf).unwrap();
+            assert_eq!(decode_reply(&buf[..n]), Err(DecodeError::OutOfRange(field)));
+        }
+        assert_eq!(MAX_FDS_PER_MESSAGE, 18);
+    }
+
+    #[test]
+    fn illegal_access_reports_round_trip_and_are_checked() {
+        let mut buf = [0u8; MAX_MESSAGE_SIZE];
+        let mut access = AccessBody {
+            link: 0,
+            offset: 0x11,
+            value: 7,
+            size: 4,
+            write: 1,
+            reserved: 0,
+        };
+        let n = Request::IllegalAccess(access).encode(&mut buf).unwrap();
+        assert_eq!(
+            decode_request(&buf[..n]),
+            Ok(Request::IllegalAccess(access))
+        );
+        access.write = 2;
+        let n = Request::IllegalAccess(access).encode(&mut buf).unwrap();
+        assert_eq!(
+            decode_request(&buf[..n]),
+            Err(DecodeError::OutOfRange("write"))
+        );
+        access.write = 0;
+        access.reserved = 1;
+        let n = Request::IllegalAccess(access).encode(&mut buf).unwrap();
+        assert_eq!(decode_request(&buf[..n]), Err(DecodeError::ReservedNotZero));
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! The ivshmem v2 device contract and the guest-side driver.
 //!
 //! - [`pci`]: PCI identity (110Ah:4106h, class FFh), config-space offsets, the vendor
-//!   capability, the [`pci::ConfigAccess`] trait and discovery.
+//!   capability, the [`pci::ConfigAccess`] trait, discovery and BAR sizing/programming.
+//! - [`msix`]: the MSI-X capability, table and PBA in BAR1 (Jailhouse's x86 layout): constants,
+//!   the capability walk ([`msix::MsixCapability::find`]) and table programming
+//!   ([`msix::MsixTable`]), all no_std.
 //! - [`regs`]: the BAR0 register page and [`regs::RegisterAccess`] ([`regs::Mmio`] for real
 //!   or UIO-mapped registers).
 //! - [`doorbell`]: the `DOORBELL` value encoding.
@@ -19,8 +22,28 @@
 //!   rounding them up.
 //! - Life cycle (enforced by the hypervisor, not by this crate): a peer that dies has its state
 //!   set to 0 at once; Jailhouse keeps a crashed cell's last state until the root cell acts.
-//! - With INTx only vector 0 exists; the driver's [`driver::Ivshmem::ring`] still takes a
-//!   vector so MSI-X can be added without an API change.
+//! - With INTx only vector 0 exists; with MSI-X 1 to 16 ([`msix::MAX_VECTORS`]), vector 0
+//!   carrying state changes. The driver's [`driver::Ivshmem::ring`] takes a vector for both.
+//! - The command register's writable bits are memory, bus master and INTx disable
+//!   ([`pci::COMMAND_WRITABLE`]): `ivshmem-v2.md` also lists the I/O bit, but the device has
+//!   no I/O BAR, so the bit stays 0 (writing FFFFh reads back 0406h).
+//! - MSI-X keeps no pending bits: the PBA reads 0 and an interrupt raised while masked is
+//!   dropped, not replayed on unmask (event state lives in shared memory; Jailhouse does
+//!   the same).
+//! - **A doorbell to a peer that is attached but whose state is 0** is delivered (if that
+//!   peer enabled interrupts): "active" in the specification means attached (its cell runs,
+//!   its device exists), not a non-zero state. A peer that just started and has not written
+//!   STATE yet can therefore already be woken, which is what a guest waiting for its peer's
+//!   first doorbell expects. Jailhouse's code does the same.
+//!
+//! # Readings of typos in the specification
+//!
+//! The register table of the Jailhouse specification has two entries that contradict PCI and
+//! Jailhouse's own code; this crate follows PCI and the code:
+//! - the **interrupt pin** is at config offset **3Dh** ([`pci::INTERRUPT_PIN`]), not 3Eh (3Eh
+//!   is Min_Gnt in a type 0 header);
+//! - **bus master** is command bit **2** ([`pci::COMMAND_BUS_MASTER`]), not bit 3 (bit 3 is
+//!   Special Cycles).
 #![cfg_attr(not(feature = "std"), no_std)]
 #![warn(missing_docs)]
 
@@ -28,6 +51,7 @@ pub mod doorbell;
 pub mod driver;
 pub mod hosted;
 pub mod layout;
+pub mod msix;
 pub mod pci;
 #[cfg(all(
     feature = "x86-port-io",

@@ -63,7 +63,8 @@ pub const SUBSYSTEM_ID: u8 = 0x2E;
 pub const CAP_POINTER: u8 = 0x34;
 /// Offset of the interrupt line (u8).
 pub const INTERRUPT_LINE: u8 = 0x3C;
-/// Offset of the interrupt pin (u8): 1..4 with INTx, 0 with MSI-X.
+/// Offset of the interrupt pin (u8): 1..4 with INTx, 0 with MSI-X. (The Jailhouse
+/// specification's table says 3Eh, a typo: PCI and Jailhouse's code use 3Dh.)
 pub const INTERRUPT_PIN: u8 = 0x3D;
 /// Size of the standard type 0 header; capabilities live above it.
 pub const HEADER_SIZE: u8 = 0x40;
@@ -75,13 +76,18 @@ pub const CONFIG_SPACE_SIZE: usize = 0x100;
 pub const COMMAND_IO: u16 = 1 << 0;
 /// Command bit 1: memory space decoding (BAR0 visible).
 pub const COMMAND_MEMORY: u16 = 1 << 1;
-/// Command bit 2: bus master.
+/// Command bit 2: bus master; gates MSI-X delivery. (The Jailhouse specification's table
+/// says bit 3, a typo: PCI and Jailhouse's code use bit 2.)
 pub const COMMAND_BUS_MASTER: u16 = 1 << 2;
 /// Command bit 10: INTx disable.
 pub const COMMAND_INTX_DISABLE: u16 = 1 << 10;
-/// The command bits the device lets a guest write; all others read 0.
-pub const COMMAND_WRITABLE: u16 =
-    COMMAND_IO | COMMAND_MEMORY | COMMAND_BUS_MASTER | COMMAND_INTX_DISABLE;
+/// The command bits the device lets a guest write (memory, bus master, INTx disable); all
+/// others read 0, so writing FFFFh reads back 0406h.
+///
+/// `ivshmem-v2.md` lists the I/O bit as writable too, but the device has no I/O BAR, so a
+/// writable I/O-space bit would announce decoding that does not exist (PCI: the bit is
+/// hardwired to 0 for functions without I/O space). Jailhouse's device keeps it at 0 as well.
+pub const COMMAND_WRITABLE: u16 = COMMAND_MEMORY | COMMAND_BUS_MASTER | COMMAND_INTX_DISABLE;
 
 /// Status bit 4: the device has a capability list.
 pub const STATUS_CAP_LIST: u16 = 1 << 4;
@@ -364,35 +370,51 @@ pub enum DiscoveryError {
         /// Its length byte.
         length: u8,
     },
-    /// BAR0 is not a 32-bit memory BAR.
-    #[error("{address}: BAR0 ({value:#010x}) is not a 32-bit memory BAR")]
-    Bar0NotMemory32 {
+    /// The MSI-X capability does not fit in config space or names a BAR above 5.
+    #[error("{address}: MSI-X capability at {offset:#04x} is malformed")]
+    BadMsixCapability {
         /// The function.
         address: PciAddress,
+        /// Where the capability starts.
+        offset: u8,
+    },
+    /// A BAR the device needs is not a 32-bit memory BAR.
+    #[error("{address}: BAR{bar} ({value:#010x}) is not a 32-bit memory BAR")]
+    BarNotMemory32 {
+        /// The function.
+        address: PciAddress,
+        /// The BAR index (0 registers, 1 MSI-X).
+        bar: u8,
         /// The BAR's value.
         value: u32,
     },
-    /// The address the caller gave for BAR0 is 0 or not aligned to the register page size.
-    #[error("{address}: BAR0 address {base:#010x} is 0 or not aligned to 4 KiB")]
-    BadBar0Address {
+    /// The address the caller gave for a BAR is 0 or not aligned to the BAR's size.
+    #[error("{address}: BAR{bar} address {base:#010x} is 0 or not aligned to the BAR's size")]
+    BadBarAddress {
         /// The function.
         address: PciAddress,
+        /// The BAR index.
+        bar: u8,
         /// The address given.
         base: u32,
     },
-    /// BAR0 is smaller than the register page, or its size mask is malformed.
-    #[error("{address}: BAR0 size mask {mask:#010x} does not describe at least 4 KiB")]
-    BadBar0Size {
+    /// A BAR is smaller than 4 KiB, absent, or its size mask is malformed.
+    #[error("{address}: BAR{bar} size mask {mask:#010x} does not describe at least 4 KiB")]
+    BadBarSize {
         /// The function.
         address: PciAddress,
+        /// The BAR index.
+        bar: u8,
         /// The mask read back after writing all ones.
         mask: u32,
     },
-    /// BAR0 did not take the address written to it.
-    #[error("{address}: BAR0 reads {read:#010x} after writing {wrote:#010x}")]
-    Bar0NotProgrammed {
+    /// A BAR did not take the address written to it.
+    #[error("{address}: BAR{bar} reads {read:#010x} after writing {wrote:#010x}")]
+    BarNotProgrammed {
         /// The function.
         address: PciAddress,
+        /// The BAR index.
+        bar: u8,
         /// The value written.
         wrote: u32,
         /// The value read back.
@@ -576,8 +598,9 @@ pub fn probe<C: ConfigAccess + ?Sized>(
     }
     let bar0 = access.read32(address, BAR0);
     if bar0 & (BAR_IO_SPACE | BAR_MEM_TYPE_MASK) != 0 {
-        return Err(DiscoveryError::Bar0NotMemory32 {
+        return Err(DiscoveryError::BarNotMemory32 {
             address,
+            bar: 0,
             value: bar0,
         });
     }
@@ -658,51 +681,100 @@ fn read_vendor_capability<C: ConfigAccess + ?Sized>(
 }
 
 impl IvshmemPci {
-    /// Sizes BAR0 (writes all ones, reads the mask, restores the old value) and returns its
-    /// size in bytes. Memory decoding should be off while this runs.
+    /// Sizes BAR0 (the register page) and returns its size in bytes; see
+    /// [`bar_size`](Self::bar_size).
     pub fn bar0_size<C: ConfigAccess + ?Sized>(&self, access: &C) -> Result<u32, DiscoveryError> {
+        self.bar_size(access, 0)
+    }
+
+    /// Sizes 32-bit memory BAR `bar` (0..=5: writes all ones, reads the mask, restores the
+    /// old value) and returns its size in bytes. Memory decoding should be off while this
+    /// runs. BAR1 holds the MSI-X table and PBA in MSI-X mode; without MSI-X it reads 0 and
+    /// this fails with [`DiscoveryError::BadBarSize`].
+    ///
+    /// # Panics
+    /// If `bar` is above 5.
+    pub fn bar_size<C: ConfigAccess + ?Sized>(
+        &self,
+        access: &C,
+        bar: u8,
+    ) -> Result<u32, DiscoveryError> {
+        assert!(bar <= 5, "a type 0 header has BARs 0 to 5, not {bar}");
         let address = self.address;
-        let old = access.read32(address, BAR0);
-        access.write32(address, BAR0, u32::MAX);
-        let mask = access.read32(address, BAR0);
-        access.write32(address, BAR0, old);
+        let offset = BAR0 + 4 * bar;
+        let old = access.read32(address, offset);
+        access.write32(address, offset, u32::MAX);
+        let mask = access.read32(address, offset);
+        access.write32(address, offset, old);
+        if mask & (BAR_IO_SPACE | BAR_MEM_TYPE_MASK) != 0 {
+            return Err(DiscoveryError::BarNotMemory32 {
+                address,
+                bar,
+                value: mask,
+            });
+        }
         let address_bits = mask & BAR_MEM_ADDRESS_MASK;
         let size = (!address_bits).wrapping_add(1);
         // A valid mask is a run of ones from bit 31 down (size a power of two).
         if address_bits == 0 || !size.is_power_of_two() || size < REGISTER_PAGE_SIZE {
-            return Err(DiscoveryError::BadBar0Size { address, mask });
+            return Err(DiscoveryError::BadBarSize { address, bar, mask });
         }
         Ok(size)
     }
 
-    /// Programs BAR0 to `base` (non-zero, 4 KiB aligned): turns memory decoding off, checks
-    /// the BAR's size, writes the address and reads it back.
+    /// Programs BAR0 to `base`; see [`program_bar`](Self::program_bar).
     pub fn program_bar0<C: ConfigAccess + ?Sized>(
         &self,
         access: &C,
         base: u32,
     ) -> Result<(), DiscoveryError> {
+        self.program_bar(access, 0, base)
+    }
+
+    /// Programs 32-bit memory BAR `bar` to `base` (non-zero, aligned to the BAR's size): turns
+    /// memory decoding off, sizes the BAR, writes the address and reads it back. Jailhouse's
+    /// x86 demo puts BAR0 at 0xFF000000 and BAR1 (MSI-X) at 0xFF001000.
+    ///
+    /// # Panics
+    /// If `bar` is above 5.
+    pub fn program_bar<C: ConfigAccess + ?Sized>(
+        &self,
+        access: &C,
+        bar: u8,
+        base: u32,
+    ) -> Result<(), DiscoveryError> {
         let address = self.address;
         if base == 0 || base % REGISTER_PAGE_SIZE != 0 {
-            return Err(DiscoveryError::BadBar0Address { address, base });
+            return Err(DiscoveryError::BadBarAddress { address, bar, base });
         }
         let command = access.read16(address, COMMAND);
         // The upper half (status) is written as 0: its bits are read-only or write-1-to-clear.
         access.write32(address, COMMAND, u32::from(command & !COMMAND_MEMORY));
-        let size = self.bar0_size(access)?;
+        let size = self.bar_size(access, bar)?;
         if base % size != 0 {
-            return Err(DiscoveryError::BadBar0Address { address, base });
+            return Err(DiscoveryError::BadBarAddress { address, bar, base });
         }
-        access.write32(address, BAR0, base);
-        let read = access.read32(address, BAR0) & BAR_MEM_ADDRESS_MASK;
+        let offset = BAR0 + 4 * bar;
+        access.write32(address, offset, base);
+        let read = access.read32(address, offset) & BAR_MEM_ADDRESS_MASK;
         if read != base {
-            return Err(DiscoveryError::Bar0NotProgrammed {
+            return Err(DiscoveryError::BarNotProgrammed {
                 address,
+                bar,
                 wrote: base,
                 read,
             });
         }
         Ok(())
+    }
+
+    /// The device's MSI-X capability, or `None` in INTx mode; see
+    /// [`crate::msix::MsixCapability::find`].
+    pub fn msix<C: ConfigAccess + ?Sized>(
+        &self,
+        access: &C,
+    ) -> Result<Option<crate::msix::MsixCapability>, DiscoveryError> {
+        crate::msix::MsixCapability::find(access, self.address)
     }
 
     /// Sets the command register's memory and bus-master bits (keeping the others) and

@@ -368,7 +368,11 @@ fn bar0_must_be_a_32_bit_memory_bar() {
         let pci = FakePci::default().with(address, f);
         assert_eq!(
             probe(&pci, address),
-            Err(DiscoveryError::Bar0NotMemory32 { address, value })
+            Err(DiscoveryError::BarNotMemory32 {
+                address,
+                bar: 0,
+                value
+            })
         );
     }
 }
@@ -413,7 +417,11 @@ fn bar0_address_is_checked() {
     for base in [0, 0xFEBF_0800] {
         assert_eq!(
             device.program_bar0(&pci, base),
-            Err(DiscoveryError::BadBar0Address { address, base })
+            Err(DiscoveryError::BadBarAddress {
+                address,
+                bar: 0,
+                base
+            })
         );
     }
     // A BAR that ignores writes.
@@ -422,7 +430,11 @@ fn bar0_address_is_checked() {
     let pci = FakePci::default().with(address, f);
     assert_eq!(
         device.program_bar0(&pci, 0xFEBF_0000),
-        Err(DiscoveryError::BadBar0Size { address, mask: 0 })
+        Err(DiscoveryError::BadBarSize {
+            address,
+            bar: 0,
+            mask: 0
+        })
     );
     // A BAR of 64 KiB needs 64 KiB alignment.
     let mut f = ivshmem(Protocol::ETHERNET);
@@ -430,7 +442,8 @@ fn bar0_address_is_checked() {
     let pci = FakePci::default().with(address, f);
     assert_eq!(
         device.program_bar0(&pci, 0xFEBF_1000),
-        Err(DiscoveryError::BadBar0Address {
+        Err(DiscoveryError::BadBarAddress {
+            bar: 0,
             address,
             base: 0xFEBF_1000
         })

@@ -352,6 +352,24 @@ impl Endpoint {
         &self.name
     }
 
+    /// This cell's own name, where the backend knows it: the name the hosted hypervisor
+    /// attached it as; `None` over UIO or an in-process link (nothing names the cell there).
+    pub fn cell(&self) -> Option<&str> {
+        match &self.interrupt.source {
+            InterruptSource::Hosted(link) => Some(link.cell()),
+            _ => None,
+        }
+    }
+
+    /// Peer `peer`'s cell name, where the backend knows it (hosted: the hypervisor tells each
+    /// cell its peers' names, so `peer 0` can be printed as `rtos-telemetry`).
+    pub fn peer_name(&self, peer: u16) -> Option<&str> {
+        match &self.interrupt.source {
+            InterruptSource::Hosted(link) => link.peer_name(peer),
+            _ => None,
+        }
+    }
+
     /// The backend.
     pub fn backend(&self) -> Backend {
         self.backend

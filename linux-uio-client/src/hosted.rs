@@ -2,25 +2,36 @@
 //! and drive each link like an ivshmem v2 device.
 //!
 //! [`HostedEndpoint::attach`] connects to the Unix `SOCK_SEQPACKET` control socket, attaches
-//! by cell name and receives, per link the cell is on, the link parameters and its fds (see
-//! [`ivshmem_dev::hosted::GrantFds`]). Each link becomes a [`HostedLink`] with:
+//! by cell name and receives, per link the cell is on, the link parameters and its section
+//! fds (see [`ivshmem_dev::hosted::GrantFds`]), then every peer's cell name and interrupt
+//! eventfds, one per vector ([`ivshmem_dev::hosted::PeerBody`]). Each link becomes a
+//! [`HostedLink`] with:
 //!
 //! - the sections mapped: the state table and other peers' output sections read-only (their
 //!   fds are read-only, so they cannot be mapped writable), the R/W section and this peer's
 //!   own output section read-write;
 //! - [`HostedRegisters`], an [`ivshmem_dev::RegisterAccess`] emulating the register page:
 //!   `ID` and `MAX_PEERS` from the attach reply; `DOORBELL` writes 1 to the target peer's
-//!   interrupt eventfd (vector 0 only; no effect on a target that does not exist); `STATE` is
+//!   interrupt eventfd for the vector (no effect on a target or vector that does not exist;
+//!   INTx links have vector 0 only, MSI-X links 1..=16 vectors); `STATE` is
 //!   sent to the hypervisor, which updates the state table and notifies the peers, and the
 //!   write returns only after its acknowledgement (a failed register write is logged with
 //!   `tracing::warn!`; if no reply comes within the reply timeout, 5 s by default, the
 //!   connection is marked broken, since a late acknowledgement would otherwise be taken for
 //!   the next write's, and later writes fail with [`HostedError::Broken`]); `INT_CONTROL` and one-shot mode are kept
 //!   here: a doorbell that arrives while interrupts are disabled is discarded (drained when
-//!   interrupts are enabled or re-armed); other offsets read 0 and ignore writes;
+//!   interrupts are enabled or re-armed); other aligned offsets in the page read 0 and ignore
+//!   writes. A misaligned offset or one outside the page is an **illegal access**, as on the
+//!   device: the endpoint reports it to the hypervisor (which logs the `FATAL:` report,
+//!   kills a cell it spawned and detaches it, so its peers see state 0) and then stops this
+//!   process with `SIGKILL`, like the hypervisor would;
 //! - [`HostedLink::ivshmem`], the driver [`Ivshmem<HostedRegisters>`] over those mappings;
-//! - the interrupt eventfd ([`HostedLink::interrupt_fd`], for an async reactor) and a blocking
-//!   [`HostedLink::wait_interrupt`] that applies INT_CONTROL and one-shot semantics.
+//! - the interrupt eventfds, one per vector ([`HostedLink::interrupt_fd`] for vector 0,
+//!   [`HostedLink::vector_fd`]; for an async reactor), [`HostedLink::take_vectors`] and a
+//!   blocking [`HostedLink::wait_interrupt`] that apply INT_CONTROL and one-shot semantics
+//!   (with MSI-X and one-shot, the vectors pending together are delivered together, then
+//!   INT_CONTROL is cleared);
+//! - the peers' cell names ([`HostedLink::peer_name`], [`HostedLink::peer_id_of`]).
 //!
 //! Closing the endpoint (or the process dying) closes the socket: the hypervisor then sets
 //! this cell's states to 0 and notifies its peers.
@@ -34,12 +45,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ivshmem_dev::hosted::{
-    self, AttachBody, DecodeError, GrantFds, LinkGrantBody, RefusalReason, Reply, Request,
-    SetStateBody, WireName, MAX_FDS_PER_GRANT, MAX_MESSAGE_SIZE,
+    self, AccessBody, AttachBody, DecodeError, GrantFds, LinkGrantBody, PeerBody, RefusalReason,
+    Reply, Request, SetStateBody, WireName, MAX_FDS_PER_MESSAGE, MAX_MESSAGE_SIZE,
 };
 use ivshmem_dev::regs::{self, RegisterAccess, INT_CONTROL_ENABLE};
 use ivshmem_dev::{DriverError, Ivshmem, Section, Sections, MAX_SUPPORTED_PEERS};
 use memmap2::{MmapOptions, MmapRaw};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{
     connect, recvmsg, send, socket, AddressFamily, ControlMessageOwned, MsgFlags, SockFlag,
     SockType, UnixAddr,
@@ -139,7 +151,7 @@ impl Connection {
     /// `timeout` is the socket's receive timeout (for the error).
     fn recv(fd: BorrowedFd<'_>, timeout: Duration) -> Result<(Reply, Vec<OwnedFd>), HostedError> {
         let mut buf = [0u8; MAX_MESSAGE_SIZE + 1];
-        let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS_PER_GRANT]);
+        let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS_PER_MESSAGE]);
         let (n, truncated, fds) = {
             let mut iov = [IoSliceMut::new(&mut buf)];
             let msg = loop {
@@ -209,6 +221,21 @@ impl Connection {
     }
 }
 
+impl Connection {
+    /// Reports an illegal register access and waits (up to the reply timeout) for the
+    /// hypervisor's verdict: the refusal detail (its `FATAL:` report) when it agrees.
+    fn report_illegal_access(&self, access: AccessBody) -> Result<String, HostedError> {
+        let fd = self.fd.lock().unwrap_or_else(|p| p.into_inner());
+        Self::send(fd.as_fd(), &Request::IllegalAccess(access))?;
+        match Self::recv(fd.as_fd(), self.reply_timeout)? {
+            (Reply::Refused(r), _) => Ok(r.detail().to_string()),
+            (other, _) => Err(HostedError::Protocol(format!(
+                "expected the verdict on an illegal access, got {other:?}"
+            ))),
+        }
+    }
+}
+
 fn refused(r: &hosted::RefusedBody) -> HostedError {
     HostedError::Refused {
         reason: r.reason().unwrap_or(RefusalReason::BadRequest),
@@ -274,40 +301,50 @@ impl MappedSection {
 #[derive(Debug)]
 struct LinkShared {
     name: String,
+    /// The name of the cell this endpoint attached as.
+    cell: String,
     link_index: u32,
     peer_id: u16,
     max_peers: u16,
     protocol: u16,
+    vectors: u16,
     connection: Arc<Connection>,
     state_table: MappedSection,
     rw: Option<MappedSection>,
     outputs: Vec<MappedSection>,
-    interrupt: OwnedFd,
-    doorbells: Vec<OwnedFd>,
+    /// This peer's interrupt eventfds, by vector.
+    interrupts: Vec<OwnedFd>,
+    /// Every peer's interrupt eventfds (the doorbells), by peer ID, then vector.
+    doorbells: Vec<Vec<OwnedFd>>,
+    /// Every peer's cell name, by peer ID.
+    peer_names: Vec<String>,
     int_control: AtomicU32,
     oneshot: AtomicBool,
     state: AtomicU32,
 }
 
 impl LinkShared {
-    fn drain_interrupt(&self) -> io::Result<u64> {
-        let mut count: u64 = 0;
-        // SAFETY: reads 8 bytes into a valid u64 from our non-blocking eventfd.
-        let n = unsafe {
-            libc::read(
-                self.interrupt.as_raw_fd(),
-                (&mut count as *mut u64).cast(),
-                8,
-            )
+    /// Drains the eventfd of `vector` (non-blocking): the count, 0 if nothing was pending.
+    fn drain_vector(&self, vector: u16) -> io::Result<u64> {
+        let Some(fd) = self.interrupts.get(usize::from(vector)) else {
+            return Ok(0);
         };
-        if n == 8 {
-            return Ok(count);
+        let mut count = [0u8; 8];
+        match nix::unistd::read(fd, &mut count) {
+            Ok(8) => Ok(u64::from_ne_bytes(count)),
+            Ok(n) => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("eventfd read returned {n} bytes"),
+            )),
+            Err(nix::errno::Errno::EAGAIN) => Ok(0),
+            Err(e) => Err(e.into()),
         }
-        let err = io::Error::last_os_error();
-        if err.kind() == io::ErrorKind::WouldBlock {
-            Ok(0)
-        } else {
-            Err(err)
+    }
+
+    /// Drains every vector's eventfd (discarding what was pending).
+    fn drain_all(&self) {
+        for vector in 0..self.vectors {
+            let _ = self.drain_vector(vector);
         }
     }
 
@@ -359,23 +396,54 @@ impl HostedRegisters {
 
     fn ring(&self, value: u32) {
         let s = &self.shared;
-        let (target, vector) = ((value >> 16) as u16, value & 0xFFFF);
-        // INTx: only vector 0 exists; any other vector, or a peer that does not exist, has no
-        // effect, like on the device.
-        if vector != 0 {
-            return;
+        let (target, vector) = ((value >> 16) as usize, (value & 0xFFFF) as usize);
+        // A peer or vector that does not exist: no effect, like on the device.
+        if let Some(fd) = s.doorbells.get(target).and_then(|lines| lines.get(vector)) {
+            // EAGAIN (counter full) means the interrupt is pending anyway.
+            let _ = nix::unistd::write(fd, &1u64.to_ne_bytes());
         }
-        if let Some(fd) = s.doorbells.get(target as usize) {
-            let one: u64 = 1;
-            // SAFETY: writes 8 bytes from a valid u64 to an eventfd we own. EAGAIN (counter
-            // full) means the interrupt is pending anyway.
-            let _ = unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    /// An access the device refuses (misaligned, or outside the register page): reported to
+    /// the hypervisor, which stops the cell (`FATAL:` report, peers see state 0); then this
+    /// process stops itself with `SIGKILL` in case the hypervisor could not (a cell started
+    /// by hand), as a CPU stops at a fault. Never returns.
+    fn illegal_access(&self, offset: u32, value: Option<u32>) -> ! {
+        let s = &self.shared;
+        let access = AccessBody {
+            link: s.link_index,
+            offset,
+            value: value.unwrap_or(0),
+            size: 4,
+            write: u8::from(value.is_some()),
+            reserved: 0,
+        };
+        match s.connection.report_illegal_access(access) {
+            Ok(report) => tracing::error!(link = %s.name, "{report}"),
+            Err(e) => tracing::error!(
+                link = %s.name,
+                "illegal register {} at offset {offset:#x}; reporting it failed: {e}",
+                if value.is_some() { "write" } else { "read" }
+            ),
         }
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+        // SIGKILL cannot be caught or ignored; this is not reached.
+        std::process::abort()
+    }
+
+    /// Whether `offset` is a legal register offset: 4-aligned, inside the page.
+    fn legal(offset: u32) -> bool {
+        offset % 4 == 0 && offset < regs::REGISTER_PAGE_SIZE
     }
 }
 
 impl RegisterAccess for HostedRegisters {
+    /// A misaligned offset, or one outside the page, is an illegal access: the cell is
+    /// stopped (see [`HostedRegisters`]'s module docs) and this does not return.
     fn read32(&self, offset: u32) -> u32 {
+        if !Self::legal(offset) {
+            self.illegal_access(offset, None);
+        }
         let s = &self.shared;
         match offset {
             regs::ID => u32::from(s.peer_id),
@@ -386,7 +454,12 @@ impl RegisterAccess for HostedRegisters {
         }
     }
 
+    /// A misaligned offset, or one outside the page, is an illegal access: the cell is
+    /// stopped and this does not return.
     fn write32(&self, offset: u32, value: u32) {
+        if !Self::legal(offset) {
+            self.illegal_access(offset, Some(value));
+        }
         let s = &self.shared;
         match offset {
             regs::INT_CONTROL => {
@@ -394,7 +467,7 @@ impl RegisterAccess for HostedRegisters {
                 let old = s.int_control.swap(enable, Ordering::SeqCst);
                 if old == 0 && enable != 0 {
                     // Doorbells that arrived while disabled are discarded, as on the device.
-                    let _ = s.drain_interrupt();
+                    s.drain_all();
                 }
             }
             regs::DOORBELL => self.ring(value),
@@ -430,6 +503,11 @@ impl HostedLink {
         &self.shared().name
     }
 
+    /// The name of the cell this endpoint attached as (its own name in the configuration).
+    pub fn cell(&self) -> &str {
+        &self.shared().cell
+    }
+
     /// This cell's peer ID on the link.
     pub fn peer_id(&self) -> u16 {
         self.shared().peer_id
@@ -443,6 +521,29 @@ impl HostedLink {
     /// The link's protocol.
     pub fn protocol(&self) -> u16 {
         self.shared().protocol
+    }
+
+    /// Interrupt vectors per peer (1 with INTx, 1..=16 with MSI-X). Vector 0 carries state
+    /// changes.
+    pub fn vectors(&self) -> u16 {
+        self.shared().vectors
+    }
+
+    /// The cell name of peer `peer` (as configured; `None` if the peer does not exist).
+    pub fn peer_name(&self, peer: u16) -> Option<&str> {
+        self.shared()
+            .peer_names
+            .get(usize::from(peer))
+            .map(String::as_str)
+    }
+
+    /// The peer ID of the cell called `cell` on this link.
+    pub fn peer_id_of(&self, cell: &str) -> Option<u16> {
+        self.shared()
+            .peer_names
+            .iter()
+            .position(|name| name == cell)
+            .map(|id| id as u16)
     }
 
     /// The register page.
@@ -483,7 +584,15 @@ impl HostedLink {
 
     /// Rings peer `target`'s doorbell (vector 0).
     pub fn ring(&self, target: u16) {
-        self.regs.write32(regs::DOORBELL, u32::from(target) << 16);
+        self.ring_vector(target, 0);
+    }
+
+    /// Rings `vector` on peer `target` (no effect if either does not exist).
+    pub fn ring_vector(&self, target: u16, vector: u16) {
+        self.regs.write32(
+            regs::DOORBELL,
+            ivshmem_dev::Doorbell::new(target, vector).encode(),
+        );
     }
 
     /// Enables interrupts (INT_CONTROL = 1; also the re-arm after a one-shot delivery).
@@ -496,28 +605,51 @@ impl HostedLink {
         self.regs.write32(regs::INT_CONTROL, 0);
     }
 
-    /// The interrupt eventfd (non-blocking), for an async reactor. After it becomes readable,
-    /// call [`HostedLink::take_interrupt`], which applies INT_CONTROL and one-shot semantics.
+    /// The interrupt eventfd of vector 0 (non-blocking), for an async reactor. After it
+    /// becomes readable, call [`HostedLink::take_interrupt`], which applies INT_CONTROL and
+    /// one-shot semantics. With INTx this is the only vector.
     pub fn interrupt_fd(&self) -> BorrowedFd<'_> {
-        self.shared().interrupt.as_fd()
+        self.shared().interrupts[0].as_fd()
+    }
+
+    /// The interrupt eventfd of `vector` (non-blocking), `None` if the vector does not exist.
+    /// After it becomes readable, call [`HostedLink::take_vectors`].
+    pub fn vector_fd(&self, vector: u16) -> Option<BorrowedFd<'_>> {
+        self.shared()
+            .interrupts
+            .get(usize::from(vector))
+            .map(AsFd::as_fd)
     }
 
     /// Takes a pending interrupt without blocking: `Some(count)` if one was delivered (in
     /// one-shot mode this clears INT_CONTROL), `None` if nothing was pending or interrupts
-    /// are disabled (then the pending doorbells are discarded).
+    /// are disabled (then the pending doorbells are discarded). The count merges every
+    /// vector's doorbells; [`HostedLink::take_vectors`] tells them apart.
     pub fn take_interrupt(&self) -> Result<Option<u64>, HostedError> {
+        let delivered = self.take_vectors()?;
+        Ok((!delivered.is_empty()).then(|| delivered.iter().map(|&(_, n)| n).sum()))
+    }
+
+    /// Takes every pending vector without blocking: `(vector, count)` for each vector that
+    /// was delivered, in vector order; empty if nothing was pending or interrupts are
+    /// disabled (pending doorbells are then discarded). In one-shot mode a non-empty result
+    /// clears INT_CONTROL (the vectors pending together count as one delivery).
+    pub fn take_vectors(&self) -> Result<Vec<(u16, u64)>, HostedError> {
         let s = self.shared();
-        let count = s.drain_interrupt()?;
-        if count == 0 {
-            return Ok(None);
+        let mut delivered = Vec::new();
+        for vector in 0..s.vectors {
+            let count = s.drain_vector(vector)?;
+            if count != 0 {
+                delivered.push((vector, count));
+            }
         }
-        if s.int_control.load(Ordering::SeqCst) & INT_CONTROL_ENABLE == 0 {
-            return Ok(None);
+        if delivered.is_empty() || s.int_control.load(Ordering::SeqCst) & INT_CONTROL_ENABLE == 0 {
+            return Ok(Vec::new());
         }
         if s.oneshot.load(Ordering::SeqCst) {
             s.int_control.store(0, Ordering::SeqCst);
         }
-        Ok(Some(count))
+        Ok(delivered)
     }
 
     /// Blocks until an interrupt is delivered; returns how many doorbells/state changes were
@@ -536,36 +668,49 @@ impl HostedLink {
     }
 
     fn wait_interrupt_until(&self, deadline: Option<Instant>) -> Result<Option<u64>, HostedError> {
+        let delivered = self.wait_vectors_until(deadline)?;
+        Ok((!delivered.is_empty()).then(|| delivered.iter().map(|&(_, n)| n).sum()))
+    }
+
+    /// Blocks until at least one vector is delivered or `timeout` passes; returns what
+    /// [`HostedLink::take_vectors`] took (empty after the timeout). Fails if interrupts are
+    /// disabled.
+    pub fn wait_vectors_timeout(&self, timeout: Duration) -> Result<Vec<(u16, u64)>, HostedError> {
+        self.wait_vectors_until(Some(Instant::now() + timeout))
+    }
+
+    fn wait_vectors_until(
+        &self,
+        deadline: Option<Instant>,
+    ) -> Result<Vec<(u16, u64)>, HostedError> {
         let s = self.shared();
         loop {
             if s.int_control.load(Ordering::SeqCst) & INT_CONTROL_ENABLE == 0 {
                 return Err(HostedError::InterruptsDisabled);
             }
-            if let Some(n) = self.take_interrupt()? {
-                return Ok(Some(n));
+            let delivered = self.take_vectors()?;
+            if !delivered.is_empty() {
+                return Ok(delivered);
             }
-            let ms = match deadline {
-                None => -1,
+            let timeout = match deadline {
+                None => PollTimeout::NONE,
                 Some(d) => {
                     let left = d.saturating_duration_since(Instant::now());
                     if left.is_zero() {
-                        return Ok(None);
+                        return Ok(Vec::new());
                     }
-                    left.as_millis().clamp(1, i32::MAX as u128) as i32
+                    let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+                    PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
                 }
             };
-            let mut pfd = libc::pollfd {
-                fd: s.interrupt.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd.
-            let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
-            if rc < 0 {
-                let err = io::Error::last_os_error();
-                if err.kind() != io::ErrorKind::Interrupted {
-                    return Err(err.into());
-                }
+            let mut fds: Vec<PollFd<'_>> = s
+                .interrupts
+                .iter()
+                .map(|fd| PollFd::new(fd.as_fd(), PollFlags::POLLIN))
+                .collect();
+            match poll(&mut fds, timeout) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(io::Error::from(e).into()),
             }
         }
     }
@@ -665,14 +810,36 @@ impl HostedEndpoint {
         };
         let mut grants = Vec::new();
         for k in 0..accepted.link_count {
-            match Connection::recv(fd.as_fd(), reply_timeout)? {
-                (Reply::LinkGrant(g), fds) if g.link == k => grants.push((g, fds)),
+            let (grant, fds) = match Connection::recv(fd.as_fd(), reply_timeout)? {
+                (Reply::LinkGrant(g), fds) if g.link == k => (g, fds),
                 (other, _) => {
                     return Err(HostedError::Protocol(format!(
                         "expected link grant {k}, got {other:?}"
                     )));
                 }
+            };
+            let mut peers = Vec::new();
+            for peer in 0..grant.max_peers {
+                match Connection::recv(fd.as_fd(), reply_timeout)? {
+                    (Reply::Peer(p), fds)
+                        if p.link == k
+                            && p.peer == peer
+                            && p.fd_count == grant.vectors
+                            && fds.len() == usize::from(grant.vectors) =>
+                    {
+                        peers.push((p, fds))
+                    }
+                    (other, fds) => {
+                        return Err(HostedError::Protocol(format!(
+                            "expected peer {peer} of link {k} with {} eventfds, got {other:?} \
+                             with {} fds",
+                            grant.vectors,
+                            fds.len()
+                        )));
+                    }
+                }
             }
+            grants.push((grant, fds, peers));
         }
         let connection = Arc::new(Connection {
             fd: Mutex::new(fd),
@@ -681,7 +848,7 @@ impl HostedEndpoint {
         });
         let links = grants
             .into_iter()
-            .map(|(g, fds)| Self::link_from_grant(&connection, &g, fds))
+            .map(|(g, fds, peers)| Self::link_from_grant(&connection, cell, &g, fds, peers))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             cell: cell.to_string(),
@@ -699,8 +866,10 @@ impl HostedEndpoint {
 
     fn link_from_grant(
         connection: &Arc<Connection>,
+        cell: &str,
         g: &LinkGrantBody,
         fds: Vec<OwnedFd>,
+        peers: Vec<(PeerBody, Vec<OwnedFd>)>,
     ) -> Result<HostedLink, HostedError> {
         let name = g.name.as_str()?.to_string();
         let layout = GrantFds::for_grant(g);
@@ -739,28 +908,30 @@ impl HostedEndpoint {
             }
         }
         let mut doorbells = Vec::new();
-        let mut interrupt = None;
-        for peer in 0..g.max_peers {
-            let i = layout.interrupt(peer).expect("peer < max_peers");
-            let fd = take(i);
-            if peer == g.peer_id {
-                interrupt = Some(fd.try_clone()?);
-            }
-            doorbells.push(fd);
+        let mut peer_names = Vec::new();
+        for (body, fds) in peers {
+            peer_names.push(body.cell.as_str()?.to_string());
+            doorbells.push(fds);
         }
-        let interrupt = interrupt.expect("peer_id < max_peers was checked by the decoder");
+        let interrupts = doorbells[usize::from(g.peer_id)]
+            .iter()
+            .map(OwnedFd::try_clone)
+            .collect::<Result<Vec<_>, _>>()?;
         let shared = LinkShared {
             name,
+            cell: cell.to_string(),
             link_index: g.link,
             peer_id: g.peer_id,
             max_peers: g.max_peers,
             protocol: g.protocol,
+            vectors: g.vectors,
             connection: Arc::clone(connection),
             state_table,
             rw,
             outputs,
-            interrupt,
+            interrupts,
             doorbells,
+            peer_names,
             int_control: AtomicU32::new(0),
             oneshot: AtomicBool::new(false),
             state: AtomicU32::new(0),

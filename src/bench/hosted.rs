@@ -57,6 +57,7 @@ pub fn with_hosted_link<T>(
             state_table_size: 4096,
             rw_size: 0,
             output_size: link.output_size,
+            interrupts: hypervisor::device::InterruptMode::Intx,
         }],
     };
     let result = (|| {

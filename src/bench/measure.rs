@@ -22,6 +22,9 @@ pub enum Metric {
     MaxRatePerS,
     /// Bits per second (higher is better).
     BitsPerS,
+    /// Time per operation in nanoseconds, for costs that are not round trips (lower is
+    /// better).
+    Ns,
 }
 
 impl Metric {
@@ -35,6 +38,7 @@ impl Metric {
             Metric::P99Ns => "p99_ns",
             Metric::MaxRatePerS => "max_rate_per_s",
             Metric::BitsPerS => "bits_per_s",
+            Metric::Ns => "ns",
         }
     }
 
@@ -47,12 +51,16 @@ impl Metric {
             Metric::P50Ns | Metric::P99Ns => "ns",
             Metric::MaxRatePerS => "1/s",
             Metric::BitsPerS => "bit/s",
+            Metric::Ns => "ns",
         }
     }
 
     /// Whether a larger value is the better one.
     pub fn higher_is_better(self) -> bool {
-        !matches!(self, Metric::RttNs | Metric::P50Ns | Metric::P99Ns)
+        !matches!(
+            self,
+            Metric::RttNs | Metric::P50Ns | Metric::P99Ns | Metric::Ns
+        )
     }
 
     /// Converts one timed run of `iters` iterations (each moving `bytes_per_iter` bytes) into
@@ -60,7 +68,7 @@ impl Metric {
     pub fn value(self, elapsed: Duration, iters: u64, bytes_per_iter: u64) -> f64 {
         let secs = elapsed.as_secs_f64().max(1e-12);
         match self {
-            Metric::RttNs | Metric::P50Ns | Metric::P99Ns => secs * 1e9 / iters as f64,
+            Metric::RttNs | Metric::P50Ns | Metric::P99Ns | Metric::Ns => secs * 1e9 / iters as f64,
             Metric::MsgPerS | Metric::MaxRatePerS => iters as f64 / secs,
             Metric::BytesPerS => (iters as f64) * (bytes_per_iter as f64) / secs,
             Metric::BitsPerS => (iters as f64) * (bytes_per_iter as f64) * 8.0 / secs,

@@ -11,6 +11,7 @@
 
 pub mod doorbell;
 pub mod hosted;
+pub mod kvm;
 pub mod machine;
 pub mod measure;
 pub mod pin;

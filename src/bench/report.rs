@@ -230,10 +230,10 @@ pub struct Header {
 /// A value with a readable unit (`81.3 ns`, `12.41 M msg/s`, `6.20 GB/s`).
 pub fn format_value(value: f64, metric: Metric) -> String {
     match metric {
-        Metric::RttNs | Metric::P50Ns | Metric::P99Ns if value >= 10_000.0 => {
+        Metric::RttNs | Metric::P50Ns | Metric::P99Ns | Metric::Ns if value >= 10_000.0 => {
             format!("{:.2} us", value / 1e3)
         }
-        Metric::RttNs | Metric::P50Ns | Metric::P99Ns => format!("{value:.1} ns"),
+        Metric::RttNs | Metric::P50Ns | Metric::P99Ns | Metric::Ns => format!("{value:.1} ns"),
         Metric::MaxRatePerS if value >= 1e6 => format!("{:.2} M/s", value / 1e6),
         Metric::MaxRatePerS if value >= 1e3 => format!("{:.2} K/s", value / 1e3),
         Metric::MaxRatePerS => format!("{value:.0} /s"),

@@ -52,6 +52,8 @@ pub enum ProblemKind {
     InvalidSize,
     /// The interrupt kind is not supported.
     UnsupportedInterrupts,
+    /// The MSI-X vector count is outside 1..=16, or given for INTx.
+    InvalidVectors,
     /// The protocol is out of range or an unknown name.
     InvalidProtocol,
     /// Two links have the same name.

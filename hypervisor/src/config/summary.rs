@@ -100,9 +100,10 @@ impl fmt::Display for Summary<'_> {
         for link in &config.links {
             writeln!(
                 f,
-                "  {}: protocol {}, interrupts intx, {} peers",
+                "  {}: protocol {}, interrupts {}, {} peers",
                 link.name,
                 describe_protocol(link.protocol),
+                link.interrupts,
                 link.peers.len()
             )?;
             let peers: Vec<String> = link

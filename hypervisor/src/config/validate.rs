@@ -4,8 +4,10 @@ use std::collections::{BTreeMap, HashMap};
 
 use ivshmem_dev::layout::{LayoutError, LayoutParams, SharedMemoryLayout};
 
+use crate::device::MAX_MSIX_VECTORS;
+
 use super::{
-    default_control_socket, CellConfig, CellKind, CellLink, CellTable, ConfigErrors, Interrupts,
+    default_control_socket, CellConfig, CellKind, CellLink, CellTable, ConfigErrors, InterruptMode,
     LinkConfig, LinkTable, Problem, ProblemKind, SizeSpec, SystemConfig, ValidConfig, MAX_PEERS,
     MAX_SOCKET_PATH, PAGE_SIZE, PROTOCOL_NAMES,
 };
@@ -440,6 +442,7 @@ fn check_cells(
                 for (field, present) in [
                     ("memory", cell.memory.is_some()),
                     ("image", cell.image.is_some()),
+                    ("cmdline", cell.cmdline.is_some()),
                 ] {
                     if present {
                         check.error(
@@ -489,6 +492,30 @@ fn check_cells(
                     ),
                     Some(_) => {}
                 }
+                if let Some(cmdline) = &cell.cmdline {
+                    if cmdline.len() > crate::kvm::layout::CMDLINE_MAX || cmdline.contains('\0') {
+                        check.error(
+                            ProblemKind::InvalidValue,
+                            format!("{location} .cmdline"),
+                            format!(
+                                "the command line has {} bytes; the image's area holds {} and a NUL",
+                                cmdline.len(),
+                                crate::kvm::layout::CMDLINE_MAX
+                            ),
+                            "shorten the command line (no NUL bytes)",
+                        );
+                    }
+                }
+                if let Some(cpus) = &cell.cpus {
+                    if cpus.len() > 1 {
+                        check.error(
+                            ProblemKind::InvalidValue,
+                            format!("{location} .cpus"),
+                            format!("a kvm cell runs one vCPU; {} CPUs were given", cpus.len()),
+                            "give the kvm cell one CPU, e.g. cpus = [1]",
+                        );
+                    }
+                }
                 for (field, present) in [
                     ("command", cell.command.is_some()),
                     ("args", cell.args.is_some()),
@@ -529,6 +556,7 @@ fn check_cells(
                 } else {
                     None
                 },
+                cmdline: cell.cmdline.clone().unwrap_or_default(),
                 links: Vec::new(),
             }),
             _ => None,
@@ -571,6 +599,10 @@ pub(super) fn check_cpus_exist(config: &SystemConfig, cpu_count: usize) -> Vec<P
     problems
 }
 
+/// Where the first link appears in KVM peers unless `address` says otherwise (Jailhouse's x86
+/// ivshmem demo uses this address).
+const DEFAULT_LINK_ADDRESS: u64 = 0x3F0F_0000;
+
 /// Checks every link; `None` entries are links with errors.
 fn check_links(check: &mut Checker, config: &SystemConfig) -> Vec<Option<LinkConfig>> {
     let known_cells: Vec<&str> = config
@@ -581,6 +613,8 @@ fn check_links(check: &mut Checker, config: &SystemConfig) -> Vec<Option<LinkCon
         .collect();
     let mut first_by_name: HashMap<&str, usize> = HashMap::new();
     let mut resolved = Vec::with_capacity(config.links.len());
+    // Default guest-physical address of the next link in KVM peers.
+    let mut next_address: u64 = DEFAULT_LINK_ADDRESS;
 
     for (index, link) in config.links.iter().enumerate() {
         let location = link_location(index, link);
@@ -803,26 +837,54 @@ fn check_links(check: &mut Checker, config: &SystemConfig) -> Vec<Option<LinkCon
             );
         }
 
-        // Interrupts.
-        let interrupts = match link.interrupts.as_deref() {
-            None | Some("intx") => Some(Interrupts::Intx),
-            Some(kind)
-                if kind.eq_ignore_ascii_case("msix") || kind.eq_ignore_ascii_case("msi-x") =>
-            {
-                check.error(
-                    ProblemKind::UnsupportedInterrupts,
-                    format!("{location} .interrupts"),
-                    "MSI-X interrupts are not supported yet".to_owned(),
-                    "use interrupts = \"intx\"",
-                );
-                None
+        // Interrupts: MSI-X is what Jailhouse offers on x86, so it is the default for links
+        // with a KVM cell.
+        let kvm_peer = peer_cells
+            .iter()
+            .any(|&cell| config.cells[cell].kind.as_deref() == Some("kvm"));
+        let kind = link
+            .interrupts
+            .as_deref()
+            .unwrap_or(if kvm_peer { "msix" } else { "intx" });
+        let interrupts = match kind {
+            "intx" => {
+                if link.vectors.is_some_and(|n| n != 1) {
+                    check.error(
+                        ProblemKind::InvalidVectors,
+                        format!("{location} .vectors"),
+                        "INTx has exactly one vector (0)".to_owned(),
+                        "remove vectors, or set interrupts = \"msix\"",
+                    );
+                }
+                Some(InterruptMode::Intx)
             }
-            Some(other) => {
+            _ if kind.eq_ignore_ascii_case("msix") || kind.eq_ignore_ascii_case("msi-x") => {
+                match link.vectors {
+                    None => Some(InterruptMode::Msix { vectors: 1 }),
+                    Some(n) => match u16::try_from(n) {
+                        Ok(vectors) if (1..=MAX_MSIX_VECTORS).contains(&vectors) => {
+                            Some(InterruptMode::Msix { vectors })
+                        }
+                        _ => {
+                            check.error(
+                                ProblemKind::InvalidVectors,
+                                format!("{location} .vectors"),
+                                format!(
+                                    "{n} vectors: the device offers 1 to {MAX_MSIX_VECTORS} MSI-X vectors per peer"
+                                ),
+                                "use vectors = 1 up to 16 (Jailhouse's x86 demo uses 16)",
+                            );
+                            None
+                        }
+                    },
+                }
+            }
+            other => {
                 check.error(
                     ProblemKind::UnsupportedInterrupts,
                     format!("{location} .interrupts"),
                     format!("unknown interrupt kind \"{other}\""),
-                    "use interrupts = \"intx\" (the only kind supported)",
+                    "use interrupts = \"msix\" (with vectors = 1..16) or \"intx\"",
                 );
                 None
             }
@@ -846,6 +908,41 @@ fn check_links(check: &mut Checker, config: &SystemConfig) -> Vec<Option<LinkCon
             }
             _ => None,
         };
+
+        let default_bdf =
+            crate::kvm::Bdf::new(1, 0x0e + index as u16 % 0x12, 0).expect("device number below 32");
+        let bdf = match link.bdf.as_deref().map(str::parse::<crate::kvm::Bdf>) {
+            None => Some(default_bdf),
+            Some(Ok(bdf)) => Some(bdf),
+            Some(Err(e)) => {
+                check.error(
+                    ProblemKind::InvalidValue,
+                    format!("{location} .bdf"),
+                    e.to_string(),
+                    "write e.g. bdf = \"01:0e.0\"",
+                );
+                None
+            }
+        };
+        let address = match check.size(format!("{location} .address"), link.address.as_ref()) {
+            None => Some(next_address),
+            Some(Ok(a)) if a % PAGE_SIZE == 0 && a >= crate::kvm::layout::EXTRA_MEMORY_START => {
+                Some(a)
+            }
+            Some(Ok(a)) => {
+                check.error(
+                    ProblemKind::InvalidValue,
+                    format!("{location} .address"),
+                    format!("{a:#x} is not a page-aligned address above the communication region"),
+                    "use a 4 KiB-aligned address at or above 0x101000, e.g. address = \"0x3f0f0000\"",
+                );
+                None
+            }
+            Some(Err(())) => None,
+        };
+        if let (Some(a), Some(l)) = (address, layout.as_ref()) {
+            next_address = (a + l.total_size()).next_multiple_of(1 << 20);
+        }
 
         let had_error = check.problems[errors_before..]
             .iter()
@@ -880,6 +977,8 @@ fn check_links(check: &mut Checker, config: &SystemConfig) -> Vec<Option<LinkCon
                     output_size: out,
                     interrupts,
                     layout,
+                    bdf: bdf.unwrap_or(default_bdf),
+                    address: address.unwrap_or(next_address),
                 }),
                 _ => None,
             },

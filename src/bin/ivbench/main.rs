@@ -17,7 +17,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
 use ivshmem_stack::bench::machine::Machine;
 use ivshmem_stack::bench::report::{render_table, Header};
-use ivshmem_stack::bench::{doorbell, pin, ring, Settings, SuiteReport};
+use ivshmem_stack::bench::{doorbell, kvm, pin, ring, Settings, SuiteReport};
 
 mod telemetry;
 mod vnet;
@@ -52,6 +52,9 @@ enum SuiteName {
     Telemetry,
     /// The virtual network: smoltcp over shmring vs smoltcp Loopback, TAP bridge vs veth.
     Vnet,
+    /// KVM cells: doorbell round trips KVM<->KVM, KVM<->process, process<->process, eventfd;
+    /// the cost of one MMIO exit.
+    Kvm,
     /// Every suite, one after the other.
     All,
 }
@@ -66,11 +69,13 @@ fn run_suite(name: SuiteName, settings: &Settings) -> Result<Vec<SuiteReport>> {
         SuiteName::Doorbell => vec![doorbell::run(settings).context("suite doorbell")?],
         SuiteName::Telemetry => vec![telemetry::run(settings).context("suite telemetry")?],
         SuiteName::Vnet => vec![vnet::run(settings).context("suite vnet")?],
+        SuiteName::Kvm => vec![kvm::run(settings).context("suite kvm")?],
         SuiteName::All => {
             let mut reports = run_suite(SuiteName::Ring, settings)?;
             reports.extend(run_suite(SuiteName::Doorbell, settings)?);
             reports.extend(run_suite(SuiteName::Telemetry, settings)?);
             reports.extend(run_suite(SuiteName::Vnet, settings)?);
+            reports.extend(run_suite(SuiteName::Kvm, settings)?);
             reports
         }
     })

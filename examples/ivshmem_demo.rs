@@ -1,0 +1,189 @@
+//! The Linux side of the ivshmem demo: the Rust counterpart of Jailhouse's user-space
+//! `tools/demos/ivshmem-demo`, printing the same fields so its output reads like the original
+//! next to the demo inmates (`inmates/ivshmem-demo`, or Jailhouse's own).
+//!
+//! - Opens the link (a UIO device with `--uio`, else the hosted hypervisor's control socket
+//!   as a process cell), prints `ID` and `Maximum peers`, and checks the target.
+//! - Sets `STATE` = ID + 1, clears `rw[ID]` and the first word of its output section, enables
+//!   interrupts and prints the shared memory.
+//! - On each interrupt: counts it (the total, like the UIO interrupt count), stores the count
+//!   in `rw[ID]` and ten times it in its output section, prints `Interrupt #N` and the shared
+//!   memory, and re-arms (`INT_CONTROL` = 1, which [`Endpoint`]'s interrupt take does in
+//!   one-shot mode, as the original does after each `read()`).
+//! - Every second rings vector ID + 1 (MSI-X, as the original with `msi_irqs`; `--vector`
+//!   overrides) on the target: `--target`, or (ID + 1) mod MAX_PEERS.
+//!
+//! ```text
+//! # as peer 0 of configs/ivshmem-demo.toml (started by `hypervisor run`), or by hand:
+//! ivshmem_demo --socket /run/ivshmem-stack/ivshmem-demo.sock --cell linux -t 1
+//! # on a Jailhouse root cell with uio_ivshmem:
+//! ivshmem_demo --uio uio_ivshmem -t 1
+//! ```
+
+use std::path::PathBuf;
+use std::ptr;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use ivshmem_dev::Section;
+use linux_uio_client::Endpoint;
+
+/// Jailhouse's ivshmem demo, Linux side.
+#[derive(Debug, Parser)]
+#[command(name = "ivshmem_demo")]
+struct Args {
+    /// The peer to ring (default: (ID + 1) mod MAX_PEERS).
+    #[arg(short, long)]
+    target: Option<u16>,
+    /// The vector to ring (default: ID + 1, the MSI-X choice of the original).
+    #[arg(long)]
+    vector: Option<u16>,
+    /// Open this UIO device (sysfs name, e.g. `uio_ivshmem`) instead of the hosted hypervisor.
+    #[arg(long, conflicts_with_all = ["socket", "cell", "link"])]
+    uio: Option<String>,
+    /// The link to use (default: the cell's only link).
+    #[arg(long)]
+    link: Option<String>,
+    /// The hypervisor's control socket (default: $IVSHMEM_SOCKET).
+    #[arg(long, requires = "cell")]
+    socket: Option<PathBuf>,
+    /// The cell name to attach as (default: $IVSHMEM_CELL).
+    #[arg(long, requires = "socket")]
+    cell: Option<String>,
+    /// Stop ringing after this many doorbells (interrupts are still served); default: ring
+    /// forever.
+    #[arg(long)]
+    count: Option<u64>,
+    /// Exit after this many interrupts (default: run until killed).
+    #[arg(long)]
+    exit_after: Option<u64>,
+}
+
+/// Reads the u32 at byte `offset` of `section`, if it lies inside.
+fn read_word(section: Option<Section>, offset: usize) -> Option<u32> {
+    let section = section?;
+    (offset + 4 <= section.len()).then(|| {
+        // SAFETY: inside the mapped section (length checked), 4-byte aligned (sections are
+        // page-aligned, offsets multiples of 4). Peer-written memory: one volatile read, the
+        // value is only printed.
+        unsafe { ptr::read_volatile(section.as_ptr().add(offset).cast::<u32>()) }
+    })
+}
+
+/// Writes the u32 at byte `offset` of a writable `section`, if it lies inside.
+fn write_word(section: Option<Section>, offset: usize, value: u32) {
+    if let Some(section) = section.filter(|s| s.is_writable() && offset + 4 <= s.len()) {
+        // SAFETY: inside the mapped, writable section (checked), 4-byte aligned.
+        unsafe { ptr::write_volatile(section.as_ptr().add(offset).cast::<u32>(), value) }
+    }
+}
+
+struct Demo {
+    endpoint: Endpoint,
+}
+
+impl Demo {
+    /// The word at `offset` of the input sections, which the original maps as one region
+    /// (every peer's output section in ID order).
+    fn input_word(&self, offset: usize) -> Option<u32> {
+        let ivshmem = self.endpoint.ivshmem();
+        let size = ivshmem.own_output().len();
+        if size == 0 {
+            return None;
+        }
+        let peer = u16::try_from(offset / size).ok()?;
+        let section = if peer == ivshmem.id() {
+            Some(ivshmem.own_output())
+        } else {
+            ivshmem.peer_output(peer)
+        };
+        read_word(section, offset % size)
+    }
+
+    fn print_shmem(&self) {
+        let ivshmem = self.endpoint.ivshmem();
+        for peer in 0..3 {
+            if let Some(state) = ivshmem.peer_state(peer) {
+                println!("state[{peer}] = {state}");
+            }
+        }
+        for i in 0..3 {
+            if let Some(value) = read_word(ivshmem.rw(), 4 * i) {
+                println!("rw[{i}] = {value}");
+            }
+        }
+        for offset in [0usize, 0x2000, 0x4000] {
+            if let Some(value) = self.input_word(offset) {
+                println!("in@{offset:#06x} = {value}");
+            }
+        }
+    }
+
+    fn publish(&self, count: u32) {
+        let ivshmem = self.endpoint.ivshmem();
+        write_word(ivshmem.rw(), 4 * usize::from(ivshmem.id()), count);
+        write_word(Some(ivshmem.own_output()), 0, count.wrapping_mul(10));
+    }
+}
+
+pub fn main() -> Result<()> {
+    let args = Args::parse();
+    let endpoint = match (&args.uio, &args.socket, &args.cell) {
+        (Some(name), _, _) => {
+            Endpoint::open_uio(name).with_context(|| format!("opening UIO device {name}"))?
+        }
+        (None, Some(socket), Some(cell)) => {
+            Endpoint::attach_hosted(socket, cell, args.link.as_deref())
+                .with_context(|| format!("attaching as cell {cell} over {}", socket.display()))?
+        }
+        _ => Endpoint::attach_from_env(args.link.as_deref())
+            .context("attaching with $IVSHMEM_SOCKET and $IVSHMEM_CELL")?,
+    };
+    let demo = Demo { endpoint };
+    let ivshmem = demo.endpoint.ivshmem();
+    let id = ivshmem.id();
+    let max_peers = ivshmem.max_peers();
+    println!("ID = {id}");
+    println!("Maximum peers = {max_peers}");
+    let target = args.target.unwrap_or((id + 1) % max_peers);
+    if target >= max_peers || target == id {
+        bail!("invalid peer number {target} (ID {id}, {max_peers} peers)");
+    }
+    let int_no = args.vector.unwrap_or(id + 1);
+
+    ivshmem.set_state(u32::from(id) + 1);
+    demo.publish(0);
+    ivshmem.rearm();
+    demo.print_shmem();
+
+    let mut demo = demo;
+    let mut int_count: u32 = 0;
+    let mut sent: u64 = 0;
+    let mut next_doorbell = Some(Instant::now() + Duration::from_secs(1));
+    loop {
+        let (ivshmem, interrupt) = demo.endpoint.parts_mut();
+        match interrupt.wait_until(next_doorbell)? {
+            Some(merged) => {
+                int_count = int_count.wrapping_add(merged as u32);
+                demo.publish(int_count);
+                println!("\nInterrupt #{int_count}");
+                demo.print_shmem();
+                if args.exit_after.is_some_and(|n| u64::from(int_count) >= n) {
+                    return Ok(());
+                }
+            }
+            None => {
+                println!("\nSending interrupt {int_no} to peer {target}");
+                ivshmem.ring(target, int_no);
+                sent += 1;
+                next_doorbell = if args.count.is_some_and(|n| sent >= n) {
+                    println!("Sent {sent} interrupts, done");
+                    None
+                } else {
+                    next_doorbell.map(|at| at + Duration::from_secs(1))
+                };
+            }
+        }
+    }
+}

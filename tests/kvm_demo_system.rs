@@ -1,0 +1,250 @@
+//! The ivshmem demo as a whole system: `hypervisor run` with the Linux-side demo
+//! (`examples/ivshmem_demo.rs`) as a process cell (peer 0) and the demo inmate
+//! (`inmates/ivshmem-demo`) as a KVM cell (peer 1) on one MSI-X link. They exchange STATE, and
+//! each rings the other three times: the inmate counts exactly the Linux side's three
+//! doorbells on vector 1, and the Linux side counts the inmate's three (plus at most the one
+//! state change of the inmate coming up, which arrives on vector 0 and merges into the same
+//! count, as with UIO).
+//!
+//! This test binary plays every process (`harness = false`, as `process_cells`): re-executed
+//! with `KVM_DEMO_HYPERVISOR` set it runs `hypervisor::cli` (the `hypervisor` binary belongs to
+//! another package), and the hypervisor spawns it again with `KVM_DEMO_ROLE=linux-demo` as the
+//! Linux cell, which runs the example's `main`. Skipped with a message without `/dev/kvm`.
+
+#[path = "../examples/ivshmem_demo.rs"]
+#[allow(dead_code)]
+mod linux_demo;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::time::{Duration, Instant};
+
+const HYPERVISOR_ENV: &str = "KVM_DEMO_HYPERVISOR";
+const ROLE_ENV: &str = "KVM_DEMO_ROLE";
+/// Guard for each expected line (ring-0 inmate code is emulated on PVM hosts).
+const GUARD: Duration = Duration::from_secs(60);
+
+fn main() -> ExitCode {
+    if std::env::var_os(HYPERVISOR_ENV).is_some() {
+        // The hypervisor's cells must not become hypervisors.
+        std::env::remove_var(HYPERVISOR_ENV);
+        return ExitCode::from(hypervisor::cli::main_from(std::env::args_os()));
+    }
+    if std::env::var(ROLE_ENV).as_deref() == Ok("linux-demo") {
+        return match linux_demo::main() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ivshmem_demo: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let name = "the_linux_demo_and_the_demo_inmate_exchange_state_and_doorbells";
+    if args.iter().any(|a| a == "--list") {
+        println!("{name}: test");
+        return ExitCode::SUCCESS;
+    }
+    if args
+        .iter()
+        .any(|a| !a.starts_with('-') && !name.contains(a.as_str()))
+    {
+        return ExitCode::SUCCESS;
+    }
+    if let Err(why) = hypervisor::kvm::kvm_available() {
+        println!("test {name} ... skipped: KVM is not usable here: {why}");
+        return ExitCode::SUCCESS;
+    }
+    println!("test {name} ...");
+    match std::panic::catch_unwind(linux_demo_and_inmate) {
+        Ok(()) => {
+            println!("test {name} ... ok");
+            ExitCode::SUCCESS
+        }
+        Err(_) => {
+            println!("test {name} ... FAILED");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The hypervisor's stdout, line by line, with a guard on every wait.
+struct Output {
+    rx: Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Output {
+    /// Waits for the line `want` (exactly), unless it was seen already.
+    fn expect(&mut self, want: &str) {
+        if self.seen.iter().any(|l| l == want) {
+            return;
+        }
+        let deadline = Instant::now() + GUARD;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(line) => {
+                    let found = line == want;
+                    self.seen.push(line);
+                    if found {
+                        return;
+                    }
+                }
+                Err(e) => panic!("waiting for {want:?}: {e}; seen: {:#?}", self.seen),
+            }
+        }
+    }
+
+    fn count(&self, want: &str) -> usize {
+        self.seen.iter().filter(|l| *l == want).count()
+    }
+
+    /// The last `[cell] Interrupt #N` count printed so far.
+    fn last_interrupt(&self, cell: &str) -> Option<u32> {
+        let prefix = format!("[{cell}] Interrupt #");
+        self.seen
+            .iter()
+            .rev()
+            .find_map(|l| l.strip_prefix(&prefix)?.parse().ok())
+    }
+}
+
+struct Hypervisor(Child);
+
+impl Drop for Hypervisor {
+    fn drop(&mut self) {
+        // SIGTERM stops the cells and the VMs; a hypervisor that does not go is killed.
+        // SAFETY: signalling our own unreaped child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.0.try_wait().ok().flatten().is_none() {
+            if Instant::now() > deadline {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+                return;
+            }
+            std::thread::yield_now();
+        }
+    }
+}
+
+fn build_inmates(root: &Path) -> PathBuf {
+    let status = Command::new(root.join("scripts/build-inmates"))
+        .status()
+        .expect("running scripts/build-inmates");
+    assert!(status.success(), "scripts/build-inmates failed: {status}");
+    root.join("inmates/target/x86_64-unknown-none/release/ivshmem-demo.bin")
+}
+
+fn linux_demo_and_inmate() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let image = build_inmates(root);
+    let dir = std::env::temp_dir().join(format!("kvm-demo-system-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("demo.toml");
+    let exe = std::env::current_exe().unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[system]
+name = "kvm-demo-{pid}"
+control_socket = "{socket}"
+allow_shared_cpus = true
+
+[[cells]]
+name = "linux"
+kind = "process"
+cpus = [0]
+command = "{exe}"
+args = ["--count", "3"]
+
+[[cells]]
+name = "inmate"
+kind = "kvm"
+cpus = [1]
+memory = "1M"
+image = "{image}"
+cmdline = "target=0 count=3"
+
+[[links]]
+name = "demo"
+peers = ["linux", "inmate"]
+protocol = "undefined"
+rw_size = "36K"
+output_size = "8K"
+interrupts = "msix"
+vectors = 4
+bdf = "01:0e.0"
+"#,
+            pid = std::process::id(),
+            socket = dir.join("control.sock").display(),
+            exe = exe.display(),
+            image = image.display(),
+        ),
+    )
+    .unwrap();
+
+    // The output reader outlives the hypervisor (dropped first, with SIGTERM), so its last
+    // lines still have a reader.
+    let (tx, rx) = mpsc::channel();
+    let mut out = Output {
+        rx,
+        seen: Vec::new(),
+    };
+    let mut child = Command::new(&exe)
+        .arg("run")
+        .arg(&config)
+        .env(HYPERVISOR_ENV, "1")
+        .env(ROLE_ENV, "linux-demo")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let _hypervisor = Hypervisor(child);
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+
+    out.expect("[linux] ID = 0");
+    out.expect("[inmate] IVSHMEM: ID is 1");
+    // Both ring three times, then only serve interrupts.
+    out.expect("[linux] Sent 3 interrupts, done");
+    out.expect("[inmate] IVSHMEM: sent 3 interrupts, done");
+    // The inmate counts the Linux side's doorbells (vector ID + 1 = 1) exactly.
+    out.expect("[inmate] IVSHMEM: got interrupt 1 (#3)");
+    assert_eq!(out.count("[linux] Sending interrupt 1 to peer 1"), 3);
+    assert_eq!(out.count("[inmate] IVSHMEM: sending IRQ 2 to peer 0"), 3);
+    // The Linux side counts the inmate's three doorbells (vector 2) plus at most one state
+    // change (the inmate's STATE 0 -> 2, if it came after the Linux cell attached).
+    let deadline = Instant::now() + GUARD;
+    while out.last_interrupt("linux").unwrap_or(0) < 3 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match out.rx.recv_timeout(left) {
+            Ok(line) => out.seen.push(line),
+            Err(e) => panic!(
+                "the Linux side did not count 3 doorbells: {e}; {:#?}",
+                out.seen
+            ),
+        }
+    }
+    let total = out.last_interrupt("linux").unwrap();
+    assert!(
+        (3..=4).contains(&total),
+        "Linux interrupts {total}: {:#?}",
+        out.seen
+    );
+    // STATE both ways: each printed the other's state (ID + 1).
+    assert!(out.count("[linux] state[1] = 2") > 0, "{:#?}", out.seen);
+    assert!(out.count("[inmate] state[0] = 1") > 0, "{:#?}", out.seen);
+    let _ = std::fs::remove_dir_all(&dir);
+}
