@@ -9,8 +9,29 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use crate::config::{self, ValidConfig};
+use crate::config::{self, Problem, Severity, ValidConfig};
 use clap::{Args, Parser, Subcommand};
+
+/// The end of `hypervisor --help`.
+const AFTER_HELP: &str = "\
+Exit codes:
+  0  success
+  1  invalid configuration (every problem is printed with its location and a fix), or an error
+  2  usage error (unknown option or missing argument)
+  3  status: no hypervisor is running at the socket
+  4  run: a spawned cell failed (non-zero exit or killed by a signal on its own)
+
+Control socket: control_socket in [system], else /run/ivshmem-stack/<system>.sock as root,
+$XDG_RUNTIME_DIR/ivshmem-stack/<system>.sock or /tmp/ivshmem-stack-<uid>/<system>.sock.
+Logging: RUST_LOG (default warn), e.g. RUST_LOG=hypervisor=debug; logs go to stderr.
+Relative paths in a configuration (cell commands) are taken from the working directory.";
+
+/// The end of `hypervisor run --help`.
+const RUN_AFTER_HELP: &str = "\
+Stopping: Ctrl-C (SIGINT), SIGTERM or SIGHUP stop every cell (SIGTERM to its process group,
+SIGKILL after 5 s), remove the control socket and print a summary. Without --keep-running,
+run also stops by itself once every spawned cell has exited and no cell is attached.
+Exit code 4 if a spawned cell failed on its own, 1 on an invalid configuration or error.";
 
 /// Exit code of a command that did what it was asked.
 const EXIT_SUCCESS: u8 = 0;
@@ -25,7 +46,8 @@ const EXIT_INVALID_CONFIG: u8 = 1;
 #[command(
     name = "hypervisor",
     version,
-    about = "The hosted ivshmem v2 hypervisor"
+    about = "The hosted ivshmem v2 hypervisor",
+    after_help = AFTER_HELP
 )]
 struct Cli {
     #[command(subcommand)]
@@ -37,6 +59,7 @@ enum Command {
     /// Validate a system configuration and print its cells, links and shared-memory layouts.
     Check(CheckArgs),
     /// Start a system: create the links, open the control socket, start the cells.
+    #[command(after_help = RUN_AFTER_HELP)]
     Run(RunArgs),
     /// Show the state of a running system.
     Status(StatusArgs),
@@ -77,6 +100,15 @@ struct CheckArgs {
     /// Check CPU numbers against a machine with this many CPUs instead of this machine.
     #[arg(long, value_name = "N")]
     cpu_count: Option<usize>,
+    /// Check link memory against a machine with this much RAM and swap (e.g. 16G) instead
+    /// of this machine.
+    #[arg(long, value_name = "SIZE", value_parser = parse_memory)]
+    memory: Option<u64>,
+}
+
+/// A size as the configuration writes it (`16G`, `512M`, `4096`).
+fn parse_memory(text: &str) -> Result<u64, String> {
+    config::parse_size(text)
 }
 
 #[derive(Debug, Args)]
@@ -90,7 +122,7 @@ struct RunArgs {
     #[arg(long)]
     no_spawn: bool,
     /// Keep serving after every spawned cell has exited (cells may attach again by hand);
-    /// stop only on Ctrl-C (SIGINT) or SIGTERM.
+    /// stop only on Ctrl-C (SIGINT), SIGTERM or SIGHUP.
     #[arg(long)]
     keep_running: bool,
 }
@@ -125,6 +157,7 @@ where
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
     let cli = Cli::parse_from(args);
     let result = match cli.command {
@@ -174,11 +207,48 @@ fn load_config(path: &Path, cpu_count: Option<usize>) -> Option<ValidConfig> {
     }
 }
 
+/// The checks of `valid` against this machine: link memory against `memory` bytes (this
+/// machine's RAM and swap if `None`), and, if `commands` gives their severity, whether each
+/// process cell's command can be started from the working directory.
+fn machine_problems(
+    valid: &ValidConfig,
+    memory: Option<u64>,
+    commands: Option<Severity>,
+) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    if let Some(available) = memory.or_else(config::machine_memory) {
+        problems.extend(valid.check_memory(available));
+    }
+    if let Some(severity) = commands {
+        let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+        let search_path = std::env::var_os("PATH");
+        problems.extend(valid.check_commands(&cwd, search_path.as_deref(), severity));
+    }
+    problems
+}
+
+/// Prints `problems` (errors first) after the configuration's path; returns whether one of
+/// them is an error.
+fn report_machine_problems(path: &Path, problems: &[Problem]) -> bool {
+    let mut sorted: Vec<&Problem> = problems.iter().collect();
+    sorted.sort_by_key(|p| !p.is_error());
+    for problem in &sorted {
+        eprintln!("{}: {problem}", path.display());
+    }
+    problems.iter().any(Problem::is_error)
+}
+
 /// `hypervisor check <config>`: exit 0 and a summary when valid, exit 1 and every problem
 /// when not.
 fn check(args: &CheckArgs) -> anyhow::Result<u8> {
     match load_config(&args.config, args.cpu_count) {
         Some(valid) => {
+            // A command that cannot start is only a warning here: the system may be checked
+            // before its programs are built, or for another directory.
+            let problems = machine_problems(&valid, args.memory, Some(Severity::Warning));
+            if report_machine_problems(&args.config, &problems) {
+                return Ok(EXIT_INVALID_CONFIG);
+            }
             print!("{}", valid.summary());
             Ok(EXIT_SUCCESS)
         }
@@ -202,6 +272,11 @@ fn run(args: &RunArgs) -> anyhow::Result<u8> {
     };
     for warning in &valid.warnings {
         eprintln!("{}: {warning}", args.config.display());
+    }
+    // Commands matter only when they are spawned.
+    let commands = (!args.no_spawn).then_some(Severity::Error);
+    if report_machine_problems(&args.config, &machine_problems(&valid, None, commands)) {
+        return Ok(EXIT_INVALID_CONFIG);
     }
     let socket = args
         .socket
