@@ -75,7 +75,8 @@ pub mod kind {
     /// Anyone (same uid) → hypervisor: status query (empty body).
     pub const STATUS: u16 = 0x0003;
     /// Cell → hypervisor: the cell made an illegal register access ([`super::AccessBody`]).
-    pub const ILLEGAL_ACCESS: u16 = 0x0004;
+    /// (0x0004 is taken by the `kvm` branch's cell-control request.)
+    pub const ILLEGAL_ACCESS: u16 = 0x0005;
     /// Hypervisor → cell: attach accepted ([`super::AcceptedBody`]).
     pub const ACCEPTED: u16 = 0x0081;
     /// Hypervisor → cell: one link's parameters, fds beside it ([`super::LinkGrantBody`]).
