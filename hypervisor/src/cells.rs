@@ -3,14 +3,15 @@
 //!
 //! A spawned cell gets `IVSHMEM_SOCKET` (control socket path) and `IVSHMEM_CELL` (its name) in
 //! its environment, runs in its own process group (so a terminal's Ctrl-C reaches the
-//! hypervisor, which then stops the cells in order) and dies with the hypervisor
-//! (`PR_SET_PDEATHSIG`). A cell that exits is logged with its exit status and **never
+//! hypervisor, which then stops the cells in order; and so that stopping a cell signals the
+//! whole group, processes it started included) and dies with the hypervisor
+//! (`PR_SET_PDEATHSIG`; what the cell started does not, unless it asks for that itself). A cell that exits is logged with its exit status and **never
 //! restarted**: it stays dead and is reported; its peers see state 0 when its socket closes.
 //! Cells without a command (or every cell with `--no-spawn`) are started by hand and attach
 //! by name.
 //!
 //! The loop is single-threaded: `poll(2)` over the control socket, the children's pidfds, the
-//! children's output pipes, a signalfd for SIGINT/SIGTERM and an optional [`StopHandle`].
+//! children's output pipes, a signalfd for SIGINT/SIGTERM/SIGHUP and an optional [`StopHandle`].
 //!
 //! A spawned cell's stdout and stderr are pipes to the hypervisor, which forwards them line by
 //! line, each line prefixed with the cell's name (`[rtos-telemetry] ...`), to its own stdout
@@ -37,7 +38,7 @@ use crate::status::{format_cell_lines, CellExit};
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::sched::{sched_setaffinity, CpuSet};
-use nix::sys::signal::{kill, sigprocmask, SigSet, SigmaskHow, Signal};
+use nix::sys::signal::{killpg, sigprocmask, SigSet, SigmaskHow, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::unistd::{getppid, setpgid, Pid};
 
@@ -178,7 +179,7 @@ pub struct RunOptions {
     pub socket: PathBuf,
     /// Spawn the cells that have a command (false: `--no-spawn`, every cell attaches by hand).
     pub spawn: bool,
-    /// Stop on SIGINT/SIGTERM (blocks them in the calling thread and reads a signalfd).
+    /// Stop on SIGINT/SIGTERM/SIGHUP (blocks them in the calling thread and reads a signalfd).
     pub handle_signals: bool,
     /// Live status or log lines.
     pub output: Output,
@@ -430,7 +431,7 @@ pub fn spawn_cell(cell: &CellSpec, argv: &[String], socket: &Path) -> Result<Chi
             if getppid() != hypervisor {
                 return Err(Errno::ESRCH.into());
             }
-            // The hypervisor blocks SIGINT/SIGTERM (it reads them from a signalfd); the
+            // The hypervisor blocks SIGINT/SIGTERM/SIGHUP (it reads them from a signalfd); the
             // mask survives exec, so the cell must get a clean one.
             sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)?;
             setpgid(Pid::from_raw(0), Pid::from_raw(0))?;
@@ -443,8 +444,16 @@ pub fn spawn_cell(cell: &CellSpec, argv: &[String], socket: &Path) -> Result<Chi
     cmd.spawn().map_err(spawn_err)
 }
 
+/// Sends `signal` to a spawned cell: to its whole process group (the cell runs in a group of
+/// its own, see [`spawn_cell`]), so that processes it started go with it. Only for children
+/// not reaped yet: until then the group ID cannot name another group.
+pub fn signal_cell(child: &Child, signal: Signal) -> io::Result<()> {
+    Ok(killpg(Pid::from_raw(child.id() as i32), signal)?)
+}
+
 /// The signals that stop `run` (when it handles signals).
-const STOP_SIGNALS: [Signal; 2] = [Signal::SIGINT, Signal::SIGTERM];
+/// SIGHUP too: a closed terminal stops the system like Ctrl-C (summary, socket removed).
+const STOP_SIGNALS: [Signal; 3] = [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP];
 
 /// Blocks [`STOP_SIGNALS`] in this thread and returns a signalfd that reads them.
 fn signal_fd() -> io::Result<SignalFd> {
@@ -574,7 +583,7 @@ fn describe(event: &ControlEvent) -> String {
     }
 }
 
-/// Runs a hosted system until SIGINT/SIGTERM (if `options.handle_signals`), `stop`, or (if
+/// Runs a hosted system until SIGINT/SIGTERM/SIGHUP (if `options.handle_signals`), `stop`, or (if
 /// `options.stop_when_cells_exit`) every spawned cell has exited and no cell is attached:
 /// creates the links, listens at `options.socket`, spawns the cells, reports on `out`, and
 /// on stop terminates the spawned cells (SIGTERM, then SIGKILL after a grace period), waits
@@ -846,7 +855,7 @@ fn terminate(
 ) -> Vec<StoppedCell> {
     for s in spawned.iter().filter(|s| s.exit.is_none()) {
         // The pid of our own unreaped child: it cannot have been recycled yet.
-        let _ = kill(Pid::from_raw(s.child.id() as i32), Signal::SIGTERM);
+        let _ = signal_cell(&s.child, Signal::SIGTERM);
     }
     let deadline = Instant::now() + STOP_GRACE;
     let mut killed = false;
@@ -865,7 +874,7 @@ fn terminate(
                     "cell {}: did not stop within {STOP_GRACE:?}, killing it",
                     s.cell
                 ));
-                let _ = s.child.kill();
+                let _ = signal_cell(&s.child, Signal::SIGKILL);
             }
             killed = true;
         }
@@ -915,7 +924,7 @@ fn terminate(
 /// spawned cell and reap it with a blocking wait (a killed child cannot block the wait).
 fn kill_and_reap(server: &mut ControlServer, spawned: &mut [Spawned], display: &mut Display<'_>) {
     for s in spawned.iter_mut().filter(|s| s.exit.is_none()) {
-        let _ = s.child.kill();
+        let _ = signal_cell(&s.child, Signal::SIGKILL);
         let exit = match s.child.wait() {
             Ok(status) => exit_of(status),
             Err(e) => {
@@ -943,7 +952,7 @@ impl Drop for Spawned {
     /// was not reaped yet it is killed and reaped here.
     fn drop(&mut self) {
         if self.exit.is_none() {
-            let _ = self.child.kill();
+            let _ = signal_cell(&self.child, Signal::SIGKILL);
             let _ = self.child.wait();
         }
     }
@@ -1114,7 +1123,7 @@ mod tests {
 
     /// Whether `pid` still names a process (running or an unreaped zombie).
     fn exists(pid: u32) -> bool {
-        kill(Pid::from_raw(pid as i32), None).is_ok()
+        nix::sys::signal::kill(Pid::from_raw(pid as i32), None).is_ok()
     }
 
     #[test]

@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use crate::config::{self, CellKind, ValidConfig};
+use crate::config::{self, CellKind, Problem, Severity, ValidConfig};
 use clap::{Args, Parser, Subcommand};
 
 /// Exit code of a command that did what it was asked.
@@ -49,6 +49,15 @@ struct CheckArgs {
     /// Check CPU numbers against a machine with this many CPUs instead of this machine.
     #[arg(long, value_name = "N")]
     cpu_count: Option<usize>,
+    /// Check link memory against a machine with this much RAM and swap (e.g. 16G) instead
+    /// of this machine.
+    #[arg(long, value_name = "SIZE", value_parser = parse_memory)]
+    memory: Option<u64>,
+}
+
+/// A size as the configuration writes it (`16G`, `512M`, `4096`).
+fn parse_memory(text: &str) -> Result<u64, String> {
+    config::parse_size(text)
 }
 
 #[derive(Debug, Args)]
@@ -107,10 +116,28 @@ where
     match result {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("hypervisor: error: {error:#}");
+            eprintln!("hypervisor: error: {}", error_chain(&error));
             EXIT_FAILURE
         }
     }
+}
+
+/// `error` and its causes, joined by `: `, each cause once: a cause whose text the message
+/// so far already contains (library errors often name their source in their own message)
+/// is left out.
+fn error_chain(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let cause = cause.to_string();
+        if text.contains(&cause) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause);
+    }
+    text
 }
 
 /// Loads and validates `path` (machine checks against `cpu_count` or this machine's CPUs).
@@ -127,11 +154,48 @@ fn load_config(path: &Path, cpu_count: Option<usize>) -> Option<ValidConfig> {
     }
 }
 
+/// The checks of `valid` against this machine: link memory against `memory` bytes (this
+/// machine's RAM and swap if `None`), and, if `commands` gives their severity, whether each
+/// process cell's command can be started from the working directory.
+fn machine_problems(
+    valid: &ValidConfig,
+    memory: Option<u64>,
+    commands: Option<Severity>,
+) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    if let Some(available) = memory.or_else(config::machine_memory) {
+        problems.extend(valid.check_memory(available));
+    }
+    if let Some(severity) = commands {
+        let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+        let search_path = std::env::var_os("PATH");
+        problems.extend(valid.check_commands(&cwd, search_path.as_deref(), severity));
+    }
+    problems
+}
+
+/// Prints `problems` (errors first) after the configuration's path; returns whether one of
+/// them is an error.
+fn report_machine_problems(path: &Path, problems: &[Problem]) -> bool {
+    let mut sorted: Vec<&Problem> = problems.iter().collect();
+    sorted.sort_by_key(|p| !p.is_error());
+    for problem in &sorted {
+        eprintln!("{}: {problem}", path.display());
+    }
+    problems.iter().any(Problem::is_error)
+}
+
 /// `hypervisor check <config>`: exit 0 and a summary when valid, exit 1 and every problem
 /// when not.
 fn check(args: &CheckArgs) -> anyhow::Result<u8> {
     match load_config(&args.config, args.cpu_count) {
         Some(valid) => {
+            // A command that cannot start is only a warning here: the system may be checked
+            // before its programs are built, or for another directory.
+            let problems = machine_problems(&valid, args.memory, Some(Severity::Warning));
+            if report_machine_problems(&args.config, &problems) {
+                return Ok(EXIT_INVALID_CONFIG);
+            }
             print!("{}", valid.summary());
             for cell in valid.cells.iter().filter(|c| c.kind == CellKind::Kvm) {
                 eprintln!(
@@ -148,7 +212,7 @@ fn check(args: &CheckArgs) -> anyhow::Result<u8> {
 }
 
 /// `hypervisor run <config>`: validate, create the links, listen, spawn the cells, show a
-/// live status (a redrawn line on a terminal, log lines otherwise) until SIGINT/SIGTERM or
+/// live status (a redrawn line on a terminal, log lines otherwise) until SIGINT/SIGTERM/SIGHUP or
 /// (without `--keep-running`) until every spawned cell has exited, then stop the cells,
 /// remove the socket and print a summary; exit [`EXIT_CELL_FAILED`] if a cell failed. The spawned cells' stdout and stderr lines
 /// appear on the hypervisor's stdout and stderr, prefixed with `[cell-name] `.
@@ -163,6 +227,11 @@ fn run(args: &RunArgs) -> anyhow::Result<u8> {
     };
     for warning in &valid.warnings {
         eprintln!("{}: {warning}", args.config.display());
+    }
+    // Commands matter only when they are spawned.
+    let commands = (!args.no_spawn).then_some(Severity::Error);
+    if report_machine_problems(&args.config, &machine_problems(&valid, None, commands)) {
+        return Ok(EXIT_INVALID_CONFIG);
     }
     let socket = args
         .socket

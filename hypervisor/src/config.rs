@@ -60,11 +60,13 @@ use serde::Deserialize;
 
 pub use ivshmem_dev::layout::{Region, SharedMemoryLayout};
 
+mod machine;
 mod problem;
 mod summary;
 mod validate;
 mod values;
 
+pub use machine::machine_memory;
 pub use problem::{ConfigErrors, Problem, ProblemKind, Severity};
 pub use summary::Summary;
 pub use values::{

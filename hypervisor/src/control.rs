@@ -55,7 +55,7 @@ use ivshmem_dev::hosted::{
 };
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
-use nix::sys::signal::{kill, Signal};
+use nix::sys::signal::{kill, killpg, Signal};
 use nix::sys::socket::{
     accept4, bind, connect, getsockopt, listen, send, sendmsg, socket, sockopt, AddressFamily,
     Backlog, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr,
@@ -147,6 +147,13 @@ pub enum ControlError {
     /// Another hypervisor listens at the path.
     #[error("another hypervisor is already listening at {0}")]
     AlreadyRunning(PathBuf),
+    /// The socket at the path belongs to another user (connecting to it was refused with
+    /// `EACCES`): most likely another user's hypervisor listens there.
+    #[error(
+        "{0} belongs to another user (permission denied): their hypervisor may be running \
+         there; choose another path with --socket or control_socket"
+    )]
+    NotPermitted(PathBuf),
     /// The path exists and is not a socket.
     #[error("{0} exists and is not a socket; refusing to replace it")]
     NotASocket(PathBuf),
@@ -854,7 +861,15 @@ impl ControlServer {
             Some(pid) => {
                 // The pid of the supervisor's own child, not reaped yet (`cell_exited` clears
                 // `spawned_pid` once it is), so it cannot have been recycled.
-                match kill(Pid::from_raw(pid as i32), Signal::SIGKILL) {
+                // Its whole process group: a cell the supervisor spawned runs in one of its
+                // own (see `crate::cells::spawn_cell`), so that what it started goes with
+                // it. A process without a group of its own is killed alone.
+                let pid = Pid::from_raw(pid as i32);
+                let killed = match killpg(pid, Signal::SIGKILL) {
+                    Err(Errno::ESRCH) => kill(pid, Signal::SIGKILL),
+                    other => other,
+                };
+                match killed {
                     Ok(()) => format!("cell process {pid} killed"),
                     Err(errno) => format!(
                         "killing cell process {pid} failed: {}",
@@ -999,6 +1014,9 @@ fn listen_at(path: &Path) -> Result<OwnedFd, ControlError> {
         }
         Ok(_) => match connect_control_socket(path) {
             Ok(_) => return Err(ControlError::AlreadyRunning(path.to_path_buf())),
+            Err(Errno::EACCES | Errno::EPERM) => {
+                return Err(ControlError::NotPermitted(path.to_path_buf()))
+            }
             Err(Errno::ECONNREFUSED | Errno::ENOENT) => {
                 tracing::info!("removing stale control socket {}", path.display());
                 match std::fs::remove_file(path) {

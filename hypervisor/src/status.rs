@@ -16,6 +16,8 @@ use ivshmem_dev::hosted::{
     StatusBody, WireName, MAX_MESSAGE_SIZE, MAX_WIRE_PEERS,
 };
 
+use nix::errno::Errno;
+
 use crate::control::connect_control_socket;
 
 /// How a spawned cell process ended.
@@ -188,6 +190,15 @@ pub enum StatusError {
         /// Why connecting failed.
         source: io::Error,
     },
+    /// The control socket belongs to another user (connecting was refused with `EACCES`).
+    #[error(
+        "the hypervisor at {path} belongs to another user (connecting was refused: permission \
+         denied); run this as that user (or root)"
+    )]
+    NotPermitted {
+        /// The socket path.
+        path: PathBuf,
+    },
     /// Talking to the hypervisor failed.
     #[error("control socket {path}: {source}")]
     Io {
@@ -216,9 +227,14 @@ pub fn query(path: &Path) -> Result<SystemStatus, StatusError> {
         path: path.to_path_buf(),
         source,
     };
-    let fd = connect_control_socket(path).map_err(|e| StatusError::NotRunning {
-        path: path.to_path_buf(),
-        source: e.into(),
+    let fd = connect_control_socket(path).map_err(|e| match e {
+        Errno::EACCES | Errno::EPERM => StatusError::NotPermitted {
+            path: path.to_path_buf(),
+        },
+        e => StatusError::NotRunning {
+            path: path.to_path_buf(),
+            source: e.into(),
+        },
     })?;
     set_recv_timeout(&fd, Duration::from_secs(5)).map_err(io_err)?;
     let mut buf = [0u8; MAX_MESSAGE_SIZE];

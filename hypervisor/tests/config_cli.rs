@@ -245,3 +245,102 @@ fn run_refuses_a_system_with_kvm_cells() {
         "no cell is started"
     );
 }
+
+/// A three-cell system whose commands are `commands` (one link over all three).
+fn commands_config(name: &str, commands: [&str; 3], output_size: &str) -> String {
+    let mut text = format!("[system]\nname = \"{name}\"\nallow_shared_cpus = true\n");
+    for (cell, command) in ["a", "b", "c"].iter().zip(commands) {
+        text += &format!("\n[[cells]]\nname = \"{cell}\"\ncpus = [0]\ncommand = \"{command}\"\n");
+    }
+    text += &format!(
+        "\n[[links]]\nname = \"l\"\npeers = [\"a\", \"b\", \"c\"]\nprotocol = 0x4001\noutput_size = \"{output_size}\"\n"
+    );
+    temp_config(name, &text)
+}
+
+/// Issue 14 item 7: `check` reports a command that cannot start (as a warning: the programs
+/// may not be built yet) and says which directory a relative path is taken from; `run`
+/// refuses to start.
+#[test]
+fn a_cell_command_that_cannot_start_is_reported() {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let config = commands_config(
+        "commands",
+        ["no/such/program", "/etc/passwd", "/bin/true"],
+        "4K",
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_hypervisor"))
+        .args(["check", &config])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains(r#"warning: cells[0] "a" .command: command no/such/program cannot be found"#),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("from the working directory, {}", dir.display())),
+        "{err}"
+    );
+    assert!(
+        err.contains(r#"warning: cells[1] "b" .command: command /etc/passwd is not executable"#),
+        "{err}"
+    );
+    assert!(!err.contains(r#"cells[2] "c" .command"#), "{err}");
+
+    let socket = dir.join(format!("commands-{}.sock", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_hypervisor"))
+        .args(["run", &config, "--socket"])
+        .arg(&socket)
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(r#"error: cells[0] "a" .command"#), "{err}");
+    assert!(!text(&out.stdout).contains("listening on"));
+    assert!(!socket.exists());
+}
+
+/// Issue 14 item 8: link memory the machine cannot back is refused with the figures, by
+/// `check` (also against a machine given with --memory) and by `run`.
+#[test]
+fn links_larger_than_the_machine_are_refused() {
+    let config = commands_config("huge", ["/bin/true", "/bin/true", "/bin/true"], "1024G");
+    let out = hypervisor(&["check", &config, "--memory", "16G"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(r#"error: links[0] "l": the links need 0x30000001000 bytes (3072.0 GiB)"#),
+        "{err}"
+    );
+    assert!(
+        err.contains("more than this machine's memory and swap (0x400000000 bytes"),
+        "{err}"
+    );
+    // The same system fits a machine with enough memory.
+    let out = hypervisor(&["check", &config, "--memory", "4096G"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+
+    // 15 PiB: no machine this test runs on has that much.
+    let config = commands_config(
+        "huger",
+        ["/bin/true", "/bin/true", "/bin/true"],
+        "15728640G",
+    );
+    let out = hypervisor(&["check", &config]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let socket = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("huge-{}.sock", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_hypervisor"))
+        .args(["run", &config, "--socket"])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("more than this machine's memory"), "{err}");
+    assert!(!socket.exists());
+}

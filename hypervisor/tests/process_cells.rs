@@ -365,3 +365,119 @@ fn keep_running_serves_after_every_spawned_cell_has_exited() {
     let err = stderr.join().unwrap();
     assert!(!err.contains("failed"), "stderr: {err}");
 }
+
+/// Issue 14 item 13: stopping a cell stops what it started (its process group), not only its
+/// own process. A FIFO tells when the last process holding its write end is gone.
+#[test]
+fn stopping_a_cell_stops_the_processes_it_started() {
+    use nix::fcntl::{open, OFlag};
+    use nix::poll::{poll, PollFd, PollFlags};
+    use nix::sys::stat::Mode;
+    use std::os::fd::AsFd;
+
+    let dir = TempDir::new("orphans");
+    let socket = dir.0.join("hv.sock");
+    let fifo = dir.0.join("held");
+    nix::unistd::mkfifo(&fifo, Mode::S_IRUSR | Mode::S_IWUSR).unwrap();
+    // Our read end first (non-blocking open), so the cell's `exec 3>` does not block.
+    let reader = open(&fifo, OFlag::O_RDONLY | OFlag::O_NONBLOCK, Mode::empty()).unwrap();
+    let script = format!("exec 3>{}; sleep 100 & echo started; wait", fifo.display());
+    let config = shell_cells(&dir.0, &socket, &[("parent", &script)]);
+    let (mut hv, _stderr) = run_hypervisor(&config, &[]);
+    hv.out.expect("[parent] started");
+    let (status, log) = hv.stop();
+    assert!(status.success(), "{status:?}: {log:#?}");
+    // Every writer gone (the shell and its `sleep`): POLLHUP. An orphaned `sleep` would hold
+    // the FIFO open for 100 s.
+    let mut fds = [PollFd::new(reader.as_fd(), PollFlags::POLLIN)];
+    poll(&mut fds, 10_000u16).unwrap();
+    let revents = fds[0].revents().unwrap_or(PollFlags::empty());
+    assert!(
+        revents.contains(PollFlags::POLLHUP),
+        "a process the cell started still holds the FIFO ({revents:?})"
+    );
+}
+
+/// Issue 14 item 12: SIGHUP (the terminal closed) stops the system like SIGINT: a summary,
+/// the socket removed, exit 0.
+#[test]
+fn sighup_stops_the_system_with_a_summary() {
+    let dir = TempDir::new("sighup");
+    let socket = dir.0.join("hv.sock");
+    let config = shell_cells(&dir.0, &socket, &[("idle", "echo up; exec sleep 100")]);
+    let (mut hv, _stderr) = run_hypervisor(&config, &[]);
+    hv.out.expect("[idle] up");
+    let pid = nix::unistd::Pid::from_raw(hv.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    hv.out.expect("stopping (SIGHUP)");
+    let summary = hv.out.expect("stopped 1 spawned cell(s)");
+    assert!(summary.contains("removed"), "{summary}");
+    let status = hv.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(!socket.exists(), "the control socket was not removed");
+}
+
+/// Issue 14 item 11: an OS error is printed once, not once per level of the error chain.
+#[test]
+fn run_prints_each_cause_of_an_error_once() {
+    let dir = TempDir::new("chain");
+    let socket = dir.0.join("hv.sock");
+    let config = shell_cells(&dir.0, &socket, &[("one", "exit 0")]);
+    // The socket's directory is a regular file: creating it fails with EEXIST.
+    let file = dir.0.join("file");
+    std::fs::write(&file, b"").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_hypervisor"))
+        .arg("run")
+        .arg(&config)
+        .arg("--socket")
+        .arg(file.join("hv.sock"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let os_error = "File exists (os error 17)";
+    assert_eq!(err.matches(os_error).count(), 1, "{err}");
+    assert!(err.contains("hypervisor: error: running system"), "{err}");
+}
+
+/// Issue 14 item 15: a user who may not connect to another user's hypervisor is told so,
+/// not that no hypervisor runs; `run` on that socket says whose it is, once.
+#[test]
+fn another_users_hypervisor_is_reported_as_such() {
+    use std::os::unix::process::CommandExt;
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to run the unprivileged side as another user");
+        return;
+    }
+    let dir = TempDir::new("other-user");
+    let socket = dir.0.join("hv.sock");
+    let config = shell_cells(&dir.0, &socket, &[("idle", "echo up; exec sleep 100")]);
+    std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let (mut hv, _stderr) = run_hypervisor(&config, &[]);
+    hv.out.expect("[idle] up");
+    let as_nobody = |args: &[&std::ffi::OsStr]| {
+        Command::new(env!("CARGO_BIN_EXE_hypervisor"))
+            .args(args)
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap()
+    };
+    let out = as_nobody(&["status".as_ref(), "--socket".as_ref(), socket.as_os_str()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("belongs to another user"), "{err}");
+    assert!(!err.contains("no hypervisor is running"), "{err}");
+    let out = as_nobody(&[
+        "run".as_ref(),
+        config.as_os_str(),
+        "--socket".as_ref(),
+        socket.as_os_str(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("belongs to another user"), "{err}");
+    assert!(err.matches("ermission denied").count() == 1, "{err}");
+    let (status, _) = hv.stop();
+    assert!(status.success());
+}

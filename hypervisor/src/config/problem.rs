@@ -68,6 +68,10 @@ pub enum ProblemKind {
     SharedCpus,
     /// The control socket path cannot be used.
     InvalidSocketPath,
+    /// A process cell's command cannot be started on this machine (machine check).
+    CommandNotFound,
+    /// The links need more shared memory than the machine has (machine check).
+    MemoryTooLarge,
 }
 
 /// One problem in a configuration, with its location and a hint that would fix it.

@@ -1,0 +1,163 @@
+//! Checks of a valid configuration against the machine it is to run on, beyond the CPU count:
+//! whether each process cell's command can be started, and whether the machine can back the
+//! links' memory. `hypervisor check` reports them, `hypervisor run` refuses to start on them.
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+
+use nix::unistd::{access, AccessFlags};
+
+use super::{human_size, CellKind, Problem, ProblemKind, Severity, ValidConfig};
+
+/// Where a command named in a configuration is found, as `execvp` (and so
+/// `std::process::Command`) looks for it: a name with a `/` is a path (relative ones from the
+/// working directory `cwd`), a bare name is searched in `search_path` (`$PATH`).
+fn resolve(command: &str, cwd: &Path, search_path: Option<&OsStr>) -> Result<PathBuf, String> {
+    if command.contains('/') {
+        let path = cwd.join(command);
+        let relative = if Path::new(command).is_relative() {
+            format!(
+                " (a relative command is taken from the working directory, {})",
+                cwd.display()
+            )
+        } else {
+            String::new()
+        };
+        return match std::fs::metadata(&path) {
+            Err(error) => Err(format!(
+                "command {command} cannot be found: {error}{relative}"
+            )),
+            Ok(meta) if !meta.is_file() => {
+                Err(format!("command {command} is not a file{relative}"))
+            }
+            Ok(_) if access(&path, AccessFlags::X_OK).is_err() => {
+                Err(format!("command {command} is not executable{relative}"))
+            }
+            Ok(_) => Ok(path),
+        };
+    }
+    let dirs = search_path.map(std::env::split_paths).into_iter().flatten();
+    for dir in dirs {
+        let path = cwd.join(dir).join(command);
+        if path.is_file() && access(&path, AccessFlags::X_OK).is_ok() {
+            return Ok(path);
+        }
+    }
+    Err(format!(
+        "command {command} is not an executable file in any directory of PATH"
+    ))
+}
+
+impl ValidConfig {
+    /// One problem of `severity` per process cell whose command cannot be started from the
+    /// working directory `cwd` with `search_path` as `$PATH`: missing, not a file or not
+    /// executable. The message says which directory a relative path was taken from.
+    pub fn check_commands(
+        &self,
+        cwd: &Path,
+        search_path: Option<&OsStr>,
+        severity: Severity,
+    ) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        for (index, cell) in self.cells.iter().enumerate() {
+            let (CellKind::Process, Some(command)) = (cell.kind, &cell.command) else {
+                continue;
+            };
+            if let Err(message) = resolve(command, cwd, search_path) {
+                problems.push(Problem {
+                    severity,
+                    ..Problem::error(
+                        ProblemKind::CommandNotFound,
+                        format!("cells[{index}] \"{}\" .command", cell.name),
+                        message,
+                        "build the program, give its absolute path, or run from the directory \
+                         relative commands are written for",
+                    )
+                });
+            }
+        }
+        problems
+    }
+
+    /// The bytes of shared memory the links need (every section of every link).
+    pub fn link_memory(&self) -> u64 {
+        self.links
+            .iter()
+            .map(|link| link.layout.total_size())
+            .fold(0u64, u64::saturating_add)
+    }
+
+    /// An error if the links need more memory than `available` bytes (the machine's RAM and
+    /// swap, see [`machine_memory`]): such sections would be created but fail when a cell
+    /// maps them. Names the figures and the largest link.
+    pub fn check_memory(&self, available: u64) -> Vec<Problem> {
+        let needed = self.link_memory();
+        if needed <= available {
+            return Vec::new();
+        }
+        let largest = self
+            .links
+            .iter()
+            .enumerate()
+            .max_by_key(|(_, link)| link.layout.total_size());
+        let location = match largest {
+            Some((index, link)) => format!("links[{index}] \"{}\"", link.name),
+            None => "links".to_owned(),
+        };
+        vec![Problem::error(
+            ProblemKind::MemoryTooLarge,
+            location,
+            format!(
+                "the links need {needed:#x} bytes ({}) of shared memory, more than this \
+                 machine's memory and swap ({available:#x} bytes, {})",
+                human_size(needed),
+                human_size(available)
+            ),
+            "make the sections smaller (output_size, rw_size), or run on a machine with more memory",
+        )]
+    }
+}
+
+/// This machine's RAM plus swap in bytes (`MemTotal` + `SwapTotal` of `/proc/meminfo`): the
+/// most that memfd-backed sections can ever hold. `None` if it cannot be read.
+pub fn machine_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = |key: &str| -> Option<u64> {
+        let line = text.lines().find(|l| l.starts_with(key))?;
+        line[key.len()..]
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()
+    };
+    let total = kib("MemTotal:")?;
+    let swap = kib("SwapTotal:").unwrap_or(0);
+    Some(total.saturating_add(swap).saturating_mul(1024))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_resolve_like_execvp() {
+        let cwd = Path::new("/");
+        assert!(resolve("/bin/sh", cwd, None).is_ok());
+        assert!(resolve("bin/sh", cwd, None).is_ok(), "relative to cwd");
+        assert!(resolve("sh", cwd, Some(OsStr::new("/nonexistent:/bin"))).is_ok());
+        let err = resolve("sh", cwd, Some(OsStr::new("/nonexistent"))).unwrap_err();
+        assert!(err.contains("PATH"), "{err}");
+        let err = resolve("etc/passwd", cwd, None).unwrap_err();
+        assert!(err.contains("not executable"), "{err}");
+        assert!(err.contains("working directory, /"), "{err}");
+        let err = resolve("/etc", cwd, None).unwrap_err();
+        assert!(err.contains("not a file"), "{err}");
+        assert!(!err.contains("working directory"), "absolute: {err}");
+    }
+
+    #[test]
+    fn machine_memory_is_read() {
+        assert!(machine_memory().is_some_and(|bytes| bytes > 0));
+    }
+}
