@@ -51,6 +51,10 @@ const TESTS: &[(&str, fn())] = &[
         "a_cell_flooding_its_output_does_not_hold_up_the_control_socket",
         a_cell_flooding_its_output_does_not_hold_up_the_control_socket,
     ),
+    (
+        "a_cell_under_its_own_uid_cannot_write_a_peers_section_by_any_route",
+        a_cell_under_its_own_uid_cannot_write_a_peers_section_by_any_route,
+    ),
 ];
 
 /// A re-executed child plays its role; otherwise runs the tests whose names contain one of
@@ -111,6 +115,7 @@ fn child_role() -> Option<i32> {
         "cell" => cell_main(),
         "ro" => read_only_violation_main(),
         "spawned" => spawned_main(),
+        "intruder" => intruder_main(),
         other => {
             eprintln!("unknown role {other}");
             2
@@ -286,6 +291,83 @@ fn spawned_main() -> i32 {
         .unwrap();
     wait_for(2);
     7
+}
+
+/// A spawned cell under a uid of its own (issue 14 item 4): once peer 0 has set state 1, it
+/// tries every route it has to write peer 0's output section and says how each ended
+/// (`ok` would be a hole), then sets state 2 and exits.
+fn intruder_main() -> i32 {
+    use nix::fcntl::{open, OFlag};
+    use nix::sys::mman::{mprotect, ProtFlags};
+    use nix::sys::stat::{fchmod, Mode};
+
+    let endpoint = HostedEndpoint::attach_from_env().unwrap();
+    let link = &endpoint.links()[0];
+    link.enable_interrupts();
+    while link.peer_state(0) != Some(1) {
+        link.wait_interrupt_timeout(GUARD)
+            .unwrap()
+            .expect("owner too slow");
+    }
+    let fd = link.output_fd(0).unwrap();
+    let outcome = |r: Result<(), nix::errno::Errno>| match r {
+        Ok(()) => "ok".to_string(),
+        Err(e) => format!("{e:?}"),
+    };
+    let len = 4096;
+    let reopen = open(
+        format!("/proc/self/fd/{}", fd.as_raw_fd()).as_str(),
+        OFlag::O_RDWR,
+        Mode::empty(),
+    )
+    .map(drop);
+    // Every fd of the hypervisor (the parent), reopened read-write.
+    let parent = nix::unistd::getppid();
+    let hv_fds = match std::fs::read_dir(format!("/proc/{parent}/fd")) {
+        Err(e) => Err(nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0))),
+        Ok(entries) => entries
+            .flatten()
+            .map(|e| open(&e.path(), OFlag::O_RDWR, Mode::empty()).map(drop))
+            .find(Result::is_ok)
+            .unwrap_or(Err(nix::errno::Errno::EACCES)),
+    };
+    let size = std::num::NonZeroUsize::new(len).unwrap();
+    let shared = nix::sys::mman::MapFlags::MAP_SHARED;
+    // SAFETY: maps the section's fd shared and writable; expected to fail. Nothing is
+    // accessed through the mapping if it does not (it is unmapped at once).
+    let mmap = unsafe {
+        nix::sys::mman::mmap(
+            None,
+            size,
+            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+            shared,
+            fd,
+            0,
+        )
+    }
+    .map(|p| {
+        // SAFETY: unmaps the mapping just made, which nothing references.
+        let _ = unsafe { nix::sys::mman::munmap(p, len) };
+    });
+    // SAFETY: a read-only shared mapping of the section; only mprotect touches it.
+    let ro =
+        unsafe { nix::sys::mman::mmap(None, size, ProtFlags::PROT_READ, shared, fd, 0) }.unwrap();
+    // SAFETY: changes the protection of our own mapping (the call must be refused).
+    let mprotect = unsafe { mprotect(ro, len, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE) };
+    let pwrite = nix::sys::uio::pwrite(fd, &[0xEE], 0).map(drop);
+    let fchmod = fchmod(fd, Mode::from_bits_truncate(0o666));
+    say(&format!(
+        "routes uid={} reopen={} hv_fds={} mmap={} mprotect={} pwrite={} fchmod={}",
+        nix::unistd::getuid(),
+        outcome(reopen),
+        outcome(hv_fds),
+        outcome(mmap),
+        outcome(mprotect),
+        outcome(pwrite),
+        outcome(fchmod),
+    ));
+    link.set_state(2).unwrap();
+    0
 }
 
 // ---------------------------------------------------------------------------------------
@@ -993,4 +1075,81 @@ output_size = "4K"
     assert!(status.success());
     let flood = flood_lines.join().unwrap();
     assert!(flood > 0, "the flood was forwarded");
+}
+
+/// Issue 14 item 4: a spawned cell under a uid of its own (the hypervisor runs as root) cannot
+/// write a peer's output section by any route it has: reopening its fd (or the hypervisor's)
+/// through /proc, a shared writable mapping, mprotect of a read-only one, pwrite, fchmod.
+fn a_cell_under_its_own_uid_cannot_write_a_peers_section_by_any_route() {
+    if !nix::unistd::geteuid().is_root() {
+        println!("skipped: the hypervisor must run as root to run a cell under another uid");
+        return;
+    }
+    const UID: u32 = 64_123;
+    let dir = TempDir::new("uid");
+    let socket = dir.0.join("hv.sock");
+    let exe = std::env::current_exe().unwrap();
+    let config = dir.0.join("uid.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[system]
+name = "uid-test"
+control_socket = "{socket}"
+allow_shared_cpus = true
+
+[[cells]]
+name = "owner"
+cpus = [0]
+command = "/bin/true"
+
+[[cells]]
+name = "intruder"
+cpus = [0]
+command = "{exe}"
+uid = {UID}
+
+[[links]]
+name = "pair"
+peers = ["owner", "intruder"]
+protocol = 0x4001
+output_size = "4K"
+"#,
+            socket = socket.display(),
+            exe = exe.display()
+        ),
+    )
+    .unwrap();
+    let mut hv = Hypervisor::start(&config, &[(ROLE_ENV, "intruder")], false);
+    hv.out.expect("cell owner: process");
+    let owner = HostedEndpoint::attach(&socket, "owner").unwrap();
+    let link = &owner.links()[0];
+    link.enable_interrupts();
+    let own = link.output(0).unwrap();
+    for i in 0..4096 {
+        // SAFETY: in-bounds byte writes into our own, writable output section.
+        unsafe { own.as_ptr().add(i).write_volatile(0x5A) };
+    }
+    link.set_state(1).unwrap();
+    let line = hv.out.expect("CELL routes");
+    eprintln!("intruder: {line}");
+    assert!(line.contains(&format!("uid={UID}")), "{line}");
+    for route in ["reopen", "hv_fds", "mmap", "mprotect", "pwrite", "fchmod"] {
+        let outcome = field(&line, &format!("{route}="));
+        assert_ne!(outcome, "ok", "route {route} was open: {line}");
+    }
+    while link.peer_state(1) != Some(2) {
+        link.wait_interrupt_timeout(GUARD)
+            .unwrap()
+            .expect("intruder did not finish");
+    }
+    for i in 0..4096 {
+        // SAFETY: in-bounds read of our own mapped section.
+        let byte = unsafe { own.as_ptr().add(i).read_volatile() };
+        assert_eq!(byte, 0x5A, "byte {i} of the owner's section changed");
+    }
+    drop(owner);
+    let (status, _) = hv.stop();
+    assert!(status.success(), "{status:?}");
 }

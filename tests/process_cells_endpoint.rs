@@ -34,6 +34,7 @@ impl Served {
             cpus: vec![0],
             command: None,
             process: true,
+            uid: None,
         };
         let system = SystemSpec {
             cells: vec![cell("a"), cell("b"), cell("c")],
@@ -446,6 +447,7 @@ fn an_illegal_access_stops_the_cell_with_a_fatal_report() {
         cpus: Vec::new(),
         command: None,
         process: true,
+        uid: None,
     };
     let system = SystemSpec {
         cells: vec![cell("a"), cell("b"), cell("c")],
@@ -573,6 +575,7 @@ fn a_late_state_ack_breaks_the_connection_instead_of_desynchronising_it() {
         cpus: Vec::new(),
         command: None,
         process: true,
+        uid: None,
     };
     let system = SystemSpec {
         cells: vec![cell("a"), cell("b")],

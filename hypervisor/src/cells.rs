@@ -75,6 +75,7 @@ impl SystemSpec {
                         argv
                     }),
                     process: c.kind == CellKind::Process,
+                    uid: c.uid,
                 })
                 .collect(),
             links: config
@@ -412,6 +413,17 @@ pub fn spawn_cell(cell: &CellSpec, argv: &[String], socket: &Path) -> Result<Chi
     // was in place.
     let hypervisor = Pid::this();
     let pin = !cell.cpus.is_empty();
+    // A cell with a uid of its own (only possible for a root hypervisor) drops to it before
+    // exec: its group the same number, no supplementary groups.
+    let user = cell
+        .uid
+        .filter(|&uid| uid != nix::unistd::geteuid().as_raw())
+        .map(|uid| {
+            (
+                nix::unistd::Uid::from_raw(uid),
+                nix::unistd::Gid::from_raw(uid),
+            )
+        });
     let mut cmd = Command::new(program);
     cmd.args(args)
         .env(ENV_SOCKET, socket)
@@ -420,10 +432,17 @@ pub fn spawn_cell(cell: &CellSpec, argv: &[String], socket: &Path) -> Result<Chi
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     // SAFETY: the closure runs in the forked child before exec and only makes
-    // async-signal-safe system calls (prctl, getppid, _exit, sigprocmask, setpgid,
-    // sched_setaffinity) through nix's thin wrappers, on stack data; it allocates nothing.
+    // async-signal-safe system calls (setgroups, setgid, setuid, prctl, getppid, sigprocmask,
+    // setpgid, sched_setaffinity) through nix's thin wrappers, on stack data; it allocates
+    // nothing.
     unsafe {
         cmd.pre_exec(move || {
+            if let Some((uid, gid)) = user {
+                nix::unistd::setgroups(&[])?;
+                nix::unistd::setgid(gid)?;
+                nix::unistd::setuid(uid)?;
+            }
+            // After the uid change, which clears the parent-death signal.
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
             // If the hypervisor died between fork and prctl, no death signal will come: the
             // child was re-parented, so it must not run on as an orphan cell.
@@ -1112,6 +1131,7 @@ mod tests {
                 cpus: Vec::new(),
                 command: Some(vec!["/bin/sleep".into(), "1000".into()]),
                 process: true,
+                uid: None,
             }],
             links: Vec::new(),
         }

@@ -12,6 +12,27 @@ use std::process::ExitCode;
 use crate::config::{self, CellKind, Problem, Severity, ValidConfig};
 use clap::{Args, Parser, Subcommand};
 
+/// The end of `hypervisor --help`.
+const AFTER_HELP: &str = "\
+Exit codes:
+  0  success
+  1  invalid configuration (every problem is printed with its location and a fix), or an error
+  2  usage error (unknown option or missing argument)
+  3  status: no hypervisor is running at the socket
+  4  run: a spawned cell failed (non-zero exit or killed by a signal on its own)
+
+Control socket: control_socket in [system], else /run/ivshmem-stack/<system>.sock as root,
+$XDG_RUNTIME_DIR/ivshmem-stack/<system>.sock or /tmp/ivshmem-stack-<uid>/<system>.sock.
+Logging: RUST_LOG (default warn), e.g. RUST_LOG=hypervisor=debug; logs go to stderr.
+Relative paths in a configuration (cell commands) are taken from the working directory.";
+
+/// The end of `hypervisor run --help`.
+const RUN_AFTER_HELP: &str = "\
+Stopping: Ctrl-C (SIGINT), SIGTERM or SIGHUP stop every cell (SIGTERM to its process group,
+SIGKILL after 5 s), remove the control socket and print a summary. Without --keep-running,
+run also stops by itself once every spawned cell has exited and no cell is attached.
+Exit code 4 if a spawned cell failed on its own, 1 on an invalid configuration or error.";
+
 /// Exit code of a command that did what it was asked.
 const EXIT_SUCCESS: u8 = 0;
 
@@ -25,7 +46,8 @@ const EXIT_INVALID_CONFIG: u8 = 1;
 #[command(
     name = "hypervisor",
     version,
-    about = "The hosted ivshmem v2 hypervisor"
+    about = "The hosted ivshmem v2 hypervisor",
+    after_help = AFTER_HELP
 )]
 struct Cli {
     #[command(subcommand)]
@@ -37,6 +59,7 @@ enum Command {
     /// Validate a system configuration and print its cells, links and shared-memory layouts.
     Check(CheckArgs),
     /// Start a system: create the links, open the control socket, start the cells.
+    #[command(after_help = RUN_AFTER_HELP)]
     Run(RunArgs),
     /// Show the state of a running system.
     Status(StatusArgs),
@@ -71,7 +94,7 @@ struct RunArgs {
     #[arg(long)]
     no_spawn: bool,
     /// Keep serving after every spawned cell has exited (cells may attach again by hand);
-    /// stop only on Ctrl-C (SIGINT) or SIGTERM.
+    /// stop only on Ctrl-C (SIGINT), SIGTERM or SIGHUP.
     #[arg(long)]
     keep_running: bool,
 }
@@ -106,6 +129,7 @@ where
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
     let cli = Cli::parse_from(args);
     let result = match cli.command {

@@ -128,6 +128,10 @@ pub struct CellTable {
     pub memory: Option<SizeSpec>,
     /// KVM cells: the bare-metal image to load (required).
     pub image: Option<PathBuf>,
+    /// Process cells: run the program under this user ID (its group ID the same number, no
+    /// supplementary groups) when the hypervisor runs as root, so that it cannot reopen
+    /// other cells' sections read-write (see [`crate::memory`]).
+    pub uid: Option<u32>,
 }
 
 /// One `[[links]]` table as written.
@@ -165,11 +169,30 @@ impl SystemConfig {
     pub fn load(path: impl AsRef<Path>) -> Result<SystemConfig, ConfigErrors> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|error| {
+            let (message, fix) = match error.kind() {
+                std::io::ErrorKind::InvalidData => (
+                    "the file is not text (not UTF-8); a configuration is a TOML text file"
+                        .to_owned(),
+                    "give the path of the system's .toml file",
+                ),
+                std::io::ErrorKind::NotFound => (
+                    format!("cannot read the configuration file: {error}"),
+                    "check the path (a relative one is taken from the working directory)",
+                ),
+                std::io::ErrorKind::PermissionDenied => (
+                    format!("cannot read the configuration file: {error}"),
+                    "check the file's permissions, or run as a user who may read it",
+                ),
+                _ => (
+                    format!("cannot read the configuration file: {error}"),
+                    "check the path and its permissions",
+                ),
+            };
             ConfigErrors::single(Problem::error(
                 ProblemKind::Io,
                 path.display().to_string(),
-                format!("cannot read the configuration file: {error}"),
-                "check the path and its permissions",
+                message,
+                fix,
             ))
         })?;
         Self::from_toml_str(&text).map_err(|mut errors| {
@@ -290,6 +313,8 @@ pub struct CellConfig {
     pub memory: Option<u64>,
     /// KVM cells: the image to load; `None` for process cells.
     pub image: Option<PathBuf>,
+    /// Process cells: the user ID its program runs under, if not the hypervisor's.
+    pub uid: Option<u32>,
     /// The links this cell is a peer of, with its peer ID on each, in link order.
     pub links: Vec<CellLink>,
 }

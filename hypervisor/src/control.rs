@@ -27,8 +27,10 @@
 //!
 //! # Trust between process cells
 //!
-//! Process cells run as the hypervisor's uid (checked with `SO_PEERCRED` on attach) and are
-//! trusted not to interfere with each other beyond what the device allows:
+//! Process cells run as the hypervisor's uid or, when the hypervisor runs as root, under a
+//! uid of their own configured per cell (checked with `SO_PEERCRED` on attach; the socket is
+//! then mode 0666). Cells of the hypervisor's uid are trusted not to interfere with each other
+//! beyond what the device allows:
 //!
 //! - **Doorbells.** A cell gets every peer's interrupt eventfd so that it can ring them
 //!   (`DOORBELL` writes 1 to the target's eventfd). An eventfd has no write-only mode, so these
@@ -39,8 +41,9 @@
 //!   this build yet) ring doorbells through an `ioeventfd` on their register page that the
 //!   hypervisor owns; they never hold a peer's fd, so they cannot do this.
 //! - **Output sections.** Other peers' output sections are handed over read-only, but a
-//!   same-uid process can reopen the memfd read-write; see [`crate::memory`], "What read-only
-//!   protects against". The state table is sealed and cannot be written by any cell.
+//!   process of the hypervisor's uid can reopen the memfd read-write; a cell under a uid of
+//!   its own cannot. See [`crate::memory`], "What read-only protects against". The state
+//!   table is sealed and cannot be written by any cell.
 
 use std::collections::BTreeSet;
 use std::io::{self, IoSlice};
@@ -100,6 +103,9 @@ pub struct CellSpec {
     pub command: Option<Vec<String>>,
     /// Whether this is a process cell (may attach over the socket).
     pub process: bool,
+    /// The user ID the cell's process runs under, if not the hypervisor's: attaches from it
+    /// are accepted, and the control socket is made connectable for it.
+    pub uid: Option<u32>,
 }
 
 /// A whole hosted system: what `run` serves.
@@ -362,7 +368,14 @@ impl ControlServer {
                 exit: None,
             })
             .collect();
-        let listener = listen_at(path)?;
+        // Cells of their own uid must be able to connect; SO_PEERCRED on attach still admits
+        // only the hypervisor's uid and the configured ones.
+        let mode = if system.cells.iter().any(|c| c.uid.is_some()) {
+            0o666
+        } else {
+            0o600
+        };
+        let listener = listen_at(path, mode)?;
         let socket_inode = std::fs::symlink_metadata(path).ok().map(|m| {
             use std::os::unix::fs::MetadataExt;
             (m.dev(), m.ino())
@@ -632,7 +645,9 @@ impl ControlServer {
                 RefusalReason::BadRequest,
                 "this connection is already attached".to_string(),
             ))
-        } else if client.uid != self.uid {
+        } else if client.uid != self.uid
+            && !self.cells.iter().any(|c| c.spec.uid == Some(client.uid))
+        {
             Err((
                 RefusalReason::PermissionDenied,
                 format!(
@@ -657,6 +672,19 @@ impl ControlServer {
                     RefusalReason::NotAttachable,
                     format!("cell `{name}` is not a process cell"),
                 )),
+                Some(ci)
+                    if client.uid != self.uid && self.cells[ci].spec.uid != Some(client.uid) =>
+                {
+                    Err((
+                        RefusalReason::PermissionDenied,
+                        format!(
+                            "process {} runs as uid {}; cell `{name}` runs as uid {}",
+                            client.pid,
+                            client.uid,
+                            self.cells[ci].spec.uid.unwrap_or(self.uid)
+                        ),
+                    ))
+                }
                 Some(ci) if self.cells[ci].client.is_some() => Err((
                     RefusalReason::AlreadyAttached,
                     format!(
@@ -670,7 +698,8 @@ impl ControlServer {
         let ci = match target {
             Ok(ci) => ci,
             Err((reason, detail)) => {
-                tracing::warn!("attach refused: {detail}");
+                // Reported once, as a ControlEvent (the run log line); this is for RUST_LOG.
+                tracing::debug!("attach refused: {detail}");
                 self.refuse(index, reason, &detail);
                 self.events
                     .push(ControlEvent::Refused { cell: name, detail });
@@ -880,7 +909,9 @@ impl ControlServer {
             None => "cell started by hand: disconnected".to_string(),
         };
         let detail = format!("{report}; {action}");
-        tracing::error!("{detail}");
+        // Reported once, as the cell's Detached event (the run log line); this is for
+        // RUST_LOG.
+        tracing::debug!("{detail}");
         self.refuse(index, RefusalReason::BadRequest, &detail);
         self.drop_client(id, detail);
     }
@@ -997,9 +1028,9 @@ pub fn connect_control_socket(path: &Path) -> Result<OwnedFd, Errno> {
     Ok(fd)
 }
 
-/// Creates the listening socket at `path` (mode 0600). A stale socket file is replaced only
+/// Creates the listening socket at `path` (mode `mode`: 0600, or 0666 when cells run under uids of their own). A stale socket file is replaced only
 /// if nobody listens on it.
-fn listen_at(path: &Path) -> Result<OwnedFd, ControlError> {
+fn listen_at(path: &Path, mode: u32) -> Result<OwnedFd, ControlError> {
     let sock_err = |source: io::Error| ControlError::Socket {
         path: path.to_path_buf(),
         source,
@@ -1039,7 +1070,7 @@ fn listen_at(path: &Path) -> Result<OwnedFd, ControlError> {
     .map_err(|e| sock_err(e.into()))?;
     bind(fd.as_raw_fd(), &addr).map_err(|e| sock_err(e.into()))?;
     // The uid check on attach covers the short window before the mode is narrowed.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(sock_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(sock_err)?;
     listen(&fd, Backlog::new(64).unwrap_or(Backlog::MAXCONN)).map_err(|e| sock_err(e.into()))?;
     Ok(fd)
 }

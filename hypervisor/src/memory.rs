@@ -20,11 +20,16 @@
 //!   any fd, including a reopened one. No cell can forge a peer's state.
 //! - **Output sections** must stay writable for their owning cell for the link's whole life
 //!   (it maps its own section again after a restart), so they cannot be sealed, and Linux has
-//!   no per-process write permission on one memfd. A same-uid process cell that reopens a
-//!   peer's output section `O_RDWR` can write it. The hosted backend therefore trusts process
-//!   cells of the hypervisor's uid not to do that (they are already trusted with everything a
-//!   same-uid process can do: `ptrace`, `/proc/<pid>/mem`); the `SO_PEERCRED` check on attach
-//!   keeps other uids out. The R/W section is writable by every peer by definition. KVM cells
+//!   no per-process write permission on one memfd. Every memfd is therefore made mode 0600
+//!   (owner: the hypervisor's uid). A cell whose program runs under a uid of its own (the
+//!   `uid` key of a process cell; the hypervisor must run as root) cannot reopen any section
+//!   (`EACCES` through `/proc/self/fd/N`, and `/proc/<hypervisor>/fd` is closed to it), cannot
+//!   upgrade a read-only fd or mapping (`mmap`/`mprotect`: `EACCES`, `pwrite`: `EBADF`) and
+//!   cannot change the mode (`fchmod`: `EPERM`): it writes only what it was given writable.
+//!   A process cell of the hypervisor's own uid can still reopen a peer's output section
+//!   `O_RDWR` and write it; such cells are trusted not to (they are already trusted with
+//!   everything a same-uid process can do: `ptrace`, `/proc/<pid>/mem`). The `SO_PEERCRED`
+//!   check on attach admits only the hypervisor's uid and the cells' configured uids. The R/W section is writable by every peer by definition. KVM cells
 //!   see only the guest-physical mappings the hypervisor gives them, where read-only is
 //!   enforced by the MMU.
 use std::fs::File;
@@ -135,6 +140,10 @@ impl SectionMemory {
             source,
         };
         file.set_len(size).map_err(size_err)?;
+        // Only the hypervisor's uid may open the memfd again (through /proc/<pid>/fd/N): a
+        // cell running under a uid of its own can use only the fds it was given.
+        nix::sys::stat::fchmod(&file, Mode::S_IRUSR | Mode::S_IWUSR)
+            .map_err(|errno| size_err(errno.into()))?;
         fcntl(
             &file,
             FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | extra_seals),

@@ -344,3 +344,23 @@ fn links_larger_than_the_machine_are_refused() {
     assert!(err.contains("more than this machine's memory"), "{err}");
     assert!(!socket.exists());
 }
+
+/// Issue 14 item 16: `--help` tells the exit codes, RUST_LOG, the default socket path and how
+/// `run` is stopped.
+#[test]
+fn help_tells_exit_codes_logging_socket_and_stopping() {
+    let help = text(&hypervisor(&["--help"]).stdout);
+    for want in [
+        "Exit codes:",
+        "3  status: no hypervisor",
+        "4  run: a spawned cell failed",
+        "RUST_LOG",
+        "/run/ivshmem-stack/<system>.sock",
+    ] {
+        assert!(help.contains(want), "--help lacks {want:?}:\n{help}");
+    }
+    let help = text(&hypervisor(&["run", "--help"]).stdout);
+    for want in ["Ctrl-C (SIGINT)", "SIGHUP", "--keep-running", "Exit code 4"] {
+        assert!(help.contains(want), "run --help lacks {want:?}:\n{help}");
+    }
+}

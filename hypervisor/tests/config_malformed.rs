@@ -778,3 +778,34 @@ fn the_fix_for_an_unaligned_size_is_itself_aligned() {
         assert_eq!(example % 4096, 0, "{problem}");
     }
 }
+
+/// Issue 14 item 16: a misspelt table header is located at the top level, not inside the
+/// table before it.
+#[test]
+fn a_misspelt_table_header_is_located_at_the_top_level() {
+    let text = GOOD.replace("[[cells]]\nname = \"b\"", "[[cell]]\nname = \"b\"");
+    let errors = refused(&text);
+    let problem = errors
+        .problems
+        .iter()
+        .find(|p| p.kind == ProblemKind::UnknownField)
+        .unwrap_or_else(|| panic!("{errors}"));
+    assert!(
+        problem.location == "top level (line 10, column 3)",
+        "{problem}"
+    );
+    assert!(problem.message.contains("`cell`"), "{problem}");
+}
+
+/// Issue 14 item 16: a file that is not text is called that, with a fix that fits.
+#[test]
+fn a_binary_file_is_not_taken_for_a_permission_problem() {
+    let path = std::env::temp_dir().join(format!("binary-config-{}.toml", std::process::id()));
+    std::fs::write(&path, [0x7f, b'E', b'L', b'F', 0xff, 0xfe, 0x00, 0x80]).unwrap();
+    let errors = SystemConfig::load(&path).unwrap_err();
+    let _ = std::fs::remove_file(&path);
+    let problem = &errors.problems[0];
+    assert_eq!(problem.kind, ProblemKind::Io);
+    assert!(problem.message.contains("not text"), "{problem}");
+    assert!(!problem.fix.contains("permissions"), "{problem}");
+}

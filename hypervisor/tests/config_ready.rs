@@ -160,3 +160,27 @@ fn control_socket_default_and_override() {
     assert!(!valid.control_socket_is_default);
     assert_eq!(valid.control_socket, Path::new("/tmp/vnet.sock"));
 }
+
+/// Issue 14 item 16: every command a ready configuration names exists: an absolute path on
+/// this machine, or `target/release/examples/NAME` of an example the root package builds
+/// (`examples/NAME.rs`).
+#[test]
+fn ready_configs_name_programs_that_exist_or_are_built_here() {
+    let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    for file in config_files() {
+        let config = load(file.file_name().unwrap().to_str().unwrap());
+        for cell in config.cells.iter().filter(|c| c.kind == CellKind::Process) {
+            let command = cell.command.as_deref().unwrap();
+            let exists = match command.strip_prefix("target/release/examples/") {
+                Some(example) => examples.join(format!("{example}.rs")).is_file(),
+                None => std::path::Path::new(command).is_file(),
+            };
+            assert!(
+                exists,
+                "{}: cell {}: command {command} is not built by this workspace",
+                file.display(),
+                cell.name
+            );
+        }
+    }
+}

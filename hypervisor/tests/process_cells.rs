@@ -481,3 +481,37 @@ fn another_users_hypervisor_is_reported_as_such() {
     let (status, _) = hv.stop();
     assert!(status.success());
 }
+
+/// Issue 14 item 16: a refused attach is reported once (the log line on stdout), and
+/// nothing on a stderr that is not a terminal carries ANSI colours.
+#[test]
+fn a_refused_attach_is_reported_once_without_colours() {
+    use ivshmem_dev::hosted::{decode_reply, AttachBody, Reply, Request, WireName};
+    use nix::sys::socket::{recv, send, MsgFlags};
+    use std::os::fd::AsRawFd;
+
+    let dir = TempDir::new("refused");
+    let socket = dir.0.join("hv.sock");
+    let config = shell_cells(&dir.0, &socket, &[("idle", "echo up; exec sleep 100")]);
+    let (mut hv, stderr) = run_hypervisor(&config, &[]);
+    hv.out.expect("[idle] up");
+    let fd = hypervisor::control::connect_control_socket(&socket).unwrap();
+    let mut buf = [0u8; ivshmem_dev::hosted::MAX_MESSAGE_SIZE];
+    let attach = Request::Attach(AttachBody {
+        cell: WireName::new("zzz").unwrap(),
+    });
+    let n = attach.encode(&mut buf).unwrap();
+    send(fd.as_raw_fd(), &buf[..n], MsgFlags::MSG_NOSIGNAL).unwrap();
+    let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()).unwrap();
+    assert!(matches!(decode_reply(&buf[..n]), Ok(Reply::Refused(_))));
+    hv.out.expect("attach as `zzz` refused");
+    let (status, log) = hv.stop();
+    assert!(status.success(), "{status:?}");
+    let err = stderr.join().unwrap();
+    let told = log.iter().filter(|l| l.contains("zzz")).count() + err.matches("zzz").count();
+    assert_eq!(told, 1, "stdout: {log:#?}\nstderr: {err}");
+    assert!(
+        !err.contains('\x1b'),
+        "ANSI escapes on a non-terminal: {err:?}"
+    );
+}

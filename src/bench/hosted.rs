@@ -47,6 +47,7 @@ pub fn with_hosted_link<T>(
                 cpus: vec![cpu],
                 command: None,
                 process: true,
+                uid: None,
             })
             .collect(),
         links: vec![LinkSpec {

@@ -494,6 +494,7 @@ fn check_cells(
                 for (field, present) in [
                     ("command", cell.command.is_some()),
                     ("args", cell.args.is_some()),
+                    ("uid", cell.uid.is_some()),
                 ] {
                     if present {
                         check.error(
@@ -524,6 +525,7 @@ fn check_cells(
                     Vec::new()
                 },
                 memory,
+                uid: cell.uid.filter(|_| kind == CellKind::Process),
                 image: if kind == CellKind::Kvm {
                     cell.image.clone()
                 } else {
@@ -944,7 +946,12 @@ pub(super) fn parse_problem(text: &str, error: &toml::de::Error) -> Problem {
             let before = &text[..start];
             let line = before.matches('\n').count() + 1;
             let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            // A table header names a key of the top level (`[[cell]]` is the top level's
+            // key `cell`), not of the table before it.
+            let line_start = before.rfind('\n').map_or(0, |at| at + 1);
+            let on_header = text[line_start..].trim_start().starts_with('[');
             match table_at(before) {
+                Some(_) if on_header => format!("top level (line {line}, column {column})"),
                 Some(table) => format!("{table} (line {line}, column {column})"),
                 None => format!("line {line}, column {column}"),
             }
