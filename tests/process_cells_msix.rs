@@ -43,6 +43,7 @@ impl Served {
             cpus: Vec::new(),
             command: None,
             process: true,
+            uid: None,
         };
         let names = ["rtos-telemetry", "linux", "logger"];
         let system = SystemSpec {
