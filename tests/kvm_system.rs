@@ -49,12 +49,14 @@ fn a_kvm_cell_and_a_process_cell_share_a_link_under_run_system() {
                 cpus: vec![0],
                 command: None,
                 process: false,
+                uid: None,
             },
             CellSpec {
                 name: "proc".into(),
                 cpus: vec![1],
                 command: None,
                 process: true,
+                uid: None,
             },
         ],
         links: vec![LinkSpec {

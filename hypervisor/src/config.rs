@@ -132,12 +132,12 @@ pub struct CellTable {
     pub memory: Option<SizeSpec>,
     /// KVM cells: the bare-metal image to load (required).
     pub image: Option<PathBuf>,
+    /// KVM cells: the command line written at 0x1000 (at most 255 bytes).
+    pub cmdline: Option<String>,
     /// Process cells: run the program under this user ID (its group ID the same number, no
     /// supplementary groups) when the hypervisor runs as root, so that it cannot reopen
     /// other cells' sections read-write (see [`crate::memory`]).
     pub uid: Option<u32>,
-    /// KVM cells: the command line written at 0x1000 (at most 255 bytes).
-    pub cmdline: Option<String>,
 }
 
 /// One `[[links]]` table as written.
@@ -325,10 +325,10 @@ pub struct CellConfig {
     pub memory: Option<u64>,
     /// KVM cells: the image to load; `None` for process cells.
     pub image: Option<PathBuf>,
-    /// Process cells: the user ID its program runs under, if not the hypervisor's.
-    pub uid: Option<u32>,
     /// KVM cells: the command line (empty: none); empty for process cells.
     pub cmdline: String,
+    /// Process cells: the user ID its program runs under, if not the hypervisor's.
+    pub uid: Option<u32>,
     /// The links this cell is a peer of, with its peer ID on each, in link order.
     pub links: Vec<CellLink>,
 }

@@ -9,8 +9,8 @@
 //! - attach by cell name: unknown names, names already attached, non-process cells and
 //!   processes of another uid (`SO_PEERCRED`) are refused with a clear reply; otherwise the cell
 //!   gets, per link it is on, the link parameters and its fds (state table RO, R/W section RW,
-//!   own output RW, other outputs RO, the interrupt eventfds of every peer; its own drained
-//!   first). The state table is sealed with `F_SEAL_FUTURE_WRITE`, so no cell can write it
+//!   own output RW, other outputs RO), then every peer's cell name and interrupt eventfds, one
+//!   per vector (1 with INTx, the link's `vectors` with MSI-X; its own drained first). The state table is sealed with `F_SEAL_FUTURE_WRITE`, so no cell can write it
 //!   even through a reopened fd; a peer's output section is read-only only as long as
 //!   same-uid cells do not reopen its fd read-write (see [`crate::memory`], "What read-only
 //!   protects against");

@@ -41,6 +41,7 @@ impl Served {
                 state_table_size: 4096,
                 rw_size: 4096,
                 output_size: 4096,
+                interrupts: hypervisor::device::InterruptMode::Intx,
             }],
         };
         let mut server = ControlServer::bind(&system, &socket, &mut device_model).unwrap();

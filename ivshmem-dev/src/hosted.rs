@@ -75,10 +75,10 @@ pub mod kind {
     /// Anyone (same uid) → hypervisor: status query (empty body).
     pub const STATUS: u16 = 0x0003;
     /// Cell → hypervisor: the cell made an illegal register access ([`super::AccessBody`]).
-    pub const ILLEGAL_ACCESS: u16 = 0x0004;
+    pub const ILLEGAL_ACCESS: u16 = 0x0005;
     /// Anyone (same uid) → hypervisor: stop, start or restart a cell
     /// ([`super::CellControlBody`]); answered with [`CELL_STATUS`] or [`REFUSED`].
-    pub const CELL_CONTROL: u16 = 0x0005;
+    pub const CELL_CONTROL: u16 = 0x0004;
     /// Hypervisor → cell: attach accepted ([`super::AcceptedBody`]).
     pub const ACCEPTED: u16 = 0x0081;
     /// Hypervisor → cell: one link's parameters, fds beside it ([`super::LinkGrantBody`]).
