@@ -435,10 +435,10 @@ const GUARD: u8 = 0x11;
 /// (undefined behaviour), which Miri reports.
 #[test]
 fn hostile_producer_rewrites_the_payload_while_it_is_read() {
-    let len = if cfg!(miri) { 96 } else { 4096 };
+    let len: usize = if cfg!(miri) { 96 } else { 4096 };
     let min_rounds = if cfg!(miri) { 3 } else { 2000 };
     let min_flips = if cfg!(miri) { 2 } else { 50 };
-    let capacity = 4 * len;
+    let capacity = (4 * len).next_power_of_two();
     let l = OneWayLayout::new(capacity, 64).unwrap();
     let mut region = vec![Line([GUARD; 64]); l.total_len / 64];
     let base: *mut u8 = region.as_mut_ptr().cast();
