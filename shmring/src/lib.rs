@@ -104,6 +104,15 @@
 //! [u8]>` of [`Frame`] (it will be removed; build with `--cfg shmring_no_frame_deref` to
 //! check that code does not use it).
 //!
+//! # Two processes
+//!
+//! `examples/memfd_pair.rs` (`cargo run -p shmring --example memfd_pair`) is the whole set-up
+//! between two real processes: one memfd laid out by [`layout::OneWayLayout`] (each part on
+//! its own pages), each process mapping its own part read-write and the peer's part
+//! read-only, two eventfds as the data and space doorbells rung exactly when a `flush`
+//! returns a needed [`Notify`], the two-phase init/attach with a "ready" doorbell standing in
+//! for the ivshmem `STATE` change, and the consumer reading through the view.
+//!
 //! # Examples
 //!
 //! ```
