@@ -1,10 +1,12 @@
 //! The consumer side of a ring.
 
 use core::cell::Cell;
+#[cfg(not(shmring_no_frame_deref))]
 use core::ops::Deref;
 
 use crate::layout::{self, FrameHeader, FLAG_PADDING, NO_EVENT};
 use crate::sync::{fence, load_acquire, word, AtomicU64, Ordering};
+use crate::view::PeerBytes;
 use crate::{check_region, Error, Notify, Owner};
 
 /// A consumer part that is initialised (and announced) but not yet attached to its producer.
@@ -238,8 +240,9 @@ impl Consumer {
     ///
     /// The frame stays in the ring until [`Frame::release`] (local until
     /// [`flush`](Self::flush)); dropping the `Frame` keeps it for the next `peek`.
-    /// A hostile producer may change the payload bytes while you look at them; its length and
-    /// position were validated once and are never re-read.
+    /// A hostile producer may change the payload bytes while you look at them: read them
+    /// through [`Frame::payload`] (copies and volatile reads). Its length and position were
+    /// validated once and are never re-read.
     #[inline]
     pub fn peek(&mut self) -> Result<Option<Frame<'_>>, Error> {
         match self.next_frame()? {
@@ -378,6 +381,10 @@ impl ConsumerInit {
 }
 
 /// A frame inside shared memory, handed out by [`Consumer::peek`].
+///
+/// Its payload lies in the producer's output section, which the producer can write at any
+/// time: read it through [`payload`](Self::payload), a [`PeerBytes`] view that copies and
+/// reads volatile, never through a `&[u8]` (see the crate docs, "Untrusted peer").
 pub struct Frame<'a> {
     consumer: &'a mut Consumer,
     payload: *const u8,
@@ -393,6 +400,44 @@ impl Frame<'_> {
         self.kind
     }
 
+    /// Payload length (validated once at peek; never re-read).
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the payload is empty.
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The payload, as a view that is sound however the peer behaves.
+    #[inline]
+    pub fn payload(&self) -> PeerBytes<'_> {
+        // SAFETY: `len` bytes at `payload` lie inside the producer's data area (validated at
+        // peek) and stay mapped while the frame (which borrows the consumer) lives.
+        unsafe { PeerBytes::new(self.payload, self.len) }
+    }
+
+    /// A copy of the payload.
+    #[cfg(feature = "alloc")]
+    pub fn to_vec(&self) -> alloc::vec::Vec<u8> {
+        self.payload().to_vec()
+    }
+
+    /// The payload as a shared slice (zero-copy, for code that needs `&[u8]`).
+    ///
+    /// # Safety
+    /// The peer is trusted not to write this frame until it is released (for as long as the
+    /// slice lives): a producer that does write it makes every read through the slice a data
+    /// race, i.e. undefined behaviour. Against an untrusted peer use [`payload`](Self::payload).
+    #[inline]
+    pub unsafe fn as_trusted_slice(&self) -> &[u8] {
+        // SAFETY: forwarded to the caller.
+        unsafe { self.payload().as_trusted_slice() }
+    }
+
     /// Releases the frame (local until [`Consumer::flush`]).
     #[inline]
     pub fn release(self) {
@@ -400,13 +445,27 @@ impl Frame<'_> {
     }
 }
 
+impl core::fmt::Debug for Frame<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Frame")
+            .field("len", &self.len)
+            .field("kind", &self.kind)
+            .finish_non_exhaustive()
+    }
+}
+
+/// **Transitional, trusted peer only**: derefs to the payload as `&[u8]`, which is
+/// [`Frame::as_trusted_slice`] without the `unsafe` it needs. Unsound against a hostile
+/// producer; kept only until the remaining callers in the workspace have moved to
+/// [`Frame::payload`] (or to `as_trusted_slice` with a written argument). Build with
+/// `RUSTFLAGS="--cfg shmring_no_frame_deref"` to find them; then delete this impl.
+#[cfg(not(shmring_no_frame_deref))]
 impl Deref for Frame<'_> {
     type Target = [u8];
     #[inline]
     fn deref(&self) -> &[u8] {
-        // SAFETY: validated, published range inside the producer's data area, which the producer
-        // does not reuse before we release it. A hostile producer may still write it: the bytes
-        // are plain data and never trusted.
-        unsafe { core::slice::from_raw_parts(self.payload, self.len) }
+        // SAFETY: NOT sound against a producer that writes the frame before its release (see
+        // above); sound when the peer is trusted, which is what the remaining callers assume.
+        unsafe { self.as_trusted_slice() }
     }
 }

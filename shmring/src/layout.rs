@@ -161,3 +161,91 @@ pub const fn frame_size(len: usize) -> usize {
 pub const fn capacity_ok(capacity: usize) -> bool {
     capacity.is_power_of_two() && capacity >= MIN_CAPACITY && capacity <= MAX_CAPACITY
 }
+
+/// Where the two parts of a one-way ring sit in one shared region (one memfd, one ivshmem
+/// section pair laid out by hand): the producer part at offset 0, the consumer part after it,
+/// each starting on an `align` boundary and padded to a multiple of it. With `align` the page
+/// size each side can map its own part read-write and the peer's part read-only, the
+/// protection ivshmem v2 gives output sections (mapping offsets must be page multiples).
+///
+/// ```
+/// use shmring::layout::{OneWayLayout, CONSUMER_PART_SIZE};
+/// let l = OneWayLayout::new(64 * 1024, 4096)?;
+/// assert_eq!((l.producer_offset, l.producer_len), (0, 69_632)); // 192 + 64 KiB, in pages
+/// assert_eq!((l.consumer_offset, l.consumer_len), (69_632, 4096));
+/// assert_eq!(l.total_len, 73_728);
+/// // The other way round: the largest ring a 1 MiB region holds.
+/// assert_eq!(OneWayLayout::for_region(1 << 20, 4096)?.capacity, 512 * 1024);
+/// # Ok::<(), shmring::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OneWayLayout {
+    /// Capacity of the data area (bytes).
+    pub capacity: usize,
+    /// Offset of the producer part (always 0).
+    pub producer_offset: usize,
+    /// Bytes reserved for the producer part (`producer_part_size(capacity)`, rounded up).
+    pub producer_len: usize,
+    /// Offset of the consumer part.
+    pub consumer_offset: usize,
+    /// Bytes reserved for the consumer part ([`CONSUMER_PART_SIZE`], rounded up).
+    pub consumer_len: usize,
+    /// Size of the whole region.
+    pub total_len: usize,
+}
+
+impl OneWayLayout {
+    /// The layout of a ring with `capacity` bytes of data area, parts aligned to `align` (a
+    /// power of two, at least [`REGION_ALIGN`]; typically the page size).
+    ///
+    /// Errors: [`Error::BadCapacity`](crate::Error::BadCapacity),
+    /// [`Error::Misaligned`](crate::Error::Misaligned) for a bad `align`.
+    pub fn new(capacity: usize, align: usize) -> Result<OneWayLayout, crate::Error> {
+        if !capacity_ok(capacity) {
+            return Err(crate::Error::BadCapacity { capacity });
+        }
+        if !align.is_power_of_two() || align < REGION_ALIGN {
+            return Err(crate::Error::Misaligned {
+                align: REGION_ALIGN,
+            });
+        }
+        let round = |n: usize| n.checked_next_multiple_of(align);
+        let too_big = crate::Error::BadCapacity { capacity };
+        let producer_len = round(producer_part_size(capacity)).ok_or(too_big)?;
+        let consumer_len = round(CONSUMER_PART_SIZE).ok_or(too_big)?;
+        let total_len = producer_len.checked_add(consumer_len).ok_or(too_big)?;
+        Ok(OneWayLayout {
+            capacity,
+            producer_offset: 0,
+            producer_len,
+            consumer_offset: producer_len,
+            consumer_len,
+            total_len,
+        })
+    }
+
+    /// The layout with the largest capacity whose region fits in `region_len` bytes.
+    ///
+    /// Errors: [`Error::RegionTooSmall`](crate::Error::RegionTooSmall) if not even
+    /// [`MIN_CAPACITY`] fits; [`Error::Misaligned`](crate::Error::Misaligned) for a bad `align`.
+    pub fn for_region(region_len: usize, align: usize) -> Result<OneWayLayout, crate::Error> {
+        let smallest = OneWayLayout::new(MIN_CAPACITY, align)?;
+        if region_len < smallest.total_len {
+            return Err(crate::Error::RegionTooSmall {
+                needed: smallest.total_len,
+                got: region_len,
+            });
+        }
+        // Largest power of two not above the room left for the data area, then step down
+        // while the rounding to `align` makes it overflow the region (at most a few steps).
+        let room = (region_len - smallest.consumer_len - P_DATA).min(MAX_CAPACITY);
+        let mut capacity = 1usize << (usize::BITS - 1 - room.leading_zeros());
+        loop {
+            let layout = OneWayLayout::new(capacity, align)?;
+            if layout.total_len <= region_len {
+                return Ok(layout);
+            }
+            capacity /= 2;
+        }
+    }
+}

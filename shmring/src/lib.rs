@@ -74,17 +74,44 @@
 //!
 //! # Untrusted peer
 //!
-//! Everything read from the peer's part is validated before use: magic and version at attach
-//! ([`Error::BadMagic`], [`Error::VersionMismatch`], [`Error::PeerNotReady`] for magic 0), the
-//! capacity once at attach (never re-read), the peer's index on every re-read (monotonic, within
-//! one capacity of ours, aligned), and each frame header (length within the published data and
-//! the contiguous area, padding exactly up to the end and never at offset 0). A violation is
-//! [`Error::Corrupt`]: never a panic, never an access outside the two parts. `Corrupt` is
-//! sticky by design: the ring does not advance past what it refused, so every later call
-//! reports it again until the layer above tears the link down ([`Producer::reset`],
-//! [`Consumer::reset`]) and re-attaches once the peer has restarted. A frame's header
-//! is read once and never re-read. A hostile producer can still change payload bytes while a
-//! [`Consumer::peek`] reader looks at them: treat payloads as untrusted input.
+//! The peer is another program and is not trusted. Exactly what holds:
+//!
+//! **Sound against a hostile peer** (whatever it writes, and whenever: no panic, no access
+//! outside the two parts, no undefined behaviour, no endless loop; a violation is an error):
+//! - attach: magic and version ([`Error::BadMagic`], [`Error::VersionMismatch`],
+//!   [`Error::PeerNotReady`] for magic 0), the capacity read once and never re-read;
+//! - every re-read of the peer's index (monotonic, within one capacity of ours, aligned) and
+//!   each frame header, read once (length within the published data and the contiguous area,
+//!   padding exactly up to the end and never at offset 0): [`Error::Corrupt`];
+//! - the copying calls [`Consumer::try_recv`] and [`TypedConsumer::try_recv`], and every read
+//!   of a peeked frame through [`Frame::payload`] / [`TypedFrame::read`]: a [`PeerBytes`] view
+//!   that only copies into caller memory or reads volatile, never hands out a reference to
+//!   peer memory, and reads each byte once in its helpers ([`view`] explains the rules);
+//! - the producer side entirely: a grant is our own memory, the peer only reads it.
+//!
+//! `Corrupt` is sticky by design: the ring does not advance past what it refused, so every
+//! later call reports it again until the layer above tears the link down
+//! ([`Producer::reset`], [`Consumer::reset`]) and re-attaches once the peer has restarted.
+//! Payload *content* stays untrusted input: a producer that rewrites a frame while it is read
+//! gives the reader a mix of old and new bytes (check it, e.g. with the sum that
+//! [`PeerBytes::copy_to_with_sum`] computes over exactly the bytes it copied).
+//!
+//! **Needs a trusted peer** (one that never writes a published frame before its release):
+//! [`Frame::as_trusted_slice`] and [`PeerBytes::as_trusted_slice`], which are `unsafe fn` for
+//! that reason: the `&[u8]` they return asserts that the bytes do not change, and a peer that
+//! changes them makes every read a data race, i.e. undefined behaviour, not merely odd bytes.
+//! The same holds, until the last callers have moved, for the transitional `Deref<Target =
+//! [u8]>` of [`Frame`] (it will be removed; build with `--cfg shmring_no_frame_deref` to
+//! check that code does not use it).
+//!
+//! # Two processes
+//!
+//! `examples/memfd_pair.rs` (`cargo run -p shmring --example memfd_pair`) is the whole set-up
+//! between two real processes: one memfd laid out by [`layout::OneWayLayout`] (each part on
+//! its own pages), each process mapping its own part read-write and the peer's part
+//! read-only, two eventfds as the data and space doorbells rung exactly when a `flush`
+//! returns a needed [`Notify`], the two-phase init/attach with a "ready" doorbell standing in
+//! for the ivshmem `STATE` change, and the consumer reading through the view.
 //!
 //! # Examples
 //!
@@ -107,11 +134,14 @@
 //! assert!(rx.peek()?.is_none(), "not visible before flush");
 //! let notify = tx.flush();
 //! if notify.needed() { /* ring the consumer's doorbell */ }
+//! // The payload lies in peer memory: read it through the view (copies, volatile reads).
 //! let frame = rx.peek()?.expect("published");
-//! assert_eq!(&*frame, b"zero");
+//! assert!(frame.payload().eq_slice(b"zero"));
 //! frame.release();
 //! let frame = rx.peek()?.expect("second frame");
-//! assert_eq!(&*frame, b"copy");
+//! let mut word = [0u8; 4];
+//! assert_eq!(frame.payload().copy_to(&mut word), 4);
+//! assert_eq!(&word, b"copy");
 //! frame.release();
 //! let _ = rx.flush(); // make the space reusable for the producer
 //! assert!(rx.peek()?.is_none());
@@ -149,13 +179,15 @@ mod owned;
 mod producer;
 mod sync;
 mod typed;
+pub mod view;
 
 pub use consumer::{Consumer, ConsumerInit, Frame, Received};
 pub use duplex::{Duplex, DuplexInit};
 #[cfg(feature = "alloc")]
 pub use owned::channel;
 pub use producer::{Grant, Producer, ProducerInit};
-pub use typed::{TypedConsumer, TypedProducer};
+pub use typed::{TypedConsumer, TypedFrame, TypedProducer};
+pub use view::{OutOfBounds, PeerBytes};
 
 /// Everything that can go wrong with a ring.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

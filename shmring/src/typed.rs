@@ -5,7 +5,7 @@ use core::mem::size_of;
 
 use bytemuck::Pod;
 
-use crate::{Consumer, Error, Notify, Producer};
+use crate::{Consumer, Error, Frame, Notify, PeerBytes, Producer};
 
 /// Sends values of a plain-old-data type `T`, one frame each.
 #[derive(Debug)]
@@ -77,26 +77,42 @@ impl<T: Pod> TypedConsumer<T> {
         }
     }
 
-    /// Copies out, releases and publishes the next value; a frame whose length is not
-    /// `size_of::<T>()` is [`Error::Corrupt`] and stays in the ring: like every `Corrupt`, it
-    /// is sticky until the layer above resets the ring (the peer broke the protocol, so
-    /// skipping the frame would only hide it).
+    /// The next record, zero-copy, inside shared memory; `None` if the ring is empty. A frame
+    /// whose length is not `size_of::<T>()` is [`Error::Corrupt`] and stays in the ring: like
+    /// every `Corrupt`, it is sticky until the layer above resets the ring (the peer broke the
+    /// protocol, so skipping the frame would only hide it).
+    #[inline]
+    pub fn peek(&mut self) -> Result<Option<TypedFrame<'_, T>>, Error> {
+        match self.inner.peek()? {
+            None => Ok(None),
+            Some(frame) if frame.len() != size_of::<T>() => Err(Error::Corrupt {
+                what: "typed frame of the wrong length",
+            }),
+            Some(frame) => Ok(Some(TypedFrame {
+                frame,
+                _type: PhantomData,
+            })),
+        }
+    }
+
+    /// Copies out, releases and publishes the next value (errors as [`peek`](Self::peek)).
     #[inline]
     pub fn try_recv(&mut self) -> Result<Option<(T, Notify)>, Error> {
-        let value = match self.inner.peek()? {
+        let value = match self.peek()? {
             None => return Ok(None),
-            Some(frame) => {
-                if frame.len() != size_of::<T>() {
-                    return Err(Error::Corrupt {
-                        what: "typed frame of the wrong length",
-                    });
-                }
-                let value = bytemuck::pod_read_unaligned::<T>(&frame);
-                frame.release();
+            Some(record) => {
+                let value = record.read();
+                record.release();
                 value
             }
         };
         Ok(Some((value, self.inner.flush())))
+    }
+
+    /// Publishes every released record (see [`Consumer::flush`]).
+    #[inline]
+    pub fn flush(&mut self) -> Notify {
+        self.inner.flush()
     }
 
     /// The untyped consumer.
@@ -107,5 +123,47 @@ impl<T: Pod> TypedConsumer<T> {
     /// The untyped consumer, borrowed (for the sleep handshake, ...).
     pub fn consumer(&mut self) -> &mut Consumer {
         &mut self.inner
+    }
+}
+
+/// A record of type `T` inside shared memory, handed out by [`TypedConsumer::peek`]. The
+/// producer may write it at any time: [`read`](Self::read) takes one snapshot of the whole
+/// value, [`payload`](Self::payload) reads single fields (at `offset_of!` offsets).
+pub struct TypedFrame<'a, T: Pod> {
+    frame: Frame<'a>,
+    _type: PhantomData<fn() -> T>,
+}
+
+impl<T: Pod> TypedFrame<'_, T> {
+    /// A copy of the record (one volatile read of `size_of::<T>()` bytes). Use the copy; do
+    /// not read the record again to re-check a field.
+    #[inline]
+    pub fn read(&self) -> T {
+        // The length was checked against size_of::<T>() at peek.
+        self.frame
+            .payload()
+            .read::<T>(0)
+            .unwrap_or_else(|_| T::zeroed())
+    }
+
+    /// The record's bytes, for reading single fields at their offsets.
+    #[inline]
+    pub fn payload(&self) -> PeerBytes<'_> {
+        self.frame.payload()
+    }
+
+    /// Releases the record (local until [`TypedConsumer::flush`] or the next
+    /// [`TypedConsumer::try_recv`]).
+    #[inline]
+    pub fn release(self) {
+        self.frame.release();
+    }
+}
+
+impl<T: Pod> core::fmt::Debug for TypedFrame<'_, T> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("TypedFrame")
+            .field("frame", &self.frame)
+            .finish()
     }
 }

@@ -223,7 +223,7 @@ fn run(cap: usize, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 match (got, m.visible_front()) {
                     (None, None) => {}
                     (Some(frame), Some(f)) => {
-                        prop_assert_eq!(&*frame, &f.data[..]);
+                        prop_assert_eq!(frame.to_vec(), f.data.clone());
                         prop_assert_eq!(frame.kind(), f.kind);
                         m.read = m.read.max(f.start);
                         if release {

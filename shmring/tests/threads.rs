@@ -53,7 +53,7 @@ fn streaming_spin_keeps_order_and_content() {
         match rx.peek().unwrap() {
             Some(f) => {
                 frame(seq, &mut want);
-                assert_eq!(&*f, &want[..], "frame {seq}");
+                assert_eq!(f.to_vec(), want, "frame {seq}");
                 f.release();
                 seq += 1;
                 if seq % 3 == 0 {

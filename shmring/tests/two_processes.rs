@@ -9,7 +9,7 @@ use std::ffi::CString;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use shmring::layout::{producer_part_size, CONSUMER_PART_SIZE};
+use shmring::layout::OneWayLayout;
 use shmring::{Consumer, Error, Producer};
 
 const CAPACITY: usize = 1 << 16;
@@ -17,12 +17,11 @@ const PAGE: usize = 4096;
 const CHILD_ENV: &str = "SHMRING_TWO_PROCESSES_CHILD";
 const BATCH: u64 = 32;
 
-fn producer_region_len() -> usize {
-    producer_part_size(CAPACITY).div_ceil(PAGE) * PAGE
-}
-
-fn consumer_region_len() -> usize {
-    CONSUMER_PART_SIZE.div_ceil(PAGE) * PAGE
+/// Producer part at 0, consumer part on the next page: (producer len, consumer len).
+fn region_lens() -> (usize, usize) {
+    let layout = OneWayLayout::new(CAPACITY, PAGE).expect("valid layout");
+    assert_eq!(layout.consumer_offset, layout.producer_len);
+    (layout.producer_len, layout.consumer_len)
 }
 
 /// Maps `len` bytes of `fd` at `offset`, writable or read-only.
@@ -127,7 +126,7 @@ fn run_parent(frames: u64) {
     // SAFETY: plain syscall; no CLOEXEC so the child inherits the fd.
     let fd = unsafe { libc::memfd_create(name.as_ptr(), 0) };
     assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-    let (plen, clen) = (producer_region_len(), consumer_region_len());
+    let (plen, clen) = region_lens();
     // SAFETY: fd is ours.
     assert_eq!(
         unsafe { libc::ftruncate(fd, (plen + clen) as libc::off_t) },
@@ -204,17 +203,23 @@ fn run_parent(frames: u64) {
 
 /// Child side: the consumer. Returns an error description on any loss or corruption.
 fn run_child(fd: i32, frames: u64) -> Result<(), String> {
-    let (plen, clen) = (producer_region_len(), consumer_region_len());
+    let (plen, clen) = region_lens();
     let peer = map(fd, 0, plen, false);
     let own = map(fd, plen, clen, true);
     // SAFETY: live shared mappings for the rest of the process; only we write the consumer part.
     let mut rx =
         unsafe { Consumer::new(own, clen, peer, plen) }.map_err(|e| format!("attach: {e}"))?;
     let mut seq = 0;
+    let mut copy = [0u8; 256];
     while seq < frames {
         match rx.peek().map_err(|e| e.to_string())? {
             Some(frame) => {
-                verify(seq, &frame)?;
+                // Another process wrote it: copy out once (the view), then check the copy.
+                if frame.len() > copy.len() {
+                    return Err(format!("frame {seq}: length {}", frame.len()));
+                }
+                let n = frame.payload().copy_to(&mut copy);
+                verify(seq, &copy[..n])?;
                 frame.release();
                 seq += 1;
                 if seq % BATCH == 0 {

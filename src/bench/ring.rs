@@ -1,6 +1,7 @@
 //! Suite `ring`: in-process, two threads pinned to two cores. The floor (a bare cache-line
 //! ping-pong), shmring's round trip, streaming 64-byte and 1 KiB messages through shmring and
-//! the common Rust SPSC/MPSC queues, and 64 KiB zero-copy grants against a plain memcpy.
+//! the common Rust SPSC/MPSC queues, and 64 KiB zero-copy grants (and a checksum over them
+//! through the sound read view) against a plain memcpy.
 //!
 //! Every streamed message carries its sequence number in its first 8 bytes and the consumer
 //! checks it, so nothing can be optimised away and a lost or reordered message is an error.
@@ -84,6 +85,12 @@ pub fn comparisons() -> Vec<Comparison> {
             Metric::BytesPerS,
             Some(Target::AtLeast(0.8)),
         ),
+        ratio(
+            "shmring-view-64k",
+            "memcpy-64k",
+            Metric::BytesPerS,
+            Some(Target::AtLeast(0.8)),
+        ),
     ]
 }
 
@@ -131,6 +138,12 @@ pub fn cases() -> Vec<(&'static str, Metric, u64, CaseFn)> {
             grant_stream,
         ),
         (
+            "shmring-view-64k",
+            Metric::BytesPerS,
+            GRANT_FRAME as u64,
+            view_stream,
+        ),
+        (
             "memcpy-64k",
             Metric::BytesPerS,
             GRANT_FRAME as u64,
@@ -167,6 +180,7 @@ fn notes(cpus: [usize; 2]) -> Vec<String> {
         format!("streaming: every queue holds {STREAM_RING_BYTES} B of messages; each message's first 8 bytes are its sequence number, checked by the consumer; every message is published on its own (no batching) except by the shmring-batch consumer"),
         "shmring-N: try_send (copy in + publish) / peek + check + release + flush per message (zero-copy read); shmring-batch-N: the same producer, the consumer publishes once per 32 releases or when it finds the ring empty (every publish pays the wake-up handshake's StoreLoad fence, which rtrb has no need for: it cannot sleep); rtrb-N: RingBuffer<u8>, push_entire_slice (its write_chunk_uninit(N) + copy + commit_all) / read_chunk(N) + check + commit_all; crossbeam-N: ArrayQueue<[u8; N]> push/pop; mpsc-N: sync_channel::<[u8; N]> try_send/try_recv".into(),
         format!("shmring-grant-64k: producer grants 64 KiB, fills it with copy_from_slice from a 64 KiB source (+ seq stamps at both ends), commit + flush; consumer peeks, checks both stamps, releases + flushes; {GRANT_RING_BYTES} B ring"),
+        format!("shmring-view-64k: the same producer; the consumer peeks, reads both stamps through the frame's PeerBytes view (volatile reads) and computes the RFC 1071 sum of all 64 KiB through it (each byte read once: SSE2 unaligned loads straight from the frame on x86-64, a 1 KiB stack chunk copy elsewhere), checks the sum, releases + flushes; {GRANT_RING_BYTES} B ring"),
         format!("memcpy-64k: one thread on CPU {}, dst.copy_from_slice(&src) between two 64 KiB heap buffers (one byte of src changed per copy, black_box on dst), bytes/s = copies * 65536 / time", cpus[0]),
     ]
 }
@@ -307,7 +321,7 @@ fn stream_shmring<const N: usize>(cpus: [usize; 2], iters: u64, batch: u32) -> R
                         return Ok(None);
                     };
                     ensure!(frame.len() == N, "frame {seq} has length {}", frame.len());
-                    check_seq(seq_of(&frame), seq)?;
+                    check_seq(frame.payload().read_u64_le(0)?, seq)?;
                     frame.release();
                     unpublished += 1;
                     if unpublished >= batch {
@@ -435,6 +449,45 @@ fn stream_mpsc<const N: usize>(cpus: [usize; 2], iters: u64) -> Result<Duration>
 
 /// Streams `iters` 64 KiB frames through shmring's zero-copy grant path (see the suite notes).
 pub fn grant_stream(cpus: [usize; 2], iters: u64) -> Result<Duration> {
+    grant_stream_with(cpus, iters, |payload, seq| {
+        check_seq(payload.read_u64_le(0)?, seq)?;
+        check_seq(payload.read_u64_le(GRANT_FRAME - 8)?, seq)
+    })
+}
+
+/// As [`grant_stream`], the consumer summing every byte through the view (see the suite notes).
+pub fn view_stream(cpus: [usize; 2], iters: u64) -> Result<Duration> {
+    // The body (everything but the stamps) is constant: its sum is known in advance.
+    let body = shmring::view::ones_complement_sum(&[GRANT_FILL; GRANT_FRAME - 16]);
+    grant_stream_with(cpus, iters, move |payload, seq| {
+        check_seq(payload.read_u64_le(0)?, seq)?;
+        check_seq(payload.read_u64_le(GRANT_FRAME - 8)?, seq)?;
+        let stamp = shmring::view::ones_complement_sum(&seq.to_le_bytes());
+        // Stamps at both (even) ends: body + 2 x stamp in ones' complement arithmetic.
+        let want = ones_complement_add(ones_complement_add(body, stamp), stamp);
+        let got = payload.ones_complement_sum();
+        ensure!(
+            got == want,
+            "frame {seq}: sum {got:#06x}, expected {want:#06x}"
+        );
+        Ok(())
+    })
+}
+
+fn ones_complement_add(a: u16, b: u16) -> u16 {
+    let sum = u32::from(a) + u32::from(b);
+    ((sum & 0xffff) + (sum >> 16)) as u16
+}
+
+/// Byte the grant producer fills its frames with (between the two stamps).
+const GRANT_FILL: u8 = 0xA5;
+
+/// The 64 KiB grant stream; `consume` checks each frame's payload (through the sound view).
+fn grant_stream_with(
+    cpus: [usize; 2],
+    iters: u64,
+    consume: impl Fn(shmring::PeerBytes<'_>, u64) -> Result<()> + Send,
+) -> Result<Duration> {
     let (mut tx, mut rx) = shmring::channel(GRANT_RING_BYTES)?;
     run_pinned_pair(
         cpus,
@@ -450,8 +503,7 @@ pub fn grant_stream(cpus: [usize; 2], iters: u64) -> Result<Duration> {
                         "frame {seq} has length {}",
                         frame.len()
                     );
-                    check_seq(seq_of(&frame), seq)?;
-                    check_seq(seq_of(&frame[GRANT_FRAME - 8..]), seq)?;
+                    consume(frame.payload(), seq)?;
                     frame.release();
                     let _notify = rx.flush();
                     Ok(Some(()))
@@ -460,7 +512,7 @@ pub fn grant_stream(cpus: [usize; 2], iters: u64) -> Result<Duration> {
             Ok(start.elapsed())
         },
         move |abort| {
-            let source = vec![0xA5u8; GRANT_FRAME];
+            let source = vec![GRANT_FILL; GRANT_FRAME];
             for seq in 0..iters {
                 spin_until(abort, || {
                     let mut grant = match tx.grant(GRANT_FRAME) {

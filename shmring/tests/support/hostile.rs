@@ -130,10 +130,10 @@ fn poke(word_ptr: *mut u64, s: &mut Script<'_>) {
     word.store(value, Ordering::Relaxed);
 }
 
-fn inside(slice: &[u8], data: *const u8, cap: usize) -> bool {
-    let start = slice.as_ptr() as usize;
+fn inside(start: *const u8, len: usize, data: *const u8, cap: usize) -> bool {
+    let start = start as usize;
     let data = data as usize;
-    start >= data && start + slice.len() <= data + cap
+    start >= data && start + len <= data + cap
 }
 
 /// What a script made the victim do (to check that the scenario reaches both outcomes).
@@ -240,10 +240,11 @@ fn victim_consumer(cap: usize, s: &mut Script<'_>, stats: &mut Stats) -> Result<
                 let release = s.byte() & 1 == 1;
                 match victim.peek() {
                     Ok(Some(frame)) => {
-                        if !inside(&frame, data, cap) {
+                        let payload = frame.payload();
+                        if !inside(payload.as_ptr(), payload.len(), data, cap) {
                             return Err("peek handed out a slice outside the data area".into());
                         }
-                        let _sum: u32 = frame.iter().map(|&b| u32::from(b)).sum();
+                        let _sum = payload.ones_complement_sum();
                         stats.frames += 1;
                         if release {
                             frame.release();
@@ -305,7 +306,7 @@ fn victim_producer(cap: usize, s: &mut Script<'_>, stats: &mut Stats) -> Result<
                 let how = s.byte();
                 match victim.grant(len) {
                     Ok(mut g) => {
-                        if g.len() != len || !inside(&g, data, cap) {
+                        if g.len() != len || !inside(g.as_ptr(), g.len(), data, cap) {
                             return Err("grant outside the data area or of the wrong length".into());
                         }
                         g.fill(how);
