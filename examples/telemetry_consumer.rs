@@ -42,9 +42,10 @@ struct Args {
     /// interrupt (default: interrupts only).
     #[arg(long, value_name = "US")]
     poll_us: Option<u64>,
-    /// The producer's name in messages.
-    #[arg(long, default_value = "producer")]
-    peer_name: String,
+    /// The producer's name in messages (default: its cell name, which the hosted hypervisor
+    /// tells each cell; `producer` on other backends).
+    #[arg(long)]
+    peer_name: Option<String>,
     /// The hypervisor's control socket (default: $IVSHMEM_SOCKET).
     #[arg(long, requires = "cell")]
     socket: Option<PathBuf>,
@@ -187,10 +188,19 @@ async fn main() -> Result<()> {
         },
         None => WaitMode::Interrupt,
     };
+    // The hosted hypervisor names every peer; UIO and in-process links do not.
+    let peer_name = args
+        .peer_name
+        .clone()
+        .or_else(|| {
+            let peer = endpoint.the_peer()?;
+            endpoint.peer_name(peer).map(str::to_owned)
+        })
+        .unwrap_or_else(|| "producer".to_owned());
     let mut channel = Channel::new(
         endpoint,
         ChannelOptions {
-            peer_name: Some(args.peer_name.clone()),
+            peer_name: Some(peer_name),
             wait,
             ..ChannelOptions::default()
         },

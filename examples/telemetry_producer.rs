@@ -75,10 +75,17 @@ fn main() -> Result<()> {
             endpoint.name()
         );
     };
+    // The hosted hypervisor names every peer (`rtos-telemetry` rather than `peer 0`);
+    // other backends know only the IDs.
+    let label = |id: u16, name: Option<&str>| match name {
+        Some(name) => format!("`{name}` (peer {id})"),
+        None => format!("peer {id}"),
+    };
     eprintln!(
-        "telemetry_producer: link `{}`, peer {} -> peer {peer}, {} samples of {} bytes at {}",
+        "telemetry_producer: link `{}`, {} -> {}, {} samples of {} bytes at {}",
         endpoint.name(),
-        endpoint.id(),
+        label(endpoint.id(), endpoint.cell()),
+        label(peer, endpoint.peer_name(peer)),
         args.count
             .map_or("unlimited".to_string(), |c| c.to_string()),
         Sample::SIZE,
