@@ -238,6 +238,7 @@ fn consumer(
     let mut interval_max = 0u64;
     let mut polls = 0u32;
     let started = Instant::now();
+    let mut scratch = Vec::new();
     loop {
         let Some(frame) = rx.peek()? else {
             if shared.done.load(Ordering::Acquire) {
@@ -264,25 +265,30 @@ fn consumer(
         };
         polls = 0;
         let received_at = epoch.elapsed().as_nanos() as u64;
+        // The frame lies in memory the producer can write at any time: copy it out once
+        // (through shmring's view, never a `&[u8]` over the ring) and check only the copy.
+        scratch.resize(frame.len(), 0);
+        frame.payload().copy_to(&mut scratch);
+        let copy = &scratch[..];
         ensure!(
             frame.len() >= HEADER_LEN,
             "frame {frames} is only {} bytes",
             frame.len()
         );
-        let seq = read_u64(&frame, 0);
+        let seq = read_u64(copy, 0);
         ensure!(
             seq == frames,
             "frame lost or out of order: expected seq {frames}, got {seq}"
         );
-        let sent_at = read_u64(&frame, 8);
-        let payload_len = read_u32(&frame, 16) as usize;
-        let crc = read_u32(&frame, 20);
+        let sent_at = read_u64(copy, 8);
+        let payload_len = read_u32(copy, 16) as usize;
+        let crc = read_u32(copy, 20);
         ensure!(
             payload_len == frame.len() - HEADER_LEN && frame.len() == frame_len(seq, args.size),
             "frame {seq}: length {} does not match its header ({payload_len}) or the sender's sequence",
             frame.len()
         );
-        let payload = &frame[HEADER_LEN..];
+        let payload = &copy[HEADER_LEN..];
         ensure!(
             crc32fast::hash(payload) == crc,
             "frame {seq}: checksum mismatch"

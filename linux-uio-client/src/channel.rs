@@ -67,6 +67,7 @@ use bytemuck::Pod;
 use futures_core::Stream;
 use ivshmem_dev::{Ivshmem, RegisterAccess};
 use ivshmem_link::{Drain, Link, LinkConfig, LinkFault, LinkState};
+use shmring::view::PeerBytes;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::sync::watch;
@@ -565,18 +566,20 @@ impl Channel {
         .await
     }
 
-    /// Core of every receive: hands the next frame to `f` (inside shared memory), then
-    /// releases it. `Ready(Err(PeerGone))` once per departure.
+    /// Core of every receive: hands the next frame to `f` as a [`PeerBytes`] view (inside
+    /// shared memory the peer can still write, so never as a `&[u8]`: `f` copies out what it
+    /// needs, reading each byte once), then releases it. `Ready(Err(PeerGone))` once per
+    /// departure.
     fn poll_recv_with<R>(
         &mut self,
         cx: &mut Context<'_>,
-        f: &mut dyn FnMut(&[u8]) -> R,
+        f: &mut dyn FnMut(&PeerBytes<'_>) -> R,
     ) -> Poll<Result<R, ChannelError>> {
         'next: loop {
             if let Some(duplex) = self.link.rings_mut() {
                 match duplex.rx.peek() {
                     Ok(Some(frame)) => {
-                        let out = f(&frame);
+                        let out = f(&frame.payload());
                         frame.release();
                         let notify = duplex.rx.flush();
                         if self.link.notify(notify) {
@@ -631,7 +634,8 @@ impl Channel {
 
     /// Receives the next frame into a new vector.
     pub async fn recv_frame(&mut self) -> Result<Vec<u8>, ChannelError> {
-        std::future::poll_fn(|cx| self.poll_recv_with(cx, &mut |f: &[u8]| f.to_vec())).await
+        std::future::poll_fn(|cx| self.poll_recv_with(cx, &mut |f: &PeerBytes<'_>| f.to_vec()))
+            .await
     }
 
     /// Receives the next frame as a record of type `T` (a frame of another length is
@@ -641,9 +645,10 @@ impl Channel {
     }
 
     fn poll_record<T: Pod>(&mut self, cx: &mut Context<'_>) -> Poll<Result<T, ChannelError>> {
-        let got = ready!(self.poll_recv_with(cx, &mut |f: &[u8]| {
+        let got = ready!(self.poll_recv_with(cx, &mut |f: &PeerBytes<'_>| {
             if f.len() == size_of::<T>() {
-                Ok(bytemuck::pod_read_unaligned::<T>(f))
+                // One copy out of the peer's memory; the length was checked just above.
+                f.read::<T>(0).map_err(|_| f.len())
             } else {
                 Err(f.len())
             }
@@ -864,7 +869,9 @@ impl Stream for Frames<'_> {
         if self.done {
             return Poll::Ready(None);
         }
-        let item = ready!(self.channel.poll_recv_with(cx, &mut |f: &[u8]| f.to_vec()));
+        let item = ready!(self
+            .channel
+            .poll_recv_with(cx, &mut |f: &PeerBytes<'_>| f.to_vec()));
         if matches!(item, Err(ChannelError::PeerGone { .. })) {
             self.done = true;
         }
@@ -893,11 +900,16 @@ impl AsyncRead for Channel {
                 return Poll::Ready(Ok(()));
             }
             let mut rest = std::mem::take(&mut this.partial);
-            let copied = this.poll_recv_with(cx, &mut |frame: &[u8]| {
+            let copied = this.poll_recv_with(cx, &mut |frame: &PeerBytes<'_>| {
+                // Each byte of the frame is copied out exactly once: the head straight into
+                // the caller's buffer, the tail into `rest` for the next read.
                 let n = frame.len().min(buf.remaining());
-                buf.put_slice(&frame[..n]);
-                rest.extend(&frame[n..]);
-                n
+                let copied = frame.copy_to(buf.initialize_unfilled_to(n));
+                buf.advance(copied);
+                if let Ok(tail) = frame.subslice(copied, frame.len() - copied) {
+                    rest.extend(tail.to_vec());
+                }
+                copied
             });
             this.partial = rest;
             let copied = ready!(copied)?;
