@@ -31,10 +31,13 @@ use alloc::vec::Vec;
 use core::fmt::Write as _;
 
 use vnet::smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
-use vnet::smoltcp::phy::Device;
+use vnet::smoltcp::phy::{Device, TxToken as _};
 use vnet::smoltcp::socket::tcp;
 use vnet::smoltcp::time::{Duration, Instant};
-use vnet::smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address, Ipv4Cidr};
+use vnet::smoltcp::wire::{
+    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
+    EthernetRepr, HardwareAddress, IpCidr, Ipv4Address, Ipv4Cidr,
+};
 
 /// Echo port.
 pub const PORT_ECHO: u16 = 7;
@@ -170,6 +173,8 @@ pub struct ServiceStats {
     pub handshake_timeouts: u64,
     /// Connections aborted after the idle timeout.
     pub idle_timeouts: u64,
+    /// RFC 5227 ARP probes for our address answered.
+    pub arp_probes_answered: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -228,6 +233,99 @@ pub struct Services {
     handshake_timeout: Duration,
     idle_timeout: Duration,
     config: ServiceConfig,
+    mac: EthernetAddress,
+    /// MACs of ARP probes for our address seen by the current poll (bounded).
+    probers: Vec<EthernetAddress>,
+}
+
+/// Most probes answered per poll (a flood of them costs no more than this).
+const MAX_PROBES_PER_POLL: usize = 4;
+
+/// A device that shows smoltcp every frame unchanged and notes the ARP probes (RFC 5227:
+/// request, sender address 0.0.0.0) for `address`, which smoltcp ignores.
+struct ProbeWatch<'a, D: Device + ?Sized> {
+    inner: &'a mut D,
+    address: Ipv4Address,
+    probers: &'a mut Vec<EthernetAddress>,
+}
+
+/// The receive token of [`ProbeWatch`].
+struct ProbeRx<'a, T> {
+    inner: T,
+    address: Ipv4Address,
+    probers: &'a mut Vec<EthernetAddress>,
+}
+
+impl<T: vnet::smoltcp::phy::RxToken> vnet::smoltcp::phy::RxToken for ProbeRx<'_, T> {
+    fn consume<R, F>(self, f: F) -> R
+    where
+        F: FnOnce(&[u8]) -> R,
+    {
+        let (address, probers) = (self.address, self.probers);
+        self.inner.consume(|frame| {
+            if let Some(prober) = arp_probe_for(frame, address) {
+                if probers.len() < MAX_PROBES_PER_POLL && !probers.contains(&prober) {
+                    probers.push(prober);
+                }
+            }
+            f(frame)
+        })
+    }
+}
+
+/// The prober's MAC if `frame` is an ARP probe for `address`.
+fn arp_probe_for(frame: &[u8], address: Ipv4Address) -> Option<EthernetAddress> {
+    let eth = EthernetFrame::new_checked(frame).ok()?;
+    if eth.ethertype() != EthernetProtocol::Arp {
+        return None;
+    }
+    let arp = ArpPacket::new_checked(eth.payload()).ok()?;
+    match ArpRepr::parse(&arp).ok()? {
+        ArpRepr::EthernetIpv4 {
+            operation: ArpOperation::Request,
+            source_hardware_addr,
+            source_protocol_addr,
+            target_protocol_addr,
+            ..
+        } if source_protocol_addr.is_unspecified()
+            && target_protocol_addr == address
+            && source_hardware_addr.is_unicast() =>
+        {
+            Some(source_hardware_addr)
+        }
+        _ => None,
+    }
+}
+
+impl<D: Device + ?Sized> Device for ProbeWatch<'_, D> {
+    type RxToken<'b>
+        = ProbeRx<'b, D::RxToken<'b>>
+    where
+        Self: 'b;
+    type TxToken<'b>
+        = D::TxToken<'b>
+    where
+        Self: 'b;
+
+    fn receive(&mut self, timestamp: Instant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
+        let (rx, tx) = self.inner.receive(timestamp)?;
+        Some((
+            ProbeRx {
+                inner: rx,
+                address: self.address,
+                probers: self.probers,
+            },
+            tx,
+        ))
+    }
+
+    fn transmit(&mut self, timestamp: Instant) -> Option<Self::TxToken<'_>> {
+        self.inner.transmit(timestamp)
+    }
+
+    fn capabilities(&self) -> vnet::smoltcp::phy::DeviceCapabilities {
+        self.inner.capabilities()
+    }
 }
 
 /// A listening service socket.
@@ -303,6 +401,8 @@ impl Services {
             handshake_timeout: config.handshake_timeout,
             idle_timeout: config.idle_timeout,
             config: *config,
+            mac: EthernetAddress(config.mac),
+            probers: Vec::new(),
         }
     }
 
@@ -325,13 +425,54 @@ impl Services {
         device: &mut D,
         status: &mut dyn FnMut(&mut String),
     ) -> bool {
-        let mut changed = self.iface.poll(now, device, &mut self.sockets)
+        let mut probes = ProbeWatch {
+            inner: device,
+            address: self.address.address(),
+            probers: &mut self.probers,
+        };
+        let mut changed = self.iface.poll(now, &mut probes, &mut self.sockets)
             != vnet::smoltcp::iface::PollResult::None;
+        changed |= self.answer_probes(now, device);
         if self.serve(now, status) {
             changed = true;
             let _ = self.iface.poll(now, device, &mut self.sockets);
         }
         changed
+    }
+
+    /// Answers the RFC 5227 ARP probes for our address seen by the last poll (smoltcp drops
+    /// them: their sender address is 0.0.0.0). The reply goes to the prober's MAC with
+    /// target address 0.0.0.0, as Linux answers; `arping -D` then sees the address taken.
+    fn answer_probes<D: Device + ?Sized>(&mut self, now: Instant, device: &mut D) -> bool {
+        let mut sent = false;
+        while let Some(prober) = self.probers.pop() {
+            let Some(token) = device.transmit(now) else {
+                // No room: lost like any congested reply; the prober asks again.
+                self.probers.clear();
+                break;
+            };
+            let reply = ArpRepr::EthernetIpv4 {
+                operation: ArpOperation::Reply,
+                source_hardware_addr: self.mac,
+                source_protocol_addr: self.address.address(),
+                target_hardware_addr: prober,
+                target_protocol_addr: Ipv4Address::UNSPECIFIED,
+            };
+            let eth = EthernetRepr {
+                src_addr: self.mac,
+                dst_addr: prober,
+                ethertype: EthernetProtocol::Arp,
+            };
+            let len = eth.buffer_len() + reply.buffer_len();
+            token.consume(len, |buf| {
+                let mut frame = EthernetFrame::new_unchecked(buf);
+                eth.emit(&mut frame);
+                reply.emit(&mut ArpPacket::new_unchecked(frame.payload_mut()));
+            });
+            self.stats.arp_probes_answered += 1;
+            sent = true;
+        }
+        sent
     }
 
     /// How long until smoltcp needs to be polled again without new frames (`None`: only on
@@ -545,6 +686,7 @@ impl Services {
                             let _ = writeln!(body, "http_requests {}", s.http_requests + 1);
                             let _ = writeln!(body, "handshake_timeouts {}", s.handshake_timeouts);
                             let _ = writeln!(body, "idle_timeouts {}", s.idle_timeouts);
+                            let _ = writeln!(body, "arp_probes_answered {}", s.arp_probes_answered);
                             status(&mut body);
                             (200, "OK")
                         } else {
@@ -721,12 +863,17 @@ mod tests {
                 &SERVER.into(),
                 &caps,
             );
-            // The frame goes onto the client's wire: its NIC lends the rings for it.
+            self.inject(&buf);
+            self.settle();
+        }
+
+        /// Puts `frame` on the client's wire (its NIC lends the rings for it).
+        fn inject(&mut self, frame: &[u8]) {
             let mut rings = self.client_nic.detach().unwrap();
-            let _ = rings.tx.try_send(&buf).unwrap();
+            let _ = rings.tx.try_send(frame).unwrap();
+            let _ = rings.tx.flush();
             self.client_nic.attach(rings).unwrap();
             self.client_nic.set_carrier(true);
-            self.settle();
         }
 
         /// An HTTP GET on a fresh connection: the response, or `None` if refused.
@@ -785,6 +932,60 @@ mod tests {
         let page = bench.http_get().unwrap();
         assert!(page.contains("200 OK"), "{page}");
         assert!(page.contains("idle_timeouts 2"), "{page}");
+    }
+
+    #[test]
+    fn arp_probes_for_our_address_are_answered() {
+        let config = ServiceConfig::new(Ipv4Cidr::new(SERVER, 24));
+        let mut bench = Bench::new(config);
+        let prober = EthernetAddress([2, 0, 0, 0, 0, 0x77]);
+        let probe = |target: Ipv4Address| {
+            let arp = ArpRepr::EthernetIpv4 {
+                operation: ArpOperation::Request,
+                source_hardware_addr: prober,
+                source_protocol_addr: Ipv4Address::UNSPECIFIED,
+                target_hardware_addr: EthernetAddress([0; 6]),
+                target_protocol_addr: target,
+            };
+            let eth = EthernetRepr {
+                src_addr: prober,
+                dst_addr: EthernetAddress::BROADCAST,
+                ethertype: EthernetProtocol::Arp,
+            };
+            let mut buf = vec![0u8; eth.buffer_len() + arp.buffer_len()];
+            let mut frame = EthernetFrame::new_unchecked(&mut buf[..]);
+            eth.emit(&mut frame);
+            arp.emit(&mut ArpPacket::new_unchecked(frame.payload_mut()));
+            buf
+        };
+        // A probe for another address, then one for ours: only ours is answered.
+        bench.inject(&probe(Ipv4Address::new(10, 0, 0, 3)));
+        bench.inject(&probe(SERVER));
+        let _ = bench
+            .server
+            .poll(bench.now, &mut bench.server_nic, &mut |_| {});
+        let _ = bench.server_nic.flush();
+        let mut rings = bench.client_nic.detach().unwrap();
+        let mut buf = [0u8; 128];
+        let got = rings.rx.try_recv(&mut buf).unwrap().expect("an answer");
+        assert!(
+            rings.rx.try_recv(&mut buf[..]).unwrap().is_none(),
+            "one answer"
+        );
+        let frame = EthernetFrame::new_checked(&buf[..got.len]).unwrap();
+        assert_eq!(frame.dst_addr(), prober);
+        let arp = ArpRepr::parse(&ArpPacket::new_checked(frame.payload()).unwrap()).unwrap();
+        assert_eq!(
+            arp,
+            ArpRepr::EthernetIpv4 {
+                operation: ArpOperation::Reply,
+                source_hardware_addr: EthernetAddress(config.mac),
+                source_protocol_addr: SERVER,
+                target_hardware_addr: prober,
+                target_protocol_addr: Ipv4Address::UNSPECIFIED,
+            }
+        );
+        assert_eq!(bench.server.stats().arp_probes_answered, 1);
     }
 
     #[test]
