@@ -22,7 +22,8 @@
 //! - the link: carrier follows [`VnetLink::carrier`] (a TAP shows `NO-CARRIER` while the
 //!   peer cell is away); [`VnetLink::poll_link`] runs after every interrupt.
 //! - optional pcap capture of every forwarded frame, both directions (whole frames only:
-//!   dropped over-MTU frames are not recorded).
+//!   dropped over-MTU frames are not recorded), flushed after every burst (before the bridge
+//!   sleeps) and at least every [`PCAP_FLUSH_INTERVAL`] under continuous traffic.
 //! - a polled fd that reports an error, a hang-up or an invalid fd (`POLLERR`, `POLLHUP`,
 //!   `POLLNVAL`) ends the loop with [`LoopError::Fd`] naming it (poll would otherwise return
 //!   at once, forever); a hung-up stop fd means "stop".
@@ -176,6 +177,9 @@ impl FramePort for UnixDatagram {
     }
 }
 
+/// Longest time captured frames wait in the pcap writer's buffer under continuous traffic.
+pub const PCAP_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Default spin before sleeping (bridge and cell loops).
 pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
 
@@ -230,6 +234,10 @@ pub struct Bridge<R: RegisterAccess, I: Interrupt, P: FramePort> {
     irq: I,
     port: P,
     pcap: Option<PcapWriter<Box<dyn Write + Send>>>,
+    /// Records written to `pcap` since its last flush.
+    pcap_dirty: bool,
+    /// When `pcap` was last flushed.
+    pcap_flushed: Instant,
     config: BridgeConfig,
     stats: BridgeStats,
     hook: Option<Box<dyn FnMut(LinkEvent) + Send>>,
@@ -257,6 +265,8 @@ impl<R: RegisterAccess, I: Interrupt, P: FramePort> Bridge<R, I, P> {
             irq,
             port,
             pcap: None,
+            pcap_dirty: false,
+            pcap_flushed: Instant::now(),
             config,
             stats: BridgeStats::default(),
             hook: None,
@@ -341,6 +351,7 @@ impl<R: RegisterAccess, I: Interrupt, P: FramePort> Bridge<R, I, P> {
                 }
                 if let Some(p) = self.pcap.as_mut() {
                     let _ = p.write_frame(&frame);
+                    self.pcap_dirty = true;
                 }
                 frame.release();
                 moved += 1;
@@ -389,6 +400,7 @@ impl<R: RegisterAccess, I: Interrupt, P: FramePort> Bridge<R, I, P> {
                     Ok(n) => {
                         if let Some(p) = self.pcap.as_mut() {
                             let _ = p.write_frame(&grant[..n]);
+                            self.pcap_dirty = true;
                         }
                         grant.commit_len(n);
                         self.stats.from_port_frames += 1;
@@ -420,6 +432,22 @@ impl<R: RegisterAccess, I: Interrupt, P: FramePort> Bridge<R, I, P> {
             }
         }
         Ok(if moved > 0 { Pump::Moved } else { Pump::Idle })
+    }
+
+    /// Flushes the capture if records are pending and `now` is true or a second passed since
+    /// the last flush: a live reader (`tcpdump -r`) sees every burst, and a `kill -9` loses
+    /// at most the last second and cuts at most one record.
+    fn flush_pcap(&mut self, now: bool) {
+        if !self.pcap_dirty || !(now || self.pcap_flushed.elapsed() >= PCAP_FLUSH_INTERVAL) {
+            return;
+        }
+        if let Some(p) = self.pcap.as_mut() {
+            if let Err(e) = p.flush() {
+                tracing::warn!("flushing the pcap capture: {e}");
+            }
+        }
+        self.pcap_dirty = false;
+        self.pcap_flushed = Instant::now();
     }
 
     /// Runs until `stop` becomes readable or hangs up. Errors: I/O on the port or interrupt,
@@ -455,6 +483,7 @@ impl<R: RegisterAccess, I: Interrupt, P: FramePort> Bridge<R, I, P> {
             }
             if progress {
                 idle_since = None;
+                self.flush_pcap(false);
                 continue;
             }
             let since = *idle_since.get_or_insert_with(Instant::now);
@@ -472,6 +501,8 @@ impl<R: RegisterAccess, I: Interrupt, P: FramePort> Bridge<R, I, P> {
                 continue;
             }
             idle_since = None;
+            // The burst is over: what it captured becomes visible before the bridge sleeps.
+            self.flush_pcap(true);
             // Sleep handshake on the receive ring (after the flush above); while the port
             // cannot take frames, the ring's content waits for POLLOUT instead.
             if self.link.carrier() && !out_blocked {
@@ -524,6 +555,7 @@ impl<R: RegisterAccess, I: Interrupt, P: FramePort> Bridge<R, I, P> {
             check_revents(LoopFd::Stop, fds[2].fd, fds[2].revents)?;
             if fds[2].revents != 0 {
                 self.link.flush();
+                self.flush_pcap(true);
                 return Ok(());
             }
             if fds[1].revents & libc::POLLOUT != 0 {
