@@ -14,7 +14,8 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use ivshmem_stack::vnet_cell::cell::{Cell, CellConfig};
 use ivshmem_stack::vnet_cell::process;
-use ivshmem_stack::vnet_cell::services::ServiceConfig;
+use ivshmem_stack::vnet_cell::services::{self, ServiceConfig};
+use vnet::smoltcp::time::Duration;
 use vnet::smoltcp::wire::Ipv4Cidr;
 use vnet::LinkConfig;
 
@@ -34,6 +35,18 @@ struct Args {
     /// TCP socket buffer size in bytes (receive and send, per socket).
     #[arg(long, default_value_t = 256 * 1024)]
     tcp_buffer: usize,
+    /// Connections each service serves at once (more are refused with a RST).
+    #[arg(long, default_value_t = services::DEFAULT_SOCKETS_PER_PORT)]
+    sockets_per_port: usize,
+    /// Seconds a connection may stay half-open (SYN-RECEIVED) before it is dropped.
+    #[arg(long, default_value_t = 5)]
+    handshake_timeout: u64,
+    /// Seconds a connection may move no data before it is reset.
+    #[arg(long, default_value_t = 60)]
+    idle_timeout: u64,
+    /// Seconds between TCP keep-alive probes on a quiet connection (0: off).
+    #[arg(long, default_value_t = 20)]
+    keep_alive: u64,
     /// The hypervisor's control socket (default: $IVSHMEM_SOCKET).
     #[arg(long, requires = "cell")]
     socket: Option<PathBuf>,
@@ -65,6 +78,10 @@ fn main() -> Result<()> {
     } = process::attach(at, config)?;
     let mut services = ServiceConfig::new(address);
     services.tcp_buffer = args.tcp_buffer;
+    services.sockets_per_port = args.sockets_per_port;
+    services.handshake_timeout = Duration::from_secs(args.handshake_timeout);
+    services.idle_timeout = Duration::from_secs(args.idle_timeout);
+    services.keep_alive = (args.keep_alive > 0).then(|| Duration::from_secs(args.keep_alive));
     println!("vnet_cell: link `{name}`, {address}, MTU {}", args.mtu);
     let mut cell = Cell::new(vlink, irq, &services, CellConfig::default());
     cell.run(None).context("cell loop")?;

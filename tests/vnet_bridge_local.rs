@@ -9,6 +9,7 @@ use std::os::unix::net::UnixDatagram;
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use std::sync::Arc;
+use std::time::Duration;
 
 use ivshmem_stack::vnet_cell::cell::{Cell, CellConfig};
 use ivshmem_stack::vnet_cell::services::ServiceConfig;
@@ -120,6 +121,157 @@ fn bridge_waits_for_ring_space_and_loses_nothing() {
         "the ring never filled: {stats:?}"
     );
     assert!(stats.sleeps >= 1);
+}
+
+/// A `Write` the test can read back, also while the bridge runs (a live reader).
+#[derive(Clone, Default)]
+struct Shared(Arc<(std::sync::Mutex<Vec<u8>>, std::sync::Condvar)>);
+
+impl Shared {
+    fn bytes(&self) -> Vec<u8> {
+        self.0 .0.lock().unwrap().clone()
+    }
+
+    /// Waits (bounded) until `len` bytes were written.
+    fn wait_for(&self, len: usize) -> Vec<u8> {
+        let (data, written) = &*self.0;
+        let guard = written
+            .wait_timeout_while(data.lock().unwrap(), Duration::from_secs(10), |d| {
+                d.len() < len
+            })
+            .unwrap()
+            .0;
+        guard.clone()
+    }
+}
+
+impl std::io::Write for Shared {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 .0.lock().unwrap().extend_from_slice(buf);
+        self.0 .1.notify_all();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn frames_longer_than_the_mtu_are_dropped_whole_and_counted_not_cut() {
+    let mtu = vnet::nic::DEFAULT_MTU;
+    let link = LocalLink::new("net0", 2, 256 * 1024).unwrap();
+    let (bridge_end, writer_end) = UnixDatagram::pair().unwrap();
+    bridge_end.set_nonblocking(true).unwrap();
+    let stop = Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC).unwrap());
+    let capture = Shared::default();
+
+    let bridge = {
+        let link = Arc::clone(&link);
+        let stop = Arc::clone(&stop);
+        let capture = capture.clone();
+        std::thread::spawn(move || {
+            let (dev, irq) = Endpoint::attach_local(&link, 1).unwrap().into_parts();
+            let l = VnetLink::new(dev, LinkConfig::default()).unwrap();
+            let mut b = Bridge::new(l, irq, bridge_end, BridgeConfig::default());
+            b.set_pcap(vnet::pcap::PcapWriter::new(Box::new(capture) as Box<_>).unwrap());
+            b.run(Some(stop.as_fd())).unwrap();
+            b.stats()
+        })
+    };
+    let (dev, mut irq) = Endpoint::attach_local(&link, 0).unwrap().into_parts();
+    let mut peer = VnetLink::new(dev, LinkConfig::default()).unwrap();
+    peer.poll_link();
+    while !peer.carrier() {
+        wait(&irq);
+        Interrupt::take(&mut irq).unwrap();
+        peer.poll_link();
+    }
+
+    // Over-MTU frames (one byte over, and a VLAN-tagged-size one) between good ones.
+    let sent: [(usize, u8); 5] = [(60, 1), (mtu + 1, 2), (mtu, 3), (mtu + 4, 4), (100, 5)];
+    for &(len, byte) in &sent {
+        writer_end.send(&vec![byte; len]).unwrap();
+    }
+    let expected: Vec<(usize, u8)> = sent.iter().copied().filter(|&(l, _)| l <= mtu).collect();
+    let mut got = Vec::new();
+    while got.len() < expected.len() {
+        let rx = &mut peer.rings_mut().unwrap().rx;
+        while let Some(f) = rx.peek().unwrap() {
+            let mut copy = vec![0u8; f.len()];
+            copy.copy_from_slice(&f);
+            f.release();
+            assert!(copy.iter().all(|&b| b == copy[0]), "a mixed frame");
+            got.push((copy.len(), copy[0]));
+        }
+        if got.len() < expected.len() && rx.prepare_sleep().unwrap() {
+            wait(&irq);
+            Interrupt::take(&mut irq).unwrap();
+        }
+    }
+    assert_eq!(
+        got, expected,
+        "only whole frames of at most the MTU, in order"
+    );
+
+    assert_eq!(stop.write(1).unwrap(), 8);
+    let stats = bridge.join().unwrap();
+    assert_eq!(stats.from_port_oversize, 2);
+    assert_eq!(stats.from_port_frames, 3);
+    // The capture holds exactly the forwarded frames, each whole (incl_len == orig_len).
+    let pcap = capture.bytes();
+    let mut at = 24;
+    let mut records = Vec::new();
+    while at < pcap.len() {
+        let field = |o: usize| u32::from_le_bytes(pcap[at + o..at + o + 4].try_into().unwrap());
+        let (incl, orig) = (field(8) as usize, field(12) as usize);
+        assert_eq!(incl, orig, "a cut record");
+        records.push((incl, pcap[at + 16]));
+        at += 16 + incl;
+    }
+    assert_eq!(records, expected);
+}
+
+#[test]
+fn the_capture_is_flushed_after_each_burst_while_the_bridge_runs() {
+    let link = LocalLink::new("net0", 2, 256 * 1024).unwrap();
+    let (bridge_end, writer_end) = UnixDatagram::pair().unwrap();
+    bridge_end.set_nonblocking(true).unwrap();
+    let stop = Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC).unwrap());
+    let capture = Shared::default();
+    let bridge = {
+        let link = Arc::clone(&link);
+        let stop = Arc::clone(&stop);
+        let capture = capture.clone();
+        std::thread::spawn(move || {
+            let (dev, irq) = Endpoint::attach_local(&link, 1).unwrap().into_parts();
+            let l = VnetLink::new(dev, LinkConfig::default()).unwrap();
+            let mut b = Bridge::new(l, irq, bridge_end, BridgeConfig::default());
+            // Buffered like a file capture: only flushes make records visible.
+            let out = std::io::BufWriter::with_capacity(64 * 1024, capture);
+            b.set_pcap(vnet::pcap::PcapWriter::new(Box::new(out) as Box<_>).unwrap());
+            b.run(Some(stop.as_fd())).unwrap();
+        })
+    };
+    let (dev, mut irq) = Endpoint::attach_local(&link, 0).unwrap().into_parts();
+    let mut peer = VnetLink::new(dev, LinkConfig::default()).unwrap();
+    peer.poll_link();
+    while !peer.carrier() {
+        wait(&irq);
+        Interrupt::take(&mut irq).unwrap();
+        peer.poll_link();
+    }
+    for burst in 1..=2u8 {
+        for _ in 0..3 {
+            writer_end.send(&[burst; 100]).unwrap();
+        }
+        // A live reader sees the whole burst while the bridge keeps running.
+        let want = 24 + usize::from(burst) * 3 * (16 + 100);
+        let pcap = capture.wait_for(want);
+        assert_eq!(pcap.len(), want, "burst {burst} not flushed");
+        assert!(pcap[want - 100..].iter().all(|&b| b == burst));
+    }
+    assert_eq!(stop.write(1).unwrap(), 8);
+    bridge.join().unwrap();
 }
 
 /// An interrupt whose fd the test controls (here: a pipe's read end).

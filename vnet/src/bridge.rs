@@ -8,8 +8,11 @@
 //! - ring → port: frames are peeked in shared memory and written to the port straight from
 //!   there; a frame is released only after the write (a port that would block keeps it in the
 //!   ring and the bridge waits for `POLLOUT`).
-//! - port → ring: each frame is read from the port straight into an MTU-sized grant in
-//!   shared memory and committed with its real length.
+//! - port → ring: each frame is read from the port straight into a grant of MTU + 1 bytes in
+//!   shared memory and committed with its real length. A frame that fills the grant was
+//!   longer than the MTU: it is dropped whole and counted
+//!   ([`BridgeStats::from_port_oversize`]), never cut and forwarded. Frames longer than the
+//!   MTU in the ring are dropped and counted too ([`BridgeStats::to_port_oversize`]).
 //! - batching: up to `BridgeConfig::batch` frames per direction per round, then one flush
 //!   and at most one doorbell.
 //! - back-pressure: when the send ring has no MTU room, the bridge stops reading the port
@@ -18,7 +21,9 @@
 //!   doorbell.
 //! - the link: carrier follows [`VnetLink::carrier`] (a TAP shows `NO-CARRIER` while the
 //!   peer cell is away); [`VnetLink::poll_link`] runs after every interrupt.
-//! - optional pcap capture of every forwarded frame, both directions.
+//! - optional pcap capture of every forwarded frame, both directions (whole frames only:
+//!   dropped over-MTU frames are not recorded), flushed after every burst (before the bridge
+//!   sleeps) and at least every [`PCAP_FLUSH_INTERVAL`] under continuous traffic.
 //! - a polled fd that reports an error, a hang-up or an invalid fd (`POLLERR`, `POLLHUP`,
 //!   `POLLNVAL`) ends the loop with [`LoopError::Fd`] naming it (poll would otherwise return
 //!   at once, forever); a hung-up stop fd means "stop".
@@ -172,6 +177,9 @@ impl FramePort for UnixDatagram {
     }
 }
 
+/// Longest time captured frames wait in the pcap writer's buffer under continuous traffic.
+pub const PCAP_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Default spin before sleeping (bridge and cell loops).
 pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
 
@@ -208,6 +216,12 @@ pub struct BridgeStats {
     pub from_port_bytes: u64,
     /// Frames the port refused with an error other than "would block" (dropped, counted).
     pub port_write_errors: u64,
+    /// Frames read from the port longer than the link MTU: dropped whole, never cut and
+    /// forwarded, not captured.
+    pub from_port_oversize: u64,
+    /// Frames in the ring longer than the link MTU: dropped, not written to the port, not
+    /// captured.
+    pub to_port_oversize: u64,
     /// Times the send ring was full and the bridge waited for space.
     pub ring_full_waits: u64,
     /// Times the bridge went to sleep.
@@ -220,6 +234,10 @@ pub struct Bridge<R: RegisterAccess, I: Interrupt, P: FramePort> {
     irq: I,
     port: P,
     pcap: Option<PcapWriter<Box<dyn Write + Send>>>,
+    /// Records written to `pcap` since its last flush.
+    pcap_dirty: bool,
+    /// When `pcap` was last flushed.
+    pcap_flushed: Instant,
     config: BridgeConfig,
     stats: BridgeStats,
     hook: Option<Box<dyn FnMut(LinkEvent) + Send>>,
@@ -247,6 +265,8 @@ impl<R: RegisterAccess, I: Interrupt, P: FramePort> Bridge<R, I, P> {
             irq,
             port,
             pcap: None,
+            pcap_dirty: false,
+            pcap_flushed: Instant::now(),
             config,
             stats: BridgeStats::default(),
             hook: None,
@@ -295,6 +315,7 @@ impl<R: RegisterAccess, I: Interrupt, P: FramePort> Bridge<R, I, P> {
 
     /// Ring → port. Returns whether frames moved; sets `blocked` when the port would block.
     fn ring_to_port(&mut self, blocked: &mut bool) -> Pump {
+        let mtu = self.link.nic_ref().mtu();
         let mut moved = 0;
         let mut fault = None;
         if let Some(d) = self.link.rings_mut() {
@@ -307,6 +328,12 @@ impl<R: RegisterAccess, I: Interrupt, P: FramePort> Bridge<R, I, P> {
                         break;
                     }
                 };
+                if frame.len() > mtu {
+                    self.stats.to_port_oversize += 1;
+                    frame.release();
+                    moved += 1;
+                    continue;
+                }
                 match self.port.write_frame(&frame) {
                     Ok(_) => {
                         self.stats.to_port_frames += 1;
@@ -324,6 +351,7 @@ impl<R: RegisterAccess, I: Interrupt, P: FramePort> Bridge<R, I, P> {
                 }
                 if let Some(p) = self.pcap.as_mut() {
                     let _ = p.write_frame(&frame);
+                    self.pcap_dirty = true;
                 }
                 frame.release();
                 moved += 1;
@@ -349,7 +377,9 @@ impl<R: RegisterAccess, I: Interrupt, P: FramePort> Bridge<R, I, P> {
         let mut fault = None;
         if let Some(d) = self.link.rings_mut() {
             while moved < self.config.batch {
-                let mut grant = match d.tx.grant(mtu) {
+                // One byte more than the MTU: a frame that fills it was longer than the MTU
+                // (the port cuts what does not fit) and is dropped whole, never forwarded cut.
+                let mut grant = match d.tx.grant(mtu + 1) {
                     Ok(g) => g,
                     Err(shmring::Error::Full { .. }) => {
                         full = true;
@@ -361,9 +391,16 @@ impl<R: RegisterAccess, I: Interrupt, P: FramePort> Bridge<R, I, P> {
                     }
                 };
                 match self.port.read_frame(&mut grant) {
+                    Ok(n) if n > mtu => {
+                        // Abandoned grant: nothing reaches the ring or the capture.
+                        self.stats.from_port_oversize += 1;
+                        tracing::debug!("dropped a frame longer than the {mtu}-byte MTU");
+                        moved += 1;
+                    }
                     Ok(n) => {
                         if let Some(p) = self.pcap.as_mut() {
                             let _ = p.write_frame(&grant[..n]);
+                            self.pcap_dirty = true;
                         }
                         grant.commit_len(n);
                         self.stats.from_port_frames += 1;
@@ -384,7 +421,7 @@ impl<R: RegisterAccess, I: Interrupt, P: FramePort> Bridge<R, I, P> {
             // Publish what we have (the peer may be waiting for it), then ask for space.
             self.link.flush();
             if let Some(d) = self.link.rings_mut() {
-                match d.tx.prepare_wait_for_space(mtu) {
+                match d.tx.prepare_wait_for_space(mtu + 1) {
                     Ok(true) => {
                         *tx_wait = true;
                         self.stats.ring_full_waits += 1;
@@ -395,6 +432,22 @@ impl<R: RegisterAccess, I: Interrupt, P: FramePort> Bridge<R, I, P> {
             }
         }
         Ok(if moved > 0 { Pump::Moved } else { Pump::Idle })
+    }
+
+    /// Flushes the capture if records are pending and `now` is true or a second passed since
+    /// the last flush: a live reader (`tcpdump -r`) sees every burst, and a `kill -9` loses
+    /// at most the last second and cuts at most one record.
+    fn flush_pcap(&mut self, now: bool) {
+        if !self.pcap_dirty || !(now || self.pcap_flushed.elapsed() >= PCAP_FLUSH_INTERVAL) {
+            return;
+        }
+        if let Some(p) = self.pcap.as_mut() {
+            if let Err(e) = p.flush() {
+                tracing::warn!("flushing the pcap capture: {e}");
+            }
+        }
+        self.pcap_dirty = false;
+        self.pcap_flushed = Instant::now();
     }
 
     /// Runs until `stop` becomes readable or hangs up. Errors: I/O on the port or interrupt,
@@ -430,6 +483,7 @@ impl<R: RegisterAccess, I: Interrupt, P: FramePort> Bridge<R, I, P> {
             }
             if progress {
                 idle_since = None;
+                self.flush_pcap(false);
                 continue;
             }
             let since = *idle_since.get_or_insert_with(Instant::now);
@@ -447,6 +501,8 @@ impl<R: RegisterAccess, I: Interrupt, P: FramePort> Bridge<R, I, P> {
                 continue;
             }
             idle_since = None;
+            // The burst is over: what it captured becomes visible before the bridge sleeps.
+            self.flush_pcap(true);
             // Sleep handshake on the receive ring (after the flush above); while the port
             // cannot take frames, the ring's content waits for POLLOUT instead.
             if self.link.carrier() && !out_blocked {
@@ -499,6 +555,7 @@ impl<R: RegisterAccess, I: Interrupt, P: FramePort> Bridge<R, I, P> {
             check_revents(LoopFd::Stop, fds[2].fd, fds[2].revents)?;
             if fds[2].revents != 0 {
                 self.link.flush();
+                self.flush_pcap(true);
                 return Ok(());
             }
             if fds[1].revents & libc::POLLOUT != 0 {

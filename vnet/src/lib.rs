@@ -3,9 +3,10 @@
 //!
 //! - [`nic`]: the NIC — [`nic::NicState`] (MTU, carrier, fault, counters) and the smoltcp
 //!   [`smoltcp::phy::Device`]s over a [`shmring::Duplex`]: [`nic::NicPort`] (rings lent by a
-//!   link) and [`nic::ShmNic`] (rings owned, for in-process pairs). Ethernet frames, zero-copy
-//!   tokens (grants and peeks inside shared memory), MTU up to 64 KiB, batching (one flush and
-//!   at most one doorbell per poll), hostile-peer safe.
+//!   link) and [`nic::ShmNic`] (rings owned, for in-process pairs). Ethernet frames; transmit is
+//!   zero-copy (grants inside shared memory), receive copies each frame once into NIC-owned
+//!   memory before smoltcp parses it (a peer can still write a frame it published); MTU up
+//!   to 64 KiB, batching (one flush and at most one doorbell per poll), hostile-peer safe.
 //! - [`link::VnetLink`]: the NIC on an [`ivshmem_link::Link`] (device driver, the ivshmem-net
 //!   state machine over `STATE`, rings set up and torn down, doorbell only when the peer asked
 //!   for it). It is a smoltcp `Device` itself.

@@ -5,9 +5,12 @@
 //! - [`Device::transmit`] hands out a token only when a frame of MTU size fits the send ring:
 //!   the token *is* an MTU-sized grant inside shared memory. smoltcp writes the frame straight
 //!   into it and the token commits exactly the bytes written (`commit_len`). No copy.
-//! - [`Device::receive`] peeks the next frame and hands smoltcp the slice inside shared
-//!   memory; the frame is released only when smoltcp consumed the token. A token dropped
-//!   unconsumed leaves the frame in the ring. No copy.
+//! - [`Device::receive`] peeks the next frame; consuming the token copies it, in one read,
+//!   into the NIC's own MTU-sized buffer, releases it and hands smoltcp that copy. smoltcp
+//!   never parses memory the peer can still write (it reads some header fields twice: a
+//!   length checked and then re-read could otherwise change in between). A token dropped
+//!   unconsumed leaves the frame in the ring. A frame longer than the MTU is released,
+//!   dropped and counted ([`NicStats::rx_oversize`]) without reaching smoltcp.
 //! - Commits and releases are local: [`ShmNic::flush`] publishes all of them at once and says
 //!   whether the peer must be notified (one flush and at most one doorbell per poll).
 //!
@@ -28,8 +31,9 @@
 //! Every index and frame header is validated by shmring; a violation
 //! ([`shmring::Error::Corrupt`] and friends) is recorded as the NIC's [`fault`](ShmNic::fault),
 //! counted, and from then on the NIC hands out no tokens: the owner
-//! ([`crate::VnetLink`]) tears the link down. Payload bytes are untrusted and may change
-//! while smoltcp parses them (smoltcp validates everything it reads). Never a panic.
+//! ([`crate::VnetLink`]) tears the link down. Payload bytes are untrusted: each one is read
+//! exactly once from shared memory, by the copy into the NIC's buffer, and smoltcp parses
+//! that stable copy (and validates everything it reads). Never a panic.
 
 use alloc::vec;
 use alloc::vec::Vec;
@@ -120,12 +124,11 @@ pub fn check_mtu(mtu: usize) -> Result<(), NicError> {
 /// Counters of one NIC (monotonic, never reset by a link going down).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct NicStats {
-    /// Frames handed to smoltcp.
+    /// Frames handed to smoltcp (each one copied out of shared memory first).
     pub rx_frames: u64,
-    /// Bytes of those frames.
+    /// Bytes of those frames (the bytes copied).
     pub rx_bytes: u64,
-    /// Received frames longer than the MTU (still handed to smoltcp, which drops what it
-    /// cannot parse).
+    /// Received frames longer than the MTU: released and dropped, never handed to smoltcp.
     pub rx_oversize: u64,
     /// Frames committed to the send ring.
     pub tx_frames: u64,
@@ -178,6 +181,8 @@ pub struct NicState {
     rx: RxSide,
     tx: TxSide,
     scratch: Vec<u8>,
+    /// Cell-owned copy of the received frame smoltcp parses (MTU bytes).
+    rx_buf: Vec<u8>,
 }
 
 impl NicState {
@@ -202,6 +207,7 @@ impl NicState {
             rx: RxSide::default(),
             tx: TxSide::default(),
             scratch: vec![0; mtu],
+            rx_buf: vec![0; mtu],
         })
     }
 
@@ -329,20 +335,32 @@ impl NicState {
         }
         let mtu = self.mtu;
         let d = duplex?;
+        // Frames longer than the MTU never reach smoltcp: released, dropped and counted.
+        loop {
+            match d.rx.peek() {
+                Ok(Some(frame)) if frame.len() > mtu => {
+                    self.rx.oversize += 1;
+                    frame.release();
+                }
+                Ok(Some(_)) => break,
+                Ok(None) => return None,
+                Err(e) => {
+                    self.corrupt += 1;
+                    self.fault.get_or_insert(e);
+                    return None;
+                }
+            }
+        }
         let frame = match peek(&mut d.rx) {
             Ok(Some(frame)) => frame,
-            Ok(None) => return None,
-            Err(e) => {
-                self.corrupt += 1;
-                self.fault.get_or_insert(e);
-                return None;
-            }
+            // Peeking again returns the same validated frame (nothing was released since).
+            Ok(None) | Err(_) => return None,
         };
         Some((
             ShmRxToken {
                 frame,
                 side: &mut self.rx,
-                mtu,
+                buf: &mut self.rx_buf,
             },
             ShmTxToken {
                 slot: TxSlot::Reply(ReplySlot {
@@ -553,11 +571,13 @@ impl ShmNic {
     }
 }
 
-/// Receive token: a frame inside shared memory, released when consumed.
+/// Receive token: a frame (at most the MTU) inside shared memory; consuming copies it into
+/// the NIC's own buffer, releases it and hands smoltcp the copy.
 pub struct ShmRxToken<'a> {
     frame: Frame<'a>,
     side: &'a mut RxSide,
-    mtu: usize,
+    /// MTU-sized, cell-owned.
+    buf: &'a mut Vec<u8>,
 }
 
 impl phy::RxToken for ShmRxToken<'_> {
@@ -565,15 +585,19 @@ impl phy::RxToken for ShmRxToken<'_> {
     where
         F: FnOnce(&[u8]) -> R,
     {
-        let len = self.frame.len();
+        // `receive` handed out only frames of at most the MTU (= `buf.len()`).
+        let len = self.frame.len().min(self.buf.len());
+        let copy = &mut self.buf[..len];
+        // The single read of the frame's bytes from peer-writable memory: one memcpy into
+        // cell-owned memory, nothing reads the shared bytes before or after it. The peer may
+        // change them during the copy; then smoltcp sees a mix, but a stable one that it
+        // validates like any other untrusted frame. (When shmring offers a view type over
+        // peer memory, this copy moves to its copy-out.)
+        copy.copy_from_slice(&self.frame[..len]);
+        self.frame.release();
         self.side.frames += 1;
         self.side.bytes += len as u64;
-        if len > self.mtu {
-            self.side.oversize += 1;
-        }
-        let r = f(&self.frame);
-        self.frame.release();
-        r
+        f(copy)
     }
 }
 
@@ -928,6 +952,132 @@ mod tests {
         let f = peer.rx.peek().unwrap().unwrap();
         assert_eq!(f.len(), MTU);
         assert!(f.iter().all(|&b| b == 6));
+    }
+
+    #[test]
+    fn smoltcp_parses_a_copy_not_the_peers_memory() {
+        let (mut nic, mut peer) = nic_and_peer(MTU, CAP);
+        let mut grant = peer.tx.grant(100).unwrap();
+        grant.fill(1);
+        let shared = grant.as_mut_ptr();
+        grant.commit();
+        let _ = peer.tx.flush();
+        let (rx, _) = nic.receive(now()).unwrap();
+        let first = rx.consume(|f| {
+            assert!(
+                !core::ptr::eq(f.as_ptr(), shared),
+                "smoltcp would parse the peer's memory"
+            );
+            // SAFETY: the peer's own ring memory (alive while `peer` is), written the way a
+            // hostile peer would write a published frame; the NIC must not be affected.
+            unsafe { shared.write_volatile(0xee) };
+            (f.len(), f[0])
+        });
+        assert_eq!(first, (100, 1), "the copy is stable");
+        assert_eq!(nic.stats().rx_frames, 1);
+    }
+
+    #[test]
+    fn rx_frames_over_the_mtu_are_dropped_and_counted() {
+        let (mut nic, mut peer) = nic_and_peer(MIN_MTU, CAP);
+        let _ = peer.tx.try_send(&[1u8; MIN_MTU + 1]).unwrap();
+        let _ = peer.tx.try_send(&[2u8; MIN_MTU]).unwrap();
+        let (rx, _) = nic.receive(now()).unwrap();
+        assert_eq!(
+            rx.consume(|f| (f.len(), f[0])),
+            (MIN_MTU, 2),
+            "the long one skipped"
+        );
+        assert!(nic.receive(now()).is_none());
+        let stats = nic.stats();
+        assert_eq!((stats.rx_oversize, stats.rx_frames), (1, 1));
+    }
+
+    /// A hostile peer flips the IPv4 header length and total length of frames it already
+    /// published while smoltcp parses them. smoltcp checks those fields and reads them
+    /// again (`total_len - header_len` in `Ipv4Repr::parse`): over shared memory that
+    /// panicked with overflow checks on. Over the NIC's copy, never.
+    #[test]
+    fn peer_flipping_ipv4_lengths_during_rx_causes_no_panic() {
+        use smoltcp::iface::{Config, Interface, SocketSet};
+        use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr};
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::Arc;
+
+        const FRAMES: u64 = 100_000;
+        const CAP: usize = 64 * 1024;
+        let mac = EthernetAddress([2, 0, 0, 0, 0, 2]);
+        let (mut nic, mut peer) = nic_and_peer(MTU, CAP);
+        // Checksums ignored: the flipped header reaches the length re-read sooner (a hostile
+        // peer can compute valid checksums anyway).
+        nic.set_checksum(ChecksumCapabilities::ignored());
+        let mut iface =
+            Interface::new(Config::new(HardwareAddress::Ethernet(mac)), &mut nic, now());
+        iface.update_ip_addrs(|a| {
+            a.push(IpCidr::new(
+                smoltcp::wire::Ipv4Address::new(10, 0, 0, 2).into(),
+                24,
+            ))
+            .unwrap()
+        });
+        let mut sockets = SocketSet::new(vec![]);
+        // Frames the NIC released (Release: published after the flush that frees them).
+        let consumed = Arc::new(AtomicU64::new(0));
+        let peer_consumed = consumed.clone();
+        let hostile = std::thread::spawn(move || {
+            let mut frame = [0u8; 60];
+            frame[..6].copy_from_slice(&mac.0);
+            frame[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+            frame[12..14].copy_from_slice(&[0x08, 0x00]);
+            frame[14..34].copy_from_slice(&[
+                0x45, 0, 0, 20, 0, 0, 0, 0, 64, 1, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
+            ]);
+            let mut sent = 0u64;
+            let mut flips = 0u64;
+            while sent < FRAMES {
+                let mut published = Vec::new();
+                while sent < FRAMES {
+                    let Ok(mut grant) = peer.tx.grant(frame.len()) else {
+                        break;
+                    };
+                    grant.copy_from_slice(&frame);
+                    published.push(grant.as_mut_ptr() as usize);
+                    grant.commit();
+                    sent += 1;
+                }
+                let _ = peer.tx.flush();
+                // Until the NIC released them all, keep rewriting their headers.
+                while peer_consumed.load(Ordering::Acquire) < sent {
+                    flips += 1;
+                    let (ihl, total) = if flips % 2 == 0 {
+                        (0x45, 20)
+                    } else {
+                        (0x4f, 0)
+                    };
+                    for &p in &published {
+                        let p = p as *mut u8;
+                        // SAFETY: inside the frame this thread published in its own ring
+                        // (alive while `peer` is); writing after publishing is exactly the
+                        // hostile peer under test. Volatile: each write really happens.
+                        unsafe {
+                            p.add(14).write_volatile(ihl);
+                            p.add(17).write_volatile(total);
+                        }
+                    }
+                }
+            }
+            flips
+        });
+        while consumed.load(Ordering::Relaxed) < FRAMES {
+            let _ = iface.poll(now(), &mut nic, &mut sockets);
+            let _ = nic.flush();
+            let stats = nic.stats();
+            consumed.store(stats.rx_frames + stats.rx_oversize, Ordering::Release);
+            assert!(nic.fault().is_none());
+        }
+        let flips = hostile.join().unwrap();
+        assert!(flips > 0, "the peer never flipped a header");
+        assert_eq!(nic.stats().rx_frames, FRAMES);
     }
 
     struct Region {
