@@ -4,9 +4,13 @@
 //! `SOCK_SEQPACKET` connection. A bounded property test (runs in CI); `PROPTEST_CASES=100000`
 //! makes it a longer fuzz run.
 //!
-//! Invariant: no panic and no stall; every malformed or out-of-place reply ends the attach
-//! with a typed [`HostedError`] (never `Ok` with links the replies did not carry fds for).
+//! Each message goes with 0..=5 fds (4 KiB memfds), so grants whose fd count happens to fit
+//! reach the mapping and peer handling too.
+//!
+//! Invariant: no panic and no stall; a malformed or out-of-place reply ends the attach with a
+//! typed [`HostedError`]; an attach that succeeds has consistent links.
 
+use std::io::IoSlice;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -17,8 +21,8 @@ use ivshmem_dev::hosted::{
 };
 use linux_uio_client::hosted::{HostedEndpoint, HostedError};
 use nix::sys::socket::{
-    accept, bind, listen, send, socket, AddressFamily, Backlog, MsgFlags, SockFlag, SockType,
-    UnixAddr,
+    accept, bind, listen, sendmsg, socket, AddressFamily, Backlog, ControlMessage, MsgFlags,
+    SockFlag, SockType, UnixAddr,
 };
 use proptest::prelude::*;
 
@@ -87,6 +91,40 @@ fn message() -> impl Strategy<Value = Vec<u8>> {
     ]
 }
 
+/// A 4 KiB memfd (stands for a section or an eventfd: the endpoint cannot tell them apart).
+fn memfd() -> OwnedFd {
+    let fd = nix::sys::memfd::memfd_create(c"reply-fuzz", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+        .unwrap();
+    nix::unistd::ftruncate(&fd, 4096).unwrap();
+    fd
+}
+
+/// The valid conversation with its right fd counts (accept, grant with 4 sections, two peers
+/// with one eventfd each), one message mutated and one fd count changed: most cases get past
+/// the decoder into the grant handling.
+fn conversation() -> impl Strategy<Value = Vec<(Vec<u8>, usize)>> {
+    (
+        0..4usize,
+        prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..3),
+        0..4usize,
+        0usize..=5,
+    )
+        .prop_map(|(which, flips, fd_at, fd_count)| {
+            let mut msgs: Vec<(Vec<u8>, usize)> = valid_replies()
+                .into_iter()
+                .take(4)
+                .zip([0, 4, 1, 1])
+                .collect();
+            let m = &mut msgs[which].0;
+            for (at, byte) in flips {
+                let i = at.index(m.len());
+                m[i] ^= byte;
+            }
+            msgs[fd_at].1 = fd_count;
+            msgs
+        })
+}
+
 fn listener(path: &Path) -> OwnedFd {
     let _ = std::fs::remove_file(path);
     let fd = socket(
@@ -117,15 +155,30 @@ proptest! {
     /// An attach answered by a hostile hypervisor ends in a typed error, without panic or
     /// stall (the fake hypervisor sends its replies, with no fds, then closes).
     #[test]
-    fn attach_against_hostile_replies_fails_cleanly(replies in prop::collection::vec(message(), 0..6)) {
+    fn attach_against_hostile_replies_fails_cleanly(replies in prop_oneof![
+        prop::collection::vec((message(), 0usize..=5), 0..6),
+        conversation(),
+    ]) {
         let path: PathBuf = std::env::temp_dir()
             .join(format!("reply-fuzz-{}.sock", std::process::id()));
         let listening = listener(&path);
         let server = std::thread::spawn(move || {
             let conn = accept(&listening).unwrap();
-            for r in &replies {
+            for (r, fd_count) in &replies {
+                let fds: Vec<OwnedFd> = (0..*fd_count).map(|_| memfd()).collect();
+                let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+                let cmsg = [ControlMessage::ScmRights(&raw)];
+                let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsg };
                 // The endpoint may have given up already (EPIPE): that is fine.
-                if send(conn.as_raw_fd(), r, MsgFlags::MSG_NOSIGNAL).is_err() {
+                if sendmsg::<()>(
+                    conn.as_raw_fd(),
+                    &[IoSlice::new(r)],
+                    cmsgs,
+                    MsgFlags::MSG_NOSIGNAL,
+                    None,
+                )
+                .is_err()
+                {
                     break;
                 }
             }
@@ -134,8 +187,13 @@ proptest! {
         server.join().unwrap();
         let _ = std::fs::remove_file(&path);
         match result {
-            // Only a grant of no links can succeed without fds.
-            Ok(endpoint) => prop_assert!(endpoint.links().is_empty()),
+            Ok(endpoint) => {
+                for link in endpoint.links() {
+                    prop_assert!(link.peer_id() < link.max_peers());
+                    prop_assert!(link.vectors() >= 1);
+                    prop_assert!(link.peer_name(link.max_peers() - 1).is_some());
+                }
+            }
             Err(e) => {
                 prop_assert!(!e.to_string().is_empty());
                 prop_assert!(
