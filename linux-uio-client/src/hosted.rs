@@ -71,10 +71,7 @@ use ivshmem_dev::{DriverError, Ivshmem, Section, Sections, MAX_SUPPORTED_PEERS};
 use memmap2::{MmapOptions, MmapRaw};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::mman::{mmap_anonymous, MapFlags, ProtFlags};
-use nix::sys::socket::{
-    connect, recvmsg, send, socket, AddressFamily, ControlMessageOwned, MsgFlags, SockFlag,
-    SockType, UnixAddr,
-};
+use nix::sys::socket::{recvmsg, send, ControlMessageOwned, MsgFlags};
 
 /// Environment variable with the control socket path (set by `hypervisor run` for the cells it
 /// spawns).
@@ -897,15 +894,7 @@ impl HostedEndpoint {
             path: path.to_path_buf(),
             source,
         };
-        let fd = socket(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .map_err(|e| connect_err(e.into()))?;
-        let addr = UnixAddr::new(path).map_err(|e| connect_err(e.into()))?;
-        connect(fd.as_raw_fd(), &addr).map_err(|e| connect_err(e.into()))?;
+        let fd = hosted::connect(path).map_err(|e| connect_err(e.into()))?;
         let tv = nix::sys::time::TimeVal::new(
             reply_timeout.as_secs() as _,
             reply_timeout.subsec_micros() as _,
