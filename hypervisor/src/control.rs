@@ -61,8 +61,8 @@ use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::sys::socket::{
-    accept4, bind, connect, getsockopt, listen, send, sendmsg, socket, sockopt, AddressFamily,
-    Backlog, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr,
+    accept4, bind, getsockopt, listen, send, sendmsg, socket, sockopt, AddressFamily, Backlog,
+    ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr,
 };
 use nix::unistd::Pid;
 
@@ -1179,19 +1179,9 @@ fn send_reply(fd: BorrowedFd<'_>, reply: &Reply, fds: &[RawFd]) -> io::Result<()
     Ok(())
 }
 
-/// Connects a close-on-exec `SOCK_SEQPACKET` socket to the control socket at `path` (a status
-/// query, or the check whether a hypervisor still listens there). `ECONNREFUSED` or `ENOENT`
-/// mean nobody listens; `EACCES` that the socket belongs to another user.
-pub fn connect_control_socket(path: &Path) -> Result<OwnedFd, Errno> {
-    let fd = socket(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
-    connect(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
-    Ok(fd)
-}
+/// Connects to the control socket at `path` (a status query, or the check whether a
+/// hypervisor still listens there): the clients' own [`ivshmem_dev::hosted::connect`].
+pub use ivshmem_dev::hosted::connect as connect_control_socket;
 
 /// Creates the listening socket at `path` (mode `mode`: 0600, or 0666 when cells run under uids of their own). A stale socket file is replaced only
 /// if nobody listens on it.

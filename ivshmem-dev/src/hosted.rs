@@ -465,6 +465,24 @@ pub enum Request {
     CellControl(CellControlBody),
 }
 
+/// Connects a close-on-exec `SOCK_SEQPACKET` socket to the control socket at `path`: the one
+/// way every client connects (a cell attaching, a status query, the hypervisor checking
+/// whether one still listens there). `ECONNREFUSED` or `ENOENT` mean nobody listens;
+/// `EACCES` that the socket belongs to another user.
+#[cfg(feature = "std")]
+pub fn connect(path: &std::path::Path) -> Result<std::os::fd::OwnedFd, nix::errno::Errno> {
+    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    use std::os::fd::AsRawFd;
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    nix::sys::socket::connect(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+    Ok(fd)
+}
+
 /// A reply, as decoded by a cell or status client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reply {

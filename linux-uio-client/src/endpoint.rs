@@ -143,6 +143,16 @@ impl EndpointInterrupt {
         }
     }
 
+    /// Every interrupt fd (non-blocking): one per vector on a hosted MSI-X link, else just
+    /// [`EndpointInterrupt::fd`]. A reactor that must wake on any vector's doorbell watches
+    /// all of them and then calls [`EndpointInterrupt::take`].
+    pub fn vector_fds(&self) -> Vec<BorrowedFd<'_>> {
+        match &self.source {
+            InterruptSource::Hosted(l) => (0..l.vectors()).filter_map(|v| l.vector_fd(v)).collect(),
+            _ => vec![self.fd()],
+        }
+    }
+
     /// Consumes a pending interrupt without blocking and re-arms one-shot mode. `Some(n)`: an
     /// interrupt was delivered (`n` >= 1 doorbells/state changes merged into it); `None`:
     /// nothing pending. After `Some`, re-check rings and the state table (see the module docs).
@@ -183,7 +193,9 @@ impl EndpointInterrupt {
         }
     }
 
-    /// Like [`EndpointInterrupt::wait`], but gives up at `deadline` (`Ok(None)`).
+    /// Like [`EndpointInterrupt::wait`], but gives up at `deadline` (`Ok(None)`). Waits on
+    /// every vector's fd ([`EndpointInterrupt::vector_fds`]), so a doorbell on any vector
+    /// wakes it at once.
     pub fn wait_until(&mut self, deadline: Option<Instant>) -> Result<Option<u64>, EndpointError> {
         loop {
             if let Some(n) = self.take()? {
@@ -202,14 +214,27 @@ impl EndpointInterrupt {
                     })
                 }
             };
-            let mut pfd = libc::pollfd {
-                fd: self.fd().as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
+            // Every vector's fd: a doorbell on any vector wakes the wait at once.
+            let mut pfds: Vec<libc::pollfd> = self
+                .vector_fds()
+                .iter()
+                .map(|fd| libc::pollfd {
+                    fd: fd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                })
+                .collect();
             let ts = timeout.as_ref().map_or(std::ptr::null(), |t| t as *const _);
-            // SAFETY: one valid pollfd, a valid (or null) timespec, no signal mask.
-            let rc = unsafe { libc::ppoll(&mut pfd, 1, ts, std::ptr::null()) };
+            // SAFETY: `pfds` is a valid array of `pfds.len()` pollfds over fds this endpoint
+            // keeps open for the call, a valid (or null) timespec, no signal mask.
+            let rc = unsafe {
+                libc::ppoll(
+                    pfds.as_mut_ptr(),
+                    pfds.len() as libc::nfds_t,
+                    ts,
+                    std::ptr::null(),
+                )
+            };
             if rc < 0 {
                 let err = io::Error::last_os_error();
                 if err.kind() != io::ErrorKind::Interrupted {
@@ -390,9 +415,15 @@ impl Endpoint {
         (self.ivshmem.max_peers() == 2).then(|| 1 - self.ivshmem.id())
     }
 
-    /// The interrupt fd (non-blocking), readable when an interrupt is pending.
+    /// The interrupt fd (non-blocking), readable when an interrupt is pending. On a hosted
+    /// MSI-X link this is vector 0 only; see [`Endpoint::vector_fds`].
     pub fn interrupt_fd(&self) -> BorrowedFd<'_> {
         self.interrupt.fd()
+    }
+
+    /// See [`EndpointInterrupt::vector_fds`].
+    pub fn vector_fds(&self) -> Vec<BorrowedFd<'_>> {
+        self.interrupt.vector_fds()
     }
 
     /// See [`EndpointInterrupt::take`].

@@ -35,13 +35,31 @@
 //!
 //! Closing the endpoint (or the process dying) closes the socket: the hypervisor then sets
 //! this cell's states to 0 and notifies its peers.
+//!
+//! # When the hypervisor dies
+//! The other direction needs care: the state table is the hypervisor's memfd, and after a
+//! `kill -9` of the hypervisor it still holds whatever the peers' states last were, so the
+//! cell would see "peer RUN" forever. A closed control socket therefore reads as **every peer
+//! gone**: each endpoint has a watcher thread that blocks in `poll` on the control socket for
+//! a hang-up (`POLLHUP`; ordinary replies do not wake it) and on a pipe that closes
+//! with the endpoint. On a hang-up it, for each link still alive:
+//! 1. replaces the state table's read-only mapping, in place (`MAP_FIXED`), by an anonymous
+//!    zero page mapping of the same size, so every reader of the table, the driver
+//!    [`Ivshmem`] included, reads state 0 for every peer from then on (the pointer the
+//!    driver holds stays valid);
+//! 2. then raises vector 0 on this peer (writes its own vector-0 eventfd), the interrupt a
+//!    state change raises, so whoever waits on the interrupt wakes and re-reads the table;
+//! 3. marks the connection broken, so later STATE writes fail with [`HostedError::Broken`].
+//!
+//! The sections themselves stay mapped: what peers published before stays readable.
 
 use std::io::{self, IoSliceMut};
+use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::atomic::{fence, AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use ivshmem_dev::hosted::{
@@ -52,10 +70,8 @@ use ivshmem_dev::regs::{self, RegisterAccess, INT_CONTROL_ENABLE};
 use ivshmem_dev::{DriverError, Ivshmem, Section, Sections, MAX_SUPPORTED_PEERS};
 use memmap2::{MmapOptions, MmapRaw};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::socket::{
-    connect, recvmsg, send, socket, AddressFamily, ControlMessageOwned, MsgFlags, SockFlag,
-    SockType, UnixAddr,
-};
+use nix::sys::mman::{mmap_anonymous, MapFlags, ProtFlags};
+use nix::sys::socket::{recvmsg, send, ControlMessageOwned, MsgFlags};
 
 /// Environment variable with the control socket path (set by `hypervisor run` for the cells it
 /// spawns).
@@ -135,6 +151,11 @@ struct Connection {
     /// Set when a request failed half-way: what went wrong. Nothing is sent after that.
     broken: Mutex<Option<String>>,
     reply_timeout: Duration,
+    /// Set by the watcher when the hypervisor closed the control socket.
+    hypervisor_gone: AtomicBool,
+    /// The write end of the watcher's stop pipe: dropping the connection closes it, which
+    /// ends the watcher thread.
+    _watcher_stop: OwnedFd,
 }
 
 impl Connection {
@@ -233,6 +254,50 @@ impl Connection {
                 "expected the verdict on an illegal access, got {other:?}"
             ))),
         }
+    }
+}
+
+/// The watcher thread of one connection (see the module docs, "When the hypervisor dies").
+/// `socket` is a duplicate of the control socket, `stop` the read end of a pipe whose write
+/// end the [`Connection`] holds; `links` are weak so the watcher keeps nothing alive.
+fn watch_hypervisor(socket: OwnedFd, stop: OwnedFd, links: Vec<Weak<LinkShared>>) {
+    loop {
+        let mut fds = [
+            // No events asked: poll reports POLLHUP (a closed peer) and POLLERR regardless,
+            // and ordinary replies do not wake this thread.
+            PollFd::new(socket.as_fd(), PollFlags::empty()),
+            PollFd::new(stop.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                tracing::warn!(
+                    "watching the control socket failed, hypervisor death will go unnoticed: {e}"
+                );
+                return;
+            }
+        }
+        let hung_up = |fd: &PollFd<'_>| {
+            fd.revents().is_some_and(|r| {
+                r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR | PollFlags::POLLNVAL)
+            })
+        };
+        // The endpoint is gone (the pipe's write end closed): nothing to tell anyone.
+        if hung_up(&fds[1])
+            || fds[1]
+                .revents()
+                .is_some_and(|r| r.contains(PollFlags::POLLIN))
+        {
+            return;
+        }
+        if hung_up(&fds[0]) {
+            break;
+        }
+    }
+    tracing::warn!("the hypervisor closed the control socket: every peer reads as gone (state 0)");
+    for link in links.iter().filter_map(Weak::upgrade) {
+        link.hypervisor_gone();
     }
 }
 
@@ -346,6 +411,46 @@ impl LinkShared {
         for vector in 0..self.vectors {
             let _ = self.drain_vector(vector);
         }
+    }
+
+    /// The hypervisor closed the control socket: the state table reads 0 from now on, then
+    /// vector 0 is raised on this peer and the connection marked broken (see the module docs).
+    fn hypervisor_gone(&self) {
+        let map = &self.state_table.map;
+        if let (Some(addr), Some(len)) = (
+            NonZeroUsize::new(map.as_mut_ptr() as usize),
+            NonZeroUsize::new(map.len()),
+        ) {
+            // SAFETY: `[addr, addr + len)` is exactly the state table's mapping, alive while
+            // `self` is (the caller holds a strong reference), so MAP_FIXED replaces only
+            // memory this mapping owns. Readers only make 32-bit atomic loads through it
+            // (never references to plain data): each sees the old or the new page's value.
+            // The range stays mapped and readable, and `MmapRaw`'s drop unmaps it as before.
+            let remapped = unsafe {
+                mmap_anonymous(
+                    Some(addr),
+                    len,
+                    ProtFlags::PROT_READ,
+                    MapFlags::MAP_FIXED | MapFlags::MAP_PRIVATE,
+                )
+            };
+            if let Err(e) = remapped {
+                tracing::warn!(link = %self.name, "cannot clear the state table after the hypervisor died: {e}");
+            }
+        }
+        self.connection
+            .hypervisor_gone
+            .store(true, Ordering::SeqCst);
+        // Vector 0 carries state changes. EAGAIN (counter full) means it is pending anyway.
+        if let Some(fd) = self.interrupts.first() {
+            let _ = nix::unistd::write(fd, &1u64.to_ne_bytes());
+        }
+        let mut broken = self
+            .connection
+            .broken
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        broken.get_or_insert_with(|| HostedError::Closed.to_string());
     }
 
     /// Reads `peer`'s state table entry. The mapping is read-only, and std only promises
@@ -572,6 +677,15 @@ impl HostedLink {
         self.shared().read_state_entry(peer)
     }
 
+    /// Whether the hypervisor closed the control socket (died or stopped): every peer then
+    /// reads as state 0 and vector 0 was raised (see the module docs).
+    pub fn hypervisor_gone(&self) -> bool {
+        self.shared()
+            .connection
+            .hypervisor_gone
+            .load(Ordering::SeqCst)
+    }
+
     /// This peer's STATE (as acknowledged by the hypervisor).
     pub fn state(&self) -> u32 {
         self.regs.read32(regs::STATE)
@@ -780,15 +894,7 @@ impl HostedEndpoint {
             path: path.to_path_buf(),
             source,
         };
-        let fd = socket(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .map_err(|e| connect_err(e.into()))?;
-        let addr = UnixAddr::new(path).map_err(|e| connect_err(e.into()))?;
-        connect(fd.as_raw_fd(), &addr).map_err(|e| connect_err(e.into()))?;
+        let fd = hosted::connect(path).map_err(|e| connect_err(e.into()))?;
         let tv = nix::sys::time::TimeVal::new(
             reply_timeout.as_secs() as _,
             reply_timeout.subsec_micros() as _,
@@ -841,15 +947,27 @@ impl HostedEndpoint {
             }
             grants.push((grant, fds, peers));
         }
+        let watched = fd.try_clone()?;
+        let (stop_read, stop_write) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
         let connection = Arc::new(Connection {
             fd: Mutex::new(fd),
             broken: Mutex::new(None),
             reply_timeout,
+            hypervisor_gone: AtomicBool::new(false),
+            _watcher_stop: stop_write,
         });
         let links = grants
             .into_iter()
             .map(|(g, fds, peers)| Self::link_from_grant(&connection, cell, &g, fds, peers))
             .collect::<Result<Vec<_>, _>>()?;
+        let weak = links
+            .iter()
+            .map(|l| Arc::downgrade(&l.regs.shared))
+            .collect::<Vec<_>>();
+        std::thread::Builder::new()
+            .name(format!("ivshmem-watch-{cell}"))
+            .spawn(move || watch_hypervisor(watched, stop_read, weak))?;
         Ok(Self {
             cell: cell.to_string(),
             hypervisor_pid: accepted.hypervisor_pid,
@@ -961,6 +1079,14 @@ impl HostedEndpoint {
     /// The link named `name`.
     pub fn link(&self, name: &str) -> Option<&HostedLink> {
         self.links.iter().find(|l| l.name() == name)
+    }
+
+    /// Whether the hypervisor closed the control socket (died or stopped): every peer then
+    /// reads as state 0 (see the module docs).
+    pub fn hypervisor_gone(&self) -> bool {
+        self.links
+            .first()
+            .is_some_and(|l| l.shared().connection.hypervisor_gone.load(Ordering::SeqCst))
     }
 
     /// Takes the links out (the control socket stays open while any link or driver lives).

@@ -1,0 +1,100 @@
+//! `Endpoint::wait_interrupt*` wait on every vector's eventfd of a hosted MSI-X link: a
+//! doorbell on vector >= 1 that arrives while the endpoint is already blocked wakes it at
+//! once (issue 14, endpoint item 2). A real control server runs on a thread of this process.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use hypervisor::control::{device_model, CellSpec, ControlServer, LinkSpec, SystemSpec};
+use hypervisor::device::InterruptMode;
+use linux_uio_client::hosted::HostedEndpoint;
+use linux_uio_client::Endpoint;
+use nix::sys::eventfd::{EfdFlags, EventFd};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Blocks (bounded, without sleeping) until thread `tid` of this process is inside `ppoll`,
+/// read from `/proc/self/task/<tid>/syscall` (its first field is the syscall number).
+fn wait_until_in_ppoll(tid: i32) {
+    let path = format!("/proc/self/task/{tid}/syscall");
+    let want = format!("{} ", libc::SYS_ppoll);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let now = std::fs::read_to_string(&path).unwrap_or_default();
+        if now.starts_with(&want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "thread {tid} never entered ppoll (last: {now:?})"
+        );
+        std::thread::yield_now();
+    }
+}
+
+#[test]
+fn a_doorbell_on_vector_3_wakes_a_blocked_endpoint_wait_at_once() {
+    let dir = std::env::temp_dir().join(format!("endpoint-vectors-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("hv.sock");
+    let cell = |name: &str| CellSpec {
+        name: name.into(),
+        cpus: Vec::new(),
+        command: None,
+        process: true,
+        uid: None,
+    };
+    let names = ["rtos-telemetry", "linux"];
+    let system = SystemSpec {
+        cells: names.iter().map(|n| cell(n)).collect(),
+        links: vec![LinkSpec {
+            name: "demo".into(),
+            peers: names.iter().map(|n| n.to_string()).collect(),
+            protocol: 0x4001,
+            state_table_size: 4096,
+            rw_size: 0,
+            output_size: 4096,
+            interrupts: InterruptMode::Msix { vectors: 4 },
+        }],
+    };
+    let mut server = ControlServer::bind(&system, &socket, &mut device_model).unwrap();
+    let stop = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).unwrap();
+    let stop_for_thread: OwnedFd = stop.as_fd().try_clone_to_owned().unwrap();
+    let served = std::thread::spawn(move || loop {
+        let ready = server.poll(&[stop_for_thread.as_fd()], None).unwrap();
+        server.take_events();
+        if ready[0] {
+            return;
+        }
+    });
+
+    let rtos = HostedEndpoint::attach(&socket, "rtos-telemetry").unwrap();
+    let mut linux = Endpoint::attach_hosted(&socket, "linux", None).unwrap();
+    assert_eq!(linux.vector_fds().len(), 4);
+    // Nothing pending yet: a zero-length wait finds nothing.
+    assert_eq!(linux.wait_interrupt_timeout(Duration::ZERO).unwrap(), None);
+
+    let waiter = nix::unistd::gettid().as_raw();
+    let ringer = std::thread::spawn(move || {
+        wait_until_in_ppoll(waiter);
+        rtos.links()[0].ring_vector(1, 3);
+        rtos
+    });
+    let started = Instant::now();
+    let taken = linux.wait_interrupt_timeout(WAIT).unwrap();
+    let elapsed = started.elapsed();
+    let _rtos = ringer.join().unwrap();
+    println!("the vector-3 doorbell woke the blocked wait after {elapsed:?}");
+    assert_eq!(taken, Some(1), "the vector-3 doorbell was lost");
+    // A wait blind to vector 3 sleeps out its whole timeout and only then finds the doorbell
+    // pending: that it returned before the timeout shows the doorbell itself woke it.
+    assert!(
+        elapsed < WAIT,
+        "the wait returned only at its timeout ({elapsed:?}): vector 3 did not wake it"
+    );
+
+    stop.write(1).unwrap();
+    served.join().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
