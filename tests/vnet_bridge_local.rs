@@ -95,7 +95,7 @@ fn bridge_waits_for_ring_space_and_loses_nothing() {
             let rx = &mut peer.rings_mut().unwrap().rx;
             while let Some(f) = rx.peek().unwrap() {
                 assert_eq!(f.len(), FRAME_LEN);
-                buf[..FRAME_LEN].copy_from_slice(&f);
+                f.payload().copy_to(&mut buf[..FRAME_LEN]);
                 f.release();
                 assert_eq!(&buf[..FRAME_LEN], &frame(next)[..], "frame {next}");
                 next += 1;
@@ -198,7 +198,7 @@ fn frames_longer_than_the_mtu_are_dropped_whole_and_counted_not_cut() {
         let rx = &mut peer.rings_mut().unwrap().rx;
         while let Some(f) = rx.peek().unwrap() {
             let mut copy = vec![0u8; f.len()];
-            copy.copy_from_slice(&f);
+            f.payload().copy_to(&mut copy);
             f.release();
             assert!(copy.iter().all(|&b| b == copy[0]), "a mixed frame");
             got.push((copy.len(), copy[0]));

@@ -1,8 +1,6 @@
 //! The consumer side of a ring.
 
 use core::cell::Cell;
-#[cfg(not(shmring_no_frame_deref))]
-use core::ops::Deref;
 
 use crate::layout::{self, FrameHeader, FLAG_PADDING, NO_EVENT};
 use crate::sync::{fence, load_acquire, word, AtomicU64, Ordering};
@@ -451,21 +449,5 @@ impl core::fmt::Debug for Frame<'_> {
             .field("len", &self.len)
             .field("kind", &self.kind)
             .finish_non_exhaustive()
-    }
-}
-
-/// **Transitional, trusted peer only**: derefs to the payload as `&[u8]`, which is
-/// [`Frame::as_trusted_slice`] without the `unsafe` it needs. Unsound against a hostile
-/// producer; kept only until the remaining callers in the workspace have moved to
-/// [`Frame::payload`] (or to `as_trusted_slice` with a written argument). Build with
-/// `RUSTFLAGS="--cfg shmring_no_frame_deref"` to find them; then delete this impl.
-#[cfg(not(shmring_no_frame_deref))]
-impl Deref for Frame<'_> {
-    type Target = [u8];
-    #[inline]
-    fn deref(&self) -> &[u8] {
-        // SAFETY: NOT sound against a producer that writes the frame before its release (see
-        // above); sound when the peer is trusted, which is what the remaining callers assume.
-        unsafe { self.as_trusted_slice() }
     }
 }

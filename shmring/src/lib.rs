@@ -100,9 +100,8 @@
 //! [`Frame::as_trusted_slice`] and [`PeerBytes::as_trusted_slice`], which are `unsafe fn` for
 //! that reason: the `&[u8]` they return asserts that the bytes do not change, and a peer that
 //! changes them makes every read a data race, i.e. undefined behaviour, not merely odd bytes.
-//! The same holds, until the last callers have moved, for the transitional `Deref<Target =
-//! [u8]>` of [`Frame`] (it will be removed; build with `--cfg shmring_no_frame_deref` to
-//! check that code does not use it).
+//! [`Frame`] has no `Deref<Target = [u8]>` for that reason: a frame is read through
+//! [`Frame::payload`].
 //!
 //! # Two processes
 //!

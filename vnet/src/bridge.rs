@@ -241,6 +241,9 @@ pub struct Bridge<R: RegisterAccess, I: Interrupt, P: FramePort> {
     config: BridgeConfig,
     stats: BridgeStats,
     hook: Option<Box<dyn FnMut(LinkEvent) + Send>>,
+    /// The bridge's own copy of the ring frame being forwarded: the port and the capture
+    /// read this copy, never the peer's section, so both see the same bytes.
+    frame_buf: Vec<u8>,
 }
 
 impl<R: RegisterAccess, I: Interrupt, P: FramePort> core::fmt::Debug for Bridge<R, I, P> {
@@ -270,6 +273,7 @@ impl<R: RegisterAccess, I: Interrupt, P: FramePort> Bridge<R, I, P> {
             config,
             stats: BridgeStats::default(),
             hook: None,
+            frame_buf: Vec::new(),
         }
     }
 
@@ -334,7 +338,15 @@ impl<R: RegisterAccess, I: Interrupt, P: FramePort> Bridge<R, I, P> {
                     moved += 1;
                     continue;
                 }
-                match self.port.write_frame(&frame) {
+                // The single read of the frame from peer-writable memory (through shmring's
+                // view, never a `&[u8]` over the section): one copy that the port and the
+                // capture both use.
+                if self.frame_buf.len() < frame.len() {
+                    self.frame_buf.resize(frame.len(), 0);
+                }
+                let len = frame.payload().copy_to(&mut self.frame_buf[..frame.len()]);
+                let bytes = &self.frame_buf[..len];
+                match self.port.write_frame(bytes) {
                     Ok(_) => {
                         self.stats.to_port_frames += 1;
                         self.stats.to_port_bytes += frame.len() as u64;
@@ -350,7 +362,7 @@ impl<R: RegisterAccess, I: Interrupt, P: FramePort> Bridge<R, I, P> {
                     }
                 }
                 if let Some(p) = self.pcap.as_mut() {
-                    let _ = p.write_frame(&frame);
+                    let _ = p.write_frame(bytes);
                     self.pcap_dirty = true;
                 }
                 frame.release();

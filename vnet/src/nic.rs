@@ -591,9 +591,10 @@ impl phy::RxToken for ShmRxToken<'_> {
         // The single read of the frame's bytes from peer-writable memory: one memcpy into
         // cell-owned memory, nothing reads the shared bytes before or after it. The peer may
         // change them during the copy; then smoltcp sees a mix, but a stable one that it
-        // validates like any other untrusted frame. (When shmring offers a view type over
-        // peer memory, this copy moves to its copy-out.)
-        copy.copy_from_slice(&self.frame[..len]);
+        // validates like any other untrusted frame. The copy goes through shmring's view
+        // (`PeerBytes`), so no `&[u8]` over the peer's section exists at any time.
+        let len = self.frame.payload().copy_to(copy);
+        let copy = &mut self.buf[..len];
         self.frame.release();
         self.side.frames += 1;
         self.side.bytes += len as u64;
@@ -951,7 +952,7 @@ mod tests {
         let _ = nic.flush();
         let f = peer.rx.peek().unwrap().unwrap();
         assert_eq!(f.len(), MTU);
-        assert!(f.iter().all(|&b| b == 6));
+        assert_eq!(f.payload().to_vec(), vec![6u8; MTU]);
     }
 
     #[test]
