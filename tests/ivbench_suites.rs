@@ -79,6 +79,7 @@ fn ring_suite_reports_every_required_row() {
             ("crossbeam-1k", "msg_per_s"),
             ("mpsc-1k", "msg_per_s"),
             ("shmring-grant-64k", "bytes_per_s"),
+            ("shmring-view-64k", "bytes_per_s"),
             ("memcpy-64k", "bytes_per_s"),
         ],
     );
