@@ -17,7 +17,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{self, Receiver};
+use std::sync::mpsc;
 use std::time::Duration;
 
 use ivshmem_dev::hosted::RefusalReason;
@@ -374,61 +374,9 @@ fn intruder_main() -> i32 {
 // Test side
 // ---------------------------------------------------------------------------------------
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("process-cells-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Lines of a child's stdout, read by a thread, received with a timeout.
-struct Lines {
-    rx: Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Lines {
-    fn new(stdout: impl std::io::Read + Send + 'static) -> Self {
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Lines {
-            rx,
-            seen: Vec::new(),
-        }
-    }
-
-    /// The next line containing `needle` (other lines are kept in `seen`).
-    fn expect(&mut self, needle: &str) -> String {
-        loop {
-            match self.rx.recv_timeout(GUARD) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if let Some(at) = line.find(needle) {
-                        return line[at..].to_string();
-                    }
-                }
-                Err(e) => panic!("waiting for `{needle}`: {e}; seen so far: {:#?}", self.seen),
-            }
-        }
-    }
-}
+#[path = "../hypervisor/tests/process_common/mod.rs"]
+mod process_common;
+use process_common::{Lines, TempDir};
 
 /// The hypervisor's command line with `args`: this test binary, re-executed to run
 /// `hypervisor::cli`.

@@ -3,10 +3,8 @@
 //! Tests with cells that attach through `linux-uio-client` live in the root package's
 //! `tests/process_cells.rs`.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{self, Receiver};
 use std::time::Duration;
 
 const GUARD: Duration = Duration::from_secs(10);
@@ -15,63 +13,9 @@ const GUARD: Duration = Duration::from_secs(10);
 // Test side
 // ---------------------------------------------------------------------------------------
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("process-cells-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Lines of a child's stdout, read by a thread, received with a timeout.
-struct Lines {
-    rx: Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Lines {
-    fn new(stdout: impl std::io::Read + Send + 'static) -> Self {
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Lines {
-            rx,
-            seen: Vec::new(),
-        }
-    }
-
-    /// The next line containing `needle` (other lines are kept in `seen`).
-    fn expect(&mut self, needle: &str) -> String {
-        loop {
-            match self.rx.recv_timeout(GUARD) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    // The libtest harness of a re-executed cell may print before a reply on
-                    // the same line: the reply starts at the needle.
-                    if let Some(at) = line.find(needle) {
-                        return line[at..].to_string();
-                    }
-                }
-                Err(e) => panic!("waiting for `{needle}`: {e}; seen so far: {:#?}", self.seen),
-            }
-        }
-    }
-}
+#[path = "process_common/mod.rs"]
+mod process_common;
+use process_common::{Lines, TempDir};
 
 struct Hypervisor {
     child: Child,
