@@ -101,6 +101,15 @@ fn linux_talks_to_a_smoltcp_cell_through_the_tap_bridge() {
             ns.enter();
             let rtts = linux::ping(CELL_IP, 5, 56);
             assert_eq!(rtts.len(), 5);
+            // `ping -s 4000`: Linux fragments the request (3 fragments at MTU 1500), the cell
+            // reassembles it and fragments its reply, Linux reassembles that.
+            assert_eq!(linux::ping(CELL_IP, 2, 4000).len(), 2);
+            // A datagram larger than the cell's reassembly buffer is dropped (and counted).
+            linux::ping_unanswered(
+                CELL_IP,
+                vnet::nic::IPV4_REASSEMBLY_MAX + 100,
+                Duration::from_secs(1),
+            );
             linux::linux_sink(CELL_IP, 100 * MIB);
             linux::linux_source(CELL_IP, 100 * MIB);
             linux::http_get(&ns, CELL_IP)
@@ -109,6 +118,14 @@ fn linux_talks_to_a_smoltcp_cell_through_the_tap_bridge() {
     let page = client.join().unwrap();
     assert!(page.contains("sink_bytes 104857600"), "{page}");
     assert!(page.contains("carrier true"), "{page}");
+    assert!(
+        linux::status_value(&page, "rx_ipv4_fragments") >= 6,
+        "two 4000-byte pings arrive in 3 fragments each: {page}"
+    );
+    assert!(
+        linux::status_value(&page, "rx_ipv4_fragments_dropped") >= 1,
+        "the over-size ping's last fragments: {page}"
+    );
 
     // Kill the cell: the link goes down (NO-CARRIER), comes back with a new cell, and new
     // connections work.

@@ -65,6 +65,22 @@ pub fn ping(dst: Ipv4Addr, count: u16, payload: usize) -> Vec<Duration> {
         .collect()
 }
 
+/// Sends one ICMP echo request with a `payload`-byte payload to `dst` and asserts that no
+/// reply comes within `wait` (something the cell must drop).
+pub fn ping_unanswered(dst: Ipv4Addr, payload: usize, wait: Duration) {
+    let socket = EchoSocket::open(wait).expect("raw ICMP socket");
+    if let Ok(rtt) = socket.ping(dst, 0xfff0, payload) {
+        panic!("a {payload}-byte echo to {dst} was answered after {rtt:?}");
+    }
+}
+
+/// The number after `key ` on the cell's status page (a line `key N`); panics if missing.
+pub fn status_value(page: &str, key: &str) -> u64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no `{key} N` line on the status page:\n{page}"))
+}
+
 /// Sends `total` bytes to the cell's sink through Linux TCP and checks its CRC answer.
 pub fn linux_sink(dst: Ipv4Addr, total: u64) {
     let mut s = TcpStream::connect_timeout(
