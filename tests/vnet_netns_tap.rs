@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::linux::{self, Netns};
+use common::Threads;
 use ivshmem_stack::vnet_cell::cell::{Cell, CellConfig};
 use ivshmem_stack::vnet_cell::services::ServiceConfig;
 use linux_uio_client::{Endpoint, LocalLink};
@@ -37,19 +38,37 @@ fn signal(fd: &EventFd) {
     assert_eq!(fd.write(1).expect("eventfd write"), 8);
 }
 
-/// Starts the cell (peer 0) in a thread; returns its stop fd and handle.
-fn start_cell(link: &Arc<LocalLink>) -> (Arc<EventFd>, std::thread::JoinHandle<()>) {
+/// How long one step of the test (a transfer, a restart) may take on loaded CI cores.
+const STEP_LIMIT: Duration = Duration::from_secs(120);
+
+/// Starts the cell (peer 0) as thread `name`; returns its stop fd and handle.
+fn start_cell(
+    threads: &Threads,
+    name: &'static str,
+    link: &Arc<LocalLink>,
+) -> (Arc<EventFd>, std::thread::JoinHandle<()>) {
     let stop = eventfd();
     let link = Arc::clone(link);
     let s = Arc::clone(&stop);
-    let h = std::thread::spawn(move || {
-        let (dev, irq) = Endpoint::attach_local(&link, 0).unwrap().into_parts();
-        let l = VnetLink::new(dev, LinkConfig::default()).unwrap();
+    let h = threads.spawn(name, move || {
+        let (dev, irq) = Endpoint::attach_local(&link, 0)
+            .unwrap_or_else(|e| panic!("{name}: attach: {e}"))
+            .into_parts();
+        let l = VnetLink::new(dev, LinkConfig::default())
+            .unwrap_or_else(|e| panic!("{name}: link: {e}"));
         let services = ServiceConfig::new(Ipv4Cidr::new(CELL_IP, 24));
         let mut cell = Cell::new(l, irq, &services, CellConfig::default());
-        cell.run(Some(s.as_fd())).unwrap();
+        cell.run(Some(s.as_fd()))
+            .unwrap_or_else(|e| panic!("{name}: loop: {e}"));
     });
     (stop, h)
+}
+
+/// The bridge's next carrier change, within 30 s.
+fn next_event(events: &mpsc::Receiver<LinkEvent>, waiting_for: &str) -> LinkEvent {
+    events
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("no link event from the bridge ({waiting_for}): {e}"))
 }
 
 #[test]
@@ -64,12 +83,13 @@ fn linux_talks_to_a_smoltcp_cell_through_the_tap_bridge() {
     // The bridge (peer 1) in the namespace, reporting carrier changes.
     let (events_tx, events) = mpsc::channel();
     let bridge_stop = eventfd();
+    let threads = Threads::default();
     let bridge = {
         let ns = Arc::clone(&ns);
         let link = Arc::clone(&link);
         let stop = Arc::clone(&bridge_stop);
         let pcap_path = pcap_path.clone();
-        std::thread::spawn(move || {
+        threads.spawn("bridge", move || {
             ns.enter();
             let tap = Tap::open("vnet0").unwrap();
             tap.configure(Some("10.77.0.1/24"), 1500).unwrap();
@@ -87,17 +107,14 @@ fn linux_talks_to_a_smoltcp_cell_through_the_tap_bridge() {
         })
     };
 
-    let (cell_stop, cell) = start_cell(&link);
-    assert_eq!(
-        events.recv_timeout(Duration::from_secs(30)).unwrap(),
-        LinkEvent::Up
-    );
+    let (cell_stop, cell) = start_cell(&threads, "cell", &link);
+    assert_eq!(next_event(&events, "the cell starts"), LinkEvent::Up);
     assert!(!ns.ip(&["link", "show", "vnet0"]).contains("NO-CARRIER"));
 
     // The kernel side: ping, 100 MiB each way, HTTP.
     let client = {
         let ns = Arc::clone(&ns);
-        std::thread::spawn(move || {
+        threads.spawn("client", move || {
             ns.enter();
             let rtts = linux::ping(CELL_IP, 5, 56);
             assert_eq!(rtts.len(), 5);
@@ -115,7 +132,7 @@ fn linux_talks_to_a_smoltcp_cell_through_the_tap_bridge() {
             linux::http_get(&ns, CELL_IP)
         })
     };
-    let page = client.join().unwrap();
+    let page = threads.join("client", client, STEP_LIMIT);
     assert!(page.contains("sink_bytes 104857600"), "{page}");
     assert!(page.contains("carrier true"), "{page}");
     assert!(
@@ -130,33 +147,27 @@ fn linux_talks_to_a_smoltcp_cell_through_the_tap_bridge() {
     // Kill the cell: the link goes down (NO-CARRIER), comes back with a new cell, and new
     // connections work.
     signal(&cell_stop);
-    cell.join().unwrap();
-    assert_eq!(
-        events.recv_timeout(Duration::from_secs(30)).unwrap(),
-        LinkEvent::Down
-    );
+    threads.join("cell", cell, STEP_LIMIT);
+    assert_eq!(next_event(&events, "the cell stopped"), LinkEvent::Down);
     assert!(ns.ip(&["link", "show", "vnet0"]).contains("NO-CARRIER"));
-    let (cell_stop, cell) = start_cell(&link);
-    assert_eq!(
-        events.recv_timeout(Duration::from_secs(30)).unwrap(),
-        LinkEvent::Up
-    );
+    let (cell_stop, cell) = start_cell(&threads, "restarted cell", &link);
+    assert_eq!(next_event(&events, "the cell restarts"), LinkEvent::Up);
     let client = {
         let ns = Arc::clone(&ns);
-        std::thread::spawn(move || {
+        threads.spawn("client after the restart", move || {
             ns.enter();
             assert_eq!(linux::ping(CELL_IP, 2, 1000).len(), 2);
             linux::linux_sink(CELL_IP, 4 * MIB);
             linux::http_get(&ns, CELL_IP)
         })
     };
-    let page = client.join().unwrap();
+    let page = threads.join("client after the restart", client, STEP_LIMIT);
     assert!(page.contains("sink_bytes 4194304"), "a fresh cell: {page}");
 
     signal(&cell_stop);
-    cell.join().unwrap();
+    threads.join("restarted cell", cell, STEP_LIMIT);
     signal(&bridge_stop);
-    let stats = bridge.join().unwrap();
+    let stats = threads.join("bridge", bridge, STEP_LIMIT);
     assert!(
         stats.to_port_frames > 1000 && stats.from_port_frames > 1000,
         "{stats:?}"

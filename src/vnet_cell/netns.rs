@@ -125,6 +125,7 @@ pub fn echo_request(ident: u16, seq: u16, payload_len: usize) -> Vec<u8> {
 pub struct EchoSocket {
     fd: OwnedFd,
     ident: u16,
+    timeout: Duration,
 }
 
 impl EchoSocket {
@@ -164,6 +165,7 @@ impl EchoSocket {
         Ok(EchoSocket {
             fd,
             ident: (std::process::id() & 0xFFFF) as u16,
+            timeout,
         })
     }
 
@@ -210,6 +212,16 @@ impl EchoSocket {
             }
             // A raw IPv4 socket delivers the IP header first; its length is untrusted input.
             let got = &buf[..n as usize];
+            // Other ICMP traffic does not extend the wait beyond the time-out.
+            if start.elapsed() > self.timeout {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "no echo reply from {dst} (seq {seq}) within {:?}",
+                        self.timeout
+                    ),
+                ));
+            }
             let Some(&first) = got.first() else { continue };
             let ihl = usize::from(first & 0xF) * 4;
             let Some(icmp) = got.get(ihl..) else { continue };

@@ -89,6 +89,8 @@ pub fn linux_sink(dst: Ipv4Addr, total: u64) {
     )
     .unwrap();
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    // A cell that stops reading fails the test instead of blocking it.
+    s.set_write_timeout(Some(Duration::from_secs(60))).unwrap();
     let mut crc = Crc32::new();
     let mut buf = vec![0u8; 64 * 1024];
     let mut sent = 0u64;
@@ -97,7 +99,8 @@ pub fn linux_sink(dst: Ipv4Addr, total: u64) {
         for (k, b) in buf[..n].iter_mut().enumerate() {
             *b = super::pattern(sent + k as u64);
         }
-        s.write_all(&buf[..n]).unwrap();
+        s.write_all(&buf[..n])
+            .unwrap_or_else(|e| panic!("sending to the cell's sink at byte {sent}: {e}"));
         crc.update(&buf[..n]);
         sent += n as u64;
     }
@@ -123,7 +126,9 @@ pub fn linux_source(dst: Ipv4Addr, total: u64) {
     let mut got = 0u64;
     while got < total {
         let want = buf.len().min((total - got) as usize);
-        let n = s.read(&mut buf[..want]).unwrap();
+        let n = s
+            .read(&mut buf[..want])
+            .unwrap_or_else(|e| panic!("reading the cell's source at byte {got}: {e}"));
         assert!(n > 0, "source closed early at {got}");
         for (k, &b) in buf[..n].iter().enumerate() {
             assert_eq!(
@@ -157,6 +162,7 @@ pub fn http_get(ns: &Netns, dst: Ipv4Addr) -> String {
         TcpStream::connect_timeout(&SocketAddrV4::new(dst, 80).into(), Duration::from_secs(10))
             .unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
     write!(
         s,
         "GET / HTTP/1.1\r\nHost: {dst}\r\nConnection: close\r\n\r\n"
