@@ -9,7 +9,8 @@
 #[path = "vnet_common/mod.rs"]
 mod common;
 
-use std::net::Ipv4Addr;
+use std::io::Read;
+use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
 use std::os::fd::AsFd;
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
@@ -46,6 +47,7 @@ fn start_cell(
     threads: &Threads,
     name: &'static str,
     link: &Arc<LocalLink>,
+    services: ServiceConfig,
 ) -> (Arc<EventFd>, std::thread::JoinHandle<()>) {
     let stop = eventfd();
     let link = Arc::clone(link);
@@ -56,7 +58,6 @@ fn start_cell(
             .into_parts();
         let l = VnetLink::new(dev, LinkConfig::default())
             .unwrap_or_else(|e| panic!("{name}: link: {e}"));
-        let services = ServiceConfig::new(Ipv4Cidr::new(CELL_IP, 24));
         let mut cell = Cell::new(l, irq, &services, CellConfig::default());
         cell.run(Some(s.as_fd()))
             .unwrap_or_else(|e| panic!("{name}: loop: {e}"));
@@ -107,7 +108,8 @@ fn linux_talks_to_a_smoltcp_cell_through_the_tap_bridge() {
         })
     };
 
-    let (cell_stop, cell) = start_cell(&threads, "cell", &link);
+    let services = ServiceConfig::new(Ipv4Cidr::new(CELL_IP, 24));
+    let (cell_stop, cell) = start_cell(&threads, "cell", &link, services);
     assert_eq!(next_event(&events, "the cell starts"), LinkEvent::Up);
     assert!(!ns.ip(&["link", "show", "vnet0"]).contains("NO-CARRIER"));
 
@@ -129,6 +131,17 @@ fn linux_talks_to_a_smoltcp_cell_through_the_tap_bridge() {
             );
             linux::linux_sink(CELL_IP, 100 * MIB);
             linux::linux_source(CELL_IP, 100 * MIB);
+            // Many clients at once, each connecting once (no retries): 50 parallel HTTP
+            // clients, then 64 echo connections open together.
+            std::thread::scope(|scope| {
+                for _ in 0..50 {
+                    scope.spawn(|| {
+                        ns.enter();
+                        assert!(linux::http_get_std(CELL_IP).contains("carrier true"));
+                    });
+                }
+            });
+            linux::echo_concurrently(CELL_IP, 64, 1000);
             linux::http_get(&ns, CELL_IP)
         })
     };
@@ -150,7 +163,13 @@ fn linux_talks_to_a_smoltcp_cell_through_the_tap_bridge() {
     threads.join("cell", cell, STEP_LIMIT);
     assert_eq!(next_event(&events, "the cell stopped"), LinkEvent::Down);
     assert!(ns.ip(&["link", "show", "vnet0"]).contains("NO-CARRIER"));
-    let (cell_stop, cell) = start_cell(&threads, "restarted cell", &link);
+    // The new cell serves 4 connections per port and has short time-outs, so that 2
+    // half-open and 2 idle connections take HTTP down until the time-outs pass.
+    let mut services = ServiceConfig::new(Ipv4Cidr::new(CELL_IP, 24));
+    services.sockets_per_port = 4;
+    services.handshake_timeout = smoltcp::time::Duration::from_secs(2);
+    services.idle_timeout = smoltcp::time::Duration::from_secs(4);
+    let (cell_stop, cell) = start_cell(&threads, "restarted cell", &link, services);
     assert_eq!(next_event(&events, "the cell restarts"), LinkEvent::Up);
     let client = {
         let ns = Arc::clone(&ns);
@@ -158,11 +177,54 @@ fn linux_talks_to_a_smoltcp_cell_through_the_tap_bridge() {
             ns.enter();
             assert_eq!(linux::ping(CELL_IP, 2, 1000).len(), 2);
             linux::linux_sink(CELL_IP, 4 * MIB);
+            // 2 SYNs from an address nobody answers ARP for, 2 clients that connect and
+            // say nothing: every HTTP socket is taken, a new client is refused...
+            let nowhere = Ipv4Addr::new(10, 77, 0, 99);
+            linux::syn_from_nowhere(nowhere, 50_001, CELL_IP, 80);
+            linux::syn_from_nowhere(nowhere, 50_002, CELL_IP, 80);
+            let idle: Vec<TcpStream> = (0..2)
+                .map(|_| {
+                    let s = TcpStream::connect_timeout(
+                        &SocketAddrV4::new(CELL_IP, 80).into(),
+                        Duration::from_secs(10),
+                    )
+                    .expect("idle client");
+                    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                    s
+                })
+                .collect();
+            let refused = TcpStream::connect_timeout(
+                &SocketAddrV4::new(CELL_IP, 80).into(),
+                Duration::from_secs(10),
+            );
+            assert!(
+                refused.is_err(),
+                "HTTP still served with every socket taken"
+            );
+            // ...until the time-outs pass: the cell resets the idle clients (a read wakes
+            // up; the half-open ones expired earlier), and HTTP serves again.
+            for mut s in idle {
+                let mut byte = [0u8; 1];
+                match s.read(&mut byte) {
+                    Ok(0) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+                    other => panic!("an idle client was not ended by the cell: {other:?}"),
+                }
+            }
             linux::http_get(&ns, CELL_IP)
         })
     };
     let page = threads.join("client after the restart", client, STEP_LIMIT);
     assert!(page.contains("sink_bytes 4194304"), "a fresh cell: {page}");
+    assert!(
+        linux::status_value(&page, "handshake_timeouts") >= 2,
+        "the half-open connections: {page}"
+    );
+    assert_eq!(
+        linux::status_value(&page, "idle_timeouts"),
+        2,
+        "the idle clients: {page}"
+    );
 
     signal(&cell_stop);
     threads.join("restarted cell", cell, STEP_LIMIT);
