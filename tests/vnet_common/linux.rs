@@ -7,7 +7,7 @@ use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
 use std::process::Command;
 use std::time::Duration;
 
-use ivshmem_stack::vnet_cell::netns::{internet_checksum, EchoSocket};
+use ivshmem_stack::vnet_cell::netns::{internet_checksum, send_to_ipv4, EchoSocket};
 use ivshmem_stack::vnet_cell::services::{
     source_byte, Crc32, PORT_ECHO, PORT_HTTP, PORT_SINK, PORT_SOURCE,
 };
@@ -245,30 +245,7 @@ pub fn syn_from_nowhere(src: Ipv4Addr, src_port: u16, dst: Ipv4Addr, port: u16) 
         nix::sys::socket::SockProtocol::Raw,
     )
     .expect("raw IPv4 socket");
-    let to = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: 0,
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(dst.octets()),
-        },
-        sin_zero: [0; 8],
-    };
-    // SAFETY: a valid buffer and IPv4 address on an open socket (nix's address types need
-    // its `net` feature, which the workspace does not enable).
-    let n = unsafe {
-        libc::sendto(
-            std::os::fd::AsRawFd::as_raw_fd(&socket),
-            ip.as_ptr().cast(),
-            ip.len(),
-            0,
-            (&to as *const libc::sockaddr_in).cast(),
-            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(
-        n,
-        ip.len() as isize,
-        "sending a SYN from nowhere: {}",
-        std::io::Error::last_os_error()
-    );
+    let n = send_to_ipv4(std::os::fd::AsFd::as_fd(&socket), &ip, dst)
+        .expect("sending a SYN from nowhere");
+    assert_eq!(n, ip.len());
 }

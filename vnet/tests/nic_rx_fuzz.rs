@@ -7,6 +7,7 @@
 mod support;
 
 use proptest::prelude::*;
+use proptest::test_runner::{RngAlgorithm, TestRng};
 
 fn config() -> ProptestConfig {
     let cases = std::env::var("PROPTEST_CASES")
@@ -29,16 +30,11 @@ proptest! {
 /// The scenario reaches smoltcp, replies and reassembly (the proptest above is not vacuous).
 #[test]
 fn scenario_reaches_smoltcp_replies_and_fragments() {
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state as u8
-    };
+    let mut rng = TestRng::deterministic_rng(RngAlgorithm::ChaCha);
     let mut total = support::nic_rx::Stats::default();
     for _ in 0..100 {
-        let script: Vec<u8> = (0..3000).map(|_| next()).collect();
+        let mut script = vec![0u8; 3000];
+        rng.fill_bytes(&mut script);
         let stats = support::nic_rx::run(&script).expect("no violation");
         total.published += stats.published;
         total.received += stats.received;
