@@ -164,11 +164,12 @@ fn linux_talks_to_a_smoltcp_cell_through_the_tap_bridge() {
     assert_eq!(next_event(&events, "the cell stopped"), LinkEvent::Down);
     assert!(ns.ip(&["link", "show", "vnet0"]).contains("NO-CARRIER"));
     // The new cell serves 4 connections per port and has short time-outs, so that 2
-    // half-open and 2 idle connections take HTTP down until the time-outs pass.
+    // half-open and 2 idle connections take HTTP down until the time-outs pass (8 s: long
+    // enough that a loaded machine still sees the denial before the first one expires).
     let mut services = ServiceConfig::new(Ipv4Cidr::new(CELL_IP, 24));
     services.sockets_per_port = 4;
-    services.handshake_timeout = smoltcp::time::Duration::from_secs(2);
-    services.idle_timeout = smoltcp::time::Duration::from_secs(4);
+    services.handshake_timeout = smoltcp::time::Duration::from_secs(8);
+    services.idle_timeout = smoltcp::time::Duration::from_secs(8);
     let (cell_stop, cell) = start_cell(&threads, "restarted cell", &link, services);
     assert_eq!(next_event(&events, "the cell restarts"), LinkEvent::Up);
     let client = {
