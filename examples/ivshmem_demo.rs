@@ -20,13 +20,13 @@
 //! ivshmem_demo --uio uio_ivshmem -t 1
 //! ```
 
-use std::path::PathBuf;
 use std::ptr;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use ivshmem_dev::Section;
+use ivshmem_stack::hypervisor_args::HypervisorArgs;
 use linux_uio_client::Endpoint;
 
 /// Jailhouse's ivshmem demo, Linux side.
@@ -45,12 +45,8 @@ struct Args {
     /// The link to use (default: the cell's only link).
     #[arg(long)]
     link: Option<String>,
-    /// The hypervisor's control socket (default: $IVSHMEM_SOCKET).
-    #[arg(long, requires = "cell")]
-    socket: Option<PathBuf>,
-    /// The cell name to attach as (default: $IVSHMEM_CELL).
-    #[arg(long, requires = "socket")]
-    cell: Option<String>,
+    #[command(flatten)]
+    hypervisor: HypervisorArgs,
     /// Stop ringing after this many doorbells (interrupts are still served); default: ring
     /// forever.
     #[arg(long)]
@@ -129,16 +125,11 @@ impl Demo {
 
 pub fn main() -> Result<()> {
     let args = Args::parse();
-    let endpoint = match (&args.uio, &args.socket, &args.cell) {
-        (Some(name), _, _) => {
+    let endpoint = match &args.uio {
+        Some(name) => {
             Endpoint::open_uio(name).with_context(|| format!("opening UIO device {name}"))?
         }
-        (None, Some(socket), Some(cell)) => {
-            Endpoint::attach_hosted(socket, cell, args.link.as_deref())
-                .with_context(|| format!("attaching as cell {cell} over {}", socket.display()))?
-        }
-        _ => Endpoint::attach_from_env(args.link.as_deref())
-            .context("attaching with $IVSHMEM_SOCKET and $IVSHMEM_CELL")?,
+        None => args.hypervisor.attach(args.link.as_deref())?,
     };
     let demo = Demo { endpoint };
     let ivshmem = demo.endpoint.ivshmem();

@@ -11,11 +11,9 @@
 //!     --link telemetry --rate 10000/s --count 1000000
 //! ```
 
-use std::path::PathBuf;
-
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use linux_uio_client::Endpoint;
+use ivshmem_stack::hypervisor_args::HypervisorArgs;
 use telemetry::process::ProcessPlatform;
 use telemetry::{ProducerCell, ProducerConfig, Sample};
 
@@ -36,12 +34,8 @@ struct Args {
     /// Samples published per index store when running flat out.
     #[arg(long, default_value_t = 32)]
     batch: usize,
-    /// The hypervisor's control socket (default: $IVSHMEM_SOCKET).
-    #[arg(long, requires = "cell")]
-    socket: Option<PathBuf>,
-    /// The cell name to attach as (default: $IVSHMEM_CELL).
-    #[arg(long, requires = "socket")]
-    cell: Option<String>,
+    #[command(flatten)]
+    hypervisor: HypervisorArgs,
 }
 
 /// Parses `N`, `N/s`, `Nk/s`, `NM/s`.
@@ -64,11 +58,7 @@ fn parse_rate(text: &str) -> Result<u64, String> {
 fn main() -> Result<()> {
     let args = Args::parse();
     let link = args.link.as_deref();
-    let endpoint = match (&args.socket, &args.cell) {
-        (Some(socket), Some(cell)) => Endpoint::attach_hosted(socket, cell, link),
-        _ => Endpoint::attach_from_env(link),
-    }
-    .context("attaching to the hypervisor")?;
+    let endpoint = args.hypervisor.attach(link)?;
     let Some(peer) = endpoint.the_peer() else {
         bail!(
             "link `{}` has more than two peers: the telemetry pipe is 1:1",
