@@ -459,3 +459,74 @@ fn a_refused_attach_is_reported_once_without_colours() {
         "ANSI escapes on a non-terminal: {err:?}"
     );
 }
+
+/// `hypervisor cell NAME` with `args` against `socket`: exit code and stderr.
+fn cell_command(socket: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_hypervisor"))
+        .arg("cell")
+        .args(args)
+        .arg("--socket")
+        .arg(socket)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `hypervisor cell stop` of a process cell: SIGTERM first (the cell may clean up and says
+/// so), not SIGKILL; a second stop is refused as "not running" with a non-zero exit; the
+/// run does not count the stopped cell as failed.
+#[test]
+fn cell_stop_terminates_a_process_cell_gracefully_and_refuses_a_second_stop() {
+    let dir = TempDir::new("cell-stop");
+    let socket = dir.0.join("hv.sock");
+    // The trap runs once the foreground `sleep` (killed with the group) has ended.
+    let script = "trap 'echo got-term; exit 0' TERM; echo up; while :; do sleep 1; done";
+    let config = shell_cells(&dir.0, &socket, &[("graceful", script)]);
+    let (mut hv, stderr) = run_hypervisor(&config, &["--keep-running"]);
+    hv.out.expect("[graceful] up");
+    let (code, out, err) = cell_command(&socket, &["stop", "graceful"]);
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
+    hv.out.expect("cell graceful: stopping process");
+    hv.out.expect("[graceful] got-term");
+    let ended = hv.out.expect("cell graceful: process");
+    assert!(ended.contains("ended: exit code 0"), "{ended}");
+
+    let (code, _, err) = cell_command(&socket, &["stop", "graceful"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(
+            "`cell stop graceful` refused by the hypervisor: cell `graceful` is not running"
+        ),
+        "{err}"
+    );
+    let (status, _) = hv.stop();
+    assert!(status.success(), "a stopped cell is no failure: {status:?}");
+    let err = stderr.join().unwrap();
+    assert!(!err.contains("failed"), "stderr: {err}");
+}
+
+/// A refused `cell` command names the command and the reason, not a "status query".
+#[test]
+fn a_refused_cell_command_names_the_command_and_why() {
+    let dir = TempDir::new("cell-refused");
+    let socket = dir.0.join("hv.sock");
+    let config = shell_cells(&dir.0, &socket, &[("idle", "echo up; exec sleep 100")]);
+    let (mut hv, _stderr) = run_hypervisor(&config, &[]);
+    hv.out.expect("[idle] up");
+    let (code, _, err) = cell_command(&socket, &["restart", "nobody"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("`cell restart nobody` refused by the hypervisor: no cell named `nobody`"),
+        "{err}"
+    );
+    assert!(!err.contains("status query"), "{err}");
+    let (code, _, err) = cell_command(&socket, &["start", "idle"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("cell `idle` is already running"), "{err}");
+    let (status, _) = hv.stop();
+    assert!(status.success(), "{status:?}");
+}

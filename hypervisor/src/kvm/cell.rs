@@ -278,10 +278,12 @@ impl Shared {
         }
         match &reason {
             HaltReason::Requested => tracing::info!(cell = %self.name, "stopped"),
+            // The report reaches the user once, through the `Halted` event below (which
+            // `hypervisor run` prints) or the phase; logging it too printed it twice.
             HaltReason::Fatal(report) | HaltReason::VcpuFailed(report) => {
-                tracing::error!("{report}")
+                tracing::debug!(cell = %self.name, "{report}")
             }
-            HaltReason::CellState(s) => tracing::warn!(
+            HaltReason::CellState(s) => tracing::debug!(
                 cell = %self.name,
                 "cell_state {s}: {}",
                 layout::describe_cell_state(*s)
