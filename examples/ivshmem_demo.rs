@@ -23,10 +23,11 @@
 use std::ptr;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, Context};
 use clap::Parser;
 use ivshmem_dev::Section;
 use ivshmem_stack::hypervisor_args::HypervisorArgs;
+use ivshmem_stack::main_error::MainError;
 use linux_uio_client::Endpoint;
 
 /// Jailhouse's ivshmem demo, Linux side.
@@ -123,7 +124,7 @@ impl Demo {
     }
 }
 
-pub fn main() -> Result<()> {
+pub fn main() -> Result<(), MainError> {
     let args = Args::parse();
     let endpoint = match &args.uio {
         Some(name) => {
@@ -139,7 +140,7 @@ pub fn main() -> Result<()> {
     println!("Maximum peers = {max_peers}");
     let target = args.target.unwrap_or((id + 1) % max_peers);
     if target >= max_peers || target == id {
-        bail!("invalid peer number {target} (ID {id}, {max_peers} peers)");
+        return Err(anyhow!("invalid peer number {target} (ID {id}, {max_peers} peers)").into());
     }
     let int_no = args.vector.unwrap_or(id + 1);
 

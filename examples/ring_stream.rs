@@ -360,7 +360,10 @@ fn main() -> ExitCode {
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("ring_stream: error: {error:#}");
+            eprintln!(
+                "ring_stream: error: {}",
+                hypervisor::cli::error_chain(&error)
+            );
             ExitCode::FAILURE
         }
     }

@@ -18,6 +18,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use hdrhistogram::Histogram;
 use ivshmem_stack::hypervisor_args::HypervisorArgs;
+use ivshmem_stack::main_error::MainError;
 use linux_uio_client::channel::ChannelError;
 use linux_uio_client::{Channel, ChannelOptions, WaitMode};
 use telemetry::process::monotonic_ns;
@@ -171,7 +172,7 @@ fn state_name(state: u32) -> String {
 }
 
 #[tokio::main(flavor = "current_thread")]
-async fn main() -> Result<()> {
+async fn main() -> Result<(), MainError> {
     let args = Args::parse();
     let link = args.link.as_deref();
     let endpoint = args.hypervisor.attach(link)?;
@@ -250,7 +251,7 @@ async fn main() -> Result<()> {
                         check.restart();
                         break;
                     }
-                    Some(Err(e)) => return Err(e).context("receiving"),
+                    Some(Err(e)) => return Err(anyhow::Error::new(e).context("receiving").into()),
                     None => break,
                 },
                 _ = tokio::signal::ctrl_c() => break 'run,

@@ -11,9 +11,10 @@
 //!     --link telemetry --rate 10000/s --count 1000000
 //! ```
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, Context};
 use clap::Parser;
 use ivshmem_stack::hypervisor_args::HypervisorArgs;
+use ivshmem_stack::main_error::MainError;
 use telemetry::process::ProcessPlatform;
 use telemetry::{ProducerCell, ProducerConfig, Sample};
 
@@ -55,15 +56,16 @@ fn parse_rate(text: &str) -> Result<u64, String> {
     }
 }
 
-fn main() -> Result<()> {
+fn main() -> Result<(), MainError> {
     let args = Args::parse();
     let link = args.link.as_deref();
     let endpoint = args.hypervisor.attach(link)?;
     let Some(peer) = endpoint.the_peer() else {
-        bail!(
+        return Err(anyhow!(
             "link `{}` has more than two peers: the telemetry pipe is 1:1",
             endpoint.name()
-        );
+        )
+        .into());
     };
     // The hosted hypervisor names every peer (`rtos-telemetry` rather than `peer 0`);
     // other backends know only the IDs.
@@ -97,7 +99,7 @@ fn main() -> Result<()> {
     .context("taking over the link")?;
     let result = cell.run(&mut platform);
     if let Some(e) = platform.error() {
-        bail!("waiting for interrupts: {e}");
+        return Err(anyhow!("waiting for interrupts: {e}").into());
     }
     let stats = result.context("producer")?;
     eprintln!(

@@ -11,6 +11,7 @@
 use anyhow::{Context, Result};
 use clap::Parser;
 use ivshmem_stack::hypervisor_args::HypervisorArgs;
+use ivshmem_stack::main_error::MainError;
 use ivshmem_stack::vnet_cell::cell::{Cell, CellConfig};
 use ivshmem_stack::vnet_cell::process;
 use ivshmem_stack::vnet_cell::services::{self, ServiceConfig};
@@ -50,7 +51,7 @@ struct Args {
     hypervisor: HypervisorArgs,
 }
 
-fn main() -> Result<()> {
+fn main() -> Result<(), MainError> {
     let args = Args::parse();
     let address: Ipv4Cidr = args.ip.parse().map_err(|()| {
         anyhow::anyhow!(

@@ -20,6 +20,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Parser;
 use ivshmem_stack::hypervisor_args::HypervisorArgs;
+use ivshmem_stack::main_error::MainError;
 use ivshmem_stack::vnet_cell::process;
 use vnet::bridge::{Bridge, BridgeConfig};
 use vnet::pcap::PcapWriter;
@@ -73,7 +74,7 @@ fn stop_signals() -> Result<OwnedFd> {
     }
 }
 
-fn main() -> Result<()> {
+fn main() -> Result<(), MainError> {
     let args = Args::parse();
     vnet::nic::check_mtu(args.mtu)?;
     let stop = stop_signals()?;

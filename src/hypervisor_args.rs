@@ -51,8 +51,8 @@ pub enum HypervisorArgsError {
         socket: PathBuf,
         /// The cell name.
         cell: String,
-        /// Why.
-        source: EndpointError,
+        /// Why (boxed: an endpoint error is large).
+        source: Box<EndpointError>,
     },
 }
 
@@ -78,7 +78,7 @@ impl HypervisorArgs {
         Endpoint::attach_hosted(socket, cell, link).map_err(|source| HypervisorArgsError::Attach {
             socket: socket.to_path_buf(),
             cell: cell.to_string(),
-            source,
+            source: Box::new(source),
         })
     }
 }

@@ -178,8 +178,8 @@ where
 
 /// `error` and its causes, joined by `: `, each cause once: a cause whose text the message
 /// so far already contains (library errors often name their source in their own message)
-/// is left out.
-fn error_chain(error: &anyhow::Error) -> String {
+/// is left out. What the `hypervisor` binary and the examples print for an error.
+pub fn error_chain(error: &anyhow::Error) -> String {
     let mut text = String::new();
     for cause in error.chain() {
         let cause = cause.to_string();
