@@ -1,5 +1,6 @@
 //! Multi-process tests of the `hypervisor` binary with cells that need no endpoint library:
-//! the status of a missing hypervisor and the forwarding of spawned cells' output.
+//! the status of a missing hypervisor, the forwarding of spawned cells' output, stopping and
+//! summaries (process cells, and a KVM cell that stops itself with an illegal access).
 //! Tests with cells that attach through `linux-uio-client` live in the root package's
 //! `tests/process_cells.rs`.
 
@@ -529,4 +530,83 @@ fn a_refused_cell_command_names_the_command_and_why() {
     assert!(err.contains("cell `idle` is already running"), "{err}");
     let (status, _) = hv.stop();
     assert!(status.success(), "{status:?}");
+}
+
+/// A guest that writes to port 0x42, which no device decodes: an illegal access.
+const FAULTY_GUEST: &str = r#"
+main:
+    call setup
+    mov $0x5a, %al
+    outb %al, $0x42
+1:  hlt
+    jmp 1b
+"#;
+
+/// A KVM cell's `FATAL:` report is printed once (not also as a log line), the cell counts as
+/// failed (exit 4) and is in the summary; `cell stop` of the stopped KVM cell says it is not
+/// running and fails. Skipped with a message without `/dev/kvm`.
+#[test]
+fn a_kvm_cells_fatal_stop_is_printed_once_fails_the_run_and_is_in_the_summary() {
+    use hypervisor::kvm::{kvm_available, test_guests};
+    if let Err(why) = kvm_available() {
+        eprintln!("skipping: KVM is not usable here: {why}");
+        return;
+    }
+    let dir = TempDir::new("kvm-fatal");
+    let socket = dir.0.join("hv.sock");
+    let image = dir.0.join("faulty.bin");
+    std::fs::write(&image, test_guests::assemble(FAULTY_GUEST).unwrap().image).unwrap();
+    let config = shell_cells(&dir.0, &socket, &[("idle", "echo up; exec sleep 100")]);
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        "\n[[cells]]\nname = \"bad\"\nkind = \"kvm\"\ncpus = [0]\nmemory = \"512K\"\nimage = \"{}\"\n",
+        image.display()
+    ));
+    std::fs::write(&config, text).unwrap();
+    let (mut hv, stderr) = run_hypervisor(&config, &[]);
+    // Both, in either order.
+    for want in [
+        "FATAL: cell \"bad\": illegal port write at 0x42",
+        "[idle] up",
+    ] {
+        if !hv.out.seen.iter().any(|l| l.contains(want)) {
+            hv.out.expect(want);
+        }
+    }
+
+    let (code, _, err) = cell_command(&socket, &["stop", "bad"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("`cell stop bad` refused by the hypervisor: cell `bad` is not running"),
+        "{err}"
+    );
+
+    // Our own unreaped child: its pid cannot have been recycled.
+    let pid = nix::unistd::Pid::from_raw(hv.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let summary = hv.out.expect("stopped 1 spawned cell(s) and 1 KVM cell(s)");
+    let status = hv.child.wait().unwrap();
+    // The rest of stdout, up to its end.
+    while let Ok(line) = hv.out.rx.recv_timeout(GUARD) {
+        hv.out.seen.push(line);
+    }
+    let log = std::mem::take(&mut hv.out.seen);
+    let err = stderr.join().unwrap();
+    assert!(
+        summary.contains("bad (kvm) had already exited: stopped for an illegal access"),
+        "{summary}"
+    );
+    assert!(summary.contains("idle (pid "), "{summary}");
+    assert_eq!(
+        status.code(),
+        Some(4),
+        "a crashed KVM cell fails the run; {err}"
+    );
+    assert!(
+        err.contains("1 cell(s) failed: bad (stopped for an illegal access)"),
+        "{err}"
+    );
+    let fatal = log.iter().filter(|l| l.contains("FATAL:")).count()
+        + err.lines().filter(|l| l.contains("FATAL:")).count();
+    assert_eq!(fatal, 1, "stdout: {log:#?}\nstderr: {err}");
 }

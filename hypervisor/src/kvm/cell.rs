@@ -443,6 +443,11 @@ impl KvmCell {
         }
         shared.set_phase(KvmCellPhase::Running);
         let cpu = self.config.cpu;
+        // Before the vCPU runs: a guest that faults at once must not have its `Halted`
+        // queued before its `Started` (the status then showed a crashed cell as running).
+        self.events.push(KvmEvent::Started {
+            cell: self.config.name.clone(),
+        });
         let s = shared.clone();
         let vcpu_thread = std::thread::Builder::new()
             .name(format!("vcpu-{}", self.config.name))
@@ -478,9 +483,6 @@ impl KvmCell {
                 });
             }
         };
-        self.events.push(KvmEvent::Started {
-            cell: self.config.name.clone(),
-        });
         tracing::info!(cell = %self.config.name, cpu = ?cpu, "KVM cell started");
         self.run = Some(Running {
             shared,
