@@ -15,7 +15,7 @@
 //! A system description validated, and its link's emulated device driven by two peers: peer
 //! 0 changes its state, peer 1 (interrupts enabled) gets the state interrupt and reads the
 //! new state from the table. `hypervisor run` does the same through the control socket
-//! ([`cells::run_system`]); see the crate's `README` for whole systems.
+//! ([`cells::run_system`]); the repository's README shows whole systems.
 //!
 //! ```
 //! use hypervisor::config::SystemConfig;
