@@ -138,8 +138,9 @@ pub fn run(settings: &Settings) -> Result<SuiteReport> {
 /// The first note: which side of each case runs on which CPU.
 fn cpu_note(cpus: [usize; 2]) -> String {
     format!(
-        "CPUs {} and {}: the timing side (ringer vCPU, process peer, BAR0 reader) on CPU {}, \
-         the echoing side (echo vCPU, the KVM cell of kvm-process) on CPU {}",
+        "CPUs {} and {}: the timing side (parent process, ringer vCPU, process peer, BAR0 \
+         reader) on CPU {}, the echoing side (child process, echo vCPU, the KVM cell of \
+         kvm-process) on CPU {}",
         cpus[0], cpus[1], cpus[0], cpus[1]
     )
 }
