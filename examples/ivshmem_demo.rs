@@ -40,8 +40,10 @@ struct Args {
     /// The vector to ring (default: ID + 1, the MSI-X choice of the original).
     #[arg(long)]
     vector: Option<u16>,
-    /// Open this UIO device (sysfs name, e.g. `uio_ivshmem`) instead of the hosted hypervisor.
-    #[arg(long, conflicts_with_all = ["socket", "cell", "link"])]
+    /// Open this UIO device (sysfs name, e.g. `uio_ivshmem`) instead of the hosted hypervisor
+    /// (`--socket`/`--cell` are then not used; they are not refused, as their environment
+    /// variables may be set).
+    #[arg(long, conflicts_with = "link")]
     uio: Option<String>,
     /// The link to use (default: the cell's only link).
     #[arg(long)]
