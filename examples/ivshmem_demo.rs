@@ -20,13 +20,14 @@
 //! ivshmem_demo --uio uio_ivshmem -t 1
 //! ```
 
-use std::path::PathBuf;
 use std::ptr;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, Context};
 use clap::Parser;
 use ivshmem_dev::Section;
+use ivshmem_stack::hypervisor_args::HypervisorArgs;
+use ivshmem_stack::main_error::MainError;
 use linux_uio_client::Endpoint;
 
 /// Jailhouse's ivshmem demo, Linux side.
@@ -39,18 +40,16 @@ struct Args {
     /// The vector to ring (default: ID + 1, the MSI-X choice of the original).
     #[arg(long)]
     vector: Option<u16>,
-    /// Open this UIO device (sysfs name, e.g. `uio_ivshmem`) instead of the hosted hypervisor.
-    #[arg(long, conflicts_with_all = ["socket", "cell", "link"])]
+    /// Open this UIO device (sysfs name, e.g. `uio_ivshmem`) instead of the hosted hypervisor
+    /// (`--socket`/`--cell` are then not used; they are not refused, as their environment
+    /// variables may be set).
+    #[arg(long, conflicts_with = "link")]
     uio: Option<String>,
     /// The link to use (default: the cell's only link).
     #[arg(long)]
     link: Option<String>,
-    /// The hypervisor's control socket (default: $IVSHMEM_SOCKET).
-    #[arg(long, requires = "cell")]
-    socket: Option<PathBuf>,
-    /// The cell name to attach as (default: $IVSHMEM_CELL).
-    #[arg(long, requires = "socket")]
-    cell: Option<String>,
+    #[command(flatten)]
+    hypervisor: HypervisorArgs,
     /// Stop ringing after this many doorbells (interrupts are still served); default: ring
     /// forever.
     #[arg(long)]
@@ -127,18 +126,13 @@ impl Demo {
     }
 }
 
-pub fn main() -> Result<()> {
+pub fn main() -> Result<(), MainError> {
     let args = Args::parse();
-    let endpoint = match (&args.uio, &args.socket, &args.cell) {
-        (Some(name), _, _) => {
+    let endpoint = match &args.uio {
+        Some(name) => {
             Endpoint::open_uio(name).with_context(|| format!("opening UIO device {name}"))?
         }
-        (None, Some(socket), Some(cell)) => {
-            Endpoint::attach_hosted(socket, cell, args.link.as_deref())
-                .with_context(|| format!("attaching as cell {cell} over {}", socket.display()))?
-        }
-        _ => Endpoint::attach_from_env(args.link.as_deref())
-            .context("attaching with $IVSHMEM_SOCKET and $IVSHMEM_CELL")?,
+        None => args.hypervisor.attach(args.link.as_deref())?,
     };
     let demo = Demo { endpoint };
     let ivshmem = demo.endpoint.ivshmem();
@@ -148,7 +142,7 @@ pub fn main() -> Result<()> {
     println!("Maximum peers = {max_peers}");
     let target = args.target.unwrap_or((id + 1) % max_peers);
     if target >= max_peers || target == id {
-        bail!("invalid peer number {target} (ID {id}, {max_peers} peers)");
+        return Err(anyhow!("invalid peer number {target} (ID {id}, {max_peers} peers)").into());
     }
     let int_no = args.vector.unwrap_or(id + 1);
 

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
+use hypervisor::config::human_size;
 use ivshmem_stack::bench::pin;
 
 /// Frame header: seq u64, send timestamp (ns since start) u64, payload length u32, CRC-32 of
@@ -41,8 +42,8 @@ struct Args {
     /// Largest frame in bytes (header included); sizes vary from 24 up to this.
     #[arg(long, default_value_t = 2048)]
     size: usize,
-    /// Ring capacity in bytes (a power of two).
-    #[arg(long, default_value_t = 64 * 1024)]
+    /// Ring capacity in bytes: a power of two from 64 to 2 GiB.
+    #[arg(long, default_value_t = 64 * 1024, value_parser = parse_capacity)]
     capacity: usize,
     /// How an idle side waits.
     #[arg(long, value_enum, default_value_t = Mode::Park)]
@@ -59,6 +60,27 @@ enum Mode {
     Park,
     /// Busy polling.
     Spin,
+}
+
+/// A ring capacity: a power of two within shmring's limits, refused with the nearest valid
+/// values otherwise.
+fn parse_capacity(text: &str) -> Result<usize, String> {
+    use shmring::layout::{MAX_CAPACITY, MIN_CAPACITY};
+    let capacity: usize = text
+        .parse()
+        .map_err(|e| format!("`{text}` is not a byte count: {e}"))?;
+    if capacity.is_power_of_two() && (MIN_CAPACITY..=MAX_CAPACITY).contains(&capacity) {
+        return Ok(capacity);
+    }
+    let range = format!("a power of two from {MIN_CAPACITY} to {MAX_CAPACITY} bytes");
+    if !(MIN_CAPACITY..=MAX_CAPACITY).contains(&capacity) {
+        return Err(format!("{capacity} is out of range: it must be {range}"));
+    }
+    let below = 1usize << capacity.ilog2();
+    Err(format!(
+        "{capacity} is not a power of two: it must be {range}, e.g. {below} or {}",
+        below * 2
+    ))
 }
 
 fn parse_cpus(text: &str) -> Result<[usize; 2], String> {
@@ -338,7 +360,10 @@ fn main() -> ExitCode {
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("ring_stream: error: {error:#}");
+            eprintln!(
+                "ring_stream: error: {}",
+                hypervisor::cli::error_chain(&error)
+            );
             ExitCode::FAILURE
         }
     }
@@ -358,10 +383,10 @@ fn run(args: Args) -> Result<()> {
         None => pin::default_cpus().ok(),
     };
     println!(
-        "ring_stream: {:.1} s of frames of {HEADER_LEN}..={} bytes through a {} KiB shmring, mode {:?}, {}",
+        "ring_stream: {:.1} s of frames of {HEADER_LEN}..={} bytes through a {} shmring, mode {:?}, {}",
         args.seconds,
         args.size,
-        args.capacity / 1024,
+        human_size(args.capacity as u64),
         args.mode,
         match cpus {
             Some([c, p]) => format!("consumer on CPU {c}, producer on CPU {p}"),
@@ -530,6 +555,21 @@ mod tests {
             assert!(summary.frames > 0, "{mode:?}/{capacity}");
             assert_eq!(summary.latency.len(), summary.frames);
         }
+    }
+
+    #[test]
+    fn a_capacity_that_is_not_a_power_of_two_is_refused_with_the_rule() {
+        let err = Args::try_parse_from(["ring_stream", "--capacity", "1000"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("power of two"), "{err}");
+        assert!(err.contains("512 or 1024"), "{err}");
+        let err = parse_capacity("32").unwrap_err();
+        assert!(err.contains("out of range"), "{err}");
+        assert_eq!(parse_capacity("1024"), Ok(1024));
+        // A small valid ring is shown in bytes, not as "0 KiB".
+        assert_eq!(human_size(64), "64 B");
+        assert_eq!(human_size(64 * 1024), "64 KiB");
     }
 
     #[test]

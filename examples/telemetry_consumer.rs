@@ -17,8 +17,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Parser;
 use hdrhistogram::Histogram;
+use ivshmem_stack::hypervisor_args::HypervisorArgs;
+use ivshmem_stack::main_error::MainError;
 use linux_uio_client::channel::ChannelError;
-use linux_uio_client::{Channel, ChannelOptions, Endpoint, WaitMode};
+use linux_uio_client::{Channel, ChannelOptions, WaitMode};
 use telemetry::process::monotonic_ns;
 use telemetry::{Sample, SampleCheck};
 
@@ -46,12 +48,8 @@ struct Args {
     /// tells each cell; `producer` on other backends).
     #[arg(long)]
     peer_name: Option<String>,
-    /// The hypervisor's control socket (default: $IVSHMEM_SOCKET).
-    #[arg(long, requires = "cell")]
-    socket: Option<PathBuf>,
-    /// The cell name to attach as (default: $IVSHMEM_CELL).
-    #[arg(long, requires = "socket")]
-    cell: Option<String>,
+    #[command(flatten)]
+    hypervisor: HypervisorArgs,
 }
 
 /// Where samples are written.
@@ -174,14 +172,10 @@ fn state_name(state: u32) -> String {
 }
 
 #[tokio::main(flavor = "current_thread")]
-async fn main() -> Result<()> {
+async fn main() -> Result<(), MainError> {
     let args = Args::parse();
     let link = args.link.as_deref();
-    let endpoint = match (&args.socket, &args.cell) {
-        (Some(socket), Some(cell)) => Endpoint::attach_hosted(socket, cell, link),
-        _ => Endpoint::attach_from_env(link),
-    }
-    .context("attaching to the hypervisor")?;
+    let endpoint = args.hypervisor.attach(link)?;
     let wait = match args.poll_us {
         Some(us) => WaitMode::Poll {
             spin: Duration::from_micros(us),
@@ -257,7 +251,7 @@ async fn main() -> Result<()> {
                         check.restart();
                         break;
                     }
-                    Some(Err(e)) => return Err(e).context("receiving"),
+                    Some(Err(e)) => return Err(anyhow::Error::new(e).context("receiving").into()),
                     None => break,
                 },
                 _ = tokio::signal::ctrl_c() => break 'run,

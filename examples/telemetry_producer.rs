@@ -11,11 +11,10 @@
 //!     --link telemetry --rate 10000/s --count 1000000
 //! ```
 
-use std::path::PathBuf;
-
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, Context};
 use clap::Parser;
-use linux_uio_client::Endpoint;
+use ivshmem_stack::hypervisor_args::HypervisorArgs;
+use ivshmem_stack::main_error::MainError;
 use telemetry::process::ProcessPlatform;
 use telemetry::{ProducerCell, ProducerConfig, Sample};
 
@@ -36,12 +35,8 @@ struct Args {
     /// Samples published per index store when running flat out.
     #[arg(long, default_value_t = 32)]
     batch: usize,
-    /// The hypervisor's control socket (default: $IVSHMEM_SOCKET).
-    #[arg(long, requires = "cell")]
-    socket: Option<PathBuf>,
-    /// The cell name to attach as (default: $IVSHMEM_CELL).
-    #[arg(long, requires = "socket")]
-    cell: Option<String>,
+    #[command(flatten)]
+    hypervisor: HypervisorArgs,
 }
 
 /// Parses `N`, `N/s`, `Nk/s`, `NM/s`.
@@ -61,19 +56,16 @@ fn parse_rate(text: &str) -> Result<u64, String> {
     }
 }
 
-fn main() -> Result<()> {
+fn main() -> Result<(), MainError> {
     let args = Args::parse();
     let link = args.link.as_deref();
-    let endpoint = match (&args.socket, &args.cell) {
-        (Some(socket), Some(cell)) => Endpoint::attach_hosted(socket, cell, link),
-        _ => Endpoint::attach_from_env(link),
-    }
-    .context("attaching to the hypervisor")?;
+    let endpoint = args.hypervisor.attach(link)?;
     let Some(peer) = endpoint.the_peer() else {
-        bail!(
+        return Err(anyhow!(
             "link `{}` has more than two peers: the telemetry pipe is 1:1",
             endpoint.name()
-        );
+        )
+        .into());
     };
     // The hosted hypervisor names every peer (`rtos-telemetry` rather than `peer 0`);
     // other backends know only the IDs.
@@ -107,7 +99,7 @@ fn main() -> Result<()> {
     .context("taking over the link")?;
     let result = cell.run(&mut platform);
     if let Some(e) = platform.error() {
-        bail!("waiting for interrupts: {e}");
+        return Err(anyhow!("waiting for interrupts: {e}").into());
     }
     let stats = result.context("producer")?;
     eprintln!(

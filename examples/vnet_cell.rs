@@ -8,10 +8,10 @@
 //! vnet_cell --socket /run/ivshmem-stack/vnet.sock --cell rtos-net --link net0 --ip 10.0.0.2/24
 //! ```
 
-use std::path::PathBuf;
-
 use anyhow::{Context, Result};
 use clap::Parser;
+use ivshmem_stack::hypervisor_args::HypervisorArgs;
+use ivshmem_stack::main_error::MainError;
 use ivshmem_stack::vnet_cell::cell::{Cell, CellConfig};
 use ivshmem_stack::vnet_cell::process;
 use ivshmem_stack::vnet_cell::services::{self, ServiceConfig};
@@ -47,15 +47,11 @@ struct Args {
     /// Seconds between TCP keep-alive probes on a quiet connection (0: off).
     #[arg(long, default_value_t = 20)]
     keep_alive: u64,
-    /// The hypervisor's control socket (default: $IVSHMEM_SOCKET).
-    #[arg(long, requires = "cell")]
-    socket: Option<PathBuf>,
-    /// The cell name to attach as (default: $IVSHMEM_CELL).
-    #[arg(long, requires = "socket")]
-    cell: Option<String>,
+    #[command(flatten)]
+    hypervisor: HypervisorArgs,
 }
 
-fn main() -> Result<()> {
+fn main() -> Result<(), MainError> {
     let args = Args::parse();
     let address: Ipv4Cidr = args.ip.parse().map_err(|()| {
         anyhow::anyhow!(
@@ -64,7 +60,7 @@ fn main() -> Result<()> {
         )
     })?;
     let at = process::Attach {
-        socket_and_cell: args.socket.as_deref().zip(args.cell.as_deref()),
+        socket_and_cell: Some(args.hypervisor.socket_and_cell()?),
         link: args.link.as_deref(),
     };
     let config = LinkConfig {

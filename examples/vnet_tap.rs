@@ -19,6 +19,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use ivshmem_stack::hypervisor_args::HypervisorArgs;
+use ivshmem_stack::main_error::MainError;
 use ivshmem_stack::vnet_cell::process;
 use vnet::bridge::{Bridge, BridgeConfig};
 use vnet::pcap::PcapWriter;
@@ -48,12 +50,8 @@ struct Args {
     /// Frames per direction per round.
     #[arg(long, default_value_t = 64)]
     batch: usize,
-    /// The hypervisor's control socket (default: $IVSHMEM_SOCKET).
-    #[arg(long, requires = "cell")]
-    socket: Option<PathBuf>,
-    /// The cell name to attach as (default: $IVSHMEM_CELL).
-    #[arg(long, requires = "socket")]
-    cell: Option<String>,
+    #[command(flatten)]
+    hypervisor: HypervisorArgs,
 }
 
 /// A signalfd for SIGINT and SIGTERM (blocked for normal delivery).
@@ -76,12 +74,12 @@ fn stop_signals() -> Result<OwnedFd> {
     }
 }
 
-fn main() -> Result<()> {
+fn main() -> Result<(), MainError> {
     let args = Args::parse();
     vnet::nic::check_mtu(args.mtu)?;
     let stop = stop_signals()?;
     let at = process::Attach {
-        socket_and_cell: args.socket.as_deref().zip(args.cell.as_deref()),
+        socket_and_cell: Some(args.hypervisor.socket_and_cell()?),
         link: args.link.as_deref(),
     };
     let config = LinkConfig {

@@ -213,13 +213,13 @@ impl RunOptions {
     }
 }
 
-/// How one spawned cell ended when `run` stopped.
+/// How one spawned process cell or KVM cell ended when `run` stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoppedCell {
     /// Cell name.
     pub cell: String,
-    /// Its process ID.
-    pub pid: u32,
+    /// Its process ID (`None` for a KVM cell: it runs inside the hypervisor).
+    pub pid: Option<u32>,
     /// How it ended.
     pub exit: CellExit,
     /// Whether it had already exited on its own before the stop.
@@ -234,17 +234,22 @@ pub const REASON_CELLS_EXITED: &str = "every spawned cell has exited";
 pub struct RunReport {
     /// Why it stopped (`SIGINT`, `SIGTERM`, `stop requested`, [`REASON_CELLS_EXITED`]).
     pub reason: String,
-    /// Every spawned cell and how it ended.
+    /// Every spawned process cell, then every KVM cell, and how each ended.
     pub cells: Vec<StoppedCell>,
 }
 
 impl RunReport {
     /// The cells that failed: they ended on their own (not stopped by `run`) with a non-zero
-    /// exit code or by a signal.
+    /// exit code or by a signal, or (KVM cells) by an illegal access or a `cell_state`
+    /// other than 2 (shut down). A cell stopped by `hypervisor cell stop` did not fail.
     pub fn failed(&self) -> impl Iterator<Item = &StoppedCell> {
-        self.cells
-            .iter()
-            .filter(|c| c.exited_before_stop && c.exit != CellExit::Code(0))
+        self.cells.iter().filter(|c| {
+            c.exited_before_stop
+                && !matches!(
+                    c.exit,
+                    CellExit::Code(0) | CellExit::CellState(2) | CellExit::Stopped
+                )
+        })
     }
 }
 
@@ -724,21 +729,48 @@ pub fn run_system(
         Ok(reason) => display.event(&format!("stopping ({reason})")),
         Err(e) => display.event(&format!("stopping after an error: {e}")),
     };
+    // Which KVM cells had stopped on their own (their halt is in the status already).
+    let _ = show_kvm(&mut server, &vms, &mut display);
+    let kvm_names: Vec<String> = kvm.cells.iter().map(|k| k.name.clone()).collect();
+    let kvm_stopped_before: Vec<bool> = kvm_names.iter().map(|n| !vms.is_running(n)).collect();
     vms.stop_all();
     let _ = show_kvm(&mut server, &vms, &mut display);
-    let cells = terminate(&mut server, &mut spawned, &mut display);
+    let mut cells = terminate(&mut server, &mut spawned, &mut display);
+    let spawned_count = cells.len();
+    let status = server.status();
+    for (name, before) in kvm_names.iter().zip(kvm_stopped_before) {
+        let exit = status
+            .cells
+            .iter()
+            .find(|c| &c.name == name)
+            .and_then(|c| c.exit)
+            .unwrap_or(CellExit::Stopped);
+        cells.push(StoppedCell {
+            cell: name.clone(),
+            pid: None,
+            exit,
+            exited_before_stop: before,
+        });
+    }
     let reason = served?;
     announced.map_err(RunError::Output)?;
     let socket = server.path().to_path_buf();
     drop(server);
-    let mut summary = format!("stopped {} spawned cell(s)", cells.len());
+    let mut summary = format!("stopped {spawned_count} spawned cell(s)");
+    if !kvm_names.is_empty() {
+        summary.push_str(&format!(" and {} KVM cell(s)", kvm_names.len()));
+    }
     for c in &cells {
         let how = if c.exited_before_stop {
             "had already exited"
         } else {
             "stopped"
         };
-        summary.push_str(&format!("; {} (pid {}) {how}: {}", c.cell, c.pid, c.exit));
+        let what = match c.pid {
+            Some(pid) => format!("pid {pid}"),
+            None => "kvm".to_string(),
+        };
+        summary.push_str(&format!("; {} ({what}) {how}: {}", c.cell, c.exit));
     }
     summary.push_str(&format!("; removed {}", socket.display()));
     display.event(&summary).map_err(RunError::Output)?;
@@ -796,10 +828,12 @@ fn spawn_process_cell(
     Ok(())
 }
 
-/// Carries out `hypervisor cell stop|start|restart` for `cell`. Process cells: stop kills
-/// the spawned process (SIGKILL, reaped at once) or disconnects a cell started by hand;
+/// Carries out `hypervisor cell stop|start|restart` for `cell`. Process cells: stop sends
+/// SIGTERM to the spawned process's group, serves the socket while it exits and sends
+/// SIGKILL after [`STOP_GRACE`] (as when `run` stops), or disconnects a cell started by hand;
 /// start spawns its command again. KVM cells: stop parks the vCPU and frees the VM; start
-/// boots a fresh VM from the image. Either way the cell's states go to 0 on stop.
+/// boots a fresh VM from the image. Either way the cell's states go to 0 on stop. Stopping a
+/// cell that does not run, or starting one that does, is refused with the reason.
 fn control_cell(
     request: &CellRequest,
     system: &SystemSpec,
@@ -814,7 +848,12 @@ fn control_cell(
     } = supervised;
     let name = request.cell.as_str();
     if vms.contains(name) {
+        let running = vms.is_running(name);
         let result = match request.action {
+            CellAction::Stop if !running => return Err(format!("cell `{name}` is not running")),
+            CellAction::Start if running => {
+                return Err(format!("cell `{name}` is already running"))
+            }
             CellAction::Stop => vms.stop(name),
             CellAction::Start | CellAction::Restart => vms.start(name),
         };
@@ -831,21 +870,13 @@ fn control_cell(
     if matches!(request.action, CellAction::Stop | CellAction::Restart) {
         match live {
             Some(i) => {
-                let s = &mut spawned[i];
-                let _ = s.child.kill();
-                let status = s
-                    .child
-                    .wait()
-                    .map_err(|e| format!("waiting for cell `{name}`: {e}"))?;
-                let _ = s.drain_output(display);
-                let exit = exit_of(status);
-                s.exit = Some(exit);
-                s.exited_before_stop = false;
-                server.cell_exited(name, exit);
                 let _ = display.event(&format!(
-                    "cell {name}: process {} stopped on request: {exit}",
-                    s.child.id()
+                    "cell {name}: stopping process {} on request (SIGTERM, SIGKILL after \
+                     {STOP_GRACE:?})",
+                    spawned[i].child.id()
                 ));
+                // Reports the exit as `cell NAME: process PID ended: ...`.
+                terminate(server, std::slice::from_mut(&mut spawned[i]), display);
             }
             None if server.disconnect_cell(name) => {
                 let _ = display.event(&format!("cell {name}: disconnected on request"));
@@ -1132,7 +1163,7 @@ fn terminate(
         .filter_map(|s| {
             s.exit.map(|exit| StoppedCell {
                 cell: s.cell.clone(),
-                pid: s.child.id(),
+                pid: Some(s.child.id()),
                 exit,
                 exited_before_stop: s.exited_before_stop,
             })

@@ -19,7 +19,8 @@ Exit codes:
   1  invalid configuration (every problem is printed with its location and a fix), or an error
   2  usage error (unknown option or missing argument)
   3  status: no hypervisor is running at the socket
-  4  run: a spawned cell failed (non-zero exit or killed by a signal on its own)
+  4  run: a cell failed on its own (a spawned cell's non-zero exit or signal, a KVM cell's
+     illegal access or failed cell_state)
 
 Control socket: control_socket in [system], else /run/ivshmem-stack/<system>.sock as root,
 $XDG_RUNTIME_DIR/ivshmem-stack/<system>.sock or /tmp/ivshmem-stack-<uid>/<system>.sock.
@@ -31,7 +32,7 @@ const RUN_AFTER_HELP: &str = "\
 Stopping: Ctrl-C (SIGINT), SIGTERM or SIGHUP stop every cell (SIGTERM to its process group,
 SIGKILL after 5 s), remove the control socket and print a summary. Without --keep-running,
 run also stops by itself once every spawned cell has exited and no cell is attached.
-Exit code 4 if a spawned cell failed on its own, 1 on an invalid configuration or error.";
+Exit code 4 if a cell failed on its own, 1 on an invalid configuration or error.";
 
 /// Exit code of a command that did what it was asked.
 const EXIT_SUCCESS: u8 = 0;
@@ -70,10 +71,10 @@ enum Command {
 /// What `hypervisor cell` does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum CellVerb {
-    /// Stop the cell: a process cell's process is killed, a KVM cell's vCPU parked; its
-    /// states become 0.
+    /// Stop the cell: a process cell's process group gets SIGTERM, then SIGKILL after 5 s;
+    /// a KVM cell's vCPU is parked. Its states become 0. Refused (exit 1) if it does not run.
     Stop,
-    /// Start a stopped cell (a KVM cell boots its image afresh).
+    /// Start a stopped cell (a KVM cell boots its image afresh). Refused if it runs.
     Start,
     /// Stop and start.
     Restart,
@@ -177,8 +178,8 @@ where
 
 /// `error` and its causes, joined by `: `, each cause once: a cause whose text the message
 /// so far already contains (library errors often name their source in their own message)
-/// is left out.
-fn error_chain(error: &anyhow::Error) -> String {
+/// is left out. What the `hypervisor` binary and the examples print for an error.
+pub fn error_chain(error: &anyhow::Error) -> String {
     let mut text = String::new();
     for cause in error.chain() {
         let cause = cause.to_string();

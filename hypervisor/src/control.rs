@@ -184,6 +184,15 @@ impl CellAction {
         }
     }
 
+    /// The verb of `hypervisor cell VERB NAME`.
+    pub fn verb(self) -> &'static str {
+        match self {
+            CellAction::Stop => "stop",
+            CellAction::Start => "start",
+            CellAction::Restart => "restart",
+        }
+    }
+
     fn from_code(code: u32) -> Option<Self> {
         match code {
             hosted::cell_action::STOP => Some(CellAction::Stop),

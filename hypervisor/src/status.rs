@@ -227,9 +227,14 @@ pub enum StatusError {
     /// The hypervisor's reply is malformed.
     #[error("malformed status reply: {0}")]
     Protocol(String),
-    /// The hypervisor refused the query.
-    #[error("status query refused: {0}")]
-    Refused(String),
+    /// The hypervisor refused the request (a status query or a `cell` command).
+    #[error("{request} refused by the hypervisor: {detail}")]
+    Refused {
+        /// The request, as the user wrote it (`status query`, `cell stop rtos`).
+        request: String,
+        /// Why the hypervisor refused it.
+        detail: String,
+    },
 }
 
 impl From<DecodeError> for StatusError {
@@ -280,7 +285,12 @@ pub fn query(path: &Path) -> Result<SystemStatus, StatusError> {
     };
     let head = match next()? {
         Reply::Status(b) => b,
-        Reply::Refused(r) => return Err(StatusError::Refused(r.detail().to_string())),
+        Reply::Refused(r) => {
+            return Err(StatusError::Refused {
+                request: "status query".into(),
+                detail: r.detail().to_string(),
+            })
+        }
         other => return Err(StatusError::Protocol(format!("unexpected reply {other:?}"))),
     };
     let mut cells = Vec::new();
@@ -312,7 +322,6 @@ pub fn query(path: &Path) -> Result<SystemStatus, StatusError> {
     })
 }
 
-/// Sets `SO_RCVTIMEO` on a socket.
 /// Asks the hypervisor at `path` to stop, start or restart `cell` and returns the cell's
 /// status afterwards (`hypervisor cell ACTION NAME`).
 pub fn control_cell(
@@ -358,11 +367,15 @@ pub fn control_cell(
     }
     match hosted::decode_reply(&buf[..n])? {
         Reply::Cell(c) => cell_from_wire(&c),
-        Reply::Refused(r) => Err(StatusError::Refused(r.detail().to_string())),
+        Reply::Refused(r) => Err(StatusError::Refused {
+            request: format!("`cell {} {cell}`", action.verb()),
+            detail: r.detail().to_string(),
+        }),
         other => Err(StatusError::Protocol(format!("unexpected reply {other:?}"))),
     }
 }
 
+/// Sets `SO_RCVTIMEO` on a socket.
 pub(crate) fn set_recv_timeout(fd: &OwnedFd, timeout: Duration) -> io::Result<()> {
     let tv = nix::sys::time::TimeVal::new(timeout.as_secs() as _, timeout.subsec_micros() as _);
     nix::sys::socket::setsockopt(fd, nix::sys::socket::sockopt::ReceiveTimeout, &tv)

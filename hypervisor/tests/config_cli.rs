@@ -346,7 +346,7 @@ fn help_tells_exit_codes_logging_socket_and_stopping() {
     for want in [
         "Exit codes:",
         "3  status: no hypervisor",
-        "4  run: a spawned cell failed",
+        "4  run: a cell failed on its own",
         "RUST_LOG",
         "/run/ivshmem-stack/<system>.sock",
     ] {

@@ -184,3 +184,44 @@ fn ready_configs_name_programs_that_exist_or_are_built_here() {
         }
     }
 }
+
+/// A link's default PCI address for KVM peers is what `kvm/mod.rs`, `config.rs` and
+/// `kvm-cells.md` say: 01:0e.0 for the first link, the next device for the next.
+#[test]
+fn a_links_default_pci_address_is_01_0e_0_as_documented() {
+    let text = r#"
+[system]
+name = "bdf"
+allow_shared_cpus = true
+
+[[cells]]
+name = "vm"
+kind = "kvm"
+cpus = [0]
+memory = "1M"
+image = "vm.bin"
+
+[[cells]]
+name = "p"
+cpus = [0]
+command = "/bin/true"
+
+[[links]]
+name = "first"
+peers = ["vm", "p"]
+protocol = 0x4000
+output_size = "4K"
+
+[[links]]
+name = "second"
+peers = ["vm", "p"]
+protocol = 0x4000
+output_size = "4K"
+"#;
+    let valid = SystemConfig::from_toml_str(text)
+        .unwrap()
+        .validate()
+        .unwrap();
+    let bdfs: Vec<String> = valid.links.iter().map(|l| l.bdf.to_string()).collect();
+    assert_eq!(bdfs, ["01:0e.0", "01:0f.0"]);
+}

@@ -220,6 +220,32 @@ fn doorbell_to_an_inactive_target_has_no_effect() {
     assert!(!link.deliverable(1, 0));
 }
 
+/// Issue 14 item 6: the readings `ivshmem-dev`'s docs note for the specification's typos
+/// (interrupt pin at 3Dh, not 3Eh; bus master is command bit 2, not 3), and its choice for a
+/// doorbell to a peer that is attached but still in state 0 (delivered).
+#[test]
+fn the_specifications_typos_are_read_as_pci_does_and_a_state_0_peer_is_a_doorbell_target() {
+    let mut link = running(2, &[0, 1]);
+    assert_eq!(pci::INTERRUPT_PIN, 0x3D);
+    assert_eq!(cfg(&link, 0, 0x3D, 1), 1, "interrupt pin INTA at 3Dh");
+    assert_eq!(cfg(&link, 0, 0x3E, 1), 0, "3Eh is Min_Gnt, 0");
+    assert_eq!(pci::COMMAND_BUS_MASTER, 1 << 2);
+    cfg_write(&mut link, 0, pci::COMMAND, 2, 1 << 3);
+    assert_eq!(
+        cfg(&link, 0, pci::COMMAND, 2),
+        0,
+        "bit 3 (special cycles) is not writable"
+    );
+    cfg_write(&mut link, 0, pci::COMMAND, 2, 1 << 2);
+    assert_eq!(
+        cfg(&link, 0, pci::COMMAND, 2),
+        1 << 2,
+        "bit 2 is bus master"
+    );
+    assert_eq!(read(&link, 1, STATE), 0, "peer 1 never wrote STATE");
+    assert_eq!(ring(&mut link, 0, 1, 0), irqs(&[1]));
+}
+
 #[test]
 fn doorbell_to_self_is_allowed() {
     let mut link = running(2, &[0]);

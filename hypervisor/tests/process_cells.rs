@@ -1,5 +1,6 @@
 //! Multi-process tests of the `hypervisor` binary with cells that need no endpoint library:
-//! the status of a missing hypervisor and the forwarding of spawned cells' output.
+//! the status of a missing hypervisor, the forwarding of spawned cells' output, stopping and
+//! summaries (process cells, and a KVM cell that stops itself with an illegal access).
 //! Tests with cells that attach through `linux-uio-client` live in the root package's
 //! `tests/process_cells.rs`.
 
@@ -458,4 +459,154 @@ fn a_refused_attach_is_reported_once_without_colours() {
         !err.contains('\x1b'),
         "ANSI escapes on a non-terminal: {err:?}"
     );
+}
+
+/// `hypervisor cell NAME` with `args` against `socket`: exit code and stderr.
+fn cell_command(socket: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_hypervisor"))
+        .arg("cell")
+        .args(args)
+        .arg("--socket")
+        .arg(socket)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `hypervisor cell stop` of a process cell: SIGTERM first (the cell may clean up and says
+/// so), not SIGKILL; a second stop is refused as "not running" with a non-zero exit; the
+/// run does not count the stopped cell as failed.
+#[test]
+fn cell_stop_terminates_a_process_cell_gracefully_and_refuses_a_second_stop() {
+    let dir = TempDir::new("cell-stop");
+    let socket = dir.0.join("hv.sock");
+    // The trap runs once the foreground `sleep` (killed with the group) has ended.
+    let script = "trap 'echo got-term; exit 0' TERM; echo up; while :; do sleep 1; done";
+    let config = shell_cells(&dir.0, &socket, &[("graceful", script)]);
+    let (mut hv, stderr) = run_hypervisor(&config, &["--keep-running"]);
+    hv.out.expect("[graceful] up");
+    let (code, out, err) = cell_command(&socket, &["stop", "graceful"]);
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
+    hv.out.expect("cell graceful: stopping process");
+    hv.out.expect("[graceful] got-term");
+    let ended = hv.out.expect("cell graceful: process");
+    assert!(ended.contains("ended: exit code 0"), "{ended}");
+
+    let (code, _, err) = cell_command(&socket, &["stop", "graceful"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(
+            "`cell stop graceful` refused by the hypervisor: cell `graceful` is not running"
+        ),
+        "{err}"
+    );
+    let (status, _) = hv.stop();
+    assert!(status.success(), "a stopped cell is no failure: {status:?}");
+    let err = stderr.join().unwrap();
+    assert!(!err.contains("failed"), "stderr: {err}");
+}
+
+/// A refused `cell` command names the command and the reason, not a "status query".
+#[test]
+fn a_refused_cell_command_names_the_command_and_why() {
+    let dir = TempDir::new("cell-refused");
+    let socket = dir.0.join("hv.sock");
+    let config = shell_cells(&dir.0, &socket, &[("idle", "echo up; exec sleep 100")]);
+    let (mut hv, _stderr) = run_hypervisor(&config, &[]);
+    hv.out.expect("[idle] up");
+    let (code, _, err) = cell_command(&socket, &["restart", "nobody"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("`cell restart nobody` refused by the hypervisor: no cell named `nobody`"),
+        "{err}"
+    );
+    assert!(!err.contains("status query"), "{err}");
+    let (code, _, err) = cell_command(&socket, &["start", "idle"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("cell `idle` is already running"), "{err}");
+    let (status, _) = hv.stop();
+    assert!(status.success(), "{status:?}");
+}
+
+/// A guest that writes to port 0x42, which no device decodes: an illegal access.
+const FAULTY_GUEST: &str = r#"
+main:
+    call setup
+    mov $0x5a, %al
+    outb %al, $0x42
+1:  hlt
+    jmp 1b
+"#;
+
+/// A KVM cell's `FATAL:` report is printed once (not also as a log line), the cell counts as
+/// failed (exit 4) and is in the summary; `cell stop` of the stopped KVM cell says it is not
+/// running and fails. Skipped with a message without `/dev/kvm`.
+#[test]
+fn a_kvm_cells_fatal_stop_is_printed_once_fails_the_run_and_is_in_the_summary() {
+    use hypervisor::kvm::{kvm_available, test_guests};
+    if let Err(why) = kvm_available() {
+        eprintln!("skipping: KVM is not usable here: {why}");
+        return;
+    }
+    let dir = TempDir::new("kvm-fatal");
+    let socket = dir.0.join("hv.sock");
+    let image = dir.0.join("faulty.bin");
+    std::fs::write(&image, test_guests::assemble(FAULTY_GUEST).unwrap().image).unwrap();
+    let config = shell_cells(&dir.0, &socket, &[("idle", "echo up; exec sleep 100")]);
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        "\n[[cells]]\nname = \"bad\"\nkind = \"kvm\"\ncpus = [0]\nmemory = \"512K\"\nimage = \"{}\"\n",
+        image.display()
+    ));
+    std::fs::write(&config, text).unwrap();
+    let (mut hv, stderr) = run_hypervisor(&config, &[]);
+    // Both, in either order.
+    for want in [
+        "FATAL: cell \"bad\": illegal port write at 0x42",
+        "[idle] up",
+    ] {
+        if !hv.out.seen.iter().any(|l| l.contains(want)) {
+            hv.out.expect(want);
+        }
+    }
+
+    let (code, _, err) = cell_command(&socket, &["stop", "bad"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("`cell stop bad` refused by the hypervisor: cell `bad` is not running"),
+        "{err}"
+    );
+
+    // Our own unreaped child: its pid cannot have been recycled.
+    let pid = nix::unistd::Pid::from_raw(hv.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let summary = hv.out.expect("stopped 1 spawned cell(s) and 1 KVM cell(s)");
+    let status = hv.child.wait().unwrap();
+    // The rest of stdout, up to its end.
+    while let Ok(line) = hv.out.rx.recv_timeout(GUARD) {
+        hv.out.seen.push(line);
+    }
+    let log = std::mem::take(&mut hv.out.seen);
+    let err = stderr.join().unwrap();
+    assert!(
+        summary.contains("bad (kvm) had already exited: stopped for an illegal access"),
+        "{summary}"
+    );
+    assert!(summary.contains("idle (pid "), "{summary}");
+    assert_eq!(
+        status.code(),
+        Some(4),
+        "a crashed KVM cell fails the run; {err}"
+    );
+    assert!(
+        err.contains("1 cell(s) failed: bad (stopped for an illegal access)"),
+        "{err}"
+    );
+    let fatal = log.iter().filter(|l| l.contains("FATAL:")).count()
+        + err.lines().filter(|l| l.contains("FATAL:")).count();
+    assert_eq!(fatal, 1, "stdout: {log:#?}\nstderr: {err}");
 }

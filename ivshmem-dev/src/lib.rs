@@ -44,6 +44,38 @@
 //!   is Min_Gnt in a type 0 header);
 //! - **bus master** is command bit **2** ([`pci::COMMAND_BUS_MASTER`]), not bit 3 (bit 3 is
 //!   Special Cycles).
+//!
+//! # Example
+//! Where a two-peer link's sections lie, what a doorbell register write carries, and one
+//! message of the hosted hypervisor's wire protocol:
+//!
+//! ```
+//! use ivshmem_dev::hosted::{decode_request, Request};
+//! use ivshmem_dev::{Doorbell, LayoutParams, Protocol, SharedMemoryLayout};
+//!
+//! let layout = SharedMemoryLayout::new(LayoutParams {
+//!     max_peers: 2,
+//!     state_table_size: 0x1000,
+//!     rw_size: 0,
+//!     output_size: 0x1_0000,
+//!     page_size: 0x1000,
+//! })?;
+//! // State table, (empty) R/W section, then one output section per peer.
+//! assert_eq!(layout.output(0).map(|r| r.offset), Some(0x1000));
+//! assert_eq!(layout.output(1).map(|r| r.offset), Some(0x1_1000));
+//! assert_eq!(layout.total_size(), 0x2_1000);
+//!
+//! // DOORBELL: target peer in bits 16..32, vector in bits 0..16.
+//! let ring = Doorbell::new(1, 0);
+//! assert_eq!(ring.encode(), 0x1_0000);
+//! assert_eq!(Doorbell::decode(0x1_0000), ring);
+//! assert_eq!(Protocol::TELEMETRY, Protocol(0x4001));
+//!
+//! let mut buf = [0u8; ivshmem_dev::hosted::MAX_MESSAGE_SIZE];
+//! let n = Request::Status.encode(&mut buf)?;
+//! assert!(matches!(decode_request(&buf[..n])?, Request::Status));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 #![cfg_attr(not(feature = "std"), no_std)]
 #![warn(missing_docs)]
 

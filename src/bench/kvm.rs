@@ -126,16 +126,23 @@ pub fn run(settings: &Settings) -> Result<SuiteReport> {
     }
     report.comparisons = comparisons();
     report.notes = vec![
-        format!(
-            "CPUs {} and {}: the timing side (parent process, ringer vCPU, process peer) on the first",
-            cpus[0], cpus[1]
-        ),
+        cpu_note(cpus),
         "kvm-kvm: guest loop timed by the guest's PM timer (24-bit, 3.58 MHz); both doorbells on the fast path (ioeventfd with datamatch -> eventfd -> irqfd on an MSI route), no exit to user space".into(),
         "kvm-process: process side writes the KVM cell's eventfd and polls its own; the guest's handler rings back through its ioeventfd".into(),
         "mmio-exit: per BAR0 read, including three emulated loop instructions".into(),
         "on a PVM /dev/kvm (no VMX) guest ring-0 code is emulated: these figures say nothing about real hardware".into(),
     ];
     Ok(report)
+}
+
+/// The first note: which side of each case runs on which CPU.
+fn cpu_note(cpus: [usize; 2]) -> String {
+    format!(
+        "CPUs {} and {}: the timing side (parent process, ringer vCPU, process peer, BAR0 \
+         reader) on CPU {}, the echoing side (child process, echo vCPU, the KVM cell of \
+         kvm-process) on CPU {}",
+        cpus[0], cpus[1], cpus[0], cpus[1]
+    )
 }
 
 fn link(name: &str) -> Result<Arc<LinkWiring>> {
@@ -281,4 +288,17 @@ pub fn mmio_exit(guest: &Guest, cpus: [usize; 2], iters: u64) -> Result<Duration
         reader.exits()
     );
     Ok(elapsed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cpu_note;
+
+    #[test]
+    fn the_cpu_note_says_what_runs_on_each_cpu() {
+        let note = cpu_note([2, 5]);
+        assert!(note.contains("on CPU 2"), "{note}");
+        assert!(note.contains("echoing side"), "{note}");
+        assert!(note.ends_with("on CPU 5"), "{note}");
+    }
 }

@@ -278,10 +278,12 @@ impl Shared {
         }
         match &reason {
             HaltReason::Requested => tracing::info!(cell = %self.name, "stopped"),
+            // The report reaches the user once, through the `Halted` event below (which
+            // `hypervisor run` prints) or the phase; logging it too printed it twice.
             HaltReason::Fatal(report) | HaltReason::VcpuFailed(report) => {
-                tracing::error!("{report}")
+                tracing::debug!(cell = %self.name, "{report}")
             }
-            HaltReason::CellState(s) => tracing::warn!(
+            HaltReason::CellState(s) => tracing::debug!(
                 cell = %self.name,
                 "cell_state {s}: {}",
                 layout::describe_cell_state(*s)
@@ -441,6 +443,11 @@ impl KvmCell {
         }
         shared.set_phase(KvmCellPhase::Running);
         let cpu = self.config.cpu;
+        // Before the vCPU runs: a guest that faults at once must not have its `Halted`
+        // queued before its `Started` (the status then showed a crashed cell as running).
+        self.events.push(KvmEvent::Started {
+            cell: self.config.name.clone(),
+        });
         let s = shared.clone();
         let vcpu_thread = std::thread::Builder::new()
             .name(format!("vcpu-{}", self.config.name))
@@ -476,9 +483,6 @@ impl KvmCell {
                 });
             }
         };
-        self.events.push(KvmEvent::Started {
-            cell: self.config.name.clone(),
-        });
         tracing::info!(cell = %self.config.name, cpu = ?cpu, "KVM cell started");
         self.run = Some(Running {
             shared,

@@ -34,7 +34,8 @@
 //! at 3,579,545 Hz. 0xCF8: the 32-bit config address; 0xCFC..0xCFF: config data, 1, 2 or 4
 //! bytes, naturally aligned (a misaligned access is illegal). Port 0x80: writes ignored.
 //!
-//! **PCI.** Each link is one function at its configured BDF (default 00:0e.0) with the
+//! **PCI.** Each link is one function at its configured BDF (default 01:0e.0, Jailhouse's
+//! demo, for the first link of a configuration, device 0x0e + n for the n-th) with the
 //! config space of [`crate::device`]; offsets from 0x80 and functions that do not exist read
 //! all ones, writes there are ignored. BAR0 (4 KiB registers, aligned 32-bit accesses only)
 //! is decoded while the command register's memory bit is set and BAR0 is non-zero.

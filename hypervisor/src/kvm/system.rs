@@ -217,6 +217,14 @@ impl KvmCells {
         Ok(())
     }
 
+    /// Whether `cell` is one of these KVM cells and runs (not stopped on request, by an
+    /// illegal access or by its `cell_state`).
+    pub fn is_running(&self, cell: &str) -> bool {
+        self.cells
+            .iter()
+            .any(|c| c.name() == cell && c.phase() == super::KvmCellPhase::Running)
+    }
+
     /// Whether a KVM cell runs.
     pub fn any_running(&self) -> bool {
         self.cells

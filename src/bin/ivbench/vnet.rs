@@ -55,6 +55,14 @@ const PING_PAYLOAD: usize = 56;
 
 const CASES: [&str; 4] = ["shmring", "smoltcp-loopback", "tap-bridge", "veth"];
 
+/// The progress line before one timed run: the case, which run, and what it waits for.
+fn run_label(case: &str, run: usize, runs: usize, run_time: Duration, pings: usize) -> String {
+    format!(
+        "vnet: {case} run {run}/{runs}: TCP bulk for {run_time:?}, then waits for the \
+         receiver to confirm every byte; then {pings} ICMP echoes, each waiting for its reply"
+    )
+}
+
 /// Runs the suite.
 pub fn run(settings: &Settings) -> Result<SuiteReport> {
     let mut report = SuiteReport::new("vnet");
@@ -67,6 +75,7 @@ pub fn run(settings: &Settings) -> Result<SuiteReport> {
     };
     let root = vnet::tap::is_root();
     let mut linux = if root {
+        settings.say("vnet: setting up network namespaces, a TAP bridge and a veth pair");
         Some(LinuxSide::new().context("setting up namespaces, TAP bridge and veth")?)
     } else {
         None
@@ -79,10 +88,8 @@ pub fn run(settings: &Settings) -> Result<SuiteReport> {
             _ => linux.is_some(),
         };
         if available {
-            for _ in 0..runs {
-                if settings.progress {
-                    eprint!(".");
-                }
+            for run in 1..=runs {
+                settings.say(run_label(case, run, runs, run_time, pings));
                 let (bytes, secs) = match (case, linux.as_mut()) {
                     ("shmring", _) => smol_tcp(SmolPair::ring()?, run_time)?,
                     ("smoltcp-loopback", _) => smol_tcp(SmolPair::loopback(), run_time)?,
@@ -119,9 +126,6 @@ pub fn run(settings: &Settings) -> Result<SuiteReport> {
                 });
             }
         }
-    }
-    if settings.progress {
-        eprintln!();
     }
     drop(linux);
     for (case, baseline, tput, rtt) in [
@@ -697,4 +701,18 @@ fn linux_ping(dst: Ipv4Addr, count: usize) -> Result<(u64, f64)> {
         }
     }
     Ok((count as u64, total.as_secs_f64()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_runs_progress_line_names_its_case_and_what_it_waits_for() {
+        let line = run_label("tap-bridge", 2, 7, Duration::from_millis(500), 2000);
+        assert!(line.contains("tap-bridge run 2/7"), "{line}");
+        assert!(line.contains("TCP bulk for 500ms"), "{line}");
+        assert!(line.contains("confirm every byte"), "{line}");
+        assert!(line.contains("2000 ICMP echoes"), "{line}");
+    }
 }
