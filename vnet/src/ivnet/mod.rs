@@ -8,11 +8,14 @@
 //!
 //! - [`wire`]: geometry, offsets and typed views over bytes (pure, golden-tested).
 //! - [`queue`]: the transport over two mapped sections ([`queue::Queues`]), hostile-peer safe.
+//! - [`link`]: [`IvnetLink`], the device, state machine, doorbells and a smoltcp `Device`.
 //!
-//! Both are `no_std` and allocation-free.
+//! All `no_std`; `wire` and `queue` are allocation-free, the link holds two frame buffers.
 
+pub mod link;
 pub mod queue;
 pub mod wire;
 
+pub use link::{Interrupts, IvnetConfig, IvnetError, IvnetLink, IvnetStats};
 pub use queue::{PeerFault, QueueError, QueueStats, Queues};
 pub use wire::{Geometry, GeometryError};

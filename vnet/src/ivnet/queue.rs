@@ -381,37 +381,47 @@ impl Queues {
         Ok(new)
     }
 
-    /// Whether a frame of `len` bytes could be sent now (after reclaiming).
+    /// Whether a frame of `len` bytes could be sent now (after reclaiming). A "no" for want
+    /// of room counts as a shortage: the next [`prepare_sleep`](Self::prepare_sleep) asks the
+    /// peer for a doorbell on its next completion.
     pub fn can_send(&mut self, len: usize) -> bool {
-        if self.reclaim().is_err() {
+        if self.reclaim().is_err() || len > self.max_frame {
             return false;
         }
-        len <= self.max_frame
-            && self.outstanding() < self.geo.qlen()
-            && self.slots.place(len).is_some()
+        let room = self.outstanding() < self.geo.qlen() && self.slots.place(len).is_some();
+        self.tx_short |= !room;
+        room
     }
 
     /// Sends a frame of `len` bytes (at most [`max_frame`](Self::max_frame)), written by `fill`
     /// straight into its slot in the own section. `Ok(None)` if there is no room now (no free
     /// descriptor or data slot; [`prepare_sleep`](Self::prepare_sleep) then asks the peer for
-    /// a doorbell on the next completion). The frame is published by the next
-    /// [`flush`](Self::flush).
+    /// a doorbell on the next completion) or the frame is too long. The frame is published by
+    /// the next [`flush`](Self::flush).
     pub fn send<T>(
         &mut self,
         len: usize,
         fill: impl FnOnce(&mut [u8]) -> T,
     ) -> Result<Option<T>, PeerFault> {
-        self.reclaim()?;
-        if len > self.max_frame {
-            return Ok(None);
+        match self.try_send(len, fill) {
+            Ok(r) => Ok(Some(r)),
+            Err(_) => self.check().map(|()| None),
+        }
+    }
+
+    /// [`send`](Self::send), handing `fill` back uncalled when the frame is not sent: no
+    /// room, too long, or the peer broke the format (then [`fault`](Self::fault) says how).
+    pub fn try_send<T, F: FnOnce(&mut [u8]) -> T>(&mut self, len: usize, fill: F) -> Result<T, F> {
+        if self.reclaim().is_err() || len > self.max_frame {
+            return Err(fill);
         }
         if self.outstanding() >= self.geo.qlen() {
             self.tx_short = true;
-            return Ok(None);
+            return Err(fill);
         }
         let Some(at) = self.slots.take(len) else {
             self.tx_short = true;
-            return Ok(None);
+            return Err(fill);
         };
         let offset = self.geo.data_offset() + at;
         // SAFETY: the slot [offset, offset + len) lies in the own data area (the slot ring
@@ -431,7 +441,7 @@ impl Queues {
         self.write_own(self.geo.avail_ring(self.tx_next), &id.to_le_bytes());
         self.tx_next = self.tx_next.wrapping_add(1);
         self.stats.tx_frames += 1;
-        Ok(Some(result))
+        Ok(result)
     }
 
     // ---- RX ----------------------------------------------------------------------------
