@@ -256,6 +256,12 @@ impl<R: RegisterAccess> IvnetLink<R> {
         }
     }
 
+    /// Whether the queues found the peer breaking the format since the last
+    /// [`poll_link`](Self::poll_link) (which then stops the link).
+    pub fn faulted(&self) -> bool {
+        self.queues.as_ref().is_some_and(|q| q.fault().is_some())
+    }
+
     /// Whether the carrier is on (both RUN, queues attached), as of the last poll.
     pub fn carrier(&self) -> bool {
         self.carrier

@@ -9,9 +9,12 @@
 //! - [`wire`]: geometry, offsets and typed views over bytes (pure, golden-tested).
 //! - [`queue`]: the transport over two mapped sections ([`queue::Queues`]), hostile-peer safe.
 //! - [`link`]: [`IvnetLink`], the device, state machine, doorbells and a smoltcp `Device`.
+//! - `std` only: `bridge`, the TAP bridge in this format.
 //!
 //! All `no_std`; `wire` and `queue` are allocation-free, the link holds two frame buffers.
 
+#[cfg(feature = "std")]
+pub mod bridge;
 pub mod link;
 pub mod queue;
 pub mod wire;

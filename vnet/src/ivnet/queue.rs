@@ -209,7 +209,7 @@ impl Queues {
             return Err(QueueError::OwnNotWritable);
         }
         for (which, s) in [("own", &own), ("peer's", &peer)] {
-            if s.as_ptr() as usize % wire::VRING_ALIGN != 0 {
+            if !(s.as_ptr() as usize).is_multiple_of(wire::VRING_ALIGN) {
                 return Err(QueueError::Misaligned {
                     which,
                     addr: s.as_ptr() as usize,
@@ -286,7 +286,7 @@ impl Queues {
     /// Acquire load of an index word in the peer's section (possibly mapped read-only):
     /// a relaxed atomic load followed by an acquire fence.
     fn peer_index(&self, offset: usize) -> u16 {
-        debug_assert!(offset + 2 <= self.peer.len() && offset % 2 == 0);
+        debug_assert!(offset + 2 <= self.peer.len() && offset.is_multiple_of(2));
         // SAFETY: `offset` comes from the geometry of this section (inside it, even; the
         // section is 64-byte aligned): an aligned u16 that stays mapped. Only loaded.
         let value = unsafe { AtomicU16::from_ptr(self.peer.as_ptr().add(offset).cast()) }
@@ -297,7 +297,7 @@ impl Queues {
 
     /// Release store of an index word in the own section.
     fn store_own_index(&self, offset: usize, value: u16) {
-        debug_assert!(offset + 2 <= self.own.len() && offset % 2 == 0);
+        debug_assert!(offset + 2 <= self.own.len() && offset.is_multiple_of(2));
         // SAFETY: as `peer_index`, in the own (writable) section.
         unsafe { AtomicU16::from_ptr(self.own.as_ptr().add(offset).cast()) }
             .store(value.to_le(), Ordering::Release);
