@@ -110,6 +110,7 @@ pub struct IvnetLink<R: RegisterAccess> {
     queue_totals: QueueStats,
     rx_buf: Vec<u8>,
     scratch: Vec<u8>,
+    checksum: ChecksumCapabilities,
 }
 
 impl<R: RegisterAccess> IvnetLink<R> {
@@ -145,7 +146,15 @@ impl<R: RegisterAccess> IvnetLink<R> {
             queue_totals: QueueStats::default(),
             rx_buf: vec![0; config.max_frame],
             scratch: vec![0; config.max_frame],
+            checksum: ChecksumCapabilities::default(),
         })
+    }
+
+    /// Sets the checksum capabilities reported to smoltcp (default: compute and verify every
+    /// checksum in software, which a Linux `ivshmem-net` peer requires; benchmarks between
+    /// two smoltcp ends may turn them off).
+    pub fn set_checksum(&mut self, checksum: ChecksumCapabilities) {
+        self.checksum = checksum;
     }
 
     fn tear_down(&mut self) {
@@ -400,7 +409,7 @@ impl<R: RegisterAccess> Device for IvnetLink<R> {
         caps.max_transmission_unit = self.config.max_frame;
         caps.max_burst_size =
             Some((self.geo.data_len() / wire::slot_size(self.config.max_frame)).saturating_sub(1));
-        caps.checksum = ChecksumCapabilities::default();
+        caps.checksum = self.checksum.clone();
         caps
     }
 }
