@@ -71,7 +71,9 @@ pub mod pcap;
 #[cfg(feature = "std")]
 pub mod tap;
 
-pub use link::{LinkConfig, LinkError, LinkEvent, LinkFault, LinkStats, VnetLink};
+pub use link::{
+    CellLink, LinkConfig, LinkError, LinkEvent, LinkFault, LinkReport, LinkStats, VnetLink,
+};
 pub use nic::{NicError, NicPort, NicState, NicStats, ShmNic};
 /// The smoltcp version this crate is built on.
 pub use smoltcp;

@@ -20,6 +20,8 @@ use alloc::vec::Vec;
 use ivshmem_dev::{Ivshmem, RegisterAccess};
 use ivshmem_link::state::{self, Action, LinkState};
 use ivshmem_link::LinkEvent;
+
+use crate::link::{CellLink, LinkReport};
 use smoltcp::phy::{self, ChecksumCapabilities, Device, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
 
@@ -160,10 +162,7 @@ impl<R: RegisterAccess> IvnetLink<R> {
     fn tear_down(&mut self) {
         if let Some(q) = self.queues.take() {
             let s = q.stats();
-            self.queue_totals.tx_frames += s.tx_frames;
-            self.queue_totals.rx_frames += s.rx_frames;
-            self.queue_totals.rx_dropped += s.rx_dropped;
-            self.queue_totals.doorbells += s.doorbells;
+            self.queue_totals = add(self.queue_totals, s);
             self.stats.teardowns += 1;
         }
     }
@@ -297,15 +296,10 @@ impl<R: RegisterAccess> IvnetLink<R> {
     }
     /// Frame counters over all attachments so far.
     pub fn queue_stats(&self) -> QueueStats {
-        let mut s = self.queue_totals;
-        if let Some(q) = &self.queues {
-            let c = q.stats();
-            s.tx_frames += c.tx_frames;
-            s.rx_frames += c.rx_frames;
-            s.rx_dropped += c.rx_dropped;
-            s.doorbells += c.doorbells;
+        match &self.queues {
+            Some(q) => add(self.queue_totals, q.stats()),
+            None => self.queue_totals,
         }
-        s
     }
     /// The device driver.
     pub fn device(&self) -> &Ivshmem<R> {
@@ -314,6 +308,54 @@ impl<R: RegisterAccess> IvnetLink<R> {
     /// The peer's ID.
     pub fn peer(&self) -> u16 {
         self.peer
+    }
+}
+
+fn add(a: QueueStats, b: QueueStats) -> QueueStats {
+    QueueStats {
+        tx_frames: a.tx_frames + b.tx_frames,
+        tx_bytes: a.tx_bytes + b.tx_bytes,
+        rx_frames: a.rx_frames + b.rx_frames,
+        rx_bytes: a.rx_bytes + b.rx_bytes,
+        rx_dropped: a.rx_dropped + b.rx_dropped,
+        doorbells: a.doorbells + b.doorbells,
+    }
+}
+
+impl<R: RegisterAccess> CellLink for IvnetLink<R> {
+    fn poll_link(&mut self) -> LinkEvent {
+        IvnetLink::poll_link(self)
+    }
+    fn faulted(&self) -> bool {
+        IvnetLink::faulted(self)
+    }
+    fn flush(&mut self) -> bool {
+        IvnetLink::flush(self)
+    }
+    fn prepare_sleep(&mut self) -> bool {
+        IvnetLink::prepare_sleep(self)
+    }
+    fn shut_down(&mut self) {
+        IvnetLink::shut_down(self)
+    }
+    fn report(&self) -> LinkReport {
+        let q = self.queue_stats();
+        LinkReport {
+            state: self.own,
+            carrier: self.carrier,
+            ups: self.stats.ups,
+            downs: self.stats.teardowns,
+            faults: self.stats.faults,
+            doorbells: self.stats.doorbells,
+            rx_frames: q.rx_frames,
+            rx_bytes: q.rx_bytes,
+            tx_frames: q.tx_frames,
+            tx_bytes: q.tx_bytes,
+            tx_full: 0,
+            tx_dropped: self.stats.tx_dropped,
+            tx_oversize: 0,
+            corrupt: self.stats.faults,
+        }
     }
 }
 

@@ -141,8 +141,12 @@ pub enum QueueError {
 pub struct QueueStats {
     /// Frames sent.
     pub tx_frames: u64,
+    /// Their bytes.
+    pub tx_bytes: u64,
     /// Frames received and handed to the caller.
     pub rx_frames: u64,
+    /// Their bytes.
+    pub rx_bytes: u64,
     /// Frames received and dropped (longer than the caller's buffer, or shorter than an
     /// Ethernet header); completed all the same.
     pub rx_dropped: u64,
@@ -441,6 +445,7 @@ impl Queues {
         self.write_own(self.geo.avail_ring(self.tx_next), &id.to_le_bytes());
         self.tx_next = self.tx_next.wrapping_add(1);
         self.stats.tx_frames += 1;
+        self.stats.tx_bytes += len as u64;
         Ok(result)
     }
 
@@ -525,6 +530,7 @@ impl Queues {
             self.rx_seen = self.rx_seen.wrapping_add(1);
             if let Some(n) = copied {
                 self.stats.rx_frames += 1;
+                self.stats.rx_bytes += n as u64;
                 return Ok(Some(n));
             }
         }
