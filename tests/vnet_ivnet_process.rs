@@ -14,15 +14,12 @@ mod common;
 
 use std::net::Ipv4Addr;
 use std::os::fd::AsFd;
-use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Child;
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
+use common::hosted::Hosted;
 use common::linux::{self, Netns};
-use hypervisor::cells::{self, RunOptions, StopHandle};
-use hypervisor::config::SystemConfig;
-use hypervisor::control::SystemSpec;
 use ivshmem_stack::vnet_cell::cell::{Cell, CellConfig};
 use ivshmem_stack::vnet_cell::services::ServiceConfig;
 use linux_uio_client::Endpoint;
@@ -91,28 +88,12 @@ fn ivnet_cell_process_child() {
     cell.run(None).unwrap();
 }
 
-fn spawn_cell(socket: &Path, ip_mtu: usize) -> Child {
-    use std::os::unix::process::CommandExt;
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
-    // SAFETY: prctl is async-signal-safe; the child dies with the test process.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
-    cmd.args([
-        "--exact",
+fn spawn_cell(hv: &Hosted, ip_mtu: usize) -> Child {
+    hv.spawn_cell(
         "ivnet_cell_process_child",
-        "--ignored",
-        "--nocapture",
-        "--test-threads=1",
-    ])
-    .env(CHILD_ENV, ip_mtu.to_string())
-    .env("IVSHMEM_SOCKET", socket)
-    .env("IVSHMEM_CELL", "rtos-net")
-    .spawn()
-    .unwrap()
+        "rtos-net",
+        &[(CHILD_ENV, ip_mtu.to_string())],
+    )
 }
 
 fn eventfd() -> Arc<EventFd> {
@@ -121,47 +102,9 @@ fn eventfd() -> Arc<EventFd> {
 
 fn linux_talks_to_a_process_cell_in_ivshmem_net_format(ip_mtu: usize) {
     let ns = Arc::new(Netns::new(&format!("ivn{ip_mtu}")));
-    let dir = std::env::temp_dir().join(format!("vnet-ivn{ip_mtu}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let socket = dir.join("ivn.sock");
-
     // The hypervisor: links, control socket; cells attach by hand.
-    let valid = SystemConfig::from_toml_str(SYSTEM)
-        .unwrap()
-        .validate()
-        .unwrap();
-    let system = SystemSpec::from_config(&valid);
-    let stop = StopHandle::new().unwrap();
-    let (listening_tx, listening) = mpsc::channel();
-    let hv = {
-        let stop = stop.clone();
-        let socket = socket.clone();
-        std::thread::spawn(move || {
-            let options = RunOptions {
-                spawn: false,
-                ..RunOptions::new(socket)
-            };
-            // The first output line is "listening on ...": the socket is ready.
-            struct Lines(mpsc::Sender<()>, bool);
-            impl std::io::Write for Lines {
-                fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                    if !self.1 && b.windows(9).any(|w| w == b"listening") {
-                        self.1 = true;
-                        let _ = self.0.send(());
-                    }
-                    Ok(b.len())
-                }
-                fn flush(&mut self) -> std::io::Result<()> {
-                    Ok(())
-                }
-            }
-            let mut out = Lines(listening_tx, false);
-            cells::run(&system, &options, Some(&stop), &mut out).unwrap()
-        })
-    };
-    listening
-        .recv_timeout(Duration::from_secs(10))
-        .expect("hypervisor listening");
+    let hv = Hosted::start(SYSTEM, &format!("ivn{ip_mtu}"));
+    let socket = hv.socket().to_path_buf();
 
     // The bridge: the second process cell, in the namespace.
     let (events_tx, events) = mpsc::channel();
@@ -187,7 +130,7 @@ fn linux_talks_to_a_process_cell_in_ivshmem_net_format(ip_mtu: usize) {
         })
     };
 
-    let mut cell = spawn_cell(&socket, ip_mtu);
+    let mut cell = spawn_cell(&hv, ip_mtu);
     assert_eq!(
         events.recv_timeout(Duration::from_secs(30)).unwrap(),
         LinkEvent::Up
@@ -222,7 +165,7 @@ fn linux_talks_to_a_process_cell_in_ivshmem_net_format(ip_mtu: usize) {
     assert!(ns.ip(&["link", "show", "ivn0"]).contains("NO-CARRIER"));
 
     // Restart it: the link comes back and new connections work.
-    let mut cell = spawn_cell(&socket, ip_mtu);
+    let mut cell = spawn_cell(&hv, ip_mtu);
     assert_eq!(
         events.recv_timeout(Duration::from_secs(30)).unwrap(),
         LinkEvent::Up
@@ -255,9 +198,7 @@ fn linux_talks_to_a_process_cell_in_ivshmem_net_format(ip_mtu: usize) {
         (0, 0),
         "{stats:?}"
     );
-    stop.stop();
-    hv.join().unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
+    hv.stop();
 }
 
 #[test]

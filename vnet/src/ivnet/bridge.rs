@@ -20,14 +20,14 @@
 //!   every interrupt and after a peer fault (which stops the link, named in the log).
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::BorrowedFd;
 use std::time::Instant;
 
 use ivshmem_dev::RegisterAccess;
 
 use super::link::IvnetLink;
 use crate::bridge::{
-    check_revents, BridgeConfig, BridgeStats, FramePort, Interrupt, LoopError, LoopFd,
+    wait_for_bridge_fds, BridgeConfig, BridgeStats, FramePort, Interrupt, LoopError,
 };
 use crate::link::LinkEvent;
 
@@ -220,52 +220,25 @@ impl<R: RegisterAccess, I: Interrupt, P: FramePort> IvnetBridge<R, I, P> {
                 continue;
             }
             let carrier = self.link.carrier();
-            let mut fds = [
-                libc::pollfd {
-                    fd: self.irq.fd().as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: self.port.as_fd().as_raw_fd(),
-                    events: if carrier && !tx_short {
-                        libc::POLLIN
-                    } else {
-                        0
-                    } | if carrier && out_blocked {
-                        libc::POLLOUT
-                    } else {
-                        0
-                    },
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: stop.map_or(-1, |s| s.as_raw_fd()),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
             self.stats.sleeps += 1;
             if tx_short {
                 self.stats.ring_full_waits += 1;
             }
-            // SAFETY: three valid pollfd entries (a negative fd is ignored by poll).
-            let rc = unsafe { libc::poll(fds.as_mut_ptr(), 3, -1) };
-            if rc < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e.into());
-            }
-            check_revents(LoopFd::Interrupt, fds[0].fd, fds[0].revents)?;
-            check_revents(LoopFd::Port, fds[1].fd, fds[1].revents)?;
-            check_revents(LoopFd::Stop, fds[2].fd, fds[2].revents)?;
-            if fds[2].revents != 0 {
+            let Some(fds) = wait_for_bridge_fds(
+                self.irq.fd(),
+                self.port.as_fd(),
+                carrier && !tx_short,
+                carrier && out_blocked,
+                stop,
+            )?
+            else {
+                continue;
+            };
+            if fds[2] != 0 {
                 self.link.flush();
                 return Ok(());
             }
-            if fds[0].revents != 0 && self.irq.take()? {
+            if fds[0] != 0 && self.irq.take()? {
                 self.poll_link();
             }
             tx_short = false;
