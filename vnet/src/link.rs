@@ -37,6 +37,12 @@ pub struct LinkReport {
     pub rx_frames: u64,
     /// Bytes received.
     pub rx_bytes: u64,
+    /// Received frames longer than the MTU, dropped.
+    pub rx_oversize: u64,
+    /// IPv4 fragments received (counted by the shmring NIC only; 0 otherwise).
+    pub rx_ipv4_fragments: u64,
+    /// IPv4 fragments dropped as too large to reassemble (shmring NIC only; 0 otherwise).
+    pub rx_ipv4_fragments_dropped: u64,
     /// Frames sent.
     pub tx_frames: u64,
     /// Bytes sent.
@@ -96,6 +102,9 @@ impl<R: RegisterAccess> CellLink for VnetLink<R> {
             doorbells: l.doorbells,
             rx_frames: n.rx_frames,
             rx_bytes: n.rx_bytes,
+            rx_oversize: n.rx_oversize,
+            rx_ipv4_fragments: n.rx_ipv4_fragments,
+            rx_ipv4_fragments_dropped: n.rx_ipv4_fragments_dropped,
             tx_frames: n.tx_frames,
             tx_bytes: n.tx_bytes,
             tx_full: n.tx_ring_full,
