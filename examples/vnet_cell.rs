@@ -15,6 +15,7 @@ use ivshmem_stack::main_error::MainError;
 use ivshmem_stack::vnet_cell::cell::{Cell, CellConfig};
 use ivshmem_stack::vnet_cell::process;
 use ivshmem_stack::vnet_cell::services::{self, ServiceConfig};
+use vnet::ivnet::{Interrupts, IvnetConfig};
 use vnet::smoltcp::time::Duration;
 use vnet::smoltcp::wire::Ipv4Cidr;
 use vnet::LinkConfig;
@@ -30,8 +31,12 @@ struct Args {
     #[arg(long, default_value = "10.0.0.2/24")]
     ip: String,
     /// Device MTU: the Ethernet frame size including the 14-byte header (IP MTU + 14).
-    #[arg(long, default_value_t = vnet::nic::DEFAULT_MTU)]
-    mtu: usize,
+    /// Default: 65536 for shmring, 16398 (Linux's default MTU 16384 + 14) for ivshmem-net.
+    #[arg(long)]
+    mtu: Option<usize>,
+    /// Wire format of the link (the same on both cells of the link).
+    #[arg(long, value_enum, default_value_t)]
+    format: process::Format,
     /// TCP socket buffer size in bytes (receive and send, per socket).
     #[arg(long, default_value_t = 256 * 1024)]
     tcp_buffer: usize,
@@ -63,23 +68,40 @@ fn main() -> Result<(), MainError> {
         socket_and_cell: Some(args.hypervisor.socket_and_cell()?),
         link: args.link.as_deref(),
     };
-    let config = LinkConfig {
-        mtu: args.mtu,
-        ..LinkConfig::default()
-    };
-    let process::ProcessLink {
-        name,
-        link: vlink,
-        irq,
-    } = process::attach(at, config)?;
     let mut services = ServiceConfig::new(address);
     services.tcp_buffer = args.tcp_buffer;
     services.sockets_per_port = args.sockets_per_port;
     services.handshake_timeout = Duration::from_secs(args.handshake_timeout);
     services.idle_timeout = Duration::from_secs(args.idle_timeout);
     services.keep_alive = (args.keep_alive > 0).then(|| Duration::from_secs(args.keep_alive));
-    println!("vnet_cell: link `{name}`, {address}, MTU {}", args.mtu);
-    let mut cell = Cell::new(vlink, irq, &services, CellConfig::default());
-    cell.run(None).context("cell loop")?;
+    match args.format {
+        process::Format::Shmring => {
+            let config = LinkConfig {
+                mtu: args.mtu.unwrap_or(vnet::nic::DEFAULT_MTU),
+                ..LinkConfig::default()
+            };
+            let p = process::attach(at, config)?;
+            println!(
+                "vnet_cell: link `{}` (shmring), {address}, MTU {}",
+                p.name, config.mtu
+            );
+            let mut cell = Cell::new(p.link, p.irq, &services, CellConfig::default());
+            cell.run(None).context("cell loop")?;
+        }
+        process::Format::IvshmemNet => {
+            let config = IvnetConfig {
+                max_frame: args.mtu.unwrap_or(vnet::ivnet::wire::DEFAULT_MAX_FRAME),
+                // Process cells wake on one interrupt fd: INTx (vector 0 for data too).
+                interrupts: Interrupts::Intx,
+            };
+            let p = process::attach_ivnet(at, config)?;
+            println!(
+                "vnet_cell: link `{}` (ivshmem-net), {address}, MTU {}",
+                p.name, config.max_frame
+            );
+            let mut cell = Cell::new(p.link, p.irq, &services, CellConfig::default());
+            cell.run(None).context("cell loop")?;
+        }
+    }
     Ok(())
 }

@@ -23,6 +23,8 @@ use ivshmem_stack::hypervisor_args::HypervisorArgs;
 use ivshmem_stack::main_error::MainError;
 use ivshmem_stack::vnet_cell::process;
 use vnet::bridge::{Bridge, BridgeConfig};
+use vnet::ivnet::bridge::IvnetBridge;
+use vnet::ivnet::{Interrupts, IvnetConfig};
 use vnet::pcap::PcapWriter;
 use vnet::tap::Tap;
 use vnet::{LinkConfig, LinkEvent};
@@ -41,9 +43,13 @@ struct Args {
     #[arg(long)]
     ip: Option<String>,
     /// Device MTU: the Ethernet frame size including the 14-byte header; the TAP interface
-    /// gets the IP MTU (this minus 14).
-    #[arg(long, default_value_t = vnet::nic::DEFAULT_MTU)]
-    mtu: usize,
+    /// gets the IP MTU (this minus 14). Default: 65536 for shmring, 16398 (Linux's default
+    /// MTU 16384 + 14) for ivshmem-net.
+    #[arg(long)]
+    mtu: Option<usize>,
+    /// Wire format of the link (the same on both cells of the link).
+    #[arg(long, value_enum, default_value_t)]
+    format: process::Format,
     /// Write every forwarded frame to this pcap file (tcpdump -r FILE).
     #[arg(long, value_name = "FILE")]
     pcap: Option<PathBuf>,
@@ -76,59 +82,81 @@ fn stop_signals() -> Result<OwnedFd> {
 
 fn main() -> Result<(), MainError> {
     let args = Args::parse();
-    vnet::nic::check_mtu(args.mtu)?;
+    let mtu = args.mtu.unwrap_or(match args.format {
+        process::Format::Shmring => vnet::nic::DEFAULT_MTU,
+        process::Format::IvshmemNet => vnet::ivnet::wire::DEFAULT_MAX_FRAME,
+    });
+    vnet::nic::check_mtu(mtu)?;
     let stop = stop_signals()?;
     let at = process::Attach {
         socket_and_cell: Some(args.hypervisor.socket_and_cell()?),
         link: args.link.as_deref(),
     };
-    let config = LinkConfig {
-        mtu: args.mtu,
-        ..LinkConfig::default()
+    let bridge_config = BridgeConfig {
+        batch: args.batch,
+        ..BridgeConfig::default()
     };
-    let process::ProcessLink {
-        name,
-        link: vlink,
-        irq,
-    } = process::attach(at, config)?;
-    let tap =
-        Tap::open(&args.tap).with_context(|| format!("creating TAP device `{}`", args.tap))?;
-    tap.configure(
-        args.ip.as_deref(),
-        args.mtu - vnet::nic::ETHERNET_HEADER_LEN,
-    )
-    .with_context(|| format!("configuring `{}`", tap.name()))?;
-    let tap_name = tap.name().to_string();
-    println!(
-        "vnet_tap: link `{name}` <-> {tap_name} ({}), MTU {}",
-        args.ip.as_deref().unwrap_or("no address"),
-        args.mtu
-    );
-    let mut bridge = Bridge::new(
-        vlink,
-        irq,
-        tap,
-        BridgeConfig {
-            batch: args.batch,
-            ..BridgeConfig::default()
-        },
-    );
-    if let Some(path) = &args.pcap {
-        let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
-        let out: Box<dyn Write + Send> = Box::new(BufWriter::new(file));
-        bridge.set_pcap(PcapWriter::new(out).context("writing the pcap header")?);
-    }
-    bridge.set_link_hook(Box::new(move |event| {
-        let text = match event {
-            LinkEvent::Up => "up (peer cell running)",
-            LinkEvent::Down => "down (peer cell gone)",
-            LinkEvent::None => return,
-        };
-        println!("vnet_tap: {tap_name}: link {text}");
-        let _ = std::io::stdout().flush();
-    }));
-    bridge.run(Some(stop.as_fd())).context("bridge loop")?;
-    let s = bridge.stats();
+    let open_tap = |name: &str| -> Result<(Tap, String)> {
+        let tap =
+            Tap::open(&args.tap).with_context(|| format!("creating TAP device `{}`", args.tap))?;
+        tap.configure(args.ip.as_deref(), mtu - vnet::nic::ETHERNET_HEADER_LEN)
+            .with_context(|| format!("configuring `{}`", tap.name()))?;
+        let tap_name = tap.name().to_string();
+        println!(
+            "vnet_tap: link `{name}` ({:?}) <-> {tap_name} ({}), MTU {mtu}",
+            args.format,
+            args.ip.as_deref().unwrap_or("no address"),
+        );
+        Ok((tap, tap_name))
+    };
+    let hook = |tap_name: String| -> Box<dyn FnMut(LinkEvent) + Send> {
+        Box::new(move |event| {
+            let text = match event {
+                LinkEvent::Up => "up (peer cell running)",
+                LinkEvent::Down => "down (peer cell gone)",
+                LinkEvent::None => return,
+            };
+            println!("vnet_tap: {tap_name}: link {text}");
+            let _ = std::io::stdout().flush();
+        })
+    };
+    let s = match args.format {
+        process::Format::Shmring => {
+            let config = LinkConfig {
+                mtu,
+                ..LinkConfig::default()
+            };
+            let p = process::attach(at, config)?;
+            let (tap, tap_name) = open_tap(&p.name)?;
+            let mut bridge = Bridge::new(p.link, p.irq, tap, bridge_config);
+            if let Some(path) = &args.pcap {
+                let file =
+                    File::create(path).with_context(|| format!("creating {}", path.display()))?;
+                let out: Box<dyn Write + Send> = Box::new(BufWriter::new(file));
+                bridge.set_pcap(PcapWriter::new(out).context("writing the pcap header")?);
+            }
+            bridge.set_link_hook(hook(tap_name));
+            bridge.run(Some(stop.as_fd())).context("bridge loop")?;
+            bridge.stats()
+        }
+        process::Format::IvshmemNet => {
+            anyhow::ensure!(
+                args.pcap.is_none(),
+                "--pcap is not supported with --format ivshmem-net yet"
+            );
+            let config = IvnetConfig {
+                max_frame: mtu,
+                // Process cells wake on one interrupt fd: INTx (vector 0 for data too).
+                interrupts: Interrupts::Intx,
+            };
+            let p = process::attach_ivnet(at, config)?;
+            let (tap, tap_name) = open_tap(&p.name)?;
+            let mut bridge = IvnetBridge::new(p.link, p.irq, tap, bridge_config);
+            bridge.set_link_hook(hook(tap_name));
+            bridge.run(Some(stop.as_fd())).context("bridge loop")?;
+            bridge.stats()
+        }
+    };
     println!(
         "vnet_tap: stopped (signal on fd {}); to TAP {} frames / {} bytes, from TAP {} frames / {} bytes",
         stop.as_raw_fd(),

@@ -10,12 +10,11 @@ use std::fmt::Write as _;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::time::{Duration, Instant as StdInstant};
 
-use ivshmem_dev::RegisterAccess;
 use vnet::smoltcp::time::Instant;
 
 use super::services::{ServiceConfig, ServiceStats, Services};
 use vnet::bridge::{check_revents, Interrupt, LoopError, LoopFd, DEFAULT_SPIN};
-use vnet::link::VnetLink;
+use vnet::CellLink;
 
 /// Tuning of the cell loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,15 +32,15 @@ impl Default for CellConfig {
 }
 
 /// A cell: link, interrupt and services.
-pub struct Cell<R: RegisterAccess, I: Interrupt> {
-    link: VnetLink<R>,
+pub struct Cell<L: CellLink, I: Interrupt> {
+    link: L,
     irq: I,
     services: Services,
     config: CellConfig,
     epoch: StdInstant,
 }
 
-impl<R: RegisterAccess, I: Interrupt> core::fmt::Debug for Cell<R, I> {
+impl<L: CellLink, I: Interrupt> core::fmt::Debug for Cell<L, I> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("Cell")
             .field("services", &self.services)
@@ -49,17 +48,12 @@ impl<R: RegisterAccess, I: Interrupt> core::fmt::Debug for Cell<R, I> {
     }
 }
 
-impl<R: RegisterAccess, I: Interrupt> Cell<R, I> {
+impl<L: CellLink, I: Interrupt> Cell<L, I> {
     /// Brings the link's state machine up (first step) and creates the services on its NIC.
-    pub fn new(
-        mut link: VnetLink<R>,
-        irq: I,
-        services: &ServiceConfig,
-        config: CellConfig,
-    ) -> Self {
+    pub fn new(mut link: L, irq: I, services: &ServiceConfig, config: CellConfig) -> Self {
         let epoch = StdInstant::now();
         link.poll_link();
-        let services = Services::new(services, &mut link.nic(), Instant::from_micros(0));
+        let services = Services::new(services, &mut link, Instant::from_micros(0));
         Cell {
             link,
             irq,
@@ -74,7 +68,7 @@ impl<R: RegisterAccess, I: Interrupt> Cell<R, I> {
     }
 
     /// The link.
-    pub fn link(&self) -> &VnetLink<R> {
+    pub fn link(&self) -> &L {
         &self.link
     }
 
@@ -87,7 +81,7 @@ impl<R: RegisterAccess, I: Interrupt> Cell<R, I> {
     /// state machine. Returns whether the carrier changed.
     pub fn handle_interrupt(&mut self) -> std::io::Result<bool> {
         if self.irq.take()? {
-            return Ok(self.link.poll_link() != vnet::link::LinkEvent::None);
+            return Ok(self.link.poll_link() != vnet::LinkEvent::None);
         }
         Ok(false)
     }
@@ -97,23 +91,21 @@ impl<R: RegisterAccess, I: Interrupt> Cell<R, I> {
     /// link changed.
     pub fn step(&mut self) -> std::io::Result<bool> {
         let mut changed = false;
-        if self.link.nic_ref().fault().is_some() {
+        if self.link.faulted() {
             self.link.poll_link();
             changed = true;
         }
-        let before = self.link.nic_ref().stats();
-        let link_stats = self.link.stats();
-        let state = self.link.state();
-        let carrier = self.link.carrier();
+        let before = self.link.report();
         let now = self.now();
         let mut status = |page: &mut String| {
             let n = before;
+            let state = n.state;
             let _ = writeln!(page, "link_state {state:?}");
-            let _ = writeln!(page, "carrier {carrier}");
-            let _ = writeln!(page, "link_ups {}", link_stats.ups);
-            let _ = writeln!(page, "link_downs {}", link_stats.downs);
-            let _ = writeln!(page, "link_faults {}", link_stats.faults);
-            let _ = writeln!(page, "doorbells {}", link_stats.doorbells);
+            let _ = writeln!(page, "carrier {}", n.carrier);
+            let _ = writeln!(page, "link_ups {}", n.ups);
+            let _ = writeln!(page, "link_downs {}", n.downs);
+            let _ = writeln!(page, "link_faults {}", n.faults);
+            let _ = writeln!(page, "doorbells {}", n.doorbells);
             let _ = writeln!(page, "rx_frames {}", n.rx_frames);
             let _ = writeln!(page, "rx_bytes {}", n.rx_bytes);
             let _ = writeln!(page, "rx_oversize {}", n.rx_oversize);
@@ -130,14 +122,14 @@ impl<R: RegisterAccess, I: Interrupt> Cell<R, I> {
             );
             let _ = writeln!(page, "tx_frames {}", n.tx_frames);
             let _ = writeln!(page, "tx_bytes {}", n.tx_bytes);
-            let _ = writeln!(page, "tx_ring_full {}", n.tx_ring_full);
-            let _ = writeln!(page, "tx_reply_dropped {}", n.tx_reply_dropped);
+            let _ = writeln!(page, "tx_ring_full {}", n.tx_full);
+            let _ = writeln!(page, "tx_reply_dropped {}", n.tx_dropped);
             let _ = writeln!(page, "tx_oversize {}", n.tx_oversize);
             let _ = writeln!(page, "corrupt {}", n.corrupt);
         };
-        self.services.poll(now, &mut self.link.nic(), &mut status);
+        self.services.poll(now, &mut self.link, &mut status);
         self.link.flush();
-        let after = self.link.nic_ref().stats();
+        let after = self.link.report();
         Ok(changed || after.rx_frames != before.rx_frames || after.tx_frames != before.tx_frames)
     }
 
@@ -207,7 +199,7 @@ impl<R: RegisterAccess, I: Interrupt> Cell<R, I> {
     }
 
     /// Gives the link back.
-    pub fn into_link(self) -> VnetLink<R> {
+    pub fn into_link(self) -> L {
         self.link
     }
 }

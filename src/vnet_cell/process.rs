@@ -1,12 +1,26 @@
 //! A vnet link of a process cell of the hosted hypervisor: attach through
-//! [`linux_uio_client::Endpoint`] and take the device over with a [`VnetLink`] (what both
+//! [`linux_uio_client::Endpoint`] and take the device over with a [`VnetLink`] (shmring
+//! format) or an [`IvnetLink`] (Linux's `ivshmem-net` format), as [`Format`] says (what both
 //! `examples/vnet_cell.rs` and `examples/vnet_tap.rs` start with).
 
 use std::path::Path;
 
 use linux_uio_client::{Endpoint, EndpointError, EndpointInterrupt, EndpointRegisters};
 
+use vnet::ivnet::{IvnetConfig, IvnetError, IvnetLink};
 use vnet::link::{LinkConfig, LinkError, VnetLink};
+
+/// The wire format of a vnet link (both announce protocol 0001h; the configuration says
+/// which one a link speaks, through the `protocol` key and the cells' `--format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Format {
+    /// This project's frames over `shmring` rings.
+    #[default]
+    Shmring,
+    /// Linux's `ivshmem-net` (virtqueues in the output sections): talks to a real Linux
+    /// `ivshmem-net` netdev.
+    IvshmemNet,
+}
 
 /// Where the hypervisor is and which link to use.
 #[derive(Debug, Clone, Copy, Default)]
@@ -32,31 +46,57 @@ pub enum AttachError {
         /// Why.
         source: LinkError,
     },
+    /// The link is not usable as an `ivshmem-net` link.
+    #[error("link `{name}` (ivshmem-net): {source}")]
+    Ivnet {
+        /// The link's name.
+        name: String,
+        /// Why.
+        source: IvnetError,
+    },
 }
 
-/// A process cell's vnet link, ready for a [`super::cell::Cell`] or a
-/// [`vnet::bridge::Bridge`].
+/// A process cell's vnet link, ready for a [`super::cell::Cell`] or a TAP bridge
+/// ([`vnet::bridge::Bridge`], [`vnet::ivnet::bridge::IvnetBridge`]).
 #[derive(Debug)]
-pub struct ProcessLink {
+pub struct ProcessLink<L = VnetLink<EndpointRegisters>> {
     /// The link's name.
     pub name: String,
     /// The link (state machine not started: the first `poll_link` starts it).
-    pub link: VnetLink<EndpointRegisters>,
+    pub link: L,
     /// Its interrupt.
     pub irq: EndpointInterrupt,
 }
 
-/// Attaches to the hypervisor as `at` says and makes a [`VnetLink`] with `config`.
-pub fn attach(at: Attach<'_>, config: LinkConfig) -> Result<ProcessLink, AttachError> {
-    let endpoint = match at.socket_and_cell {
+fn endpoint(at: Attach<'_>) -> Result<Endpoint, AttachError> {
+    Ok(match at.socket_and_cell {
         Some((socket, cell)) => Endpoint::attach_hosted(socket, cell, at.link),
         None => Endpoint::attach_from_env(at.link),
-    }?;
+    }?)
+}
+
+/// Attaches to the hypervisor as `at` says and makes a [`VnetLink`] with `config`.
+pub fn attach(at: Attach<'_>, config: LinkConfig) -> Result<ProcessLink, AttachError> {
+    let endpoint = endpoint(at)?;
     let name = endpoint.name().to_string();
     let (dev, irq) = endpoint.into_parts();
     match VnetLink::new(dev, config) {
         Ok(link) => Ok(ProcessLink { name, link, irq }),
         Err(source) => Err(AttachError::Link { name, source }),
+    }
+}
+
+/// Attaches to the hypervisor as `at` says and makes an [`IvnetLink`] with `config`.
+pub fn attach_ivnet(
+    at: Attach<'_>,
+    config: IvnetConfig,
+) -> Result<ProcessLink<IvnetLink<EndpointRegisters>>, AttachError> {
+    let endpoint = endpoint(at)?;
+    let name = endpoint.name().to_string();
+    let (dev, irq) = endpoint.into_parts();
+    match IvnetLink::new(dev, config) {
+        Ok(link) => Ok(ProcessLink { name, link, irq }),
+        Err(source) => Err(AttachError::Ivnet { name, source }),
     }
 }
 

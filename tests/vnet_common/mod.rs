@@ -2,6 +2,7 @@
 //! loop over a vnet link, and TCP transfer checks against the cell's services.
 #![allow(dead_code)]
 
+pub mod hosted;
 pub mod linux;
 
 use std::os::fd::AsRawFd;

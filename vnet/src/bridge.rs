@@ -123,6 +123,51 @@ pub fn check_revents(fd: LoopFd, raw: RawFd, revents: libc::c_short) -> Result<(
     }
 }
 
+/// A bridge's sleep: blocks in `poll(2)` on the interrupt, the port (for reading if
+/// `read_port`, for writing if `write_port`) and the stop fd (if any), and checks each fd's
+/// `revents` ([`check_revents`]). `Ok(None)`: interrupted by a signal, try again;
+/// `Ok(Some(revents))` in that order otherwise.
+pub(crate) fn wait_for_bridge_fds(
+    irq: BorrowedFd<'_>,
+    port: BorrowedFd<'_>,
+    read_port: bool,
+    write_port: bool,
+    stop: Option<BorrowedFd<'_>>,
+) -> Result<Option<[libc::c_short; 3]>, LoopError> {
+    let port_events =
+        if read_port { libc::POLLIN } else { 0 } | if write_port { libc::POLLOUT } else { 0 };
+    let mut fds = [
+        libc::pollfd {
+            fd: irq.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: port.as_raw_fd(),
+            events: port_events,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: stop.map_or(-1, |s| s.as_raw_fd()),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    // SAFETY: three valid pollfd entries (a negative fd is ignored by poll).
+    let rc = unsafe { libc::poll(fds.as_mut_ptr(), 3, -1) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(None);
+        }
+        return Err(e.into());
+    }
+    check_revents(LoopFd::Interrupt, fds[0].fd, fds[0].revents)?;
+    check_revents(LoopFd::Port, fds[1].fd, fds[1].revents)?;
+    check_revents(LoopFd::Stop, fds[2].fd, fds[2].revents)?;
+    Ok(Some([fds[0].revents, fds[1].revents, fds[2].revents]))
+}
+
 /// The link's interrupt, as a pollable fd plus "take it (and re-arm)".
 pub trait Interrupt {
     /// The fd that becomes readable when an interrupt is pending.
@@ -530,50 +575,26 @@ impl<R: RegisterAccess, I: Interrupt, P: FramePort> Bridge<R, I, P> {
                 }
             }
             let carrier = self.link.carrier();
-            let mut fds = [
-                libc::pollfd {
-                    fd: self.irq.fd().as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: self.port.as_fd().as_raw_fd(),
-                    events: if carrier && !tx_wait { libc::POLLIN } else { 0 }
-                        | if carrier && out_blocked {
-                            libc::POLLOUT
-                        } else {
-                            0
-                        },
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: stop.map_or(-1, |s| s.as_raw_fd()),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
             self.stats.sleeps += 1;
-            // SAFETY: three valid pollfd entries (a negative fd is ignored by poll).
-            let rc = unsafe { libc::poll(fds.as_mut_ptr(), 3, -1) };
-            if rc < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e.into());
-            }
-            check_revents(LoopFd::Interrupt, fds[0].fd, fds[0].revents)?;
-            check_revents(LoopFd::Port, fds[1].fd, fds[1].revents)?;
-            check_revents(LoopFd::Stop, fds[2].fd, fds[2].revents)?;
-            if fds[2].revents != 0 {
+            let Some(fds) = wait_for_bridge_fds(
+                self.irq.fd(),
+                self.port.as_fd(),
+                carrier && !tx_wait,
+                carrier && out_blocked,
+                stop,
+            )?
+            else {
+                continue;
+            };
+            if fds[2] != 0 {
                 self.link.flush();
                 self.flush_pcap(true);
                 return Ok(());
             }
-            if fds[1].revents & libc::POLLOUT != 0 {
+            if fds[1] & libc::POLLOUT != 0 {
                 out_blocked = false;
             }
-            if fds[0].revents != 0 && self.irq.take()? {
+            if fds[0] != 0 && self.irq.take()? {
                 let event = self.link.poll_link();
                 self.link_event(event);
                 // Space may have been freed: try again (the handshake repeats if not).

@@ -10,6 +10,8 @@
 //! - [`link::VnetLink`]: the NIC on an [`ivshmem_link::Link`] (device driver, the ivshmem-net
 //!   state machine over `STATE`, rings set up and torn down, doorbell only when the peer asked
 //!   for it). It is a smoltcp `Device` itself.
+//! - [`ivnet`]: the second wire format, Linux's `ivshmem-net` (virtqueues in the output
+//!   sections), for links to a real Linux `ivshmem-net` netdev.
 //! - `std` only: [`pcap`] capture, [`tap`] (a Linux TAP device) and [`bridge`] (TAP ⇄ ring
 //!   forwarding, the Linux side of the virtual network).
 //!
@@ -127,6 +129,7 @@ extern crate alloc;
 
 #[cfg(feature = "std")]
 pub mod bridge;
+pub mod ivnet;
 pub mod link;
 pub mod nic;
 #[cfg(feature = "std")]
@@ -134,7 +137,9 @@ pub mod pcap;
 #[cfg(feature = "std")]
 pub mod tap;
 
-pub use link::{LinkConfig, LinkError, LinkEvent, LinkFault, LinkStats, VnetLink};
+pub use link::{
+    CellLink, LinkConfig, LinkError, LinkEvent, LinkFault, LinkReport, LinkStats, VnetLink,
+};
 pub use nic::{NicError, NicPort, NicState, NicStats, ShmNic};
 /// The smoltcp version this crate is built on.
 pub use smoltcp;

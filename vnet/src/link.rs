@@ -18,6 +18,103 @@ pub use ivshmem_link::{LinkEvent, LinkFault, LinkState, LinkStats};
 
 use crate::nic::{self, NicError, NicPort, NicState};
 
+/// A snapshot of a link's state and counters, whatever its wire format (for status pages).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkReport {
+    /// Own link state.
+    pub state: LinkState,
+    /// Carrier on.
+    pub carrier: bool,
+    /// Times the carrier came on.
+    pub ups: u64,
+    /// Times the link went down.
+    pub downs: u64,
+    /// Peer faults that stopped the link.
+    pub faults: u64,
+    /// Doorbells rung.
+    pub doorbells: u64,
+    /// Frames received.
+    pub rx_frames: u64,
+    /// Bytes received.
+    pub rx_bytes: u64,
+    /// Received frames longer than the MTU, dropped.
+    pub rx_oversize: u64,
+    /// IPv4 fragments received (counted by the shmring NIC only; 0 otherwise).
+    pub rx_ipv4_fragments: u64,
+    /// IPv4 fragments dropped as too large to reassemble (shmring NIC only; 0 otherwise).
+    pub rx_ipv4_fragments_dropped: u64,
+    /// Frames sent.
+    pub tx_frames: u64,
+    /// Bytes sent.
+    pub tx_bytes: u64,
+    /// Times the send side had no room.
+    pub tx_full: u64,
+    /// Frames smoltcp built that were dropped for want of room.
+    pub tx_dropped: u64,
+    /// Frames longer than the MTU dropped on send.
+    pub tx_oversize: u64,
+    /// Peer protocol violations seen.
+    pub corrupt: u64,
+}
+
+/// What a cell's event loop needs of its link, whatever the wire format: the shmring format
+/// ([`VnetLink`]) or Linux's `ivshmem-net` ([`crate::ivnet::IvnetLink`]). Both are smoltcp
+/// devices themselves.
+pub trait CellLink: smoltcp::phy::Device {
+    /// Runs the link state machine (after every interrupt, and after a fault).
+    fn poll_link(&mut self) -> LinkEvent;
+    /// Whether the peer broke the format since the last `poll_link` (run it).
+    fn faulted(&self) -> bool;
+    /// Publishes pending frames; rings the peer if it asked. Returns whether it rang.
+    fn flush(&mut self) -> bool;
+    /// Flush and sleep handshake: `true` if the caller may sleep until its next interrupt.
+    fn prepare_sleep(&mut self) -> bool;
+    /// Leaves the link (publishes RESET).
+    fn shut_down(&mut self);
+    /// State and counters.
+    fn report(&self) -> LinkReport;
+}
+
+impl<R: RegisterAccess> CellLink for VnetLink<R> {
+    fn poll_link(&mut self) -> LinkEvent {
+        VnetLink::poll_link(self)
+    }
+    fn faulted(&self) -> bool {
+        self.nic.fault().is_some()
+    }
+    fn flush(&mut self) -> bool {
+        VnetLink::flush(self)
+    }
+    fn prepare_sleep(&mut self) -> bool {
+        VnetLink::prepare_sleep(self)
+    }
+    fn shut_down(&mut self) {
+        VnetLink::shut_down(self)
+    }
+    fn report(&self) -> LinkReport {
+        let (l, n) = (self.link.stats(), self.nic.stats());
+        LinkReport {
+            state: self.link.state(),
+            carrier: self.link.carrier(),
+            ups: l.ups,
+            downs: l.downs,
+            faults: l.faults,
+            doorbells: l.doorbells,
+            rx_frames: n.rx_frames,
+            rx_bytes: n.rx_bytes,
+            rx_oversize: n.rx_oversize,
+            rx_ipv4_fragments: n.rx_ipv4_fragments,
+            rx_ipv4_fragments_dropped: n.rx_ipv4_fragments_dropped,
+            tx_frames: n.tx_frames,
+            tx_bytes: n.tx_bytes,
+            tx_full: n.tx_ring_full,
+            tx_dropped: n.tx_reply_dropped,
+            tx_oversize: n.tx_oversize,
+            corrupt: n.corrupt,
+        }
+    }
+}
+
 /// Errors creating a [`VnetLink`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LinkError {

@@ -141,6 +141,9 @@ pub enum ProtocolSpec {
 pub const PROTOCOL_NAMES: &[(&str, u16)] = &[
     ("undefined", Protocol::UNDEFINED.value()),
     ("ethernet", Protocol::ETHERNET.value()),
+    // The same 0001h, named for a link whose cells speak Linux's `ivshmem-net` wire format
+    // (vnet's `--format ivshmem-net`) rather than vnet's shmring frames.
+    ("ivshmem-net", Protocol::ETHERNET.value()),
     ("telemetry", Protocol::TELEMETRY.value()),
 ];
 

@@ -3,6 +3,9 @@
 //! Cases (each with `bits_per_s`, TCP bulk one way, and `rtt_ns`, ICMP echo round trip):
 //! - `shmring`: two smoltcp interfaces joined by `vnet::ShmNic`s over one in-process shmring
 //!   duplex (512 KiB rings), polled by one thread;
+//! - `ivshmem-net`: the same two smoltcp interfaces over `vnet::ivnet::IvnetLink`s, Linux's
+//!   `ivshmem-net` wire format, on an in-process `LocalLink` with Jailhouse's 0x7F000-byte
+//!   output sections (qlen 2048), polled by one thread;
 //! - `smoltcp-loopback`: one smoltcp interface over smoltcp's own `Loopback` device, client
 //!   and server socket on it, polled by one thread; same MTU (1514), same socket buffers
 //!   (256 KiB), same checksum setting (not computed, as `Loopback` does) as `shmring`;
@@ -34,8 +37,9 @@ use ivshmem_stack::bench::{Measurement, Metric, Settings, SuiteReport};
 use ivshmem_stack::vnet_cell::cell::{Cell, CellConfig};
 use ivshmem_stack::vnet_cell::netns::{echo_request, run_ip, EchoSocket, Netns};
 use ivshmem_stack::vnet_cell::services::{Crc32, ServiceConfig, PORT_SINK};
-use linux_uio_client::{Endpoint, LocalLink};
+use linux_uio_client::{Endpoint, EndpointRegisters, LocalLink};
 use vnet::bridge::{Bridge, BridgeConfig};
+use vnet::ivnet::{Interrupts, IvnetConfig, IvnetLink};
 use vnet::smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use vnet::smoltcp::phy::{ChecksumCapabilities, Device, DeviceCapabilities, Loopback, Medium};
 use vnet::smoltcp::socket::{icmp, tcp};
@@ -53,7 +57,15 @@ const RING: usize = 512 * 1024;
 /// ICMP payload of the RTT runs.
 const PING_PAYLOAD: usize = 56;
 
-const CASES: [&str; 4] = ["shmring", "smoltcp-loopback", "tap-bridge", "veth"];
+const CASES: [&str; 5] = [
+    "shmring",
+    "ivshmem-net",
+    "smoltcp-loopback",
+    "tap-bridge",
+    "veth",
+];
+/// Output-section size of the `ivshmem-net` case (Jailhouse's standard net link).
+const IVNET_SECTION: usize = 0x7F000;
 
 /// The progress line before one timed run: the case, which run, and what it waits for.
 fn run_label(case: &str, run: usize, runs: usize, run_time: Duration, pings: usize) -> String {
@@ -84,7 +96,7 @@ pub fn run(settings: &Settings) -> Result<SuiteReport> {
         let mut rates = Vec::new();
         let mut rtts = Vec::new();
         let available = match case {
-            "shmring" | "smoltcp-loopback" => true,
+            "shmring" | "ivshmem-net" | "smoltcp-loopback" => true,
             _ => linux.is_some(),
         };
         if available {
@@ -92,6 +104,7 @@ pub fn run(settings: &Settings) -> Result<SuiteReport> {
                 settings.say(run_label(case, run, runs, run_time, pings));
                 let (bytes, secs) = match (case, linux.as_mut()) {
                     ("shmring", _) => smol_tcp(SmolPair::ring()?, run_time)?,
+                    ("ivshmem-net", _) => smol_tcp(SmolPair::ivnet()?, run_time)?,
                     ("smoltcp-loopback", _) => smol_tcp(SmolPair::loopback(), run_time)?,
                     (_, Some(l)) => l.tcp(case, run_time)?,
                     _ => unreachable!("unavailable cases are not run"),
@@ -99,6 +112,7 @@ pub fn run(settings: &Settings) -> Result<SuiteReport> {
                 rates.push(bytes as f64 * 8.0 / secs);
                 let rtt = match (case, linux.as_mut()) {
                     ("shmring", _) => smol_ping(SmolPair::ring()?, pings)?,
+                    ("ivshmem-net", _) => smol_ping(SmolPair::ivnet()?, pings)?,
                     ("smoltcp-loopback", _) => smol_ping(SmolPair::loopback(), pings)?,
                     (_, Some(l)) => l.ping(case, pings)?,
                     _ => unreachable!("unavailable cases are not run"),
@@ -130,6 +144,7 @@ pub fn run(settings: &Settings) -> Result<SuiteReport> {
     drop(linux);
     for (case, baseline, tput, rtt) in [
         ("shmring", "smoltcp-loopback", Target::AtLeast(0.7), None),
+        ("ivshmem-net", "shmring", Target::AtLeast(0.5), None),
         (
             "tap-bridge",
             "veth",
@@ -158,7 +173,8 @@ pub fn run(settings: &Settings) -> Result<SuiteReport> {
         RING / 1024
     ));
     report.notes.push(
-        "shmring / smoltcp-loopback: one thread polls both smoltcp ends; tap-bridge: Linux TCP in a \
+        "shmring / ivshmem-net / smoltcp-loopback: one thread polls both smoltcp ends (ivshmem-net: \
+         0x7F000-byte sections, 2048-entry queues, frames copied once on RX); tap-bridge: Linux TCP in a \
          namespace -> TAP -> bridge thread -> ring -> smoltcp cell thread (sink CRCs every byte); \
          veth: Linux -> Linux across two namespaces, receiver CRCs every byte"
             .into(),
@@ -198,6 +214,12 @@ enum SmolPair {
         dev: CappedLoopback,
         iface: Box<Interface>,
     },
+    Ivnet {
+        links: Box<[IvnetLink<EndpointRegisters>; 2]>,
+        ifaces: Box<[Interface; 2]>,
+        /// Keeps the shared memory alive while the links use it.
+        _shared: Arc<LocalLink>,
+    },
 }
 
 const ADDR_A: Ipv4Address = Ipv4Address::new(10, 99, 0, 1);
@@ -233,6 +255,38 @@ impl SmolPair {
         })
     }
 
+    fn ivnet() -> Result<SmolPair> {
+        let shared = LocalLink::new("bench-ivnet", 2, IVNET_SECTION)?;
+        let config = IvnetConfig {
+            max_frame: MTU,
+            interrupts: Interrupts::Intx,
+        };
+        let link = |id| -> Result<IvnetLink<EndpointRegisters>> {
+            let (dev, _irq) = Endpoint::attach_local(&shared, id)?.into_parts();
+            let mut l = IvnetLink::new(dev, config)?;
+            l.set_checksum(ChecksumCapabilities::ignored());
+            Ok(l)
+        };
+        let mut links = [link(0)?, link(1)?];
+        // Both state machines to RUN (one thread: no interrupts needed).
+        for _ in 0..8 {
+            for l in links.iter_mut() {
+                l.poll_link();
+            }
+        }
+        ensure!(
+            links.iter().all(|l| l.carrier()),
+            "ivshmem-net link did not come up"
+        );
+        let [la, lb] = &mut links;
+        let ifaces = [iface_on(la, ADDR_A, 1), iface_on(lb, ADDR_B, 2)];
+        Ok(SmolPair::Ivnet {
+            links: Box::new(links),
+            ifaces: Box::new(ifaces),
+            _shared: shared,
+        })
+    }
+
     fn loopback() -> SmolPair {
         let mut dev = CappedLoopback(Loopback::new(Medium::Ethernet));
         let iface = Box::new(iface_on(&mut dev, ADDR_A, 1));
@@ -242,7 +296,7 @@ impl SmolPair {
     /// The server's address.
     fn server_addr(&self) -> Ipv4Address {
         match self {
-            SmolPair::Ring { .. } => ADDR_B,
+            SmolPair::Ring { .. } | SmolPair::Ivnet { .. } => ADDR_B,
             SmolPair::Loopback { .. } => ADDR_A,
         }
     }
@@ -261,12 +315,19 @@ impl SmolPair {
             SmolPair::Loopback { dev, iface } => {
                 iface.poll(now, dev, &mut sockets[0]);
             }
+            SmolPair::Ivnet { links, ifaces, .. } => {
+                for i in 0..2 {
+                    ifaces[i].poll(now, &mut links[i], &mut sockets[i]);
+                    // One thread polls both ends: the doorbell (if asked for) wakes nobody.
+                    let _ = links[i].flush();
+                }
+            }
         }
     }
 
     fn client_iface(&mut self) -> &mut Interface {
         match self {
-            SmolPair::Ring { ifaces, .. } => &mut ifaces[0],
+            SmolPair::Ring { ifaces, .. } | SmolPair::Ivnet { ifaces, .. } => &mut ifaces[0],
             SmolPair::Loopback { iface, .. } => iface,
         }
     }
@@ -274,7 +335,7 @@ impl SmolPair {
     /// Index of the server's socket set.
     fn server_set(&self) -> usize {
         match self {
-            SmolPair::Ring { .. } => 1,
+            SmolPair::Ring { .. } | SmolPair::Ivnet { .. } => 1,
             SmolPair::Loopback { .. } => 0,
         }
     }
