@@ -411,8 +411,15 @@ impl ControlServer {
         path: &Path,
         make_link: &mut LinkMaker<'_>,
     ) -> Result<Self, ControlError> {
+        // Cell name -> index, and each cell's memberships, built in one pass over the links:
+        // linear in cells + peers (a scan of every link per cell was quadratic).
+        let mut cell_index = std::collections::HashMap::with_capacity(system.cells.len());
+        for (index, cell) in system.cells.iter().enumerate() {
+            cell_index.entry(cell.name.as_str()).or_insert(index);
+        }
+        let mut memberships: Vec<Vec<(usize, u16)>> = vec![Vec::new(); system.cells.len()];
         let mut links = Vec::new();
-        for spec in &system.links {
+        for (li, spec) in system.links.iter().enumerate() {
             let bad = |reason: String| ControlError::BadLink {
                 link: spec.name.clone(),
                 reason,
@@ -423,9 +430,14 @@ impl ControlServer {
                     spec.peers.len()
                 )));
             }
-            for p in &spec.peers {
-                if !system.cells.iter().any(|c| &c.name == p) {
-                    return Err(bad(format!("peer `{p}` is not a configured cell")));
+            for (id, p) in spec.peers.iter().enumerate() {
+                match cell_index.get(p.as_str()) {
+                    // A cell listed twice keeps its first peer ID (validation refuses that).
+                    Some(&ci) if memberships[ci].last().map(|&(l, _)| l) != Some(li) => {
+                        memberships[ci].push((li, id as u16));
+                    }
+                    Some(_) => {}
+                    None => return Err(bad(format!("peer `{p}` is not a configured cell"))),
                 }
             }
             let (memory, model) = make_link(spec)?;
@@ -441,18 +453,9 @@ impl ControlServer {
         let cells = system
             .cells
             .iter()
-            .map(|spec| ServedCell {
-                memberships: system
-                    .links
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(li, l)| {
-                        l.peers
-                            .iter()
-                            .position(|p| p == &spec.name)
-                            .map(|id| (li, id as u16))
-                    })
-                    .collect(),
+            .zip(memberships)
+            .map(|(spec, memberships)| ServedCell {
+                memberships,
                 spec: spec.clone(),
                 client: None,
                 pid: None,
