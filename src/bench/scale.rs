@@ -82,12 +82,13 @@ pub fn comparisons() -> Vec<Comparison> {
             metric: Metric::Ns,
             target: None,
         },
-        // The target is "64 x attach-1 + 10 ms"; the ratio alone is the stricter form.
+        // The target, "64 x attach-1 + 10 ms", is no plain ratio: [`attach_verdict`] judges
+        // it (a note of the report).
         Comparison {
             case: "attach-64",
             baseline: "attach-1",
             metric: Metric::Ns,
-            target: Some(Target::AtMost(64.0)),
+            target: None,
         },
     ];
     for (case, baseline) in [
@@ -234,11 +235,30 @@ pub fn run(settings: &Settings) -> Result<SuiteReport> {
             cpus[0], cpus[1]
         ),
         "doorbell-busy-K: ping on CPU 0, pong on CPU 1; the streaming threads are not pinned, so K > 0 also measures sharing the CPUs with them".into(),
-        "attach-64 target (issue 15): <= 64 x attach-1 + 10 ms; the ratio shown is the stricter <= 64x".into(),
+        attach_verdict(&report),
         "hv-rss / hv-fds: difference of the forked hypervisor's VmRSS and /proc/PID/fd count before it created anything and after both cells attached".into(),
         format!("stream-L: {FRAME_LEN}-byte frames, {} KiB output sections, sequence numbers and per-link checksums checked", STREAM_OUTPUT_SIZE / 1024),
     ];
     Ok(report)
+}
+
+/// The target of issue 15 for attaching: attach-64 <= 64 x attach-1 + 10 ms, as a note.
+pub fn attach_verdict(report: &SuiteReport) -> String {
+    match (
+        report.value("attach-64", Metric::Ns),
+        report.value("attach-1", Metric::Ns),
+    ) {
+        (Some(many), Some(one)) => {
+            let bound = 64.0 * one + 10e6;
+            format!(
+                "attach-64 = {:.2} ms, target <= 64 x attach-1 + 10 ms = {:.2} ms: {}",
+                many / 1e6,
+                bound / 1e6,
+                if many <= bound { "met" } else { "MISSED" }
+            )
+        }
+        _ => "attach-64 target (<= 64 x attach-1 + 10 ms): not available".into(),
+    }
 }
 
 /// A system of process cells `names` (pinned nowhere; the bench pins its threads) and
