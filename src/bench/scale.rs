@@ -725,6 +725,18 @@ fn checksum(mut sum: u64, bytes: &[u8]) -> u64 {
 /// Checksum start value.
 const SUM_START: u64 = 0xCBF2_9CE4_8422_2325;
 
+/// The links (indexes) that have not moved `frames` frames yet (all of them without a count).
+fn unfinished(counts: &[u64], frames: Option<u64>) -> Vec<usize> {
+    (0..counts.len())
+        .filter(|&i| frames.is_none_or(|n| counts[i] < n))
+        .collect()
+}
+
+/// The other peer of a two-peer link.
+fn other_peer(link: &HostedLink) -> u16 {
+    1 - link.peer_id()
+}
+
 /// Sends frames round-robin over `links` (`frames` per link, or until `stop` when `None`);
 /// rings the consumer's doorbell when a flush asks for it, waits on its own interrupts when
 /// every unfinished ring is full. Returns each link's checksum of what it sent.
@@ -735,16 +747,10 @@ fn produce(
     abort: &AtomicBool,
     stop: &AtomicBool,
 ) -> Result<Vec<u64>> {
-    let peer = |link: &HostedLink| 1 - link.peer_id();
     let mut sent = vec![0u64; links.len()];
     let mut sums = vec![SUM_START; links.len()];
     let mut frame = vec![0u8; FRAME_LEN];
-    let unfinished = |sent: &[u64]| -> Vec<usize> {
-        (0..sent.len())
-            .filter(|&i| frames.is_none_or(|n| sent[i] < n))
-            .collect()
-    };
-    let mut open = unfinished(&sent);
+    let mut open = unfinished(&sent, frames);
     while !open.is_empty() {
         if abort.load(Ordering::Relaxed) || stop.load(Ordering::Relaxed) {
             break;
@@ -770,11 +776,11 @@ fn produce(
             if batch > 0 {
                 progress = true;
                 if producers[i].flush().needed() {
-                    links[i].ring(peer(links[i]));
+                    links[i].ring(other_peer(links[i]));
                 }
             }
         }
-        open = unfinished(&sent);
+        open = unfinished(&sent, frames);
         if progress || open.is_empty() {
             continue;
         }
@@ -811,16 +817,10 @@ fn consume(
     frames: Option<u64>,
     abort: &AtomicBool,
 ) -> Result<Vec<u64>> {
-    let peer = |link: &HostedLink| 1 - link.peer_id();
     let mut received = vec![0u64; links.len()];
     let mut sums = vec![SUM_START; links.len()];
     let mut frame = vec![0u8; FRAME_LEN];
-    let unfinished = |received: &[u64]| -> Vec<usize> {
-        (0..received.len())
-            .filter(|&i| frames.is_none_or(|n| received[i] < n))
-            .collect()
-    };
-    let mut open = unfinished(&received);
+    let mut open = unfinished(&received, frames);
     while !open.is_empty() {
         if abort.load(Ordering::Relaxed) {
             if frames.is_none() {
@@ -849,10 +849,10 @@ fn consume(
                 progress = true;
             }
             if (notify | consumers[i].flush()).needed() {
-                links[i].ring(peer(links[i]));
+                links[i].ring(other_peer(links[i]));
             }
         }
-        open = unfinished(&received);
+        open = unfinished(&received, frames);
         if progress || open.is_empty() {
             continue;
         }
