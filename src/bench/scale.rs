@@ -234,7 +234,10 @@ pub fn run(settings: &Settings) -> Result<SuiteReport> {
             "fanout: writer thread on CPU {}, one watcher thread for the N-1 other peers on CPU {}",
             cpus[0], cpus[1]
         ),
-        "doorbell-busy-K: ping on CPU 0, pong on CPU 1; the streaming threads are not pinned, so K > 0 also measures sharing the CPUs with them".into(),
+        format!(
+            "doorbell-busy-K: ping on CPU {}, pong on CPU {}; the streaming threads are not pinned, so K > 0 also measures sharing the CPUs with them",
+            cpus[0], cpus[1]
+        ),
         attach_verdict(&report),
         "hv-rss / hv-fds: difference of the forked hypervisor's VmRSS and /proc/PID/fd count before it created anything and after both cells attached".into(),
         format!("stream-L: {FRAME_LEN}-byte frames, {} KiB output sections, sequence numbers and per-link checksums checked", STREAM_OUTPUT_SIZE / 1024),
