@@ -6,7 +6,7 @@
 use std::sync::{Mutex, MutexGuard};
 
 use ivshmem_stack::bench::report::{Entry, Verdict};
-use ivshmem_stack::bench::{doorbell, pin, ring, Settings, SuiteReport};
+use ivshmem_stack::bench::{doorbell, pin, ring, scale, Settings, SuiteReport};
 
 /// The cases busy-poll on two pinned CPUs: run them one test at a time so two tests never
 /// spin against each other on the same cores.
@@ -111,6 +111,48 @@ fn doorbell_suite_reports_every_transport_and_no_fake_ivshmem() {
         .find(|r| r.comparison.case == "ivshmem")
         .expect("ivshmem ratio");
     assert_ne!(ratio.verdict, Verdict::NotAvailable);
+}
+
+#[test]
+fn scale_suite_reports_every_required_row() {
+    let _cores = one_at_a_time();
+    let report = scale::run(&tiny()).expect("scale suite");
+    assert_eq!(report.suite, "scale");
+    assert_rows(
+        &report,
+        &[
+            ("fanout-2", "ns"),
+            ("fanout-4", "ns"),
+            ("fanout-8", "ns"),
+            ("fanout-16", "ns"),
+            ("doorbell-busy-0", "rtt_ns"),
+            ("doorbell-busy-8", "rtt_ns"),
+            ("doorbell-busy-32", "rtt_ns"),
+            ("attach-1", "ns"),
+            ("attach-8", "ns"),
+            ("attach-32", "ns"),
+            ("attach-64", "ns"),
+            ("hv-rss-1", "bytes"),
+            ("hv-fds-1", "count"),
+            ("hv-rss-64", "bytes"),
+            ("hv-fds-64", "count"),
+            ("stream-1", "bytes_per_s"),
+            ("stream-8", "bytes_per_s"),
+            ("stream-64", "bytes_per_s"),
+            ("validate-64k", "ns"),
+        ],
+    );
+    // The hypervisor holds 8 fds per 2-peer INTx link (state table and two output sections,
+    // each a read-write and a read-only fd, and one eventfd per peer): 64 links add 63 x 8.
+    let fds = |case| {
+        report
+            .value(case, ivshmem_stack::bench::Metric::Count)
+            .unwrap()
+    };
+    assert_eq!(fds("hv-fds-64") - fds("hv-fds-1"), 63.0 * 8.0);
+    for ratio in report.ratios() {
+        assert!(ratio.value.is_some(), "{:?}", ratio.comparison);
+    }
 }
 
 #[test]

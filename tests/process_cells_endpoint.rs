@@ -286,8 +286,9 @@ fn wait_peer_state(link: &linux_uio_client::hosted::HostedLink, peer: u16, value
 }
 
 /// A cell that floods the socket with status requests and never reads the replies cannot
-/// stall the single-threaded server: the server never waits for it (a reply that would block
-/// drops it, detaching the cell), so another cell's STATE acknowledgements keep coming.
+/// stall the single-threaded server: the server never waits for it (its unread replies are
+/// queued up to `MAX_QUEUED_REPLIES`, then it is dropped, detaching the cell), so another
+/// cell's STATE acknowledgements keep coming.
 #[test]
 fn a_cell_that_does_not_read_its_socket_is_detached_without_stalling_others() {
     use nix::errno::Errno;

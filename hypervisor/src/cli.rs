@@ -220,6 +220,9 @@ fn machine_problems(
     if let Some(available) = memory.or_else(config::machine_memory) {
         problems.extend(valid.check_memory(available));
     }
+    if let Some(limits) = config::ProcessLimits::of_this_process() {
+        problems.extend(valid.check_limits(limits));
+    }
     if let Some(severity) = commands {
         let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
         let search_path = std::env::var_os("PATH");

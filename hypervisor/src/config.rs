@@ -70,7 +70,7 @@ mod summary;
 mod validate;
 mod values;
 
-pub use machine::machine_memory;
+pub use machine::{machine_memory, ProcessLimits, CELL_BASE_FDS, HYPERVISOR_BASE_FDS};
 pub use problem::{ConfigErrors, Problem, ProblemKind, Severity};
 pub use summary::Summary;
 pub use values::{

@@ -21,8 +21,11 @@
 //!   report: a spawned cell process is killed (SIGKILL), a cell started by hand is
 //!   disconnected; either way it is detached;
 //! - a status query is answered on any connection;
-//! - the loop never waits for one cell: client sockets are non-blocking, and a client whose
-//!   reply would block (it does not read its socket) is dropped, an attached cell detached;
+//! - the loop never waits for one cell: client sockets are non-blocking; replies that do not
+//!   fit the socket (a cell with many links gets 1 + links x (1 + peers) of them at attach,
+//!   more than a socket buffer holds) wait in the client's outbox and go out when the socket
+//!   is writable again; a client with more than [`MAX_QUEUED_REPLIES`] replies waiting (it
+//!   does not read its socket) is dropped, an attached cell detached;
 //!   at most [`MAX_UNATTACHED_CLIENTS`] connections may be open without an attached cell.
 //!
 //! # Trust between process cells
@@ -73,6 +76,11 @@ use crate::status::{CellExit, CellStatus, LinkStatus, PeerStatus, SystemStatus};
 /// Most connections that may be open without an attached cell (status queries, cells in the
 /// middle of attaching); further connections are closed at once.
 pub const MAX_UNATTACHED_CLIENTS: usize = 32;
+
+/// Most replies that may wait in one client's outbox (see the module documentation). The
+/// grants of an attach are 1 + links x (1 + peers) replies: 65,536 are the grants of 3,855
+/// links of 16 peers.
+pub const MAX_QUEUED_REPLIES: usize = 1 << 16;
 
 /// One link as the control server serves it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -330,6 +338,9 @@ struct Client {
     pid: u32,
     uid: u32,
     cell: Option<usize>,
+    /// Replies (with the fds to pass beside them) that did not fit the socket yet, in order.
+    /// The fds belong to the links' memory, which lives as long as the server.
+    outbox: std::collections::VecDeque<(Reply, Vec<RawFd>)>,
 }
 
 /// The control socket server and the state of every hosted link and cell.
@@ -420,8 +431,15 @@ impl ControlServer {
         path: &Path,
         make_link: &mut LinkMaker<'_>,
     ) -> Result<Self, ControlError> {
+        // Cell name -> index, and each cell's memberships, built in one pass over the links:
+        // linear in cells + peers (a scan of every link per cell was quadratic).
+        let mut cell_index = std::collections::HashMap::with_capacity(system.cells.len());
+        for (index, cell) in system.cells.iter().enumerate() {
+            cell_index.entry(cell.name.as_str()).or_insert(index);
+        }
+        let mut memberships: Vec<Vec<(usize, u16)>> = vec![Vec::new(); system.cells.len()];
         let mut links = Vec::new();
-        for spec in &system.links {
+        for (li, spec) in system.links.iter().enumerate() {
             let bad = |reason: String| ControlError::BadLink {
                 link: spec.name.clone(),
                 reason,
@@ -432,9 +450,14 @@ impl ControlServer {
                     spec.peers.len()
                 )));
             }
-            for p in &spec.peers {
-                if !system.cells.iter().any(|c| &c.name == p) {
-                    return Err(bad(format!("peer `{p}` is not a configured cell")));
+            for (id, p) in spec.peers.iter().enumerate() {
+                match cell_index.get(p.as_str()) {
+                    // A cell listed twice keeps its first peer ID (validation refuses that).
+                    Some(&ci) if memberships[ci].last().map(|&(l, _)| l) != Some(li) => {
+                        memberships[ci].push((li, id as u16));
+                    }
+                    Some(_) => {}
+                    None => return Err(bad(format!("peer `{p}` is not a configured cell"))),
                 }
             }
             let (memory, model) = make_link(spec)?;
@@ -450,18 +473,9 @@ impl ControlServer {
         let cells = system
             .cells
             .iter()
-            .map(|spec| ServedCell {
-                memberships: system
-                    .links
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(li, l)| {
-                        l.peers
-                            .iter()
-                            .position(|p| p == &spec.name)
-                            .map(|id| (li, id as u16))
-                    })
-                    .collect(),
+            .zip(memberships)
+            .map(|(spec, memberships)| ServedCell {
+                memberships,
                 spec: spec.clone(),
                 client: None,
                 pid: None,
@@ -592,7 +606,12 @@ impl ControlServer {
         let mut fds = Vec::with_capacity(1 + self.clients.len() + extra.len());
         fds.push(PollFd::new(self.listener.as_fd(), PollFlags::POLLIN));
         for c in &self.clients {
-            fds.push(PollFd::new(c.fd.as_fd(), PollFlags::POLLIN));
+            let events = if c.outbox.is_empty() {
+                PollFlags::POLLIN
+            } else {
+                PollFlags::POLLIN | PollFlags::POLLOUT
+            };
+            fds.push(PollFd::new(c.fd.as_fd(), events));
         }
         for e in extra {
             fds.push(PollFd::new(*e, PollFlags::POLLIN));
@@ -617,6 +636,7 @@ impl ControlServer {
         let accept_ready = ready(&fds[0]);
         drop(fds);
         for id in ready_clients {
+            self.flush_outbox(id);
             self.service_client(id);
         }
         if accept_ready {
@@ -628,7 +648,7 @@ impl ControlServer {
     fn accept_all(&mut self) {
         loop {
             // Non-blocking: a reply that would block means the cell does not read its socket;
-            // it is dropped rather than stalling every other cell (see `send_reply`).
+            // it is queued, and dropped rather than stalling every other cell (see `deliver`).
             let fd = match accept4(
                 &self.listener,
                 SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
@@ -669,6 +689,7 @@ impl ControlServer {
                 pid,
                 uid,
                 cell: None,
+                outbox: std::collections::VecDeque::new(),
             });
         }
     }
@@ -732,7 +753,7 @@ impl ControlServer {
             Request::Status => {
                 let replies = crate::status::to_wire(&self.status());
                 for r in replies {
-                    if let Err(e) = send_reply(self.clients[index].fd.as_fd(), &r, &[]) {
+                    if let Err(e) = self.deliver(index, r, Vec::new()) {
                         return self.reply_failed(id, "status reply", e);
                     }
                 }
@@ -781,7 +802,7 @@ impl ControlServer {
                     |r| matches!(r, Reply::Cell(b) if b.name.as_str() == Ok(request.cell.as_str())),
                 );
                 if let Some(reply) = reply {
-                    if let Err(e) = send_reply(self.clients[index].fd.as_fd(), &reply, &[]) {
+                    if let Err(e) = self.deliver(index, reply, Vec::new()) {
                         self.reply_failed(request.client, "cell request reply", e);
                     }
                 }
@@ -808,11 +829,46 @@ impl ControlServer {
     }
 
     fn refuse(&mut self, index: usize, reason: RefusalReason, detail: &str) {
-        let _ = send_reply(
-            self.clients[index].fd.as_fd(),
-            &Reply::Refused(RefusedBody::new(reason, detail)),
-            &[],
+        let _ = self.deliver(
+            index,
+            Reply::Refused(RefusedBody::new(reason, detail)),
+            Vec::new(),
         );
+    }
+
+    /// Sends `reply` (and `fds`) to client `index`, or queues it behind the replies already
+    /// waiting or when the socket is full. Fails on a socket error, or with `WouldBlock` when
+    /// the client has [`MAX_QUEUED_REPLIES`] replies waiting already.
+    fn deliver(&mut self, index: usize, reply: Reply, fds: Vec<RawFd>) -> io::Result<()> {
+        let client = &mut self.clients[index];
+        if client.outbox.is_empty() {
+            match send_reply(client.fd.as_fd(), &reply, &fds) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                done => return done,
+            }
+        }
+        if client.outbox.len() >= MAX_QUEUED_REPLIES {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        client.outbox.push_back((reply, fds));
+        Ok(())
+    }
+
+    /// Sends what waits in client `id`'s outbox until the socket is full again.
+    fn flush_outbox(&mut self, id: u64) {
+        let Some(index) = self.client_index(id) else {
+            return;
+        };
+        let client = &mut self.clients[index];
+        while let Some((reply, fds)) = client.outbox.front() {
+            match send_reply(client.fd.as_fd(), reply, fds) {
+                Ok(()) => {
+                    client.outbox.pop_front();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => return self.reply_failed(id, "queued reply", e),
+            }
+        }
     }
 
     fn attach(&mut self, id: u64, name: String) {
@@ -903,21 +959,27 @@ impl ControlServer {
         cell.pid = Some(pid);
         cell.phase = CellPhase::Attached;
         self.clients[index].cell = Some(ci);
-        if let Err(e) = self.send_grants(index, ci) {
+        let sent = self.grants(ci).and_then(|grants| {
+            grants
+                .into_iter()
+                .try_for_each(|(reply, fds)| self.deliver(index, reply, fds))
+        });
+        if let Err(e) = sent {
             return self.reply_failed(id, "link grants", e);
         }
         tracing::info!("cell `{name}` attached (pid {pid})");
         self.events.push(ControlEvent::Attached { cell: name, pid });
     }
 
-    fn send_grants(&self, index: usize, ci: usize) -> io::Result<()> {
-        let fd = self.clients[index].fd.as_fd();
+    /// The replies that attach cell `ci`: accepted, then per link its grant (with the section
+    /// fds) and each peer's name and interrupt eventfds.
+    fn grants(&self, ci: usize) -> io::Result<Vec<(Reply, Vec<RawFd>)>> {
         let cell = &self.cells[ci];
         let accepted = AcceptedBody {
             link_count: cell.memberships.len() as u32,
             hypervisor_pid: std::process::id(),
         };
-        send_reply(fd, &Reply::Accepted(accepted), &[])?;
+        let mut replies = vec![(Reply::Accepted(accepted), Vec::new())];
         for (k, &(li, peer)) in cell.memberships.iter().enumerate() {
             let link = &self.links[li];
             let spec = &link.spec;
@@ -950,7 +1012,7 @@ impl ControlServer {
                 fd_count: fds.len() as u32,
                 reserved2: 0,
             };
-            send_reply(fd, &Reply::LinkGrant(grant), &fds)?;
+            replies.push((Reply::LinkGrant(grant), fds));
             // Each peer's name and interrupt eventfds (one per vector): the cell's own are
             // where its interrupts arrive, the others are what its DOORBELL writes signal.
             for (p, lines) in link.memory.interrupts.iter().enumerate() {
@@ -962,10 +1024,10 @@ impl ControlServer {
                     peer: p as u16,
                     fd_count: fds.len() as u16,
                 };
-                send_reply(fd, &Reply::Peer(body), &fds)?;
+                replies.push((Reply::Peer(body), fds));
             }
         }
-        Ok(())
+        Ok(replies)
     }
 
     fn set_state(&mut self, id: u64, body: SetStateBody) {
@@ -995,7 +1057,7 @@ impl ControlServer {
             Ok(notify) => {
                 signal_all(link, &notify);
                 let ack = Reply::StateAck(body);
-                if let Err(e) = send_reply(self.clients[index].fd.as_fd(), &ack, &[]) {
+                if let Err(e) = self.deliver(index, ack, Vec::new()) {
                     return self.reply_failed(id, "STATE ack", e);
                 }
                 self.events.push(ControlEvent::State {

@@ -31,13 +31,6 @@ pub fn with_hosted_link<T>(
     link: &BenchLink<'_>,
     body: impl FnOnce(&Path) -> Result<T>,
 ) -> Result<T> {
-    static RUN: AtomicU64 = AtomicU64::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "ivbench-{bench}-{}-{}",
-        std::process::id(),
-        RUN.fetch_add(1, Ordering::Relaxed)
-    ));
-    let socket = dir.join("hypervisor.sock");
     let system = SystemSpec {
         cells: link
             .cells
@@ -50,18 +43,52 @@ pub fn with_hosted_link<T>(
                 uid: None,
             })
             .collect(),
-        links: vec![LinkSpec {
-            name: link.name.into(),
-            peers: link.cells.iter().map(|&(name, _)| name.into()).collect(),
-            protocol: 0x4001,
-            state_table_size: 4096,
-            rw_size: 0,
-            output_size: link.output_size,
-            interrupts: hypervisor::device::InterruptMode::Intx,
-        }],
+        links: vec![bench_link_spec(
+            link.name,
+            link.cells
+                .iter()
+                .map(|&(name, _)| name.to_string())
+                .collect(),
+            link.output_size,
+        )],
     };
+    with_hosted_system(bench, &system, body)
+}
+
+/// A benchmark link: user-defined protocol 4001h, a 4 KiB state table, no R/W section, INTx.
+pub fn bench_link_spec(name: &str, peers: Vec<String>, output_size: u64) -> LinkSpec {
+    LinkSpec {
+        name: name.into(),
+        peers,
+        protocol: 0x4001,
+        state_table_size: 4096,
+        rw_size: 0,
+        output_size,
+        interrupts: hypervisor::device::InterruptMode::Intx,
+    }
+}
+
+/// A fresh temporary directory path for one hosted hypervisor of `bench` (not created).
+pub fn bench_dir(bench: &str) -> std::path::PathBuf {
+    static RUN: AtomicU64 = AtomicU64::new(0);
+    std::env::temp_dir().join(format!(
+        "ivbench-{bench}-{}-{}",
+        std::process::id(),
+        RUN.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+/// Like [`with_hosted_link`] for a whole system: serves `system` on a thread of this process
+/// while `body` runs with the control socket's path.
+pub fn with_hosted_system<T>(
+    bench: &str,
+    system: &SystemSpec,
+    body: impl FnOnce(&Path) -> Result<T>,
+) -> Result<T> {
+    let dir = bench_dir(bench);
+    let socket = dir.join("hypervisor.sock");
     let result = (|| {
-        let mut server = ControlServer::bind(&system, &socket, &mut device_model)
+        let mut server = ControlServer::bind(system, &socket, &mut device_model)
             .context("starting the hosted hypervisor")?;
         let stop = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
             .context("eventfd")?;

@@ -25,6 +25,10 @@ pub enum Metric {
     /// Time per operation in nanoseconds, for costs that are not round trips (lower is
     /// better).
     Ns,
+    /// A size in bytes, e.g. resident memory (lower is better; not a timed metric).
+    Bytes,
+    /// A number of things, e.g. open fds (lower is better; not a timed metric).
+    Count,
 }
 
 impl Metric {
@@ -39,6 +43,8 @@ impl Metric {
             Metric::MaxRatePerS => "max_rate_per_s",
             Metric::BitsPerS => "bits_per_s",
             Metric::Ns => "ns",
+            Metric::Bytes => "bytes",
+            Metric::Count => "count",
         }
     }
 
@@ -52,6 +58,8 @@ impl Metric {
             Metric::MaxRatePerS => "1/s",
             Metric::BitsPerS => "bit/s",
             Metric::Ns => "ns",
+            Metric::Bytes => "B",
+            Metric::Count => "1",
         }
     }
 
@@ -59,12 +67,17 @@ impl Metric {
     pub fn higher_is_better(self) -> bool {
         !matches!(
             self,
-            Metric::RttNs | Metric::P50Ns | Metric::P99Ns | Metric::Ns
+            Metric::RttNs
+                | Metric::P50Ns
+                | Metric::P99Ns
+                | Metric::Ns
+                | Metric::Bytes
+                | Metric::Count
         )
     }
 
     /// Converts one timed run of `iters` iterations (each moving `bytes_per_iter` bytes) into
-    /// this metric's value.
+    /// this metric's value. `Bytes` and `Count` are not timed: their value is `iters`.
     pub fn value(self, elapsed: Duration, iters: u64, bytes_per_iter: u64) -> f64 {
         let secs = elapsed.as_secs_f64().max(1e-12);
         match self {
@@ -72,6 +85,7 @@ impl Metric {
             Metric::MsgPerS | Metric::MaxRatePerS => iters as f64 / secs,
             Metric::BytesPerS => (iters as f64) * (bytes_per_iter as f64) / secs,
             Metric::BitsPerS => (iters as f64) * (bytes_per_iter as f64) * 8.0 / secs,
+            Metric::Bytes | Metric::Count => iters as f64,
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Side-by-side benchmark suites: every comparison is a ratio measured in one run on one machine.
 //!
-//! One module per suite ([`ring`], [`doorbell`]); each exposes `run(&Settings) -> SuiteReport`,
+//! One module per suite ([`ring`], [`doorbell`], [`scale`]); each exposes `run(&Settings) -> SuiteReport`,
 //! its `comparisons()` (ratio + target) and one public function per case taking the CPU pair and
 //! an iteration count. A new suite (`telemetry`, `vnet`) is a new module with the same shape plus
 //! one line in the binary's suite list.
@@ -17,6 +17,7 @@ pub mod measure;
 pub mod pin;
 pub mod report;
 pub mod ring;
+pub mod scale;
 
 pub use measure::{Measurement, Metric, Settings};
 pub use report::SuiteReport;

@@ -246,6 +246,10 @@ pub fn format_value(value: f64, metric: Metric) -> String {
         Metric::BitsPerS if value >= 1e9 => format!("{:.2} Gbit/s", value / 1e9),
         Metric::BitsPerS if value >= 1e6 => format!("{:.2} Mbit/s", value / 1e6),
         Metric::BitsPerS => format!("{value:.0} bit/s"),
+        Metric::Bytes if value >= 1024.0 * 1024.0 => format!("{:.2} MiB", value / 1048576.0),
+        Metric::Bytes if value >= 1024.0 => format!("{:.1} KiB", value / 1024.0),
+        Metric::Bytes => format!("{value:.0} B"),
+        Metric::Count => format!("{value:.0}"),
     }
 }
 

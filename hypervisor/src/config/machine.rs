@@ -118,6 +118,158 @@ impl ValidConfig {
     }
 }
 
+/// Open fds of the hypervisor process beside its links: standard streams, the control socket,
+/// signal and stop fds, logging (an allowance, not a count).
+pub const HYPERVISOR_BASE_FDS: u64 = 16;
+/// Open fds of a cell process beside its links: standard streams, the control socket and its
+/// watcher's copy, the watcher's stop pipe (an allowance).
+pub const CELL_BASE_FDS: u64 = 8;
+
+/// A process's limits on open fds (`RLIMIT_NOFILE`) and memory mappings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcessLimits {
+    /// The soft limit on open fds (what a process gets; `ulimit -n`).
+    pub fds_soft: u64,
+    /// The hard limit on open fds (how far a process may raise its soft limit).
+    pub fds_hard: u64,
+    /// Most memory mappings of one process (`vm.max_map_count`).
+    pub max_map_count: u64,
+}
+
+impl ProcessLimits {
+    /// The limits of this process (`/proc/self/limits`, `/proc/sys/vm/max_map_count`), which
+    /// `hypervisor run` and the cells it spawns inherit. `None` if they cannot be read.
+    pub fn of_this_process() -> Option<Self> {
+        let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+        let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+        let mut fields = line["Max open files".len()..].split_whitespace();
+        let mut value = || -> Option<u64> {
+            match fields.next()? {
+                "unlimited" => Some(u64::MAX),
+                n => n.parse().ok(),
+            }
+        };
+        let (fds_soft, fds_hard) = (value()?, value()?);
+        let max_map_count = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(65_530);
+        Some(Self {
+            fds_soft,
+            fds_hard,
+            max_map_count,
+        })
+    }
+}
+
+impl ValidConfig {
+    /// The fds the hypervisor holds for link `link`: a read-write and a read-only fd per
+    /// section (state table, R/W section, one output section per peer) and one eventfd per
+    /// peer and vector.
+    pub fn link_fds(&self, link: usize) -> u64 {
+        let link = &self.links[link];
+        let peers = link.peers.len() as u64;
+        let sections = 1 + u64::from(link.rw_size > 0) + peers * u64::from(link.output_size > 0);
+        2 * sections + peers * u64::from(link.interrupts.vectors().max(1))
+    }
+
+    /// The fds the hypervisor process needs: [`HYPERVISOR_BASE_FDS`], every link's
+    /// [`link_fds`](Self::link_fds), and per cell its control connection and process handle.
+    pub fn hypervisor_fds(&self) -> u64 {
+        let links: u64 = (0..self.links.len()).map(|i| self.link_fds(i)).sum();
+        HYPERVISOR_BASE_FDS + links + 2 * self.cells.len() as u64
+    }
+
+    /// The fds and memory mappings process cell `cell` needs once attached: per link the
+    /// state table, the R/W section and every output section (one fd and one mapping each)
+    /// and one eventfd per peer and vector, plus [`CELL_BASE_FDS`].
+    pub fn cell_needs(&self, cell: usize) -> (u64, u64) {
+        let mut fds = CELL_BASE_FDS;
+        let mut maps = 0;
+        for membership in &self.cells[cell].links {
+            let link = &self.links[membership.link];
+            let peers = link.peers.len() as u64;
+            let sections =
+                1 + u64::from(link.rw_size > 0) + peers * u64::from(link.output_size > 0);
+            fds += sections + peers * u64::from(link.interrupts.vectors().max(1));
+            maps += sections;
+        }
+        (fds, maps)
+    }
+
+    /// Errors where the hypervisor or a process cell would need more open fds than `limits`
+    /// allow, or a cell more memory mappings: each names the figures and a fix.
+    pub fn check_limits(&self, limits: ProcessLimits) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let raise = |needed: u64| {
+            if needed <= limits.fds_hard {
+                format!(
+                    "raise the limit before starting: ulimit -n {needed} (the hard limit allows {})",
+                    limits.fds_hard
+                )
+            } else {
+                format!(
+                    "raise the hard limit to {needed} (as root: ulimit -Hn {needed}, LimitNOFILE= in a systemd unit, or /etc/security/limits.conf), or use fewer links, peers or vectors"
+                )
+            }
+        };
+        let needed = self.hypervisor_fds();
+        if needed > limits.fds_soft {
+            let largest = (0..self.links.len()).max_by_key(|&i| self.link_fds(i));
+            let per_link = largest.map_or(String::new(), |i| {
+                format!(
+                    "; link \"{}\" alone needs {}",
+                    self.links[i].name,
+                    self.link_fds(i)
+                )
+            });
+            problems.push(Problem::error(
+                ProblemKind::FdLimit,
+                "links".to_owned(),
+                format!(
+                    "the hypervisor needs about {needed} open fds for {} links (2 per section, 1 per peer and vector){per_link}; this process may open {} (RLIMIT_NOFILE soft limit; hard limit {})",
+                    self.links.len(),
+                    limits.fds_soft,
+                    limits.fds_hard
+                ),
+                raise(needed),
+            ));
+        }
+        let worst = (0..self.cells.len())
+            .filter(|&i| self.cells[i].kind == CellKind::Process)
+            .map(|i| (i, self.cell_needs(i)))
+            .max_by_key(|&(_, (fds, _))| fds);
+        if let Some((index, (fds, maps))) = worst {
+            let name = &self.cells[index].name;
+            if fds > limits.fds_soft {
+                problems.push(Problem::error(
+                    ProblemKind::FdLimit,
+                    format!("cells[{index}] \"{name}\""),
+                    format!(
+                        "the cell needs about {fds} open fds for its {} links (1 per section, 1 per peer and vector); a process here may open {} (RLIMIT_NOFILE soft limit; hard limit {})",
+                        self.cells[index].links.len(),
+                        limits.fds_soft,
+                        limits.fds_hard
+                    ),
+                    raise(fds),
+                ));
+            }
+            if maps > limits.max_map_count {
+                problems.push(Problem::error(
+                    ProblemKind::FdLimit,
+                    format!("cells[{index}] \"{name}\""),
+                    format!(
+                        "the cell maps {maps} sections, more than the {} memory mappings a process may have (vm.max_map_count)",
+                        limits.max_map_count
+                    ),
+                    format!("as root: sysctl vm.max_map_count={}, or put the cell on fewer links", maps + 1024),
+                ));
+            }
+        }
+        problems
+    }
+}
+
 /// This machine's RAM plus swap in bytes (`MemTotal` + `SwapTotal` of `/proc/meminfo`): the
 /// most that memfd-backed sections can ever hold. `None` if it cannot be read.
 pub fn machine_memory() -> Option<u64> {
@@ -154,6 +306,13 @@ mod tests {
         let err = resolve("/etc", cwd, None).unwrap_err();
         assert!(err.contains("not a file"), "{err}");
         assert!(!err.contains("working directory"), "absolute: {err}");
+    }
+
+    #[test]
+    fn process_limits_are_read() {
+        let limits = ProcessLimits::of_this_process().expect("/proc/self/limits");
+        assert!(limits.fds_soft > 0 && limits.fds_soft <= limits.fds_hard);
+        assert!(limits.max_map_count > 0);
     }
 
     #[test]

@@ -72,6 +72,9 @@ pub enum ProblemKind {
     CommandNotFound,
     /// The links need more shared memory than the machine has (machine check).
     MemoryTooLarge,
+    /// The hypervisor or a cell would need more open fds, or a cell more memory mappings, than
+    /// this machine's limits allow (machine check).
+    FdLimit,
 }
 
 /// One problem in a configuration, with its location and a hint that would fix it.

@@ -1,6 +1,6 @@
 //! The checks behind [`SystemConfig::validate`]: every problem is collected, none stops the rest.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use ivshmem_dev::layout::{LayoutError, LayoutParams, SharedMemoryLayout};
 
@@ -227,16 +227,19 @@ pub(super) fn validate(
     let cells: Option<Vec<CellConfig>> = cells.into_iter().collect();
     let links: Option<Vec<LinkConfig>> = links.into_iter().collect();
 
-    // Cells on no link (by name, so it is reported even when a link has errors).
+    // Cells on no link (by name, so it is reported even when a link has errors). One set of
+    // every peer name: linear in cells + peers (a scan of every link per cell was quadratic).
+    let on_links: HashSet<&str> = config
+        .links
+        .iter()
+        .flat_map(|link| link.peers.iter().flatten())
+        .map(String::as_str)
+        .collect();
     for (index, cell) in config.cells.iter().enumerate() {
         let Some(name) = cell.name.as_deref().filter(|name| name_is_valid(name)) else {
             continue;
         };
-        let on_a_link = config
-            .links
-            .iter()
-            .any(|link| link.peers.iter().flatten().any(|peer| peer == name));
-        if !on_a_link {
+        if !on_links.contains(name) {
             check.warning(
                 ProblemKind::CellWithoutLink,
                 format!("cells[{index}] \"{name}\""),
@@ -373,11 +376,14 @@ fn check_cells(
                 None
             }
             Some(cpus) => {
+                // Sets, not list scans: a cell may list thousands of CPUs.
                 let mut seen = Vec::with_capacity(cpus.len());
+                let mut seen_set = HashSet::with_capacity(cpus.len());
                 let mut twice = Vec::new();
+                let mut twice_set = HashSet::new();
                 for &cpu in cpus {
-                    if seen.contains(&cpu) {
-                        if !twice.contains(&cpu) {
+                    if !seen_set.insert(cpu) {
+                        if twice_set.insert(cpu) {
                             twice.push(cpu);
                         }
                     } else {
@@ -599,6 +605,9 @@ pub(super) fn check_cpus_exist(config: &SystemConfig, cpu_count: usize) -> Vec<P
     problems
 }
 
+/// How many cell names the fix for an unknown peer lists.
+const KNOWN_CELLS_SHOWN: usize = 16;
+
 /// Where the first link appears in KVM peers unless `address` says otherwise (Jailhouse's x86
 /// ivshmem demo uses this address).
 const DEFAULT_LINK_ADDRESS: u64 = 0x3F0F_0000;
@@ -611,6 +620,27 @@ fn check_links(check: &mut Checker, config: &SystemConfig) -> Vec<Option<LinkCon
         .filter_map(|cell| cell.name.as_deref())
         .filter(|name| name_is_valid(name))
         .collect();
+    // Cell name -> index of its first table: one lookup per peer instead of a scan of the
+    // cells (peers x cells was quadratic for systems with many cells and links).
+    let mut cell_by_name: HashMap<&str, usize> = HashMap::with_capacity(config.cells.len());
+    for (index, cell) in config.cells.iter().enumerate() {
+        if let Some(name) = cell.name.as_deref() {
+            cell_by_name.entry(name).or_insert(index);
+        }
+    }
+    // The fix for an unknown peer names the cells, but at most a few of them: one fix per
+    // unknown peer listing every cell would be quadratic in output.
+    let known_cells_hint = if known_cells.is_empty() {
+        "define the cell in a [[cells]] table".to_owned()
+    } else if known_cells.len() <= KNOWN_CELLS_SHOWN {
+        format!("use one of the cells: {}", known_cells.join(", "))
+    } else {
+        format!(
+            "use one of the cells: {}, ... ({} more)",
+            known_cells[..KNOWN_CELLS_SHOWN].join(", "),
+            known_cells.len() - KNOWN_CELLS_SHOWN
+        )
+    };
     let mut first_by_name: HashMap<&str, usize> = HashMap::new();
     let mut resolved = Vec::with_capacity(config.links.len());
     // Default guest-physical address of the next link in KVM peers.
@@ -646,8 +676,7 @@ fn check_links(check: &mut Checker, config: &SystemConfig) -> Vec<Option<LinkCon
                 None
             }
             Some(peers) if peers.len() > MAX_PEERS => {
-                // Reported alone: per-peer checks of a list this long would only flood
-                // (and the duplicate scan is quadratic).
+                // Reported alone: per-peer checks of a list this long would only flood.
                 check.error(
                     ProblemKind::TooManyPeers,
                     format!("{location} .peers"),
@@ -660,31 +689,26 @@ fn check_links(check: &mut Checker, config: &SystemConfig) -> Vec<Option<LinkCon
                 Some(peers.len())
             }
             Some(peers) => {
+                let mut first_position: HashMap<&str, usize> = HashMap::new();
                 for (position, peer) in peers.iter().enumerate() {
                     let peer_location = format!("{location} .peers[{position}]");
-                    if let Some(first) = peers[..position].iter().position(|p| p == peer) {
+                    if let Some(&first) = first_position.get(peer.as_str()) {
                         check.error(
                             ProblemKind::DuplicatePeer,
                             peer_location,
                             format!("cell \"{peer}\" is already peer {first} of this link"),
                             "list each cell once; a cell has one peer ID per link",
                         );
-                    } else if let Some(cell) = config
-                        .cells
-                        .iter()
-                        .position(|cell| cell.name.as_deref() == Some(peer.as_str()))
-                    {
+                    } else if let Some(&cell) = cell_by_name.get(peer.as_str()) {
+                        first_position.insert(peer, position);
                         peer_cells.push(cell);
                     } else {
+                        first_position.insert(peer, position);
                         check.error(
                             ProblemKind::UnknownCell,
                             peer_location,
                             format!("there is no cell called \"{peer}\""),
-                            if known_cells.is_empty() {
-                                "define the cell in a [[cells]] table".to_owned()
-                            } else {
-                                format!("use one of the cells: {}", known_cells.join(", "))
-                            },
+                            known_cells_hint.clone(),
                         );
                     }
                 }

@@ -17,7 +17,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
 use ivshmem_stack::bench::machine::Machine;
 use ivshmem_stack::bench::report::{render_table, Header};
-use ivshmem_stack::bench::{doorbell, kvm, pin, ring, Settings, SuiteReport};
+use ivshmem_stack::bench::{doorbell, kvm, pin, ring, scale, Settings, SuiteReport};
 
 mod telemetry;
 mod vnet;
@@ -55,6 +55,9 @@ enum SuiteName {
     /// KVM cells: doorbell round trips KVM<->KVM, KVM<->process, process<->process, eventfd;
     /// the cost of one MMIO exit.
     Kvm,
+    /// How costs grow: STATE fan-out to 2..16 peers, doorbells beside busy links, attaching to
+    /// 1..64 links, the hypervisor's memory and fds, streaming over many links.
+    Scale,
     /// Every suite, one after the other.
     All,
 }
@@ -70,12 +73,14 @@ fn run_suite(name: SuiteName, settings: &Settings) -> Result<Vec<SuiteReport>> {
         SuiteName::Telemetry => vec![telemetry::run(settings).context("suite telemetry")?],
         SuiteName::Vnet => vec![vnet::run(settings).context("suite vnet")?],
         SuiteName::Kvm => vec![kvm::run(settings).context("suite kvm")?],
+        SuiteName::Scale => vec![scale::run(settings).context("suite scale")?],
         SuiteName::All => {
             let mut reports = run_suite(SuiteName::Ring, settings)?;
             reports.extend(run_suite(SuiteName::Doorbell, settings)?);
             reports.extend(run_suite(SuiteName::Telemetry, settings)?);
             reports.extend(run_suite(SuiteName::Vnet, settings)?);
             reports.extend(run_suite(SuiteName::Kvm, settings)?);
+            reports.extend(run_suite(SuiteName::Scale, settings)?);
             reports
         }
     })
