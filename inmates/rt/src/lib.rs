@@ -3,6 +3,7 @@
 //!
 //! - [`boot`]: the real-mode → long-mode stub at address 0, identity page tables.
 //! - [`comm`]: the communication region at 0x100000 (checked before `main`).
+//! - [`clock`]: TSC time on the host's `CLOCK_MONOTONIC` (the VMM's clock epoch).
 //! - [`cmdline`]: the 256-byte command line at 0x1000 (`target=1`).
 //! - [`interrupts`]: IDT, entry stubs, one handler for device vectors.
 //! - [`x2apic`]: EOI, APIC ID (MSI-X capability and table: `ivshmem_dev::msix`, programmed
@@ -32,6 +33,7 @@
 // linker script and its own entry point.
 #[cfg(not(test))]
 pub mod boot;
+pub mod clock;
 pub mod cmdline;
 pub mod comm;
 pub mod console;
