@@ -10,6 +10,8 @@
 //!   for this CPU by [`ivshmem::Device::setup_msix`]).
 //! - [`pmtimer`]: delays on the ACPI PM timer; [`timer`]: sleeping on the x2APIC timer.
 //! - [`console`]: the 8250 UART at 0x3F8, [`println!`].
+//! - [`user`]: running the main loop at ring 3 (native under PVM), privileged instructions
+//!   trapped and performed at ring 0.
 //! - [`ivshmem`]: bringing up an ivshmem v2 device the Jailhouse way.
 //!
 //! An inmate is `#![no_std] #![no_main]` and names its main function with [`entry!`]:
@@ -22,8 +24,9 @@
 //! A panic prints `PANIC: ...`, sets `cell_state` = 3 (failed) and stops the CPU; so does an
 //! unexpected exception.
 //!
-//! The code runs in ring 0. On this project's PVM-backed `/dev/kvm`, ring-0 code is emulated
-//! (~0.7 µs per instruction), so hot loops are kept short and every wait polls a device (PM
+//! The code runs in ring 0 unless the inmate calls [`user::enter`]. On this project's
+//! PVM-backed `/dev/kvm`, ring-0 code is emulated (~0.7 µs per instruction), so hot loops
+//! belong at ring 3 or are kept short and every wait polls a device (PM
 //! timer) or halts; no SSE: the target is soft-float and the boot stub never enables it.
 #![cfg_attr(not(test), no_std)]
 #![warn(missing_docs)]
@@ -42,6 +45,7 @@ pub mod ivshmem;
 pub mod pmtimer;
 pub mod port;
 pub mod timer;
+pub mod user;
 pub mod x2apic;
 
 use core::arch::asm;

@@ -111,6 +111,18 @@ fn main(cmdline: &Cmdline) -> ! {
     };
     driver.enable_interrupts();
     interrupts::enable();
+    let ring = cmdline.int("ring", 3);
+    let before = clock::monotonic_ns();
+    match ring {
+        0 => {}
+        3 => inmate_rt::user::enter(),
+        other => panic!("telemetry: ring={other}: 0 or 3"),
+    }
+    println!(
+        "telemetry: main loop in ring {ring} (clock {} -> {})",
+        before,
+        clock::monotonic_ns()
+    );
     let config = ProducerConfig {
         peer,
         rate_per_s: rate,
