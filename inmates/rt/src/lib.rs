@@ -9,6 +9,7 @@
 //! - [`x2apic`]: EOI, APIC ID (MSI-X capability and table: `ivshmem_dev::msix`, programmed
 //!   for this CPU by [`ivshmem::Device::setup_msix`]).
 //! - [`pmtimer`]: delays on the ACPI PM timer; [`timer`]: sleeping on the x2APIC timer.
+//! - [`event`]: waiting for a device interrupt or a deadline without lost wake-ups.
 //! - [`console`]: the 8250 UART at 0x3F8, [`println!`].
 //! - [`user`]: running the main loop at ring 3 (native under PVM), privileged instructions
 //!   trapped and performed at ring 0.
@@ -40,6 +41,7 @@ pub mod clock;
 pub mod cmdline;
 pub mod comm;
 pub mod console;
+pub mod event;
 pub mod interrupts;
 pub mod ivshmem;
 pub mod pmtimer;

@@ -19,8 +19,6 @@
 #![no_std]
 #![no_main]
 
-use core::sync::atomic::{AtomicBool, Ordering};
-
 use inmate_rt::clock::{self, ClockKind};
 use inmate_rt::interrupts::{self, FIRST_DEVICE_VECTOR};
 use inmate_rt::ivshmem::{self, Device};
@@ -29,15 +27,6 @@ use ivshmem_dev::{PortIo, Protocol};
 use telemetry::{CellPlatform, ProducerCell, ProducerConfig, Sample};
 
 inmate_rt::entry!(main);
-
-/// Set by the device's interrupt handler, taken by [`InmatePlatform::wait`].
-static PENDING: AtomicBool = AtomicBool::new(false);
-/// The longest halt without a deadline: a safety net only (every link change interrupts).
-const MAX_WAIT_US: u64 = 50_000;
-
-fn irq_handler(_vector: u8) {
-    PENDING.store(true, Ordering::Release);
-}
 
 /// The producer's platform in this inmate.
 struct InmatePlatform;
@@ -48,18 +37,7 @@ impl CellPlatform for InmatePlatform {
     }
 
     fn wait(&mut self, deadline_ns: Option<u64>) -> bool {
-        let us = match deadline_ns {
-            Some(deadline) => {
-                let left = deadline.saturating_sub(clock::monotonic_ns()) / 1000;
-                if left == 0 {
-                    return true;
-                }
-                left.min(MAX_WAIT_US)
-            }
-            None => MAX_WAIT_US,
-        };
-        inmate_rt::timer::wait_at_most_us(us, || PENDING.swap(false, Ordering::Acquire));
-        PENDING.store(false, Ordering::Relaxed);
+        inmate_rt::event::wait_until(deadline_ns);
         true
     }
 }
@@ -84,7 +62,7 @@ fn main(cmdline: &Cmdline) -> ! {
     }
     let batch = cmdline.int("batch", 32).clamp(1, 4096) as usize;
     let fault = cmdline.int("fault", 0) != 0;
-    interrupts::set_handler(irq_handler);
+    interrupts::set_handler(inmate_rt::event::device_interrupt);
 
     let kind = clock::init();
     match kind {
