@@ -172,7 +172,11 @@ pub(crate) fn emulate(frame: &mut Frame) -> bool {
     // SAFETY: the faulting instruction lies in the inmate's identity-mapped image; reading up
     // to 3 bytes of it (prefix, opcode, operand) stays inside the mapped text.
     let byte = |i: usize| unsafe { rip.add(i).read_volatile() };
-    let (wide16, at) = if byte(0) == 0x66 { (true, 1) } else { (false, 0) };
+    let (wide16, at) = if byte(0) == 0x66 {
+        (true, 1)
+    } else {
+        (false, 0)
+    };
     let dx = frame.rdx as u16;
     let set_al = |f: &mut Frame, v: u8| f.rax = f.rax & !0xFF | u64::from(v);
     let set_ax = |f: &mut Frame, v: u16| f.rax = f.rax & !0xFFFF | u64::from(v);

@@ -65,7 +65,10 @@ impl Received {
         if len != payload.len()
             || len != payload_len(seq)
             || crc32fast::hash(payload) != crc
-            || payload.iter().enumerate().any(|(i, b)| *b != pattern(seq, i))
+            || payload
+                .iter()
+                .enumerate()
+                .any(|(i, b)| *b != pattern(seq, i))
         {
             self.bad += 1;
         }
@@ -97,15 +100,18 @@ fn main(cmdline: &Cmdline) -> ! {
     let id = driver.id();
     assert_eq!(driver.max_peers(), 2, "stream: needs a 2-peer link");
     driver.enable_interrupts();
-    let mut link = Link::new(driver, id ^ 1, LinkConfig::default())
-        .unwrap_or_else(|e| panic!("stream: {e}"));
+    let mut link =
+        Link::new(driver, id ^ 1, LinkConfig::default()).unwrap_or_else(|e| panic!("stream: {e}"));
     interrupts::enable();
     match ring {
         0 => {}
         3 => inmate_rt::user::enter(),
         other => panic!("stream: ring={other}: 0 or 3"),
     }
-    println!("stream: peer {id} sends {count} frames to peer {}, loop in ring {ring}", id ^ 1);
+    println!(
+        "stream: peer {id} sends {count} frames to peer {}, loop in ring {ring}",
+        id ^ 1
+    );
 
     let mut buf = [0u8; HEADER + MAX_PAYLOAD as usize];
     let mut sent = 0u64;
