@@ -38,6 +38,7 @@ use hypervisor::kvm::{
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 
 use super::doorbell;
+use super::hosted::HostedSystem;
 use super::measure::{measure, Measurement, Metric, Settings};
 use super::pin::run_pinned;
 use super::report::{Comparison, Entry, SuiteReport};
@@ -374,8 +375,6 @@ fn telemetry_run(
     rate: Option<u64>,
     count: u64,
 ) -> Result<TelemetryRun> {
-    use hypervisor::cells::{run_system, RunOptions, StopHandle};
-    use std::io::BufRead as _;
     use std::sync::atomic::{AtomicU64, Ordering};
 
     static RUN: AtomicU64 = AtomicU64::new(0);
@@ -428,69 +427,26 @@ vectors = 1
         consumer_cpu = cpus[0],
     );
     let result = (|| {
-        let valid = hypervisor::config::SystemConfig::from_toml_str(&toml)
-            .and_then(|c| c.validate())
-            .map_err(|e| anyhow::anyhow!("telemetry system: {e}"))?;
-        let system = hypervisor::control::SystemSpec::from_config(&valid);
-        let kvm = hypervisor::kvm::KvmSystem::from_config(&valid);
-        let stop = StopHandle::new()?;
-        let options = RunOptions {
-            spawn: false,
-            stop_when_cells_exit: false,
-            ..RunOptions::new(&socket)
-        };
-        let (read, write) = nix::unistd::pipe().context("pipe")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(std::fs::File::from(read)).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        std::thread::scope(|scope| {
-            let serving = scope.spawn(|| {
-                let mut out = std::fs::File::from(write);
-                run_system(
-                    &system,
-                    &kvm,
-                    &options,
-                    Some(&stop),
-                    &mut out,
-                    &mut std::io::sink(),
-                )
+        let system = HostedSystem::start(&toml)?;
+        let socket = system.socket().to_path_buf();
+        let socket = socket.as_path();
+        let measured = std::thread::scope(|scope| {
+            let producing = (producer == TelemetryProducer::Process).then(|| {
+                scope.spawn(move || {
+                    run_pinned(cpus[1], || process_producer(socket, rate, count, batch))
+                })
             });
-            let measured = (|| {
-                loop {
-                    let line = rx
-                        .recv_timeout(TELEMETRY_TIMEOUT)
-                        .context("the hypervisor did not start")?;
-                    if line.contains("listening on") {
-                        break;
-                    }
-                }
-                let producing = (producer == TelemetryProducer::Process).then(|| {
-                    let socket = socket.clone();
-                    scope.spawn(move || {
-                        run_pinned(cpus[1], || process_producer(&socket, rate, count, batch))
-                    })
-                });
-                let received = run_pinned(cpus[0], || consume_samples(&socket, count));
-                if let Some(p) = producing {
-                    p.join()
-                        .map_err(|_| anyhow::anyhow!("the producer thread panicked"))??;
-                }
-                received
-            })();
-            stop.stop();
-            let served = serving
-                .join()
-                .map_err(|_| anyhow::anyhow!("the hypervisor thread panicked"))?;
-            let value = measured?;
-            served.map_err(|e| anyhow::anyhow!("hypervisor: {e}"))?;
-            Ok(value)
-        })
+            let received = run_pinned(cpus[0], || consume_samples(socket, count));
+            if let Some(p) = producing {
+                p.join()
+                    .map_err(|_| anyhow::anyhow!("the producer thread panicked"))??;
+            }
+            received
+        });
+        let stopped = system.stop();
+        let value = measured?;
+        stopped?;
+        Ok(value)
     })();
     let _ = std::fs::remove_dir_all(&dir);
     result
