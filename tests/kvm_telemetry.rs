@@ -29,7 +29,7 @@ use std::time::Duration;
 use hypervisor::control::CellAction;
 use hypervisor::kvm::kvm_available;
 use hypervisor::status;
-use ivshmem_stack::bench::hosted::HostedSystem;
+use ivshmem_stack::bench::hosted::{private_config, HostedSystem};
 use linux_uio_client::channel::ChannelError;
 use linux_uio_client::{Channel, ChannelOptions, Endpoint, WaitMode};
 use process_common::{Lines, TempDir};
@@ -69,29 +69,15 @@ impl System {
         let socket = dir.0.join("control.sock");
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let shipped = std::fs::read_to_string(root.join("configs/telemetry-kvm.toml")).unwrap();
-        let toml = shipped
-            .replace(
-                "name = \"telemetry-kvm\"",
-                &format!(
-                    "name = \"kvm-telemetry-{tag}-{}\"\ncontrol_socket = \"{}\"",
-                    std::process::id(),
-                    socket.display()
-                ),
-            )
-            .replace(
-                "\"inmates/target/x86_64-unknown-none/release/telemetry-inmate.bin\"",
-                &format!("\"{}\"", image.display()),
-            )
-            .replace(
-                "cmdline = \"rate=10000 count=0 size=40 batch=32\"",
-                &format!("cmdline = \"{cmdline}\""),
-            );
-        assert_eq!(
-            toml.matches(&format!("{}", image.display())).count()
-                + toml.matches(cmdline).count()
-                + toml.matches("control_socket = ").count(),
-            3,
-            "configs/telemetry-kvm.toml changed shape"
+        let name = format!("kvm-telemetry-{tag}-{}", std::process::id());
+        let toml = private_config(&shipped, &name, &socket).replace(
+            "cmdline = \"rate=10000 count=0 size=40 batch=32\"",
+            &format!("cmdline = \"{cmdline}\""),
+        );
+        assert!(
+            toml.contains(&format!("image = \"{}\"", image.display()))
+                && toml.contains(&format!("cmdline = \"{cmdline}\"")),
+            "configs/telemetry-kvm.toml changed shape: {toml}"
         );
         let mut hosted = HostedSystem::start(&toml).unwrap_or_else(|e| panic!("{e:#}"));
         let lines = Lines {

@@ -206,3 +206,40 @@ impl Drop for HostedSystem {
         let _ = self.finish();
     }
 }
+
+/// A private copy of a shipped system configuration (`configs/*.toml`) for a test or a
+/// benchmark: the `[system]` renamed `name` with its control socket at `socket` (so parallel
+/// runs never meet), and every relative `image = "…"` made absolute from this package's root
+/// (the images `scripts/build-inmates` builds). Everything else is left as shipped.
+pub fn private_config(shipped: &str, name: &str, socket: &Path) -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut section = String::new();
+    let mut out = String::with_capacity(shipped.len() + 128);
+    for line in shipped.lines() {
+        let trimmed = line.trim_start();
+        if trimmed.starts_with('[') {
+            section = trimmed.to_owned();
+        }
+        let value = |key: &str| {
+            trimmed
+                .strip_prefix(key)
+                .map(str::trim_start)
+                .and_then(|rest| rest.strip_prefix('='))
+                .map(|rest| rest.trim().trim_matches('"').to_owned())
+        };
+        if section == "[system]" && value("name").is_some() {
+            out.push_str(&format!(
+                "name = \"{name}\"\ncontrol_socket = \"{}\"\n",
+                socket.display()
+            ));
+        } else if section == "[system]" && value("control_socket").is_some() {
+            // Replaced above.
+        } else if let Some(image) = value("image").filter(|i| Path::new(i).is_relative()) {
+            out.push_str(&format!("image = \"{}\"\n", root.join(image).display()));
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}

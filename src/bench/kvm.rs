@@ -39,7 +39,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout};
 
 use super::doorbell;
 use super::hosted::HostedSystem;
-use super::measure::{measure, Measurement, Metric, Settings};
+use super::measure::{measure, Measurement, Metric, OneWayRun, Settings};
 use super::pin::run_pinned;
 use super::report::{Comparison, Entry, SuiteReport};
 
@@ -338,33 +338,6 @@ fn under_pvm() -> bool {
     Path::new("/sys/module/kvm_pvm").exists()
 }
 
-/// What the consumer saw in one telemetry run.
-struct TelemetryRun {
-    latencies_ns: Vec<u64>,
-    first_ns: u64,
-    last_ns: u64,
-}
-
-impl TelemetryRun {
-    fn percentile(&mut self, q: f64) -> f64 {
-        self.latencies_ns.sort_unstable();
-        let n = self.latencies_ns.len();
-        if n == 0 {
-            return f64::NAN;
-        }
-        self.latencies_ns[((n as f64 * q).ceil() as usize).clamp(1, n) - 1] as f64
-    }
-
-    fn rate(&self) -> f64 {
-        let secs = self.last_ns.saturating_sub(self.first_ns) as f64 / 1e9;
-        if secs > 0.0 {
-            (self.latencies_ns.len() as f64 - 1.0) / secs
-        } else {
-            f64::NAN
-        }
-    }
-}
-
 /// One telemetry run: a system (`hypervisor::cells::run_system`) with the producer (peer 0,
 /// on `cpus[1]`) and this thread's tokio consumer (peer 1, on `cpus[0]`) on one MSI-X link;
 /// `count` samples at `rate` (`None`: flat out), every one checked.
@@ -374,7 +347,7 @@ fn telemetry_run(
     image: &Path,
     rate: Option<u64>,
     count: u64,
-) -> Result<TelemetryRun> {
+) -> Result<OneWayRun> {
     use std::sync::atomic::{AtomicU64, Ordering};
 
     static RUN: AtomicU64 = AtomicU64::new(0);
@@ -481,7 +454,7 @@ fn process_producer(socket: &Path, rate: Option<u64>, count: u64, batch: usize) 
 
 /// The tokio consumer (a `Channel` in interrupt mode, as `examples/telemetry_consumer.rs`):
 /// `count` samples, in order and whole, each timestamped at receipt.
-fn consume_samples(socket: &Path, count: u64) -> Result<TelemetryRun> {
+fn consume_samples(socket: &Path, count: u64) -> Result<OneWayRun> {
     use linux_uio_client::{Channel, ChannelOptions, Endpoint, WaitMode};
     use telemetry::process::monotonic_ns;
     use telemetry::{Sample, SampleCheck};
@@ -500,7 +473,7 @@ fn consume_samples(socket: &Path, count: u64) -> Result<TelemetryRun> {
             },
         )?;
         let mut check = SampleCheck::default();
-        let mut run = TelemetryRun {
+        let mut run = OneWayRun {
             latencies_ns: Vec::with_capacity(count as usize),
             first_ns: 0,
             last_ns: 0,
