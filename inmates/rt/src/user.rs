@@ -22,6 +22,9 @@
 //!   runtime's "check, then halt" waits lose no interrupt). PVM also refuses `out` and `hlt`
 //!   at CPL3 and makes `int n` #UD, so an int/syscall gate would buy nothing here.
 //!
+//! A port access the VMM refuses (an illegal access) is performed by the emulator, so the
+//! hypervisor's `FATAL:` report names the emulator's RIP, not the ring-3 instruction's.
+//!
 //! Costs at ring 3: every emulated instruction is an exception plus a few hundred emulated
 //! ring-0 instructions (tens to hundreds of µs under PVM), so console output and PM-timer
 //! reads are slower than at ring 0; memory, MMIO (the doorbell: a VM exit either way) and
