@@ -34,7 +34,7 @@ use core::arch::asm;
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, Ordering};
 
-use crate::interrupts::Frame;
+use crate::interrupts::{Frame, TablePointer};
 use crate::port;
 
 /// User data selector (RPL 3).
@@ -129,12 +129,7 @@ pub fn enter() {
             base >> 32,            //       TSS, high half
         ];
     }
-    #[repr(C, packed)]
-    struct Pointer {
-        limit: u16,
-        base: u64,
-    }
-    let pointer = Pointer {
+    let pointer = TablePointer {
         limit: (8 * 8 - 1) as u16,
         base: gdt as u64,
     };
