@@ -15,10 +15,16 @@
 //! - `mmio-exit`: a KVM cell reads BAR0's ID register in a loop; every read exits to user
 //!   space and is answered by the device model (metric `ns` per read, loop included).
 //!
+//! - `telemetry-kvm`: the telemetry inmate (`inmates/telemetry`, producer loop in ring 3) in
+//!   a KVM cell → the tokio consumer in a process cell, `p50_ns`/`p99_ns` at a paced rate and
+//!   `max_rate_per_s` flat out; `telemetry-process`: the same system with the producer a
+//!   process cell, in the same run ([`telemetry_rows`]).
+//!
 //! On a PVM host (`/dev/kvm` without VMX) guest ring-0 code is emulated, so these figures
 //! say nothing about real hardware.
 
 use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,7 +38,8 @@ use hypervisor::kvm::{
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 
 use super::doorbell;
-use super::measure::{measure, Metric, Settings};
+use super::hosted::HostedSystem;
+use super::measure::{measure, Measurement, Metric, OneWayRun, Settings};
 use super::pin::run_pinned;
 use super::report::{Comparison, Entry, SuiteReport};
 
@@ -42,7 +49,7 @@ pub const SUITE: &str = "kvm";
 /// How long one guest run may take before it counts as hung.
 const GUEST_TIMEOUT: Duration = Duration::from_secs(120);
 /// The PM timer's frequency.
-const PM_TIMER_HZ: f64 = 3_579_545.0;
+const PM_TIMER_HZ: f64 = ivshmem_dev::comm::PM_TIMER_HZ as f64;
 
 /// The ratios this suite reports (no targets: PVM timings are not comparable to VMX).
 pub fn comparisons() -> Vec<Comparison> {
@@ -124,7 +131,16 @@ pub fn run(settings: &Settings) -> Result<SuiteReport> {
             }
         }
     }
+    report.entries.extend(telemetry_rows(settings)?);
     report.comparisons = comparisons();
+    report.comparisons.extend(
+        [Metric::P50Ns, Metric::P99Ns, Metric::MaxRatePerS].map(|metric| Comparison {
+            case: "telemetry-kvm",
+            baseline: "telemetry-process",
+            metric,
+            target: None,
+        }),
+    );
     report.notes = vec![
         cpu_note(cpus),
         "kvm-kvm: guest loop timed by the guest's PM timer (24-bit, 3.58 MHz); both doorbells on the fast path (ioeventfd with datamatch -> eventfd -> irqfd on an MSI route), no exit to user space".into(),
@@ -132,6 +148,7 @@ pub fn run(settings: &Settings) -> Result<SuiteReport> {
         "mmio-exit: per BAR0 read, including three emulated loop instructions".into(),
         "on a PVM /dev/kvm (no VMX) guest ring-0 code is emulated: these figures say nothing about real hardware".into(),
     ];
+    report.notes.extend(telemetry_notes());
     Ok(report)
 }
 
@@ -288,6 +305,288 @@ pub fn mmio_exit(guest: &Guest, cpus: [usize; 2], iters: u64) -> Result<Duration
         reader.exits()
     );
     Ok(elapsed)
+}
+
+/// Samples per second of the latency runs of `telemetry-kvm` and `telemetry-process` (well
+/// below what the ring-3 inmate sustains under PVM).
+pub const TELEMETRY_PACED_RATE: u64 = 1000;
+/// Samples of a flat-out run (about a second for the inmate under PVM).
+const TELEMETRY_FLAT: u64 = 100_000;
+/// Samples per publish when flat out (as the `telemetry` suite).
+const TELEMETRY_BATCH: usize = 32;
+/// Guard on one telemetry run.
+const TELEMETRY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Who produces in a telemetry run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TelemetryProducer {
+    /// The telemetry inmate (`inmates/telemetry`, loop in ring 3) in a KVM cell.
+    Kvm,
+    /// `telemetry::ProducerCell` in a thread attached as a process cell.
+    Process,
+}
+
+/// The telemetry inmate's image, if `scripts/build-inmates` built it.
+fn telemetry_image() -> std::result::Result<PathBuf, String> {
+    let image = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("inmates/target/x86_64-unknown-none/release/telemetry-inmate.bin");
+    if image.exists() {
+        Ok(image)
+    } else {
+        Err(format!(
+            "{} is missing: build it with scripts/build-inmates",
+            image.display()
+        ))
+    }
+}
+
+/// Whether `/dev/kvm` is PVM (guest ring 0 emulated, ring 3 native).
+fn under_pvm() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// One telemetry run: a system (`hypervisor::cells::run_system`) with the producer (peer 0,
+/// on `cpus[1]`) and this thread's tokio consumer (peer 1, on `cpus[0]`) on one MSI-X link;
+/// `count` samples at `rate` (`None`: flat out), every one checked.
+fn telemetry_run(
+    cpus: [usize; 2],
+    producer: TelemetryProducer,
+    image: &Path,
+    rate: Option<u64>,
+    count: u64,
+) -> Result<OneWayRun> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    static RUN: AtomicU64 = AtomicU64::new(0);
+    let tag = format!(
+        "{}-{}",
+        std::process::id(),
+        RUN.fetch_add(1, Ordering::Relaxed)
+    );
+    let dir = std::env::temp_dir().join(format!("ivbench-telemetry-kvm-{tag}"));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let socket = dir.join("control.sock");
+    let batch = if rate.is_some() { 1 } else { TELEMETRY_BATCH };
+    let producer_cell = match producer {
+        TelemetryProducer::Kvm => format!(
+            "kind = \"kvm\"\nmemory = \"1M\"\nimage = \"{}\"\ncmdline = \"rate={} count={count} batch={batch} ring=3\"",
+            image.display(),
+            rate.unwrap_or(0)
+        ),
+        TelemetryProducer::Process => "kind = \"process\"\ncommand = \"/bin/true\"".into(),
+    };
+    let toml = format!(
+        r#"
+[system]
+name = "ivbench-telemetry-{tag}"
+control_socket = "{socket}"
+allow_shared_cpus = true
+
+[[cells]]
+name = "producer"
+cpus = [{producer_cpu}]
+{producer_cell}
+
+[[cells]]
+name = "consumer"
+kind = "process"
+cpus = [{consumer_cpu}]
+command = "/bin/true"
+
+[[links]]
+name = "telemetry"
+peers = ["producer", "consumer"]
+protocol = "telemetry"
+rw_size = 0
+output_size = "64K"
+interrupts = "msix"
+vectors = 1
+"#,
+        socket = socket.display(),
+        producer_cpu = cpus[1],
+        consumer_cpu = cpus[0],
+    );
+    let result = (|| {
+        let system = HostedSystem::start(&toml)?;
+        let socket = system.socket().to_path_buf();
+        let socket = socket.as_path();
+        let measured = std::thread::scope(|scope| {
+            let producing = (producer == TelemetryProducer::Process).then(|| {
+                scope.spawn(move || {
+                    run_pinned(cpus[1], || process_producer(socket, rate, count, batch))
+                })
+            });
+            let received = run_pinned(cpus[0], || consume_samples(socket, count));
+            if let Some(p) = producing {
+                p.join()
+                    .map_err(|_| anyhow::anyhow!("the producer thread panicked"))??;
+            }
+            received
+        });
+        let stopped = system.stop();
+        let value = measured?;
+        stopped?;
+        Ok(value)
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// The process-cell producer: `telemetry::ProducerCell` attached as cell `producer`.
+fn process_producer(socket: &Path, rate: Option<u64>, count: u64, batch: usize) -> Result<()> {
+    use linux_uio_client::Endpoint;
+    use telemetry::process::ProcessPlatform;
+    use telemetry::{ProducerCell, ProducerConfig};
+
+    let endpoint = Endpoint::attach_hosted(socket, "producer", Some("telemetry"))?;
+    let peer = endpoint.the_peer().context("a 2-peer link")?;
+    let (dev, interrupt) = endpoint.into_parts();
+    let mut platform = ProcessPlatform::new(interrupt);
+    let config = ProducerConfig {
+        peer,
+        rate_per_s: rate,
+        count: Some(count),
+        batch,
+        max_capacity: None,
+    };
+    let mut cell =
+        ProducerCell::new(dev, config).map_err(|e| anyhow::anyhow!("producer cell: {e}"))?;
+    let stats = cell.run(&mut platform);
+    if let Some(e) = platform.error() {
+        bail!("producer interrupt wait: {e}");
+    }
+    stats.map_err(|e| anyhow::anyhow!("producer cell: {e}"))?;
+    Ok(())
+}
+
+/// The tokio consumer (a `Channel` in interrupt mode, as `examples/telemetry_consumer.rs`):
+/// `count` samples, in order and whole, each timestamped at receipt.
+fn consume_samples(socket: &Path, count: u64) -> Result<OneWayRun> {
+    use linux_uio_client::{Channel, ChannelOptions, Endpoint, WaitMode};
+    use telemetry::process::monotonic_ns;
+    use telemetry::{Sample, SampleCheck};
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    runtime.block_on(async {
+        let endpoint = Endpoint::attach_hosted(socket, "consumer", Some("telemetry"))?;
+        let mut channel = Channel::new(
+            endpoint,
+            ChannelOptions {
+                wait: WaitMode::Interrupt,
+                ..ChannelOptions::default()
+            },
+        )?;
+        let mut check = SampleCheck::default();
+        let mut run = OneWayRun {
+            latencies_ns: Vec::with_capacity(count as usize),
+            first_ns: 0,
+            last_ns: 0,
+        };
+        let mut records = channel.records::<Sample>();
+        while check.received < count {
+            let item = tokio::time::timeout(TELEMETRY_TIMEOUT, records.next())
+                .await
+                .context("no sample within the timeout")?;
+            let sample = match item {
+                Some(Ok(sample)) => sample,
+                Some(Err(e)) => return Err(e).context("telemetry consumer"),
+                None => bail!("the record stream ended early"),
+            };
+            let now = monotonic_ns();
+            if check.received == 0 {
+                run.first_ns = now;
+            }
+            run.last_ns = now;
+            check.check(&sample);
+            run.latencies_ns
+                .push(now.saturating_sub(sample.timestamp_ns));
+        }
+        ensure!(
+            check.is_clean(),
+            "the pipe lost, reordered or tore samples: {check:?}"
+        );
+        Ok(run)
+    })
+}
+
+/// The `telemetry-kvm` and `telemetry-process` rows (`p50_ns`, `p99_ns` at
+/// [`TELEMETRY_PACED_RATE`], `max_rate_per_s` flat out), measured in one run; `NotAvailable`
+/// rows without KVM or without the inmate image.
+pub fn telemetry_rows(settings: &Settings) -> Result<Vec<Entry>> {
+    let paced = ((settings.run_time.as_secs_f64() * TELEMETRY_PACED_RATE as f64) as u64)
+        .max(500.max(settings.min_iters));
+    let available = kvm_available().and_then(|()| telemetry_image());
+    let mut entries = Vec::new();
+    for (case, producer) in [
+        ("telemetry-kvm", TelemetryProducer::Kvm),
+        ("telemetry-process", TelemetryProducer::Process),
+    ] {
+        let image = match (producer, &available) {
+            (TelemetryProducer::Process, _) => PathBuf::new(),
+            (TelemetryProducer::Kvm, Ok(image)) => image.clone(),
+            (TelemetryProducer::Kvm, Err(reason)) => {
+                for metric in [Metric::P50Ns, Metric::P99Ns, Metric::MaxRatePerS] {
+                    entries.push(Entry::NotAvailable {
+                        case,
+                        metric,
+                        reason: reason.clone(),
+                    });
+                }
+                continue;
+            }
+        };
+        let (mut p50, mut p99, mut rate) = (Vec::new(), Vec::new(), Vec::new());
+        for run in 0..settings.runs.max(1) {
+            settings.say(format_args!(
+                "kvm/{case}: run {}/{}: {paced} samples at {TELEMETRY_PACED_RATE}/s, {TELEMETRY_FLAT} flat out",
+                run + 1,
+                settings.runs
+            ));
+            let mut latency = telemetry_run(
+                settings.cpus,
+                producer,
+                &image,
+                Some(TELEMETRY_PACED_RATE),
+                paced,
+            )
+            .with_context(|| format!("{case}: paced run"))?;
+            p50.push(latency.percentile(0.50));
+            p99.push(latency.percentile(0.99));
+            let flat = telemetry_run(settings.cpus, producer, &image, None, TELEMETRY_FLAT)
+                .with_context(|| format!("{case}: flat-out run"))?;
+            rate.push(flat.rate());
+        }
+        for (metric, samples, iters) in [
+            (Metric::P50Ns, p50, paced),
+            (Metric::P99Ns, p99, paced),
+            (Metric::MaxRatePerS, rate, TELEMETRY_FLAT),
+        ] {
+            entries.push(Entry::Measured(Measurement {
+                case,
+                metric,
+                samples,
+                iters,
+            }));
+        }
+    }
+    Ok(entries)
+}
+
+/// The notes of the telemetry rows: how they were measured, and under what.
+fn telemetry_notes() -> Vec<String> {
+    let under = if under_pvm() {
+        "measured under PVM (kvm_pvm: guest ring 0 emulated, ring 3 native)"
+    } else {
+        "measured under hardware-assisted KVM"
+    };
+    vec![
+        format!("telemetry-kvm: {under}; the telemetry inmate's producer loop in ring 3, timestamps = guest TSC on the host's CLOCK_MONOTONIC (comm-region clock epoch); tokio consumer in a process cell, MSI-X link"),
+        format!("telemetry-process: {under} run, same system with the producer a process cell (telemetry::ProducerCell in a thread): the baseline beside telemetry-kvm"),
+        format!("telemetry-*: p50/p99 one-way latency at {TELEMETRY_PACED_RATE} samples/s (1 per publish), max_rate_per_s with {TELEMETRY_FLAT} samples flat out ({TELEMETRY_BATCH} per publish); every sample checked (order, gaps, tears)"),
+    ]
 }
 
 #[cfg(test)]
