@@ -102,3 +102,32 @@ pub fn sleep_us(us: u64) {
     }
     crate::interrupts::enable();
 }
+
+/// Halts until the next interrupt of any kind, a device's or the timer's, with the timer
+/// armed to fire after at most `us` microseconds; returns with interrupts **enabled** and the
+/// timer disarmed. For event loops: call it with interrupts disabled after finding no pending
+/// work, so that an interrupt arriving after the check still ends the halt (`sti; hlt` is
+/// atomic). Without a calibrated timer it halts until the next device interrupt only if `us`
+/// is `u64::MAX`, else it returns at once (the caller polls).
+pub fn halt_at_most_us(us: u64) {
+    let per_ms = TICKS_PER_MS.load(Ordering::Relaxed);
+    if per_ms == 0 {
+        if us == u64::MAX {
+            crate::interrupts::wait();
+        } else {
+            crate::interrupts::enable();
+        }
+        return;
+    }
+    let ticks = us.saturating_mul(per_ms) / 1000;
+    let ticks = ticks.clamp(1, u64::from(u32::MAX));
+    // SAFETY: x2APIC timer registers; one-shot on TIMER_VECTOR, which the dispatcher
+    // acknowledges; a count of 0 disarms it.
+    unsafe {
+        wrmsr(MSR_LVT_TIMER, u64::from(TIMER_VECTOR));
+        wrmsr(MSR_INITIAL_COUNT, ticks);
+    }
+    crate::interrupts::wait();
+    // SAFETY: as above.
+    unsafe { wrmsr(MSR_INITIAL_COUNT, 0) }
+}

@@ -1,0 +1,118 @@
+//! [`NetCell`]: the platform-free core of a network cell's event loop.
+//!
+//! A round is: take the link interrupt if one came ([`NetCell::on_interrupt`]: the link state
+//! machine), then [`NetCell::step`] (smoltcp and the services, one flush: at most one
+//! doorbell). When a step moved nothing, the caller runs the sleep handshake
+//! ([`NetCell::prepare_sleep`]) and, if it allows, waits for the link interrupt at most
+//! [`NetCell::poll_delay`]. How to wait and what time it is are the platform's: `poll(2)`
+//! and `std::time` in a process cell, `hlt`, MSI-X and the PM timer in an inmate.
+
+use alloc::string::String;
+use core::fmt::Write as _;
+
+use ivshmem_dev::RegisterAccess;
+use vnet::link::{LinkEvent, VnetLink};
+use vnet::smoltcp::time::{Duration, Instant};
+
+use crate::services::{ServiceConfig, ServiceStats, Services};
+
+/// A cell's link and its services.
+pub struct NetCell<R: RegisterAccess> {
+    link: VnetLink<R>,
+    services: Services,
+}
+
+impl<R: RegisterAccess> core::fmt::Debug for NetCell<R> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("NetCell")
+            .field("services", &self.services)
+            .field("carrier", &self.link.carrier())
+            .finish()
+    }
+}
+
+impl<R: RegisterAccess> NetCell<R> {
+    /// Brings the link's state machine up (first step) and creates the services on its NIC.
+    pub fn new(mut link: VnetLink<R>, services: &ServiceConfig, now: Instant) -> Self {
+        link.poll_link();
+        let services = Services::new(services, &mut link.nic(), now);
+        NetCell { link, services }
+    }
+
+    /// The link.
+    pub fn link(&self) -> &VnetLink<R> {
+        &self.link
+    }
+
+    /// The link, mutable (shutting down, flushing).
+    pub fn link_mut(&mut self) -> &mut VnetLink<R> {
+        &mut self.link
+    }
+
+    /// Service counters.
+    pub fn service_stats(&self) -> ServiceStats {
+        self.services.stats()
+    }
+
+    /// Runs the link state machine: call after every link interrupt.
+    pub fn on_interrupt(&mut self) -> LinkEvent {
+        self.link.poll_link()
+    }
+
+    /// One round without blocking: smoltcp, services, flush (a NIC fault runs the link state
+    /// machine first). Returns whether frames moved or the link changed.
+    pub fn step(&mut self, now: Instant) -> bool {
+        let mut changed = false;
+        if self.link.nic_ref().fault().is_some() {
+            self.link.poll_link();
+            changed = true;
+        }
+        let before = self.link.nic_ref().stats();
+        let link_stats = self.link.stats();
+        let state = self.link.state();
+        let carrier = self.link.carrier();
+        let mut status = |page: &mut String| {
+            let n = before;
+            let _ = writeln!(page, "link_state {state:?}");
+            let _ = writeln!(page, "carrier {carrier}");
+            let _ = writeln!(page, "link_ups {}", link_stats.ups);
+            let _ = writeln!(page, "link_downs {}", link_stats.downs);
+            let _ = writeln!(page, "link_faults {}", link_stats.faults);
+            let _ = writeln!(page, "doorbells {}", link_stats.doorbells);
+            let _ = writeln!(page, "rx_frames {}", n.rx_frames);
+            let _ = writeln!(page, "rx_bytes {}", n.rx_bytes);
+            let _ = writeln!(page, "tx_frames {}", n.tx_frames);
+            let _ = writeln!(page, "tx_bytes {}", n.tx_bytes);
+            let _ = writeln!(page, "tx_ring_full {}", n.tx_ring_full);
+            let _ = writeln!(page, "tx_reply_dropped {}", n.tx_reply_dropped);
+            let _ = writeln!(page, "tx_oversize {}", n.tx_oversize);
+            let _ = writeln!(page, "corrupt {}", n.corrupt);
+        };
+        self.services.poll(now, &mut self.link.nic(), &mut status);
+        self.link.flush();
+        let after = self.link.nic_ref().stats();
+        changed || after.rx_frames != before.rx_frames || after.tx_frames != before.tx_frames
+    }
+
+    /// The sleep handshake (flush, doorbell): `true` if the caller may wait for the link
+    /// interrupt (at most [`poll_delay`](Self::poll_delay)), `false` if work arrived.
+    pub fn prepare_sleep(&mut self) -> bool {
+        self.link.prepare_sleep()
+    }
+
+    /// How long until the services need a round without new frames (`None`: only on new
+    /// frames or a link interrupt).
+    pub fn poll_delay(&mut self, now: Instant) -> Option<Duration> {
+        self.services.poll_delay(now)
+    }
+
+    /// Leaves the link (the peer sees RESET).
+    pub fn shut_down(&mut self) {
+        self.link.shut_down();
+    }
+
+    /// Gives the link back.
+    pub fn into_link(self) -> VnetLink<R> {
+        self.link
+    }
+}
