@@ -76,7 +76,8 @@ fn stop_signals() -> Result<OwnedFd> {
     }
 }
 
-fn main() -> Result<()> {
+/// The bridge cell (also run by `tests/kvm_vnet.rs` as its TAP bridge role).
+pub fn main() -> Result<()> {
     let args = Args::parse();
     vnet::nic::check_mtu(args.mtu)?;
     let stop = stop_signals()?;

@@ -1,0 +1,254 @@
+//! Linux reaches the bare-metal network inmate (`inmates/net`, a KVM cell) through the TAP
+//! bridge (`examples/vnet_tap.rs`, a process cell), as `configs/vnet-kvm.toml` runs them:
+//! 100 pings without loss, the HTTP status page, 1 MiB to the sink (its CRC-32 answer must
+//! match) and 1 MiB from the source (every byte checked). Then `hypervisor cell restart` of
+//! the inmate: the bridge reports the link down and up again, and the fresh inmate serves.
+//!
+//! This test binary plays every process (`harness = false`, as `kvm_demo_system`): re-executed
+//! with `KVM_VNET_HYPERVISOR` set it runs `hypervisor::cli` (`run`, `cell restart`), and the
+//! hypervisor spawns it again with `KVM_VNET_ROLE=tap` as the bridge cell, which runs the
+//! example's `main`. The hypervisor runs inside a network namespace of its own (`vnet-inn-PID`),
+//! so the TAP device `inn0` never touches the host's network. Skipped with a message without
+//! root or `/dev/kvm`.
+
+#[path = "vnet_common/mod.rs"]
+mod common;
+#[path = "../examples/vnet_tap.rs"]
+#[allow(dead_code)]
+mod vnet_tap;
+
+use std::io::{BufRead, BufReader};
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::linux::{self, Netns};
+
+const HYPERVISOR_ENV: &str = "KVM_VNET_HYPERVISOR";
+const ROLE_ENV: &str = "KVM_VNET_ROLE";
+/// Guard for each expected line (ring-0 inmate code is emulated on PVM hosts).
+const GUARD: Duration = Duration::from_secs(90);
+const CELL_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+const MIB: u64 = 1 << 20;
+const NAME: &str = "linux_reaches_the_network_inmate_through_the_tap_bridge";
+
+fn main() -> ExitCode {
+    if std::env::var_os(HYPERVISOR_ENV).is_some() {
+        // The hypervisor's cells must not become hypervisors.
+        std::env::remove_var(HYPERVISOR_ENV);
+        return ExitCode::from(hypervisor::cli::main_from(std::env::args_os()));
+    }
+    if std::env::var(ROLE_ENV).as_deref() == Ok("tap") {
+        return match vnet_tap::main() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vnet_tap: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--list") {
+        println!("{NAME}: test");
+        return ExitCode::SUCCESS;
+    }
+    if args
+        .iter()
+        .any(|a| !a.starts_with('-') && !NAME.contains(a.as_str()))
+    {
+        return ExitCode::SUCCESS;
+    }
+    if !linux::root_or_skip(NAME) {
+        return ExitCode::SUCCESS;
+    }
+    if let Err(why) = hypervisor::kvm::kvm_available() {
+        println!("test {NAME} ... skipped: KVM is not usable here: {why}");
+        return ExitCode::SUCCESS;
+    }
+    println!("test {NAME} ...");
+    match std::panic::catch_unwind(linux_and_the_network_inmate) {
+        Ok(()) => {
+            println!("test {NAME} ... ok");
+            ExitCode::SUCCESS
+        }
+        Err(_) => {
+            println!("test {NAME} ... FAILED");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The hypervisor's stdout, line by line.
+struct Output {
+    rx: Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Output {
+    /// Waits for the `n`-th line equal to `want` (counting lines seen before).
+    fn expect_nth(&mut self, want: &str, n: usize) {
+        let deadline = Instant::now() + GUARD;
+        while self.seen.iter().filter(|l| *l == want).count() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(e) => panic!("waiting for {want:?} #{n}: {e}; seen: {:#?}", self.seen),
+            }
+        }
+    }
+}
+
+/// The hypervisor process; SIGTERM on drop (it stops its cells and VMs).
+struct Hypervisor(Child);
+
+impl Drop for Hypervisor {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own unreaped child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.0.try_wait().ok().flatten().is_none() {
+            if Instant::now() > deadline {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+                return;
+            }
+            std::thread::yield_now();
+        }
+    }
+}
+
+/// The system of `configs/vnet-kvm.toml` with this binary as the bridge and its own socket.
+fn system_config(root: &Path, dir: &Path, exe: &Path) -> String {
+    let text = std::fs::read_to_string(root.join("configs/vnet-kvm.toml")).unwrap();
+    let mut config: toml::Table = toml::from_str(&text).unwrap();
+    let system = config["system"].as_table_mut().unwrap();
+    system.insert(
+        "name".into(),
+        format!("vnet-kvm-inn-{}", std::process::id()).into(),
+    );
+    system.insert(
+        "control_socket".into(),
+        dir.join("control.sock").display().to_string().into(),
+    );
+    for cell in config["cells"].as_array_mut().unwrap() {
+        let cell = cell.as_table_mut().unwrap();
+        match cell["kind"].as_str() {
+            Some("kvm") => {
+                let image = root.join(cell["image"].as_str().unwrap());
+                cell.insert("image".into(), image.display().to_string().into());
+            }
+            _ => {
+                cell.insert("command".into(), exe.display().to_string().into());
+            }
+        }
+    }
+    toml::to_string(&config).unwrap()
+}
+
+fn build_inmates(root: &Path) {
+    let status = Command::new(root.join("scripts/build-inmates"))
+        .status()
+        .expect("running scripts/build-inmates");
+    assert!(status.success(), "scripts/build-inmates failed: {status}");
+}
+
+/// In the namespace: pings, the page, 1 MiB each way. Returns the page.
+fn serve_linux(ns: &Arc<Netns>, pings: u16, bytes: u64) -> String {
+    let ns = Arc::clone(ns);
+    std::thread::spawn(move || {
+        ns.enter();
+        // `ping` panics on a lost or wrong reply: 0 loss.
+        let rtts = linux::ping(CELL_IP, pings, 56);
+        assert_eq!(rtts.len(), usize::from(pings));
+        let page = linux::http_get(&ns, CELL_IP);
+        if bytes > 0 {
+            // The sink answers "<bytes> <crc32>" and the helper compares it with its own.
+            linux::linux_sink(CELL_IP, bytes);
+            // Every byte of the source's pattern is checked.
+            linux::linux_source(CELL_IP, bytes);
+        }
+        let mut rtts = rtts;
+        rtts.sort();
+        println!(
+            "  {pings} pings: min {:?} median {:?} max {:?}",
+            rtts[0],
+            rtts[rtts.len() / 2],
+            rtts[rtts.len() - 1]
+        );
+        page
+    })
+    .join()
+    .unwrap()
+}
+
+fn linux_and_the_network_inmate() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    build_inmates(root);
+    let ns = Arc::new(Netns::new("inn"));
+    let dir = std::env::temp_dir().join(format!("kvm-vnet-inn-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let config = dir.join("vnet-kvm.toml");
+    std::fs::write(&config, system_config(root, &dir, &exe)).unwrap();
+
+    let (tx, rx) = mpsc::channel();
+    let mut out = Output {
+        rx,
+        seen: Vec::new(),
+    };
+    let mut child = ns
+        .command(exe.to_str().unwrap())
+        .arg("run")
+        .arg(&config)
+        .current_dir(root)
+        .env(HYPERVISOR_ENV, "1")
+        .env(ROLE_ENV, "tap")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let _hypervisor = Hypervisor(child);
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+
+    const UP: &str = "[linux-net] vnet_tap: inn0: link up (peer cell running)";
+    const DOWN: &str = "[linux-net] vnet_tap: inn0: link down (peer cell gone)";
+    out.expect_nth(UP, 1);
+    let started = Instant::now();
+    let page = serve_linux(&ns, 100, MIB);
+    println!("  100 pings, page, 1 MiB each way: {:?}", started.elapsed());
+    assert!(page.contains("vnet cell 10.0.0.2/24"), "{page}");
+    assert!(page.contains("carrier true"), "{page}");
+
+    // The inmate restarts: the bridge sees the link go down and up again.
+    let restart = Command::new(&exe)
+        .args(["cell", "restart", "rtos-net", "--socket"])
+        .arg(dir.join("control.sock"))
+        .env(HYPERVISOR_ENV, "1")
+        .output()
+        .unwrap();
+    assert!(
+        restart.status.success(),
+        "cell restart: {}{}",
+        String::from_utf8_lossy(&restart.stdout),
+        String::from_utf8_lossy(&restart.stderr)
+    );
+    out.expect_nth(DOWN, 1);
+    out.expect_nth(UP, 2);
+    assert!(!ns.ip(&["link", "show", "inn0"]).contains("NO-CARRIER"));
+    let page = serve_linux(&ns, 3, 0);
+    // A fresh inmate: its counters start again (this page is its first connection).
+    assert!(page.contains("connections 1\n"), "{page}");
+    assert!(page.contains("sink_bytes 0\n"), "{page}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
