@@ -1050,7 +1050,7 @@ mod tests {
                 // Until the NIC released them all, keep rewriting their headers.
                 while peer_consumed.load(Ordering::Acquire) < sent {
                     flips += 1;
-                    let (ihl, total) = if flips % 2 == 0 {
+                    let (ihl, total) = if flips.is_multiple_of(2) {
                         (0x45, 20)
                     } else {
                         (0x4f, 0)
