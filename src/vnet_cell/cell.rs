@@ -1,4 +1,4 @@
-//! The main loop of a smoltcp cell on a vnet link: the [`Services`] over the link's NIC,
+//! The main loop of a smoltcp cell on a vnet link: [`NetCell`] (the services over the link's NIC),
 //! driven by the link interrupt and smoltcp's timers.
 //!
 //! The loop is what a bare-metal cell does in its idle loop and interrupt handler, written
@@ -6,14 +6,14 @@
 //! smoltcp, flush once (at most one doorbell), and when there is nothing to do run the
 //! sleep handshake and block until the interrupt or smoltcp's next deadline.
 
-use std::fmt::Write as _;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::time::{Duration, Instant as StdInstant};
 
 use ivshmem_dev::RegisterAccess;
 use vnet::smoltcp::time::Instant;
+use vnet_services::NetCell;
 
-use super::services::{ServiceConfig, ServiceStats, Services};
+use super::services::{ServiceConfig, ServiceStats};
 use vnet::bridge::{check_revents, Interrupt, LoopError, LoopFd, DEFAULT_SPIN};
 use vnet::link::VnetLink;
 
@@ -32,38 +32,27 @@ impl Default for CellConfig {
     }
 }
 
-/// A cell: link, interrupt and services.
+/// A cell: the link and services ([`NetCell`]) and the link interrupt.
 pub struct Cell<R: RegisterAccess, I: Interrupt> {
-    link: VnetLink<R>,
+    core: NetCell<R>,
     irq: I,
-    services: Services,
     config: CellConfig,
     epoch: StdInstant,
 }
 
 impl<R: RegisterAccess, I: Interrupt> core::fmt::Debug for Cell<R, I> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("Cell")
-            .field("services", &self.services)
-            .finish()
+        f.debug_struct("Cell").field("core", &self.core).finish()
     }
 }
 
 impl<R: RegisterAccess, I: Interrupt> Cell<R, I> {
     /// Brings the link's state machine up (first step) and creates the services on its NIC.
-    pub fn new(
-        mut link: VnetLink<R>,
-        irq: I,
-        services: &ServiceConfig,
-        config: CellConfig,
-    ) -> Self {
+    pub fn new(link: VnetLink<R>, irq: I, services: &ServiceConfig, config: CellConfig) -> Self {
         let epoch = StdInstant::now();
-        link.poll_link();
-        let services = Services::new(services, &mut link.nic(), Instant::from_micros(0));
         Cell {
-            link,
+            core: NetCell::new(link, services, Instant::from_micros(0)),
             irq,
-            services,
             config,
             epoch,
         }
@@ -75,19 +64,19 @@ impl<R: RegisterAccess, I: Interrupt> Cell<R, I> {
 
     /// The link.
     pub fn link(&self) -> &VnetLink<R> {
-        &self.link
+        self.core.link()
     }
 
     /// Service counters.
     pub fn service_stats(&self) -> ServiceStats {
-        self.services.stats()
+        self.core.service_stats()
     }
 
     /// Takes a pending interrupt (without blocking) and, if there was one, runs the link
     /// state machine. Returns whether the carrier changed.
     pub fn handle_interrupt(&mut self) -> std::io::Result<bool> {
         if self.irq.take()? {
-            return Ok(self.link.poll_link() != vnet::link::LinkEvent::None);
+            return Ok(self.core.on_interrupt() != vnet::link::LinkEvent::None);
         }
         Ok(false)
     }
@@ -96,37 +85,8 @@ impl<R: RegisterAccess, I: Interrupt> Cell<R, I> {
     /// flush (a NIC fault runs the link state machine). Returns whether frames moved or the
     /// link changed.
     pub fn step(&mut self) -> std::io::Result<bool> {
-        let mut changed = false;
-        if self.link.nic_ref().fault().is_some() {
-            self.link.poll_link();
-            changed = true;
-        }
-        let before = self.link.nic_ref().stats();
-        let link_stats = self.link.stats();
-        let state = self.link.state();
-        let carrier = self.link.carrier();
         let now = self.now();
-        let mut status = |page: &mut String| {
-            let n = before;
-            let _ = writeln!(page, "link_state {state:?}");
-            let _ = writeln!(page, "carrier {carrier}");
-            let _ = writeln!(page, "link_ups {}", link_stats.ups);
-            let _ = writeln!(page, "link_downs {}", link_stats.downs);
-            let _ = writeln!(page, "link_faults {}", link_stats.faults);
-            let _ = writeln!(page, "doorbells {}", link_stats.doorbells);
-            let _ = writeln!(page, "rx_frames {}", n.rx_frames);
-            let _ = writeln!(page, "rx_bytes {}", n.rx_bytes);
-            let _ = writeln!(page, "tx_frames {}", n.tx_frames);
-            let _ = writeln!(page, "tx_bytes {}", n.tx_bytes);
-            let _ = writeln!(page, "tx_ring_full {}", n.tx_ring_full);
-            let _ = writeln!(page, "tx_reply_dropped {}", n.tx_reply_dropped);
-            let _ = writeln!(page, "tx_oversize {}", n.tx_oversize);
-            let _ = writeln!(page, "corrupt {}", n.corrupt);
-        };
-        self.services.poll(now, &mut self.link.nic(), &mut status);
-        self.link.flush();
-        let after = self.link.nic_ref().stats();
-        Ok(changed || after.rx_frames != before.rx_frames || after.tx_frames != before.tx_frames)
+        Ok(self.core.step(now))
     }
 
     /// Runs until `stop` becomes readable or hangs up. Errors: I/O on the interrupt, or a
@@ -153,11 +113,11 @@ impl<R: RegisterAccess, I: Interrupt> Cell<R, I> {
                 continue;
             }
             idle_since = None;
-            if !self.link.prepare_sleep() {
+            if !self.core.prepare_sleep() {
                 continue;
             }
             let now = self.now();
-            let timeout = match self.services.poll_delay(now) {
+            let timeout = match self.core.poll_delay(now) {
                 None => -1,
                 Some(d) => d.total_millis().min(i32::MAX as u64) as i32,
             };
@@ -188,7 +148,7 @@ impl<R: RegisterAccess, I: Interrupt> Cell<R, I> {
             check_revents(LoopFd::Interrupt, fds[0].fd, fds[0].revents)?;
             check_revents(LoopFd::Stop, fds[1].fd, fds[1].revents)?;
             if fds[1].revents != 0 {
-                self.link.shut_down();
+                self.core.shut_down();
                 return Ok(());
             }
         }
@@ -196,6 +156,6 @@ impl<R: RegisterAccess, I: Interrupt> Cell<R, I> {
 
     /// Gives the link back.
     pub fn into_link(self) -> VnetLink<R> {
-        self.link
+        self.core.into_link()
     }
 }
