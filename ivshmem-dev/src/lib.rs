@@ -9,6 +9,8 @@
 //!   or UIO-mapped registers).
 //! - [`doorbell`]: the `DOORBELL` value encoding.
 //! - [`protocol`]: the 16-bit protocol (Ethernet 0001h, telemetry 4001h, …).
+//! - [`comm`]: the communication region of an x86 cell (KVM cells, Jailhouse), with this
+//!   project's clock epoch extension.
 //! - [`layout`]: where state table, R/W and output sections lie in shared memory.
 //! - [`driver`]: [`driver::Ivshmem`], the driver a cell uses.
 //! - `port_io` (feature `x86-port-io`, x86 only): config access through ports 0xCF8/0xCFC.
@@ -47,6 +49,7 @@
 #![cfg_attr(not(feature = "std"), no_std)]
 #![warn(missing_docs)]
 
+pub mod comm;
 pub mod doorbell;
 pub mod driver;
 pub mod hosted;

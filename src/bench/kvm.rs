@@ -42,7 +42,7 @@ pub const SUITE: &str = "kvm";
 /// How long one guest run may take before it counts as hung.
 const GUEST_TIMEOUT: Duration = Duration::from_secs(120);
 /// The PM timer's frequency.
-const PM_TIMER_HZ: f64 = 3_579_545.0;
+const PM_TIMER_HZ: f64 = ivshmem_dev::comm::PM_TIMER_HZ as f64;
 
 /// The ratios this suite reports (no targets: PVM timings are not comparable to VMX).
 pub fn comparisons() -> Vec<Comparison> {

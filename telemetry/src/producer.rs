@@ -29,8 +29,10 @@ pub struct ProducerConfig {
     pub rate_per_s: Option<u64>,
     /// Stop after this many samples (`None`: never).
     pub count: Option<u64>,
-    /// Publish at most this many samples per index store (flat out only; at a set rate every
-    /// due sample is published at once).
+    /// Publish at most this many samples per index store. At a set rate a producer behind
+    /// schedule (a slow CPU: a ring-0 inmate under emulation) catches up in batches of this
+    /// size, so the consumer sees samples while the producer catches up instead of one late
+    /// burst.
     pub batch: usize,
     /// Cap on the ring capacity (`None`: the largest that fits the output section).
     pub max_capacity: Option<usize>,
@@ -192,7 +194,8 @@ impl<R: RegisterAccess> ProducerCell<R> {
                     due
                 }
             }
-            .min(left);
+            .min(left)
+            .min(self.config.batch.max(1) as u64);
             let Some(duplex) = self.link.rings_mut() else {
                 continue;
             };

@@ -13,7 +13,7 @@ use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd};
 use super::devices::{Bdf, PciConfigAddress, PmTimer, Uart, PCI_CONFIG_ADDRESS, PCI_CONFIG_DATA};
 use super::events::{EventQueue, HaltReason, KvmEvent};
 use super::fault::{AddressSpace, IllegalAccess};
-use super::layout::{self, cell_state, comm};
+use super::layout::{self, comm};
 use super::links::{Attachment, CellIrq, KvmLinkConfig};
 use super::memory::{GuestMemory, GuestRegion, RegionKind};
 use super::KvmError;
@@ -553,12 +553,12 @@ fn build(config: &KvmCellConfig, events: Arc<EventQueue>) -> Result<(Shared, Vcp
     }
 
     let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+    boot_state(&kvm, &vcpu)?;
     let tsc_khz = vcpu.get_tsc_khz().unwrap_or(0);
     memory.write(
         layout::COMM_REGION_ADDRESS,
-        &layout::comm_region(config.pm_timer_port, 1, tsc_khz),
+        &ivshmem_dev::comm::initial(config.pm_timer_port, 1, tsc_khz, clock_epoch(&vcpu)),
     )?;
-    boot_state(&kvm, &vcpu)?;
 
     Ok((
         Shared {
@@ -582,6 +582,29 @@ fn build(config: &KvmCellConfig, events: Arc<EventQueue>) -> Result<(Shared, Vcp
         },
         vcpu,
     ))
+}
+
+/// `IA32_TSC`.
+const MSR_IA32_TSC: u32 = 0x10;
+
+/// The clock epoch of `ivshmem_dev::comm` (its module docs): the guest's TSC (`KVM_GET_MSRS`)
+/// and the host's `CLOCK_MONOTONIC`, the latter taken as the midpoint of two readings around
+/// the ioctl, so the pair is off by at most half the ioctl's duration (a few µs). `None` when
+/// KVM does not report the TSC.
+fn clock_epoch(vcpu: &VcpuFd) -> Option<(u64, u64)> {
+    let monotonic_ns = || {
+        let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).ok()?;
+        Some(ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64)
+    };
+    let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+        index: MSR_IA32_TSC,
+        ..Default::default()
+    }])
+    .ok()?;
+    let before = monotonic_ns()?;
+    let read = vcpu.get_msrs(&mut msrs).ok()?;
+    let after = monotonic_ns()?;
+    (read == 1).then(|| (msrs.as_slice()[0].data, before + (after - before) / 2))
 }
 
 /// The CPU state at entry (`kvm-cells.md`): real mode at 0:0, x2APIC on.
@@ -1076,10 +1099,7 @@ fn service_main(shared: Arc<Shared>) {
             }
         }
         let state = shared.cell_state();
-        if matches!(
-            state,
-            cell_state::SHUT_DOWN | cell_state::FAILED | cell_state::FAILED_COMM_REV
-        ) {
+        if ivshmem_dev::comm::CellState::from_raw(state).is_some_and(|s| s.is_stopped()) {
             shared.request_stop(HaltReason::CellState(state));
         }
     }

@@ -8,29 +8,32 @@
 //! 2. Finds the first ivshmem device announcing the Ethernet protocol, brings it up the
 //!    Jailhouse way (`inmate_rt::ivshmem`), points MSI-X entry 0 (doorbells and state
 //!    changes) at IDT vector 32 and enables its interrupt.
-//! 3. Runs the services on a `vnet::VnetLink` in the event loop of `vnet_services::NetCell`,
-//!    with the clock on the ACPI PM timer ([`clock`]) and sleeping in `hlt` until the link's
-//!    interrupt or smoltcp's next deadline (the x2APIC timer).
+//! 3. Runs the services on a `vnet::VnetLink` in the event loop of `vnet_services::NetCell`
+//!    (the process cell `vnet_cell` runs the same), with the runtime's TSC clock
+//!    (`inmate_rt::clock`) and halting until the link's interrupt or smoltcp's next deadline
+//!    (`inmate_rt::event`, the x2APIC timer).
 //!
 //! Command line (all optional): `ip=10.0.0.2/24`, `heap=0x400000`, `sockets=N` (listening
 //! sockets per service port, default 4), `tcp_buffer=N` (bytes per socket buffer, default
-//! 16 KiB), `mtu=N` (device MTU incl. the 14-byte Ethernet header, default 1514).
+//! 16 KiB), `mtu=N` (device MTU incl. the 14-byte Ethernet header, default 1514), `ring=3|0`
+//! (where the main loop runs, default 3).
 //!
-//! The main loop runs in ring 0. On this project's PVM-backed `/dev/kvm`, ring-0 code is
-//! emulated at about 0.7 µs per instruction (README: figures and limits).
+//! Where the loop runs: on this project's PVM-backed `/dev/kvm`, ring-0 code is emulated at
+//! about 0.7 µs per instruction and ring 3 runs natively, so the loop runs at ring 3
+//! (`inmate_rt::user`: port I/O, `hlt` and MSRs trap to ring 0); `ring=0` keeps it at ring 0
+//! for comparison (README: figures under PVM). On real hardware both run natively.
 #![no_std]
 #![no_main]
 
 extern crate alloc;
 
-mod clock;
-
 use core::sync::atomic::{AtomicBool, Ordering};
 
 use inmate_rt::interrupts::{self, FIRST_DEVICE_VECTOR};
-use inmate_rt::{println, Cmdline};
+use inmate_rt::{clock, event, println, Cmdline};
 use ivshmem_dev::{pci, PortIo, Protocol};
 use linked_list_allocator::LockedHeap;
+use vnet::smoltcp::time::Instant;
 use vnet::smoltcp::wire::Ipv4Cidr;
 use vnet::{LinkConfig, VnetLink};
 use vnet_services::{NetCell, ServiceConfig};
@@ -46,9 +49,6 @@ const HEAP_START: usize = 0x10_1000;
 const DEFAULT_HEAP: i64 = 4 << 20;
 /// The IDT vector of MSI-X entry 0.
 const LINK_VECTOR: u8 = FIRST_DEVICE_VECTOR;
-/// The longest halt: the PM-timer clock must be read at least every 4.7 s (its wrap).
-const MAX_HALT_US: u64 = 1_000_000;
-
 /// Set by the interrupt handler, taken by the main loop.
 static LINK_INTERRUPT: AtomicBool = AtomicBool::new(false);
 
@@ -57,6 +57,13 @@ fn on_interrupt(vector: u8) {
         // Release pairs with the main loop's Acquire swap.
         LINK_INTERRUPT.store(true, Ordering::Release);
     }
+    // Ends (or pre-empts) the loop's next wait.
+    event::device_interrupt(vector);
+}
+
+/// smoltcp's clock: microseconds of the runtime's TSC clock.
+fn now() -> Instant {
+    Instant::from_micros((clock::monotonic_ns() / 1000) as i64)
 }
 
 fn main(cmdline: &Cmdline) -> ! {
@@ -83,7 +90,14 @@ fn main(cmdline: &Cmdline) -> ! {
         ..LinkConfig::default()
     };
 
+    let ring = cmdline.int("ring", 3);
+    if !matches!(ring, 0 | 3) {
+        panic!("ring={ring}: 0 or 3");
+    }
     interrupts::set_handler(on_interrupt);
+    if clock::init() == clock::ClockKind::Unavailable {
+        panic!("no TSC rate in the communication region: smoltcp needs a clock");
+    }
     // SAFETY: the inmate is the only user of ports 0xCF8/0xCFC on its one CPU.
     let access = unsafe { PortIo::new() };
     let found = pci::scan(&access)
@@ -103,13 +117,17 @@ fn main(cmdline: &Cmdline) -> ! {
     let link = VnetLink::new(driver, config).unwrap_or_else(|e| panic!("link: {e}"));
     let ticks = inmate_rt::timer::calibrate();
     println!(
-        "net: peer {id}, {address}, heap {} KiB, {} sockets per port of {} bytes, APIC timer {ticks} ticks/ms",
+        "net: peer {id}, {address}, heap {} KiB, {} sockets per port of {} bytes, APIC timer {ticks} ticks/ms, loop in ring {ring}",
         heap >> 10,
         services.sockets_per_port,
         services.tcp_buffer
     );
 
-    let mut cell = NetCell::new(link, &services, clock::now());
+    let mut cell = NetCell::new(link, &services, now());
+    interrupts::enable();
+    if ring == 3 {
+        inmate_rt::user::enter();
+    }
     let mut carrier = false;
     loop {
         // Acquire pairs with the handler's Release.
@@ -120,21 +138,13 @@ fn main(cmdline: &Cmdline) -> ! {
             carrier = cell.link().carrier();
             println!("net: link {}", if carrier { "up" } else { "down" });
         }
-        if cell.step(clock::now()) {
+        if cell.step(now()) || !cell.prepare_sleep() {
             continue;
         }
-        interrupts::disable();
-        if LINK_INTERRUPT.load(Ordering::Relaxed) || !cell.prepare_sleep() {
-            interrupts::enable();
-            continue;
-        }
-        let delay = cell
-            .poll_delay(clock::now())
-            .map_or(MAX_HALT_US, |d| d.total_micros().min(MAX_HALT_US));
-        if delay == 0 {
-            interrupts::enable();
-            continue;
-        }
-        inmate_rt::timer::halt_at_most_us(delay);
+        // An interrupt since the swap above makes the wait return at once.
+        let deadline = cell
+            .poll_delay(now())
+            .map(|d| clock::monotonic_ns().saturating_add(d.total_micros() * 1000));
+        event::wait_until(deadline);
     }
 }

@@ -5,7 +5,8 @@
 //! 1. loads the boot GDT (it lies below 64 KiB, so a 16-bit `lgdt` reaches it) and jumps to
 //!    32-bit protected mode;
 //! 2. enables PAE, points CR3 at the identity page tables (first 4 GiB in 2 MiB pages, built
-//!    by the assembler into `.data`, so no loop runs at boot), sets `EFER.LME`, turns on
+//!    by the assembler into `.data`, so no loop runs at boot; every level has the user bit,
+//!    so [`crate::user`] can run the main loop at ring 3 on the same map), sets `EFER.LME`, turns on
 //!    paging (and caching: CR0.CD/NW are set at entry) and jumps to 64-bit code;
 //! 3. loads the data segments, sets the stack, clears `.bss` and calls the Rust start.
 //!
@@ -105,20 +106,20 @@ boot64:
     .global __inmate_pml4
 boot_pml4:
 __inmate_pml4:
-    .quad boot_pdpt + 0x3
+    .quad boot_pdpt + 0x7
     .fill 511, 8, 0
     .global __inmate_pdpt
 boot_pdpt:
 __inmate_pdpt:
-    .quad boot_pd + 0x0003
-    .quad boot_pd + 0x1003
-    .quad boot_pd + 0x2003
-    .quad boot_pd + 0x3003
+    .quad boot_pd + 0x0007
+    .quad boot_pd + 0x1007
+    .quad boot_pd + 0x2007
+    .quad boot_pd + 0x3007
     .fill 508, 8, 0
 boot_pd:
     .set boot_pde, 0
     .rept 2048
-    .quad (boot_pde << 21) + 0x83   /* present, writable, 2 MiB page */
+    .quad (boot_pde << 21) + 0x87   /* present, writable, user, 2 MiB page */
     .set boot_pde, boot_pde + 1
     .endr
 

@@ -5,9 +5,9 @@
 use core::cell::UnsafeCell;
 
 /// Size of the area.
-pub const CMDLINE_SIZE: usize = 256;
+pub const CMDLINE_SIZE: usize = ivshmem_dev::comm::CMDLINE_MAX + 1;
 /// Its address.
-pub const CMDLINE_ADDRESS: usize = 0x1000;
+pub const CMDLINE_ADDRESS: usize = ivshmem_dev::comm::CMDLINE_ADDRESS as usize;
 
 /// The area itself, placed at 0x1000 by the linker script. An `UnsafeCell` so the compiler
 /// never assumes its compiled-in zeros: the loader writes it before the cell starts.

@@ -6,52 +6,10 @@
 
 use core::ptr;
 
+pub use ivshmem_dev::comm::{offset, CellState, ClockEpoch, REVISION, SIGNATURE};
+
 /// Guest-physical (and, identity-mapped, virtual) address of the region.
-pub const COMM_REGION: usize = 0x10_0000;
-/// The signature at offset 0.
-pub const SIGNATURE: [u8; 6] = *b"JHCOMM";
-/// The revision this runtime understands.
-pub const REVISION: u16 = 2;
-
-/// Byte offsets of the fields the runtime uses.
-pub mod offset {
-    /// `signature` (6 bytes).
-    pub const SIGNATURE: usize = 0;
-    /// `revision` (u16).
-    pub const REVISION: usize = 6;
-    /// `cell_state` (u32), written by the cell.
-    pub const CELL_STATE: usize = 8;
-    /// `msg_to_cell` (u32).
-    pub const MSG_TO_CELL: usize = 12;
-    /// `reply_from_cell` (u32), written by the cell.
-    pub const REPLY_FROM_CELL: usize = 16;
-    /// `flags` (u32).
-    pub const FLAGS: usize = 20;
-    /// `pm_timer_address` (u16).
-    pub const PM_TIMER_ADDRESS: usize = 64;
-    /// `num_cpus` (u16).
-    pub const NUM_CPUS: usize = 66;
-    /// `tsc_khz` (u32).
-    pub const TSC_KHZ: usize = 68;
-    /// `apic_khz` (u32).
-    pub const APIC_KHZ: usize = 72;
-}
-
-/// Values of `cell_state`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u32)]
-pub enum CellState {
-    /// Running.
-    Running = 0,
-    /// Running and refusing to be shut down.
-    RunningLocked = 1,
-    /// Shut down by itself.
-    ShutDown = 2,
-    /// Failed (panic, unexpected exception).
-    Failed = 3,
-    /// Failed: the communication region has the wrong signature or revision.
-    FailedCommRev = 4,
-}
+pub const COMM_REGION: usize = ivshmem_dev::comm::COMM_REGION_ADDRESS as usize;
 
 fn field<T>(offset: usize) -> *mut T {
     (COMM_REGION + offset) as *mut T
@@ -139,6 +97,16 @@ pub fn num_cpus() -> u16 {
 /// The TSC frequency in kHz, 0 if unknown.
 pub fn tsc_khz() -> u32 {
     read(offset::TSC_KHZ)
+}
+
+/// The clock epoch the VMM left in the region (this project's extension, see
+/// `ivshmem_dev::comm`), if there is one: turns TSC readings into host `CLOCK_MONOTONIC` ns.
+pub fn clock_epoch() -> Option<ClockEpoch> {
+    let mut image = [0u8; offset::CLOCK_END];
+    for (i, byte) in image.iter_mut().enumerate() {
+        *byte = read(i);
+    }
+    ClockEpoch::parse(&image)
 }
 
 /// Overwrites the revision field. Only for the test inmate that plays an older hypervisor to

@@ -11,7 +11,7 @@ use core::fmt;
 use crate::port::{inb, outb};
 
 /// Base port of the UART.
-pub const UART_BASE: u16 = 0x3F8;
+pub const UART_BASE: u16 = ivshmem_dev::comm::UART_BASE;
 /// Line status register offset.
 const LSR: u16 = 5;
 /// LSR bit 5: the transmitter holding register is empty.

@@ -6,6 +6,10 @@
 //! `irq_init`), followed by an x2APIC EOI; [`crate::timer::TIMER_VECTOR`] is the runtime's
 //! own. Vector 255 is the spurious vector (no EOI).
 //!
+//! A #GP raised at CPL3 by a privileged instruction (after [`crate::user::enter`]) is not
+//! fatal: [`crate::user`] performs the instruction at ring 0 and the code resumes after it.
+//! Interrupts and exceptions taken at CPL3 run on the TSS's `RSP0` stack.
+//!
 //! The stubs save only the caller-saved registers: the handler is an `extern "C"` Rust
 //! function, and there is no FPU/SSE state to save in a soft-float inmate.
 
@@ -18,6 +22,8 @@ const CODE64_SELECTOR: u16 = 0x18;
 
 /// The first vector free for device interrupts (Jailhouse's x86 `DEFAULT_IRQ_BASE`).
 pub const FIRST_DEVICE_VECTOR: u8 = 32;
+/// #GP.
+const GENERAL_PROTECTION: u8 = 13;
 /// The spurious-interrupt vector programmed into SPIV.
 pub const SPURIOUS_VECTOR: u8 = 0xFF;
 
@@ -167,6 +173,10 @@ pub fn set_handler(handler: fn(u8)) {
 extern "C" fn dispatch(frame: &mut Frame) {
     let vector = frame.vector as u8;
     if vector < FIRST_DEVICE_VECTOR {
+        // A privileged instruction at CPL3 (`crate::user`): performed here, then resumed.
+        if vector == GENERAL_PROTECTION && frame.cs & 3 == 3 && crate::user::emulate(frame) {
+            return;
+        }
         crate::fail_exception(frame);
     }
     if vector == SPURIOUS_VECTOR {

@@ -3,12 +3,16 @@
 //!
 //! - [`boot`]: the real-mode → long-mode stub at address 0, identity page tables.
 //! - [`comm`]: the communication region at 0x100000 (checked before `main`).
+//! - [`clock`]: TSC time on the host's `CLOCK_MONOTONIC` (the VMM's clock epoch).
 //! - [`cmdline`]: the 256-byte command line at 0x1000 (`target=1`).
 //! - [`interrupts`]: IDT, entry stubs, one handler for device vectors.
 //! - [`x2apic`]: EOI, APIC ID (MSI-X capability and table: `ivshmem_dev::msix`, programmed
 //!   for this CPU by [`ivshmem::Device::setup_msix`]).
 //! - [`pmtimer`]: delays on the ACPI PM timer; [`timer`]: sleeping on the x2APIC timer.
+//! - [`event`]: waiting for a device interrupt or a deadline without lost wake-ups.
 //! - [`console`]: the 8250 UART at 0x3F8, [`println!`].
+//! - [`user`]: running the main loop at ring 3 (native under PVM), privileged instructions
+//!   trapped and performed at ring 0.
 //! - [`ivshmem`]: bringing up an ivshmem v2 device the Jailhouse way.
 //!
 //! An inmate is `#![no_std] #![no_main]` and names its main function with [`entry!`]:
@@ -21,8 +25,9 @@
 //! A panic prints `PANIC: ...`, sets `cell_state` = 3 (failed) and stops the CPU; so does an
 //! unexpected exception.
 //!
-//! The code runs in ring 0. On this project's PVM-backed `/dev/kvm`, ring-0 code is emulated
-//! (~0.7 µs per instruction), so hot loops are kept short and every wait polls a device (PM
+//! The code runs in ring 0 unless the inmate calls [`user::enter`]. On this project's
+//! PVM-backed `/dev/kvm`, ring-0 code is emulated (~0.7 µs per instruction), so hot loops
+//! belong at ring 3 or are kept short and every wait polls a device (PM
 //! timer) or halts; no SSE: the target is soft-float and the boot stub never enables it.
 #![cfg_attr(not(test), no_std)]
 #![warn(missing_docs)]
@@ -32,14 +37,17 @@
 // linker script and its own entry point.
 #[cfg(not(test))]
 pub mod boot;
+pub mod clock;
 pub mod cmdline;
 pub mod comm;
 pub mod console;
+pub mod event;
 pub mod interrupts;
 pub mod ivshmem;
 pub mod pmtimer;
 pub mod port;
 pub mod timer;
+pub mod user;
 pub mod x2apic;
 
 use core::arch::asm;

@@ -7,7 +7,7 @@
 use crate::port::inl;
 
 /// The PM timer's frequency.
-pub const FREQUENCY_HZ: u64 = 3_579_545;
+pub const FREQUENCY_HZ: u64 = ivshmem_dev::comm::PM_TIMER_HZ;
 const MASK: u32 = 0x00FF_FFFF;
 
 /// Reads the counter.

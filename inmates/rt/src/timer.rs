@@ -103,31 +103,31 @@ pub fn sleep_us(us: u64) {
     crate::interrupts::enable();
 }
 
-/// Halts until the next interrupt of any kind, a device's or the timer's, with the timer
-/// armed to fire after at most `us` microseconds; returns with interrupts **enabled** and the
-/// timer disarmed. For event loops: call it with interrupts disabled after finding no pending
-/// work, so that an interrupt arriving after the check still ends the halt (`sti; hlt` is
-/// atomic). Without a calibrated timer it halts until the next device interrupt only if `us`
-/// is `u64::MAX`, else it returns at once (the caller polls).
-pub fn halt_at_most_us(us: u64) {
+/// Halts until any interrupt arrives or about `us` microseconds passed, whichever is first,
+/// with interrupts **enabled** on return. `ready` is checked with interrupts off right before
+/// halting (`sti; hlt` is atomic), so a device handler that sets what `ready` reads cannot be
+/// missed. Without a calibrated timer it polls the PM timer for at most `us` (and at most
+/// 1 ms), checking `ready` between reads.
+pub fn wait_at_most_us(us: u64, ready: impl Fn() -> bool) {
     let per_ms = TICKS_PER_MS.load(Ordering::Relaxed);
     if per_ms == 0 {
-        if us == u64::MAX {
-            crate::interrupts::wait();
-        } else {
-            crate::interrupts::enable();
-        }
+        crate::interrupts::enable();
+        let mut deadline = crate::pmtimer::Deadline::after_us(us.min(1000));
+        while !ready() && !deadline.passed() {}
         return;
     }
-    let ticks = us.saturating_mul(per_ms) / 1000;
-    let ticks = ticks.clamp(1, u64::from(u32::MAX));
-    // SAFETY: x2APIC timer registers; one-shot on TIMER_VECTOR, which the dispatcher
-    // acknowledges; a count of 0 disarms it.
-    unsafe {
-        wrmsr(MSR_LVT_TIMER, u64::from(TIMER_VECTOR));
-        wrmsr(MSR_INITIAL_COUNT, ticks);
+    let ticks = (us.saturating_mul(per_ms) / 1000).clamp(1, u64::from(u32::MAX));
+    crate::interrupts::disable();
+    if !ready() {
+        // SAFETY: x2APIC timer registers; one-shot on TIMER_VECTOR (acknowledged by the
+        // dispatcher); stopped again below.
+        unsafe {
+            wrmsr(MSR_LVT_TIMER, u64::from(TIMER_VECTOR));
+            wrmsr(MSR_INITIAL_COUNT, ticks);
+        }
+        crate::interrupts::wait();
+        // SAFETY: writing 0 to the initial count stops the timer.
+        unsafe { wrmsr(MSR_INITIAL_COUNT, 0) }
     }
-    crate::interrupts::wait();
-    // SAFETY: as above.
-    unsafe { wrmsr(MSR_INITIAL_COUNT, 0) }
+    crate::interrupts::enable();
 }
