@@ -123,11 +123,12 @@ fn main(cmdline: &Cmdline) -> ! {
         services.tcp_buffer
     );
 
-    let mut cell = NetCell::new(link, &services, now());
     interrupts::enable();
     if ring == 3 {
         inmate_rt::user::enter();
     }
+    // At ring 3 already: creating the sockets zeroes their buffers, natively there.
+    let mut cell = NetCell::new(link, &services, now());
     let mut carrier = false;
     loop {
         // Acquire pairs with the handler's Release.
