@@ -330,7 +330,7 @@ fn ping_rows(settings: &Settings, report: &mut SuiteReport) -> Result<()> {
             });
             continue;
         }
-        settings.say(&format!(
+        settings.say(format!(
             "kvm/{case}: ICMP echo from Linux through the TAP bridge to the {} (PVM)",
             if kvm {
                 "network inmate (KVM cell)"
@@ -523,7 +523,7 @@ vectors = 1
                 let stop = Arc::clone(&cell_stop);
                 Some(std::thread::spawn(move || {
                     let services = crate::vnet_cell::services::ServiceConfig::new(
-                        vnet::smoltcp::wire::Ipv4Cidr::new(PING_CELL_IP.into(), 24),
+                        vnet::smoltcp::wire::Ipv4Cidr::new(PING_CELL_IP, 24),
                     );
                     let mut cell = crate::vnet_cell::cell::Cell::new(
                         link,
