@@ -13,19 +13,20 @@
 
 #[path = "vnet_common/mod.rs"]
 mod common;
+#[path = "kvm_common/mod.rs"]
+mod kvm_common;
 #[path = "../examples/vnet_tap.rs"]
 #[allow(dead_code)]
 mod vnet_tap;
 
-use std::io::{BufRead, BufReader};
 use std::net::Ipv4Addr;
 use std::path::Path;
-use std::process::{Child, Command, ExitCode, Stdio};
-use std::sync::mpsc::{self, Receiver};
+use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::linux::{self, Netns};
+use kvm_common::{Hypervisor, Output, Runner};
 
 const HYPERVISOR_ENV: &str = "KVM_VNET_HYPERVISOR";
 const ROLE_ENV: &str = "KVM_VNET_ROLE";
@@ -33,91 +34,23 @@ const ROLE_ENV: &str = "KVM_VNET_ROLE";
 const GUARD: Duration = Duration::from_secs(90);
 const CELL_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
 const MIB: u64 = 1 << 20;
-const NAME: &str = "linux_reaches_the_network_inmate_through_the_tap_bridge";
 
 fn main() -> ExitCode {
-    if std::env::var_os(HYPERVISOR_ENV).is_some() {
-        // The hypervisor's cells must not become hypervisors.
-        std::env::remove_var(HYPERVISOR_ENV);
-        return ExitCode::from(hypervisor::cli::main_from(std::env::args_os()));
-    }
-    if std::env::var(ROLE_ENV).as_deref() == Ok("tap") {
-        return match vnet_tap::main() {
+    let runner = Runner {
+        name: "linux_reaches_the_network_inmate_through_the_tap_bridge",
+        hypervisor_env: HYPERVISOR_ENV,
+        needs_root: true,
+    };
+    let tap_cell = || {
+        (std::env::var(ROLE_ENV).as_deref() == Ok("tap")).then(|| match vnet_tap::main() {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("vnet_tap: {e:#}");
                 ExitCode::FAILURE
             }
-        };
-    }
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.iter().any(|a| a == "--list") {
-        println!("{NAME}: test");
-        return ExitCode::SUCCESS;
-    }
-    if args
-        .iter()
-        .any(|a| !a.starts_with('-') && !NAME.contains(a.as_str()))
-    {
-        return ExitCode::SUCCESS;
-    }
-    if !linux::root_or_skip(NAME) {
-        return ExitCode::SUCCESS;
-    }
-    if let Err(why) = hypervisor::kvm::kvm_available() {
-        println!("test {NAME} ... skipped: KVM is not usable here: {why}");
-        return ExitCode::SUCCESS;
-    }
-    println!("test {NAME} ...");
-    match std::panic::catch_unwind(linux_and_the_network_inmate) {
-        Ok(()) => {
-            println!("test {NAME} ... ok");
-            ExitCode::SUCCESS
-        }
-        Err(_) => {
-            println!("test {NAME} ... FAILED");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-/// The hypervisor's stdout, line by line.
-struct Output {
-    rx: Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Output {
-    /// Waits for the `n`-th line equal to `want` (counting lines seen before).
-    fn expect_nth(&mut self, want: &str, n: usize) {
-        let deadline = Instant::now() + GUARD;
-        while self.seen.iter().filter(|l| *l == want).count() < n {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.rx.recv_timeout(left) {
-                Ok(line) => self.seen.push(line),
-                Err(e) => panic!("waiting for {want:?} #{n}: {e}; seen: {:#?}", self.seen),
-            }
-        }
-    }
-}
-
-/// The hypervisor process; SIGTERM on drop (it stops its cells and VMs).
-struct Hypervisor(Child);
-
-impl Drop for Hypervisor {
-    fn drop(&mut self) {
-        // SAFETY: signalling our own unreaped child.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.0.try_wait().ok().flatten().is_none() {
-            if Instant::now() > deadline {
-                let _ = self.0.kill();
-                let _ = self.0.wait();
-                return;
-            }
-            std::thread::yield_now();
-        }
-    }
+        })
+    };
+    kvm_common::main(&runner, tap_cell, linux_and_the_network_inmate)
 }
 
 /// The system of `configs/vnet-kvm.toml` with this binary as the bridge and its own socket.
@@ -194,11 +127,6 @@ fn linux_and_the_network_inmate() {
     let config = dir.join("vnet-kvm.toml");
     std::fs::write(&config, system_config(root, &dir, &exe)).unwrap();
 
-    let (tx, rx) = mpsc::channel();
-    let mut out = Output {
-        rx,
-        seen: Vec::new(),
-    };
     let mut child = ns
         .command(exe.to_str().unwrap())
         .arg("run")
@@ -210,16 +138,8 @@ fn linux_and_the_network_inmate() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
+    let mut out = Output::read(child.stdout.take().unwrap(), GUARD);
     let _hypervisor = Hypervisor(child);
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
 
     const UP: &str = "[linux-net] vnet_tap: inn0: link up (peer cell running)";
     const DOWN: &str = "[linux-net] vnet_tap: inn0: link down (peer cell gone)";
