@@ -35,22 +35,16 @@ fn main() -> ExitCode {
         hypervisor_env: HYPERVISOR_ENV,
         needs_root: false,
     };
-    let linux_cell = || {
-        (std::env::var(ROLE_ENV).as_deref() == Ok("linux-demo")).then(|| match linux_demo::main() {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("ivshmem_demo: {e:#}");
-                ExitCode::FAILURE
-            }
-        })
-    };
+    let linux_cell =
+        || kvm_common::cell_role(ROLE_ENV, "linux-demo", "ivshmem_demo", linux_demo::main);
     kvm_common::main(&runner, linux_cell, linux_demo_and_inmate)
 }
 
 /// The last `[cell] Interrupt #N` count printed so far.
 fn last_interrupt(out: &Output, cell: &str) -> Option<u32> {
     let prefix = format!("[{cell}] Interrupt #");
-    out.seen
+    out.lines
+        .seen
         .iter()
         .rev()
         .find_map(|l| l.strip_prefix(&prefix)?.parse().ok())
@@ -141,11 +135,11 @@ bdf = "01:0e.0"
     let deadline = Instant::now() + GUARD;
     while last_interrupt(&out, "linux").unwrap_or(0) < 3 {
         let left = deadline.saturating_duration_since(Instant::now());
-        match out.rx.recv_timeout(left) {
-            Ok(line) => out.seen.push(line),
+        match out.lines.rx.recv_timeout(left) {
+            Ok(line) => out.lines.seen.push(line),
             Err(e) => panic!(
                 "the Linux side did not count 3 doorbells: {e}; {:#?}",
-                out.seen
+                out.lines.seen
             ),
         }
     }
@@ -153,10 +147,18 @@ bdf = "01:0e.0"
     assert!(
         (3..=4).contains(&total),
         "Linux interrupts {total}: {:#?}",
-        out.seen
+        out.lines.seen
     );
     // STATE both ways: each printed the other's state (ID + 1).
-    assert!(out.count("[linux] state[1] = 2") > 0, "{:#?}", out.seen);
-    assert!(out.count("[inmate] state[0] = 1") > 0, "{:#?}", out.seen);
+    assert!(
+        out.count("[linux] state[1] = 2") > 0,
+        "{:#?}",
+        out.lines.seen
+    );
+    assert!(
+        out.count("[inmate] state[0] = 1") > 0,
+        "{:#?}",
+        out.lines.seen
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

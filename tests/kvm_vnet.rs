@@ -41,15 +41,7 @@ fn main() -> ExitCode {
         hypervisor_env: HYPERVISOR_ENV,
         needs_root: true,
     };
-    let tap_cell = || {
-        (std::env::var(ROLE_ENV).as_deref() == Ok("tap")).then(|| match vnet_tap::main() {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("vnet_tap: {e:#}");
-                ExitCode::FAILURE
-            }
-        })
-    };
+    let tap_cell = || kvm_common::cell_role(ROLE_ENV, "tap", "vnet_tap", vnet_tap::main);
     kvm_common::main(&runner, tap_cell, linux_and_the_network_inmate)
 }
 

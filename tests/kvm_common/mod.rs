@@ -6,10 +6,14 @@
 //! stops the spawned hypervisor; [`Output`] reads its stdout line by line with a guard.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
+#[path = "../../hypervisor/tests/process_common/mod.rs"]
+#[allow(dead_code)]
+mod process_common;
+
 use std::process::{Child, ChildStdout, ExitCode};
-use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
+
+pub use process_common::Lines;
 
 /// What the test binary is when run.
 pub struct Runner<'a> {
@@ -65,32 +69,37 @@ pub fn main(runner: &Runner<'_>, cell: impl FnOnce() -> Option<ExitCode>, test: 
     }
 }
 
+/// The role `role` of a cell (when the variable `role_env` names it): runs `cell_main`,
+/// printing its error as `{what}: {error:#}`.
+pub fn cell_role(
+    role_env: &str,
+    role: &str,
+    what: &str,
+    cell_main: fn() -> anyhow::Result<()>,
+) -> Option<ExitCode> {
+    (std::env::var(role_env).as_deref() == Ok(role)).then(|| match cell_main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{what}: {e:#}");
+            ExitCode::FAILURE
+        }
+    })
+}
+
 /// The hypervisor's stdout, line by line, with a guard on every wait.
 pub struct Output {
-    /// Lines not read yet.
-    pub rx: Receiver<String>,
-    /// Lines read so far.
-    pub seen: Vec<String>,
+    /// The lines (read by a thread of their own, which outlives the hypervisor, so the last
+    /// lines still have a reader), and those seen so far.
+    pub lines: Lines,
     /// How long one wait may take.
     pub guard: Duration,
 }
 
 impl Output {
-    /// Reads `stdout` from a thread of its own (it outlives the hypervisor, so the last lines
-    /// still have a reader).
+    /// Starts reading `stdout`.
     pub fn read(stdout: ChildStdout, guard: Duration) -> Output {
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
         Output {
-            rx,
-            seen: Vec::new(),
+            lines: Lines::new(stdout),
             guard,
         }
     }
@@ -105,16 +114,19 @@ impl Output {
         let deadline = Instant::now() + self.guard;
         while self.count(want) < n {
             let left = deadline.saturating_duration_since(Instant::now());
-            match self.rx.recv_timeout(left) {
-                Ok(line) => self.seen.push(line),
-                Err(e) => panic!("waiting for {want:?} #{n}: {e}; seen: {:#?}", self.seen),
+            match self.lines.rx.recv_timeout(left) {
+                Ok(line) => self.lines.seen.push(line),
+                Err(e) => panic!(
+                    "waiting for {want:?} #{n}: {e}; seen: {:#?}",
+                    self.lines.seen
+                ),
             }
         }
     }
 
     /// How often the line `want` was seen.
     pub fn count(&self, want: &str) -> usize {
-        self.seen.iter().filter(|l| *l == want).count()
+        self.lines.seen.iter().filter(|l| *l == want).count()
     }
 }
 
