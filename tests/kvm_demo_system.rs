@@ -19,25 +19,26 @@ mod linux_demo;
 mod kvm_common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
-use kvm_common::{Hypervisor, Output, Runner};
+use kvm_common::{Output, Runner};
 
 const HYPERVISOR_ENV: &str = "KVM_DEMO_HYPERVISOR";
 const ROLE_ENV: &str = "KVM_DEMO_ROLE";
 /// Guard for each expected line (ring-0 inmate code is emulated on PVM hosts).
 const GUARD: Duration = Duration::from_secs(60);
 
+const RUNNER: Runner = Runner {
+    name: "the_linux_demo_and_the_demo_inmate_exchange_state_and_doorbells",
+    hypervisor_env: HYPERVISOR_ENV,
+    needs_root: false,
+};
+
 fn main() -> ExitCode {
-    let runner = Runner {
-        name: "the_linux_demo_and_the_demo_inmate_exchange_state_and_doorbells",
-        hypervisor_env: HYPERVISOR_ENV,
-        needs_root: false,
-    };
     let linux_cell =
         || kvm_common::cell_role(ROLE_ENV, "linux-demo", "ivshmem_demo", linux_demo::main);
-    kvm_common::main(&runner, linux_cell, linux_demo_and_inmate)
+    kvm_common::main(&RUNNER, linux_cell, linux_demo_and_inmate)
 }
 
 /// The last `[cell] Interrupt #N` count printed so far.
@@ -107,19 +108,10 @@ bdf = "01:0e.0"
     )
     .unwrap();
 
-    let mut child = Command::new(&exe)
-        .arg("run")
-        .arg(&config)
-        .env(HYPERVISOR_ENV, "1")
-        .env(ROLE_ENV, "linux-demo")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // The output reader outlives the hypervisor (dropped first, with SIGTERM), so its last
-    // lines still have a reader.
-    let mut out = Output::read(child.stdout.take().unwrap(), GUARD);
-    let _hypervisor = Hypervisor(child);
+    let mut hypervisor = Command::new(&exe);
+    hypervisor.arg("run").arg(&config);
+    let (mut out, _hypervisor) =
+        kvm_common::spawn_hypervisor(hypervisor, &RUNNER, (ROLE_ENV, "linux-demo"), GUARD);
 
     out.expect("[linux] ID = 0");
     out.expect("[inmate] IVSHMEM: ID is 1");

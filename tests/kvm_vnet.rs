@@ -21,12 +21,12 @@ mod vnet_tap;
 
 use std::net::Ipv4Addr;
 use std::path::Path;
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::linux::{self, Netns};
-use kvm_common::{Hypervisor, Output, Runner};
+use kvm_common::Runner;
 
 const HYPERVISOR_ENV: &str = "KVM_VNET_HYPERVISOR";
 const ROLE_ENV: &str = "KVM_VNET_ROLE";
@@ -35,14 +35,15 @@ const GUARD: Duration = Duration::from_secs(90);
 const CELL_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
 const MIB: u64 = 1 << 20;
 
+const RUNNER: Runner = Runner {
+    name: "linux_reaches_the_network_inmate_through_the_tap_bridge",
+    hypervisor_env: HYPERVISOR_ENV,
+    needs_root: true,
+};
+
 fn main() -> ExitCode {
-    let runner = Runner {
-        name: "linux_reaches_the_network_inmate_through_the_tap_bridge",
-        hypervisor_env: HYPERVISOR_ENV,
-        needs_root: true,
-    };
     let tap_cell = || kvm_common::cell_role(ROLE_ENV, "tap", "vnet_tap", vnet_tap::main);
-    kvm_common::main(&runner, tap_cell, linux_and_the_network_inmate)
+    kvm_common::main(&RUNNER, tap_cell, linux_and_the_network_inmate)
 }
 
 /// The system of `configs/vnet-kvm.toml` with this binary as the bridge and its own socket.
@@ -119,19 +120,10 @@ fn linux_and_the_network_inmate() {
     let config = dir.join("vnet-kvm.toml");
     std::fs::write(&config, system_config(root, &dir, &exe)).unwrap();
 
-    let mut child = ns
-        .command(exe.to_str().unwrap())
-        .arg("run")
-        .arg(&config)
-        .current_dir(root)
-        .env(HYPERVISOR_ENV, "1")
-        .env(ROLE_ENV, "tap")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = Output::read(child.stdout.take().unwrap(), GUARD);
-    let _hypervisor = Hypervisor(child);
+    let mut hypervisor = ns.command(exe.to_str().unwrap());
+    hypervisor.arg("run").arg(&config).current_dir(root);
+    let (mut out, _hypervisor) =
+        kvm_common::spawn_hypervisor(hypervisor, &RUNNER, (ROLE_ENV, "tap"), GUARD);
 
     const UP: &str = "[linux-net] vnet_tap: inn0: link up (peer cell running)";
     const DOWN: &str = "[linux-net] vnet_tap: inn0: link down (peer cell gone)";

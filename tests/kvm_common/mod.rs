@@ -10,7 +10,7 @@
 #[allow(dead_code)]
 mod process_common;
 
-use std::process::{Child, ChildStdout, ExitCode};
+use std::process::{Child, ChildStdout, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 pub use process_common::Lines;
@@ -84,6 +84,26 @@ pub fn cell_role(
             ExitCode::FAILURE
         }
     })
+}
+
+/// Spawns `hypervisor` (this binary with `run CONFIG`) as the hypervisor, its process cells
+/// in the role `role` (the variable `role_env`); returns its output (waits guarded by
+/// `guard`) and the guard that stops it.
+pub fn spawn_hypervisor(
+    mut hypervisor: Command,
+    runner: &Runner<'_>,
+    (role_env, role): (&str, &str),
+    guard: Duration,
+) -> (Output, Hypervisor) {
+    let mut child = hypervisor
+        .env(runner.hypervisor_env, "1")
+        .env(role_env, role)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawning the hypervisor");
+    let out = Output::read(child.stdout.take().expect("piped stdout"), guard);
+    (out, Hypervisor(child))
 }
 
 /// The hypervisor's stdout, line by line, with a guard on every wait.
