@@ -382,3 +382,221 @@ fn bridge_and_cell_stop_with_an_error_naming_a_hung_up_interrupt() {
         "{err:?}"
     );
 }
+
+const PCAP_CHILD_ENV: &str = "VNC_PCAP_BRIDGE_CHILD";
+const PCAP_FRAME_LEN: usize = 200;
+
+/// A file writer that reports each completed flush on stdout (`flushed N`): the test's
+/// event that the capture's first N bytes are in the file.
+struct ReportingFile {
+    file: std::fs::File,
+    written: usize,
+}
+
+impl std::io::Write for ReportingFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.written += n;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()?;
+        println!("flushed {}", self.written);
+        std::io::stdout().flush()
+    }
+}
+
+/// The bridge process of `a_pcap_survives_kill_9_with_whole_records`: runs only when
+/// re-executed by it (with `--ignored`), until killed. Bridge on a Unix datagram port bound
+/// at the path the test gives, capture into the file it gives; a peer thread reads the ring.
+#[test]
+#[ignore = "helper: the bridge process of `a_pcap_survives_kill_9_with_whole_records`"]
+fn pcap_bridge_process_child() {
+    use std::io::Write as _;
+    let (Some(port), Some(pcap)) = (
+        std::env::var_os(PCAP_CHILD_ENV),
+        std::env::var_os("VNC_PCAP_FILE"),
+    ) else {
+        return;
+    };
+    let link = LocalLink::new("net0", 2, 256 * 1024).unwrap();
+    let port = UnixDatagram::bind(port).unwrap();
+    port.set_nonblocking(true).unwrap();
+    let bridge_link = Arc::clone(&link);
+    std::thread::spawn(move || {
+        let (dev, irq) = Endpoint::attach_local(&bridge_link, 1)
+            .unwrap()
+            .into_parts();
+        let l = VnetLink::new(dev, LinkConfig::default()).unwrap();
+        let mut b = Bridge::new(l, irq, port, BridgeConfig::default());
+        let file = ReportingFile {
+            file: std::fs::File::create(pcap).unwrap(),
+            written: 0,
+        };
+        let out = std::io::BufWriter::with_capacity(64 * 1024, file);
+        b.set_pcap(vnet::pcap::PcapWriter::new(Box::new(out) as Box<_>).unwrap());
+        b.run(None).unwrap();
+    });
+    // The peer: reads and releases every frame, forever.
+    let (dev, mut irq) = Endpoint::attach_local(&link, 0).unwrap().into_parts();
+    let mut peer = VnetLink::new(dev, LinkConfig::default()).unwrap();
+    peer.poll_link();
+    // On a line of its own (the test harness has just printed "test NAME ... ").
+    println!("\nready");
+    std::io::stdout().flush().unwrap();
+    loop {
+        if let Some(d) = peer.rings_mut() {
+            while let Some(f) = d.rx.peek().unwrap() {
+                f.release();
+            }
+        }
+        peer.flush();
+        let idle = peer
+            .rings_mut()
+            .map_or(Ok(true), |d| d.rx.prepare_sleep())
+            .unwrap();
+        if idle {
+            wait_forever(&irq);
+            Interrupt::take(&mut irq).unwrap();
+            peer.poll_link();
+        }
+    }
+}
+
+fn wait_forever(irq: &impl Interrupt) {
+    let mut pfd = libc::pollfd {
+        fd: irq.fd().as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&mut pfd, 1, -1) };
+}
+
+/// The pcap guarantee of issue 12 against `kill -9`: a bridge process killed while frames
+/// flow leaves a file whose records are all whole except at most the last one, and which
+/// holds at least everything flushed before the kill.
+#[test]
+fn a_pcap_survives_kill_9_with_whole_records() {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    let dir = std::env::temp_dir().join(format!("vnc-pcap-kill-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let port_path = dir.join("port");
+    let pcap_path = dir.join("capture.pcap");
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    // SAFETY: prctl is async-signal-safe; the child dies with the test process.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .args([
+            "--exact",
+            "pcap_bridge_process_child",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(PCAP_CHILD_ENV, &port_path)
+        .env("VNC_PCAP_FILE", &pcap_path)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let next_line = |what: &str| {
+        lines
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("bridge process: no line ({what}): {e}"))
+    };
+    while next_line("ready") != "ready" {}
+
+    let sender = UnixDatagram::unbound().unwrap();
+    sender
+        .set_write_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let frame = |seq: u32| {
+        let mut f = vec![(seq % 251) as u8; PCAP_FRAME_LEN];
+        f[..4].copy_from_slice(&seq.to_le_bytes());
+        f
+    };
+    // A first burst, flushed into the file (the child says so)...
+    const FIRST: u32 = 50;
+    for seq in 0..FIRST {
+        sender.send_to(&frame(seq), &port_path).unwrap();
+    }
+    let flushed_before_kill = 24 + FIRST as usize * (16 + PCAP_FRAME_LEN);
+    loop {
+        let line = next_line("flushed");
+        let n: usize = line
+            .strip_prefix("flushed ")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected line {line:?}"));
+        if n >= flushed_before_kill {
+            break;
+        }
+    }
+    // ...then frames keep flowing while the process is killed.
+    let (sent_tx, sent) = std::sync::mpsc::channel();
+    let streaming = {
+        let port_path = port_path.clone();
+        std::thread::spawn(move || {
+            for seq in FIRST..FIRST + 20_000 {
+                if seq == FIRST + 2_000 {
+                    let _ = sent_tx.send(());
+                }
+                if sender.send_to(&frame(seq), &port_path).is_err() {
+                    break; // the bridge is gone
+                }
+            }
+        })
+    };
+    sent.recv_timeout(Duration::from_secs(20))
+        .expect("2000 more frames sent");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    streaming.join().unwrap();
+
+    let pcap = std::fs::read(&pcap_path).unwrap();
+    assert!(
+        pcap.len() >= flushed_before_kill,
+        "{} bytes, {flushed_before_kill} were flushed before the kill",
+        pcap.len()
+    );
+    assert_eq!(&pcap[..4], &vnet::pcap::MAGIC.to_le_bytes());
+    let (mut at, mut whole, mut cut) = (24, 0u32, false);
+    while at < pcap.len() {
+        let Some(header) = pcap.get(at..at + 16) else {
+            cut = true;
+            break;
+        };
+        let incl = u32::from_le_bytes(header[8..12].try_into().unwrap()) as usize;
+        let orig = u32::from_le_bytes(header[12..16].try_into().unwrap()) as usize;
+        assert_eq!(
+            (incl, orig),
+            (PCAP_FRAME_LEN, PCAP_FRAME_LEN),
+            "record {whole}"
+        );
+        let Some(data) = pcap.get(at + 16..at + 16 + incl) else {
+            cut = true;
+            break;
+        };
+        assert_eq!(data, &frame(whole)[..], "record {whole}");
+        whole += 1;
+        at += 16 + incl;
+    }
+    assert!(whole >= FIRST, "{whole} whole records");
+    println!("{whole} whole records, last one cut: {cut}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -18,6 +18,7 @@ use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use common::linux::{self, Netns};
+use common::Threads;
 use hypervisor::cells::{self, RunOptions, StopHandle};
 use hypervisor::config::SystemConfig;
 use hypervisor::control::SystemSpec;
@@ -31,6 +32,8 @@ use vnet::{LinkConfig, LinkEvent, VnetLink};
 
 const CELL_IP: Ipv4Addr = Ipv4Addr::new(10, 79, 0, 2);
 const MIB: u64 = 1 << 20;
+/// How long one step of the test (a transfer, a restart) may take on loaded CI cores.
+const STEP_LIMIT: Duration = Duration::from_secs(120);
 const CHILD_ENV: &str = "VNET_TEST_CELL_CHILD";
 
 const SYSTEM: &str = r#"
@@ -121,11 +124,12 @@ fn process_cells_linux_through_tap_to_a_smoltcp_cell() {
         .unwrap();
     let system = SystemSpec::from_config(&valid);
     let stop = StopHandle::new().unwrap();
+    let threads = Threads::default();
     let (listening_tx, listening) = mpsc::channel();
     let hv = {
         let stop = stop.clone();
         let socket = socket.clone();
-        std::thread::spawn(move || {
+        threads.spawn("hypervisor", move || {
             let options = RunOptions {
                 spawn: false,
                 ..RunOptions::new(socket)
@@ -159,7 +163,7 @@ fn process_cells_linux_through_tap_to_a_smoltcp_cell() {
         let ns = Arc::clone(&ns);
         let socket = socket.clone();
         let stop = Arc::clone(&bridge_stop);
-        std::thread::spawn(move || {
+        threads.spawn("bridge", move || {
             ns.enter();
             let tap = Tap::open("vnet0").unwrap();
             tap.configure(Some("10.79.0.1/24"), 1500).unwrap();
@@ -182,7 +186,7 @@ fn process_cells_linux_through_tap_to_a_smoltcp_cell() {
     );
     let client = {
         let ns = Arc::clone(&ns);
-        std::thread::spawn(move || {
+        threads.spawn("client", move || {
             ns.enter();
             assert_eq!(linux::ping(CELL_IP, 5, 56).len(), 5);
             linux::linux_sink(CELL_IP, 100 * MIB);
@@ -190,7 +194,7 @@ fn process_cells_linux_through_tap_to_a_smoltcp_cell() {
             linux::http_get(&ns, CELL_IP)
         })
     };
-    let page = client.join().unwrap();
+    let page = threads.join("client", client, STEP_LIMIT);
     assert!(page.contains("sink_bytes 104857600"), "{page}");
 
     // SIGKILL the cell process: the hypervisor sets its state to 0, the link goes down.
@@ -210,14 +214,14 @@ fn process_cells_linux_through_tap_to_a_smoltcp_cell() {
     );
     let client = {
         let ns = Arc::clone(&ns);
-        std::thread::spawn(move || {
+        threads.spawn("client after the restart", move || {
             ns.enter();
             assert_eq!(linux::ping(CELL_IP, 2, 1000).len(), 2);
             linux::linux_sink(CELL_IP, 4 * MIB);
             linux::http_get(&ns, CELL_IP)
         })
     };
-    let page = client.join().unwrap();
+    let page = threads.join("client after the restart", client, STEP_LIMIT);
     assert!(
         page.contains("sink_bytes 4194304"),
         "the restarted cell: {page}"
@@ -226,9 +230,9 @@ fn process_cells_linux_through_tap_to_a_smoltcp_cell() {
     cell.kill().unwrap();
     cell.wait().unwrap();
     assert_eq!(bridge_stop.write(1).expect("eventfd write"), 8);
-    let stats = bridge.join().unwrap();
+    let stats = threads.join("bridge", bridge, STEP_LIMIT);
     assert_eq!(stats.port_write_errors, 0);
     stop.stop();
-    hv.join().unwrap();
+    threads.join("hypervisor", hv, STEP_LIMIT);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -7,7 +7,7 @@
 
 use std::io;
 use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -120,11 +120,41 @@ pub fn echo_request(ident: u16, seq: u16, payload_len: usize) -> Vec<u8> {
     pkt
 }
 
+/// Sends `packet` on socket `fd` to `dst` (`sendto(2)` with an IPv4 address; for raw
+/// sockets, whose address types in nix need its `net` feature, which the workspace does not
+/// enable). Returns the bytes sent.
+pub fn send_to_ipv4(fd: BorrowedFd<'_>, packet: &[u8], dst: Ipv4Addr) -> io::Result<usize> {
+    let addr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(dst.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: a valid buffer and address on an open socket.
+    let n = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            packet.as_ptr().cast(),
+            packet.len(),
+            0,
+            (&addr as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
 /// A raw ICMP socket in the calling thread's network namespace, for echo requests.
 #[derive(Debug)]
 pub struct EchoSocket {
     fd: OwnedFd,
     ident: u16,
+    timeout: Duration,
 }
 
 impl EchoSocket {
@@ -164,6 +194,7 @@ impl EchoSocket {
         Ok(EchoSocket {
             fd,
             ident: (std::process::id() & 0xFFFF) as u16,
+            timeout,
         })
     }
 
@@ -173,29 +204,8 @@ impl EchoSocket {
     /// time-out is the receive error (`WouldBlock`/`TimedOut`).
     pub fn ping(&self, dst: Ipv4Addr, seq: u16, payload_len: usize) -> io::Result<Duration> {
         let pkt = echo_request(self.ident, seq, payload_len);
-        let addr = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: 0,
-            sin_addr: libc::in_addr {
-                s_addr: u32::from_ne_bytes(dst.octets()),
-            },
-            sin_zero: [0; 8],
-        };
         let start = Instant::now();
-        // SAFETY: a valid buffer and address on an open socket.
-        let n = unsafe {
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                pkt.as_ptr().cast(),
-                pkt.len(),
-                0,
-                (&addr as *const libc::sockaddr_in).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
-        };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        send_to_ipv4(self.fd.as_fd(), &pkt, dst)?;
         let mut buf = vec![0u8; 65536];
         loop {
             // SAFETY: a valid buffer on an open socket.
@@ -210,6 +220,16 @@ impl EchoSocket {
             }
             // A raw IPv4 socket delivers the IP header first; its length is untrusted input.
             let got = &buf[..n as usize];
+            // Other ICMP traffic does not extend the wait beyond the time-out.
+            if start.elapsed() > self.timeout {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "no echo reply from {dst} (seq {seq}) within {:?}",
+                        self.timeout
+                    ),
+                ));
+            }
             let Some(&first) = got.first() else { continue };
             let ihl = usize::from(first & 0xF) * 4;
             let Some(icmp) = got.get(ihl..) else { continue };

@@ -366,3 +366,65 @@ pub fn init_log() {
         log::set_max_level(log::LevelFilter::Trace);
     }
 }
+
+/// The threads of a test, each reporting its end (return or panic) on one channel, so the
+/// test waits for a thread with a deadline and fails with a message naming the thread that
+/// hung or ended too early, instead of blocking CI forever in `join`.
+pub struct Threads {
+    ended_tx: std::sync::mpsc::Sender<&'static str>,
+    ended: std::sync::mpsc::Receiver<&'static str>,
+}
+
+impl Default for Threads {
+    fn default() -> Self {
+        let (ended_tx, ended) = std::sync::mpsc::channel();
+        Threads { ended_tx, ended }
+    }
+}
+
+impl Threads {
+    /// Spawns `f` as thread `name` (unique within the test).
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        name: &'static str,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        /// Reports the end even when `f` panics (dropped while unwinding).
+        struct Ended(std::sync::mpsc::Sender<&'static str>, &'static str);
+        impl Drop for Ended {
+            fn drop(&mut self) {
+                let _ = self.0.send(self.1);
+            }
+        }
+        let ended = Ended(self.ended_tx.clone(), name);
+        std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || {
+                let _ended = ended;
+                f()
+            })
+            .expect("spawning a test thread")
+    }
+
+    /// Waits until thread `name` has ended, at most `limit`, and joins it. Fails the test if
+    /// it did not end in time, if it panicked, or if another thread ended first (a cell or
+    /// bridge that stops while a client waits for it is the bug to report, not a hang).
+    pub fn join<T>(
+        &self,
+        name: &'static str,
+        handle: std::thread::JoinHandle<T>,
+        limit: Duration,
+    ) -> T {
+        match self.ended.recv_timeout(limit) {
+            Ok(n) if n == name => {}
+            Ok(other) => panic!(
+                "thread `{other}` ended while the test waited for `{name}` (its panic, if any, \
+                 is printed above)"
+            ),
+            Err(_) => panic!("thread `{name}` did not finish within {limit:?}: hung"),
+        }
+        handle
+            .join()
+            .unwrap_or_else(|_| panic!("thread `{name}` panicked (message above)"))
+    }
+}

@@ -81,6 +81,18 @@ impl<R: RegisterAccess> NetCell<R> {
             let _ = writeln!(page, "doorbells {}", link_stats.doorbells);
             let _ = writeln!(page, "rx_frames {}", n.rx_frames);
             let _ = writeln!(page, "rx_bytes {}", n.rx_bytes);
+            let _ = writeln!(page, "rx_oversize {}", n.rx_oversize);
+            let _ = writeln!(page, "rx_ipv4_fragments {}", n.rx_ipv4_fragments);
+            let _ = writeln!(
+                page,
+                "rx_ipv4_fragments_dropped {}",
+                n.rx_ipv4_fragments_dropped
+            );
+            let _ = writeln!(
+                page,
+                "ipv4_reassembly_max {}",
+                vnet::nic::IPV4_REASSEMBLY_MAX
+            );
             let _ = writeln!(page, "tx_frames {}", n.tx_frames);
             let _ = writeln!(page, "tx_bytes {}", n.tx_bytes);
             let _ = writeln!(page, "tx_ring_full {}", n.tx_ring_full);

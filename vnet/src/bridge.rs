@@ -38,7 +38,7 @@ use ivshmem_dev::RegisterAccess;
 use crate::link::{LinkEvent, VnetLink};
 use crate::pcap::PcapWriter;
 
-/// Which fd of an event loop ([`Bridge::run`], [`crate::cell::Cell::run`]).
+/// Which fd of an event loop ([`Bridge::run`], a cell's loop such as `ivshmem_stack::vnet_cell::cell::Cell::run`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LoopFd {
     /// The link's interrupt fd.
@@ -95,7 +95,7 @@ impl FdCondition {
     }
 }
 
-/// Why an event loop ([`Bridge::run`], [`crate::cell::Cell::run`]) stopped.
+/// Why an event loop ([`Bridge::run`], a cell's loop such as `ivshmem_stack::vnet_cell::cell::Cell::run`) stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum LoopError {
     /// A polled fd reported an error condition; polling it again would return at once.

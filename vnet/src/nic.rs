@@ -130,6 +130,12 @@ pub struct NicStats {
     pub rx_bytes: u64,
     /// Received frames longer than the MTU: released and dropped, never handed to smoltcp.
     pub rx_oversize: u64,
+    /// IPv4 fragments handed to smoltcp for reassembly (in `rx_frames`).
+    pub rx_ipv4_fragments: u64,
+    /// IPv4 fragments dropped by the NIC because their datagram ends beyond
+    /// [`IPV4_REASSEMBLY_MAX`] (in `rx_frames`, not in `rx_ipv4_fragments`): smoltcp could
+    /// never reassemble it, and would hold a reassembly slot for it until the time-out.
+    pub rx_ipv4_fragments_dropped: u64,
     /// Frames committed to the send ring.
     pub tx_frames: u64,
     /// Bytes of those frames.
@@ -151,6 +157,8 @@ struct RxSide {
     frames: u64,
     bytes: u64,
     oversize: u64,
+    fragments: u64,
+    fragments_dropped: u64,
 }
 
 #[derive(Debug, Default)]
@@ -258,6 +266,8 @@ impl NicState {
             rx_frames: self.rx.frames,
             rx_bytes: self.rx.bytes,
             rx_oversize: self.rx.oversize,
+            rx_ipv4_fragments: self.rx.fragments,
+            rx_ipv4_fragments_dropped: self.rx.fragments_dropped,
             tx_frames: self.tx.frames,
             tx_bytes: self.tx.bytes,
             tx_ring_full: self.tx.full,
@@ -598,7 +608,70 @@ impl phy::RxToken for ShmRxToken<'_> {
         self.frame.release();
         self.side.frames += 1;
         self.side.bytes += len as u64;
-        f(copy)
+        match ipv4_fragment(copy) {
+            Ipv4Fragment::No => f(copy),
+            Ipv4Fragment::Reassemble => {
+                self.side.fragments += 1;
+                f(copy)
+            }
+            Ipv4Fragment::TooLarge => {
+                // smoltcp drops an empty frame as truncated (the token must call `f`).
+                self.side.fragments_dropped += 1;
+                f(&copy[..0])
+            }
+        }
+    }
+}
+
+/// Largest IPv4 datagram payload smoltcp reassembles from fragments, in bytes (smoltcp's
+/// `reassembly-buffer-size-8192` feature, set by this crate): `ping -s` up to 8184 is
+/// answered. Fragments of a larger datagram are dropped by the NIC and counted
+/// ([`NicStats::rx_ipv4_fragments_dropped`]).
+pub const IPV4_REASSEMBLY_MAX: usize = smoltcp::config::REASSEMBLY_BUFFER_SIZE;
+/// How many IPv4 datagrams smoltcp reassembles at once (`reassembly-buffer-count-4`); a
+/// fragment of a further datagram is dropped by smoltcp (not counted: smoltcp keeps no
+/// counters) until a slot completes or times out (`Interface::set_reassembly_timeout`).
+pub const IPV4_REASSEMBLY_SLOTS: usize = smoltcp::config::REASSEMBLY_BUFFER_COUNT;
+/// Largest IPv4 packet (header and payload) smoltcp fragments on the way out
+/// (`fragmentation-buffer-size-8192`); a larger one is dropped by smoltcp. Only packets
+/// longer than the link MTU need it: ICMP echo replies to large pings (TCP keeps to the MSS).
+pub const IPV4_FRAGMENTATION_MAX: usize = smoltcp::config::FRAGMENTATION_BUFFER_SIZE;
+
+/// What a received frame is to IPv4 reassembly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ipv4Fragment {
+    /// Not an IPv4 fragment (or not IPv4, or malformed: smoltcp judges it).
+    No,
+    /// A fragment of a datagram that fits [`IPV4_REASSEMBLY_MAX`] as far as this one shows.
+    Reassemble,
+    /// A fragment that ends beyond [`IPV4_REASSEMBLY_MAX`].
+    TooLarge,
+}
+
+/// Classifies an Ethernet II frame (the NIC's own copy) for reassembly.
+fn ipv4_fragment(frame: &[u8]) -> Ipv4Fragment {
+    const ETHERTYPE_IPV4: [u8; 2] = [0x08, 0x00];
+    if frame.get(12..14) != Some(&ETHERTYPE_IPV4[..]) {
+        return Ipv4Fragment::No;
+    }
+    let Some(ip) = frame.get(ETHERNET_HEADER_LEN..ETHERNET_HEADER_LEN + 20) else {
+        return Ipv4Fragment::No;
+    };
+    if ip[0] >> 4 != 4 {
+        return Ipv4Fragment::No;
+    }
+    let header_len = usize::from(ip[0] & 0x0f) * 4;
+    let total_len = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let flags_offset = u16::from_be_bytes([ip[6], ip[7]]);
+    let more_fragments = flags_offset & 0x2000 != 0;
+    let offset = usize::from(flags_offset & 0x1fff) * 8;
+    if !more_fragments && offset == 0 {
+        return Ipv4Fragment::No;
+    }
+    if offset + total_len.saturating_sub(header_len) > IPV4_REASSEMBLY_MAX {
+        Ipv4Fragment::TooLarge
+    } else {
+        Ipv4Fragment::Reassemble
     }
 }
 
@@ -992,6 +1065,60 @@ mod tests {
         assert!(nic.receive(now()).is_none());
         let stats = nic.stats();
         assert_eq!((stats.rx_oversize, stats.rx_frames), (1, 1));
+    }
+
+    /// An Ethernet frame with an IPv4 header: fragment `offset` (bytes, a multiple of 8),
+    /// more-fragments flag, `payload` bytes after the 20-byte header.
+    fn ipv4_frame(offset: usize, more: bool, payload: usize) -> Vec<u8> {
+        let mut f = vec![0u8; ETHERNET_HEADER_LEN + 20 + payload];
+        f[12..14].copy_from_slice(&[0x08, 0x00]);
+        let ip = &mut f[ETHERNET_HEADER_LEN..];
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&((20 + payload) as u16).to_be_bytes());
+        let flags = (offset / 8) as u16 | if more { 0x2000 } else { 0 };
+        ip[6..8].copy_from_slice(&flags.to_be_bytes());
+        f
+    }
+
+    #[test]
+    fn ipv4_fragments_are_classified_for_reassembly() {
+        use Ipv4Fragment::*;
+        assert_eq!(ipv4_fragment(&ipv4_frame(0, false, 100)), No);
+        assert_eq!(ipv4_fragment(&ipv4_frame(0, true, 1480)), Reassemble);
+        assert_eq!(ipv4_fragment(&ipv4_frame(2960, false, 1048)), Reassemble);
+        let last = IPV4_REASSEMBLY_MAX - 1000;
+        assert_eq!(ipv4_fragment(&ipv4_frame(last, false, 1000)), Reassemble);
+        assert_eq!(ipv4_fragment(&ipv4_frame(last + 8, false, 1000)), TooLarge);
+        assert_eq!(ipv4_fragment(&ipv4_frame(last + 8, true, 1000)), TooLarge);
+        // Not IPv4, or too short: smoltcp judges those.
+        let mut arp = ipv4_frame(8, true, 100);
+        arp[12..14].copy_from_slice(&[0x08, 0x06]);
+        assert_eq!(ipv4_fragment(&arp), No);
+        assert_eq!(ipv4_fragment(&ipv4_frame(8, true, 0)[..30]), No);
+        assert_eq!(ipv4_fragment(&[]), No);
+    }
+
+    #[test]
+    fn fragments_beyond_the_reassembly_buffer_are_dropped_and_counted() {
+        let (mut nic, mut peer) = nic_and_peer(MTU, CAP);
+        let _ = peer.tx.try_send(&ipv4_frame(1480, true, 1000)).unwrap();
+        let _ = peer
+            .tx
+            .try_send(&ipv4_frame(IPV4_REASSEMBLY_MAX, false, 1000))
+            .unwrap();
+        let (rx, _) = nic.receive(now()).unwrap();
+        assert_eq!(rx.consume(|f| f.len()), ETHERNET_HEADER_LEN + 1020);
+        let (rx, _) = nic.receive(now()).unwrap();
+        assert_eq!(rx.consume(|f| f.len()), 0, "smoltcp gets nothing to parse");
+        let stats = nic.stats();
+        assert_eq!(
+            (
+                stats.rx_frames,
+                stats.rx_ipv4_fragments,
+                stats.rx_ipv4_fragments_dropped
+            ),
+            (2, 1, 1)
+        );
     }
 
     /// A hostile peer flips the IPv4 header length and total length of frames it already

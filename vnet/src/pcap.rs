@@ -14,6 +14,28 @@
 //!
 //! then per frame a 16-byte record header (seconds, microseconds, captured length, original
 //! length) followed by the captured bytes.
+//!
+//! # Why not smoltcp's `PcapSink`
+//!
+//! smoltcp (0.14) has a pcap writer, [`smoltcp::phy::PcapSink`], implemented for every
+//! `std::io::Write`. It writes the same format, but it does not fit the TAP bridge, which
+//! must keep issue 12's guarantees (records flushed after every burst and at least once a
+//! second, a live reader sees them, `kill -9` cuts at most the last record, and the capture
+//! never stops the forwarding):
+//!
+//! - **It flushes after every packet** (`PcapSink::packet` ends in `flush`): one `write(2)`
+//!   per frame on the bridge's hot path. The bridge batches instead: it writes a burst into a
+//!   buffer and flushes once per burst (and after at most [`crate::bridge`]'s one-second
+//!   interval under continuous traffic). Overriding `packet` to skip the flush leaves only the
+//!   header layout from smoltcp, which is the 40 lines below.
+//! - **It panics on I/O errors**: the `Write` implementation calls `expect("cannot write")`
+//!   and `expect("cannot flush")`. A full disk or a closed pipe to a live `tcpdump -r -`
+//!   would take the whole bridge down; here an error is returned, and the bridge logs it and
+//!   keeps forwarding.
+//! - Its timestamps are smoltcp `Instant`s (time since an arbitrary epoch); the bridge has
+//!   no smoltcp clock and stamps frames with the wall clock, which readers expect.
+//! - Its `PcapWriter` wraps a smoltcp `Device`; the bridge forwards frames between a TAP and
+//!   a ring without a smoltcp device, so only the sink trait could be used at all.
 
 use std::io::{self, Write};
 use std::time::{SystemTime, UNIX_EPOCH};

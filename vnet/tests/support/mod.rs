@@ -1,0 +1,2 @@
+//! Scenarios shared by the integration tests and the fuzz targets.
+pub mod nic_rx;
