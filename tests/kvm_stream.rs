@@ -2,7 +2,8 @@
 //! checksummed frames over one MSI-X link, both directions at once, and check every frame they
 //! receive (sequence, length, CRC-32, bytes). The system is `configs/stream-kvm.toml` with the
 //! test's socket, frame count and the image built here; it runs under
-//! `hypervisor::cells::run_system` on a thread.
+//! `hypervisor::cells::run_system` on a thread
+//! (`ivshmem_stack::bench::hosted::HostedSystem`).
 //!
 //! Synchronisation is by the cells' console lines; timeouts only guard against hangs.
 //! Skipped with a message without `/dev/kvm`.
@@ -11,16 +12,13 @@
 #[allow(dead_code)]
 mod process_common;
 
-use std::fs::File;
 use std::path::Path;
 use std::process::Command;
 use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
-use hypervisor::cells::{run_system, RunOptions, StopHandle};
-use hypervisor::config::SystemConfig;
-use hypervisor::control::SystemSpec;
-use hypervisor::kvm::{kvm_available, KvmSystem};
+use hypervisor::kvm::kvm_available;
+use ivshmem_stack::bench::hosted::{private_config, HostedSystem};
 use process_common::{Lines, TempDir};
 
 /// Frames per direction.
@@ -62,46 +60,17 @@ fn two_kvm_inmates_stream_checksummed_frames_both_ways_at_once() {
     let dir = TempDir::new("kvm-stream");
     let socket = dir.0.join("control.sock");
     let shipped = std::fs::read_to_string(root.join("configs/stream-kvm.toml")).unwrap();
-    let toml = shipped
-        .replace(
-            "name = \"stream-kvm\"",
-            &format!(
-                "name = \"kvm-stream-{}\"\ncontrol_socket = \"{}\"",
-                std::process::id(),
-                socket.display()
-            ),
-        )
-        .replace(
-            "\"inmates/target/x86_64-unknown-none/release/stream-inmate.bin\"",
-            &format!("\"{}\"", image.display()),
-        )
-        .replace("count=100000", &format!("count={COUNT}"));
-    assert_ne!(toml, shipped, "the shipped config changed shape");
-    let valid = SystemConfig::from_toml_str(&toml)
-        .and_then(|c| c.validate())
-        .unwrap_or_else(|e| panic!("configs/stream-kvm.toml: {e}"));
-    let system = SystemSpec::from_config(&valid);
-    let kvm = KvmSystem::from_config(&valid);
-    let stop = StopHandle::new().unwrap();
-    let options = RunOptions {
-        stop_when_cells_exit: false,
-        ..RunOptions::new(&socket)
-    };
-    let (read, write) = nix::unistd::pipe().unwrap();
-    let mut lines = Lines::new(File::from(read));
-    let runner = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut out = File::from(write);
-            run_system(
-                &system,
-                &kvm,
-                &options,
-                Some(&stop),
-                &mut out,
-                &mut std::io::sink(),
-            )
-        })
+    let name = format!("kvm-stream-{}", std::process::id());
+    let toml =
+        private_config(&shipped, &name, &socket).replace("count=100000", &format!("count={COUNT}"));
+    assert!(
+        toml.contains(&format!("image = \"{}\"", image.display())),
+        "configs/stream-kvm.toml changed shape: {toml}"
+    );
+    let mut system = HostedSystem::start(&toml).unwrap_or_else(|e| panic!("{e:#}"));
+    let mut lines = Lines {
+        rx: system.lines(),
+        seen: Vec::new(),
     };
 
     let deadline = Instant::now() + GUARD;
@@ -126,6 +95,5 @@ fn two_kvm_inmates_stream_checksummed_frames_both_ways_at_once() {
         "{:#?}",
         lines.seen
     );
-    stop.stop();
-    runner.join().unwrap().expect("hypervisor run");
+    system.stop().expect("hypervisor run");
 }

@@ -1,8 +1,9 @@
 //! The telemetry pipe with a bare-metal producer: the telemetry inmate (`inmates/telemetry`,
 //! `telemetry::ProducerCell` in a KVM cell, main loop in ring 3) streams to the tokio consumer
 //! (`linux_uio_client::Channel`) in this process, over one MSI-X link of a system run by
-//! `hypervisor::cells::run_system` on a thread (as `hypervisor run configs/telemetry-kvm.toml`
-//! does, with the consumer attached by the test instead of spawned).
+//! `hypervisor::cells::run_system` on a thread (`ivshmem_stack::bench::hosted::HostedSystem`;
+//! the system is `configs/telemetry-kvm.toml` with the test's socket, image and command line,
+//! the consumer attached by the test instead of spawned).
 //!
 //! Checked: N samples in order from 0, no gap, none torn, each timestamp (the inmate's TSC on
 //! the host's `CLOCK_MONOTONIC`, via the comm region's clock epoch) between the cell's start
@@ -21,23 +22,23 @@
 #[allow(dead_code)]
 mod process_common;
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
-use hypervisor::cells::{run_system, RunOptions, StopHandle};
-use hypervisor::config::SystemConfig;
-use hypervisor::control::{CellAction, SystemSpec};
-use hypervisor::kvm::{kvm_available, KvmSystem};
+use hypervisor::control::CellAction;
+use hypervisor::kvm::kvm_available;
 use hypervisor::status;
+use ivshmem_stack::bench::hosted::{private_config, HostedSystem};
 use linux_uio_client::channel::ChannelError;
 use linux_uio_client::{Channel, ChannelOptions, Endpoint, WaitMode};
 use process_common::{Lines, TempDir};
 use telemetry::process::monotonic_ns;
 use telemetry::{Sample, SampleCheck};
 
+/// The producer and consumer cells of `configs/telemetry-kvm.toml`.
+const PRODUCER: &str = "rtos-telemetry";
+const CONSUMER: &str = "linux-consumer";
 /// Samples per run.
 const N: u64 = 100_000;
 /// Guard on every wait for a sample or a departure.
@@ -52,12 +53,11 @@ fn inmate_image() -> PathBuf {
     root.join("inmates/target/x86_64-unknown-none/release/telemetry-inmate.bin")
 }
 
-/// A running system: the producer inmate (peer 0, cell `producer`) and the consumer cell
-/// (peer 1, attached by the test).
+/// A running `configs/telemetry-kvm.toml` (socket, image and command line the test's): the
+/// producer inmate (peer 0, [`PRODUCER`]) and the consumer cell (peer 1, [`CONSUMER`],
+/// attached by the test instead of spawned).
 struct System {
-    stop: StopHandle,
-    thread: Option<JoinHandle<()>>,
-    socket: PathBuf,
+    hosted: HostedSystem,
     lines: Lines,
     _dir: TempDir,
 }
@@ -67,83 +67,39 @@ impl System {
         let image = inmate_image();
         let dir = TempDir::new(&format!("kvm-telemetry-{tag}"));
         let socket = dir.0.join("control.sock");
-        let toml = format!(
-            r#"
-[system]
-name = "kvm-telemetry-{tag}-{pid}"
-control_socket = "{socket}"
-allow_shared_cpus = true
-
-[[cells]]
-name = "producer"
-kind = "kvm"
-cpus = [1]
-memory = "1M"
-image = "{image}"
-cmdline = "{cmdline}"
-
-[[cells]]
-name = "consumer"
-kind = "process"
-cpus = [0]
-# Never spawned: the test is the consumer.
-command = "/bin/true"
-
-[[links]]
-name = "telemetry"
-peers = ["producer", "consumer"]
-protocol = "telemetry"
-rw_size = 0
-output_size = "64K"
-interrupts = "msix"
-vectors = 1
-"#,
-            pid = std::process::id(),
-            socket = socket.display(),
-            image = image.display(),
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let shipped = std::fs::read_to_string(root.join("configs/telemetry-kvm.toml")).unwrap();
+        let name = format!("kvm-telemetry-{tag}-{}", std::process::id());
+        let toml = private_config(&shipped, &name, &socket).replace(
+            "cmdline = \"rate=10000 count=0 size=40 batch=32\"",
+            &format!("cmdline = \"{cmdline}\""),
         );
-        let valid = SystemConfig::from_toml_str(&toml)
-            .and_then(|c| c.validate())
-            .unwrap_or_else(|e| panic!("test config: {e}"));
-        let system = SystemSpec::from_config(&valid);
-        let kvm = KvmSystem::from_config(&valid);
-        let stop = StopHandle::new().unwrap();
-        let options = RunOptions {
-            spawn: false,
-            stop_when_cells_exit: false,
-            ..RunOptions::new(&socket)
+        assert!(
+            toml.contains(&format!("image = \"{}\"", image.display()))
+                && toml.contains(&format!("cmdline = \"{cmdline}\"")),
+            "configs/telemetry-kvm.toml changed shape: {toml}"
+        );
+        let mut hosted = HostedSystem::start(&toml).unwrap_or_else(|e| panic!("{e:#}"));
+        let lines = Lines {
+            rx: hosted.lines(),
+            seen: Vec::new(),
         };
-        let (read, write) = nix::unistd::pipe().unwrap();
-        let lines = Lines::new(File::from(read));
-        let thread = {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let mut out = File::from(write);
-                let mut err = std::io::sink();
-                run_system(&system, &kvm, &options, Some(&stop), &mut out, &mut err)
-                    .expect("hypervisor run");
-            })
-        };
-        let mut system = System {
-            stop,
-            thread: Some(thread),
-            socket,
+        System {
+            hosted,
             lines,
             _dir: dir,
-        };
-        system.lines.expect("listening on");
-        system
+        }
     }
 
     fn consumer(&self) -> Channel {
-        let endpoint = Endpoint::attach_hosted(&self.socket, "consumer", Some("telemetry"))
+        let endpoint = Endpoint::attach_hosted(self.hosted.socket(), CONSUMER, Some("telemetry"))
             .expect("attaching the consumer");
         // As examples/telemetry_consumer.rs: the hosted hypervisor names every peer.
         let peer_name = endpoint
             .the_peer()
             .and_then(|peer| endpoint.peer_name(peer))
             .map(str::to_owned);
-        assert_eq!(peer_name.as_deref(), Some("producer"));
+        assert_eq!(peer_name.as_deref(), Some(PRODUCER));
         Channel::new(
             endpoint,
             ChannelOptions {
@@ -156,17 +112,8 @@ vectors = 1
     }
 
     fn control(&self, action: CellAction) {
-        status::control_cell(&self.socket, "producer", action)
-            .unwrap_or_else(|e| panic!("cell {action:?} producer: {e}"));
-    }
-}
-
-impl Drop for System {
-    fn drop(&mut self) {
-        self.stop.stop();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        status::control_cell(self.hosted.socket(), PRODUCER, action)
+            .unwrap_or_else(|e| panic!("cell {action:?} {PRODUCER}: {e}"));
     }
 }
 
@@ -224,7 +171,7 @@ fn assert_named_departure(err: &ChannelError) {
     assert!(matches!(err, ChannelError::PeerGone { .. }), "{err}");
     let text = err.to_string();
     assert!(
-        text.contains("peer 0 (`producer`)") && text.contains("left link `telemetry`"),
+        text.contains("peer 0 (`rtos-telemetry`)") && text.contains("left link `telemetry`"),
         "{text}"
     );
 }
@@ -246,7 +193,7 @@ async fn a_kvm_producer_streams_in_order_survives_cell_stop_and_resumes_on_cell_
     assert!(departed.is_none(), "{departed:?}");
     system
         .lines
-        .expect("[producer] telemetry: main loop in ring 3");
+        .expect("[rtos-telemetry] telemetry: main loop in ring 3");
     assert_eq!(run.first_seq, Some(0));
     assert_eq!(check.received, N);
     assert!(check.is_clean(), "{check:?}");
@@ -299,6 +246,6 @@ async fn a_faulting_kvm_producer_is_seen_as_peer_gone_named() {
         "everything published arrives: {check:?}"
     );
     assert!(check.is_clean(), "{check:?}");
-    let fatal = system.lines.expect("FATAL: cell \"producer\"");
+    let fatal = system.lines.expect("FATAL: cell \"rtos-telemetry\"");
     assert!(fatal.contains("port write at 0x99"), "{fatal}");
 }

@@ -26,6 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::linux::{self, Netns};
+use ivshmem_stack::bench::hosted::private_config;
 use kvm_common::Runner;
 
 const HYPERVISOR_ENV: &str = "KVM_VNET_HYPERVISOR";
@@ -46,32 +47,14 @@ fn main() -> ExitCode {
     kvm_common::main(&RUNNER, tap_cell, linux_and_the_network_inmate)
 }
 
-/// The system of `configs/vnet-kvm.toml` with this binary as the bridge and its own socket.
+/// The system of `configs/vnet-kvm.toml`, private to this run, with this binary as the bridge.
 fn system_config(root: &Path, dir: &Path, exe: &Path) -> String {
-    let text = std::fs::read_to_string(root.join("configs/vnet-kvm.toml")).unwrap();
-    let mut config: toml::Table = toml::from_str(&text).unwrap();
-    let system = config["system"].as_table_mut().unwrap();
-    system.insert(
-        "name".into(),
-        format!("vnet-kvm-inn-{}", std::process::id()).into(),
-    );
-    system.insert(
-        "control_socket".into(),
-        dir.join("control.sock").display().to_string().into(),
-    );
-    for cell in config["cells"].as_array_mut().unwrap() {
-        let cell = cell.as_table_mut().unwrap();
-        match cell["kind"].as_str() {
-            Some("kvm") => {
-                let image = root.join(cell["image"].as_str().unwrap());
-                cell.insert("image".into(), image.display().to_string().into());
-            }
-            _ => {
-                cell.insert("command".into(), exe.display().to_string().into());
-            }
-        }
-    }
-    toml::to_string(&config).unwrap()
+    let shipped = std::fs::read_to_string(root.join("configs/vnet-kvm.toml")).unwrap();
+    let name = format!("vnet-kvm-inn-{}", std::process::id());
+    let config = private_config(&shipped, &name, &dir.join("control.sock"));
+    let bridge = "\"target/release/examples/vnet_tap\"";
+    assert!(config.contains(bridge), "the shipped bridge command moved");
+    config.replace(bridge, &format!("{:?}", exe.display().to_string()))
 }
 
 fn build_inmates(root: &Path) {

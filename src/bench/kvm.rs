@@ -15,11 +15,19 @@
 //! - `mmio-exit`: a KVM cell reads BAR0's ID register in a loop; every read exits to user
 //!   space and is answered by the device model (metric `ns` per read, loop included).
 //!
+//! - `telemetry-kvm`: the telemetry inmate (`inmates/telemetry`, producer loop in ring 3) in
+//!   a KVM cell → the tokio consumer in a process cell, `p50_ns`/`p99_ns` at a paced rate and
+//!   `max_rate_per_s` flat out; `telemetry-process`: the same system with the producer a
+//!   process cell, in the same run ([`telemetry_rows`]).
+//! - `ping-kvm`: Linux's ICMP echo through the TAP bridge to the network inmate
+//!   (`inmates/net`, loop in ring 3) in a KVM cell; `ping-process`: the same services in a
+//!   process cell, same link ([`ping_rows`]).
+//!
 //! On a PVM host (`/dev/kvm` without VMX) guest ring-0 code is emulated, so these figures
 //! say nothing about real hardware.
 
 use std::os::fd::AsFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,7 +41,8 @@ use hypervisor::kvm::{
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 
 use super::doorbell;
-use super::measure::{measure, Metric, Settings};
+use super::hosted::HostedSystem;
+use super::measure::{measure, Measurement, Metric, OneWayRun, Settings};
 use super::pin::run_pinned;
 use super::report::{Comparison, Entry, SuiteReport};
 
@@ -125,10 +134,19 @@ pub fn run(settings: &Settings) -> Result<SuiteReport> {
             }
         }
     }
+    report.entries.extend(telemetry_rows(settings)?);
     let mut ping_notes = SuiteReport::new(SUITE);
     ping_rows(settings, &mut ping_notes)?;
     report.entries.append(&mut ping_notes.entries);
     report.comparisons = comparisons();
+    report.comparisons.extend(
+        [Metric::P50Ns, Metric::P99Ns, Metric::MaxRatePerS].map(|metric| Comparison {
+            case: "telemetry-kvm",
+            baseline: "telemetry-process",
+            metric,
+            target: None,
+        }),
+    );
     report.notes = vec![
         format!(
             "CPUs {} and {}: the timing side (parent process, ringer vCPU, process peer) on the first",
@@ -139,6 +157,7 @@ pub fn run(settings: &Settings) -> Result<SuiteReport> {
         "mmio-exit: per BAR0 read, including three emulated loop instructions".into(),
         "on a PVM /dev/kvm (no VMX) guest ring-0 code is emulated: these figures say nothing about real hardware".into(),
     ];
+    report.notes.extend(telemetry_notes());
     report.notes.append(&mut ping_notes.notes);
     Ok(report)
 }
@@ -288,6 +307,288 @@ pub fn mmio_exit(guest: &Guest, cpus: [usize; 2], iters: u64) -> Result<Duration
     Ok(elapsed)
 }
 
+/// Samples per second of the latency runs of `telemetry-kvm` and `telemetry-process` (well
+/// below what the ring-3 inmate sustains under PVM).
+pub const TELEMETRY_PACED_RATE: u64 = 1000;
+/// Samples of a flat-out run (about a second for the inmate under PVM).
+const TELEMETRY_FLAT: u64 = 100_000;
+/// Samples per publish when flat out (as the `telemetry` suite).
+const TELEMETRY_BATCH: usize = 32;
+/// Guard on one telemetry run.
+const TELEMETRY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Who produces in a telemetry run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TelemetryProducer {
+    /// The telemetry inmate (`inmates/telemetry`, loop in ring 3) in a KVM cell.
+    Kvm,
+    /// `telemetry::ProducerCell` in a thread attached as a process cell.
+    Process,
+}
+
+/// The telemetry inmate's image, if `scripts/build-inmates` built it.
+fn telemetry_image() -> std::result::Result<PathBuf, String> {
+    let image = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("inmates/target/x86_64-unknown-none/release/telemetry-inmate.bin");
+    if image.exists() {
+        Ok(image)
+    } else {
+        Err(format!(
+            "{} is missing: build it with scripts/build-inmates",
+            image.display()
+        ))
+    }
+}
+
+/// Whether `/dev/kvm` is PVM (guest ring 0 emulated, ring 3 native).
+fn under_pvm() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// One telemetry run: a system (`hypervisor::cells::run_system`) with the producer (peer 0,
+/// on `cpus[1]`) and this thread's tokio consumer (peer 1, on `cpus[0]`) on one MSI-X link;
+/// `count` samples at `rate` (`None`: flat out), every one checked.
+fn telemetry_run(
+    cpus: [usize; 2],
+    producer: TelemetryProducer,
+    image: &Path,
+    rate: Option<u64>,
+    count: u64,
+) -> Result<OneWayRun> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    static RUN: AtomicU64 = AtomicU64::new(0);
+    let tag = format!(
+        "{}-{}",
+        std::process::id(),
+        RUN.fetch_add(1, Ordering::Relaxed)
+    );
+    let dir = std::env::temp_dir().join(format!("ivbench-telemetry-kvm-{tag}"));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let socket = dir.join("control.sock");
+    let batch = if rate.is_some() { 1 } else { TELEMETRY_BATCH };
+    let producer_cell = match producer {
+        TelemetryProducer::Kvm => format!(
+            "kind = \"kvm\"\nmemory = \"1M\"\nimage = \"{}\"\ncmdline = \"rate={} count={count} batch={batch} ring=3\"",
+            image.display(),
+            rate.unwrap_or(0)
+        ),
+        TelemetryProducer::Process => "kind = \"process\"\ncommand = \"/bin/true\"".into(),
+    };
+    let toml = format!(
+        r#"
+[system]
+name = "ivbench-telemetry-{tag}"
+control_socket = "{socket}"
+allow_shared_cpus = true
+
+[[cells]]
+name = "producer"
+cpus = [{producer_cpu}]
+{producer_cell}
+
+[[cells]]
+name = "consumer"
+kind = "process"
+cpus = [{consumer_cpu}]
+command = "/bin/true"
+
+[[links]]
+name = "telemetry"
+peers = ["producer", "consumer"]
+protocol = "telemetry"
+rw_size = 0
+output_size = "64K"
+interrupts = "msix"
+vectors = 1
+"#,
+        socket = socket.display(),
+        producer_cpu = cpus[1],
+        consumer_cpu = cpus[0],
+    );
+    let result = (|| {
+        let system = HostedSystem::start(&toml)?;
+        let socket = system.socket().to_path_buf();
+        let socket = socket.as_path();
+        let measured = std::thread::scope(|scope| {
+            let producing = (producer == TelemetryProducer::Process).then(|| {
+                scope.spawn(move || {
+                    run_pinned(cpus[1], || process_producer(socket, rate, count, batch))
+                })
+            });
+            let received = run_pinned(cpus[0], || consume_samples(socket, count));
+            if let Some(p) = producing {
+                p.join()
+                    .map_err(|_| anyhow::anyhow!("the producer thread panicked"))??;
+            }
+            received
+        });
+        let stopped = system.stop();
+        let value = measured?;
+        stopped?;
+        Ok(value)
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// The process-cell producer: `telemetry::ProducerCell` attached as cell `producer`.
+fn process_producer(socket: &Path, rate: Option<u64>, count: u64, batch: usize) -> Result<()> {
+    use linux_uio_client::Endpoint;
+    use telemetry::process::ProcessPlatform;
+    use telemetry::{ProducerCell, ProducerConfig};
+
+    let endpoint = Endpoint::attach_hosted(socket, "producer", Some("telemetry"))?;
+    let peer = endpoint.the_peer().context("a 2-peer link")?;
+    let (dev, interrupt) = endpoint.into_parts();
+    let mut platform = ProcessPlatform::new(interrupt);
+    let config = ProducerConfig {
+        peer,
+        rate_per_s: rate,
+        count: Some(count),
+        batch,
+        max_capacity: None,
+    };
+    let mut cell =
+        ProducerCell::new(dev, config).map_err(|e| anyhow::anyhow!("producer cell: {e}"))?;
+    let stats = cell.run(&mut platform);
+    if let Some(e) = platform.error() {
+        bail!("producer interrupt wait: {e}");
+    }
+    stats.map_err(|e| anyhow::anyhow!("producer cell: {e}"))?;
+    Ok(())
+}
+
+/// The tokio consumer (a `Channel` in interrupt mode, as `examples/telemetry_consumer.rs`):
+/// `count` samples, in order and whole, each timestamped at receipt.
+fn consume_samples(socket: &Path, count: u64) -> Result<OneWayRun> {
+    use linux_uio_client::{Channel, ChannelOptions, Endpoint, WaitMode};
+    use telemetry::process::monotonic_ns;
+    use telemetry::{Sample, SampleCheck};
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    runtime.block_on(async {
+        let endpoint = Endpoint::attach_hosted(socket, "consumer", Some("telemetry"))?;
+        let mut channel = Channel::new(
+            endpoint,
+            ChannelOptions {
+                wait: WaitMode::Interrupt,
+                ..ChannelOptions::default()
+            },
+        )?;
+        let mut check = SampleCheck::default();
+        let mut run = OneWayRun {
+            latencies_ns: Vec::with_capacity(count as usize),
+            first_ns: 0,
+            last_ns: 0,
+        };
+        let mut records = channel.records::<Sample>();
+        while check.received < count {
+            let item = tokio::time::timeout(TELEMETRY_TIMEOUT, records.next())
+                .await
+                .context("no sample within the timeout")?;
+            let sample = match item {
+                Some(Ok(sample)) => sample,
+                Some(Err(e)) => return Err(e).context("telemetry consumer"),
+                None => bail!("the record stream ended early"),
+            };
+            let now = monotonic_ns();
+            if check.received == 0 {
+                run.first_ns = now;
+            }
+            run.last_ns = now;
+            check.check(&sample);
+            run.latencies_ns
+                .push(now.saturating_sub(sample.timestamp_ns));
+        }
+        ensure!(
+            check.is_clean(),
+            "the pipe lost, reordered or tore samples: {check:?}"
+        );
+        Ok(run)
+    })
+}
+
+/// The `telemetry-kvm` and `telemetry-process` rows (`p50_ns`, `p99_ns` at
+/// [`TELEMETRY_PACED_RATE`], `max_rate_per_s` flat out), measured in one run; `NotAvailable`
+/// rows without KVM or without the inmate image.
+pub fn telemetry_rows(settings: &Settings) -> Result<Vec<Entry>> {
+    let paced = ((settings.run_time.as_secs_f64() * TELEMETRY_PACED_RATE as f64) as u64)
+        .max(500.max(settings.min_iters));
+    let available = kvm_available().and_then(|()| telemetry_image());
+    let mut entries = Vec::new();
+    for (case, producer) in [
+        ("telemetry-kvm", TelemetryProducer::Kvm),
+        ("telemetry-process", TelemetryProducer::Process),
+    ] {
+        let image = match (producer, &available) {
+            (TelemetryProducer::Process, _) => PathBuf::new(),
+            (TelemetryProducer::Kvm, Ok(image)) => image.clone(),
+            (TelemetryProducer::Kvm, Err(reason)) => {
+                for metric in [Metric::P50Ns, Metric::P99Ns, Metric::MaxRatePerS] {
+                    entries.push(Entry::NotAvailable {
+                        case,
+                        metric,
+                        reason: reason.clone(),
+                    });
+                }
+                continue;
+            }
+        };
+        let (mut p50, mut p99, mut rate) = (Vec::new(), Vec::new(), Vec::new());
+        for run in 0..settings.runs.max(1) {
+            settings.say(format_args!(
+                "kvm/{case}: run {}/{}: {paced} samples at {TELEMETRY_PACED_RATE}/s, {TELEMETRY_FLAT} flat out",
+                run + 1,
+                settings.runs
+            ));
+            let mut latency = telemetry_run(
+                settings.cpus,
+                producer,
+                &image,
+                Some(TELEMETRY_PACED_RATE),
+                paced,
+            )
+            .with_context(|| format!("{case}: paced run"))?;
+            p50.push(latency.percentile(0.50));
+            p99.push(latency.percentile(0.99));
+            let flat = telemetry_run(settings.cpus, producer, &image, None, TELEMETRY_FLAT)
+                .with_context(|| format!("{case}: flat-out run"))?;
+            rate.push(flat.rate());
+        }
+        for (metric, samples, iters) in [
+            (Metric::P50Ns, p50, paced),
+            (Metric::P99Ns, p99, paced),
+            (Metric::MaxRatePerS, rate, TELEMETRY_FLAT),
+        ] {
+            entries.push(Entry::Measured(Measurement {
+                case,
+                metric,
+                samples,
+                iters,
+            }));
+        }
+    }
+    Ok(entries)
+}
+
+/// The notes of the telemetry rows: how they were measured, and under what.
+fn telemetry_notes() -> Vec<String> {
+    let under = if under_pvm() {
+        "measured under PVM (kvm_pvm: guest ring 0 emulated, ring 3 native)"
+    } else {
+        "measured under hardware-assisted KVM"
+    };
+    vec![
+        format!("telemetry-kvm: {under}; the telemetry inmate's producer loop in ring 3, timestamps = guest TSC on the host's CLOCK_MONOTONIC (comm-region clock epoch); tokio consumer in a process cell, MSI-X link"),
+        format!("telemetry-process: {under} run, same system with the producer a process cell (telemetry::ProducerCell in a thread): the baseline beside telemetry-kvm"),
+        format!("telemetry-*: p50/p99 one-way latency at {TELEMETRY_PACED_RATE} samples/s (1 per publish), max_rate_per_s with {TELEMETRY_FLAT} samples flat out ({TELEMETRY_BATCH} per publish); every sample checked (order, gaps, tears)"),
+    ]
+}
+
 // ---- ping-kvm / ping-process: ICMP echo from Linux to a network cell through the TAP bridge --
 
 /// Where `scripts/build-inmates` puts the network inmate (relative to the repository).
@@ -331,7 +632,7 @@ fn ping_rows(settings: &Settings, report: &mut SuiteReport) -> Result<()> {
             continue;
         }
         settings.say(format!(
-            "kvm/{case}: ICMP echo from Linux through the TAP bridge to the {} (PVM)",
+            "kvm/{case}: ICMP echo from Linux through the TAP bridge to the {}",
             if kvm {
                 "network inmate (KVM cell)"
             } else {
@@ -354,37 +655,25 @@ fn ping_rows(settings: &Settings, report: &mut SuiteReport) -> Result<()> {
         })?;
         report.entries.push(Entry::Measured(measured));
     }
+    let under = if under_pvm() {
+        "measured under PVM (kvm_pvm: guest ring 0 emulated, ring 3 native)"
+    } else {
+        "measured under hardware-assisted KVM"
+    };
     report.notes.push(format!(
-        "ping-kvm, ping-process: measured under PVM; ICMP echo RTT, {PING_PAYLOAD}-byte payload, \
+        "ping-kvm, ping-process: {under}; ICMP echo RTT, {PING_PAYLOAD}-byte payload, \
          Linux raw socket -> TAP -> bridge -> MSI-X link -> the vnet services: the network inmate \
          (main loop in ring 3, native under PVM) or the process cell; both on the hosted hypervisor"
     ));
     Ok(())
 }
 
-/// The hosted hypervisor's output: reports the first "listening" line, drops the rest.
-struct Listening(Option<std::sync::mpsc::Sender<()>>);
-
-impl std::io::Write for Listening {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        if bytes.windows(9).any(|w| w == b"listening") {
-            if let Some(tx) = self.0.take() {
-                let _ = tx.send(());
-            }
-        }
-        Ok(bytes.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// A running vnet system for the ping rows (see [`ping_rows`]); stopped on drop.
 struct PingNet {
     /// A raw ICMP socket inside the namespace.
     echo: crate::vnet_cell::netns::EchoSocket,
-    stop: hypervisor::cells::StopHandle,
-    hypervisor: Option<std::thread::JoinHandle<()>>,
+    /// Stopped after the cells (fields drop after `Drop::drop`).
+    _system: super::hosted::HostedSystem,
     bridge_stop: Arc<nix::sys::eventfd::EventFd>,
     bridge: Option<std::thread::JoinHandle<()>>,
     cell_stop: Arc<nix::sys::eventfd::EventFd>,
@@ -446,37 +735,7 @@ vectors = 1
             cell_cpu = cpus[1],
             bridge_cpu = cpus[0],
         );
-        let valid = hypervisor::config::SystemConfig::from_toml_str(&toml)?
-            .validate()
-            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        let system = hypervisor::control::SystemSpec::from_config(&valid);
-        let kvm_system = hypervisor::kvm::KvmSystem::from_config(&valid);
-        let stop = hypervisor::cells::StopHandle::new()?;
-        let options = hypervisor::cells::RunOptions {
-            spawn: false,
-            stop_when_cells_exit: false,
-            ..hypervisor::cells::RunOptions::new(&socket)
-        };
-        let hv_stop = stop.clone();
-        let (listening_tx, listening) = mpsc::channel();
-        let hypervisor = std::thread::spawn(move || {
-            let mut out = Listening(Some(listening_tx));
-            let mut err = std::io::sink();
-            if let Err(e) = hypervisor::cells::run_system(
-                &system,
-                &kvm_system,
-                &options,
-                Some(&hv_stop),
-                &mut out,
-                &mut err,
-            ) {
-                eprintln!("ivbench: the hosted hypervisor stopped: {e}");
-            }
-        });
-        // Its first output line ("listening on ...") says the control socket is ready.
-        listening
-            .recv_timeout(LINK_UP_TIMEOUT)
-            .context("the hosted hypervisor did not start listening")?;
+        let system = super::hosted::HostedSystem::start(&toml)?;
         let attach = |cell: &str| {
             linux_uio_client::Endpoint::attach_hosted(&socket, cell, Some("net0"))
                 .with_context(|| format!("attaching as {cell}"))
@@ -547,8 +806,7 @@ vectors = 1
                 .join()
                 .map_err(|_| anyhow::anyhow!("the echo socket thread panicked"))??
             },
-            stop,
-            hypervisor: Some(hypervisor),
+            _system: system,
             bridge_stop,
             bridge: Some(bridge),
             cell_stop,
@@ -577,10 +835,6 @@ impl Drop for PingNet {
         let _ = self.bridge_stop.write(1);
         if let Some(bridge) = self.bridge.take() {
             let _ = bridge.join();
-        }
-        self.stop.stop();
-        if let Some(hypervisor) = self.hypervisor.take() {
-            let _ = hypervisor.join();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }

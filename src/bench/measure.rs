@@ -289,3 +289,39 @@ mod tests {
         assert_eq!(m.samples, vec![5000.0]);
     }
 }
+
+/// One-way latencies of a stream of timestamped records (the telemetry pipes: `telemetry`
+/// suite, `telemetry-*` rows of `kvm`): each record's receipt time minus its timestamp, and
+/// the first and last receipt times, all in ns of one clock.
+#[derive(Debug, Clone, Default)]
+pub struct OneWayRun {
+    /// One latency per record, in receipt order (sorted by [`OneWayRun::percentile`]).
+    pub latencies_ns: Vec<u64>,
+    /// Receipt time of the first record.
+    pub first_ns: u64,
+    /// Receipt time of the last record.
+    pub last_ns: u64,
+}
+
+impl OneWayRun {
+    /// The `q` quantile (0..=1) of the latencies (nearest rank), NaN without records.
+    pub fn percentile(&mut self, q: f64) -> f64 {
+        self.latencies_ns.sort_unstable();
+        let n = self.latencies_ns.len();
+        if n == 0 {
+            return f64::NAN;
+        }
+        let i = ((n as f64 * q).ceil() as usize).clamp(1, n) - 1;
+        self.latencies_ns[i] as f64
+    }
+
+    /// Records per second from the first to the last receipt, NaN if they coincide.
+    pub fn rate(&self) -> f64 {
+        let n = self.latencies_ns.len() as f64;
+        let secs = (self.last_ns.saturating_sub(self.first_ns)) as f64 / 1e9;
+        if secs <= 0.0 {
+            return f64::NAN;
+        }
+        (n - 1.0) / secs
+    }
+}

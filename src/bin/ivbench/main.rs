@@ -53,7 +53,7 @@ enum SuiteName {
     /// The virtual network: smoltcp over shmring vs smoltcp Loopback, TAP bridge vs veth.
     Vnet,
     /// KVM cells: doorbell round trips KVM<->KVM, KVM<->process, process<->process, eventfd;
-    /// the cost of one MMIO exit.
+    /// the cost of one MMIO exit; telemetry from a KVM producer vs a process producer.
     Kvm,
     /// Every suite, one after the other.
     All,

@@ -91,33 +91,7 @@ impl Load {
 }
 
 /// What the consumer saw in one run.
-#[derive(Debug)]
-struct RunResult {
-    latencies_ns: Vec<u64>,
-    first_ns: u64,
-    last_ns: u64,
-}
-
-impl RunResult {
-    fn percentile(&mut self, q: f64) -> f64 {
-        self.latencies_ns.sort_unstable();
-        let n = self.latencies_ns.len();
-        if n == 0 {
-            return f64::NAN;
-        }
-        let i = ((n as f64 * q).ceil() as usize).clamp(1, n) - 1;
-        self.latencies_ns[i] as f64
-    }
-
-    fn rate(&self) -> f64 {
-        let n = self.latencies_ns.len() as f64;
-        let secs = (self.last_ns.saturating_sub(self.first_ns)) as f64 / 1e9;
-        if secs <= 0.0 {
-            return f64::NAN;
-        }
-        (n - 1.0) / secs
-    }
-}
+type RunResult = ivshmem_stack::bench::measure::OneWayRun;
 
 /// The consumer side common to every pipe: checks and timestamps `count` samples.
 struct Receiver {
