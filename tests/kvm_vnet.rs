@@ -133,6 +133,11 @@ fn linux_and_the_network_inmate() {
     out.expect_nth(DOWN, 1);
     out.expect_nth(UP, 2);
     assert!(!ns.ip(&["link", "show", "inn0"]).contains("NO-CARRIER"));
+    // The fresh inmate knows no neighbour, and smoltcp drops a reply while it resolves the
+    // sender's MAC (it queues nothing); Linux may still hold the inmate's MAC, so it would not
+    // ARP first. Forget it, so that Linux's ARP request teaches the inmate its MAC, as after
+    // any peer's reboot.
+    ns.ip(&["neigh", "flush", "dev", "inn0"]);
     let page = serve_linux(&ns, 3, 0);
     // A fresh inmate: its counters start again (this page is its first connection).
     assert!(page.contains("connections 1\n"), "{page}");
