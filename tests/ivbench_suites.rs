@@ -140,3 +140,28 @@ fn a_cpu_that_does_not_exist_is_a_clear_error() {
     let err = ring::floor_rtt([0, 100_000], 10).unwrap_err();
     assert!(format!("{err:#}").contains("CPU 100000"), "{err:#}");
 }
+
+/// `ivbench kvm`'s telemetry rows: a KVM producer and a process producer, both measured in one
+/// run (skipped with a message without `/dev/kvm`).
+#[test]
+fn kvm_suite_measures_telemetry_from_a_kvm_and_a_process_producer() {
+    if let Err(why) = hypervisor::kvm::kvm_available() {
+        eprintln!("skipping: KVM is not usable here: {why}");
+        return;
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let built = std::process::Command::new(root.join("scripts/build-inmates"))
+        .status()
+        .expect("running scripts/build-inmates");
+    assert!(built.success(), "scripts/build-inmates failed: {built}");
+    let _cores = one_at_a_time();
+    let mut report = SuiteReport::new(ivshmem_stack::bench::kvm::SUITE);
+    report.entries = ivshmem_stack::bench::kvm::telemetry_rows(&tiny()).unwrap();
+    let mut required = Vec::new();
+    for case in ["telemetry-kvm", "telemetry-process"] {
+        for metric in ["p50_ns", "p99_ns", "max_rate_per_s"] {
+            required.push((case, metric));
+        }
+    }
+    assert_rows(&report, &required);
+}

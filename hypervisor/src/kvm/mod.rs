@@ -24,7 +24,11 @@
 //!
 //! **Communication region** (0x100000, little-endian): `"JHCOMM"`, revision 2, cell_state 0,
 //! console at port 0x3F8 size 8 type 2 (8250) flags 0, PM timer port (0x608 unless the
-//! config says otherwise), 1 CPU, TSC kHz from KVM (0 if unknown), APIC timer kHz 0. The
+//! config says otherwise), 1 CPU, TSC kHz from KVM (0 if unknown), APIC timer kHz 0; at
+//! offset 0x100 this project's **clock epoch** (`ivshmem_dev::comm`): `"IVCLOCK1"`, the guest
+//! TSC and the host `CLOCK_MONOTONIC` ns read around it when the vCPU is created, so inmates
+//! timestamp on the host's clock (not in Jailhouse; a Jailhouse inmate never reads it). The
+//! layout is written once in `ivshmem_dev::comm` for the VMM and the inmate runtime. The
 //! VMM reads `cell_state` every 20 ms: 2 (shut down), 3 (failed, e.g. a panic) and 4 (wrong
 //! comm revision) stop the cell and are reported with their meaning.
 //!

@@ -132,6 +132,15 @@ static IDT: Idt = Idt(UnsafeCell::new([0; 512]));
 /// The installed handler, as a `fn(u8)` address; 0 = none.
 static HANDLER: AtomicUsize = AtomicUsize::new(0);
 
+/// The operand of `lidt`/`lgdt`: a descriptor table's limit and base.
+#[repr(C, packed)]
+pub(crate) struct TablePointer {
+    /// Size of the table in bytes, minus one.
+    pub(crate) limit: u16,
+    /// Its linear address.
+    pub(crate) base: u64,
+}
+
 /// Fills the IDT with interrupt gates to the stubs and loads it.
 pub fn init() {
     // Taking the address of the linker-placed stubs needs no unsafe.
@@ -150,12 +159,7 @@ pub fn init() {
             (*idt)[2 * vector + 1] = high;
         }
     }
-    #[repr(C, packed)]
-    struct Pointer {
-        limit: u16,
-        base: u64,
-    }
-    let pointer = Pointer {
+    let pointer = TablePointer {
         limit: (256 * 16 - 1) as u16,
         base: idt as u64,
     };

@@ -22,6 +22,9 @@
 //!   runtime's "check, then halt" waits lose no interrupt). PVM also refuses `out` and `hlt`
 //!   at CPL3 and makes `int n` #UD, so an int/syscall gate would buy nothing here.
 //!
+//! A port access the VMM refuses (an illegal access) is performed by the emulator, so the
+//! hypervisor's `FATAL:` report names the emulator's RIP, not the ring-3 instruction's.
+//!
 //! Costs at ring 3: every emulated instruction is an exception plus a few hundred emulated
 //! ring-0 instructions (tens to hundreds of µs under PVM), so console output and PM-timer
 //! reads are slower than at ring 0; memory, MMIO (the doorbell: a VM exit either way) and
@@ -31,7 +34,7 @@ use core::arch::asm;
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, Ordering};
 
-use crate::interrupts::Frame;
+use crate::interrupts::{Frame, TablePointer};
 use crate::port;
 
 /// User data selector (RPL 3).
@@ -126,12 +129,7 @@ pub fn enter() {
             base >> 32,            //       TSS, high half
         ];
     }
-    #[repr(C, packed)]
-    struct Pointer {
-        limit: u16,
-        base: u64,
-    }
-    let pointer = Pointer {
+    let pointer = TablePointer {
         limit: (8 * 8 - 1) as u16,
         base: gdt as u64,
     };
