@@ -606,7 +606,7 @@ const LINK_UP_TIMEOUT: Duration = Duration::from_secs(60);
 /// services in a process cell's loop (`vnet_cell::cell::Cell`). Both systems run on the
 /// hosted hypervisor in this process with the same link; needs root, `/dev/kvm` (`ping-kvm`)
 /// and the built inmate (`scripts/build-inmates`).
-fn ping_rows(settings: &Settings, report: &mut SuiteReport) -> Result<()> {
+pub fn ping_rows(settings: &Settings, report: &mut SuiteReport) -> Result<()> {
     let image = Path::new(env!("CARGO_MANIFEST_DIR")).join(NET_INMATE);
     for (case, kvm) in [("ping-kvm", true), ("ping-process", false)] {
         let missing = if !vnet::tap::is_root() {
