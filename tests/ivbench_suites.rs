@@ -186,5 +186,8 @@ fn kvm_suite_measures_ping_to_the_network_inmate_and_the_process_cell() {
     let _cores = one_at_a_time();
     let mut report = SuiteReport::new(ivshmem_stack::bench::kvm::SUITE);
     ivshmem_stack::bench::kvm::ping_rows(&tiny(), &mut report).unwrap();
-    assert_rows(&report, &[("ping-kvm", "rtt_ns"), ("ping-process", "rtt_ns")]);
+    assert_rows(
+        &report,
+        &[("ping-kvm", "rtt_ns"), ("ping-process", "rtt_ns")],
+    );
 }
