@@ -80,7 +80,8 @@ fn stop_signals() -> Result<OwnedFd> {
     }
 }
 
-fn main() -> Result<(), MainError> {
+/// The bridge cell (also run by `tests/kvm_vnet.rs` as its TAP bridge role).
+pub fn main() -> Result<(), MainError> {
     let args = Args::parse();
     let mtu = args.mtu.unwrap_or(match args.format {
         process::Format::Shmring => vnet::nic::DEFAULT_MTU,
@@ -140,10 +141,12 @@ fn main() -> Result<(), MainError> {
             bridge.stats()
         }
         process::Format::IvshmemNet => {
-            anyhow::ensure!(
-                args.pcap.is_none(),
-                "--pcap is not supported with --format ivshmem-net yet"
-            );
+            if args.pcap.is_some() {
+                return Err(anyhow::anyhow!(
+                    "--pcap is not supported with --format ivshmem-net yet"
+                )
+                .into());
+            }
             let config = IvnetConfig {
                 max_frame: mtu,
                 // Process cells wake on one interrupt fd: INTx (vector 0 for data too).

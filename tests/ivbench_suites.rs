@@ -207,3 +207,29 @@ fn kvm_suite_measures_telemetry_from_a_kvm_and_a_process_producer() {
     }
     assert_rows(&report, &required);
 }
+
+/// `ivbench kvm`'s ping rows: Linux's ICMP echo to the network inmate and to the process cell,
+/// both measured in one run (skipped with a message without root or `/dev/kvm`).
+#[test]
+fn kvm_suite_measures_ping_to_the_network_inmate_and_the_process_cell() {
+    if !vnet::tap::is_root() {
+        eprintln!("skipping: needs root (network namespaces, TAP devices)");
+        return;
+    }
+    if let Err(why) = hypervisor::kvm::kvm_available() {
+        eprintln!("skipping: KVM is not usable here: {why}");
+        return;
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let built = std::process::Command::new(root.join("scripts/build-inmates"))
+        .status()
+        .expect("running scripts/build-inmates");
+    assert!(built.success(), "scripts/build-inmates failed: {built}");
+    let _cores = one_at_a_time();
+    let mut report = SuiteReport::new(ivshmem_stack::bench::kvm::SUITE);
+    ivshmem_stack::bench::kvm::ping_rows(&tiny(), &mut report).unwrap();
+    assert_rows(
+        &report,
+        &[("ping-kvm", "rtt_ns"), ("ping-process", "rtt_ns")],
+    );
+}

@@ -15,120 +15,40 @@
 #[allow(dead_code)]
 mod linux_demo;
 
-use std::io::{BufRead, BufReader};
+#[path = "kvm_common/mod.rs"]
+mod kvm_common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
-use std::sync::mpsc::{self, Receiver};
+use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
+
+use kvm_common::{Output, Runner};
 
 const HYPERVISOR_ENV: &str = "KVM_DEMO_HYPERVISOR";
 const ROLE_ENV: &str = "KVM_DEMO_ROLE";
 /// Guard for each expected line (ring-0 inmate code is emulated on PVM hosts).
 const GUARD: Duration = Duration::from_secs(60);
 
+const RUNNER: Runner = Runner {
+    name: "the_linux_demo_and_the_demo_inmate_exchange_state_and_doorbells",
+    hypervisor_env: HYPERVISOR_ENV,
+    needs_root: false,
+};
+
 fn main() -> ExitCode {
-    if std::env::var_os(HYPERVISOR_ENV).is_some() {
-        // The hypervisor's cells must not become hypervisors.
-        std::env::remove_var(HYPERVISOR_ENV);
-        return ExitCode::from(hypervisor::cli::main_from(std::env::args_os()));
-    }
-    if std::env::var(ROLE_ENV).as_deref() == Ok("linux-demo") {
-        return match linux_demo::main() {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("ivshmem_demo: {e:#}");
-                ExitCode::FAILURE
-            }
-        };
-    }
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let name = "the_linux_demo_and_the_demo_inmate_exchange_state_and_doorbells";
-    if args.iter().any(|a| a == "--list") {
-        println!("{name}: test");
-        return ExitCode::SUCCESS;
-    }
-    if args
+    let linux_cell =
+        || kvm_common::cell_role(ROLE_ENV, "linux-demo", "ivshmem_demo", linux_demo::main);
+    kvm_common::main(&RUNNER, linux_cell, linux_demo_and_inmate)
+}
+
+/// The last `[cell] Interrupt #N` count printed so far.
+fn last_interrupt(out: &Output, cell: &str) -> Option<u32> {
+    let prefix = format!("[{cell}] Interrupt #");
+    out.lines
+        .seen
         .iter()
-        .any(|a| !a.starts_with('-') && !name.contains(a.as_str()))
-    {
-        return ExitCode::SUCCESS;
-    }
-    if let Err(why) = hypervisor::kvm::kvm_available() {
-        println!("test {name} ... skipped: KVM is not usable here: {why}");
-        return ExitCode::SUCCESS;
-    }
-    println!("test {name} ...");
-    match std::panic::catch_unwind(linux_demo_and_inmate) {
-        Ok(()) => {
-            println!("test {name} ... ok");
-            ExitCode::SUCCESS
-        }
-        Err(_) => {
-            println!("test {name} ... FAILED");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-/// The hypervisor's stdout, line by line, with a guard on every wait.
-struct Output {
-    rx: Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Output {
-    /// Waits for the line `want` (exactly), unless it was seen already.
-    fn expect(&mut self, want: &str) {
-        if self.seen.iter().any(|l| l == want) {
-            return;
-        }
-        let deadline = Instant::now() + GUARD;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.rx.recv_timeout(left) {
-                Ok(line) => {
-                    let found = line == want;
-                    self.seen.push(line);
-                    if found {
-                        return;
-                    }
-                }
-                Err(e) => panic!("waiting for {want:?}: {e}; seen: {:#?}", self.seen),
-            }
-        }
-    }
-
-    fn count(&self, want: &str) -> usize {
-        self.seen.iter().filter(|l| *l == want).count()
-    }
-
-    /// The last `[cell] Interrupt #N` count printed so far.
-    fn last_interrupt(&self, cell: &str) -> Option<u32> {
-        let prefix = format!("[{cell}] Interrupt #");
-        self.seen
-            .iter()
-            .rev()
-            .find_map(|l| l.strip_prefix(&prefix)?.parse().ok())
-    }
-}
-
-struct Hypervisor(Child);
-
-impl Drop for Hypervisor {
-    fn drop(&mut self) {
-        // SIGTERM stops the cells and the VMs; a hypervisor that does not go is killed.
-        // SAFETY: signalling our own unreaped child.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.0.try_wait().ok().flatten().is_none() {
-            if Instant::now() > deadline {
-                let _ = self.0.kill();
-                let _ = self.0.wait();
-                return;
-            }
-            std::thread::yield_now();
-        }
-    }
+        .rev()
+        .find_map(|l| l.strip_prefix(&prefix)?.parse().ok())
 }
 
 fn build_inmates(root: &Path) -> PathBuf {
@@ -188,32 +108,10 @@ bdf = "01:0e.0"
     )
     .unwrap();
 
-    // The output reader outlives the hypervisor (dropped first, with SIGTERM), so its last
-    // lines still have a reader.
-    let (tx, rx) = mpsc::channel();
-    let mut out = Output {
-        rx,
-        seen: Vec::new(),
-    };
-    let mut child = Command::new(&exe)
-        .arg("run")
-        .arg(&config)
-        .env(HYPERVISOR_ENV, "1")
-        .env(ROLE_ENV, "linux-demo")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let _hypervisor = Hypervisor(child);
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let mut hypervisor = Command::new(&exe);
+    hypervisor.arg("run").arg(&config);
+    let (mut out, _hypervisor) =
+        kvm_common::spawn_hypervisor(hypervisor, &RUNNER, (ROLE_ENV, "linux-demo"), GUARD);
 
     out.expect("[linux] ID = 0");
     out.expect("[inmate] IVSHMEM: ID is 1");
@@ -227,24 +125,32 @@ bdf = "01:0e.0"
     // The Linux side counts the inmate's three doorbells (vector 2) plus at most one state
     // change (the inmate's STATE 0 -> 2, if it came after the Linux cell attached).
     let deadline = Instant::now() + GUARD;
-    while out.last_interrupt("linux").unwrap_or(0) < 3 {
+    while last_interrupt(&out, "linux").unwrap_or(0) < 3 {
         let left = deadline.saturating_duration_since(Instant::now());
-        match out.rx.recv_timeout(left) {
-            Ok(line) => out.seen.push(line),
+        match out.lines.rx.recv_timeout(left) {
+            Ok(line) => out.lines.seen.push(line),
             Err(e) => panic!(
                 "the Linux side did not count 3 doorbells: {e}; {:#?}",
-                out.seen
+                out.lines.seen
             ),
         }
     }
-    let total = out.last_interrupt("linux").unwrap();
+    let total = last_interrupt(&out, "linux").unwrap();
     assert!(
         (3..=4).contains(&total),
         "Linux interrupts {total}: {:#?}",
-        out.seen
+        out.lines.seen
     );
     // STATE both ways: each printed the other's state (ID + 1).
-    assert!(out.count("[linux] state[1] = 2") > 0, "{:#?}", out.seen);
-    assert!(out.count("[inmate] state[0] = 1") > 0, "{:#?}", out.seen);
+    assert!(
+        out.count("[linux] state[1] = 2") > 0,
+        "{:#?}",
+        out.lines.seen
+    );
+    assert!(
+        out.count("[inmate] state[0] = 1") > 0,
+        "{:#?}",
+        out.lines.seen
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -19,6 +19,9 @@
 //!   a KVM cell → the tokio consumer in a process cell, `p50_ns`/`p99_ns` at a paced rate and
 //!   `max_rate_per_s` flat out; `telemetry-process`: the same system with the producer a
 //!   process cell, in the same run ([`telemetry_rows`]).
+//! - `ping-kvm`: Linux's ICMP echo through the TAP bridge to the network inmate
+//!   (`inmates/net`, loop in ring 3) in a KVM cell; `ping-process`: the same services in a
+//!   process cell, same link ([`ping_rows`]).
 //!
 //! On a PVM host (`/dev/kvm` without VMX) guest ring-0 code is emulated, so these figures
 //! say nothing about real hardware.
@@ -132,6 +135,9 @@ pub fn run(settings: &Settings) -> Result<SuiteReport> {
         }
     }
     report.entries.extend(telemetry_rows(settings)?);
+    let mut ping_notes = SuiteReport::new(SUITE);
+    ping_rows(settings, &mut ping_notes)?;
+    report.entries.append(&mut ping_notes.entries);
     report.comparisons = comparisons();
     report.comparisons.extend(
         [Metric::P50Ns, Metric::P99Ns, Metric::MaxRatePerS].map(|metric| Comparison {
@@ -149,6 +155,7 @@ pub fn run(settings: &Settings) -> Result<SuiteReport> {
         "on a PVM /dev/kvm (no VMX) guest ring-0 code is emulated: these figures say nothing about real hardware".into(),
     ];
     report.notes.extend(telemetry_notes());
+    report.notes.append(&mut ping_notes.notes);
     Ok(report)
 }
 
@@ -587,6 +594,257 @@ fn telemetry_notes() -> Vec<String> {
         format!("telemetry-process: {under} run, same system with the producer a process cell (telemetry::ProducerCell in a thread): the baseline beside telemetry-kvm"),
         format!("telemetry-*: p50/p99 one-way latency at {TELEMETRY_PACED_RATE} samples/s (1 per publish), max_rate_per_s with {TELEMETRY_FLAT} samples flat out ({TELEMETRY_BATCH} per publish); every sample checked (order, gaps, tears)"),
     ]
+}
+
+// ---- ping-kvm / ping-process: ICMP echo from Linux to a network cell through the TAP bridge --
+
+/// Where `scripts/build-inmates` puts the network inmate (relative to the repository).
+const NET_INMATE: &str = "inmates/target/x86_64-unknown-none/release/net-inmate.bin";
+/// The network cell's address (each system lives in a network namespace of its own).
+const PING_CELL_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 0, 0, 2);
+/// ICMP payload of the ping rows (`ping`'s default).
+const PING_PAYLOAD: usize = 56;
+/// How long a system may take to bring its link up.
+const LINK_UP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The rows `ping-kvm` and `ping-process` (metric `rtt_ns`): Linux's ICMP echo, from a raw
+/// socket in a network namespace, through the TAP bridge (`vnet::bridge`) and an MSI-X link to
+/// the vnet cell services (`vnet_services`): the network inmate in a KVM cell, or the same
+/// services in a process cell's loop (`vnet_cell::cell::Cell`). Both systems run on the
+/// hosted hypervisor in this process with the same link; needs root, `/dev/kvm` (`ping-kvm`)
+/// and the built inmate (`scripts/build-inmates`).
+pub fn ping_rows(settings: &Settings, report: &mut SuiteReport) -> Result<()> {
+    let image = Path::new(env!("CARGO_MANIFEST_DIR")).join(NET_INMATE);
+    for (case, kvm) in [("ping-kvm", true), ("ping-process", false)] {
+        let missing = if !vnet::tap::is_root() {
+            Some("needs root (network namespace, TAP device)".to_string())
+        } else if kvm {
+            match kvm_available() {
+                Err(reason) => Some(reason),
+                Ok(()) if !image.exists() => Some(format!(
+                    "{} is missing: run scripts/build-inmates",
+                    image.display()
+                )),
+                Ok(()) => None,
+            }
+        } else {
+            None
+        };
+        if let Some(reason) = missing {
+            report.entries.push(Entry::NotAvailable {
+                case,
+                metric: Metric::RttNs,
+                reason,
+            });
+            continue;
+        }
+        settings.say(format!(
+            "kvm/{case}: ICMP echo from Linux through the TAP bridge to the {}",
+            if kvm {
+                "network inmate (KVM cell)"
+            } else {
+                "network process cell"
+            }
+        ));
+        let net = PingNet::start(kvm.then_some(image.as_path()), settings.cpus)
+            .with_context(|| format!("{case}: starting the system"))?;
+        let mut seq = 0u16;
+        let measured = measure(settings, case, Metric::RttNs, 0, |iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                seq = seq.wrapping_add(1);
+                total += net
+                    .echo
+                    .ping(PING_CELL_IP, seq, PING_PAYLOAD)
+                    .with_context(|| format!("echo {seq} to {PING_CELL_IP}"))?;
+            }
+            Ok(total)
+        })?;
+        report.entries.push(Entry::Measured(measured));
+    }
+    let under = if under_pvm() {
+        "measured under PVM (kvm_pvm: guest ring 0 emulated, ring 3 native)"
+    } else {
+        "measured under hardware-assisted KVM"
+    };
+    report.notes.push(format!(
+        "ping-kvm, ping-process: {under}; ICMP echo RTT, {PING_PAYLOAD}-byte payload, \
+         Linux raw socket -> TAP -> bridge -> MSI-X link -> the vnet services: the network inmate \
+         (main loop in ring 3, native under PVM) or the process cell; both on the hosted hypervisor"
+    ));
+    Ok(())
+}
+
+/// A running vnet system for the ping rows (see [`ping_rows`]); stopped on drop.
+struct PingNet {
+    /// A raw ICMP socket inside the namespace.
+    echo: crate::vnet_cell::netns::EchoSocket,
+    /// Stopped after the cells (fields drop after `Drop::drop`).
+    _system: super::hosted::HostedSystem,
+    bridge_stop: Arc<nix::sys::eventfd::EventFd>,
+    bridge: Option<std::thread::JoinHandle<()>>,
+    cell_stop: Arc<nix::sys::eventfd::EventFd>,
+    cell: Option<std::thread::JoinHandle<()>>,
+    _ns: crate::vnet_cell::netns::Netns,
+    dir: std::path::PathBuf,
+}
+
+impl PingNet {
+    /// Starts the system: the network inmate from `image` in a KVM cell, or (`None`) the
+    /// process cell's loop in a thread; waits until the bridge sees the link up and Linux
+    /// has the cell's MAC (one echo answered).
+    fn start(image: Option<&Path>, cpus: [usize; 2]) -> Result<PingNet> {
+        use crate::vnet_cell::netns::{self, EchoSocket, Netns};
+        use nix::sys::eventfd::{EfdFlags, EventFd};
+        use std::sync::mpsc;
+
+        let pid = std::process::id();
+        let kind = if image.is_some() { "kvm" } else { "proc" };
+        let ns_name = format!("ivb-inn-{kind}-{pid}");
+        let ns = Netns::create(&ns_name).with_context(|| format!("network namespace {ns_name}"))?;
+        let dir = std::env::temp_dir().join(format!("ivbench-inn-{kind}-{pid}"));
+        std::fs::create_dir_all(&dir)?;
+        let socket = dir.join("control.sock");
+        let cell = match image {
+            Some(image) => format!(
+                "kind = \"kvm\"\nmemory = \"6M\"\nimage = \"{}\"\ncmdline = \"ip={PING_CELL_IP}/24 heap=0x400000\"",
+                image.display()
+            ),
+            None => "kind = \"process\"\ncommand = \"/bin/true\"".into(),
+        };
+        let toml = format!(
+            r#"
+[system]
+name = "ivbench-ping-{kind}-{pid}"
+control_socket = "{socket}"
+allow_shared_cpus = true
+
+[[cells]]
+name = "rtos-net"
+cpus = [{cell_cpu}]
+{cell}
+
+[[cells]]
+name = "linux-net"
+kind = "process"
+cpus = [{bridge_cpu}]
+command = "/bin/true"
+
+[[links]]
+name = "net0"
+peers = ["rtos-net", "linux-net"]
+protocol = "ethernet"
+output_size = "256K"
+interrupts = "msix"
+vectors = 1
+"#,
+            socket = socket.display(),
+            cell_cpu = cpus[1],
+            bridge_cpu = cpus[0],
+        );
+        let system = super::hosted::HostedSystem::start(&toml)?;
+        let attach = |cell: &str| {
+            linux_uio_client::Endpoint::attach_hosted(&socket, cell, Some("net0"))
+                .with_context(|| format!("attaching as {cell}"))
+        };
+        let eventfd = || -> Result<Arc<EventFd>> {
+            Ok(Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC)?))
+        };
+
+        let (events_tx, events) = mpsc::channel();
+        let bridge_stop = eventfd()?;
+        let (dev, irq) = attach("linux-net")?.into_parts();
+        let link = vnet::VnetLink::new(dev, vnet::LinkConfig::default())?;
+        let bridge = {
+            let stop = Arc::clone(&bridge_stop);
+            let ns_name = ns_name.clone();
+            std::thread::spawn(move || {
+                let run = || -> Result<()> {
+                    netns::enter(&ns_name)?;
+                    let tap = vnet::tap::Tap::open("inn0")?;
+                    tap.configure(Some("10.0.0.1/24"), 1500)?;
+                    let mut bridge = vnet::bridge::Bridge::new(
+                        link,
+                        irq,
+                        tap,
+                        vnet::bridge::BridgeConfig::default(),
+                    );
+                    bridge.set_link_hook(Box::new(move |e| {
+                        let _ = events_tx.send(e);
+                    }));
+                    bridge.run(Some(stop.as_fd()))?;
+                    Ok(())
+                };
+                if let Err(e) = run() {
+                    eprintln!("ivbench: TAP bridge: {e:#}");
+                }
+            })
+        };
+        let cell_stop = eventfd()?;
+        let cell = match image {
+            Some(_) => None,
+            None => {
+                let (dev, irq) = attach("rtos-net")?.into_parts();
+                let link = vnet::VnetLink::new(dev, vnet::LinkConfig::default())?;
+                let stop = Arc::clone(&cell_stop);
+                Some(std::thread::spawn(move || {
+                    let services = crate::vnet_cell::services::ServiceConfig::new(
+                        vnet::smoltcp::wire::Ipv4Cidr::new(PING_CELL_IP, 24),
+                    );
+                    let mut cell = crate::vnet_cell::cell::Cell::new(
+                        link,
+                        irq,
+                        &services,
+                        crate::vnet_cell::cell::CellConfig::default(),
+                    );
+                    if let Err(e) = cell.run(Some(stop.as_fd())) {
+                        eprintln!("ivbench: network cell: {e}");
+                    }
+                }))
+            }
+        };
+        let net = PingNet {
+            echo: {
+                let ns_name = ns_name.clone();
+                std::thread::spawn(move || -> Result<EchoSocket> {
+                    netns::enter(&ns_name)?;
+                    Ok(EchoSocket::open(Duration::from_secs(5))?)
+                })
+                .join()
+                .map_err(|_| anyhow::anyhow!("the echo socket thread panicked"))??
+            },
+            _system: system,
+            bridge_stop,
+            bridge: Some(bridge),
+            cell_stop,
+            cell,
+            _ns: ns,
+            dir,
+        };
+        match events.recv_timeout(LINK_UP_TIMEOUT) {
+            Ok(vnet::LinkEvent::Up) => {}
+            other => bail!("the link did not come up: {other:?}"),
+        }
+        // The first echo also resolves ARP both ways (the cell retries after a second).
+        net.echo
+            .ping(PING_CELL_IP, 0, PING_PAYLOAD)
+            .context("the first echo")?;
+        Ok(net)
+    }
+}
+
+impl Drop for PingNet {
+    fn drop(&mut self) {
+        let _ = self.cell_stop.write(1);
+        if let Some(cell) = self.cell.take() {
+            let _ = cell.join();
+        }
+        let _ = self.bridge_stop.write(1);
+        if let Some(bridge) = self.bridge.take() {
+            let _ = bridge.join();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! The main loop of a smoltcp cell on a vnet link: the [`Services`] over the link's NIC,
+//! The main loop of a smoltcp cell on a vnet link: [`NetCell`] (the services over the link's NIC),
 //! driven by the link interrupt and smoltcp's timers.
 //!
 //! The loop is what a bare-metal cell does in its idle loop and interrupt handler, written
@@ -6,13 +6,13 @@
 //! smoltcp, flush once (at most one doorbell), and when there is nothing to do run the
 //! sleep handshake and block until the interrupt or smoltcp's next deadline.
 
-use std::fmt::Write as _;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::time::{Duration, Instant as StdInstant};
 
 use vnet::smoltcp::time::Instant;
+use vnet_services::NetCell;
 
-use super::services::{ServiceConfig, ServiceStats, Services};
+use super::services::{ServiceConfig, ServiceStats};
 use vnet::bridge::{check_revents, Interrupt, LoopError, LoopFd, DEFAULT_SPIN};
 use vnet::CellLink;
 
@@ -31,33 +31,28 @@ impl Default for CellConfig {
     }
 }
 
-/// A cell: link, interrupt and services.
+/// A cell: the link and services ([`NetCell`], over either wire format) and the link
+/// interrupt.
 pub struct Cell<L: CellLink, I: Interrupt> {
-    link: L,
+    core: NetCell<L>,
     irq: I,
-    services: Services,
     config: CellConfig,
     epoch: StdInstant,
 }
 
 impl<L: CellLink, I: Interrupt> core::fmt::Debug for Cell<L, I> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("Cell")
-            .field("services", &self.services)
-            .finish()
+        f.debug_struct("Cell").field("core", &self.core).finish()
     }
 }
 
 impl<L: CellLink, I: Interrupt> Cell<L, I> {
     /// Brings the link's state machine up (first step) and creates the services on its NIC.
-    pub fn new(mut link: L, irq: I, services: &ServiceConfig, config: CellConfig) -> Self {
+    pub fn new(link: L, irq: I, services: &ServiceConfig, config: CellConfig) -> Self {
         let epoch = StdInstant::now();
-        link.poll_link();
-        let services = Services::new(services, &mut link, Instant::from_micros(0));
         Cell {
-            link,
+            core: NetCell::new(link, services, Instant::from_micros(0)),
             irq,
-            services,
             config,
             epoch,
         }
@@ -69,19 +64,19 @@ impl<L: CellLink, I: Interrupt> Cell<L, I> {
 
     /// The link.
     pub fn link(&self) -> &L {
-        &self.link
+        self.core.link()
     }
 
     /// Service counters.
     pub fn service_stats(&self) -> ServiceStats {
-        self.services.stats()
+        self.core.service_stats()
     }
 
     /// Takes a pending interrupt (without blocking) and, if there was one, runs the link
     /// state machine. Returns whether the carrier changed.
     pub fn handle_interrupt(&mut self) -> std::io::Result<bool> {
         if self.irq.take()? {
-            return Ok(self.link.poll_link() != vnet::LinkEvent::None);
+            return Ok(self.core.on_interrupt() != vnet::LinkEvent::None);
         }
         Ok(false)
     }
@@ -90,47 +85,8 @@ impl<L: CellLink, I: Interrupt> Cell<L, I> {
     /// flush (a NIC fault runs the link state machine). Returns whether frames moved or the
     /// link changed.
     pub fn step(&mut self) -> std::io::Result<bool> {
-        let mut changed = false;
-        if self.link.faulted() {
-            self.link.poll_link();
-            changed = true;
-        }
-        let before = self.link.report();
         let now = self.now();
-        let mut status = |page: &mut String| {
-            let n = before;
-            let state = n.state;
-            let _ = writeln!(page, "link_state {state:?}");
-            let _ = writeln!(page, "carrier {}", n.carrier);
-            let _ = writeln!(page, "link_ups {}", n.ups);
-            let _ = writeln!(page, "link_downs {}", n.downs);
-            let _ = writeln!(page, "link_faults {}", n.faults);
-            let _ = writeln!(page, "doorbells {}", n.doorbells);
-            let _ = writeln!(page, "rx_frames {}", n.rx_frames);
-            let _ = writeln!(page, "rx_bytes {}", n.rx_bytes);
-            let _ = writeln!(page, "rx_oversize {}", n.rx_oversize);
-            let _ = writeln!(page, "rx_ipv4_fragments {}", n.rx_ipv4_fragments);
-            let _ = writeln!(
-                page,
-                "rx_ipv4_fragments_dropped {}",
-                n.rx_ipv4_fragments_dropped
-            );
-            let _ = writeln!(
-                page,
-                "ipv4_reassembly_max {}",
-                vnet::nic::IPV4_REASSEMBLY_MAX
-            );
-            let _ = writeln!(page, "tx_frames {}", n.tx_frames);
-            let _ = writeln!(page, "tx_bytes {}", n.tx_bytes);
-            let _ = writeln!(page, "tx_ring_full {}", n.tx_full);
-            let _ = writeln!(page, "tx_reply_dropped {}", n.tx_dropped);
-            let _ = writeln!(page, "tx_oversize {}", n.tx_oversize);
-            let _ = writeln!(page, "corrupt {}", n.corrupt);
-        };
-        self.services.poll(now, &mut self.link, &mut status);
-        self.link.flush();
-        let after = self.link.report();
-        Ok(changed || after.rx_frames != before.rx_frames || after.tx_frames != before.tx_frames)
+        Ok(self.core.step(now))
     }
 
     /// Runs until `stop` becomes readable or hangs up. Errors: I/O on the interrupt, or a
@@ -157,11 +113,11 @@ impl<L: CellLink, I: Interrupt> Cell<L, I> {
                 continue;
             }
             idle_since = None;
-            if !self.link.prepare_sleep() {
+            if !self.core.prepare_sleep() {
                 continue;
             }
             let now = self.now();
-            let timeout = match self.services.poll_delay(now) {
+            let timeout = match self.core.poll_delay(now) {
                 None => -1,
                 Some(d) => d.total_millis().min(i32::MAX as u64) as i32,
             };
@@ -192,7 +148,7 @@ impl<L: CellLink, I: Interrupt> Cell<L, I> {
             check_revents(LoopFd::Interrupt, fds[0].fd, fds[0].revents)?;
             check_revents(LoopFd::Stop, fds[1].fd, fds[1].revents)?;
             if fds[1].revents != 0 {
-                self.link.shut_down();
+                self.core.shut_down();
                 return Ok(());
             }
         }
@@ -200,6 +156,6 @@ impl<L: CellLink, I: Interrupt> Cell<L, I> {
 
     /// Gives the link back.
     pub fn into_link(self) -> L {
-        self.link
+        self.core.into_link()
     }
 }
