@@ -357,3 +357,27 @@ fn help_tells_exit_codes_logging_socket_and_stopping() {
         assert!(help.contains(want), "run --help lacks {want:?}:\n{help}");
     }
 }
+
+/// `check`'s summary to a full disk (or a closed pipe, `check … | head -1`) is an error
+/// message and exit 1, never a panic with a backtrace (it was: `failed printing to stdout`).
+#[test]
+fn check_to_a_full_stdout_reports_the_error_without_panicking() {
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("/dev/full exists on Linux");
+    let out = Command::new(env!("CARGO_BIN_EXE_hypervisor"))
+        .args(["check", &ready("telemetry.toml"), "--cpu-count", "2"])
+        .env_remove("RUST_LOG")
+        .env_remove("RUST_BACKTRACE")
+        .stdout(full)
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("hypervisor: error: writing to stdout: No space left on device"),
+        "{err}"
+    );
+}
