@@ -381,3 +381,23 @@ fn check_to_a_full_stdout_reports_the_error_without_panicking() {
         "{err}"
     );
 }
+
+/// A cell name no cell can have (empty, over 64 bytes) is the user's mistake, said before
+/// any hypervisor is asked; it was reported as a "malformed status reply" from the
+/// hypervisor, which had sent nothing.
+#[test]
+fn cell_command_with_an_impossible_name_blames_the_name() {
+    let socket = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("no-hypervisor-here.sock");
+    let long = "x".repeat(65);
+    for name in ["", long.as_str()] {
+        let out = hypervisor(&["cell", "stop", name, "--socket", &socket.to_string_lossy()]);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains(&format!("hypervisor: error: invalid cell name {name:?}: ")),
+            "{err}"
+        );
+        assert!(!err.contains("reply"), "{err}");
+        assert!(!err.contains("no hypervisor"), "{err}");
+    }
+}
