@@ -259,13 +259,17 @@ fn print_stdout(text: &str) -> anyhow::Result<()> {
 /// when not.
 fn check(args: &CheckArgs) -> anyhow::Result<u8> {
     match load_config(&args.config, args.cpu_count) {
-        Some(valid) => {
+        Some(mut valid) => {
             // A command that cannot start is only a warning here: the system may be checked
             // before its programs are built, or for another directory.
             let problems = machine_problems(&valid, args.memory, Some(Severity::Warning));
-            if report_machine_problems(&args.config, &problems) {
+            if problems.iter().any(Problem::is_error) {
+                report_machine_problems(&args.config, &problems);
                 return Ok(EXIT_INVALID_CONFIG);
             }
+            // Only warnings: listed and counted in the summary with the configuration's own
+            // (printed apart, they were left out of its "N warnings").
+            valid.warnings.extend(problems);
             print_stdout(&valid.summary().to_string())?;
             Ok(EXIT_SUCCESS)
         }
