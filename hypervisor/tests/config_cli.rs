@@ -240,6 +240,33 @@ fn run_refuses_a_kvm_cell_whose_image_cannot_be_read_before_starting_anything() 
     );
 }
 
+/// An image path that opens but cannot be read (a directory) is refused before anything
+/// starts, like a missing one; it used to pass, start the process cells and fail only when
+/// the VM was loaded ("stopping after an error").
+#[test]
+fn run_refuses_a_kvm_image_that_is_a_directory_before_starting_anything() {
+    let dir = env!("CARGO_TARGET_TMPDIR");
+    let config = temp_config(
+        "kvm-dir-image",
+        &WITH_KVM_CELL.replace("image = \"rtos.bin\"", &format!("image = \"{dir}\"")),
+    );
+    let socket = PathBuf::from(dir).join(format!("config-cli-{}-kvmdir.sock", std::process::id()));
+    let output = hypervisor(&["run", &config, "--socket", &socket.to_string_lossy()]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "cell `rtos`: cannot read image {dir}: Is a directory"
+        )),
+        "{stderr}"
+    );
+    assert!(!socket.exists(), "no control socket is created");
+    assert!(
+        !text(&output.stdout).contains("started"),
+        "no cell is started"
+    );
+}
+
 /// A three-cell system whose commands are `commands` (one link over all three).
 fn commands_config(name: &str, commands: [&str; 3], output_size: &str) -> String {
     let mut text = format!("[system]\nname = \"{name}\"\nallow_shared_cpus = true\n");
