@@ -368,6 +368,34 @@ fn links_larger_than_the_machine_are_refused() {
     assert!(!socket.exists());
 }
 
+/// A KVM cell's guest RAM counts against the machine like link memory: `memory = "64G"` on
+/// a 16 GiB machine is refused by `check` (and so by `run` before anything starts), naming
+/// the cell. It used to pass and fail in `run` after the process cells had started, with
+/// "mmap (guest RAM) failed: Cannot allocate memory" and no cell named.
+#[test]
+fn kvm_guest_memory_larger_than_the_machine_is_refused() {
+    let config = temp_config(
+        "kvm-huge-ram",
+        &WITH_KVM_CELL.replace("memory = \"16M\"", "memory = \"64G\""),
+    );
+    assert!(std::fs::read_to_string(&config).unwrap().contains("64G"));
+    let out = hypervisor(&["check", &config, "--memory", "16G"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(
+            r#"error: cells[1] "rtos" .memory: the KVM cells' guest RAM (64 GiB) and the links"#
+        ),
+        "{err}"
+    );
+    assert!(
+        err.contains("more than this machine's memory and swap (0x400000000 bytes"),
+        "{err}"
+    );
+    let out = hypervisor(&["check", &config, "--memory", "128G"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}
+
 /// Issue 14 item 16: `--help` tells the exit codes, RUST_LOG, the default socket path and how
 /// `run` is stopped.
 #[test]
