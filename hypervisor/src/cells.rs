@@ -482,6 +482,17 @@ pub fn signal_cell(child: &Child, signal: Signal) -> io::Result<()> {
     Ok(killpg(Pid::from_raw(child.id() as i32), signal)?)
 }
 
+/// Whether the spawned cell's own process has exited, without reaping it (`WNOWAIT`): until
+/// it is reaped its pid cannot be recycled, so its group can still be signalled.
+fn has_exited(child: &Child) -> bool {
+    use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
+    let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+    !matches!(
+        waitid(Id::Pid(Pid::from_raw(child.id() as i32)), flags),
+        Ok(WaitStatus::StillAlive) | Err(_)
+    )
+}
+
 /// The signals that stop `run` (when it handles signals).
 /// SIGHUP too: a closed terminal stops the system like Ctrl-C (summary, socket removed).
 const STOP_SIGNALS: [Signal; 3] = [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP];
@@ -1079,6 +1090,12 @@ fn reap(
     stopping: bool,
 ) -> io::Result<()> {
     for s in spawned.iter_mut().filter(|s| s.exit.is_none()) {
+        if has_exited(&s.child) {
+            // The cell is over: what it started goes with it, rather than running on as
+            // orphans that still map its output section. Its process is a zombie until the
+            // wait below, so its pid still names its group.
+            let _ = signal_cell(&s.child, Signal::SIGKILL);
+        }
         if let Ok(Some(status)) = s.child.try_wait() {
             let exit = exit_of(status);
             let drained = s.drain_output(display);

@@ -242,18 +242,38 @@ fn report_machine_problems(path: &Path, problems: &[Problem]) -> bool {
     problems.iter().any(Problem::is_error)
 }
 
+/// Writes `text` to stdout. A reader that closed the pipe early (`hypervisor check … | head`)
+/// wanted no more and is not an error; any other failure (a full disk) is, with its cause,
+/// instead of the panic of `print!`.
+fn print_stdout(text: &str) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        result => result.context("writing to stdout"),
+    }
+}
+
 /// `hypervisor check <config>`: exit 0 and a summary when valid, exit 1 and every problem
 /// when not.
 fn check(args: &CheckArgs) -> anyhow::Result<u8> {
     match load_config(&args.config, args.cpu_count) {
-        Some(valid) => {
+        Some(mut valid) => {
             // A command that cannot start is only a warning here: the system may be checked
             // before its programs are built, or for another directory.
             let problems = machine_problems(&valid, args.memory, Some(Severity::Warning));
-            if report_machine_problems(&args.config, &problems) {
+            if problems.iter().any(Problem::is_error) {
+                report_machine_problems(&args.config, &problems);
                 return Ok(EXIT_INVALID_CONFIG);
             }
-            print!("{}", valid.summary());
+            // Only warnings: listed and counted in the summary with the configuration's own
+            // (printed apart, they were left out of its "N warnings").
+            valid.warnings.extend(problems);
+            print_stdout(&valid.summary().to_string())?;
             Ok(EXIT_SUCCESS)
         }
         None => Ok(EXIT_INVALID_CONFIG),
@@ -354,7 +374,7 @@ fn status(args: &StatusArgs) -> anyhow::Result<u8> {
     };
     match status::query(&socket) {
         Ok(system) => {
-            print!("{}", status::format_table(&system));
+            print_stdout(&status::format_table(&system))?;
             Ok(EXIT_SUCCESS)
         }
         Err(error @ StatusError::NotRunning { .. }) => {
@@ -386,13 +406,16 @@ fn cell(args: &CellArgs) -> anyhow::Result<u8> {
     };
     match status::control_cell(&socket, &args.name, action) {
         Ok(cell) => {
+            let mut text = String::new();
             for line in status::format_cell_lines(&status::SystemStatus {
                 hypervisor_pid: 0,
                 cells: vec![cell],
                 links: Vec::new(),
             }) {
-                println!("{line}");
+                text.push_str(&line);
+                text.push('\n');
             }
+            print_stdout(&text)?;
             Ok(EXIT_SUCCESS)
         }
         Err(error @ StatusError::NotRunning { .. }) => {

@@ -535,8 +535,12 @@ impl ControlServer {
         if let Some(c) = self.cells.iter_mut().find(|c| c.spec.name == cell) {
             c.exit = Some(exit);
             c.spawned_pid = None;
-            if c.client.is_none() {
-                c.phase = CellPhase::Exited;
+            match c.client {
+                // Its process is gone, so is its end of the socket: detach it now (states 0,
+                // peers told) rather than on a later poll, so that what is reported next (a
+                // `cell stop` reply, the status) says it exited.
+                Some(id) => self.drop_client(id, "control socket closed".into()),
+                None => c.phase = CellPhase::Exited,
             }
         }
     }

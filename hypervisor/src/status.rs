@@ -224,6 +224,14 @@ pub enum StatusError {
         /// OS error.
         source: io::Error,
     },
+    /// The cell name given to a `cell` command cannot name any cell (checked before asking).
+    #[error("invalid cell name {name:?}: {reason}")]
+    InvalidName {
+        /// The name as given.
+        name: String,
+        /// Why no cell can have it.
+        reason: String,
+    },
     /// The hypervisor's reply is malformed.
     #[error("malformed status reply: {0}")]
     Protocol(String),
@@ -333,13 +341,17 @@ pub fn control_cell(
         path: path.to_path_buf(),
         source,
     };
+    // The user's mistake, before any hypervisor is involved.
+    let name = WireName::new(cell).map_err(|e| StatusError::InvalidName {
+        name: cell.to_owned(),
+        reason: e.to_string(),
+    })?;
     let fd = connect_control_socket(path).map_err(|e| StatusError::NotRunning {
         path: path.to_path_buf(),
         source: e.into(),
     })?;
     // A restart boots a VM or waits for a process: give it time.
     set_recv_timeout(&fd, Duration::from_secs(60)).map_err(io_err)?;
-    let name = WireName::new(cell).map_err(|e| StatusError::Protocol(e.to_string()))?;
     let mut buf = [0u8; MAX_MESSAGE_SIZE];
     let n = Request::CellControl(hosted::CellControlBody {
         cell: name,

@@ -343,6 +343,40 @@ fn stopping_a_cell_stops_the_processes_it_started() {
     );
 }
 
+/// A cell whose own process ends while processes it started run on is over: they are killed
+/// with it, not left holding its output section's mapping (and here the FIFO) as orphans.
+/// They used to survive both the cell's end and the hypervisor's stop.
+#[test]
+fn processes_a_cell_started_end_when_the_cell_ends_on_its_own() {
+    use nix::fcntl::{open, OFlag};
+    use nix::poll::{poll, PollFd, PollFlags};
+    use nix::sys::stat::Mode;
+    use std::os::fd::AsFd;
+
+    let dir = TempDir::new("leftovers");
+    let socket = dir.0.join("hv.sock");
+    let fifo = dir.0.join("held");
+    nix::unistd::mkfifo(&fifo, Mode::S_IRUSR | Mode::S_IWUSR).unwrap();
+    let reader = open(&fifo, OFlag::O_RDONLY | OFlag::O_NONBLOCK, Mode::empty()).unwrap();
+    let script = format!(
+        "exec 3>{}; sleep 100 >/dev/null 2>&1 & echo started; exit 3",
+        fifo.display()
+    );
+    let config = shell_cells(&dir.0, &socket, &[("leader", &script)]);
+    let (mut hv, _stderr) = run_hypervisor(&config, &["--keep-running"]);
+    hv.out.expect("cell leader: process");
+    // The hypervisor still runs: the cell's end, not the stop, must take the `sleep` along.
+    let mut fds = [PollFd::new(reader.as_fd(), PollFlags::POLLIN)];
+    poll(&mut fds, 10_000u16).unwrap();
+    let revents = fds[0].revents().unwrap_or(PollFlags::empty());
+    assert!(
+        revents.contains(PollFlags::POLLHUP),
+        "a process the ended cell started still holds the FIFO ({revents:?})"
+    );
+    let (status, log) = hv.stop();
+    assert_eq!(status.code(), Some(4), "{log:#?}");
+}
+
 /// Issue 14 item 12: SIGHUP (the terminal closed) stops the system like SIGINT: a summary,
 /// the socket removed, exit 0.
 #[test]

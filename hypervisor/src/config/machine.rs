@@ -90,10 +90,43 @@ impl ValidConfig {
     /// An error if the links need more memory than `available` bytes (the machine's RAM and
     /// swap, see [`machine_memory`]): such sections would be created but fail when a cell
     /// maps them. Names the figures and the largest link.
+    /// KVM cells' guest RAM counts too (it is allocated when `run` starts them); the error
+    /// then names the KVM cell with the most.
     pub fn check_memory(&self, available: u64) -> Vec<Problem> {
-        let needed = self.link_memory();
+        let links = self.link_memory();
+        let largest_vm = self
+            .cells
+            .iter()
+            .enumerate()
+            .filter(|(_, cell)| cell.kind == CellKind::Kvm)
+            .filter_map(|(index, cell)| cell.memory.map(|memory| (index, cell, memory)))
+            .max_by_key(|&(_, _, memory)| memory);
+        let guest = self
+            .cells
+            .iter()
+            .filter(|cell| cell.kind == CellKind::Kvm)
+            .filter_map(|cell| cell.memory)
+            .fold(0u64, u64::saturating_add);
+        let needed = links.saturating_add(guest);
         if needed <= available {
             return Vec::new();
+        }
+        if let Some((index, cell, _)) = largest_vm.filter(|_| guest > 0) {
+            return vec![Problem::error(
+                ProblemKind::MemoryTooLarge,
+                format!("cells[{index}] \"{}\" .memory", cell.name),
+                format!(
+                    "the KVM cells' guest RAM ({}) and the links' shared memory ({}) need \
+                     {needed:#x} bytes ({}), more than this machine's memory and swap \
+                     ({available:#x} bytes, {})",
+                    human_size(guest),
+                    human_size(links),
+                    human_size(needed),
+                    human_size(available)
+                ),
+                "give the KVM cells less memory (or the links smaller sections), or run on a \
+                 machine with more memory",
+            )];
         }
         let largest = self
             .links

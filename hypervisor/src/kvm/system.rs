@@ -48,10 +48,11 @@ pub struct KvmSystem {
 }
 
 impl KvmSystem {
-    /// Checks that every image can be read (before anything is started).
+    /// Checks that every image can be read (before anything is started): read, not only
+    /// opened, since a directory opens too.
     pub fn check_images(&self) -> Result<(), KvmError> {
         for plan in &self.cells {
-            std::fs::File::open(&plan.image).map_err(|source| {
+            std::fs::read(&plan.image).map_err(|source| {
                 KvmError::Config(format!(
                     "cell `{}`: cannot read image {}: {source}",
                     plan.name,
