@@ -219,9 +219,10 @@ impl From<ChannelError> for io::Error {
             ChannelError::Ring { .. } | ChannelError::BadRecord { .. } => {
                 io::ErrorKind::InvalidData
             }
-            ChannelError::Io(ref inner) | ChannelError::Write { source: ref inner, .. } => {
-                inner.kind()
-            }
+            ChannelError::Io(ref inner)
+            | ChannelError::Write {
+                source: ref inner, ..
+            } => inner.kind(),
             _ => io::ErrorKind::Other,
         };
         io::Error::new(kind, e)

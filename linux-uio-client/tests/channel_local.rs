@@ -384,7 +384,10 @@ async fn hybrid_waiting_spins_a_bounded_time_then_sleeps_on_the_doorbell() {
             if !flag.0.load(std::sync::atomic::Ordering::SeqCst) {
                 break;
             }
-            assert!(started.elapsed() < GUARD, "hybrid waiting never stopped spinning");
+            assert!(
+                started.elapsed() < GUARD,
+                "hybrid waiting never stopped spinning"
+            );
         }
         polls = n;
         let spun = started.elapsed();
@@ -395,7 +398,11 @@ async fn hybrid_waiting_spins_a_bounded_time_then_sleeps_on_the_doorbell() {
         );
         // Asleep: the sender sees the announcement and rings the doorbell, which wakes it.
         tx.send_record(&rec(7)).await.unwrap();
-        assert_eq!(tx.stats().doorbells, doorbells + 1, "the sleeper asked for a doorbell");
+        assert_eq!(
+            tx.stats().doorbells,
+            doorbells + 1,
+            "the sleeper asked for a doorbell"
+        );
         assert_eq!(guard(recv).await.unwrap(), rec(7));
     }
     assert!(polls > 1, "it spun before sleeping");

@@ -25,6 +25,9 @@ pub enum Metric {
     /// Time per operation in nanoseconds, for costs that are not round trips (lower is
     /// better).
     Ns,
+    /// CPU time of a waiting side while its link is idle, in percent of one core (getrusage;
+    /// lower is better).
+    IdleCpuPct,
 }
 
 impl Metric {
@@ -39,6 +42,7 @@ impl Metric {
             Metric::MaxRatePerS => "max_rate_per_s",
             Metric::BitsPerS => "bits_per_s",
             Metric::Ns => "ns",
+            Metric::IdleCpuPct => "idle_cpu_pct",
         }
     }
 
@@ -52,6 +56,7 @@ impl Metric {
             Metric::MaxRatePerS => "1/s",
             Metric::BitsPerS => "bit/s",
             Metric::Ns => "ns",
+            Metric::IdleCpuPct => "%",
         }
     }
 
@@ -59,7 +64,7 @@ impl Metric {
     pub fn higher_is_better(self) -> bool {
         !matches!(
             self,
-            Metric::RttNs | Metric::P50Ns | Metric::P99Ns | Metric::Ns
+            Metric::RttNs | Metric::P50Ns | Metric::P99Ns | Metric::Ns | Metric::IdleCpuPct
         )
     }
 
@@ -72,6 +77,8 @@ impl Metric {
             Metric::MsgPerS | Metric::MaxRatePerS => iters as f64 / secs,
             Metric::BytesPerS => (iters as f64) * (bytes_per_iter as f64) / secs,
             Metric::BitsPerS => (iters as f64) * (bytes_per_iter as f64) * 8.0 / secs,
+            // `iters` ns of CPU time over `elapsed`.
+            Metric::IdleCpuPct => iters as f64 / 1e9 / secs * 100.0,
         }
     }
 }
