@@ -1112,7 +1112,11 @@ impl AsyncRead for Channel {
                 let copied = frame.copy_to(buf.initialize_unfilled_to(n));
                 buf.advance(copied);
                 if let Ok(tail) = frame.subslice(copied, frame.len() - copied) {
-                    rest.extend(tail.to_vec());
+                    rest.reserve(tail.len());
+                    let _ = tail.try_for_each_chunk::<()>(|chunk| {
+                        rest.extend(chunk);
+                        Ok(())
+                    });
                 }
                 copied
             });
