@@ -57,10 +57,11 @@ enum Pipe {
     IvshmemIrqXproc,
     Uds,
     Tcp,
+    Iceoryx2,
 }
 
 impl Pipe {
-    const ALL: [Pipe; 7] = [
+    const ALL: [Pipe; 8] = [
         Pipe::IvshmemPoll,
         Pipe::IvshmemHybrid,
         Pipe::IvshmemIrq,
@@ -68,6 +69,7 @@ impl Pipe {
         Pipe::IvshmemIrqXproc,
         Pipe::Uds,
         Pipe::Tcp,
+        Pipe::Iceoryx2,
     ];
 
     fn case(self) -> &'static str {
@@ -79,6 +81,7 @@ impl Pipe {
             Pipe::IvshmemIrqXproc => "ivshmem-irq-xproc",
             Pipe::Uds => "uds",
             Pipe::Tcp => "tcp",
+            Pipe::Iceoryx2 => "iceoryx2",
         }
     }
 }
@@ -494,9 +497,21 @@ fn xproc_pipe(
 
 /// The blocking socket producer: same pacing and batching as the ring producer.
 fn produce_to(mut out: impl std::io::Write, load: Load) -> Result<()> {
+    produce_with(load, |samples| {
+        out.write_all(bytemuck::cast_slice(samples))?;
+        Ok(())
+    })?;
+    out.flush()?;
+    Ok(())
+}
+
+/// The producer of the non-ivshmem pipes: `send` gets one sample at a time at the paced rate,
+/// or batches of [`BATCH`] samples flat out (the same pacing and batching as the ring
+/// producer cell).
+fn produce_with(load: Load, mut send: impl FnMut(&[Sample]) -> Result<()>) -> Result<()> {
     let count = load.count();
     let start = monotonic_ns();
-    let mut buf = Vec::with_capacity(BATCH * Sample::SIZE);
+    let mut buf = Vec::with_capacity(BATCH);
     let mut seq = 0u64;
     while seq < count {
         match load {
@@ -507,23 +522,150 @@ fn produce_to(mut out: impl std::io::Write, load: Load) -> Result<()> {
                     // Pacing the producer, not synchronising with the consumer.
                     std::thread::sleep(Duration::from_nanos(due - now));
                 }
-                let sample = Sample::new(seq, monotonic_ns());
-                out.write_all(bytemuck::bytes_of(&sample))?;
+                send(&[Sample::new(seq, monotonic_ns())])?;
                 seq += 1;
             }
             Load::FlatOut { .. } => {
                 buf.clear();
                 let end = (seq + BATCH as u64).min(count);
-                for s in seq..end {
-                    buf.extend_from_slice(bytemuck::bytes_of(&Sample::new(s, monotonic_ns())));
-                }
-                out.write_all(&buf)?;
+                buf.extend((seq..end).map(|s| Sample::new(s, monotonic_ns())));
+                send(&buf)?;
                 seq = end;
             }
         }
     }
-    out.flush()?;
     Ok(())
+}
+
+/// The `iceoryx2` pipe: iceoryx2 publish-subscribe between two threads of this process (its
+/// IPC service: shared memory, as between processes), 40-byte samples as `[u64; 5]`
+/// payloads, history 0, no overflow (the publisher retries until delivered, so every sample
+/// arrives), a busy-polling subscriber (iceoryx2's own benchmark waits the same way; its
+/// publish-subscribe has no doorbell of its own). The producer paces and batches as the
+/// socket producers do (one `send_copy` per sample).
+#[cfg(feature = "iceoryx2")]
+fn run_iceoryx2(cpus: [usize; 2], load: Load) -> Result<RunResult> {
+    use iceoryx2::prelude::*;
+    use std::sync::atomic::Ordering;
+
+    /// Subscriber buffer (samples): room for a few flat-out batches.
+    const BUFFER: usize = 1024;
+    /// The subscriber gives up after this long without a sample.
+    const STALL: Duration = Duration::from_secs(5);
+    /// The publisher's first message: no sample has this payload (seq and time all ones).
+    const HELLO: Payload = [u64::MAX; 5];
+    type Payload = [u64; 5];
+    const _: () = assert!(std::mem::size_of::<Payload>() == Sample::SIZE);
+
+    let name = format!(
+        "ivshmem-stack/ivbench/telemetry/{}/{}",
+        std::process::id(),
+        monotonic_ns()
+    );
+    let count = load.count();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+    let (connected_tx, connected_rx) = std::sync::mpsc::channel::<()>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let service_name = name.clone();
+    pin::run_pinned_pair(
+        cpus,
+        move |abort: &AtomicBool| {
+            let node = NodeBuilder::new()
+                .create::<ipc::Service>()
+                .context("iceoryx2 node")?;
+            let service = node
+                .service_builder(&service_name.as_str().try_into().context("service name")?)
+                .publish_subscribe::<Payload>()
+                .history_size(0)
+                .subscriber_max_buffer_size(BUFFER)
+                .enable_safe_overflow(false)
+                .max_publishers(1)
+                .max_subscribers(1)
+                .create()
+                .context("iceoryx2 service")?;
+            let subscriber = service
+                .subscriber_builder()
+                .buffer_size(BUFFER)
+                .create()
+                .context("iceoryx2 subscriber")?;
+            // The subscriber exists: the publisher may connect (history 0 drops earlier ones).
+            let _ = ready_tx.send(());
+            // Its hello (not a sample) shows the connection is up on both sides: only then
+            // does back-pressure hold (measured: before, a burst beyond the buffer was lost).
+            let mut last = std::time::Instant::now();
+            loop {
+                match subscriber.receive().context("iceoryx2 receive")? {
+                    Some(hello) if *hello == HELLO => break,
+                    Some(other) => bail!("iceoryx2: {other:?} before the hello"),
+                    None if abort.load(Ordering::Relaxed) => bail!("the publisher failed"),
+                    None if last.elapsed() > STALL => bail!("iceoryx2: no hello for {STALL:?}"),
+                    None => std::hint::spin_loop(),
+                }
+            }
+            let _ = connected_tx.send(());
+            let mut rx = Receiver::new(count);
+            last = std::time::Instant::now();
+            while rx.check.received < count {
+                match subscriber.receive().context("iceoryx2 receive")? {
+                    Some(sample) => {
+                        rx.take(&bytemuck::cast::<Payload, Sample>(*sample));
+                        last = std::time::Instant::now();
+                    }
+                    None if abort.load(Ordering::Relaxed) => bail!("the publisher failed"),
+                    // A watchdog, not a synchronisation: a lost sample must end the run.
+                    None if last.elapsed() > STALL => bail!(
+                        "iceoryx2: no sample for {STALL:?}, {} of {count} received: {:?}",
+                        rx.check.received,
+                        rx.check
+                    ),
+                    None => std::hint::spin_loop(),
+                }
+            }
+            // Keep the service until the publisher is done with it.
+            drop(done_tx);
+            rx.finish(count)
+        },
+        move |_abort: &AtomicBool| {
+            ready_rx
+                .recv()
+                .context("the subscriber side failed before it was ready")?;
+            let node = NodeBuilder::new()
+                .create::<ipc::Service>()
+                .context("iceoryx2 node")?;
+            let service = node
+                .service_builder(&name.as_str().try_into().context("service name")?)
+                .publish_subscribe::<Payload>()
+                .history_size(0)
+                .subscriber_max_buffer_size(BUFFER)
+                .enable_safe_overflow(false)
+                .max_publishers(1)
+                .max_subscribers(1)
+                .open()
+                .context("opening the iceoryx2 service")?;
+            let publisher = service
+                .publisher_builder()
+                .backpressure_strategy(BackpressureStrategy::RetryUntilDelivered)
+                .create()
+                .context("iceoryx2 publisher")?;
+            publisher
+                .send_copy(HELLO)
+                .map_err(|e| anyhow::anyhow!("iceoryx2 send: {e:?}"))?;
+            connected_rx
+                .recv()
+                .context("the subscriber side failed before the hello")?;
+            produce_with(load, |samples| {
+                for sample in samples {
+                    publisher
+                        .send_copy(bytemuck::cast::<Sample, Payload>(*sample))
+                        .map_err(|e| anyhow::anyhow!("iceoryx2 send: {e:?}"))?;
+                }
+                Ok(())
+            })?;
+            // The subscriber's end (success or error) lets the publisher go.
+            let _ = done_rx.recv();
+            Ok(())
+        },
+    )
 }
 
 async fn consume_from(stream: impl AsyncRead + Unpin, count: u64) -> Result<RunResult> {
@@ -601,6 +743,10 @@ fn run_pipe(pipe: Pipe, cpus: [usize; 2], load: Load, idle: Duration) -> Result<
         Pipe::IvshmemIrqXproc => run_ivshmem_xproc(cpus, load, WaitMode::Interrupt),
         Pipe::Uds => run_uds(cpus, load),
         Pipe::Tcp => run_tcp(cpus, load),
+        #[cfg(feature = "iceoryx2")]
+        Pipe::Iceoryx2 => run_iceoryx2(cpus, load),
+        #[cfg(not(feature = "iceoryx2"))]
+        Pipe::Iceoryx2 => unreachable!("skipped in run() without the iceoryx2 feature"),
     }
 }
 
@@ -621,6 +767,17 @@ pub fn run(settings: &Settings) -> Result<SuiteReport> {
     let idle = idle_window(settings);
     for pipe in Pipe::ALL {
         let case = pipe.case();
+        if pipe == Pipe::Iceoryx2 && !cfg!(feature = "iceoryx2") {
+            for metric in [Metric::P50Ns, Metric::P99Ns, Metric::MaxRatePerS] {
+                report.entries.push(Entry::NotAvailable {
+                    case,
+                    metric,
+                    reason: "not built: cargo build --release --features iceoryx2 --bin ivbench"
+                        .into(),
+                });
+            }
+            continue;
+        }
         let mut p50 = Vec::new();
         let mut p99 = Vec::new();
         let mut rate = Vec::new();
@@ -697,6 +854,8 @@ pub fn run(settings: &Settings) -> Result<SuiteReport> {
             ("ivshmem-poll-xproc", Metric::P50Ns),
             ("ivshmem-irq-xproc", Metric::P50Ns),
             ("ivshmem-irq-xproc", Metric::MaxRatePerS),
+            ("iceoryx2", Metric::P50Ns),
+            ("iceoryx2", Metric::MaxRatePerS),
         ] {
             if (case, baseline) == ("ivshmem-irq", "uds") && metric == Metric::P50Ns {
                 continue; // with its target above
@@ -720,6 +879,22 @@ pub fn run(settings: &Settings) -> Result<SuiteReport> {
         "ivshmem-*-xproc: the same producer cell and consumer across processes: hosted hypervisor (control socket served by a thread of the measuring process, memfd sections), the producer cell in a forked child pinned to CPU {}, the consumer in the measuring process on CPU {}; one hypervisor and child per run",
         settings.cpus[1], settings.cpus[0]
     ));
+    report.comparisons.push(Comparison {
+        case: "ivshmem-poll",
+        baseline: "iceoryx2",
+        metric: Metric::P50Ns,
+        target: None,
+    });
+    report.comparisons.push(Comparison {
+        case: "ivshmem-irq",
+        baseline: "iceoryx2",
+        metric: Metric::MaxRatePerS,
+        target: None,
+    });
+    report.notes.push(
+        "iceoryx2 (feature `iceoryx2`): iceoryx2 0.10 IPC publish-subscribe between two threads, [u64; 5] payload, history 0, subscriber buffer 1024 without overflow (publisher retries until delivered), busy-polling subscriber (no tokio), producer paced and batched like the socket producers (one send_copy per sample)"
+            .into(),
+    );
     report.notes.push(format!(
         "idle_cpu_pct: consumer thread CPU time (getrusage RUSAGE_THREAD) over {} ms of idle link after the paced run, producer attached; target for ivshmem-hybrid: < 10 %; ivshmem-poll polls 100 ms after the last sample, ivshmem-hybrid {} us",
         idle.as_millis(),
