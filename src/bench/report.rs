@@ -503,8 +503,7 @@ mod tests {
         );
         let hybrid = table
             .lines()
-            .filter(|l| l.trim_start().starts_with("ivshmem-hybrid"))
-            .last()
+            .rfind(|l| l.trim_start().starts_with("ivshmem-hybrid"))
             .unwrap();
         assert!(
             hybrid.contains("900.0 ns") && hybrid.contains("0.4 %"),
@@ -512,8 +511,7 @@ mod tests {
         );
         let uds = table
             .lines()
-            .filter(|l| l.trim_start().starts_with("uds"))
-            .last()
+            .rfind(|l| l.trim_start().starts_with("uds"))
             .unwrap();
         assert!(
             uds.contains("20.00 us") && uds.trim_end().ends_with('-'),
