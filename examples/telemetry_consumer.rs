@@ -40,10 +40,14 @@ struct Args {
     /// Write every sample to this file as JSON lines.
     #[arg(long, value_name = "FILE")]
     jsonl: Option<PathBuf>,
-    /// Polling mode: poll the ring for this many microseconds before sleeping on the
-    /// interrupt (default: interrupts only).
-    #[arg(long, value_name = "US")]
+    /// Polling mode: poll the ring for this many microseconds after the last sample before
+    /// sleeping on the interrupt (default: interrupts only).
+    #[arg(long, value_name = "US", conflicts_with = "hybrid")]
     poll_us: Option<u64>,
+    /// Hybrid waiting: poll for 100 us after the last sample (a few wake-up costs), then
+    /// sleep on the interrupt; same as `--poll-us 100`.
+    #[arg(long)]
+    hybrid: bool,
     /// The producer's name in messages (default: its cell name, which the hosted hypervisor
     /// tells each cell; `producer` on other backends).
     #[arg(long)]
@@ -176,11 +180,12 @@ async fn main() -> Result<(), MainError> {
     let args = Args::parse();
     let link = args.link.as_deref();
     let endpoint = args.hypervisor.attach(link)?;
-    let wait = match args.poll_us {
-        Some(us) => WaitMode::Poll {
+    let wait = match (args.poll_us, args.hybrid) {
+        (Some(us), _) => WaitMode::Poll {
             spin: Duration::from_micros(us),
         },
-        None => WaitMode::Interrupt,
+        (None, true) => WaitMode::hybrid(),
+        (None, false) => WaitMode::Interrupt,
     };
     // The hosted hypervisor names every peer; UIO and in-process links do not.
     let peer_name = args

@@ -349,3 +349,158 @@ async fn first_write_before_link_up_sends_a_full_size_chunk_once_up() {
     let frame = guard(b.recv_frame()).await.expect("frame");
     assert_eq!(frame, data);
 }
+
+/// Counts the wake-ups of a hand-polled future.
+#[derive(Default)]
+struct WakeFlag(std::sync::atomic::AtomicBool);
+
+impl std::task::Wake for WakeFlag {
+    fn wake(self: Arc<Self>) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn hybrid_waiting_spins_a_bounded_time_then_sleeps_on_the_doorbell() {
+    let link = LocalLink::new("hybrid", 2, 16 * 1024).unwrap();
+    let mut tx = channel(&link, 0, "consumer", WaitMode::Interrupt, Some(4096));
+    let mut rx = channel(&link, 1, "producer", WaitMode::hybrid(), None);
+    both_up(&mut tx, &mut rx).await;
+    let (irqs, doorbells) = (rx.stats().interrupts, tx.stats().doorbells);
+    let flag = Arc::new(WakeFlag::default());
+    let waker = std::task::Waker::from(Arc::clone(&flag));
+    let mut cx = std::task::Context::from_waker(&waker);
+    let started = std::time::Instant::now();
+    let polls;
+    {
+        let mut recv = pin!(rx.recv_record::<Rec>());
+        // Spinning, the receive wakes itself at once to be polled again; asleep on the
+        // doorbell, it does not. Poll it by hand until it stops waking itself.
+        let mut n = 0u64;
+        loop {
+            flag.0.store(false, std::sync::atomic::Ordering::SeqCst);
+            assert!(recv.as_mut().poll(&mut cx).is_pending(), "nothing was sent");
+            n += 1;
+            if !flag.0.load(std::sync::atomic::Ordering::SeqCst) {
+                break;
+            }
+            assert!(
+                started.elapsed() < GUARD,
+                "hybrid waiting never stopped spinning"
+            );
+        }
+        polls = n;
+        let spun = started.elapsed();
+        println!("spun {polls} polls in {spun:?} before sleeping");
+        assert!(
+            spun >= WaitMode::HYBRID_SPIN,
+            "slept after {spun:?}, before its spin"
+        );
+        // Asleep: the sender sees the announcement and rings the doorbell, which wakes it.
+        tx.send_record(&rec(7)).await.unwrap();
+        assert_eq!(
+            tx.stats().doorbells,
+            doorbells + 1,
+            "the sleeper asked for a doorbell"
+        );
+        assert_eq!(guard(recv).await.unwrap(), rec(7));
+    }
+    assert!(polls > 1, "it spun before sleeping");
+    assert!(rx.stats().interrupts > irqs, "the doorbell woke it");
+}
+
+/// A writer that takes at most `max` bytes per call and can be told to fail.
+struct Trickle {
+    got: Vec<u8>,
+    max: usize,
+    fail_after: Option<usize>,
+    stall: bool,
+}
+
+impl tokio::io::AsyncWrite for Trickle {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if self.fail_after.is_some_and(|n| self.got.len() >= n) {
+            return Poll::Ready(Err(std::io::Error::other("disk full")));
+        }
+        // Every other call is Pending first, so the receive really awaits mid-frame.
+        self.stall = !self.stall;
+        if self.stall {
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        let n = buf.len().min(self.max);
+        self.got.extend_from_slice(&buf[..n]);
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recv_frame_into_writes_each_frame_whole_and_keeps_it_on_a_write_error() {
+    let link = LocalLink::new("into", 2, 128 * 1024).unwrap();
+    let mut tx = channel(&link, 0, "consumer", WaitMode::Interrupt, None);
+    let mut rx = channel(&link, 1, "producer", WaitMode::Interrupt, None);
+    both_up(&mut tx, &mut rx).await;
+    let frames: Vec<Vec<u8>> = [0usize, 1, 7, 4096, 16 * 1024 + 3, 30_000]
+        .iter()
+        .map(|&len| (0..len).map(|i| (i * 31 + len) as u8).collect())
+        .collect();
+    let sent = frames.clone();
+    let producer = tokio::spawn(async move {
+        for f in &sent {
+            tx.send(f).await.expect("send");
+        }
+        tx
+    });
+    // On another task: the future is Send (it holds the peeked frame across awaits).
+    let receiver = tokio::spawn(async move {
+        let mut got = Vec::new();
+        for _ in 0..6 {
+            let mut w = Trickle {
+                got: Vec::new(),
+                max: 1000,
+                fail_after: None,
+                stall: false,
+            };
+            let n = rx.recv_frame_into(&mut w).await.expect("recv into");
+            assert_eq!(n, w.got.len());
+            got.push(w.got);
+        }
+        (rx, got)
+    });
+    let (mut rx, got) = guard(receiver).await.unwrap();
+    assert_eq!(got, frames);
+    let mut tx = guard(producer).await.unwrap();
+
+    // A failing writer: the error names the peer, the frame stays for the next receive.
+    let frame: Vec<u8> = (0..30_000u32).map(|i| (i % 251) as u8).collect();
+    guard(tx.send(&frame)).await.unwrap();
+    let mut w = Trickle {
+        got: Vec::new(),
+        max: 4096,
+        fail_after: Some(5000),
+        stall: false,
+    };
+    let err = guard(rx.recv_frame_into(&mut w)).await.unwrap_err();
+    assert!(matches!(err, ChannelError::Write { .. }), "{err}");
+    assert!(err.to_string().contains("producer"), "{err}");
+    assert!(w.got.len() >= 5000 && w.got.len() < frame.len());
+    assert_eq!(guard(rx.recv_frame()).await.unwrap(), frame, "not consumed");
+}

@@ -491,6 +491,7 @@ fn consume_samples(socket: &Path, count: u64) -> Result<OneWayRun> {
             latencies_ns: Vec::with_capacity(count as usize),
             first_ns: 0,
             last_ns: 0,
+            idle_cpu_pct: None,
         };
         let mut records = channel.records::<Sample>();
         while check.received < count {

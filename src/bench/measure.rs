@@ -29,6 +29,9 @@ pub enum Metric {
     Bytes,
     /// A number of things, e.g. open fds (lower is better; not a timed metric).
     Count,
+    /// CPU time of a waiting side while its link is idle, in percent of one core (getrusage;
+    /// lower is better).
+    IdleCpuPct,
 }
 
 impl Metric {
@@ -45,6 +48,7 @@ impl Metric {
             Metric::Ns => "ns",
             Metric::Bytes => "bytes",
             Metric::Count => "count",
+            Metric::IdleCpuPct => "idle_cpu_pct",
         }
     }
 
@@ -60,6 +64,7 @@ impl Metric {
             Metric::Ns => "ns",
             Metric::Bytes => "B",
             Metric::Count => "1",
+            Metric::IdleCpuPct => "%",
         }
     }
 
@@ -73,6 +78,7 @@ impl Metric {
                 | Metric::Ns
                 | Metric::Bytes
                 | Metric::Count
+                | Metric::IdleCpuPct
         )
     }
 
@@ -86,6 +92,8 @@ impl Metric {
             Metric::BytesPerS => (iters as f64) * (bytes_per_iter as f64) / secs,
             Metric::BitsPerS => (iters as f64) * (bytes_per_iter as f64) * 8.0 / secs,
             Metric::Bytes | Metric::Count => iters as f64,
+            // `iters` ns of CPU time over `elapsed`.
+            Metric::IdleCpuPct => iters as f64 / 1e9 / secs * 100.0,
         }
     }
 }
@@ -315,6 +323,9 @@ pub struct OneWayRun {
     pub first_ns: u64,
     /// Receipt time of the last record.
     pub last_ns: u64,
+    /// The consumer's CPU use while the link was idle, in percent of one core (measured by
+    /// the in-process ivshmem paced runs only).
+    pub idle_cpu_pct: Option<f64>,
 }
 
 impl OneWayRun {

@@ -6,8 +6,9 @@
 //! one line in the binary's suite list.
 //!
 //! Shared pieces: [`measure`] (calibration, repetition, median), [`pin`] (CPU pinning and the
-//! two-thread start line), [`report`] (table and JSON lines, ratio/target verdicts) and
-//! [`machine`] (the header's CPU model, core count and kernel).
+//! two-thread start line), [`report`] (table and JSON lines, ratio/target verdicts),
+//! [`plot`] (SVG charts of the same reports) and [`machine`] (the header's CPU model, core
+//! count and kernel).
 
 pub mod doorbell;
 pub mod hosted;
@@ -15,6 +16,7 @@ pub mod kvm;
 pub mod machine;
 pub mod measure;
 pub mod pin;
+pub mod plot;
 pub mod report;
 pub mod ring;
 pub mod scale;

@@ -119,6 +119,18 @@ pub struct Ratio {
     pub verdict: Verdict,
 }
 
+/// Every individual value of one case (e.g. each sample's latency over all runs), for
+/// distribution plots ([`crate::bench::plot`]); not part of the table or the JSON lines.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Distribution {
+    /// The case name.
+    pub case: &'static str,
+    /// The metric the values are in (its unit; e.g. [`Metric::P50Ns`] for latencies in ns).
+    pub metric: Metric,
+    /// The values, in any order.
+    pub values: Vec<f64>,
+}
+
 /// Everything one suite produced.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SuiteReport {
@@ -130,6 +142,10 @@ pub struct SuiteReport {
     pub comparisons: Vec<Comparison>,
     /// How the cases are measured (shown under the table).
     pub notes: Vec<String>,
+    /// Per-case value distributions for plots (may be empty).
+    pub distributions: Vec<Distribution>,
+    /// Also show the medians as a table with one row per case and one column per metric.
+    pub columns: bool,
 }
 
 /// One JSON line.
@@ -155,7 +171,31 @@ impl SuiteReport {
             entries: Vec::new(),
             comparisons: Vec::new(),
             notes: Vec::new(),
+            distributions: Vec::new(),
+            columns: false,
         }
+    }
+
+    /// The metrics measured, in order of first appearance.
+    pub fn metrics(&self) -> Vec<Metric> {
+        let mut metrics = Vec::new();
+        for entry in &self.entries {
+            if !metrics.contains(&entry.metric()) {
+                metrics.push(entry.metric());
+            }
+        }
+        metrics
+    }
+
+    /// The cases, in order of first appearance.
+    pub fn cases(&self) -> Vec<&'static str> {
+        let mut cases = Vec::new();
+        for entry in &self.entries {
+            if !cases.contains(&entry.case()) {
+                cases.push(entry.case());
+            }
+        }
+        cases
     }
 
     /// The median of (`case`, `metric`) if it was measured.
@@ -250,6 +290,7 @@ pub fn format_value(value: f64, metric: Metric) -> String {
         Metric::Bytes if value >= 1024.0 => format!("{:.1} KiB", value / 1024.0),
         Metric::Bytes => format!("{value:.0} B"),
         Metric::Count => format!("{value:.0}"),
+        Metric::IdleCpuPct => format!("{value:.1} %"),
     }
 }
 
@@ -313,6 +354,9 @@ fn render_suite(out: &mut String, report: &SuiteReport) {
             }
         }
     }
+    if report.columns {
+        render_columns(out, report, case_width);
+    }
     let ratios = report.ratios();
     if !ratios.is_empty() {
         let labels: Vec<String> = ratios
@@ -352,6 +396,32 @@ fn render_suite(out: &mut String, report: &SuiteReport) {
         for note in &report.notes {
             let _ = writeln!(out, "  - {note}");
         }
+    }
+}
+
+/// The medians again, one row per case and one column per metric (`-`: not measured).
+fn render_columns(out: &mut String, report: &SuiteReport, case_width: usize) {
+    let metrics = report.metrics();
+    let width = metrics
+        .iter()
+        .map(|m| m.name().len())
+        .chain([12])
+        .max()
+        .unwrap_or(12);
+    let mut line = format!("  {:<case_width$}", "by case");
+    for metric in &metrics {
+        let _ = write!(line, "  {:>width$}", metric.name());
+    }
+    let _ = writeln!(out, "{line}");
+    for case in report.cases() {
+        let mut line = format!("  {case:<case_width$}");
+        for &metric in &metrics {
+            let cell = report
+                .value(case, metric)
+                .map_or_else(|| "-".to_string(), |v| format_value(v, metric));
+            let _ = write!(line, "  {cell:>width$}");
+        }
+        let _ = writeln!(out, "{line}");
     }
 }
 
@@ -409,7 +479,48 @@ mod tests {
                 },
             ],
             notes: vec!["floor is a bare cache-line ping-pong".into()],
+            distributions: Vec::new(),
+            columns: false,
         }
+    }
+
+    #[test]
+    fn columns_show_one_row_per_case_and_a_dash_where_unmeasured() {
+        let mut report = SuiteReport::new("telemetry");
+        report.columns = true;
+        report.entries = vec![
+            measured("ivshmem-hybrid", Metric::P50Ns, &[900.0]),
+            measured("ivshmem-hybrid", Metric::IdleCpuPct, &[0.4]),
+            measured("uds", Metric::P50Ns, &[20_000.0]),
+        ];
+        let header = Header {
+            machine: Machine::from_cpuinfo("processor : 0\nmodel name : Test CPU\n", "6.1".into()),
+            cpus: [0, 1],
+            runs: 1,
+            run_time: Duration::from_millis(100),
+        };
+        let table = render_table(&header, &[report]);
+        let head = table.lines().find(|l| l.contains("by case")).unwrap();
+        assert!(
+            head.contains("p50_ns") && head.contains("idle_cpu_pct"),
+            "{head}"
+        );
+        let hybrid = table
+            .lines()
+            .rfind(|l| l.trim_start().starts_with("ivshmem-hybrid"))
+            .unwrap();
+        assert!(
+            hybrid.contains("900.0 ns") && hybrid.contains("0.4 %"),
+            "{hybrid}"
+        );
+        let uds = table
+            .lines()
+            .rfind(|l| l.trim_start().starts_with("uds"))
+            .unwrap();
+        assert!(
+            uds.contains("20.00 us") && uds.trim_end().ends_with('-'),
+            "{uds}"
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! cargo run --release --bin ivbench -- ring [--quick] [--json] [--cpus 0,1]
 //! cargo run --release --bin ivbench -- doorbell --quick
 //! cargo run --release --bin ivbench -- all
+//! cargo run --release --bin ivbench -- telemetry --plot docs/plots
 //! ```
 //!
 //! The suites live in the library (`ivshmem_stack::bench`); to add one (telemetry, vnet), add
@@ -17,7 +18,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
 use ivshmem_stack::bench::machine::Machine;
 use ivshmem_stack::bench::report::{render_table, Header};
-use ivshmem_stack::bench::{doorbell, kvm, pin, ring, scale, Settings, SuiteReport};
+use ivshmem_stack::bench::{doorbell, kvm, pin, plot, ring, scale, Settings, SuiteReport};
 
 mod telemetry;
 mod vnet;
@@ -39,6 +40,10 @@ struct Cli {
     /// CPUs this process may use).
     #[arg(long, value_name = "A,B", value_parser = parse_cpus)]
     cpus: Option<[usize; 2]>,
+    /// Also write SVG charts into DIR (created if missing): bars of every metric with ratios,
+    /// latency CDFs where a suite keeps per-sample latencies.
+    #[arg(long, value_name = "DIR")]
+    plot: Option<std::path::PathBuf>,
 }
 
 /// The suites.
@@ -124,6 +129,13 @@ fn run(cli: Cli) -> Result<()> {
         }
     ));
     let reports = run_suite(cli.suite, &settings)?;
+    if let Some(dir) = &cli.plot {
+        let written = plot::write_plots(dir, &reports)
+            .with_context(|| format!("writing the charts into {}", dir.display()))?;
+        for path in written {
+            settings.say(format_args!("chart: {}", path.display()));
+        }
+    }
     let mut out = std::io::stdout().lock();
     if cli.json {
         for report in &reports {
