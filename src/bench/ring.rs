@@ -15,9 +15,16 @@ use anyhow::{ensure, Context, Result};
 use crossbeam_queue::ArrayQueue;
 use crossbeam_utils::CachePadded;
 
+use shmring::Mode;
+
 use super::measure::{measure, Metric, Settings};
 use super::pin::{run_pinned, run_pinned_pair, spin_until};
 use super::report::{Comparison, Entry, SuiteReport, Target};
+
+#[cfg(feature = "iceoryx2")]
+mod iceoryx;
+pub mod rtt;
+pub mod xproc;
 
 /// The suite's name.
 pub const SUITE: &str = "ring";
@@ -59,8 +66,24 @@ pub fn comparisons() -> Vec<Comparison> {
         metric,
         target,
     };
-    vec![
+    let mut ratios = vec![
         ratio("shmring", "floor", Metric::RttNs, Some(Target::AtMost(1.5))),
+        ratio(
+            "shmring-latency-56",
+            "floor",
+            Metric::RttNs,
+            Some(Target::AtMost(1.5)),
+        ),
+        ratio("shmring-latency-64", "floor", Metric::RttNs, None),
+        ratio(
+            "shmring-latency-64",
+            "rtrb",
+            Metric::RttNs,
+            Some(Target::AtMost(1.0)),
+        ),
+        ratio("shmring-latency-64", "crossbeam", Metric::RttNs, None),
+        ratio("shmring", "rtrb", Metric::RttNs, None),
+        ratio("shmring-xproc", "shmring-latency-64", Metric::RttNs, None),
         ratio(
             "shmring-64",
             "rtrb-64",
@@ -91,16 +114,47 @@ pub fn comparisons() -> Vec<Comparison> {
             Metric::BytesPerS,
             Some(Target::AtLeast(0.8)),
         ),
-    ]
+    ];
+    if cfg!(feature = "iceoryx2") {
+        ratios.extend([
+            ratio(
+                "shmring-latency-64",
+                "iceoryx2",
+                Metric::RttNs,
+                Some(Target::AtMost(1.0)),
+            ),
+            ratio("shmring-xproc", "iceoryx2-xproc", Metric::RttNs, None),
+        ]);
+    }
+    ratios
 }
 
 type CaseFn = fn([usize; 2], u64) -> Result<Duration>;
 
 /// Every case of the suite: (case, metric, bytes per iteration, function).
 pub fn cases() -> Vec<(&'static str, Metric, u64, CaseFn)> {
-    vec![
+    #[cfg_attr(not(feature = "iceoryx2"), allow(unused_mut))]
+    let mut cases = vec![
         ("floor", Metric::RttNs, 0, floor_rtt as CaseFn),
-        ("shmring", Metric::RttNs, 0, shmring_rtt),
+        ("shmring", Metric::RttNs, 0, |c, n| {
+            rtt::shmring_rtt::<RTT_FRAME>(Mode::Wakeable, c, n)
+        }),
+        ("shmring-latency-56", Metric::RttNs, 0, |c, n| {
+            rtt::shmring_rtt::<56>(Mode::Polling, c, n)
+        }),
+        ("shmring-latency-64", Metric::RttNs, 0, |c, n| {
+            rtt::shmring_rtt::<RTT_FRAME>(Mode::Polling, c, n)
+        }),
+        ("rtrb", Metric::RttNs, 0, rtt::rtrb_rtt::<RTT_FRAME>),
+        (
+            "crossbeam",
+            Metric::RttNs,
+            0,
+            rtt::crossbeam_rtt::<RTT_FRAME>,
+        ),
+        ("shmring-xproc", Metric::RttNs, 0, |c, n| {
+            xproc::shmring_xproc_rtt::<RTT_FRAME>(Mode::Polling, c, n)
+        }),
         ("shmring-64", Metric::MsgPerS, 0, |c, n| {
             stream::<64>(Queue::Shmring, c, n)
         }),
@@ -149,7 +203,23 @@ pub fn cases() -> Vec<(&'static str, Metric, u64, CaseFn)> {
             GRANT_FRAME as u64,
             |c, n| memcpy_64k(c[0], n),
         ),
-    ]
+    ];
+    #[cfg(feature = "iceoryx2")]
+    cases.extend([
+        (
+            "iceoryx2",
+            Metric::RttNs,
+            0,
+            iceoryx::iceoryx2_rtt::<RTT_FRAME> as CaseFn,
+        ),
+        (
+            "iceoryx2-xproc",
+            Metric::RttNs,
+            0,
+            xproc::iceoryx2_xproc_rtt::<RTT_FRAME>,
+        ),
+    ]);
+    cases
 }
 
 /// Runs every case of the suite.
@@ -225,57 +295,11 @@ fn send_spinning(abort: &AtomicBool, producer: &mut shmring::Producer, frame: &[
     })
 }
 
-/// Receives one frame into `buf`, busy-polling while the ring is empty; returns its length.
-fn recv_spinning(
-    abort: &AtomicBool,
-    consumer: &mut shmring::Consumer,
-    buf: &mut [u8],
-) -> Result<usize> {
-    spin_until(abort, || {
-        Ok(consumer.try_recv(buf)?.map(|received| received.len))
-    })
-}
-
+/// The sequence number in a message's first 8 bytes.
 fn seq_of(bytes: &[u8]) -> u64 {
     let mut word = [0u8; 8];
     word.copy_from_slice(&bytes[..8]);
     u64::from_le_bytes(word)
-}
-
-/// `iters` round trips of a 64-byte frame through two shmring rings (request and reply).
-pub fn shmring_rtt(cpus: [usize; 2], iters: u64) -> Result<Duration> {
-    let (mut request_tx, mut request_rx) = shmring::channel(STREAM_RING_BYTES)?;
-    let (mut reply_tx, mut reply_rx) = shmring::channel(STREAM_RING_BYTES)?;
-    run_pinned_pair(
-        cpus,
-        move |abort| {
-            let mut frame = [0u8; RTT_FRAME];
-            let mut reply = [0u8; RTT_FRAME];
-            let start = Instant::now();
-            for seq in 0..iters {
-                frame[..8].copy_from_slice(&seq.to_le_bytes());
-                send_spinning(abort, &mut request_tx, &frame)?;
-                let len = recv_spinning(abort, &mut reply_rx, &mut reply)?;
-                ensure!(
-                    len == RTT_FRAME && seq_of(&reply) == seq,
-                    "wrong reply for request {seq}"
-                );
-            }
-            Ok(start.elapsed())
-        },
-        move |abort| {
-            let mut frame = [0u8; RTT_FRAME];
-            for seq in 0..iters {
-                let len = recv_spinning(abort, &mut request_rx, &mut frame)?;
-                ensure!(
-                    len == RTT_FRAME && seq_of(&frame) == seq,
-                    "wrong request {seq}"
-                );
-                send_spinning(abort, &mut reply_tx, &frame[..len])?;
-            }
-            Ok(())
-        },
-    )
 }
 
 /// Streams `iters` messages of `N` bytes from the peer CPU to the measuring CPU through
