@@ -246,7 +246,13 @@ fn notes(cpus: [usize; 2]) -> Vec<String> {
             cpus[0], cpus[1]
         ),
         "floor: one AtomicU64 on its own cache line, flipped odd/even between the two threads; rtt = time / round trips".into(),
-        format!("shmring rtt: 64-byte frame out through a request ring and back through a reply ring (try_send / try_recv), {STREAM_RING_BYTES} B rings"),
+        format!("round trips (rtt_ns): a 64-byte message (56 for shmring-latency-56) out through a request queue and back through a reply queue, sequence number checked on both sides. shmring: try_send / try_recv, consumers in Mode::Wakeable (they find frames through the producer index; every publish pays the wake-up handshake's SeqCst fence), {STREAM_RING_BYTES} B rings; shmring-latency-N: the same calls, consumers in Mode::Polling (latency mode: frames found from their own header word, no handshake fences); rtrb: RingBuffer<[u8; 64]> push/pop; crossbeam: ArrayQueue<[u8; 64]> push/pop"),
+        "cross-process (rtt_ns): the pinger in this process, the ponger in a forked child pinned to the second CPU. shmring-xproc: two latency-mode shmring rings in one memfd (mapped MAP_SHARED before the fork); iceoryx2-xproc: as iceoryx2, each process with its own node".into(),
+        if cfg!(feature = "iceoryx2") {
+            "iceoryx2: publish-subscribe over ipc::Service as in iceoryx2's own benchmark (two threads, each with its own node; busy-wait; history 0; subscriber buffer 1; safe overflow), a [u8; 64] written into a loaned sample".into()
+        } else {
+            "iceoryx2 and iceoryx2-xproc: not built (build ivbench with --features iceoryx2)".into()
+        },
         format!("streaming: every queue holds {STREAM_RING_BYTES} B of messages; each message's first 8 bytes are its sequence number, checked by the consumer; every message is published on its own (no batching) except by the shmring-batch consumer"),
         "shmring-N: try_send (copy in + publish) / peek + check + release + flush per message (zero-copy read); shmring-batch-N: the same producer, the consumer publishes once per 32 releases or when it finds the ring empty (every publish pays the wake-up handshake's StoreLoad fence, which rtrb has no need for: it cannot sleep); rtrb-N: RingBuffer<u8>, push_entire_slice (its write_chunk_uninit(N) + copy + commit_all) / read_chunk(N) + check + commit_all; crossbeam-N: ArrayQueue<[u8; N]> push/pop; mpsc-N: sync_channel::<[u8; N]> try_send/try_recv".into(),
         format!("shmring-grant-64k: producer grants 64 KiB, fills it with copy_from_slice from a 64 KiB source (+ seq stamps at both ends), commit + flush; consumer peeks, checks both stamps, releases + flushes; {GRANT_RING_BYTES} B ring"),
