@@ -64,11 +64,19 @@ impl core::fmt::Debug for Consumer {
     }
 }
 
-/// One received frame copied out by [`Consumer::try_recv`].
+/// One frame copied out, released and published: what [`Consumer::try_recv`] returns
+/// (`Received`, the bytes are in the caller's buffer) and [`TypedConsumer::try_recv`]
+/// (`Received<T>`, the record in [`value`](Self::value)). Both receive calls have the same shape,
+/// `Result<Option<Received<_>>, Error>`, as both zero-copy calls have
+/// (`Result<Option<guard>, Error>`, the guard released by `release`, kept by drop).
+///
+/// [`TypedConsumer::try_recv`]: crate::TypedConsumer::try_recv
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Received {
-    /// Payload length copied into the buffer.
+pub struct Received<T = ()> {
+    /// Payload length copied out (for a record: `size_of::<T>()`).
     pub len: usize,
+    /// The record copied out (`()` for byte frames: those land in the caller's buffer).
+    pub value: T,
     /// Whether the producer waits for the space this frame freed (ring its doorbell).
     pub notify: Notify,
 }
@@ -366,6 +374,7 @@ impl Consumer {
         self.read += total;
         Ok(Some(Received {
             len,
+            value: (),
             notify: self.flush(),
         }))
     }
