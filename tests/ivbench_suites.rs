@@ -65,6 +65,7 @@ fn ring_suite_reports_every_required_row() {
     assert_eq!(report.suite, "ring");
     let mut required = vec![
         ("floor", "rtt_ns"),
+        ("floor-56", "rtt_ns"),
         ("shmring", "rtt_ns"),
         ("shmring-latency-56", "rtt_ns"),
         ("shmring-latency-64", "rtt_ns"),

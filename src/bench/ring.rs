@@ -74,6 +74,8 @@ pub fn comparisons() -> Vec<Comparison> {
             Metric::RttNs,
             Some(Target::AtMost(1.5)),
         ),
+        ratio("shmring-latency-56", "floor-56", Metric::RttNs, None),
+        ratio("floor-56", "floor", Metric::RttNs, None),
         ratio("shmring-latency-64", "floor", Metric::RttNs, None),
         ratio(
             "shmring-latency-64",
@@ -136,6 +138,7 @@ pub fn cases() -> Vec<(&'static str, Metric, u64, CaseFn)> {
     #[cfg_attr(not(feature = "iceoryx2"), allow(unused_mut))]
     let mut cases = vec![
         ("floor", Metric::RttNs, 0, floor_rtt as CaseFn),
+        ("floor-56", Metric::RttNs, 0, floor_line_rtt),
         ("shmring", Metric::RttNs, 0, |c, n| {
             rtt::shmring_rtt::<RTT_FRAME>(Mode::Wakeable, c, n)
         }),
@@ -246,6 +249,7 @@ fn notes(cpus: [usize; 2]) -> Vec<String> {
             cpus[0], cpus[1]
         ),
         "floor: one AtomicU64 on its own cache line, flipped odd/even between the two threads; rtt = time / round trips".into(),
+        "floor-56: a 56-byte message and its sequence word in one cache line (payload stored first, the word last with Release), a request line and a reply line: the least a ring that carries signal and data in one line can cost".into(),
         format!("round trips (rtt_ns): a 64-byte message (56 for shmring-latency-56) out through a request queue and back through a reply queue, sequence number checked on both sides. shmring: try_send / try_recv, consumers in Mode::Wakeable (they find frames through the producer index; every publish pays the wake-up handshake's SeqCst fence), {STREAM_RING_BYTES} B rings; shmring-latency-N: the same calls, consumers in Mode::Polling (latency mode: frames found from their own header word, no handshake fences); rtrb: RingBuffer<[u8; 64]> push/pop; crossbeam: ArrayQueue<[u8; 64]> push/pop"),
         "cross-process (rtt_ns): the pinger in this process, the ponger in a forked child pinned to the second CPU. shmring-xproc: two latency-mode shmring rings in one memfd (mapped MAP_SHARED before the fork); iceoryx2-xproc: as iceoryx2, each process with its own node".into(),
         if cfg!(feature = "iceoryx2") {
@@ -286,6 +290,75 @@ pub fn floor_rtt(cpus: [usize; 2], iters: u64) -> Result<Duration> {
                     Ok((line.load(Ordering::Acquire) == want).then_some(()))
                 })?;
                 line.store(2 * i + 2, Ordering::Release);
+            }
+            Ok(())
+        },
+    )
+}
+
+/// One 64-byte line of [`floor_line_rtt`]: 56 bytes of message, then the sequence word.
+#[repr(C, align(64))]
+struct Line {
+    payload: [AtomicU64; 7],
+    seq: AtomicU64,
+}
+
+impl Line {
+    fn new() -> Self {
+        Line {
+            payload: Default::default(),
+            seq: AtomicU64::new(0),
+        }
+    }
+
+    /// Writes 56 bytes of message, then publishes `seq` (Release) in the same line.
+    #[inline(always)]
+    fn send(&self, message: &[u64; 7], seq: u64) {
+        for (word, value) in self.payload.iter().zip(message) {
+            word.store(*value, Ordering::Relaxed);
+        }
+        self.seq.store(seq, Ordering::Release);
+    }
+
+    /// Waits for `seq` (Acquire), then copies the 56 bytes out.
+    #[inline(always)]
+    fn recv(&self, abort: &AtomicBool, seq: u64, message: &mut [u64; 7]) -> Result<()> {
+        spin_until(abort, || {
+            Ok((self.seq.load(Ordering::Acquire) == seq).then_some(()))
+        })?;
+        for (value, word) in message.iter_mut().zip(&self.payload) {
+            *value = word.load(Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
+/// The floor of a one-line frame: `iters` round trips of a 56-byte message that travels in
+/// the same cache line as its sequence word (request line, reply line; written payload first,
+/// sequence word last). The least a ring that carries signal and data in one line can cost;
+/// the experiment behind the latency mode's `shmring-latency-56 / floor-56` ratio.
+pub fn floor_line_rtt(cpus: [usize; 2], iters: u64) -> Result<Duration> {
+    let request = Line::new();
+    let reply = Line::new();
+    let (request, reply) = (&request, &reply);
+    run_pinned_pair(
+        cpus,
+        |abort| {
+            let mut message = [0x5A5A_5A5A_5A5A_5A5Au64; 7];
+            let start = Instant::now();
+            for i in 1..=iters {
+                message[0] = i;
+                request.send(&message, i);
+                reply.recv(abort, i, &mut message)?;
+                ensure!(message[0] == i, "wrong reply for request {i}");
+            }
+            Ok(start.elapsed())
+        },
+        |abort| {
+            let mut message = [0u64; 7];
+            for i in 1..=iters {
+                request.recv(abort, i, &mut message)?;
+                reply.send(&message, i);
             }
             Ok(())
         },
