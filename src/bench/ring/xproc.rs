@@ -146,7 +146,7 @@ fn spin(mut poll: impl FnMut() -> Result<bool>) -> Result<()> {
             return Ok(());
         }
         rounds = rounds.wrapping_add(1);
-        if rounds % 4096 == 0 {
+        if rounds.is_multiple_of(4096) {
             let started = *since.get_or_insert_with(Instant::now);
             ensure!(
                 started.elapsed() < REPLY_TIMEOUT,
