@@ -234,27 +234,39 @@ impl Consumer {
     /// Validates the next frame and returns (payload offset, len, kind, size in the ring).
     #[inline(always)]
     fn next_frame(&mut self) -> Result<Option<(usize, usize, u16, u64)>, Error> {
-        if self.polling {
-            return self.next_polled_frame();
-        }
+        // At most two rounds: padding is never at offset 0, and it sends us there.
         loop {
-            let mut avail = self.cached_prod - self.read;
-            if avail == 0 {
-                avail = self.refresh_prod()?;
-                if avail == 0 {
-                    return Ok(None);
-                }
-            }
             let off = self.read & self.mask;
             let contiguous = self.capacity - off;
-            // SAFETY: off < capacity and 8-aligned (indices are validated multiples of 8), so the
-            // header word lies inside the data area. Read exactly once (copied to `h`). Relaxed:
-            // the Acquire of the producer index that covered this frame orders it after the
-            // producer's header store.
-            let h = FrameHeader::from_word(
-                unsafe { word(self.data.add(off as usize).cast_mut().cast()) }
-                    .load(Ordering::Relaxed),
-            );
+            // SAFETY (both header loads): off < capacity and 8-aligned (indices and sizes are
+            // validated multiples of 8), so the header word lies inside the data area. Read
+            // exactly once (copied to `word`).
+            let header = unsafe { word(self.data.add(off as usize).cast_mut().cast()) };
+            let (word, avail) = if self.polling {
+                // Latency mode: the frame is its own signal. Acquire (a Relaxed load and a
+                // fence, fine on a read-only mapping) pairs with the producer's Release store
+                // of the first header of a batch in `flush`: the payload and the headers of the
+                // rest of the batch are visible once we see it. No published index bounds the
+                // frame: a hostile producer can make us see frames it never wrote, but never
+                // outside the area.
+                let word = load_acquire(header);
+                if word == EMPTY_HEADER {
+                    return Ok(None);
+                }
+                (word, u64::MAX)
+            } else {
+                let mut avail = self.cached_prod - self.read;
+                if avail == 0 {
+                    avail = self.refresh_prod()?;
+                    if avail == 0 {
+                        return Ok(None);
+                    }
+                }
+                // Relaxed: the Acquire of the producer index that covered this frame orders it
+                // after the producer's header store.
+                (header.load(Ordering::Relaxed), avail)
+            };
+            let h = FrameHeader::from_word(word);
             let len = h.len as u64;
             if h.flags == 0 {
                 let total = layout::frame_size_u64(len);
@@ -283,53 +295,6 @@ impl Consumer {
                 });
             }
             // Skipping padding is a local release like any other.
-            self.read += contiguous;
-        }
-    }
-
-    /// Latency mode: the next frame found from its own header (see the crate docs).
-    #[inline(always)]
-    fn next_polled_frame(&mut self) -> Result<Option<(usize, usize, u16, u64)>, Error> {
-        // At most two rounds: padding is never at offset 0, and it sends us there.
-        loop {
-            let off = self.read & self.mask;
-            let contiguous = self.capacity - off;
-            // SAFETY: off < capacity and 8-aligned (we only ever advance by validated, 8-aligned
-            // sizes), so the header word lies inside the data area. Read exactly once.
-            // Acquire (a Relaxed load and a fence, fine on a read-only mapping) pairs with the
-            // producer's Release store of the first header of a batch in `flush`: the payload
-            // and the headers of the rest of the batch are visible once we see it.
-            let word = load_acquire(unsafe { word(self.data.add(off as usize).cast_mut().cast()) });
-            if word == EMPTY_HEADER {
-                return Ok(None);
-            }
-            let h = FrameHeader::from_word(word);
-            let len = h.len as u64;
-            if h.flags == 0 {
-                let total = layout::frame_size_u64(len);
-                // Within the contiguous area and the largest frame a producer may send. There
-                // is no published index to bound it by: a hostile producer can make us see
-                // frames it never wrote, but never outside the area.
-                if total > contiguous || total > self.capacity / 2 {
-                    return Err(Error::Corrupt {
-                        what: "frame length beyond the data area",
-                    });
-                }
-                return Ok(Some((
-                    off as usize + layout::FRAME_HEADER_LEN,
-                    len as usize,
-                    h.kind,
-                    total,
-                )));
-            }
-            if h.flags != FLAG_PADDING
-                || off == 0
-                || len + layout::FRAME_HEADER_LEN as u64 != contiguous
-            {
-                return Err(Error::Corrupt {
-                    what: "bad padding record",
-                });
-            }
             self.read += contiguous;
         }
     }
