@@ -238,10 +238,17 @@ impl Consumer {
         loop {
             let off = self.read & self.mask;
             let contiguous = self.capacity - off;
+            // The header word, viewed only once it may be read (under loom a view is a model
+            // access, and an unpublished header is the producer's until the index covers it).
+            let at = self
+                .data
+                .wrapping_add(off as usize)
+                .cast_mut()
+                .cast::<u64>();
             // SAFETY (both header loads): off < capacity and 8-aligned (indices and sizes are
             // validated multiples of 8), so the header word lies inside the data area. Read
             // exactly once (copied to `word`).
-            let header = unsafe { word(self.data.add(off as usize).cast_mut().cast()) };
+            let header = || unsafe { word(at) };
             let (word, avail) = if self.polling {
                 // Latency mode: the frame is its own signal. Acquire (a Relaxed load and a
                 // fence, fine on a read-only mapping) pairs with the producer's Release store
@@ -249,7 +256,7 @@ impl Consumer {
                 // rest of the batch are visible once we see it. No published index bounds the
                 // frame: a hostile producer can make us see frames it never wrote, but never
                 // outside the area.
-                let word = load_acquire(header);
+                let word = load_acquire(header());
                 if word == EMPTY_HEADER {
                     return Ok(None);
                 }
@@ -264,7 +271,7 @@ impl Consumer {
                 }
                 // Relaxed: the Acquire of the producer index that covered this frame orders it
                 // after the producer's header store.
-                (header.load(Ordering::Relaxed), avail)
+                (header().load(Ordering::Relaxed), avail)
             };
             let h = FrameHeader::from_word(word);
             let len = h.len as u64;
