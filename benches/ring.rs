@@ -131,7 +131,7 @@ fn typed_record(c: &mut Criterion) {
         b.iter(|| {
             record.seq += 1;
             let _ = tx.try_send(black_box(&record)).expect("room");
-            let (got, _) = rx.try_recv().expect("record").expect("present");
+            let got = rx.try_recv().expect("record").expect("present").value;
             assert_eq!(got.seq, record.seq);
         })
     });

@@ -63,26 +63,34 @@ fn ring_suite_reports_every_required_row() {
     let _cores = one_at_a_time();
     let report = ring::run(&tiny()).expect("ring suite");
     assert_eq!(report.suite, "ring");
-    assert_rows(
-        &report,
-        &[
-            ("floor", "rtt_ns"),
-            ("shmring", "rtt_ns"),
-            ("shmring-64", "msg_per_s"),
-            ("shmring-batch-64", "msg_per_s"),
-            ("rtrb-64", "msg_per_s"),
-            ("crossbeam-64", "msg_per_s"),
-            ("mpsc-64", "msg_per_s"),
-            ("shmring-1k", "msg_per_s"),
-            ("shmring-batch-1k", "msg_per_s"),
-            ("rtrb-1k", "msg_per_s"),
-            ("crossbeam-1k", "msg_per_s"),
-            ("mpsc-1k", "msg_per_s"),
-            ("shmring-grant-64k", "bytes_per_s"),
-            ("shmring-view-64k", "bytes_per_s"),
-            ("memcpy-64k", "bytes_per_s"),
-        ],
-    );
+    let mut required = vec![
+        ("floor", "rtt_ns"),
+        ("floor-56", "rtt_ns"),
+        ("shmring", "rtt_ns"),
+        ("shmring-latency-56", "rtt_ns"),
+        ("shmring-latency-64", "rtt_ns"),
+        ("rtrb", "rtt_ns"),
+        ("crossbeam", "rtt_ns"),
+        ("shmring-xproc", "rtt_ns"),
+        ("shmring-64", "msg_per_s"),
+        ("shmring-batch-64", "msg_per_s"),
+        ("rtrb-64", "msg_per_s"),
+        ("crossbeam-64", "msg_per_s"),
+        ("mpsc-64", "msg_per_s"),
+        ("shmring-1k", "msg_per_s"),
+        ("shmring-batch-1k", "msg_per_s"),
+        ("rtrb-1k", "msg_per_s"),
+        ("crossbeam-1k", "msg_per_s"),
+        ("mpsc-1k", "msg_per_s"),
+        ("shmring-grant-64k", "bytes_per_s"),
+        ("shmring-view-64k", "bytes_per_s"),
+        ("memcpy-64k", "bytes_per_s"),
+    ];
+    // The iceoryx2 peers exist only in builds with the feature (off by default: CI minutes).
+    if cfg!(feature = "iceoryx2") {
+        required.extend([("iceoryx2", "rtt_ns"), ("iceoryx2-xproc", "rtt_ns")]);
+    }
+    assert_rows(&report, &required);
     // Every ratio has both sides measured, so each one gets a value and a verdict.
     for ratio in report.ratios() {
         assert!(ratio.value.is_some(), "{:?}", ratio.comparison);

@@ -2,10 +2,10 @@
 
 use core::cell::Cell;
 
-use crate::layout::{self, FrameHeader, FLAG_PADDING, NO_EVENT};
+use crate::layout::{self, FrameHeader, EMPTY_HEADER, FLAG_PADDING, NO_EVENT};
 use crate::sync::{fence, load_acquire, word, AtomicU64, Ordering};
 use crate::view::PeerBytes;
-use crate::{check_region, Error, Notify, Owner};
+use crate::{check_region, Error, Mode, Notify, Owner};
 
 /// A consumer part that is initialised (and announced) but not yet attached to its producer.
 ///
@@ -14,6 +14,7 @@ use crate::{check_region, Error, Notify, Owner};
 /// [`Error::AlreadyAttached`].
 pub struct ConsumerInit {
     own: *mut u8,
+    mode: Mode,
     attached: Cell<bool>,
     owner: Owner,
 }
@@ -41,8 +42,10 @@ pub struct Consumer {
     read: u64,
     /// Last value stored into the consumer index.
     published: u64,
-    /// Last validated producer index.
+    /// Last validated producer index (index mode only).
     cached_prod: u64,
+    /// Latency mode: frames are found from their headers (see the crate docs).
+    polling: bool,
     owner: Owner,
 }
 
@@ -56,15 +59,24 @@ impl core::fmt::Debug for Consumer {
             .field("read", &self.read)
             .field("published", &self.published)
             .field("cached_prod", &self.cached_prod)
+            .field("polling", &self.polling)
             .finish()
     }
 }
 
-/// One received frame copied out by [`Consumer::try_recv`].
+/// One frame copied out, released and published: what [`Consumer::try_recv`] returns
+/// (`Received`, the bytes are in the caller's buffer) and [`TypedConsumer::try_recv`]
+/// (`Received<T>`, the record in [`value`](Self::value)). Both receive calls have the same shape,
+/// `Result<Option<Received<_>>, Error>`, as both zero-copy calls have
+/// (`Result<Option<guard>, Error>`, the guard released by `release`, kept by drop).
+///
+/// [`TypedConsumer::try_recv`]: crate::TypedConsumer::try_recv
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Received {
-    /// Payload length copied into the buffer.
+pub struct Received<T = ()> {
+    /// Payload length copied out (for a record: `size_of::<T>()`).
     pub len: usize,
+    /// The record copied out (`()` for byte frames: those land in the caller's buffer).
+    pub value: T,
     /// Whether the producer waits for the space this frame freed (ring its doorbell).
     pub notify: Notify,
 }
@@ -73,13 +85,18 @@ pub struct Received {
 ///
 /// # Safety
 /// `own` is valid for writes of `CONSUMER_PART_SIZE` bytes, 64-byte aligned.
-unsafe fn write_consumer_part(own: *mut u8) {
+unsafe fn write_consumer_part(own: *mut u8, mode: Mode) {
+    let flags = match mode {
+        Mode::Wakeable => 0,
+        Mode::Polling => layout::CONSUMER_POLLING,
+    };
     // SAFETY (all below): inside the part, aligned, exclusively ours.
     unsafe {
         word(own.add(layout::C_MAGIC).cast()).store(0, Ordering::Relaxed);
+        // Version and flags share one word (offsets 8 and 12).
         let version = u64::from_ne_bytes(zerocopy::transmute!([
             layout::LAYOUT_VERSION.to_ne_bytes(),
-            [0u8; 4]
+            flags.to_ne_bytes()
         ]));
         word(own.add(layout::C_VERSION).cast()).store(version, Ordering::Relaxed);
         word(own.add(layout::C_INDEX).cast()).store(0, Ordering::Relaxed);
@@ -90,18 +107,35 @@ unsafe fn write_consumer_part(own: *mut u8) {
 }
 
 impl Consumer {
-    /// Phase one: initialises the consumer part at `own` (index 0, no wake-up requested).
+    /// Phase one: initialises the consumer part at `own` (index 0, no wake-up requested) in
+    /// [`Mode::Wakeable`].
     ///
     /// # Safety
     /// `own` points to `own_len` bytes writable by this process that stay mapped for the
     /// lifetime of the returned value and of the [`Consumer`] made from it; nobody else writes
     /// them; no other `ConsumerInit`/`Consumer` exists for this part.
     pub unsafe fn init(own: *mut u8, own_len: usize) -> Result<ConsumerInit, Error> {
+        // SAFETY: forwarded to the caller.
+        unsafe { Consumer::init_mode(own, own_len, Mode::Wakeable) }
+    }
+
+    /// As [`init`](Self::init), choosing how this consumer waits: [`Mode::Polling`] is the
+    /// latency mode (see the crate docs). The mode is fixed for the life of the part: the
+    /// producer reads it once when it attaches.
+    ///
+    /// # Safety
+    /// As [`init`](Self::init).
+    pub unsafe fn init_mode(
+        own: *mut u8,
+        own_len: usize,
+        mode: Mode,
+    ) -> Result<ConsumerInit, Error> {
         check_region(own, own_len, layout::CONSUMER_PART_SIZE)?;
         // SAFETY: checked; exclusive per the caller.
-        unsafe { write_consumer_part(own) };
+        unsafe { write_consumer_part(own, mode) };
         Ok(ConsumerInit {
             own,
+            mode,
             attached: Cell::new(false),
             owner: None,
         })
@@ -126,14 +160,26 @@ impl Consumer {
         self.owner = owner;
     }
 
-    /// Re-initialises the own part after the peer left (index back to 0).
+    /// Re-initialises the own part after the peer left (index back to 0, same mode).
     pub fn reset(self) -> ConsumerInit {
+        let mode = self.mode();
         // SAFETY: exclusively ours, checked at init.
-        unsafe { write_consumer_part(self.own) };
+        unsafe { write_consumer_part(self.own, mode) };
         ConsumerInit {
             own: self.own,
+            mode,
             attached: Cell::new(false),
             owner: self.owner,
+        }
+    }
+
+    /// How this consumer waits (chosen at init).
+    #[inline]
+    pub fn mode(&self) -> Mode {
+        if self.polling {
+            Mode::Polling
+        } else {
+            Mode::Wakeable
         }
     }
 
@@ -169,8 +215,13 @@ impl Consumer {
     }
 
     /// Bytes published by the producer and not yet released by us (headers and padding
-    /// included; re-reads the producer index).
+    /// included; re-reads the producer index). In latency mode the index may lag behind the
+    /// frame headers (it is stored after them): a hint, at most one capacity.
     pub fn available(&mut self) -> usize {
+        if self.polling {
+            let prod = load_acquire(self.prod_word());
+            return prod.saturating_sub(self.read).min(self.capacity) as usize;
+        }
         let _ = self.refresh_prod();
         (self.cached_prod - self.read) as usize
     }
@@ -183,28 +234,49 @@ impl Consumer {
     /// Validates the next frame and returns (payload offset, len, kind, size in the ring).
     #[inline(always)]
     fn next_frame(&mut self) -> Result<Option<(usize, usize, u16, u64)>, Error> {
+        // At most two rounds: padding is never at offset 0, and it sends us there.
         loop {
-            let mut avail = self.cached_prod - self.read;
-            if avail == 0 {
-                avail = self.refresh_prod()?;
-                if avail == 0 {
-                    return Ok(None);
-                }
-            }
             let off = self.read & self.mask;
             let contiguous = self.capacity - off;
-            // SAFETY: off < capacity and 8-aligned (indices are validated multiples of 8), so the
-            // header word lies inside the data area. Read exactly once (copied to `h`). Relaxed:
-            // the Acquire of the producer index that covered this frame orders it after the
-            // producer's header store.
-            let h = FrameHeader::from_word(
-                unsafe { word(self.data.add(off as usize).cast_mut().cast()) }
-                    .load(Ordering::Relaxed),
-            );
+            // The header word, viewed only once it may be read (under loom a view is a model
+            // access, and an unpublished header is the producer's until the index covers it).
+            let at = self
+                .data
+                .wrapping_add(off as usize)
+                .cast_mut()
+                .cast::<u64>();
+            // SAFETY (both header loads): off < capacity and 8-aligned (indices and sizes are
+            // validated multiples of 8), so the header word lies inside the data area. Read
+            // exactly once (copied to `word`).
+            let header = || unsafe { word(at) };
+            let (word, avail) = if self.polling {
+                // Latency mode: the frame is its own signal. Acquire (a Relaxed load and a
+                // fence, fine on a read-only mapping) pairs with the producer's Release store
+                // of the first header of a batch in `flush`: the payload and the headers of the
+                // rest of the batch are visible once we see it. No published index bounds the
+                // frame: a hostile producer can make us see frames it never wrote, but never
+                // outside the area.
+                let word = load_acquire(header());
+                if word == EMPTY_HEADER {
+                    return Ok(None);
+                }
+                (word, u64::MAX)
+            } else {
+                let mut avail = self.cached_prod - self.read;
+                if avail == 0 {
+                    avail = self.refresh_prod()?;
+                    if avail == 0 {
+                        return Ok(None);
+                    }
+                }
+                // Relaxed: the Acquire of the producer index that covered this frame orders it
+                // after the producer's header store.
+                (header().load(Ordering::Relaxed), avail)
+            };
+            let h = FrameHeader::from_word(word);
             let len = h.len as u64;
             if h.flags == 0 {
-                let total = (len + (layout::FRAME_HEADER_LEN + layout::FRAME_ALIGN - 1) as u64)
-                    & !(layout::FRAME_ALIGN as u64 - 1);
+                let total = layout::frame_size_u64(len);
                 // Within the published data, the contiguous area and the largest frame a producer
                 // may send (half the area).
                 if total > avail || total > contiguous || total > self.capacity / 2 {
@@ -274,6 +346,7 @@ impl Consumer {
         self.read += total;
         Ok(Some(Received {
             len,
+            value: (),
             notify: self.flush(),
         }))
     }
@@ -288,6 +361,14 @@ impl Consumer {
             return Notify::NONE;
         }
         self.published = new;
+        if self.polling {
+            // Latency mode: the producer never sleeps for space, no handshake. Release pairs
+            // with the producer's Acquire of our index: our reads of the released frames
+            // happen before it reuses the space.
+            // SAFETY: own index word, checked at init.
+            unsafe { word(self.own.add(layout::C_INDEX).cast()) }.store(new, Ordering::Release);
+            return Notify::NONE;
+        }
         // Pairs with `Producer::prepare_wait_for_space` (see `publish`).
         // SAFETY: own index word (checked at init) and the peer's space event (checked at
         // attach), both aligned and mapped.
@@ -308,7 +389,13 @@ impl Consumer {
     /// Call [`flush`](Self::flush) first (and ring if it says so): sleeping with unpublished
     /// releases can deadlock against a producer waiting for space. With unpublished releases
     /// this returns `Ok(false)` (and asserts in debug builds).
+    ///
+    /// In latency mode ([`Mode::Polling`]) the producer never rings: this always returns
+    /// `Ok(false)` (keep polling).
     pub fn prepare_sleep(&mut self) -> Result<bool, Error> {
+        if self.polling {
+            return Ok(false);
+        }
         debug_assert_eq!(self.read, self.published, "flush before prepare_sleep");
         if self.read != self.published {
             return Ok(false);
@@ -373,6 +460,7 @@ impl ConsumerInit {
             read: 0,
             published: 0,
             cached_prod: 0,
+            polling: self.mode == Mode::Polling,
             owner: self.owner.clone(),
         })
     }

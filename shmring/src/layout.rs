@@ -33,6 +33,25 @@ pub const FLAG_PADDING: u16 = 1;
 /// Value of an event word that asks for no notification at all.
 pub const NO_EVENT: u64 = u64::MAX;
 
+/// Frame header flag of the "no frame here yet" marker ([`EMPTY_HEADER`]); never valid in a
+/// published frame.
+pub const FLAG_EMPTY: u16 = 0x8000;
+
+/// The header word that marks the next free frame position for a polling consumer
+/// ([`CONSUMER_POLLING`]): length 0, kind 0, flags [`FLAG_EMPTY`]. A producer whose consumer
+/// polls writes it at the end of every frame before it publishes the frame, and at offset 0 at
+/// init; an index-reading consumer never reads it (it lies beyond the published data).
+pub const EMPTY_HEADER: u64 = u64::from_ne_bytes(zerocopy::transmute!(FrameHeader {
+    len: 0,
+    kind: 0,
+    flags: FLAG_EMPTY,
+}));
+
+/// Consumer flag (in [`ConsumerControl::flags`]): the consumer polls and never sleeps (latency
+/// mode, [`Mode::Polling`](crate::Mode::Polling)). It detects frames from their headers, not
+/// from the producer index; neither side uses the wake-up handshakes.
+pub const CONSUMER_POLLING: u32 = 1;
+
 /// Control block at the start of the producer part (written only by the producer).
 #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
 #[repr(C, align(64))]
@@ -66,8 +85,8 @@ pub struct ConsumerControl {
     pub magic: u64,
     /// [`LAYOUT_VERSION`].
     pub version: u32,
-    /// Zero.
-    pub reserved0: u32,
+    /// Consumer flags: [`CONSUMER_POLLING`] or 0 (read once by the producer at attach).
+    pub flags: u32,
     /// Zero (rest of the header cache line).
     pub reserved1: [u64; 6],
     /// Consumer index: total bytes released (monotonic byte counter).
@@ -123,6 +142,8 @@ pub const P_DATA: usize = size_of::<ProducerControl>();
 pub const C_MAGIC: usize = offset_of!(ConsumerControl, magic);
 /// Offset of the consumer version word.
 pub const C_VERSION: usize = offset_of!(ConsumerControl, version);
+/// Offset of the consumer flags (the upper half of the version word).
+pub const C_FLAGS: usize = offset_of!(ConsumerControl, flags);
 /// Offset of the consumer index.
 pub const C_INDEX: usize = offset_of!(ConsumerControl, index);
 /// Offset of the data event.
@@ -133,6 +154,7 @@ pub const CONSUMER_PART_SIZE: usize = size_of::<ConsumerControl>();
 const _: () = {
     assert!(P_MAGIC == 0 && P_VERSION == 8 && P_CAPACITY == 16);
     assert!(P_INDEX == 64 && P_SPACE_EVENT == 128 && P_DATA == 192);
+    assert!(C_FLAGS == C_VERSION + 4);
     assert!(C_MAGIC == 0 && C_VERSION == 8 && C_INDEX == 64 && C_DATA_EVENT == 128);
     assert!(CONSUMER_PART_SIZE == 192);
     assert!(size_of::<FrameHeader>() == FRAME_HEADER_LEN);
@@ -155,6 +177,12 @@ pub const fn max_frame_len(capacity: usize) -> usize {
 #[inline(always)]
 pub const fn frame_size(len: usize) -> usize {
     (FRAME_HEADER_LEN + len + (FRAME_ALIGN - 1)) & !(FRAME_ALIGN - 1)
+}
+
+/// [`frame_size`] of a length read from a header (a `u32`, widened), in index arithmetic.
+#[inline(always)]
+pub const fn frame_size_u64(len: u64) -> u64 {
+    (len + (FRAME_HEADER_LEN + FRAME_ALIGN - 1) as u64) & !(FRAME_ALIGN as u64 - 1)
 }
 
 /// Whether `capacity` is acceptable: a power of two in `[MIN_CAPACITY, MAX_CAPACITY]`.

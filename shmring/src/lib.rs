@@ -33,7 +33,8 @@
 //! |-------:|-----:|------|-------|------------|
 //! | 0 | 8 | u64 | magic `b"SHMRINGC"` (0 = not ready) | consumer, at init |
 //! | 8 | 4 | u32 | layout version (1) | consumer, at init |
-//! | 12 | 52 | - | reserved, 0 | - |
+//! | 12 | 4 | u32 | flags: 1 = polling consumer (latency mode), 0 = may sleep | consumer, at init |
+//! | 16 | 48 | - | reserved, 0 | - |
 //! | 64 | 8 | u64 | consumer index (bytes released) | consumer |
 //! | 72 | 56 | - | reserved (own cache line) | - |
 //! | 128 | 8 | u64 | data event: notify when producer index > this (`u64::MAX`: none) | consumer |
@@ -45,7 +46,7 @@
 //! |-------:|-----:|------|-------|
 //! | 0 | 4 | u32 | payload length |
 //! | 4 | 2 | u16 | kind (application defined) |
-//! | 6 | 2 | u16 | flags: 0 = frame, 1 = padding (length = bytes up to the end of the area) |
+//! | 6 | 2 | u16 | flags: 0 = frame, 1 = padding (length = bytes up to the end of the area), 0x8000 = empty marker (latency mode, never published) |
 //! | 8 | len | bytes | payload, then zero to 7 bytes up to the next multiple of 8 |
 //!
 //! A frame never wraps: if it does not fit before the end of the data area, the producer writes
@@ -71,6 +72,33 @@
 //!   each other, so no wake-up is lost, and a busy consumer (whose event lies behind) causes no
 //!   notifications. Waiting for space is the same handshake in the other direction
 //!   ([`Producer::prepare_wait_for_space`], [`Consumer::flush`]).
+//!
+//! # Latency mode (polling consumers)
+//!
+//! A consumer initialised with [`Mode::Polling`] ([`Consumer::init_mode`],
+//! [`channel_with`]) declares in its part that it never sleeps; the producer reads that once
+//! at attach. Then neither side uses the wake-up handshakes (no `SeqCst` fence, no event word
+//! read on a publish; [`Consumer::prepare_sleep`] and [`Producer::prepare_wait_for_space`]
+//! never allow a sleep) and the consumer finds new frames **from the frames themselves**, not
+//! from the producer index: one cache line carries the signal and the start of the payload
+//! (all of it for frames of up to 56 bytes at a 64-byte aligned position). The layout stays
+//! version 1; what changes is the producer's writing order:
+//!
+//! * before it publishes a frame it stores the empty marker [`layout::EMPTY_HEADER`] at the
+//!   position after the frame (the next frame's header word), so the consumer, having read
+//!   this frame, finds "nothing yet" there and not a stale header of an earlier lap; the data
+//!   area starts with the marker at offset 0. For that word the producer keeps 8 bytes of the
+//!   area free (a polling ring holds at most `capacity - 8` bytes of frames);
+//! * the header of the first frame of a batch is written last, in [`Producer::flush`], with a
+//!   `Release` store: the publish. The frames after it in the batch are reached only through
+//!   it, so their headers need no ordering of their own; the index is still stored (for
+//!   [`Consumer::available`] and the producer's space accounting of the consumer index).
+//!
+//! The consumer loads the header word at its read position with acquire semantics (pairing
+//! with that `Release`): the marker means empty; anything else is validated as in index mode
+//! (length within the contiguous area and at most half the area, padding exactly up to the
+//! end), so a hostile producer gets exactly the guarantees below. The consumer index is still
+//! published (`Release`) on `flush`/`try_recv` so that the producer can reuse the space.
 //!
 //! # Untrusted peer
 //!
@@ -183,7 +211,7 @@ pub mod view;
 pub use consumer::{Consumer, ConsumerInit, Frame, Received};
 pub use duplex::{Duplex, DuplexInit};
 #[cfg(feature = "alloc")]
-pub use owned::channel;
+pub use owned::{channel, channel_with};
 pub use producer::{Grant, Producer, ProducerInit};
 pub use typed::{TypedConsumer, TypedFrame, TypedProducer};
 pub use view::{OutOfBounds, PeerBytes};
@@ -259,6 +287,19 @@ pub enum Error {
     /// This init value was already attached once.
     #[error("part already attached")]
     AlreadyAttached,
+}
+
+/// How a ring's consumer waits for frames. The consumer chooses at init
+/// ([`Consumer::init_mode`]); the producer learns it at attach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// The consumer may sleep on a doorbell: it reads the producer index to find frames, and
+    /// both sides use the wake-up handshakes (event words, `SeqCst` fences), see "Protocol".
+    #[default]
+    Wakeable,
+    /// Latency mode: the consumer busy-polls and never sleeps; it finds frames from their
+    /// headers and neither side pays for the wake-up handshakes (see "Latency mode").
+    Polling,
 }
 
 /// Whether the peer must be notified (its doorbell rung) after an operation.
@@ -347,6 +388,12 @@ pub(crate) fn check_region(p: *const u8, len: usize, needed: usize) -> Result<()
 pub(crate) fn version_of(word: u64) -> u32 {
     let [a, b, c, d, ..] = word.to_ne_bytes();
     u32::from_ne_bytes([a, b, c, d])
+}
+
+/// Flags field of a version word (the second 4 bytes in memory).
+pub(crate) fn flags_of(word: u64) -> u32 {
+    let [.., e, f, g, h] = word.to_ne_bytes();
+    u32::from_ne_bytes([e, f, g, h])
 }
 
 /// Checks a peer's magic and version.

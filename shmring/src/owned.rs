@@ -4,7 +4,7 @@ use alloc::alloc::{alloc_zeroed, dealloc, Layout};
 use alloc::sync::Arc;
 
 use crate::layout;
-use crate::{Consumer, Error, Producer};
+use crate::{Consumer, Error, Mode, Producer};
 
 /// Heap memory holding both parts of an in-process ring; freed when both sides are gone.
 #[derive(Debug)]
@@ -28,6 +28,11 @@ impl Drop for OwnedRegion {
 /// An in-process ring with a data area of `capacity` bytes (a power of two within
 /// [`layout::MIN_CAPACITY`]..=[`layout::MAX_CAPACITY`]) on 64-byte aligned heap memory.
 pub fn channel(capacity: usize) -> Result<(Producer, Consumer), Error> {
+    channel_with(capacity, Mode::Wakeable)
+}
+
+/// As [`channel`], with the consumer in `mode` ([`Mode::Polling`]: the latency mode).
+pub fn channel_with(capacity: usize, mode: Mode) -> Result<(Producer, Consumer), Error> {
     if !layout::capacity_ok(capacity) {
         return Err(Error::BadCapacity { capacity });
     }
@@ -50,7 +55,7 @@ pub fn channel(capacity: usize) -> Result<(Producer, Consumer), Error> {
     unsafe {
         let consumer_part = base.add(producer_len);
         let pinit = Producer::init(base, producer_len, capacity)?;
-        let cinit = Consumer::init(consumer_part, layout::CONSUMER_PART_SIZE)?;
+        let cinit = Consumer::init_mode(consumer_part, layout::CONSUMER_PART_SIZE, mode)?;
         let mut producer = pinit.attach(consumer_part, layout::CONSUMER_PART_SIZE)?;
         let mut consumer = cinit.attach(base, producer_len)?;
         producer.set_owner(Some(owner.clone()));

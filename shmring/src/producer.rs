@@ -4,7 +4,7 @@ use core::cell::Cell;
 use core::ops::{Deref, DerefMut};
 use core::ptr;
 
-use crate::layout::{self, FrameHeader, FLAG_PADDING, NO_EVENT};
+use crate::layout::{self, FrameHeader, EMPTY_HEADER, FLAG_PADDING, NO_EVENT};
 use crate::sync::{fence, load_acquire, word, Ordering};
 use crate::{check_region, Error, Notify, Owner};
 
@@ -43,6 +43,11 @@ pub struct Producer {
     /// Last validated consumer index.
     cached_cons: u64,
     max_frame: usize,
+    /// Latency mode (the consumer declared [`Mode::Polling`](crate::Mode::Polling) at init).
+    polling: bool,
+    /// Latency mode: the header of the first frame committed since the last flush, stored by
+    /// `flush` (the publish), as (offset in the data area, header word).
+    first_header: Option<(usize, u64)>,
     owner: Owner,
 }
 
@@ -57,6 +62,7 @@ impl core::fmt::Debug for Producer {
             .field("write", &self.write)
             .field("published", &self.published)
             .field("cached_cons", &self.cached_cons)
+            .field("polling", &self.polling)
             .finish()
     }
 }
@@ -87,19 +93,23 @@ unsafe fn write_producer_part(own: *mut u8, capacity: usize) {
         word(own.add(layout::P_CAPACITY).cast()).store(capacity as u64, Ordering::Relaxed);
         word(own.add(layout::P_INDEX).cast()).store(0, Ordering::Relaxed);
         word(own.add(layout::P_SPACE_EVENT).cast()).store(NO_EVENT, Ordering::Relaxed);
-        // Zero the data area so a grant never hands out uninitialised bytes.
+        // Zero the data area so a grant never hands out uninitialised bytes; a polling
+        // consumer finds "empty" at offset 0 (an index-reading one never looks there before
+        // the first publish).
         ptr::write_bytes(own.add(layout::P_DATA), 0, capacity);
+        word(own.add(layout::P_DATA).cast()).store(EMPTY_HEADER, Ordering::Relaxed);
         // Release: a consumer that sees the magic with Acquire also sees every field above.
         word(own.add(layout::P_MAGIC).cast()).store(layout::PRODUCER_MAGIC, Ordering::Release);
     }
 }
 
-/// Stores a frame header word (Relaxed: published later by the Release store of the index).
+/// Stores a frame header word (Relaxed: published later by a Release store, of the index or,
+/// in latency mode, of the batch's first header).
 ///
 /// # Safety
 /// `p` is an aligned word inside our own data area.
 #[inline(always)]
-unsafe fn store_header(p: *mut u64, header: FrameHeader) {
+unsafe fn store_header(p: *mut u64, header: u64) {
     // Miri only: a plain whole-word write first. Payload bytes written earlier may partially
     // overlap this word, and Miri's weak-memory emulation (nightly 2026-05) crashes on an atomic
     // store over a word whose bytes were last written partly atomically, partly not. The plain
@@ -107,10 +117,10 @@ unsafe fn store_header(p: *mut u64, header: FrameHeader) {
     #[cfg(miri)]
     // SAFETY: as the caller promises.
     unsafe {
-        p.write(header.to_word())
+        p.write(header)
     };
     // SAFETY: as the caller promises.
-    unsafe { word(p) }.store(header.to_word(), Ordering::Relaxed);
+    unsafe { word(p) }.store(header, Ordering::Relaxed);
 }
 
 impl Producer {
@@ -187,11 +197,29 @@ impl Producer {
     }
 
     /// Free bytes in the data area (re-reads the consumer index). Frames need
-    /// [`layout::frame_size`] bytes and may need padding to the end of the area first.
+    /// [`layout::frame_size`] bytes and may need padding to the end of the area first; in
+    /// latency mode 8 bytes always stay free (the empty marker after the last frame).
     pub fn free_space(&mut self) -> usize {
         // A corrupt index is reported by the next grant; here we just keep the cached value.
         let _ = self.refresh_cons();
-        (self.capacity - (self.write - self.cached_cons)) as usize
+        (self.usable() - (self.write - self.cached_cons).min(self.usable())) as usize
+    }
+
+    /// Whether the consumer polls (latency mode; read from its part at attach).
+    #[inline]
+    pub fn consumer_polls(&self) -> bool {
+        self.polling
+    }
+
+    /// Bytes of the area frames may occupy: all of it, or in latency mode all but the word
+    /// for the empty marker after the last frame.
+    #[inline(always)]
+    fn usable(&self) -> u64 {
+        if self.polling {
+            self.capacity - layout::FRAME_HEADER_LEN as u64
+        } else {
+            self.capacity
+        }
     }
 
     /// Bytes committed but not yet published by [`flush`](Self::flush).
@@ -213,12 +241,10 @@ impl Producer {
         // Acquire pairs with the consumer's Release store of its index: its reads of the frames
         // it released happen before we overwrite that space.
         let cons = load_acquire(self.cons_word());
-        // A consumer never goes back, never releases more than we published, and releases
-        // whole (8-byte aligned) frames.
-        if cons < self.cached_cons
-            || cons > self.published
-            || cons % layout::FRAME_ALIGN as u64 != 0
-        {
+        // A consumer never goes back, never releases more than we committed (published, in
+        // index mode; a polling consumer may see a batch's later frames a moment before our
+        // index store), and releases whole (8-byte aligned) frames.
+        if cons < self.cached_cons || cons > self.write || cons % layout::FRAME_ALIGN as u64 != 0 {
             return Err(Error::Corrupt {
                 what: "consumer index out of range",
             });
@@ -240,12 +266,13 @@ impl Producer {
         let contiguous = self.capacity - (self.write & self.mask);
         let pad = if total > contiguous { contiguous } else { 0 };
         let needed = pad + total;
-        if self.write + needed - self.cached_cons > self.capacity {
+        let usable = self.usable();
+        if self.write + needed - self.cached_cons > usable {
             self.refresh_cons()?;
             let used = self.write - self.cached_cons;
-            if used + needed > self.capacity {
+            if used + needed > usable {
                 return Err(Error::Full {
-                    free: (self.capacity - used) as usize,
+                    free: usable.saturating_sub(used) as usize,
                     needed: needed as usize,
                 });
             }
@@ -256,26 +283,58 @@ impl Producer {
     /// Writes the padding (if any) and the frame header; advances the local write position.
     #[inline(always)]
     fn commit_frame(&mut self, pad: u64, len: usize, kind: u16) {
-        let mut pos = self.write;
-        if pad != 0 {
-            let h = FrameHeader {
-                len: (pad as usize - layout::FRAME_HEADER_LEN) as u32,
-                kind: 0,
-                flags: FLAG_PADDING,
+        let first = self.write;
+        let frame_at = first + pad;
+        let end = frame_at + layout::frame_size(len) as u64;
+        if self.polling {
+            // The empty marker after this frame, before the frame is published: a polling
+            // consumer that reads this frame then finds "nothing yet" at `end`, never a stale
+            // header (reserve() kept these 8 bytes free). Relaxed: ordered before the publish
+            // (the Release in flush) by program order.
+            // SAFETY: `end & mask` is 8-aligned and at most capacity - 8; own data area.
+            unsafe {
+                store_header(
+                    self.data.add((end & self.mask) as usize).cast(),
+                    EMPTY_HEADER,
+                )
             };
-            // SAFETY: pos & mask + 8 <= capacity (pad >= 8 bytes); aligned; own data area. Relaxed:
-            // published by the Release store of the producer index in flush.
-            unsafe { store_header(self.data.add((pos & self.mask) as usize).cast(), h) };
-            pos += pad;
         }
-        let h = FrameHeader {
+        let frame = FrameHeader {
             len: len as u32,
             kind,
             flags: 0,
-        };
-        // SAFETY: reserve() checked the frame fits contiguously at pos; Relaxed as above.
-        unsafe { store_header(self.data.add((pos & self.mask) as usize).cast(), h) };
-        self.write = pos + layout::frame_size(len) as u64;
+        }
+        .to_word();
+        if pad != 0 {
+            let padding = FrameHeader {
+                len: (pad as usize - layout::FRAME_HEADER_LEN) as u32,
+                kind: 0,
+                flags: FLAG_PADDING,
+            }
+            .to_word();
+            // SAFETY: reserve() checked the frame fits contiguously at frame_at (offset 0);
+            // Relaxed: reached only through the padding record, published after it.
+            unsafe { store_header(self.data.add((frame_at & self.mask) as usize).cast(), frame) };
+            self.store_record_header(first, padding);
+        } else {
+            self.store_record_header(first, frame);
+        }
+        self.write = end;
+    }
+
+    /// Stores the header of the record at `at` (Relaxed: published by the Release store of
+    /// the index in flush). In latency mode the first record of a batch is its publish: its
+    /// header is kept for `flush`.
+    #[inline(always)]
+    fn store_record_header(&mut self, at: u64, header: u64) {
+        let off = (at & self.mask) as usize;
+        if self.polling && self.first_header.is_none() {
+            self.first_header = Some((off, header));
+            return;
+        }
+        // SAFETY: reserve() checked the record lies inside free space at `at`; aligned; own
+        // data area.
+        unsafe { store_header(self.data.add(off).cast(), header) };
     }
 
     /// Reserves room for a frame of `len` bytes (kind 0) and hands out its payload area.
@@ -328,6 +387,24 @@ impl Producer {
             return Notify::NONE;
         }
         self.published = new;
+        if self.polling {
+            if let Some((off, header)) = self.first_header.take() {
+                #[cfg(miri)]
+                // SAFETY: as in store_header (Miri's mixed-size workaround).
+                unsafe {
+                    self.data.add(off).cast::<u64>().write(header)
+                };
+                // The publish: Release pairs with the polling consumer's acquire load of this
+                // header word; every payload byte and every later header of the batch (and the
+                // empty marker after it) was written before.
+                // SAFETY: an aligned header word of a reserved record in our own data area.
+                unsafe { word(self.data.add(off).cast()) }.store(header, Ordering::Release);
+            }
+            // The index is a hint in latency mode (`Consumer::available`); no handshake.
+            // SAFETY: own index word, checked at init.
+            unsafe { word(self.own.add(layout::P_INDEX).cast()) }.store(new, Ordering::Release);
+            return Notify::NONE;
+        }
         // Pairs with `Consumer::prepare_sleep` (see `publish`).
         // SAFETY: own index word (checked at init) and the peer's data event (checked at
         // attach), both aligned and mapped.
@@ -349,6 +426,9 @@ impl Producer {
     /// Call [`flush`](Self::flush) first (and ring if it says so): a producer that sleeps with
     /// unpublished frames can deadlock against a sleeping consumer. With unpublished frames
     /// this returns `Ok(false)` (and asserts in debug builds).
+    ///
+    /// In latency mode (a polling consumer) the consumer never rings: this always returns
+    /// `Ok(false)` (keep retrying), after the length check.
     pub fn prepare_wait_for_space(&mut self, len: usize) -> Result<bool, Error> {
         debug_assert_eq!(
             self.write, self.published,
@@ -370,6 +450,9 @@ impl Producer {
         } else {
             total
         };
+        if self.polling {
+            return Ok(false);
+        }
         // The space is there once the consumer index reaches `target`.
         let target = self.write + needed - self.capacity.min(self.write + needed);
         self.refresh_cons()?;
@@ -405,14 +488,21 @@ impl ProducerInit {
         }
         check_region(peer, peer_len, layout::CONSUMER_PART_SIZE)?;
         // SAFETY: checked size/alignment; loads only.
-        let (magic, version) = unsafe {
+        let (magic, version, flags) = unsafe {
             // Acquire (via the fence in load_acquire) pairs with the Release store of the magic
-            // at init: the version read next is the one written before it.
+            // at init: the version and flags read next are the ones written before it.
             let m = load_acquire(word(peer.add(layout::C_MAGIC).cast_mut().cast()));
             let v = word(peer.add(layout::C_VERSION).cast_mut().cast()).load(Ordering::Relaxed);
-            (m, crate::version_of(v))
+            (m, crate::version_of(v), crate::flags_of(v))
         };
         crate::check_magic(magic, layout::CONSUMER_MAGIC, version)?;
+        // Read once, here: the mode is fixed for the life of this producer. Unknown bits are
+        // refused rather than guessed at.
+        if flags & !layout::CONSUMER_POLLING != 0 {
+            return Err(Error::Corrupt {
+                what: "unknown consumer flags",
+            });
+        }
         self.attached.set(true);
         let capacity = self.capacity as u64;
         Ok(Producer {
@@ -426,6 +516,8 @@ impl ProducerInit {
             published: 0,
             cached_cons: 0,
             max_frame: layout::max_frame_len(self.capacity),
+            polling: flags & layout::CONSUMER_POLLING != 0,
+            first_header: None,
             owner: self.owner.clone(),
         })
     }

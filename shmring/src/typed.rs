@@ -5,7 +5,7 @@ use core::mem::size_of;
 
 use bytemuck::Pod;
 
-use crate::{Consumer, Error, Frame, Notify, PeerBytes, Producer};
+use crate::{Consumer, Error, Frame, Notify, PeerBytes, Producer, Received};
 
 /// Sends values of a plain-old-data type `T`, one frame each.
 #[derive(Debug)]
@@ -95,9 +95,10 @@ impl<T: Pod> TypedConsumer<T> {
         }
     }
 
-    /// Copies out, releases and publishes the next value (errors as [`peek`](Self::peek)).
+    /// Copies out, releases and publishes the next value (errors as [`peek`](Self::peek));
+    /// the same shape as [`Consumer::try_recv`], with the record in [`Received::value`].
     #[inline]
-    pub fn try_recv(&mut self) -> Result<Option<(T, Notify)>, Error> {
+    pub fn try_recv(&mut self) -> Result<Option<Received<T>>, Error> {
         let value = match self.peek()? {
             None => return Ok(None),
             Some(record) => {
@@ -106,7 +107,11 @@ impl<T: Pod> TypedConsumer<T> {
                 value
             }
         };
-        Ok(Some((value, self.inner.flush())))
+        Ok(Some(Received {
+            len: size_of::<T>(),
+            value,
+            notify: self.inner.flush(),
+        }))
     }
 
     /// Publishes every released record (see [`Consumer::flush`]).
@@ -144,6 +149,12 @@ impl<T: Pod> TypedFrame<'_, T> {
             .payload()
             .read::<T>(0)
             .unwrap_or_else(|_| T::zeroed())
+    }
+
+    /// The frame's application kind (as [`Frame::kind`]).
+    #[inline]
+    pub fn kind(&self) -> u16 {
+        self.frame.kind()
     }
 
     /// The record's bytes, for reading single fields at their offsets.

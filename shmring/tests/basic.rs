@@ -314,7 +314,7 @@ fn typed_messages() {
             pad: 0,
         };
         tx.try_send(&s).unwrap();
-        assert_eq!(rx.try_recv().unwrap().unwrap().0, s);
+        assert_eq!(rx.try_recv().unwrap().unwrap().value, s);
     }
     assert!(rx.try_recv().unwrap().is_none());
     // A frame of the wrong length is Corrupt for the typed consumer.

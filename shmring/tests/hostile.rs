@@ -45,11 +45,12 @@ fn scenario_reaches_frames_and_corruption_for_both_victims() {
         state as u8
     };
     let runs = 200;
-    for victim_bits in [0u8, 4] {
+    // Victim consumer / producer (bit 2), index mode / latency mode (bit 3).
+    for victim_bits in [0u8, 4, 8, 12] {
         let mut total = support::hostile::Stats::default();
         for _ in 0..runs {
             let mut script: Vec<u8> = (0..600).map(|_| next()).collect();
-            script[0] = (script[0] & !4) | victim_bits;
+            script[0] = (script[0] & !12) | victim_bits;
             let stats = support::hostile::run(&script).expect("no violation");
             total.corrupt += stats.corrupt;
             total.frames += stats.frames;

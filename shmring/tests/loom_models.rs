@@ -10,7 +10,7 @@ use loom::sync::Notify;
 use loom::thread;
 use std::sync::Arc;
 
-use shmring::{channel, Error};
+use shmring::{channel, channel_with, Error, Mode};
 
 /// Runs a loom model with at most 8 preemptions per execution (override with
 /// `LOOM_MAX_PREEMPTIONS`); all four models together take about 10 s in release.
@@ -145,6 +145,49 @@ fn wait_for_space_handshake_loses_no_wake_up() {
                 None => thread::yield_now(),
             }
         }
+        producer.join().unwrap();
+    });
+}
+
+/// Latency mode: the polling consumer finds frames from their header words, which the
+/// producer publishes with a Release store (the first of a batch in `flush`); the payload and
+/// the batch's later headers must be visible once that header is.
+#[test]
+fn polling_batch_is_seen_whole_and_in_order() {
+    model(|| {
+        let (mut tx, mut rx) = channel_with(64, Mode::Polling).unwrap();
+        let producer = thread::spawn(move || {
+            for frame in [&[1u8, 2, 3][..], &[4; 12]] {
+                let mut grant = tx.grant(frame.len()).unwrap();
+                grant.copy_from_slice(frame);
+                grant.commit();
+            }
+            assert!(!tx.flush().needed());
+            let _ = tx.try_send(&[5; 4]).unwrap();
+        });
+        recv_spin(&mut rx, &[&[1, 2, 3], &[4; 12], &[5; 4]]);
+        producer.join().unwrap();
+    });
+}
+
+/// Latency mode across the end of the area: the empty marker after each frame (never a stale
+/// header of the previous lap), padding, restart at 0, and reuse of released space.
+#[test]
+fn polling_wrap_around_never_reads_a_stale_header() {
+    model(|| {
+        let (mut tx, mut rx) = channel_with(64, Mode::Polling).unwrap();
+        let producer = thread::spawn(move || {
+            for frame in [[1u8; 16], [2; 16], [3; 16], [4; 16]] {
+                loop {
+                    match tx.try_send(&frame) {
+                        Ok(_) => break,
+                        Err(Error::Full { .. }) => thread::yield_now(),
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            }
+        });
+        recv_spin(&mut rx, &[&[1; 16], &[2; 16], &[3; 16], &[4; 16]]);
         producer.join().unwrap();
     });
 }

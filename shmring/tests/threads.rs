@@ -175,8 +175,8 @@ fn typed_messages_across_threads() {
     let mut i = 0;
     while i < n {
         match rx.try_recv().unwrap() {
-            Some((v, _)) => {
-                assert_eq!(v, [i, !i]);
+            Some(received) => {
+                assert_eq!(received.value, [i, !i]);
                 i += 1;
             }
             None => thread::yield_now(),

@@ -15,9 +15,16 @@ use anyhow::{ensure, Context, Result};
 use crossbeam_queue::ArrayQueue;
 use crossbeam_utils::CachePadded;
 
+use shmring::Mode;
+
 use super::measure::{measure, Metric, Settings};
 use super::pin::{run_pinned, run_pinned_pair, spin_until};
 use super::report::{Comparison, Entry, SuiteReport, Target};
+
+#[cfg(feature = "iceoryx2")]
+mod iceoryx;
+pub mod rtt;
+pub mod xproc;
 
 /// The suite's name.
 pub const SUITE: &str = "ring";
@@ -59,8 +66,26 @@ pub fn comparisons() -> Vec<Comparison> {
         metric,
         target,
     };
-    vec![
+    let mut ratios = vec![
         ratio("shmring", "floor", Metric::RttNs, Some(Target::AtMost(1.5))),
+        ratio(
+            "shmring-latency-56",
+            "floor",
+            Metric::RttNs,
+            Some(Target::AtMost(1.5)),
+        ),
+        ratio("shmring-latency-56", "floor-56", Metric::RttNs, None),
+        ratio("floor-56", "floor", Metric::RttNs, None),
+        ratio("shmring-latency-64", "floor", Metric::RttNs, None),
+        ratio(
+            "shmring-latency-64",
+            "rtrb",
+            Metric::RttNs,
+            Some(Target::AtMost(1.0)),
+        ),
+        ratio("shmring-latency-64", "crossbeam", Metric::RttNs, None),
+        ratio("shmring", "rtrb", Metric::RttNs, None),
+        ratio("shmring-xproc", "shmring-latency-64", Metric::RttNs, None),
         ratio(
             "shmring-64",
             "rtrb-64",
@@ -91,16 +116,48 @@ pub fn comparisons() -> Vec<Comparison> {
             Metric::BytesPerS,
             Some(Target::AtLeast(0.8)),
         ),
-    ]
+    ];
+    if cfg!(feature = "iceoryx2") {
+        ratios.extend([
+            ratio(
+                "shmring-latency-64",
+                "iceoryx2",
+                Metric::RttNs,
+                Some(Target::AtMost(1.0)),
+            ),
+            ratio("shmring-xproc", "iceoryx2-xproc", Metric::RttNs, None),
+        ]);
+    }
+    ratios
 }
 
 type CaseFn = fn([usize; 2], u64) -> Result<Duration>;
 
 /// Every case of the suite: (case, metric, bytes per iteration, function).
 pub fn cases() -> Vec<(&'static str, Metric, u64, CaseFn)> {
-    vec![
+    #[cfg_attr(not(feature = "iceoryx2"), allow(unused_mut))]
+    let mut cases = vec![
         ("floor", Metric::RttNs, 0, floor_rtt as CaseFn),
-        ("shmring", Metric::RttNs, 0, shmring_rtt),
+        ("floor-56", Metric::RttNs, 0, floor_line_rtt),
+        ("shmring", Metric::RttNs, 0, |c, n| {
+            rtt::shmring_rtt::<RTT_FRAME>(Mode::Wakeable, c, n)
+        }),
+        ("shmring-latency-56", Metric::RttNs, 0, |c, n| {
+            rtt::shmring_rtt::<56>(Mode::Polling, c, n)
+        }),
+        ("shmring-latency-64", Metric::RttNs, 0, |c, n| {
+            rtt::shmring_rtt::<RTT_FRAME>(Mode::Polling, c, n)
+        }),
+        ("rtrb", Metric::RttNs, 0, rtt::rtrb_rtt::<RTT_FRAME>),
+        (
+            "crossbeam",
+            Metric::RttNs,
+            0,
+            rtt::crossbeam_rtt::<RTT_FRAME>,
+        ),
+        ("shmring-xproc", Metric::RttNs, 0, |c, n| {
+            xproc::shmring_xproc_rtt::<RTT_FRAME>(Mode::Polling, c, n)
+        }),
         ("shmring-64", Metric::MsgPerS, 0, |c, n| {
             stream::<64>(Queue::Shmring, c, n)
         }),
@@ -149,7 +206,23 @@ pub fn cases() -> Vec<(&'static str, Metric, u64, CaseFn)> {
             GRANT_FRAME as u64,
             |c, n| memcpy_64k(c[0], n),
         ),
-    ]
+    ];
+    #[cfg(feature = "iceoryx2")]
+    cases.extend([
+        (
+            "iceoryx2",
+            Metric::RttNs,
+            0,
+            iceoryx::iceoryx2_rtt::<RTT_FRAME> as CaseFn,
+        ),
+        (
+            "iceoryx2-xproc",
+            Metric::RttNs,
+            0,
+            xproc::iceoryx2_xproc_rtt::<RTT_FRAME>,
+        ),
+    ]);
+    cases
 }
 
 /// Runs every case of the suite.
@@ -176,7 +249,14 @@ fn notes(cpus: [usize; 2]) -> Vec<String> {
             cpus[0], cpus[1]
         ),
         "floor: one AtomicU64 on its own cache line, flipped odd/even between the two threads; rtt = time / round trips".into(),
-        format!("shmring rtt: 64-byte frame out through a request ring and back through a reply ring (try_send / try_recv), {STREAM_RING_BYTES} B rings"),
+        "floor-56: a 56-byte message and its sequence word in one cache line (payload stored first, the word last with Release), a request line and a reply line: the least a ring that carries signal and data in one line can cost".into(),
+        format!("round trips (rtt_ns): a 64-byte message (56 for shmring-latency-56) out through a request queue and back through a reply queue, sequence number checked on both sides. shmring: try_send / try_recv, consumers in Mode::Wakeable (they find frames through the producer index; every publish pays the wake-up handshake's SeqCst fence), {STREAM_RING_BYTES} B rings; shmring-latency-N: the same calls, consumers in Mode::Polling (latency mode: frames found from their own header word, no handshake fences); rtrb: RingBuffer<[u8; 64]> push/pop; crossbeam: ArrayQueue<[u8; 64]> push/pop"),
+        "cross-process (rtt_ns): the pinger in this process, the ponger in a forked child pinned to the second CPU. shmring-xproc: two latency-mode shmring rings in one memfd (mapped MAP_SHARED before the fork); iceoryx2-xproc: as iceoryx2, each process with its own node".into(),
+        if cfg!(feature = "iceoryx2") {
+            "iceoryx2: publish-subscribe over ipc::Service as in iceoryx2's own benchmark (two threads, each with its own node; busy-wait; history 0; subscriber buffer 1; safe overflow), a [u8; 64] written into a loaned sample".into()
+        } else {
+            "iceoryx2 and iceoryx2-xproc: not built (build ivbench with --features iceoryx2)".into()
+        },
         format!("streaming: every queue holds {STREAM_RING_BYTES} B of messages; each message's first 8 bytes are its sequence number, checked by the consumer; every message is published on its own (no batching) except by the shmring-batch consumer"),
         "shmring-N: try_send (copy in + publish) / peek + check + release + flush per message (zero-copy read); shmring-batch-N: the same producer, the consumer publishes once per 32 releases or when it finds the ring empty (every publish pays the wake-up handshake's StoreLoad fence, which rtrb has no need for: it cannot sleep); rtrb-N: RingBuffer<u8>, push_entire_slice (its write_chunk_uninit(N) + copy + commit_all) / read_chunk(N) + check + commit_all; crossbeam-N: ArrayQueue<[u8; N]> push/pop; mpsc-N: sync_channel::<[u8; N]> try_send/try_recv".into(),
         format!("shmring-grant-64k: producer grants 64 KiB, fills it with copy_from_slice from a 64 KiB source (+ seq stamps at both ends), commit + flush; consumer peeks, checks both stamps, releases + flushes; {GRANT_RING_BYTES} B ring"),
@@ -216,6 +296,75 @@ pub fn floor_rtt(cpus: [usize; 2], iters: u64) -> Result<Duration> {
     )
 }
 
+/// One 64-byte line of [`floor_line_rtt`]: 56 bytes of message, then the sequence word.
+#[repr(C, align(64))]
+struct Line {
+    payload: [AtomicU64; 7],
+    seq: AtomicU64,
+}
+
+impl Line {
+    fn new() -> Self {
+        Line {
+            payload: Default::default(),
+            seq: AtomicU64::new(0),
+        }
+    }
+
+    /// Writes 56 bytes of message, then publishes `seq` (Release) in the same line.
+    #[inline(always)]
+    fn send(&self, message: &[u64; 7], seq: u64) {
+        for (word, value) in self.payload.iter().zip(message) {
+            word.store(*value, Ordering::Relaxed);
+        }
+        self.seq.store(seq, Ordering::Release);
+    }
+
+    /// Waits for `seq` (Acquire), then copies the 56 bytes out.
+    #[inline(always)]
+    fn recv(&self, abort: &AtomicBool, seq: u64, message: &mut [u64; 7]) -> Result<()> {
+        spin_until(abort, || {
+            Ok((self.seq.load(Ordering::Acquire) == seq).then_some(()))
+        })?;
+        for (value, word) in message.iter_mut().zip(&self.payload) {
+            *value = word.load(Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
+/// The floor of a one-line frame: `iters` round trips of a 56-byte message that travels in
+/// the same cache line as its sequence word (request line, reply line; written payload first,
+/// sequence word last). The least a ring that carries signal and data in one line can cost;
+/// the experiment behind the latency mode's `shmring-latency-56 / floor-56` ratio.
+pub fn floor_line_rtt(cpus: [usize; 2], iters: u64) -> Result<Duration> {
+    let request = Line::new();
+    let reply = Line::new();
+    let (request, reply) = (&request, &reply);
+    run_pinned_pair(
+        cpus,
+        |abort| {
+            let mut message = [0x5A5A_5A5A_5A5A_5A5Au64; 7];
+            let start = Instant::now();
+            for i in 1..=iters {
+                message[0] = i;
+                request.send(&message, i);
+                reply.recv(abort, i, &mut message)?;
+                ensure!(message[0] == i, "wrong reply for request {i}");
+            }
+            Ok(start.elapsed())
+        },
+        |abort| {
+            let mut message = [0u64; 7];
+            for i in 1..=iters {
+                request.recv(abort, i, &mut message)?;
+                reply.send(&message, i);
+            }
+            Ok(())
+        },
+    )
+}
+
 /// Sends `frame`, busy-polling while the ring is full.
 fn send_spinning(abort: &AtomicBool, producer: &mut shmring::Producer, frame: &[u8]) -> Result<()> {
     spin_until(abort, || match producer.try_send(frame) {
@@ -225,57 +374,11 @@ fn send_spinning(abort: &AtomicBool, producer: &mut shmring::Producer, frame: &[
     })
 }
 
-/// Receives one frame into `buf`, busy-polling while the ring is empty; returns its length.
-fn recv_spinning(
-    abort: &AtomicBool,
-    consumer: &mut shmring::Consumer,
-    buf: &mut [u8],
-) -> Result<usize> {
-    spin_until(abort, || {
-        Ok(consumer.try_recv(buf)?.map(|received| received.len))
-    })
-}
-
+/// The sequence number in a message's first 8 bytes.
 fn seq_of(bytes: &[u8]) -> u64 {
     let mut word = [0u8; 8];
     word.copy_from_slice(&bytes[..8]);
     u64::from_le_bytes(word)
-}
-
-/// `iters` round trips of a 64-byte frame through two shmring rings (request and reply).
-pub fn shmring_rtt(cpus: [usize; 2], iters: u64) -> Result<Duration> {
-    let (mut request_tx, mut request_rx) = shmring::channel(STREAM_RING_BYTES)?;
-    let (mut reply_tx, mut reply_rx) = shmring::channel(STREAM_RING_BYTES)?;
-    run_pinned_pair(
-        cpus,
-        move |abort| {
-            let mut frame = [0u8; RTT_FRAME];
-            let mut reply = [0u8; RTT_FRAME];
-            let start = Instant::now();
-            for seq in 0..iters {
-                frame[..8].copy_from_slice(&seq.to_le_bytes());
-                send_spinning(abort, &mut request_tx, &frame)?;
-                let len = recv_spinning(abort, &mut reply_rx, &mut reply)?;
-                ensure!(
-                    len == RTT_FRAME && seq_of(&reply) == seq,
-                    "wrong reply for request {seq}"
-                );
-            }
-            Ok(start.elapsed())
-        },
-        move |abort| {
-            let mut frame = [0u8; RTT_FRAME];
-            for seq in 0..iters {
-                let len = recv_spinning(abort, &mut request_rx, &mut frame)?;
-                ensure!(
-                    len == RTT_FRAME && seq_of(&frame) == seq,
-                    "wrong request {seq}"
-                );
-                send_spinning(abort, &mut reply_tx, &frame[..len])?;
-            }
-            Ok(())
-        },
-    )
 }
 
 /// Streams `iters` messages of `N` bytes from the peer CPU to the measuring CPU through

@@ -1,6 +1,6 @@
 //! Fuzz target: the hostile-peer scenario of `tests/support/hostile.rs` (the same code the
-//! `hostile` proptest runs), driven by fuzz input. The first byte picks the capacity and the
-//! victim side (consumer or producer); the rest is the script of victim operations, honest peer
+//! `hostile` proptest runs), driven by fuzz input. The first byte picks the capacity, the
+//! victim side (consumer or producer) and the consumer's mode (index or latency mode); the rest is the script of victim operations, honest peer
 //! operations and arbitrary writes into the peer's part. Any panic or violated property
 //! (unexpected error, slice outside the data area, guard bytes overwritten) is a crash.
 #![no_main]

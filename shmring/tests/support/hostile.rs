@@ -16,7 +16,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use shmring::layout::{self, CONSUMER_PART_SIZE};
-use shmring::{Consumer, Error, Producer};
+use shmring::{Consumer, Error, Mode, Producer};
 
 const GUARD: usize = 128;
 const GUARD_BYTE: u8 = 0xA5;
@@ -150,11 +150,17 @@ pub fn run(input: &[u8]) -> Result<Stats, String> {
     let mut s = Script { bytes: input };
     let first = s.byte();
     let cap = [64, 128, 256, 1024][(first & 3) as usize];
+    // Bit 3: the consumer polls (latency mode: frames found from their headers).
+    let mode = if first & 8 == 0 {
+        Mode::Wakeable
+    } else {
+        Mode::Polling
+    };
     let mut stats = Stats::default();
     if first & 4 == 0 {
-        victim_consumer(cap, &mut s, &mut stats)?;
+        victim_consumer(cap, mode, &mut s, &mut stats)?;
     } else {
-        victim_producer(cap, &mut s, &mut stats)?;
+        victim_producer(cap, mode, &mut s, &mut stats)?;
     }
     Ok(stats)
 }
@@ -183,13 +189,18 @@ fn is_full_or_large(e: &Error) -> bool {
     matches!(e, Error::Full { .. } | Error::TooLarge { .. })
 }
 
-fn victim_consumer(cap: usize, s: &mut Script<'_>, stats: &mut Stats) -> Result<(), String> {
+fn victim_consumer(
+    cap: usize,
+    mode: Mode,
+    s: &mut Script<'_>,
+    stats: &mut Stats,
+) -> Result<(), String> {
     let mut arena = Arena::new(cap);
     let (pp, plen) = arena.producer_part();
     let (cp, clen) = arena.consumer_part();
     // SAFETY: disjoint parts of the arena, which outlives both sides (dropped at the end).
     let (mut peer, mut victim) = unsafe {
-        let cinit = Consumer::init(cp, clen).map_err(|e| e.to_string())?;
+        let cinit = Consumer::init_mode(cp, clen, mode).map_err(|e| e.to_string())?;
         let peer = Producer::new(pp, plen, cp, clen, cap).map_err(|e| e.to_string())?;
         (peer, cinit.attach(pp, plen).map_err(|e| e.to_string())?)
     };
@@ -278,13 +289,18 @@ fn victim_consumer(cap: usize, s: &mut Script<'_>, stats: &mut Stats) -> Result<
     Ok(())
 }
 
-fn victim_producer(cap: usize, s: &mut Script<'_>, stats: &mut Stats) -> Result<(), String> {
+fn victim_producer(
+    cap: usize,
+    mode: Mode,
+    s: &mut Script<'_>,
+    stats: &mut Stats,
+) -> Result<(), String> {
     let mut arena = Arena::new(cap);
     let (pp, plen) = arena.producer_part();
     let (cp, clen) = arena.consumer_part();
     // SAFETY: disjoint parts of the arena, which outlives both sides.
     let (mut victim, mut peer) = unsafe {
-        let cinit = Consumer::init(cp, clen).map_err(|e| e.to_string())?;
+        let cinit = Consumer::init_mode(cp, clen, mode).map_err(|e| e.to_string())?;
         let victim = Producer::new(pp, plen, cp, clen, cap).map_err(|e| e.to_string())?;
         (victim, cinit.attach(pp, plen).map_err(|e| e.to_string())?)
     };
