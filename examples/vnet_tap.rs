@@ -140,10 +140,12 @@ fn main() -> Result<(), MainError> {
             bridge.stats()
         }
         process::Format::IvshmemNet => {
-            anyhow::ensure!(
-                args.pcap.is_none(),
-                "--pcap is not supported with --format ivshmem-net yet"
-            );
+            if args.pcap.is_some() {
+                return Err(anyhow::anyhow!(
+                    "--pcap is not supported with --format ivshmem-net yet"
+                )
+                .into());
+            }
             let config = IvnetConfig {
                 max_frame: mtu,
                 // Process cells wake on one interrupt fd: INTx (vector 0 for data too).
