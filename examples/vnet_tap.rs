@@ -81,6 +81,7 @@ fn stop_signals() -> Result<OwnedFd> {
 }
 
 fn main() -> Result<(), MainError> {
+    hypervisor::cli::init_tracing();
     let args = Args::parse();
     let mtu = args.mtu.unwrap_or(match args.format {
         process::Format::Shmring => vnet::nic::DEFAULT_MTU,
