@@ -57,6 +57,7 @@ struct Args {
 }
 
 fn main() -> Result<(), MainError> {
+    hypervisor::cli::init_tracing();
     let args = Args::parse();
     let address: Ipv4Cidr = args.ip.parse().map_err(|()| {
         anyhow::anyhow!(

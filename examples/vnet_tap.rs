@@ -82,6 +82,7 @@ fn stop_signals() -> Result<OwnedFd> {
 
 /// The bridge cell (also run by `tests/kvm_vnet.rs` as its TAP bridge role).
 pub fn main() -> Result<(), MainError> {
+    hypervisor::cli::init_tracing();
     let args = Args::parse();
     let mtu = args.mtu.unwrap_or(match args.format {
         process::Format::Shmring => vnet::nic::DEFAULT_MTU,
@@ -160,13 +161,8 @@ pub fn main() -> Result<(), MainError> {
             bridge.stats()
         }
     };
-    println!(
-        "vnet_tap: stopped (signal on fd {}); to TAP {} frames / {} bytes, from TAP {} frames / {} bytes",
-        stop.as_raw_fd(),
-        s.to_port_frames,
-        s.to_port_bytes,
-        s.from_port_frames,
-        s.from_port_bytes
-    );
+    // The port is the TAP device: the line names every dropped frame (an over-MTU frame
+    // from the TAP is otherwise lost without a trace).
+    println!("vnet_tap: stopped (signal on fd {}); {s}", stop.as_raw_fd());
     Ok(())
 }

@@ -143,15 +143,10 @@ pub fn main() -> ExitCode {
     ExitCode::from(main_from(std::env::args_os()))
 }
 
-/// The `hypervisor` program with explicit arguments (the first is the program name): sets up
-/// logging to stderr, parses, runs the command and returns its exit code. On `--help`,
-/// `--version` or a usage error it prints and exits the process, as the binary does.
-pub fn main_from<I, T>(args: I) -> u8
-where
-    I: IntoIterator<Item = T>,
-    T: Into<std::ffi::OsString> + Clone,
-{
-    // A second call in one process keeps the first subscriber.
+/// Sends `tracing` events to stderr, filtered by `RUST_LOG` (default `warn`), for the
+/// hypervisor and for the example cells (without a subscriber their warnings, such as a peer
+/// breaking the ring protocol, would be dropped unseen). A second call keeps the first.
+pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -160,6 +155,17 @@ where
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
+}
+
+/// The `hypervisor` program with explicit arguments (the first is the program name): sets up
+/// logging to stderr, parses, runs the command and returns its exit code. On `--help`,
+/// `--version` or a usage error it prints and exits the process, as the binary does.
+pub fn main_from<I, T>(args: I) -> u8
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    init_tracing();
     let cli = Cli::parse_from(args);
     let result = match cli.command {
         Command::Check(args) => check(&args),
