@@ -437,12 +437,15 @@ fn zero_and_too_small_state_table() {
         location,
         &["cannot hold 4 bytes for each of the 2 peers"],
     );
-    assert!(
-        errors.problems.iter().any(
-            |p| p.location == location && p.message.contains("not a multiple of the page size")
-        ),
-        "{errors}"
-    );
+    // One error per key: the fix ("4K") mends the alignment too.
+    let at_key = errors.problems.iter().filter(|p| p.location == location);
+    assert_eq!(at_key.count(), 1, "{errors}");
+
+    // `1 byte`, not `1 bytes`.
+    let errors = refused(&GOOD.replace("output_size", "state_table_size = \"1\"\noutput_size"));
+    let problem = expect(&errors, ProblemKind::InvalidSize, location, &["(1 byte)"]);
+    assert!(!problem.message.contains("1 bytes"), "{problem}");
+    assert_eq!(errors.problems.len(), 1, "{errors}");
 }
 
 #[test]

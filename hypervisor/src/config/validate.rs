@@ -176,7 +176,10 @@ impl Checker {
         self.error(
             ProblemKind::InvalidSize,
             location,
-            format!("{what} {bytes:#x} ({bytes} bytes) is not a multiple of the page size ({PAGE_SIZE:#x})"),
+            format!(
+                "{what} {bytes:#x} ({}) is not a multiple of the page size ({PAGE_SIZE:#x})",
+                byte_count(bytes)
+            ),
             format!("round it to a multiple of 4K, e.g. {example:#x}"),
         );
         false
@@ -765,34 +768,33 @@ fn check_links(check: &mut Checker, config: &SystemConfig) -> Vec<Option<LinkCon
                 None
             }
             Some(Ok(bytes)) => {
-                let mut ok = true;
+                // One error per key: the first rule the size breaks (each fix mends the rest).
+                let location = format!("{location} .state_table_size");
                 if let Some(count) = peer_count.filter(|&c| bytes < 4 * c as u64) {
                     check.error(
                         ProblemKind::InvalidSize,
-                        format!("{location} .state_table_size"),
+                        location,
                         format!(
-                            "the state table ({bytes} bytes) cannot hold 4 bytes for each of the {count} peers ({} bytes)",
+                            "the state table ({}) cannot hold 4 bytes for each of the {count} peers ({} bytes)",
+                            byte_count(bytes),
                             4 * count
                         ),
                         "use state_table_size = \"4K\"",
                     );
-                    ok = false;
-                }
-                if bytes > u64::from(u32::MAX) {
+                    None
+                } else if bytes > u64::from(u32::MAX) {
                     check.error(
                         ProblemKind::InvalidSize,
-                        format!("{location} .state_table_size"),
+                        location,
                         format!("the state table size {bytes:#x} does not fit the device's 32-bit field"),
                         "use state_table_size = \"4K\"",
                     );
-                    ok = false;
+                    None
+                } else {
+                    check
+                        .page_aligned(location, "the state table size", bytes)
+                        .then_some(bytes)
                 }
-                ok &= check.page_aligned(
-                    format!("{location} .state_table_size"),
-                    "the state table size",
-                    bytes,
-                );
-                ok.then_some(bytes)
             }
             Some(Err(())) => None,
         };
@@ -985,6 +987,15 @@ fn check_links(check: &mut Checker, config: &SystemConfig) -> Vec<Option<LinkCon
         );
     }
     resolved
+}
+
+/// `1 byte`, `2 bytes`.
+fn byte_count(bytes: u64) -> String {
+    if bytes == 1 {
+        "1 byte".to_owned()
+    } else {
+        format!("{bytes} bytes")
+    }
 }
 
 /// Lays out a link's shared memory with ivshmem-dev's calculator. Every parameter has been
