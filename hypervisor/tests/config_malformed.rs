@@ -756,13 +756,12 @@ fn a_huge_peer_list_reports_the_limit_alone() {
 }
 
 /// Issue 14 item 9: the example in the fix for an unaligned size is itself a multiple of the
-/// page size, also where rounding up would overflow.
+/// page size.
 #[test]
 fn the_fix_for_an_unaligned_size_is_itself_aligned() {
-    for (size, want) in [
-        ("5000", 0x2000u64),
-        ("18446744073709551615", 0xffff_ffff_ffff_f000),
-    ] {
+    // Near 2^64 the example must also fit the layout: see
+    // `suggested_page_multiple_validates_itself`.
+    for (size, want) in [("5000", 0x2000u64), ("0x10000001", 0x1000_1000)] {
         let text = GOOD.replace("output_size = \"4K\"", &format!("output_size = \"{size}\""));
         let errors = refused(&text);
         let problem = expect(
@@ -811,4 +810,39 @@ fn a_binary_file_is_not_taken_for_a_permission_problem() {
     assert_eq!(problem.kind, ProblemKind::Io);
     assert!(problem.message.contains("not text"), "{problem}");
     assert!(!problem.fix.contains("permissions"), "{problem}");
+}
+
+/// The rounded size a page-multiple error suggests validates itself: near 2^63 and 2^64 the
+/// suggestion was a size that overflowed the layout (`0x8000000000000000`), and a size near
+/// the address space's end panicked with an add overflow.
+#[test]
+fn suggested_page_multiple_validates_itself() {
+    let location = r#"links[0] "l" .output_size"#;
+    for size in [
+        "9223372036854775807",
+        "18446744073709551615",
+        "0x7ffffffffffff000",
+        "4097",
+    ] {
+        let text = GOOD.replace("output_size = \"4K\"", &format!("output_size = {size}"));
+        let errors = refused(&text);
+        let problem = errors
+            .problems
+            .iter()
+            .find(|p| p.location == location)
+            .unwrap_or_else(|| panic!("no error at {location} for {size}:\n{errors}"));
+        let suggested = match problem.fix.split_once("e.g. ") {
+            Some((_, rest)) if rest.starts_with("0x") => rest.to_owned(),
+            _ => "\"64K\"".to_owned(),
+        };
+        let fixed = GOOD.replace(
+            "output_size = \"4K\"",
+            &format!("output_size = {suggested}"),
+        );
+        SystemConfig::from_toml_str(&fixed)
+            .and_then(|config| config.validate())
+            .unwrap_or_else(|errors| {
+                panic!("{size}: the suggested {suggested} is refused too:\n{errors}")
+            });
+    }
 }

@@ -163,15 +163,27 @@ impl Checker {
         }
     }
 
-    fn page_aligned(&mut self, location: String, what: &str, bytes: u64) -> bool {
+    /// Reports a size that is not a multiple of the page size, with a multiple near it as the
+    /// fix when one `fits` (rounded up, else down); a size too large to round into a valid
+    /// one gets a common size instead, so that the fix itself validates.
+    fn page_aligned(
+        &mut self,
+        location: String,
+        what: &str,
+        bytes: u64,
+        fits: impl Fn(u64) -> bool,
+    ) -> bool {
         if bytes % PAGE_SIZE == 0 {
             return true;
         }
-        // Round up when that fits in 64 bits, else down: the example is itself valid.
         let down = bytes - bytes % PAGE_SIZE;
-        let example = match down.checked_add(PAGE_SIZE) {
-            Some(up) => up,
-            None => down,
+        let example = [down.checked_add(PAGE_SIZE), Some(down)]
+            .into_iter()
+            .flatten()
+            .find(|&size| size > 0 && fits(size));
+        let fix = match example {
+            Some(size) => format!("round it to a multiple of 4K, e.g. {size:#x}"),
+            None => "use a page multiple that fits, e.g. \"64K\"".to_owned(),
         };
         self.error(
             ProblemKind::InvalidSize,
@@ -180,7 +192,7 @@ impl Checker {
                 "{what} {bytes:#x} ({}) is not a multiple of the page size ({PAGE_SIZE:#x})",
                 byte_count(bytes)
             ),
-            format!("round it to a multiple of 4K, e.g. {example:#x}"),
+            fix,
         );
         false
     }
@@ -475,6 +487,7 @@ fn check_cells(
                             format!("{location} .memory"),
                             "guest memory size",
                             bytes,
+                            |_| true,
                         ) {
                             memory = Some(bytes);
                         }
@@ -792,11 +805,22 @@ fn check_links(check: &mut Checker, config: &SystemConfig) -> Vec<Option<LinkCon
                     None
                 } else {
                     check
-                        .page_aligned(location, "the state table size", bytes)
+                        .page_aligned(location, "the state table size", bytes, |size| {
+                            size <= u64::from(u32::MAX)
+                        })
                         .then_some(bytes)
                 }
             }
             Some(Err(())) => None,
+        };
+        // A rounded size is suggested only when the link can still be laid out with it.
+        let layout_peers = peer_count
+            .filter(|count| (2..=MAX_PEERS).contains(count))
+            .unwrap_or(2);
+        let state_or_default = state_table_size.unwrap_or(PAGE_SIZE);
+        let fits = |rw: u64, output: u64| {
+            compute_layout(layout_peers, state_or_default, rw, output)
+                .is_ok_and(|layout| link_end(next_address, layout.total_size()).is_some())
         };
         let rw_size = match check.size(format!("{location} .rw_size"), link.rw_size.as_ref()) {
             None => Some(0),
@@ -805,6 +829,7 @@ fn check_links(check: &mut Checker, config: &SystemConfig) -> Vec<Option<LinkCon
                     format!("{location} .rw_size"),
                     "the R/W section size",
                     bytes,
+                    |rw| fits(rw, 0),
                 )
                 .then_some(bytes),
             Some(Err(())) => None,
@@ -826,6 +851,7 @@ fn check_links(check: &mut Checker, config: &SystemConfig) -> Vec<Option<LinkCon
                     format!("{location} .output_size"),
                     "the output section size",
                     bytes,
+                    |output| fits(rw_size.unwrap_or(0), output),
                 )
                 .then_some(bytes),
             Some(Err(())) => None,
@@ -943,7 +969,18 @@ fn check_links(check: &mut Checker, config: &SystemConfig) -> Vec<Option<LinkCon
             Some(Err(())) => None,
         };
         if let (Some(a), Some(l)) = (address, layout.as_ref()) {
-            next_address = (a + l.total_size()).next_multiple_of(1 << 20);
+            match link_end(a, l.total_size()) {
+                Some(end) => next_address = end,
+                None => check.error(
+                    ProblemKind::InvalidSize,
+                    format!("{location} .output_size"),
+                    format!(
+                        "the link's {:#x} bytes at address {a:#x} end beyond the 64-bit address space",
+                        l.total_size()
+                    ),
+                    "use smaller sections, e.g. output_size = \"64K\"",
+                ),
+            }
         }
 
         let had_error = check.problems[errors_before..]
@@ -987,6 +1024,12 @@ fn check_links(check: &mut Checker, config: &SystemConfig) -> Vec<Option<LinkCon
         );
     }
     resolved
+}
+
+/// Where the next link may start after one of `size` bytes at `address` (the next MiB), or
+/// `None` when that is beyond 64 bits.
+fn link_end(address: u64, size: u64) -> Option<u64> {
+    address.checked_add(size)?.checked_next_multiple_of(1 << 20)
 }
 
 /// `1 byte`, `2 bytes`.
