@@ -220,8 +220,9 @@ fn machine_problems(
     if let Some(available) = memory.or_else(config::machine_memory) {
         problems.extend(valid.check_memory(available));
     }
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+    problems.extend(valid.check_images(&cwd));
     if let Some(severity) = commands {
-        let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
         let search_path = std::env::var_os("PATH");
         problems.extend(valid.check_commands(&cwd, search_path.as_deref(), severity));
     }

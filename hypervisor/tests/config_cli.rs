@@ -459,3 +459,33 @@ fn cell_command_with_an_impossible_name_blames_the_name() {
         assert!(!err.contains("no hypervisor"), "{err}");
     }
 }
+
+/// An empty (0-byte) KVM image has nothing to boot: `check` and `run` refuse it and name the
+/// path (`check` passed it).
+#[test]
+fn check_and_run_refuse_an_empty_kvm_image_naming_it() {
+    let image = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("config-cli-{}-empty.bin", std::process::id()));
+    std::fs::write(&image, b"").unwrap();
+    let image = image.to_string_lossy().into_owned();
+    let config = temp_config(
+        "kvm-empty-image",
+        &WITH_KVM_CELL.replace("image = \"rtos.bin\"", &format!("image = \"{image}\"")),
+    );
+    let output = hypervisor(&["check", &config, "--cpu-count", "2"]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "cells[1] \"rtos\" .image: the image {image} is empty (0 bytes)"
+        )),
+        "{stderr}"
+    );
+    let socket = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("config-cli-{}-kvmempty.sock", std::process::id()));
+    let output = hypervisor(&["run", &config, "--socket", &socket.to_string_lossy()]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("is empty (0 bytes)"), "{stderr}");
+    assert!(!socket.exists(), "no control socket is created");
+}

@@ -79,6 +79,27 @@ impl ValidConfig {
         problems
     }
 
+    /// An error for each KVM cell whose image (relative to `cwd`) is an empty file: there is
+    /// nothing to boot. A missing image is `run`'s to refuse (it may not be built yet).
+    pub fn check_images(&self, cwd: &Path) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        for (index, cell) in self.cells.iter().enumerate() {
+            let (CellKind::Kvm, Some(image)) = (cell.kind, &cell.image) else {
+                continue;
+            };
+            let path = cwd.join(image);
+            if std::fs::metadata(&path).is_ok_and(|meta| meta.is_file() && meta.len() == 0) {
+                problems.push(Problem::error(
+                    ProblemKind::InvalidValue,
+                    format!("cells[{index}] \"{}\" .image", cell.name),
+                    format!("the image {} is empty (0 bytes)", image.display()),
+                    "build the image, or give the path of the flat binary to boot",
+                ));
+            }
+        }
+        problems
+    }
+
     /// The bytes of shared memory the links need (every section of every link).
     pub fn link_memory(&self) -> u64 {
         self.links
