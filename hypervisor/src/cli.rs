@@ -215,8 +215,10 @@ fn machine_problems(
     valid: &ValidConfig,
     memory: Option<u64>,
     commands: Option<Severity>,
+    socket: Option<&Path>,
 ) -> Vec<Problem> {
     let mut problems = Vec::new();
+    problems.extend(valid.check_socket_dir(socket));
     if let Some(available) = memory.or_else(config::machine_memory) {
         problems.extend(valid.check_memory(available));
     }
@@ -263,7 +265,7 @@ fn check(args: &CheckArgs) -> anyhow::Result<u8> {
         Some(mut valid) => {
             // A command that cannot start is only a warning here: the system may be checked
             // before its programs are built, or for another directory.
-            let problems = machine_problems(&valid, args.memory, Some(Severity::Warning));
+            let problems = machine_problems(&valid, args.memory, Some(Severity::Warning), None);
             if problems.iter().any(Problem::is_error) {
                 report_machine_problems(&args.config, &problems);
                 return Ok(EXIT_INVALID_CONFIG);
@@ -297,7 +299,10 @@ fn run(args: &RunArgs) -> anyhow::Result<u8> {
     }
     // Commands matter only when they are spawned.
     let commands = (!args.no_spawn).then_some(Severity::Error);
-    if report_machine_problems(&args.config, &machine_problems(&valid, None, commands)) {
+    if report_machine_problems(
+        &args.config,
+        &machine_problems(&valid, None, commands, args.socket.as_deref()),
+    ) {
         return Ok(EXIT_INVALID_CONFIG);
     }
     let socket = args
