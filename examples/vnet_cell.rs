@@ -78,7 +78,7 @@ fn main() -> Result<(), MainError> {
     services.handshake_timeout = Duration::from_secs(args.handshake_timeout);
     services.idle_timeout = Duration::from_secs(args.idle_timeout);
     services.keep_alive = (args.keep_alive > 0).then(|| Duration::from_secs(args.keep_alive));
-    println!("vnet_cell: link `{name}`, {address}, MTU {}", args.mtu);
+    ivshmem_stack::outln!("vnet_cell: link `{name}`, {address}, MTU {}", args.mtu);
     let mut cell = Cell::new(vlink, irq, &services, CellConfig::default());
     cell.run(None).context("cell loop")?;
     Ok(())

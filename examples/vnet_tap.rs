@@ -99,7 +99,7 @@ fn main() -> Result<(), MainError> {
     )
     .with_context(|| format!("configuring `{}`", tap.name()))?;
     let tap_name = tap.name().to_string();
-    println!(
+    ivshmem_stack::outln!(
         "vnet_tap: link `{name}` <-> {tap_name} ({}), MTU {}",
         args.ip.as_deref().unwrap_or("no address"),
         args.mtu
@@ -124,12 +124,12 @@ fn main() -> Result<(), MainError> {
             LinkEvent::Down => "down (peer cell gone)",
             LinkEvent::None => return,
         };
-        println!("vnet_tap: {tap_name}: link {text}");
+        ivshmem_stack::outln!("vnet_tap: {tap_name}: link {text}");
         let _ = std::io::stdout().flush();
     }));
     bridge.run(Some(stop.as_fd())).context("bridge loop")?;
     let s = bridge.stats();
-    println!(
+    ivshmem_stack::outln!(
         "vnet_tap: stopped (signal on fd {}); to TAP {} frames / {} bytes, from TAP {} frames / {} bytes",
         stop.as_raw_fd(),
         s.to_port_frames,
