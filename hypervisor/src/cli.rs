@@ -31,7 +31,9 @@ Relative paths in a configuration (cell commands) are taken from the working dir
 const RUN_AFTER_HELP: &str = "\
 Stopping: Ctrl-C (SIGINT), SIGTERM or SIGHUP stop every cell (SIGTERM to its process group,
 SIGKILL after 5 s), remove the control socket and print a summary. Without --keep-running,
-run also stops by itself once every spawned cell has exited and no cell is attached.
+run also stops by itself once every spawned cell has exited and no cell is attached,
+unless a cell was stopped with `hypervisor cell stop` (and not started since): such a cell
+waits for `hypervisor cell start`.
 Exit code 4 if a cell failed on its own, 1 on an invalid configuration or error.";
 
 /// Exit code of a command that did what it was asked.
