@@ -89,10 +89,25 @@ fn wrong_value_type_names_its_line() {
     let problem = &errors.problems[0];
     assert_eq!(problem.kind, ProblemKind::InvalidValue);
     assert!(
-        problem.location.starts_with("cells[0] (line 7, column 8)"),
+        problem
+            .location
+            .starts_with("cells[0] .cpus (line 7, column 8)"),
         "{problem}"
     );
     assert!(problem.message.contains("invalid type"), "{problem}");
+}
+
+/// A negative size is refused with the form a size takes as the fix, at its key.
+#[test]
+fn negative_size_names_its_key_and_the_expected_form() {
+    let errors = refused(&GOOD.replace("output_size = \"4K\"", "output_size = -5"));
+    let problem = &errors.problems[0];
+    assert_eq!(problem.kind, ProblemKind::InvalidValue);
+    assert!(
+        problem.location.starts_with("links[0] .output_size (line"),
+        "{problem}"
+    );
+    assert!(problem.fix.contains("\"4K\""), "{problem}");
 }
 
 #[test]
@@ -706,7 +721,9 @@ fn negative_cpu_number() {
     let problem = &errors.problems[0];
     assert_eq!(problem.kind, ProblemKind::InvalidValue);
     assert!(
-        problem.location.starts_with("cells[1] (line 12, column"),
+        problem
+            .location
+            .starts_with("cells[1] .cpus (line 12, column"),
         "{problem}"
     );
     assert!(problem.message.contains("-1"), "{problem}");

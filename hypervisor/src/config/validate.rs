@@ -1073,10 +1073,19 @@ pub(super) fn parse_problem(text: &str, error: &toml::de::Error) -> Problem {
             // key `cell`), not of the table before it.
             let line_start = before.rfind('\n').map_or(0, |at| at + 1);
             let on_header = text[line_start..].trim_start().starts_with('[');
+            // A bad value names its key: `cells[0] .cpus (line 5, column 8)`.
+            let bad_value = message.starts_with("invalid type")
+                || message.starts_with("invalid value")
+                || message.contains("cannot be negative");
+            let key = bad_value
+                .then(|| key_before(&text[line_start..start]))
+                .flatten()
+                .map_or(String::new(), |key| format!(" .{key}"));
             match table_at(before) {
                 Some(_) if on_header => format!("top level (line {line}, column {column})"),
-                Some(table) => format!("{table} (line {line}, column {column})"),
-                None => format!("line {line}, column {column}"),
+                Some(table) => format!("{table}{key} (line {line}, column {column})"),
+                None if key.is_empty() => format!("line {line}, column {column}"),
+                None => format!("top level{key} (line {line}, column {column})"),
             }
         }
         None => "the file".to_owned(),
@@ -1088,10 +1097,12 @@ pub(super) fn parse_problem(text: &str, error: &toml::de::Error) -> Problem {
         )
     } else if message.starts_with("missing field") {
         (ProblemKind::MissingField, "add the missing key")
-    } else if message.starts_with("invalid type")
-        || message.starts_with("invalid value")
-        || message.contains("cannot be negative")
-    {
+    } else if message.contains("cannot be negative") {
+        (
+            ProblemKind::InvalidValue,
+            "write a number of bytes or a string such as \"4K\", \"64KiB\" or \"1M\"",
+        )
+    } else if message.starts_with("invalid type") || message.starts_with("invalid value") {
         (
             ProblemKind::InvalidValue,
             "give the key a value of the expected type",
@@ -1100,6 +1111,14 @@ pub(super) fn parse_problem(text: &str, error: &toml::de::Error) -> Problem {
         (ProblemKind::Syntax, "fix the TOML syntax at this position")
     };
     Problem::error(kind, location, message, fix)
+}
+
+/// The key a value on this line belongs to: `cpus` for `cpus = [0, "x"` (the line up to the
+/// value), `None` when the line holds no `key =`.
+fn key_before(line: &str) -> Option<&str> {
+    let key = line.split_once('=')?.0.trim();
+    let bare = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+    (!key.is_empty() && key.chars().all(bare)).then_some(key)
 }
 
 /// The table a position is in, by the last header before it: `system`, `cells[2]`, `links[0]`.
