@@ -43,7 +43,7 @@ struct Args {
     /// Open this UIO device (sysfs name, e.g. `uio_ivshmem`) instead of the hosted hypervisor
     /// (`--socket`/`--cell` are then not used; they are not refused, as their environment
     /// variables may be set).
-    #[arg(long, conflicts_with = "link")]
+    #[arg(long, conflicts_with = "link", value_parser = ivshmem_stack::hypervisor_args::uio_device_name)]
     uio: Option<String>,
     /// The link to use (default: the cell's only link).
     #[arg(long)]
