@@ -43,7 +43,7 @@ struct Args {
     /// Open this UIO device (sysfs name, e.g. `uio_ivshmem`) instead of the hosted hypervisor
     /// (`--socket`/`--cell` are then not used; they are not refused, as their environment
     /// variables may be set).
-    #[arg(long, conflicts_with = "link")]
+    #[arg(long, conflicts_with = "link", value_parser = ivshmem_stack::hypervisor_args::uio_device_name)]
     uio: Option<String>,
     /// The link to use (default: the cell's only link).
     #[arg(long)]
@@ -104,17 +104,17 @@ impl Demo {
         let ivshmem = self.endpoint.ivshmem();
         for peer in 0..3 {
             if let Some(state) = ivshmem.peer_state(peer) {
-                println!("state[{peer}] = {state}");
+                ivshmem_stack::outln!("state[{peer}] = {state}");
             }
         }
         for i in 0..3 {
             if let Some(value) = read_word(ivshmem.rw(), 4 * i) {
-                println!("rw[{i}] = {value}");
+                ivshmem_stack::outln!("rw[{i}] = {value}");
             }
         }
         for offset in [0usize, 0x2000, 0x4000] {
             if let Some(value) = self.input_word(offset) {
-                println!("in@{offset:#06x} = {value}");
+                ivshmem_stack::outln!("in@{offset:#06x} = {value}");
             }
         }
     }
@@ -138,8 +138,8 @@ pub fn main() -> Result<(), MainError> {
     let ivshmem = demo.endpoint.ivshmem();
     let id = ivshmem.id();
     let max_peers = ivshmem.max_peers();
-    println!("ID = {id}");
-    println!("Maximum peers = {max_peers}");
+    ivshmem_stack::outln!("ID = {id}");
+    ivshmem_stack::outln!("Maximum peers = {max_peers}");
     let target = args.target.unwrap_or((id + 1) % max_peers);
     if target >= max_peers || target == id {
         return Err(anyhow!("invalid peer number {target} (ID {id}, {max_peers} peers)").into());
@@ -161,18 +161,18 @@ pub fn main() -> Result<(), MainError> {
             Some(merged) => {
                 int_count = int_count.wrapping_add(merged as u32);
                 demo.publish(int_count);
-                println!("\nInterrupt #{int_count}");
+                ivshmem_stack::outln!("\nInterrupt #{int_count}");
                 demo.print_shmem();
                 if args.exit_after.is_some_and(|n| u64::from(int_count) >= n) {
                     return Ok(());
                 }
             }
             None => {
-                println!("\nSending interrupt {int_no} to peer {target}");
+                ivshmem_stack::outln!("\nSending interrupt {int_no} to peer {target}");
                 ivshmem.ring(target, int_no);
                 sent += 1;
                 next_doorbell = if args.count.is_some_and(|n| sent >= n) {
-                    println!("Sent {sent} interrupts, done");
+                    ivshmem_stack::outln!("Sent {sent} interrupts, done");
                     None
                 } else {
                     next_doorbell.map(|at| at + Duration::from_secs(1))

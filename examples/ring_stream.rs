@@ -382,7 +382,7 @@ fn run(args: Args) -> Result<()> {
         }
         None => pin::default_cpus().ok(),
     };
-    println!(
+    ivshmem_stack::outln!(
         "ring_stream: {:.1} s of frames of {HEADER_LEN}..={} bytes through a {} shmring, mode {:?}, {}",
         args.seconds,
         args.size,
@@ -459,7 +459,7 @@ fn stream(args: &Args, cpus: Option<[usize; 2]>, live: bool) -> Result<Summary> 
             if !live {
                 continue;
             }
-            println!(
+            ivshmem_stack::outln!(
                 "  t={:5.1} s  frames {:>12}  {:>8.2} M frames/s  {:>9.1} MB/s  max latency {:>9.1} us (last second)",
                 epoch.elapsed().as_secs_f64(),
                 frames,
@@ -486,8 +486,8 @@ fn stream(args: &Args, cpus: Option<[usize; 2]>, live: bool) -> Result<Summary> 
 fn print_summary(args: &Args, s: &Summary) {
     let secs = s.elapsed.as_secs_f64();
     let us = |q: f64| s.latency.value_at_quantile(q) as f64 / 1e3;
-    println!("summary:");
-    println!(
+    ivshmem_stack::outln!("summary:");
+    ivshmem_stack::outln!(
         "  {} frames, {:.1} MB in {secs:.2} s: {:.2} M frames/s, {:.1} MB/s (average frame {:.0} bytes)",
         s.frames,
         s.bytes as f64 / 1e6,
@@ -495,25 +495,26 @@ fn print_summary(args: &Args, s: &Summary) {
         s.bytes as f64 / secs / 1e6,
         s.bytes as f64 / s.frames.max(1) as f64
     );
-    println!(
+    ivshmem_stack::outln!(
         "  one-way latency: p50 {:.2} us, p99 {:.2} us, p99.9 {:.2} us, max {:.2} us",
         us(0.5),
         us(0.99),
         us(0.999),
         s.latency.max() as f64 / 1e3
     );
-    println!(
+    ivshmem_stack::outln!(
         "  the ring was full before {} frames ({:.3}%): the producer waited, and their latency includes queueing",
         s.producer_waited,
         100.0 * s.producer_waited as f64 / s.frames.max(1) as f64
     );
     if args.mode == Mode::Park {
-        println!(
+        ivshmem_stack::outln!(
             "  sleeps: consumer parked {} times, producer parked {} times",
-            s.consumer_parks, s.producer_parks
+            s.consumer_parks,
+            s.producer_parks
         );
     }
-    println!(
+    ivshmem_stack::outln!(
         "  zero loss: all {} frames arrived in order with matching length, CRC-32 and payload",
         s.frames
     );

@@ -204,7 +204,7 @@ async fn main() -> Result<(), MainError> {
             ..ChannelOptions::default()
         },
     )?;
-    println!(
+    ivshmem_stack::outln!(
         "telemetry_consumer: link `{}`, waiting for {}",
         channel.name(),
         channel.peer_label()
@@ -227,7 +227,7 @@ async fn main() -> Result<(), MainError> {
                 biased;
                 _ = tick.tick() => {
                     if summary.window_count > 0 || peer_state != 0 {
-                        println!(
+                        ivshmem_stack::outln!(
                             "{}  gaps {} (missing {})  peer {}",
                             summary.window_line(), check.gaps, check.missing, state_name(peer_state)
                         );
@@ -235,7 +235,7 @@ async fn main() -> Result<(), MainError> {
                 }
                 Some(state) = states.next() => {
                     if state.state != peer_state {
-                        println!("peer state: {} -> {}", state_name(peer_state), state_name(state.state));
+                        ivshmem_stack::outln!("peer state: {} -> {}", state_name(peer_state), state_name(state.state));
                     }
                     peer_state = state.state;
                 }
@@ -252,7 +252,7 @@ async fn main() -> Result<(), MainError> {
                         }
                     }
                     Some(Err(e @ ChannelError::PeerGone { .. })) => {
-                        println!("{e}: {} samples so far; waiting for it to come back", check.received);
+                        ivshmem_stack::outln!("{e}: {} samples so far; waiting for it to come back", check.received);
                         check.restart();
                         break;
                     }
@@ -268,13 +268,13 @@ async fn main() -> Result<(), MainError> {
         sink.flush()?;
     }
     let secs = summary.start.elapsed().as_secs_f64();
-    println!(
+    ivshmem_stack::outln!(
         "final: {} samples in {:.2} s  {}",
         check.received,
         secs,
         Summary::line(&summary.total, check.received, secs)
     );
-    println!(
+    ivshmem_stack::outln!(
         "final: gaps {} (missing {}), out of order {}, torn {}, producer restarts {}, max latency {:.1} us",
         check.gaps,
         check.missing,

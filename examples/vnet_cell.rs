@@ -82,9 +82,10 @@ fn main() -> Result<(), MainError> {
                 ..LinkConfig::default()
             };
             let p = process::attach(at, config)?;
-            println!(
+            ivshmem_stack::outln!(
                 "vnet_cell: link `{}` (shmring), {address}, MTU {}",
-                p.name, config.mtu
+                p.name,
+                config.mtu
             );
             let mut cell = Cell::new(p.link, p.irq, &services, CellConfig::default());
             cell.run(None).context("cell loop")?;
@@ -96,9 +97,10 @@ fn main() -> Result<(), MainError> {
                 interrupts: Interrupts::Intx,
             };
             let p = process::attach_ivnet(at, config)?;
-            println!(
+            ivshmem_stack::outln!(
                 "vnet_cell: link `{}` (ivshmem-net), {address}, MTU {}",
-                p.name, config.max_frame
+                p.name,
+                config.max_frame
             );
             let mut cell = Cell::new(p.link, p.irq, &services, CellConfig::default());
             cell.run(None).context("cell loop")?;

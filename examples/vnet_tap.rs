@@ -104,7 +104,7 @@ pub fn main() -> Result<(), MainError> {
         tap.configure(args.ip.as_deref(), mtu - vnet::nic::ETHERNET_HEADER_LEN)
             .with_context(|| format!("configuring `{}`", tap.name()))?;
         let tap_name = tap.name().to_string();
-        println!(
+        ivshmem_stack::outln!(
             "vnet_tap: link `{name}` ({:?}) <-> {tap_name} ({}), MTU {mtu}",
             args.format,
             args.ip.as_deref().unwrap_or("no address"),
@@ -118,7 +118,7 @@ pub fn main() -> Result<(), MainError> {
                 LinkEvent::Down => "down (peer cell gone)",
                 LinkEvent::None => return,
             };
-            println!("vnet_tap: {tap_name}: link {text}");
+            ivshmem_stack::outln!("vnet_tap: {tap_name}: link {text}");
             let _ = std::io::stdout().flush();
         })
     };
@@ -163,6 +163,6 @@ pub fn main() -> Result<(), MainError> {
     };
     // The port is the TAP device: the line names every dropped frame (an over-MTU frame
     // from the TAP is otherwise lost without a trace).
-    println!("vnet_tap: stopped (signal on fd {}); {s}", stop.as_raw_fd());
+    ivshmem_stack::outln!("vnet_tap: stopped (signal on fd {}); {s}", stop.as_raw_fd());
     Ok(())
 }

@@ -83,8 +83,35 @@ impl HypervisorArgs {
     }
 }
 
+/// Parses `--uio`: the name of a UIO device in sysfs (`uio_ivshmem`, `uio0`). A path
+/// (`/etc/passwd`, `/dev/uio0`) is refused as such, instead of being looked up as a name and
+/// blamed on a missing UIO driver.
+pub fn uio_device_name(value: &str) -> Result<String, String> {
+    if value.is_empty() {
+        return Err("a UIO device name is needed, e.g. uio_ivshmem or uio0".to_owned());
+    }
+    if value.contains('/') {
+        return Err(format!(
+            "{value} is a path; --uio takes the name of a UIO device in /sys/class/uio \
+             (its `name`, e.g. uio_ivshmem, or the device, e.g. uio0)"
+        ));
+    }
+    Ok(value.to_owned())
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_uio_path_is_refused_as_a_path() {
+        let error = super::uio_device_name("/etc/passwd").unwrap_err();
+        assert!(
+            error.starts_with("/etc/passwd is a path; --uio takes the name"),
+            "{error}"
+        );
+        assert_eq!(super::uio_device_name("uio0").as_deref(), Ok("uio0"));
+        assert!(super::uio_device_name("").is_err());
+    }
+
     use super::*;
     use clap::{CommandFactory, Parser};
 

@@ -192,7 +192,8 @@ pub struct RunOptions {
     /// Live status or log lines.
     pub output: Output,
     /// Stop once every spawned cell has exited and no cell is attached (at least one cell
-    /// must have been spawned); false (`--keep-running`): serve until a signal or a stop
+    /// must have been spawned), unless a cell stopped by `hypervisor cell stop` waits to be
+    /// started again; false (`--keep-running`): serve until a signal or a stop
     /// request, so that cells can attach again.
     pub stop_when_cells_exit: bool,
 }
@@ -261,6 +262,9 @@ struct Spawned {
     pipes: Vec<CellPipe>,
     exit: Option<CellExit>,
     exited_before_stop: bool,
+    /// Stopped by `hypervisor cell stop` and not started since: it waits for a `cell start`,
+    /// so `run` does not stop by itself while such a cell exists.
+    stopped_on_request: bool,
 }
 
 /// Which of a cell's output streams a pipe carries (and where its lines go).
@@ -818,6 +822,7 @@ fn spawn_process_cell(
         pipes: Vec::new(),
         exit: None,
         exited_before_stop: false,
+        stopped_on_request: false,
     });
     let s = spawned.last_mut().expect("just pushed");
     for (fd, stream) in stdout.into_iter().chain(stderr) {
@@ -888,6 +893,7 @@ fn control_cell(
                 ));
                 // Reports the exit as `cell NAME: process PID ended: ...`.
                 terminate(server, std::slice::from_mut(&mut spawned[i]), display);
+                spawned[i].stopped_on_request = request.action == CellAction::Stop;
             }
             None if server.disconnect_cell(name) => {
                 let _ = display.event(&format!("cell {name}: disconnected on request"));
@@ -906,6 +912,9 @@ fn control_cell(
             return Err(format!(
                 "cell `{name}` is started by hand: start its program with {ENV_CELL}={name}"
             ));
+        }
+        for earlier in spawned.iter_mut().filter(|s| s.cell == name) {
+            earlier.stopped_on_request = false;
         }
         spawn_process_cell(cell, options, server, spawned, display).map_err(|e| e.to_string())?;
     }
@@ -1034,6 +1043,7 @@ fn serve(
         if options.stop_when_cells_exit
             && !spawned.is_empty()
             && spawned.iter().all(|s| s.exit.is_some())
+            && !spawned.iter().any(|s| s.stopped_on_request)
             && server.attached_cells().is_empty()
             && !vms.any_running()
         {
@@ -1456,6 +1466,7 @@ mod tests {
             pipes: Vec::new(),
             exit: None,
             exited_before_stop: false,
+            stopped_on_request: false,
         }];
         let mut out = Vec::new();
         let mut err = Vec::new();

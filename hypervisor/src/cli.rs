@@ -31,7 +31,9 @@ Relative paths in a configuration (cell commands) are taken from the working dir
 const RUN_AFTER_HELP: &str = "\
 Stopping: Ctrl-C (SIGINT), SIGTERM or SIGHUP stop every cell (SIGTERM to its process group,
 SIGKILL after 5 s), remove the control socket and print a summary. Without --keep-running,
-run also stops by itself once every spawned cell has exited and no cell is attached.
+run also stops by itself once every spawned cell has exited and no cell is attached,
+unless a cell was stopped with `hypervisor cell stop` (and not started since): such a cell
+waits for `hypervisor cell start`.
 Exit code 4 if a cell failed on its own, 1 on an invalid configuration or error.";
 
 /// Exit code of a command that did what it was asked.
@@ -221,16 +223,19 @@ fn machine_problems(
     valid: &ValidConfig,
     memory: Option<u64>,
     commands: Option<Severity>,
+    socket: Option<&Path>,
 ) -> Vec<Problem> {
     let mut problems = Vec::new();
+    problems.extend(valid.check_socket_dir(socket));
     if let Some(available) = memory.or_else(config::machine_memory) {
         problems.extend(valid.check_memory(available));
     }
     if let Some(limits) = config::ProcessLimits::of_this_process() {
         problems.extend(valid.check_limits(limits));
     }
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+    problems.extend(valid.check_images(&cwd));
     if let Some(severity) = commands {
-        let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
         let search_path = std::env::var_os("PATH");
         problems.extend(valid.check_commands(&cwd, search_path.as_deref(), severity));
     }
@@ -271,7 +276,7 @@ fn check(args: &CheckArgs) -> anyhow::Result<u8> {
         Some(mut valid) => {
             // A command that cannot start is only a warning here: the system may be checked
             // before its programs are built, or for another directory.
-            let problems = machine_problems(&valid, args.memory, Some(Severity::Warning));
+            let problems = machine_problems(&valid, args.memory, Some(Severity::Warning), None);
             if problems.iter().any(Problem::is_error) {
                 report_machine_problems(&args.config, &problems);
                 return Ok(EXIT_INVALID_CONFIG);
@@ -305,7 +310,10 @@ fn run(args: &RunArgs) -> anyhow::Result<u8> {
     }
     // Commands matter only when they are spawned.
     let commands = (!args.no_spawn).then_some(Severity::Error);
-    if report_machine_problems(&args.config, &machine_problems(&valid, None, commands)) {
+    if report_machine_problems(
+        &args.config,
+        &machine_problems(&valid, None, commands, args.socket.as_deref()),
+    ) {
         return Ok(EXIT_INVALID_CONFIG);
     }
     let socket = args

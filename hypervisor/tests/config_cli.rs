@@ -459,3 +459,95 @@ fn cell_command_with_an_impossible_name_blames_the_name() {
         assert!(!err.contains("no hypervisor"), "{err}");
     }
 }
+
+/// An empty (0-byte) KVM image has nothing to boot: `check` and `run` refuse it and name the
+/// path (`check` passed it).
+#[test]
+fn check_and_run_refuse_an_empty_kvm_image_naming_it() {
+    let image = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("config-cli-{}-empty.bin", std::process::id()));
+    std::fs::write(&image, b"").unwrap();
+    let image = image.to_string_lossy().into_owned();
+    let config = temp_config(
+        "kvm-empty-image",
+        &WITH_KVM_CELL.replace("image = \"rtos.bin\"", &format!("image = \"{image}\"")),
+    );
+    let output = hypervisor(&["check", &config, "--cpu-count", "2"]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "cells[1] \"rtos\" .image: the image {image} is empty (0 bytes)"
+        )),
+        "{stderr}"
+    );
+    let socket = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("config-cli-{}-kvmempty.sock", std::process::id()));
+    let output = hypervisor(&["run", &config, "--socket", &socket.to_string_lossy()]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("is empty (0 bytes)"), "{stderr}");
+    assert!(!socket.exists(), "no control socket is created");
+}
+
+/// A control socket in a directory that does not exist is refused by `check` and `run`,
+/// naming the key and the directory, and `run` creates nothing (it made the directories, as
+/// root, and left them); a socket under /proc is refused saying why.
+#[test]
+fn a_control_socket_in_a_missing_or_kernel_directory_is_refused() {
+    let missing = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("config-cli-{}-nodir", std::process::id()));
+    let socket = missing.join("sub/a.sock");
+    let config = temp_config(
+        "socket-missing-dir",
+        &GOOD_RUN_CONFIG.replace(
+            "[system]\n",
+            &format!("[system]\ncontrol_socket = \"{}\"\n", socket.display()),
+        ),
+    );
+    let want = format!(
+        "system .control_socket: the directory {} of the control socket {} does not exist",
+        socket.parent().unwrap().display(),
+        socket.display()
+    );
+    for args in [
+        vec!["check", &config, "--cpu-count", "2"],
+        vec!["run", &config],
+    ] {
+        let output = hypervisor(&args);
+        let stderr = text(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(&want), "{args:?}: {stderr}");
+        assert!(!missing.exists(), "{args:?} created {}", missing.display());
+    }
+
+    let config = temp_config("socket-proc", GOOD_RUN_CONFIG);
+    let output = hypervisor(&["run", &config, "--socket", "/proc/config-cli-fix14.sock"]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("--socket: the control socket /proc/config-cli-fix14.sock is in /proc, a kernel (proc/sys) file system where no socket can be created"),
+        "{stderr}"
+    );
+}
+
+/// Two process cells on one link, for `run` refusals that come before anything starts.
+const GOOD_RUN_CONFIG: &str = r#"[system]
+name = "fix14"
+
+[[cells]]
+name = "a"
+cpus = [0]
+command = "/bin/true"
+
+[[cells]]
+name = "b"
+cpus = [1]
+command = "/bin/true"
+
+[[links]]
+name = "l"
+peers = ["a", "b"]
+protocol = "telemetry"
+output_size = "4K"
+"#;

@@ -89,10 +89,25 @@ fn wrong_value_type_names_its_line() {
     let problem = &errors.problems[0];
     assert_eq!(problem.kind, ProblemKind::InvalidValue);
     assert!(
-        problem.location.starts_with("cells[0] (line 7, column 8)"),
+        problem
+            .location
+            .starts_with("cells[0] .cpus (line 7, column 8)"),
         "{problem}"
     );
     assert!(problem.message.contains("invalid type"), "{problem}");
+}
+
+/// A negative size is refused with the form a size takes as the fix, at its key.
+#[test]
+fn negative_size_names_its_key_and_the_expected_form() {
+    let errors = refused(&GOOD.replace("output_size = \"4K\"", "output_size = -5"));
+    let problem = &errors.problems[0];
+    assert_eq!(problem.kind, ProblemKind::InvalidValue);
+    assert!(
+        problem.location.starts_with("links[0] .output_size (line"),
+        "{problem}"
+    );
+    assert!(problem.fix.contains("\"4K\""), "{problem}");
 }
 
 #[test]
@@ -437,12 +452,15 @@ fn zero_and_too_small_state_table() {
         location,
         &["cannot hold 4 bytes for each of the 2 peers"],
     );
-    assert!(
-        errors.problems.iter().any(
-            |p| p.location == location && p.message.contains("not a multiple of the page size")
-        ),
-        "{errors}"
-    );
+    // One error per key: the fix ("4K") mends the alignment too.
+    let at_key = errors.problems.iter().filter(|p| p.location == location);
+    assert_eq!(at_key.count(), 1, "{errors}");
+
+    // `1 byte`, not `1 bytes`.
+    let errors = refused(&GOOD.replace("output_size", "state_table_size = \"1\"\noutput_size"));
+    let problem = expect(&errors, ProblemKind::InvalidSize, location, &["(1 byte)"]);
+    assert!(!problem.message.contains("1 bytes"), "{problem}");
+    assert_eq!(errors.problems.len(), 1, "{errors}");
 }
 
 #[test]
@@ -703,7 +721,9 @@ fn negative_cpu_number() {
     let problem = &errors.problems[0];
     assert_eq!(problem.kind, ProblemKind::InvalidValue);
     assert!(
-        problem.location.starts_with("cells[1] (line 12, column"),
+        problem
+            .location
+            .starts_with("cells[1] .cpus (line 12, column"),
         "{problem}"
     );
     assert!(problem.message.contains("-1"), "{problem}");
@@ -753,13 +773,12 @@ fn a_huge_peer_list_reports_the_limit_alone() {
 }
 
 /// Issue 14 item 9: the example in the fix for an unaligned size is itself a multiple of the
-/// page size, also where rounding up would overflow.
+/// page size.
 #[test]
 fn the_fix_for_an_unaligned_size_is_itself_aligned() {
-    for (size, want) in [
-        ("5000", 0x2000u64),
-        ("18446744073709551615", 0xffff_ffff_ffff_f000),
-    ] {
+    // Near 2^64 the example must also fit the layout: see
+    // `suggested_page_multiple_validates_itself`.
+    for (size, want) in [("5000", 0x2000u64), ("0x10000001", 0x1000_1000)] {
         let text = GOOD.replace("output_size = \"4K\"", &format!("output_size = \"{size}\""));
         let errors = refused(&text);
         let problem = expect(
@@ -808,4 +827,39 @@ fn a_binary_file_is_not_taken_for_a_permission_problem() {
     assert_eq!(problem.kind, ProblemKind::Io);
     assert!(problem.message.contains("not text"), "{problem}");
     assert!(!problem.fix.contains("permissions"), "{problem}");
+}
+
+/// The rounded size a page-multiple error suggests validates itself: near 2^63 and 2^64 the
+/// suggestion was a size that overflowed the layout (`0x8000000000000000`), and a size near
+/// the address space's end panicked with an add overflow.
+#[test]
+fn suggested_page_multiple_validates_itself() {
+    let location = r#"links[0] "l" .output_size"#;
+    for size in [
+        "9223372036854775807",
+        "18446744073709551615",
+        "0x7ffffffffffff000",
+        "4097",
+    ] {
+        let text = GOOD.replace("output_size = \"4K\"", &format!("output_size = {size}"));
+        let errors = refused(&text);
+        let problem = errors
+            .problems
+            .iter()
+            .find(|p| p.location == location)
+            .unwrap_or_else(|| panic!("no error at {location} for {size}:\n{errors}"));
+        let suggested = match problem.fix.split_once("e.g. ") {
+            Some((_, rest)) if rest.starts_with("0x") => rest.to_owned(),
+            _ => "\"64K\"".to_owned(),
+        };
+        let fixed = GOOD.replace(
+            "output_size = \"4K\"",
+            &format!("output_size = {suggested}"),
+        );
+        SystemConfig::from_toml_str(&fixed)
+            .and_then(|config| config.validate())
+            .unwrap_or_else(|errors| {
+                panic!("{size}: the suggested {suggested} is refused too:\n{errors}")
+            });
+    }
 }

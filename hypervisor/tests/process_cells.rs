@@ -644,3 +644,31 @@ fn a_kvm_cells_fatal_stop_is_printed_once_fails_the_run_and_is_in_the_summary() 
         + err.lines().filter(|l| l.contains("FATAL:")).count();
     assert_eq!(fatal, 1, "stdout: {log:#?}\nstderr: {err}");
 }
+
+/// `cell stop` of the only running cell does not end a `run` without `--keep-running`: the
+/// stopped cell waits for `cell start`, which starts it again; once it exits on its own the
+/// run stops as before ("every spawned cell has exited").
+#[test]
+fn cell_stop_of_the_last_cell_keeps_run_serving_for_cell_start() {
+    let dir = TempDir::new("cell-stop-last");
+    let socket = dir.0.join("hv.sock");
+    let marker = dir.0.join("started-once");
+    // The first start idles until stopped; the second exits on its own.
+    let script = format!(
+        "if [ -e {m} ]; then echo again; exit 0; fi; touch {m}; echo up; exec sleep 100",
+        m = marker.display()
+    );
+    let config = shell_cells(&dir.0, &socket, &[("only", &script)]);
+    let (mut hv, _stderr) = run_hypervisor(&config, &[]);
+    hv.out.expect("[only] up");
+    let (code, out, err) = cell_command(&socket, &["stop", "only"]);
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
+    hv.out.expect("cell only: process");
+    // Still serving: the start is accepted and the cell runs again.
+    let (code, out, err) = cell_command(&socket, &["start", "only"]);
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
+    hv.out.expect("[only] again");
+    hv.out.expect("stopping (every spawned cell has exited)");
+    let status = hv.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}

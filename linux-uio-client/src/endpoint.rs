@@ -40,7 +40,7 @@ pub enum EndpointError {
     #[error("UIO interrupt: {0}")]
     UioInterrupt(#[from] InterruptError),
     /// The hosted backend failed.
-    #[error("hosted: {0}")]
+    #[error(transparent)]
     Hosted(#[from] HostedError),
     /// The driver refused the device.
     #[error("driver: {0}")]

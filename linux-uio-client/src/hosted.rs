@@ -94,7 +94,7 @@ pub enum HostedError {
         source: io::Error,
     },
     /// The hypervisor refused the request.
-    #[error("the hypervisor refused: {detail} ({reason:?})")]
+    #[error("the hypervisor refused: {detail}")]
     Refused {
         /// The reason code.
         reason: RefusalReason,
@@ -1092,5 +1092,24 @@ impl HostedEndpoint {
     /// Takes the links out (the control socket stays open while any link or driver lives).
     pub fn into_links(self) -> Vec<HostedLink> {
         self.links
+    }
+}
+
+#[cfg(test)]
+mod display_tests {
+    use super::*;
+
+    /// A refusal reads as the hypervisor's words: no backend prefix (`hosted: `) and no Rust
+    /// variant name (`(UnknownCell)`) in what a user sees.
+    #[test]
+    fn a_refusal_shows_no_backend_prefix_or_variant_name() {
+        let error = crate::EndpointError::from(HostedError::Refused {
+            reason: RefusalReason::UnknownCell,
+            detail: "no cell named `zz`".to_owned(),
+        });
+        assert_eq!(
+            error.to_string(),
+            "the hypervisor refused: no cell named `zz`"
+        );
     }
 }

@@ -79,6 +79,76 @@ impl ValidConfig {
         problems
     }
 
+    /// An error when the control socket (`socket`, the `--socket` override, else the
+    /// configured one) cannot be created in its directory: a directory that does not exist
+    /// (`run` creates only the default one, never a path the user wrote), or one on procfs or
+    /// sysfs, where no socket can be made. `None` when the directory looks usable.
+    pub fn check_socket_dir(&self, socket: Option<&Path>) -> Option<Problem> {
+        let (path, location) = match socket {
+            Some(path) => (path, "--socket".to_owned()),
+            None if self.control_socket_is_default => return None,
+            None => (
+                self.control_socket.as_path(),
+                "system .control_socket".to_owned(),
+            ),
+        };
+        let dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        let (message, fix) = match nix::sys::statfs::statfs(dir) {
+            Err(_) if !dir.is_dir() => (
+                format!(
+                    "the directory {} of the control socket {} does not exist",
+                    dir.display(),
+                    path.display()
+                ),
+                "create the directory first, or put the socket in an existing one (e.g. /tmp)",
+            ),
+            Ok(fs)
+                if fs.filesystem_type() == nix::sys::statfs::PROC_SUPER_MAGIC
+                    || fs.filesystem_type() == nix::sys::statfs::SYSFS_MAGIC =>
+            {
+                (
+                    format!(
+                        "the control socket {} is in {}, a kernel (proc/sys) file system where no socket can be created",
+                        path.display(),
+                        dir.display()
+                    ),
+                    "put the socket in a directory of a real file system (e.g. /run or /tmp)",
+                )
+            }
+            _ => return None,
+        };
+        Some(Problem::error(
+            ProblemKind::InvalidSocketPath,
+            location,
+            message,
+            fix,
+        ))
+    }
+
+    /// An error for each KVM cell whose image (relative to `cwd`) is an empty file: there is
+    /// nothing to boot. A missing image is `run`'s to refuse (it may not be built yet).
+    pub fn check_images(&self, cwd: &Path) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        for (index, cell) in self.cells.iter().enumerate() {
+            let (CellKind::Kvm, Some(image)) = (cell.kind, &cell.image) else {
+                continue;
+            };
+            let path = cwd.join(image);
+            if std::fs::metadata(&path).is_ok_and(|meta| meta.is_file() && meta.len() == 0) {
+                problems.push(Problem::error(
+                    ProblemKind::InvalidValue,
+                    format!("cells[{index}] \"{}\" .image", cell.name),
+                    format!("the image {} is empty (0 bytes)", image.display()),
+                    "build the image, or give the path of the flat binary to boot",
+                ));
+            }
+        }
+        problems
+    }
+
     /// The bytes of shared memory the links need (every section of every link).
     pub fn link_memory(&self) -> u64 {
         self.links

@@ -163,21 +163,36 @@ impl Checker {
         }
     }
 
-    fn page_aligned(&mut self, location: String, what: &str, bytes: u64) -> bool {
+    /// Reports a size that is not a multiple of the page size, with a multiple near it as the
+    /// fix when one `fits` (rounded up, else down); a size too large to round into a valid
+    /// one gets a common size instead, so that the fix itself validates.
+    fn page_aligned(
+        &mut self,
+        location: String,
+        what: &str,
+        bytes: u64,
+        fits: impl Fn(u64) -> bool,
+    ) -> bool {
         if bytes % PAGE_SIZE == 0 {
             return true;
         }
-        // Round up when that fits in 64 bits, else down: the example is itself valid.
         let down = bytes - bytes % PAGE_SIZE;
-        let example = match down.checked_add(PAGE_SIZE) {
-            Some(up) => up,
-            None => down,
+        let example = [down.checked_add(PAGE_SIZE), Some(down)]
+            .into_iter()
+            .flatten()
+            .find(|&size| size > 0 && fits(size));
+        let fix = match example {
+            Some(size) => format!("round it to a multiple of 4K, e.g. {size:#x}"),
+            None => "use a page multiple that fits, e.g. \"64K\"".to_owned(),
         };
         self.error(
             ProblemKind::InvalidSize,
             location,
-            format!("{what} {bytes:#x} ({bytes} bytes) is not a multiple of the page size ({PAGE_SIZE:#x})"),
-            format!("round it to a multiple of 4K, e.g. {example:#x}"),
+            format!(
+                "{what} {bytes:#x} ({}) is not a multiple of the page size ({PAGE_SIZE:#x})",
+                byte_count(bytes)
+            ),
+            fix,
         );
         false
     }
@@ -478,6 +493,7 @@ fn check_cells(
                             format!("{location} .memory"),
                             "guest memory size",
                             bytes,
+                            |_| true,
                         ) {
                             memory = Some(bytes);
                         }
@@ -789,36 +805,46 @@ fn check_links(check: &mut Checker, config: &SystemConfig) -> Vec<Option<LinkCon
                 None
             }
             Some(Ok(bytes)) => {
-                let mut ok = true;
+                // One error per key: the first rule the size breaks (each fix mends the rest).
+                let location = format!("{location} .state_table_size");
                 if let Some(count) = peer_count.filter(|&c| bytes < 4 * c as u64) {
                     check.error(
                         ProblemKind::InvalidSize,
-                        format!("{location} .state_table_size"),
+                        location,
                         format!(
-                            "the state table ({bytes} bytes) cannot hold 4 bytes for each of the {count} peers ({} bytes)",
+                            "the state table ({}) cannot hold 4 bytes for each of the {count} peers ({} bytes)",
+                            byte_count(bytes),
                             4 * count
                         ),
                         "use state_table_size = \"4K\"",
                     );
-                    ok = false;
-                }
-                if bytes > u64::from(u32::MAX) {
+                    None
+                } else if bytes > u64::from(u32::MAX) {
                     check.error(
                         ProblemKind::InvalidSize,
-                        format!("{location} .state_table_size"),
+                        location,
                         format!("the state table size {bytes:#x} does not fit the device's 32-bit field"),
                         "use state_table_size = \"4K\"",
                     );
-                    ok = false;
+                    None
+                } else {
+                    check
+                        .page_aligned(location, "the state table size", bytes, |size| {
+                            size <= u64::from(u32::MAX)
+                        })
+                        .then_some(bytes)
                 }
-                ok &= check.page_aligned(
-                    format!("{location} .state_table_size"),
-                    "the state table size",
-                    bytes,
-                );
-                ok.then_some(bytes)
             }
             Some(Err(())) => None,
+        };
+        // A rounded size is suggested only when the link can still be laid out with it.
+        let layout_peers = peer_count
+            .filter(|count| (2..=MAX_PEERS).contains(count))
+            .unwrap_or(2);
+        let state_or_default = state_table_size.unwrap_or(PAGE_SIZE);
+        let fits = |rw: u64, output: u64| {
+            compute_layout(layout_peers, state_or_default, rw, output)
+                .is_ok_and(|layout| link_end(next_address, layout.total_size()).is_some())
         };
         let rw_size = match check.size(format!("{location} .rw_size"), link.rw_size.as_ref()) {
             None => Some(0),
@@ -827,6 +853,7 @@ fn check_links(check: &mut Checker, config: &SystemConfig) -> Vec<Option<LinkCon
                     format!("{location} .rw_size"),
                     "the R/W section size",
                     bytes,
+                    |rw| fits(rw, 0),
                 )
                 .then_some(bytes),
             Some(Err(())) => None,
@@ -848,6 +875,7 @@ fn check_links(check: &mut Checker, config: &SystemConfig) -> Vec<Option<LinkCon
                     format!("{location} .output_size"),
                     "the output section size",
                     bytes,
+                    |output| fits(rw_size.unwrap_or(0), output),
                 )
                 .then_some(bytes),
             Some(Err(())) => None,
@@ -965,7 +993,18 @@ fn check_links(check: &mut Checker, config: &SystemConfig) -> Vec<Option<LinkCon
             Some(Err(())) => None,
         };
         if let (Some(a), Some(l)) = (address, layout.as_ref()) {
-            next_address = (a + l.total_size()).next_multiple_of(1 << 20);
+            match link_end(a, l.total_size()) {
+                Some(end) => next_address = end,
+                None => check.error(
+                    ProblemKind::InvalidSize,
+                    format!("{location} .output_size"),
+                    format!(
+                        "the link's {:#x} bytes at address {a:#x} end beyond the 64-bit address space",
+                        l.total_size()
+                    ),
+                    "use smaller sections, e.g. output_size = \"64K\"",
+                ),
+            }
         }
 
         let had_error = check.problems[errors_before..]
@@ -1011,6 +1050,21 @@ fn check_links(check: &mut Checker, config: &SystemConfig) -> Vec<Option<LinkCon
     resolved
 }
 
+/// Where the next link may start after one of `size` bytes at `address` (the next MiB), or
+/// `None` when that is beyond 64 bits.
+fn link_end(address: u64, size: u64) -> Option<u64> {
+    address.checked_add(size)?.checked_next_multiple_of(1 << 20)
+}
+
+/// `1 byte`, `2 bytes`.
+fn byte_count(bytes: u64) -> String {
+    if bytes == 1 {
+        "1 byte".to_owned()
+    } else {
+        format!("{bytes} bytes")
+    }
+}
+
 /// Lays out a link's shared memory with ivshmem-dev's calculator. Every parameter has been
 /// checked here already; a refusal would mean the two disagree, and is reported at the
 /// parameter the calculator names.
@@ -1043,10 +1097,19 @@ pub(super) fn parse_problem(text: &str, error: &toml::de::Error) -> Problem {
             // key `cell`), not of the table before it.
             let line_start = before.rfind('\n').map_or(0, |at| at + 1);
             let on_header = text[line_start..].trim_start().starts_with('[');
+            // A bad value names its key: `cells[0] .cpus (line 5, column 8)`.
+            let bad_value = message.starts_with("invalid type")
+                || message.starts_with("invalid value")
+                || message.contains("cannot be negative");
+            let key = bad_value
+                .then(|| key_before(&text[line_start..start]))
+                .flatten()
+                .map_or(String::new(), |key| format!(" .{key}"));
             match table_at(before) {
                 Some(_) if on_header => format!("top level (line {line}, column {column})"),
-                Some(table) => format!("{table} (line {line}, column {column})"),
-                None => format!("line {line}, column {column}"),
+                Some(table) => format!("{table}{key} (line {line}, column {column})"),
+                None if key.is_empty() => format!("line {line}, column {column}"),
+                None => format!("top level{key} (line {line}, column {column})"),
             }
         }
         None => "the file".to_owned(),
@@ -1058,10 +1121,12 @@ pub(super) fn parse_problem(text: &str, error: &toml::de::Error) -> Problem {
         )
     } else if message.starts_with("missing field") {
         (ProblemKind::MissingField, "add the missing key")
-    } else if message.starts_with("invalid type")
-        || message.starts_with("invalid value")
-        || message.contains("cannot be negative")
-    {
+    } else if message.contains("cannot be negative") {
+        (
+            ProblemKind::InvalidValue,
+            "write a number of bytes or a string such as \"4K\", \"64KiB\" or \"1M\"",
+        )
+    } else if message.starts_with("invalid type") || message.starts_with("invalid value") {
         (
             ProblemKind::InvalidValue,
             "give the key a value of the expected type",
@@ -1070,6 +1135,14 @@ pub(super) fn parse_problem(text: &str, error: &toml::de::Error) -> Problem {
         (ProblemKind::Syntax, "fix the TOML syntax at this position")
     };
     Problem::error(kind, location, message, fix)
+}
+
+/// The key a value on this line belongs to: `cpus` for `cpus = [0, "x"` (the line up to the
+/// value), `None` when the line holds no `key =`.
+fn key_before(line: &str) -> Option<&str> {
+    let key = line.split_once('=')?.0.trim();
+    let bare = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+    (!key.is_empty() && key.chars().all(bare)).then_some(key)
 }
 
 /// The table a position is in, by the last header before it: `system`, `cells[2]`, `links[0]`.
