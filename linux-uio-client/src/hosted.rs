@@ -47,9 +47,10 @@
 //!    zero page mapping of the same size, so every reader of the table, the driver
 //!    [`Ivshmem`] included, reads state 0 for every peer from then on (the pointer the
 //!    driver holds stays valid);
-//! 2. then raises vector 0 on this peer (writes its own vector-0 eventfd), the interrupt a
-//!    state change raises, so whoever waits on the interrupt wakes and re-reads the table;
-//! 3. marks the connection broken, so later STATE writes fail with [`HostedError::Broken`].
+//! 2. marks the connection broken, so later STATE writes fail with [`HostedError::Broken`]
+//!    (before step 3, so a cell woken by it never sees another error);
+//! 3. then raises vector 0 on this peer (writes its own vector-0 eventfd), the interrupt a
+//!    state change raises, so whoever waits on the interrupt wakes and re-reads the table.
 //!
 //! The sections themselves stay mapped: what peers published before stays readable.
 
@@ -414,7 +415,8 @@ impl LinkShared {
     }
 
     /// The hypervisor closed the control socket: the state table reads 0 from now on, then
-    /// vector 0 is raised on this peer and the connection marked broken (see the module docs).
+    /// the connection is marked broken, then vector 0 is raised on this peer (see the module
+    /// docs).
     fn hypervisor_gone(&self) {
         let map = &self.state_table.map;
         if let (Some(addr), Some(len)) = (
@@ -438,6 +440,13 @@ impl LinkShared {
                 tracing::warn!(link = %self.name, "cannot clear the state table after the hypervisor died: {e}");
             }
         }
+        // Broken before anyone can see the hypervisor gone: whoever wakes on the flag or the
+        // interrupt and writes STATE gets `Broken`, not the socket's own error.
+        self.connection
+            .broken
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert_with(|| HostedError::Closed.to_string());
         self.connection
             .hypervisor_gone
             .store(true, Ordering::SeqCst);
@@ -445,12 +454,6 @@ impl LinkShared {
         if let Some(fd) = self.interrupts.first() {
             let _ = nix::unistd::write(fd, &1u64.to_ne_bytes());
         }
-        let mut broken = self
-            .connection
-            .broken
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        broken.get_or_insert_with(|| HostedError::Closed.to_string());
     }
 
     /// Reads `peer`'s state table entry. The mapping is read-only, and std only promises
