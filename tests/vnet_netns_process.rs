@@ -16,7 +16,7 @@ use std::process::Child;
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use common::hosted::Hosted;
+use common::hosted::{self, Hosted};
 use common::linux::{self, Netns};
 use common::Threads;
 use ivshmem_stack::vnet_cell::cell::{Cell, CellConfig};
@@ -119,10 +119,7 @@ fn process_cells_linux_through_tap_to_a_smoltcp_cell() {
     };
 
     let mut cell = spawn_cell(&hv);
-    assert_eq!(
-        events.recv_timeout(Duration::from_secs(30)).unwrap(),
-        LinkEvent::Up
-    );
+    hosted::expect_link(&events, LinkEvent::Up);
     let client = {
         let ns = Arc::clone(&ns);
         threads.spawn("client", move || {
@@ -137,20 +134,11 @@ fn process_cells_linux_through_tap_to_a_smoltcp_cell() {
     assert!(page.contains("sink_bytes 104857600"), "{page}");
 
     // SIGKILL the cell process: the hypervisor sets its state to 0, the link goes down.
-    cell.kill().unwrap();
-    cell.wait().unwrap();
-    assert_eq!(
-        events.recv_timeout(Duration::from_secs(30)).unwrap(),
-        LinkEvent::Down
-    );
-    assert!(ns.ip(&["link", "show", "vnet0"]).contains("NO-CARRIER"));
+    hosted::kill_cell_see_link_down(&mut cell, &events, &ns, "vnet0");
 
     // Restart it: the link comes back and new connections work.
     let mut cell = spawn_cell(&hv);
-    assert_eq!(
-        events.recv_timeout(Duration::from_secs(30)).unwrap(),
-        LinkEvent::Up
-    );
+    hosted::expect_link(&events, LinkEvent::Up);
     let client = {
         let ns = Arc::clone(&ns);
         threads.spawn("client after the restart", move || {
