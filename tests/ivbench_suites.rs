@@ -191,19 +191,28 @@ fn a_cpu_that_does_not_exist_is_a_clear_error() {
     assert!(format!("{err:#}").contains("CPU 100000"), "{err:#}");
 }
 
-/// `ivbench kvm`'s telemetry rows: a KVM producer and a process producer, both measured in one
-/// run (skipped with a message without `/dev/kvm`).
-#[test]
-fn kvm_suite_measures_telemetry_from_a_kvm_and_a_process_producer() {
+/// Whether the KVM rows can run: without `/dev/kvm` prints why the test is skipped and
+/// returns false; otherwise builds the inmate images they boot (`scripts/build-inmates`).
+fn kvm_with_inmates() -> bool {
     if let Err(why) = hypervisor::kvm::kvm_available() {
         eprintln!("skipping: KVM is not usable here: {why}");
-        return;
+        return false;
     }
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let built = std::process::Command::new(root.join("scripts/build-inmates"))
         .status()
         .expect("running scripts/build-inmates");
     assert!(built.success(), "scripts/build-inmates failed: {built}");
+    true
+}
+
+/// `ivbench kvm`'s telemetry rows: a KVM producer and a process producer, both measured in one
+/// run (skipped with a message without `/dev/kvm`).
+#[test]
+fn kvm_suite_measures_telemetry_from_a_kvm_and_a_process_producer() {
+    if !kvm_with_inmates() {
+        return;
+    }
     let _cores = one_at_a_time();
     let mut report = SuiteReport::new(ivshmem_stack::bench::kvm::SUITE);
     report.entries = ivshmem_stack::bench::kvm::telemetry_rows(&tiny()).unwrap();
@@ -224,15 +233,9 @@ fn kvm_suite_measures_ping_to_the_network_inmate_and_the_process_cell() {
         eprintln!("skipping: needs root (network namespaces, TAP devices)");
         return;
     }
-    if let Err(why) = hypervisor::kvm::kvm_available() {
-        eprintln!("skipping: KVM is not usable here: {why}");
+    if !kvm_with_inmates() {
         return;
     }
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let built = std::process::Command::new(root.join("scripts/build-inmates"))
-        .status()
-        .expect("running scripts/build-inmates");
-    assert!(built.success(), "scripts/build-inmates failed: {built}");
     let _cores = one_at_a_time();
     let mut report = SuiteReport::new(ivshmem_stack::bench::kvm::SUITE);
     ivshmem_stack::bench::kvm::ping_rows(&tiny(), &mut report).unwrap();

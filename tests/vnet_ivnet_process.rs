@@ -16,9 +16,8 @@ use std::net::Ipv4Addr;
 use std::os::fd::AsFd;
 use std::process::Child;
 use std::sync::{mpsc, Arc};
-use std::time::Duration;
 
-use common::hosted::Hosted;
+use common::hosted::{self, Hosted};
 use common::linux::{self, Netns};
 use ivshmem_stack::vnet_cell::cell::{Cell, CellConfig};
 use ivshmem_stack::vnet_cell::services::ServiceConfig;
@@ -131,10 +130,7 @@ fn linux_talks_to_a_process_cell_in_ivshmem_net_format(ip_mtu: usize) {
     };
 
     let mut cell = spawn_cell(&hv, ip_mtu);
-    assert_eq!(
-        events.recv_timeout(Duration::from_secs(30)).unwrap(),
-        LinkEvent::Up
-    );
+    hosted::expect_link(&events, LinkEvent::Up);
     assert!(!ns.ip(&["link", "show", "ivn0"]).contains("NO-CARRIER"));
     let client = {
         let ns = Arc::clone(&ns);
@@ -156,20 +152,11 @@ fn linux_talks_to_a_process_cell_in_ivshmem_net_format(ip_mtu: usize) {
     assert!(page.contains("carrier true"), "{page}");
 
     // SIGKILL the cell process: the hypervisor sets its state to 0, the link goes down.
-    cell.kill().unwrap();
-    cell.wait().unwrap();
-    assert_eq!(
-        events.recv_timeout(Duration::from_secs(30)).unwrap(),
-        LinkEvent::Down
-    );
-    assert!(ns.ip(&["link", "show", "ivn0"]).contains("NO-CARRIER"));
+    hosted::kill_cell_see_link_down(&mut cell, &events, &ns, "ivn0");
 
     // Restart it: the link comes back and new connections work.
     let mut cell = spawn_cell(&hv, ip_mtu);
-    assert_eq!(
-        events.recv_timeout(Duration::from_secs(30)).unwrap(),
-        LinkEvent::Up
-    );
+    hosted::expect_link(&events, LinkEvent::Up);
     let client = {
         let ns = Arc::clone(&ns);
         std::thread::spawn(move || {

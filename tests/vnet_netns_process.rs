@@ -12,16 +12,13 @@ use std::net::Ipv4Addr;
 use std::os::fd::AsFd;
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
-use std::path::PathBuf;
-use std::process::{Child, Command};
+use std::process::Child;
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
+use common::hosted::{self, Hosted};
 use common::linux::{self, Netns};
 use common::Threads;
-use hypervisor::cells::{self, RunOptions, StopHandle};
-use hypervisor::config::SystemConfig;
-use hypervisor::control::SystemSpec;
 use ivshmem_stack::vnet_cell::cell::{Cell, CellConfig};
 use ivshmem_stack::vnet_cell::services::ServiceConfig;
 use linux_uio_client::Endpoint;
@@ -79,28 +76,8 @@ fn cell_process_child() {
     cell.run(None).unwrap();
 }
 
-fn spawn_cell(socket: &PathBuf) -> Child {
-    use std::os::unix::process::CommandExt;
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
-    // SAFETY: prctl is async-signal-safe; the child dies with the test process.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
-    cmd.args([
-        "--exact",
-        "cell_process_child",
-        "--ignored",
-        "--nocapture",
-        "--test-threads=1",
-    ])
-    .env(CHILD_ENV, "1")
-    .env("IVSHMEM_SOCKET", socket)
-    .env("IVSHMEM_CELL", "rtos-net")
-    .spawn()
-    .unwrap()
+fn spawn_cell(hv: &Hosted) -> Child {
+    hv.spawn_cell("cell_process_child", "rtos-net", &[(CHILD_ENV, "1".into())])
 }
 
 fn eventfd() -> Arc<EventFd> {
@@ -113,48 +90,10 @@ fn process_cells_linux_through_tap_to_a_smoltcp_cell() {
         return;
     }
     let ns = Arc::new(Netns::new("proc"));
-    let dir = std::env::temp_dir().join(format!("vnet-proc-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let socket = dir.join("vnet.sock");
-
     // The hypervisor: links, control socket; cells attach by hand.
-    let valid = SystemConfig::from_toml_str(SYSTEM)
-        .unwrap()
-        .validate()
-        .unwrap();
-    let system = SystemSpec::from_config(&valid);
-    let stop = StopHandle::new().unwrap();
+    let hv = Hosted::start(SYSTEM, "proc");
+    let socket = hv.socket().to_path_buf();
     let threads = Threads::default();
-    let (listening_tx, listening) = mpsc::channel();
-    let hv = {
-        let stop = stop.clone();
-        let socket = socket.clone();
-        threads.spawn("hypervisor", move || {
-            let options = RunOptions {
-                spawn: false,
-                ..RunOptions::new(socket)
-            };
-            // The first output line is "listening on ...": the socket is ready.
-            struct Lines(mpsc::Sender<()>, bool);
-            impl std::io::Write for Lines {
-                fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                    if !self.1 && b.windows(9).any(|w| w == b"listening") {
-                        self.1 = true;
-                        let _ = self.0.send(());
-                    }
-                    Ok(b.len())
-                }
-                fn flush(&mut self) -> std::io::Result<()> {
-                    Ok(())
-                }
-            }
-            let mut out = Lines(listening_tx, false);
-            cells::run(&system, &options, Some(&stop), &mut out).unwrap()
-        })
-    };
-    listening
-        .recv_timeout(Duration::from_secs(10))
-        .expect("hypervisor listening");
 
     // The bridge: the second process cell, in the namespace.
     let (events_tx, events) = mpsc::channel();
@@ -179,11 +118,8 @@ fn process_cells_linux_through_tap_to_a_smoltcp_cell() {
         })
     };
 
-    let mut cell = spawn_cell(&socket);
-    assert_eq!(
-        events.recv_timeout(Duration::from_secs(30)).unwrap(),
-        LinkEvent::Up
-    );
+    let mut cell = spawn_cell(&hv);
+    hosted::expect_link(&events, LinkEvent::Up);
     let client = {
         let ns = Arc::clone(&ns);
         threads.spawn("client", move || {
@@ -198,20 +134,11 @@ fn process_cells_linux_through_tap_to_a_smoltcp_cell() {
     assert!(page.contains("sink_bytes 104857600"), "{page}");
 
     // SIGKILL the cell process: the hypervisor sets its state to 0, the link goes down.
-    cell.kill().unwrap();
-    cell.wait().unwrap();
-    assert_eq!(
-        events.recv_timeout(Duration::from_secs(30)).unwrap(),
-        LinkEvent::Down
-    );
-    assert!(ns.ip(&["link", "show", "vnet0"]).contains("NO-CARRIER"));
+    hosted::kill_cell_see_link_down(&mut cell, &events, &ns, "vnet0");
 
     // Restart it: the link comes back and new connections work.
-    let mut cell = spawn_cell(&socket);
-    assert_eq!(
-        events.recv_timeout(Duration::from_secs(30)).unwrap(),
-        LinkEvent::Up
-    );
+    let mut cell = spawn_cell(&hv);
+    hosted::expect_link(&events, LinkEvent::Up);
     let client = {
         let ns = Arc::clone(&ns);
         threads.spawn("client after the restart", move || {
@@ -232,7 +159,5 @@ fn process_cells_linux_through_tap_to_a_smoltcp_cell() {
     assert_eq!(bridge_stop.write(1).expect("eventfd write"), 8);
     let stats = threads.join("bridge", bridge, STEP_LIMIT);
     assert_eq!(stats.port_write_errors, 0);
-    stop.stop();
-    threads.join("hypervisor", hv, STEP_LIMIT);
-    let _ = std::fs::remove_dir_all(&dir);
+    hv.stop();
 }

@@ -4,13 +4,16 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
-use std::sync::mpsc;
+use std::sync::mpsc::{self, Receiver};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use hypervisor::cells::{self, RunOptions, StopHandle};
 use hypervisor::config::SystemConfig;
 use hypervisor::control::SystemSpec;
+use vnet::LinkEvent;
+
+use super::linux::Netns;
 
 /// A running hosted hypervisor with its control socket in a private directory.
 pub struct Hosted {
@@ -110,4 +113,23 @@ impl Hosted {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Waits (at most 30 s) for the bridge's next link event and checks it is `want`.
+pub fn expect_link(events: &Receiver<LinkEvent>, want: LinkEvent) {
+    assert_eq!(events.recv_timeout(Duration::from_secs(30)).unwrap(), want);
+}
+
+/// Kills cell process `cell` with SIGKILL: the hypervisor sets its state to 0, so the bridge
+/// sees the link go down and TAP `tap` in `ns` shows NO-CARRIER.
+pub fn kill_cell_see_link_down(
+    cell: &mut Child,
+    events: &Receiver<LinkEvent>,
+    ns: &Netns,
+    tap: &str,
+) {
+    cell.kill().unwrap();
+    cell.wait().unwrap();
+    expect_link(events, LinkEvent::Down);
+    assert!(ns.ip(&["link", "show", tap]).contains("NO-CARRIER"));
 }
