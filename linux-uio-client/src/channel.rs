@@ -737,12 +737,13 @@ impl Channel {
     /// let link = LocalLink::new("frame-into", 2, 64 * 1024)?;
     /// let mut a = Channel::new(Endpoint::attach_local(&link, 0)?, ChannelOptions::default())?;
     /// let mut b = Channel::new(Endpoint::attach_local(&link, 1)?, ChannelOptions::default())?;
-    /// let frame: Vec<u8> = (0..20_000u32).map(|i| i as u8).collect();
+    /// // 12,000 bytes: under this link's largest frame (16,376 bytes for 64 KiB sections).
+    /// let frame: Vec<u8> = (0..12_000u32).map(|i| i as u8).collect();
     /// // Any tokio AsyncWrite: a socket, a file, a pipe; here an in-memory vector.
     /// let mut out = Vec::new();
-    /// let (sent, got) = tokio::join!(a.send(&frame), b.recv_frame_into(&mut out));
-    /// sent?;
-    /// assert_eq!(got?, frame.len());
+    /// // try_join: a failed send ends the example at once instead of leaving recv waiting.
+    /// let ((), got) = tokio::try_join!(a.send(&frame), b.recv_frame_into(&mut out))?;
+    /// assert_eq!(got, frame.len());
     /// assert_eq!(out, frame);
     /// # Ok(()) }
     /// ```
