@@ -150,7 +150,8 @@ pub fn main() -> Result<(), MainError> {
             }
             let config = IvnetConfig {
                 max_frame: mtu,
-                // Process cells wake on one interrupt fd: INTx (vector 0 for data too).
+                // INTx (vector 0 for data too); `attach_ivnet` rings data on vector 1 when
+                // the link has MSI-X vectors (a KVM-cell peer), and the bridge wakes on all.
                 interrupts: Interrupts::Intx,
             };
             let p = process::attach_ivnet(at, config)?;

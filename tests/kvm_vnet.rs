@@ -1,5 +1,7 @@
 //! Linux reaches the bare-metal network inmate (`inmates/net`, a KVM cell) through the TAP
-//! bridge (`examples/vnet_tap.rs`, a process cell), as `configs/vnet-kvm.toml` runs them:
+//! bridge (`examples/vnet_tap.rs`, a process cell), as `configs/vnet-kvm.toml` (vnet's
+//! shmring format) and `configs/vnet-kvm-ivshmem-net.toml` (Linux's `ivshmem-net` format,
+//! MSI-X state on vector 0 and data on vector 1) run them; two tests, one body:
 //! 100 pings without loss, the HTTP status page, 1 MiB to the sink (its CRC-32 answer must
 //! match) and 1 MiB from the source (every byte checked). Then `hypervisor cell restart` of
 //! the inmate: the bridge reports the link down and up again, and the fresh inmate serves.
@@ -8,8 +10,8 @@
 //! with `KVM_VNET_HYPERVISOR` set it runs `hypervisor::cli` (`run`, `cell restart`), and the
 //! hypervisor spawns it again with `KVM_VNET_ROLE=tap` as the bridge cell, which runs the
 //! example's `main`. The hypervisor runs inside a network namespace of its own (`vnet-inn-PID`),
-//! so the TAP device `inn0` never touches the host's network. Skipped with a message without
-//! root or `/dev/kvm`.
+//! so the TAP device (`inn0`, `ivn0`) never touches the host's network. Skipped with a message
+//! without root or `/dev/kvm`.
 
 #[path = "vnet_common/mod.rs"]
 mod common;
@@ -36,21 +38,56 @@ const GUARD: Duration = Duration::from_secs(90);
 const CELL_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
 const MIB: u64 = 1 << 20;
 
-const RUNNER: Runner = Runner {
-    name: "linux_reaches_the_network_inmate_through_the_tap_bridge",
-    hypervisor_env: HYPERVISOR_ENV,
-    needs_root: true,
+/// One system under test: a shipped config and the TAP device its bridge creates.
+struct System {
+    runner: Runner<'static>,
+    /// The config under `configs/`.
+    config: &'static str,
+    /// The TAP device (and the tag of the namespace and the private names).
+    tap: &'static str,
+}
+
+const SHMRING: System = System {
+    runner: Runner {
+        name: "linux_reaches_the_network_inmate_through_the_tap_bridge",
+        hypervisor_env: HYPERVISOR_ENV,
+        needs_root: true,
+    },
+    config: "vnet-kvm.toml",
+    tap: "inn0",
+};
+
+const IVSHMEM_NET: System = System {
+    runner: Runner {
+        name: "linux_reaches_the_network_inmate_over_ivshmem_net",
+        hypervisor_env: HYPERVISOR_ENV,
+        needs_root: true,
+    },
+    config: "vnet-kvm-ivshmem-net.toml",
+    tap: "ivn0",
 };
 
 fn main() -> ExitCode {
     let tap_cell = || kvm_common::cell_role(ROLE_ENV, "tap", "vnet_tap", vnet_tap::main);
-    kvm_common::main(&RUNNER, tap_cell, linux_and_the_network_inmate)
+    // The hypervisor and the bridge are roles of this binary: they run once, in the first call.
+    let role = std::env::var_os(HYPERVISOR_ENV).is_some() || std::env::var_os(ROLE_ENV).is_some();
+    let first = kvm_common::main(&SHMRING.runner, tap_cell, || {
+        linux_and_the_network_inmate(&SHMRING)
+    });
+    if role || first != ExitCode::SUCCESS {
+        return first;
+    }
+    kvm_common::main(
+        &IVSHMEM_NET.runner,
+        || None,
+        || linux_and_the_network_inmate(&IVSHMEM_NET),
+    )
 }
 
-/// The system of `configs/vnet-kvm.toml`, private to this run, with this binary as the bridge.
-fn system_config(root: &Path, dir: &Path, exe: &Path) -> String {
-    let shipped = std::fs::read_to_string(root.join("configs/vnet-kvm.toml")).unwrap();
-    let name = format!("vnet-kvm-inn-{}", std::process::id());
+/// The system of `configs/<system.config>`, private to this run, with this binary as the bridge.
+fn system_config(system: &System, root: &Path, dir: &Path, exe: &Path) -> String {
+    let shipped = std::fs::read_to_string(root.join("configs").join(system.config)).unwrap();
+    let name = format!("vnet-kvm-{}-{}", system.tap, std::process::id());
     let config = private_config(&shipped, &name, &dir.join("control.sock"));
     let bridge = "\"target/release/examples/vnet_tap\"";
     assert!(config.contains(bridge), "the shipped bridge command moved");
@@ -93,24 +130,25 @@ fn serve_linux(ns: &Arc<Netns>, pings: u16, bytes: u64) -> String {
     .unwrap()
 }
 
-fn linux_and_the_network_inmate() {
+fn linux_and_the_network_inmate(system: &System) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     build_inmates(root);
-    let ns = Arc::new(Netns::new("inn"));
-    let dir = std::env::temp_dir().join(format!("kvm-vnet-inn-{}", std::process::id()));
+    let tap = system.tap;
+    let ns = Arc::new(Netns::new(tap));
+    let dir = std::env::temp_dir().join(format!("kvm-vnet-{tap}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let exe = std::env::current_exe().unwrap();
-    let config = dir.join("vnet-kvm.toml");
-    std::fs::write(&config, system_config(root, &dir, &exe)).unwrap();
+    let config = dir.join(system.config);
+    std::fs::write(&config, system_config(system, root, &dir, &exe)).unwrap();
 
     let mut hypervisor = ns.command(exe.to_str().unwrap());
     hypervisor.arg("run").arg(&config).current_dir(root);
     let (mut out, _hypervisor) =
-        kvm_common::spawn_hypervisor(hypervisor, &RUNNER, (ROLE_ENV, "tap"), GUARD);
+        kvm_common::spawn_hypervisor(hypervisor, &system.runner, (ROLE_ENV, "tap"), GUARD);
 
-    const UP: &str = "[linux-net] vnet_tap: inn0: link up (peer cell running)";
-    const DOWN: &str = "[linux-net] vnet_tap: inn0: link down (peer cell gone)";
-    out.expect_nth(UP, 1);
+    let up = format!("[linux-net] vnet_tap: {tap}: link up (peer cell running)");
+    let down = format!("[linux-net] vnet_tap: {tap}: link down (peer cell gone)");
+    out.expect_nth(&up, 1);
     let started = Instant::now();
     let page = serve_linux(&ns, 100, MIB);
     println!("  100 pings, page, 1 MiB each way: {:?}", started.elapsed());
@@ -130,14 +168,14 @@ fn linux_and_the_network_inmate() {
         String::from_utf8_lossy(&restart.stdout),
         String::from_utf8_lossy(&restart.stderr)
     );
-    out.expect_nth(DOWN, 1);
-    out.expect_nth(UP, 2);
-    assert!(!ns.ip(&["link", "show", "inn0"]).contains("NO-CARRIER"));
+    out.expect_nth(&down, 1);
+    out.expect_nth(&up, 2);
+    assert!(!ns.ip(&["link", "show", tap]).contains("NO-CARRIER"));
     // The fresh inmate knows no neighbour, and smoltcp drops a reply while it resolves the
     // sender's MAC (it queues nothing); Linux may still hold the inmate's MAC, so it would not
     // ARP first. Forget it, so that Linux's ARP request teaches the inmate its MAC, as after
     // any peer's reboot.
-    ns.ip(&["neigh", "flush", "dev", "inn0"]);
+    ns.ip(&["neigh", "flush", "dev", tap]);
     let page = serve_linux(&ns, 3, 0);
     // A fresh inmate: its counters start again (this page is its first connection).
     assert!(page.contains("connections 1\n"), "{page}");

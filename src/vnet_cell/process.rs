@@ -7,7 +7,7 @@ use std::path::Path;
 
 use linux_uio_client::{Endpoint, EndpointError, EndpointInterrupt, EndpointRegisters};
 
-use vnet::ivnet::{IvnetConfig, IvnetError, IvnetLink};
+use vnet::ivnet::{Interrupts, IvnetConfig, IvnetError, IvnetLink};
 use vnet::link::{LinkConfig, LinkError, VnetLink};
 
 /// The wire format of a vnet link (both announce protocol 0001h; the configuration says
@@ -86,14 +86,20 @@ pub fn attach(at: Attach<'_>, config: LinkConfig) -> Result<ProcessLink, AttachE
     }
 }
 
-/// Attaches to the hypervisor as `at` says and makes an [`IvnetLink`] with `config`.
+/// Attaches to the hypervisor as `at` says and makes an [`IvnetLink`] with `config`; on a
+/// link with 2 or more MSI-X vectors the link rings data on vector 1
+/// ([`Interrupts::MsiX`], the format's MSI-X layout, which a KVM-cell peer expects), whatever
+/// `config.interrupts` says.
 pub fn attach_ivnet(
     at: Attach<'_>,
-    config: IvnetConfig,
+    mut config: IvnetConfig,
 ) -> Result<ProcessLink<IvnetLink<EndpointRegisters>>, AttachError> {
     let endpoint = endpoint(at)?;
     let name = endpoint.name().to_string();
     let (dev, irq) = endpoint.into_parts();
+    if irq.vector_fds().len() >= 2 {
+        config.interrupts = Interrupts::MsiX;
+    }
     match IvnetLink::new(dev, config) {
         Ok(link) => Ok(ProcessLink { name, link, irq }),
         Err(source) => Err(AttachError::Ivnet { name, source }),

@@ -123,12 +123,13 @@ pub fn check_revents(fd: LoopFd, raw: RawFd, revents: libc::c_short) -> Result<(
     }
 }
 
-/// A bridge's sleep: blocks in `poll(2)` on the interrupt, the port (for reading if
-/// `read_port`, for writing if `write_port`) and the stop fd (if any), and checks each fd's
-/// `revents` ([`check_revents`]). `Ok(None)`: interrupted by a signal, try again;
-/// `Ok(Some(revents))` in that order otherwise.
+/// A bridge's sleep: blocks in `poll(2)` on the interrupt fds (every vector's, see
+/// [`Interrupt::fds`]), the port (for reading if `read_port`, for writing if `write_port`)
+/// and the stop fd (if any), and checks each fd's `revents` ([`check_revents`]). `Ok(None)`:
+/// interrupted by a signal, try again; `Ok(Some(revents))` of the interrupt (all vectors
+/// merged), the port and the stop fd otherwise.
 pub(crate) fn wait_for_bridge_fds(
-    irq: BorrowedFd<'_>,
+    irq: &[BorrowedFd<'_>],
     port: BorrowedFd<'_>,
     read_port: bool,
     write_port: bool,
@@ -136,25 +137,18 @@ pub(crate) fn wait_for_bridge_fds(
 ) -> Result<Option<[libc::c_short; 3]>, LoopError> {
     let port_events =
         if read_port { libc::POLLIN } else { 0 } | if write_port { libc::POLLOUT } else { 0 };
-    let mut fds = [
-        libc::pollfd {
-            fd: irq.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: port.as_raw_fd(),
-            events: port_events,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: stop.map_or(-1, |s| s.as_raw_fd()),
-            events: libc::POLLIN,
-            revents: 0,
-        },
+    let pollfd = |fd: RawFd, events| libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
+    let mut fds = vec![
+        pollfd(port.as_raw_fd(), port_events),
+        pollfd(stop.map_or(-1, |s| s.as_raw_fd()), libc::POLLIN),
     ];
-    // SAFETY: three valid pollfd entries (a negative fd is ignored by poll).
-    let rc = unsafe { libc::poll(fds.as_mut_ptr(), 3, -1) };
+    fds.extend(irq.iter().map(|fd| pollfd(fd.as_raw_fd(), libc::POLLIN)));
+    // SAFETY: `fds.len()` valid pollfd entries (a negative fd is ignored by poll).
+    let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
     if rc < 0 {
         let e = io::Error::last_os_error();
         if e.kind() == io::ErrorKind::Interrupted {
@@ -162,16 +156,26 @@ pub(crate) fn wait_for_bridge_fds(
         }
         return Err(e.into());
     }
-    check_revents(LoopFd::Interrupt, fds[0].fd, fds[0].revents)?;
-    check_revents(LoopFd::Port, fds[1].fd, fds[1].revents)?;
-    check_revents(LoopFd::Stop, fds[2].fd, fds[2].revents)?;
-    Ok(Some([fds[0].revents, fds[1].revents, fds[2].revents]))
+    let mut interrupt = 0;
+    for fd in &fds[2..] {
+        check_revents(LoopFd::Interrupt, fd.fd, fd.revents)?;
+        interrupt |= fd.revents;
+    }
+    check_revents(LoopFd::Port, fds[0].fd, fds[0].revents)?;
+    check_revents(LoopFd::Stop, fds[1].fd, fds[1].revents)?;
+    Ok(Some([interrupt, fds[0].revents, fds[1].revents]))
 }
 
 /// The link's interrupt, as a pollable fd plus "take it (and re-arm)".
 pub trait Interrupt {
     /// The fd that becomes readable when an interrupt is pending.
     fn fd(&self) -> BorrowedFd<'_>;
+    /// Every fd that becomes readable when an interrupt is pending: one per vector on a link
+    /// with several MSI-X vectors (`ivshmem-net` rings data on vector 1), else just
+    /// [`fd`](Self::fd). The bridges sleep on all of them.
+    fn fds(&self) -> Vec<BorrowedFd<'_>> {
+        vec![self.fd()]
+    }
     /// Consumes a pending interrupt without blocking and re-arms it; `Ok(true)` if one was
     /// delivered.
     fn take(&mut self) -> io::Result<bool>;
@@ -180,6 +184,9 @@ pub trait Interrupt {
 impl Interrupt for linux_uio_client::EndpointInterrupt {
     fn fd(&self) -> BorrowedFd<'_> {
         linux_uio_client::EndpointInterrupt::fd(self)
+    }
+    fn fds(&self) -> Vec<BorrowedFd<'_>> {
+        self.vector_fds()
     }
     fn take(&mut self) -> io::Result<bool> {
         linux_uio_client::EndpointInterrupt::take(self)
@@ -597,7 +604,7 @@ impl<R: RegisterAccess, I: Interrupt, P: FramePort> Bridge<R, I, P> {
             let carrier = self.link.carrier();
             self.stats.sleeps += 1;
             let Some(fds) = wait_for_bridge_fds(
-                self.irq.fd(),
+                &self.irq.fds(),
                 self.port.as_fd(),
                 carrier && !tx_wait,
                 carrier && out_blocked,

@@ -1,21 +1,26 @@
 //! The network inmate: the vnet cell services (ICMP echo, TCP echo 7, sink 9, source 19,
-//! HTTP status page 80; `vnet-services`) on smoltcp over an ivshmem-net link (protocol 0001h,
-//! MSI-X), as a bare-metal x86 cell of a KVM cell or Jailhouse.
+//! HTTP status page 80; `vnet-services`) on smoltcp over an Ethernet link (protocol 0001h,
+//! MSI-X) in vnet's shmring format or Linux's `ivshmem-net` format, as a bare-metal x86 cell
+//! of a KVM cell or Jailhouse.
 //!
 //! 1. Heap: `heap=SIZE` bytes (default 4 MiB) at 0x101000, the memory a cell config gives
 //!    above the communication region (`memory = "1M" + SIZE` at least). The allocator is
 //!    `linked_list_allocator`.
 //! 2. Finds the first ivshmem device announcing the Ethernet protocol, brings it up the
-//!    Jailhouse way (`inmate_rt::ivshmem`), points MSI-X entry 0 (doorbells and state
-//!    changes) at IDT vector 32 and enables its interrupt.
-//! 3. Runs the services on a `vnet::VnetLink` in the event loop of `vnet_services::NetCell`
-//!    (the process cell `vnet_cell` runs the same), with the runtime's TSC clock
+//!    Jailhouse way (`inmate_rt::ivshmem`), points its MSI-X entries at IDT vectors 32.. and
+//!    enables its interrupts: shmring uses entry 0 for doorbells and state changes,
+//!    `ivshmem-net` entry 0 for state changes and entry 1 for data (`/work/shared`'s contract).
+//! 3. Runs the services on the link (`vnet::VnetLink` or `vnet::ivnet::IvnetLink`, one generic
+//!    loop over `vnet::CellLink`) in the event loop of `vnet_services::NetCell` (the process
+//!    cell `vnet_cell` runs the same), with the runtime's TSC clock
 //!    (`inmate_rt::clock`) and halting until the link's interrupt or smoltcp's next deadline
 //!    (`inmate_rt::event`, the x2APIC timer).
 //!
 //! Command line (all optional): `ip=10.0.0.2/24`, `heap=0x400000`, `sockets=N` (listening
 //! sockets per service port, default 4), `tcp_buffer=N` (bytes per socket buffer, default
-//! 16 KiB), `mtu=N` (device MTU incl. the 14-byte Ethernet header, default 1514), `ring=3|0`
+//! 16 KiB), `format=shmring|ivshmem-net` (the link's wire format, default shmring; the
+//! config's link `protocol` must match), `mtu=N` (largest frame incl. the 14-byte Ethernet
+//! header; default 1514 for shmring, 16,398 = Linux's default for ivshmem-net), `ring=3|0`
 //! (where the main loop runs, default 3), `spin_us=N` (how long the loop keeps polling the
 //! rings after the last activity before it halts, default 50 as the process cell; 0: halt at once).
 //!
@@ -36,7 +41,8 @@ use ivshmem_dev::{pci, PortIo, Protocol};
 use linked_list_allocator::LockedHeap;
 use vnet::smoltcp::time::Instant;
 use vnet::smoltcp::wire::Ipv4Cidr;
-use vnet::{LinkConfig, VnetLink};
+use vnet::ivnet::{Interrupts, IvnetConfig, IvnetLink};
+use vnet::{CellLink, LinkConfig, VnetLink};
 use vnet_services::{NetCell, ServiceConfig};
 
 inmate_rt::entry!(main);
@@ -48,8 +54,12 @@ static HEAP: LockedHeap = LockedHeap::empty();
 const HEAP_START: usize = 0x10_1000;
 /// Default heap size.
 const DEFAULT_HEAP: i64 = 4 << 20;
-/// The IDT vector of MSI-X entry 0.
+/// The IDT vector of MSI-X entry 0 (entry 1, ivshmem-net's data vector, is the next one).
 const LINK_VECTOR: u8 = FIRST_DEVICE_VECTOR;
+/// MSI-X entries the link uses: shmring 1, ivshmem-net 2 (state on 0, data on 1).
+const SHMRING_VECTORS: u16 = 1;
+/// See [`SHMRING_VECTORS`].
+const IVNET_VECTORS: u16 = 2;
 /// Default `spin_us=`: how long the loop keeps polling after the last activity before it
 /// sleeps (the process cell's `vnet::bridge::DEFAULT_SPIN`).
 const DEFAULT_SPIN_US: i64 = 50;
@@ -58,7 +68,7 @@ const DEFAULT_SPIN_US: i64 = 50;
 static LINK_INTERRUPT: AtomicBool = AtomicBool::new(false);
 
 fn on_interrupt(vector: u8) {
-    if vector == LINK_VECTOR {
+    if (LINK_VECTOR..LINK_VECTOR + IVNET_VECTORS as u8).contains(&vector) {
         // Release pairs with the main loop's Acquire swap.
         LINK_INTERRUPT.store(true, Ordering::Release);
     }
@@ -88,12 +98,13 @@ fn main(cmdline: &Cmdline) -> ! {
     let mut services = ServiceConfig::new(address);
     services.sockets_per_port = cmdline.int("sockets", 4).clamp(1, 64) as usize;
     services.tcp_buffer = cmdline.int("tcp_buffer", 16 * 1024).clamp(1024, 1 << 20) as usize;
-    let config = LinkConfig {
-        mtu: cmdline
-            .int("mtu", vnet::nic::DEFAULT_MTU as i64)
-            .clamp(0, 1 << 20) as usize,
-        ..LinkConfig::default()
+    let format = cmdline.get("format").unwrap_or("shmring");
+    let (vectors, default_mtu) = match format {
+        "shmring" => (SHMRING_VECTORS, vnet::nic::DEFAULT_MTU),
+        "ivshmem-net" => (IVNET_VECTORS, vnet::ivnet::wire::DEFAULT_MAX_FRAME),
+        _ => panic!("format={format}: shmring or ivshmem-net"),
     };
+    let mtu = cmdline.int("mtu", default_mtu as i64).clamp(0, 1 << 20) as usize;
 
     let ring = cmdline.int("ring", 3);
     let spin_ns = cmdline.int("spin_us", DEFAULT_SPIN_US).max(0) as u64 * 1000;
@@ -113,28 +124,48 @@ fn main(cmdline: &Cmdline) -> ! {
     println!("net: ivshmem-net device at {}", found.address);
     let device = inmate_rt::ivshmem::bring_up_at(&access, found)
         .unwrap_or_else(|e| panic!("ivshmem bring-up: {e}"));
-    let vectors = device.setup_msix(&access, LINK_VECTOR, 1);
-    if vectors == 0 {
-        panic!("the link has no MSI-X (KVM cells need `interrupts = \"msix\"`)");
+    let programmed = device.setup_msix(&access, LINK_VECTOR, vectors);
+    if programmed < vectors {
+        panic!(
+            "format={format} needs {vectors} MSI-X vectors, the link has {programmed} (KVM cells need `interrupts = \"msix\"`, `vectors = {vectors}`)"
+        );
     }
     let driver = device.driver;
     driver.enable_interrupts();
     let id = driver.id();
-    let link = VnetLink::new(driver, config).unwrap_or_else(|e| panic!("link: {e}"));
     let ticks = inmate_rt::timer::calibrate();
     println!(
-        "net: peer {id}, {address}, heap {} KiB, {} sockets per port of {} bytes, APIC timer {ticks} ticks/ms, loop in ring {ring}",
+        "net: peer {id}, {address}, {format} format, largest frame {mtu}, heap {} KiB, {} sockets per port of {} bytes, APIC timer {ticks} ticks/ms, loop in ring {ring}",
         heap >> 10,
         services.sockets_per_port,
         services.tcp_buffer
     );
+    if format == "shmring" {
+        let config = LinkConfig {
+            mtu,
+            ..LinkConfig::default()
+        };
+        let link = VnetLink::new(driver, config).unwrap_or_else(|e| panic!("link: {e}"));
+        run(link, &services, ring, spin_ns)
+    } else {
+        let config = IvnetConfig {
+            max_frame: mtu,
+            interrupts: Interrupts::MsiX,
+        };
+        let link = IvnetLink::new(driver, config).unwrap_or_else(|e| panic!("link: {e}"));
+        run(link, &services, ring, spin_ns)
+    }
+}
 
+/// The event loop, the same for either wire format: enters `ring`, then runs the services
+/// on `link`, polling for `spin_ns` after the last activity before it halts.
+fn run<L: CellLink>(link: L, services: &ServiceConfig, ring: i64, spin_ns: u64) -> ! {
     interrupts::enable();
     if ring == 3 {
         inmate_rt::user::enter();
     }
     // At ring 3 already: creating the sockets zeroes their buffers, natively there.
-    let mut cell = NetCell::new(link, &services, now());
+    let mut cell = NetCell::new(link, services, now());
     let mut carrier = false;
     let mut idle_since: Option<u64> = None;
     loop {
@@ -142,8 +173,8 @@ fn main(cmdline: &Cmdline) -> ! {
         if LINK_INTERRUPT.swap(false, Ordering::Acquire) {
             cell.on_interrupt();
         }
-        if cell.link().carrier() != carrier {
-            carrier = cell.link().carrier();
+        if cell.link().report().carrier != carrier {
+            carrier = !carrier;
             println!("net: link {}", if carrier { "up" } else { "down" });
         }
         if cell.step(now()) {

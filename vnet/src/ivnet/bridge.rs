@@ -225,7 +225,7 @@ impl<R: RegisterAccess, I: Interrupt, P: FramePort> IvnetBridge<R, I, P> {
                 self.stats.ring_full_waits += 1;
             }
             let Some(fds) = wait_for_bridge_fds(
-                self.irq.fd(),
+                &self.irq.fds(),
                 self.port.as_fd(),
                 carrier && !tx_short,
                 carrier && out_blocked,
