@@ -39,9 +39,9 @@ use inmate_rt::interrupts::{self, FIRST_DEVICE_VECTOR};
 use inmate_rt::{clock, event, println, Cmdline};
 use ivshmem_dev::{pci, PortIo, Protocol};
 use linked_list_allocator::LockedHeap;
+use vnet::ivnet::{Interrupts, IvnetConfig, IvnetLink};
 use vnet::smoltcp::time::Instant;
 use vnet::smoltcp::wire::Ipv4Cidr;
-use vnet::ivnet::{Interrupts, IvnetConfig, IvnetLink};
 use vnet::{CellLink, LinkConfig, VnetLink};
 use vnet_services::{NetCell, ServiceConfig};
 
