@@ -93,7 +93,8 @@ fn main() -> Result<(), MainError> {
         process::Format::IvshmemNet => {
             let config = IvnetConfig {
                 max_frame: args.mtu.unwrap_or(vnet::ivnet::wire::DEFAULT_MAX_FRAME),
-                // Process cells wake on one interrupt fd: INTx (vector 0 for data too).
+                // INTx unless the link has 2 or more MSI-X vectors (then `attach_ivnet` puts
+                // data on vector 1; the cell loop sleeps on every vector's fd).
                 interrupts: Interrupts::Intx,
             };
             let p = process::attach_ivnet(at, config)?;

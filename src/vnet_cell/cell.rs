@@ -124,20 +124,22 @@ impl<L: CellLink, I: Interrupt> Cell<L, I> {
             if timeout == 0 {
                 continue;
             }
-            let mut fds = [
-                libc::pollfd {
-                    fd: self.irq.fd().as_raw_fd(),
+            // Every vector's fd (ivshmem-net with MSI-X rings data on vector 1), then `stop`.
+            let mut fds: Vec<libc::pollfd> = self
+                .irq
+                .fds()
+                .iter()
+                .map(|fd| fd.as_raw_fd())
+                .chain([stop.map_or(-1, |s| s.as_raw_fd())])
+                .map(|fd| libc::pollfd {
+                    fd,
                     events: libc::POLLIN,
                     revents: 0,
-                },
-                libc::pollfd {
-                    fd: stop.map_or(-1, |s| s.as_raw_fd()),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            // SAFETY: two valid pollfd entries (a negative fd is ignored).
-            let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
+                })
+                .collect();
+            let stop_at = fds.len() - 1;
+            // SAFETY: `fds.len()` valid pollfd entries (a negative fd is ignored).
+            let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
             if rc < 0 {
                 let e = std::io::Error::last_os_error();
                 if e.kind() != std::io::ErrorKind::Interrupted {
@@ -145,9 +147,11 @@ impl<L: CellLink, I: Interrupt> Cell<L, I> {
                 }
                 continue;
             }
-            check_revents(LoopFd::Interrupt, fds[0].fd, fds[0].revents)?;
-            check_revents(LoopFd::Stop, fds[1].fd, fds[1].revents)?;
-            if fds[1].revents != 0 {
+            for fd in &fds[..stop_at] {
+                check_revents(LoopFd::Interrupt, fd.fd, fd.revents)?;
+            }
+            check_revents(LoopFd::Stop, fds[stop_at].fd, fds[stop_at].revents)?;
+            if fds[stop_at].revents != 0 {
                 self.core.shut_down();
                 return Ok(());
             }
