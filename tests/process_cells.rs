@@ -367,6 +367,13 @@ fn intruder_main() -> i32 {
         outcome(fchmod),
     ));
     link.set_state(2).unwrap();
+    // Stay attached until the owner has seen state 2 (it answers 3): a cell whose process
+    // ends is detached at once and its state reads 0, which would hide the 2.
+    while link.peer_state(0) != Some(3) {
+        link.wait_interrupt_timeout(GUARD)
+            .unwrap()
+            .expect("owner did not acknowledge");
+    }
     0
 }
 
@@ -1092,6 +1099,7 @@ output_size = "4K"
             .unwrap()
             .expect("intruder did not finish");
     }
+    link.set_state(3).unwrap();
     for i in 0..4096 {
         // SAFETY: in-bounds read of our own mapped section.
         let byte = unsafe { own.as_ptr().add(i).read_volatile() };
