@@ -14,6 +14,9 @@ use ivshmem_dev::hosted::{
 use ivshmem_dev::regs::{self, RegisterAccess};
 use linux_uio_client::hosted::{HostedEndpoint, HostedError};
 
+#[path = "../hypervisor/tests/control_common/mod.rs"]
+mod control_common;
+
 /// A control server on a thread, stopped (and its socket removed) on drop.
 struct Served {
     socket: PathBuf,
@@ -571,25 +574,7 @@ fn a_late_state_ack_breaks_the_connection_instead_of_desynchronising_it() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let socket = dir.join("hv.sock");
-    let cell = |name: &str| CellSpec {
-        name: name.into(),
-        cpus: Vec::new(),
-        command: None,
-        process: true,
-        uid: None,
-    };
-    let system = SystemSpec {
-        cells: vec![cell("a"), cell("b")],
-        links: vec![LinkSpec {
-            name: "bus".into(),
-            peers: vec!["a".into(), "b".into()],
-            protocol: 0x4001,
-            state_table_size: 4096,
-            rw_size: 0,
-            output_size: 4096,
-            interrupts: hypervisor::device::InterruptMode::Intx,
-        }],
-    };
+    let system = control_common::two_cells_one_link("bus", 0);
     // The server is polled by this thread only when the test says so.
     let mut server = ControlServer::bind(&system, &socket, &mut device_model).unwrap();
     let guard = Instant::now() + Duration::from_secs(10);

@@ -5,33 +5,18 @@
 
 use std::os::fd::AsRawFd;
 
-use hypervisor::control::{device_model, CellSpec, ControlServer, LinkSpec, SystemSpec};
+use hypervisor::control::{device_model, ControlServer};
 use hypervisor::status::CellExit;
 use ivshmem_dev::hosted::{AttachBody, CellPhase, Request, SetStateBody, WireName};
 use nix::sys::socket::{send, MsgFlags};
 
+#[path = "control_common/mod.rs"]
+mod control_common;
+
 #[test]
 fn a_spawned_cells_end_detaches_it_at_once() {
     let socket = std::env::temp_dir().join(format!("cell-exit-{}.sock", std::process::id()));
-    let cell = |name: &str| CellSpec {
-        name: name.into(),
-        cpus: Vec::new(),
-        command: None,
-        process: true,
-        uid: None,
-    };
-    let system = SystemSpec {
-        cells: vec![cell("a"), cell("b")],
-        links: vec![LinkSpec {
-            name: "l".into(),
-            peers: vec!["a".into(), "b".into()],
-            protocol: 0x4001,
-            state_table_size: 4096,
-            rw_size: 4096,
-            output_size: 4096,
-            interrupts: hypervisor::device::InterruptMode::Intx,
-        }],
-    };
+    let system = control_common::two_cells_one_link("l", 4096);
     let mut server = ControlServer::bind(&system, &socket, &mut device_model).unwrap();
     let client = hypervisor::control::connect_control_socket(&socket).unwrap();
     let mut buf = [0u8; ivshmem_dev::hosted::MAX_MESSAGE_SIZE];

@@ -9,11 +9,14 @@
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
 
-use hypervisor::control::{device_model, CellSpec, ControlServer, LinkSpec, SystemSpec};
+use hypervisor::control::{device_model, ControlServer};
 use hypervisor::memory::InterruptEventFd;
 use ivshmem_dev::hosted::{AttachBody, CellPhase, Request, SetStateBody, WireName};
 use nix::sys::socket::{recv, send, shutdown, MsgFlags, Shutdown};
 use proptest::prelude::*;
+
+#[path = "control_common/mod.rs"]
+mod control_common;
 
 /// A control server on a thread of this process, stopped on drop.
 struct Served {
@@ -25,25 +28,7 @@ struct Served {
 impl Served {
     fn start() -> Self {
         let socket = std::env::temp_dir().join(format!("control-fuzz-{}.sock", std::process::id()));
-        let cell = |name: &str| CellSpec {
-            name: name.into(),
-            cpus: Vec::new(),
-            command: None,
-            process: true,
-            uid: None,
-        };
-        let system = SystemSpec {
-            cells: vec![cell("a"), cell("b")],
-            links: vec![LinkSpec {
-                name: "l".into(),
-                peers: vec!["a".into(), "b".into()],
-                protocol: 0x4001,
-                state_table_size: 4096,
-                rw_size: 4096,
-                output_size: 4096,
-                interrupts: hypervisor::device::InterruptMode::Intx,
-            }],
-        };
+        let system = control_common::two_cells_one_link("l", 4096);
         let mut server = ControlServer::bind(&system, &socket, &mut device_model).unwrap();
         let stop = std::sync::Arc::new(InterruptEventFd::new().unwrap());
         let stop_for_thread = stop.clone();
