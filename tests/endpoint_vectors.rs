@@ -6,11 +6,14 @@
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use hypervisor::control::{device_model, CellSpec, ControlServer, LinkSpec, SystemSpec};
+use hypervisor::control::{device_model, ControlServer};
 use hypervisor::device::InterruptMode;
 use linux_uio_client::hosted::HostedEndpoint;
 use linux_uio_client::Endpoint;
 use nix::sys::eventfd::{EfdFlags, EventFd};
+
+#[path = "../hypervisor/tests/control_common/mod.rs"]
+mod control_common;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -49,26 +52,13 @@ impl MsixLink {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("hv.sock");
-        let cell = |name: &str| CellSpec {
-            name: name.into(),
-            cpus: Vec::new(),
-            command: None,
-            process: true,
-            uid: None,
-        };
-        let names = ["rtos-telemetry", "linux"];
-        let system = SystemSpec {
-            cells: names.iter().map(|n| cell(n)).collect(),
-            links: vec![LinkSpec {
-                name: "demo".into(),
-                peers: names.iter().map(|n| n.to_string()).collect(),
-                protocol: 0x4001,
-                state_table_size: 4096,
-                rw_size: 0,
-                output_size: 4096,
-                interrupts: InterruptMode::Msix { vectors: 4 },
-            }],
-        };
+        let system = control_common::pair_system(
+            ["rtos-telemetry", "linux"],
+            "demo",
+            0,
+            4096,
+            InterruptMode::Msix { vectors: 4 },
+        );
         let mut server = ControlServer::bind(&system, &socket, &mut device_model).unwrap();
         let stop = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).unwrap();
         let stop_for_thread: OwnedFd = stop.as_fd().try_clone_to_owned().unwrap();

@@ -10,12 +10,15 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use hypervisor::control::{device_model, CellSpec, ControlServer, LinkSpec, SystemSpec};
+use hypervisor::control::{device_model, ControlServer};
 use hypervisor::device::InterruptMode;
 use linux_uio_client::hosted::{HostedEndpoint, HostedError};
 use linux_uio_client::{Channel, ChannelError, ChannelOptions, Endpoint};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+
+#[path = "../hypervisor/tests/control_common/mod.rs"]
+mod control_common;
 
 const ROLE_ENV: &str = "HYPERVISOR_DEATH_ROLE";
 const SOCKET_ENV: &str = "HYPERVISOR_DEATH_SOCKET";
@@ -31,26 +34,13 @@ fn hypervisor_role() {
         return;
     };
     assert_eq!(std::env::var(ROLE_ENV).as_deref(), Ok("hypervisor"));
-    let cell = |name: &str| CellSpec {
-        name: name.into(),
-        cpus: Vec::new(),
-        command: None,
-        process: true,
-        uid: None,
-    };
-    let names = ["rtos-telemetry", "linux"];
-    let system = SystemSpec {
-        cells: names.iter().map(|n| cell(n)).collect(),
-        links: vec![LinkSpec {
-            name: "demo".into(),
-            peers: names.iter().map(|n| n.to_string()).collect(),
-            protocol: 0x4001,
-            state_table_size: 4096,
-            rw_size: 0,
-            output_size: 64 * 1024,
-            interrupts: InterruptMode::Msix { vectors: 2 },
-        }],
-    };
+    let system = control_common::pair_system(
+        ["rtos-telemetry", "linux"],
+        "demo",
+        0,
+        64 * 1024,
+        InterruptMode::Msix { vectors: 2 },
+    );
     let mut server =
         ControlServer::bind(&system, std::path::Path::new(&socket), &mut device_model).unwrap();
     // The parent waits for this line before attaching. Written to fd 1 itself: the test

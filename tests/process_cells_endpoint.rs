@@ -574,7 +574,13 @@ fn a_late_state_ack_breaks_the_connection_instead_of_desynchronising_it() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let socket = dir.join("hv.sock");
-    let system = control_common::two_cells_one_link("bus", 0);
+    let system = control_common::pair_system(
+        ["a", "b"],
+        "bus",
+        0,
+        4096,
+        hypervisor::device::InterruptMode::Intx,
+    );
     // The server is polled by this thread only when the test says so.
     let mut server = ControlServer::bind(&system, &socket, &mut device_model).unwrap();
     let guard = Instant::now() + Duration::from_secs(10);

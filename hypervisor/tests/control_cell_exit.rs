@@ -16,7 +16,13 @@ mod control_common;
 #[test]
 fn a_spawned_cells_end_detaches_it_at_once() {
     let socket = std::env::temp_dir().join(format!("cell-exit-{}.sock", std::process::id()));
-    let system = control_common::two_cells_one_link("l", 4096);
+    let system = control_common::pair_system(
+        ["a", "b"],
+        "l",
+        4096,
+        4096,
+        hypervisor::device::InterruptMode::Intx,
+    );
     let mut server = ControlServer::bind(&system, &socket, &mut device_model).unwrap();
     let client = hypervisor::control::connect_control_socket(&socket).unwrap();
     let mut buf = [0u8; ivshmem_dev::hosted::MAX_MESSAGE_SIZE];

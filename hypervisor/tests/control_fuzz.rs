@@ -28,7 +28,13 @@ struct Served {
 impl Served {
     fn start() -> Self {
         let socket = std::env::temp_dir().join(format!("control-fuzz-{}.sock", std::process::id()));
-        let system = control_common::two_cells_one_link("l", 4096);
+        let system = control_common::pair_system(
+            ["a", "b"],
+            "l",
+            4096,
+            4096,
+            hypervisor::device::InterruptMode::Intx,
+        );
         let mut server = ControlServer::bind(&system, &socket, &mut device_model).unwrap();
         let stop = std::sync::Arc::new(InterruptEventFd::new().unwrap());
         let stop_for_thread = stop.clone();

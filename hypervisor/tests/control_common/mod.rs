@@ -1,13 +1,21 @@
-//! The system the control-socket tests serve, written once: process cells `a` and `b` (no
-//! CPUs, not spawned) on one INTx link of 4 KiB sections. Shared by
+//! The system the control-socket tests serve, written once: two process cells (no CPUs, not
+//! spawned) on one link with a 4 KiB state table. Shared by
 //! `hypervisor/tests/control_{cell_exit,fuzz}.rs` and the root package's
-//! `tests/process_cells_endpoint.rs` (included with `#[path]`).
+//! `tests/{process_cells_endpoint,endpoint_vectors,hypervisor_death}.rs` (included with
+//! `#[path]`).
 
 use hypervisor::control::{CellSpec, LinkSpec, SystemSpec};
+use hypervisor::device::InterruptMode;
 
-/// Cells `a` and `b` on link `link` (protocol 4001h, 4 KiB state table and output sections,
-/// an R/W section of `rw_size` bytes).
-pub fn two_cells_one_link(link: &str, rw_size: u64) -> SystemSpec {
+/// Cells `names` (peers 0 and 1) on link `link` (protocol 4001h, an R/W section of `rw_size`
+/// bytes, output sections of `output_size`, `interrupts`).
+pub fn pair_system(
+    names: [&str; 2],
+    link: &str,
+    rw_size: u64,
+    output_size: u64,
+    interrupts: InterruptMode,
+) -> SystemSpec {
     let cell = |name: &str| CellSpec {
         name: name.into(),
         cpus: Vec::new(),
@@ -16,15 +24,15 @@ pub fn two_cells_one_link(link: &str, rw_size: u64) -> SystemSpec {
         uid: None,
     };
     SystemSpec {
-        cells: vec![cell("a"), cell("b")],
+        cells: names.iter().map(|n| cell(n)).collect(),
         links: vec![LinkSpec {
             name: link.into(),
-            peers: vec!["a".into(), "b".into()],
+            peers: names.iter().map(|n| n.to_string()).collect(),
             protocol: 0x4001,
             state_table_size: 4096,
             rw_size,
-            output_size: 4096,
-            interrupts: hypervisor::device::InterruptMode::Intx,
+            output_size,
+            interrupts,
         }],
     }
 }
