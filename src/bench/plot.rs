@@ -190,7 +190,7 @@ fn cdf_chart(path: &Path, suite: &str, cases: &[&Distribution]) -> Result<()> {
     root.fill(&WHITE).map_err(drawing)?;
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            format!("{suite}: latency distribution (CDF per case, all runs)"),
+            format!("{suite}: latency distribution (CDF per case)"),
             ("sans-serif", 18),
         )
         .margin(12)

@@ -19,11 +19,13 @@ use shmring::Mode;
 
 use super::measure::{measure, Metric, Settings};
 use super::pin::{run_pinned, run_pinned_pair, spin_until};
-use super::report::{Comparison, Entry, SuiteReport, Target};
+use super::report::{Comparison, Distribution, Entry, SuiteReport, Target};
+use samples::SampleClock;
 
 #[cfg(feature = "iceoryx2")]
 mod iceoryx;
 pub mod rtt;
+pub mod samples;
 pub mod xproc;
 
 /// The suite's name.
@@ -235,6 +237,17 @@ pub fn run(settings: &Settings) -> Result<SuiteReport> {
             function(settings.cpus, iters)
         })
         .with_context(|| format!("case ring/{case}"))?;
+        if *metric == Metric::RttNs {
+            // One more run of the calibrated length, sampled, for the latency CDF.
+            let iters = measured.iters;
+            let values = samples::sampled(|| function(settings.cpus, iters))
+                .with_context(|| format!("case ring/{case}: sampled run"))?;
+            report.distributions.push(Distribution {
+                case,
+                metric: Metric::RttNs,
+                values,
+            });
+        }
         report.entries.push(Entry::Measured(measured));
     }
     report.comparisons = comparisons();
@@ -261,6 +274,7 @@ fn notes(cpus: [usize; 2]) -> Vec<String> {
         "shmring-N: try_send (copy in + publish) / peek + check + release + flush per message (zero-copy read); shmring-batch-N: the same producer, the consumer publishes once per 32 releases or when it finds the ring empty (every publish pays the wake-up handshake's StoreLoad fence, which rtrb has no need for: it cannot sleep); rtrb-N: RingBuffer<u8>, push_entire_slice (its write_chunk_uninit(N) + copy + commit_all) / read_chunk(N) + check + commit_all; crossbeam-N: ArrayQueue<[u8; N]> push/pop; mpsc-N: sync_channel::<[u8; N]> try_send/try_recv".into(),
         format!("shmring-grant-64k: producer grants 64 KiB, fills it with copy_from_slice from a 64 KiB source (+ seq stamps at both ends), commit + flush; consumer peeks, checks both stamps, releases + flushes; {GRANT_RING_BYTES} B ring"),
         format!("shmring-view-64k: the same producer; the consumer peeks, reads both stamps through the frame's PeerBytes view (volatile reads) and computes the RFC 1071 sum of all 64 KiB through it (each byte read once: SSE2 unaligned loads straight from the frame on x86-64, a 1 KiB stack chunk copy elsewhere), checks the sum, releases + flushes; {GRANT_RING_BYTES} B ring"),
+        format!("latency CDF (--plot): one more run of each rtt case at its calibrated length, the timing side recording the mean of every {} round trips", samples::BATCH),
         format!("memcpy-64k: one thread on CPU {}, dst.copy_from_slice(&src) between two 64 KiB heap buffers (one byte of src changed per copy, black_box on dst), bytes/s = copies * 65536 / time", cpus[0]),
     ]
 }
@@ -273,6 +287,7 @@ pub fn floor_rtt(cpus: [usize; 2], iters: u64) -> Result<Duration> {
     run_pinned_pair(
         cpus,
         |abort| {
+            let mut clock = SampleClock::start(iters);
             let start = Instant::now();
             for i in 0..iters {
                 line.store(2 * i + 1, Ordering::Release);
@@ -280,8 +295,11 @@ pub fn floor_rtt(cpus: [usize; 2], iters: u64) -> Result<Duration> {
                 spin_until(abort, || {
                     Ok((line.load(Ordering::Acquire) == want).then_some(()))
                 })?;
+                clock.tick(i + 1);
             }
-            Ok(start.elapsed())
+            let elapsed = start.elapsed();
+            clock.finish();
+            Ok(elapsed)
         },
         |abort| {
             for i in 0..iters {
@@ -345,14 +363,18 @@ pub fn floor_line_rtt(cpus: [usize; 2], iters: u64) -> Result<Duration> {
         cpus,
         |abort| {
             let mut message = [0x5A5A_5A5A_5A5A_5A5Au64; 7];
+            let mut clock = SampleClock::start(iters);
             let start = Instant::now();
             for i in 1..=iters {
                 message[0] = i;
                 request.send(&message, i);
                 reply.recv(abort, i, &mut message)?;
                 ensure!(message[0] == i, "wrong reply for request {i}");
+                clock.tick(i);
             }
-            Ok(start.elapsed())
+            let elapsed = start.elapsed();
+            clock.finish();
+            Ok(elapsed)
         },
         |abort| {
             let mut message = [0u64; 7];

@@ -11,6 +11,7 @@ use anyhow::{ensure, Result};
 use crossbeam_queue::ArrayQueue;
 
 use super::super::pin::{run_pinned_pair, spin_until};
+use super::samples::SampleClock;
 use super::{seq_of, STREAM_RING_BYTES};
 
 /// Slots of the element queues (rtrb, crossbeam) in the round-trip cases: a round trip has at
@@ -56,14 +57,18 @@ pub(crate) fn ping_pong<const N: usize, A: Side<N>, B: Side<N>>(
             both_ready(ready, abort)?;
             let mut msg = [0x5Au8; N];
             let mut reply = [0u8; N];
+            let mut clock = SampleClock::start(iters);
             let start = Instant::now();
             for seq in 0..iters {
                 stamp(&mut msg, seq);
                 spin_until(abort, || Ok(ends.try_send(&msg)?.then_some(())))?;
                 spin_until(abort, || Ok(ends.try_recv(&mut reply)?.then_some(())))?;
                 ensure!(seq_of(&reply[..]) == seq, "wrong reply for request {seq}");
+                clock.tick(seq + 1);
             }
-            Ok(start.elapsed())
+            let elapsed = start.elapsed();
+            clock.finish();
+            Ok(elapsed)
         },
         move |abort| {
             let mut ends = ponger()?;

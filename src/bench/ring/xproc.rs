@@ -28,6 +28,7 @@ use nix::unistd::{fork, ForkResult};
 
 use super::super::pin::{pin_current_thread, run_pinned};
 use super::rtt::{ShmringSide, Side};
+use super::samples::SampleClock;
 
 /// Child status: still starting.
 const STARTING: u64 = 0;
@@ -161,6 +162,7 @@ fn spin(mut poll: impl FnMut() -> Result<bool>) -> Result<()> {
 fn ping<const N: usize>(ends: &mut impl Side<N>, iters: u64, start: Instant) -> Result<Duration> {
     let mut msg = [0x5Au8; N];
     let mut reply = [0u8; N];
+    let mut clock = SampleClock::start(iters);
     for seq in 0..iters {
         msg[..8].copy_from_slice(&seq.to_le_bytes());
         spin(|| ends.try_send(&msg))?;
@@ -169,8 +171,11 @@ fn ping<const N: usize>(ends: &mut impl Side<N>, iters: u64, start: Instant) -> 
             reply[..8] == seq.to_le_bytes(),
             "wrong reply for request {seq}"
         );
+        clock.tick(seq + 1);
     }
-    Ok(start.elapsed())
+    let elapsed = start.elapsed();
+    clock.finish();
+    Ok(elapsed)
 }
 
 /// The ponger's loop: echoes `iters` messages; returns the child's exit code.
