@@ -60,7 +60,7 @@ impl SampleClock {
     #[inline(always)]
     pub fn tick(&mut self, done: u64) {
         if let Some(values) = &mut self.values {
-            if done % BATCH == 0 {
+            if done.is_multiple_of(BATCH) {
                 let now = Instant::now();
                 values.push((now - self.batch_start).as_nanos() as f64 / BATCH as f64);
                 self.batch_start = now;
