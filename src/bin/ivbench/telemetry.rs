@@ -528,6 +528,23 @@ fn run_iceoryx2(cpus: [usize; 2], load: Load) -> Result<RunResult> {
     type Payload = [u64; 5];
     const _: () = assert!(std::mem::size_of::<Payload>() == Sample::SIZE);
 
+    /// The service both sides use, configured once: the subscriber creates it, the publisher
+    /// opens it (an open checks the same settings).
+    fn pipe(
+        node: &Node<ipc::Service>,
+        name: &str,
+    ) -> Result<iceoryx2::service::builder::publish_subscribe::Builder<Payload, (), ipc::Service>>
+    {
+        Ok(node
+            .service_builder(&name.try_into().context("service name")?)
+            .publish_subscribe::<Payload>()
+            .history_size(0)
+            .subscriber_max_buffer_size(BUFFER)
+            .enable_safe_overflow(false)
+            .max_publishers(1)
+            .max_subscribers(1))
+    }
+
     let name = format!(
         "ivshmem-stack/ivbench/telemetry/{}/{}",
         std::process::id(),
@@ -544,14 +561,7 @@ fn run_iceoryx2(cpus: [usize; 2], load: Load) -> Result<RunResult> {
             let node = NodeBuilder::new()
                 .create::<ipc::Service>()
                 .context("iceoryx2 node")?;
-            let service = node
-                .service_builder(&service_name.as_str().try_into().context("service name")?)
-                .publish_subscribe::<Payload>()
-                .history_size(0)
-                .subscriber_max_buffer_size(BUFFER)
-                .enable_safe_overflow(false)
-                .max_publishers(1)
-                .max_subscribers(1)
+            let service = pipe(&node, &service_name)?
                 .create()
                 .context("iceoryx2 service")?;
             let subscriber = service
@@ -603,14 +613,7 @@ fn run_iceoryx2(cpus: [usize; 2], load: Load) -> Result<RunResult> {
             let node = NodeBuilder::new()
                 .create::<ipc::Service>()
                 .context("iceoryx2 node")?;
-            let service = node
-                .service_builder(&name.as_str().try_into().context("service name")?)
-                .publish_subscribe::<Payload>()
-                .history_size(0)
-                .subscriber_max_buffer_size(BUFFER)
-                .enable_safe_overflow(false)
-                .max_publishers(1)
-                .max_subscribers(1)
+            let service = pipe(&node, &name)?
                 .open()
                 .context("opening the iceoryx2 service")?;
             let publisher = service
