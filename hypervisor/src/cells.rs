@@ -225,6 +225,28 @@ pub struct StoppedCell {
     pub exit: CellExit,
     /// Whether it had already exited on its own before the stop.
     pub exited_before_stop: bool,
+    /// How many earlier lives the process cell had (started again by `hypervisor cell
+    /// start` or `restart`; 0 for a KVM cell); `pid`, `exit` and `exited_before_stop`
+    /// describe its last life.
+    pub restarts: u32,
+}
+
+/// One entry per cell, in the order of their first lives: each cell's last life, with the
+/// number of lives before it.
+fn last_lives(lives: Vec<StoppedCell>) -> Vec<StoppedCell> {
+    let mut cells: Vec<StoppedCell> = Vec::new();
+    for life in lives {
+        match cells.iter_mut().find(|c| c.cell == life.cell) {
+            Some(earlier) => {
+                *earlier = StoppedCell {
+                    restarts: earlier.restarts + 1,
+                    ..life
+                }
+            }
+            None => cells.push(life),
+        }
+    }
+    cells
 }
 
 /// Why [`run`] stopped when every spawned cell had exited.
@@ -235,14 +257,16 @@ pub const REASON_CELLS_EXITED: &str = "every spawned cell has exited";
 pub struct RunReport {
     /// Why it stopped (`SIGINT`, `SIGTERM`, `stop requested`, [`REASON_CELLS_EXITED`]).
     pub reason: String,
-    /// Every spawned process cell, then every KVM cell, and how each ended.
+    /// Every spawned process cell (its last life, with its restarts), then every KVM cell
+    /// (restarts not counted), and how each ended.
     pub cells: Vec<StoppedCell>,
 }
 
 impl RunReport {
     /// The cells that failed: they ended on their own (not stopped by `run`) with a non-zero
     /// exit code or by a signal, or (KVM cells) by an illegal access or a `cell_state`
-    /// other than 2 (shut down). A cell stopped by `hypervisor cell stop` did not fail.
+    /// other than 2 (shut down). A cell stopped by `hypervisor cell stop` did not fail; a
+    /// restarted cell is judged by its last life.
     pub fn failed(&self) -> impl Iterator<Item = &StoppedCell> {
         self.cells.iter().filter(|c| {
             c.exited_before_stop
@@ -750,7 +774,7 @@ pub fn run_system(
     let kvm_stopped_before: Vec<bool> = kvm_names.iter().map(|n| !vms.is_running(n)).collect();
     vms.stop_all();
     let _ = show_kvm(&mut server, &vms, &mut display);
-    let mut cells = terminate(&mut server, &mut spawned, &mut display);
+    let mut cells = last_lives(terminate(&mut server, &mut spawned, &mut display));
     let spawned_count = cells.len();
     let status = server.status();
     for (name, before) in kvm_names.iter().zip(kvm_stopped_before) {
@@ -765,6 +789,7 @@ pub fn run_system(
             pid: None,
             exit,
             exited_before_stop: before,
+            restarts: 0,
         });
     }
     let reason = served?;
@@ -781,10 +806,15 @@ pub fn run_system(
         } else {
             "stopped"
         };
-        let what = match c.pid {
+        let mut what = match c.pid {
             Some(pid) => format!("pid {pid}"),
             None => "kvm".to_string(),
         };
+        match c.restarts {
+            0 => {}
+            1 => what.push_str(", restarted once"),
+            n => what.push_str(&format!(", restarted {n} times")),
+        }
         summary.push_str(&format!("; {} ({what}) {how}: {}", c.cell, c.exit));
     }
     summary.push_str(&format!("; removed {}", socket.display()));
@@ -1193,6 +1223,7 @@ fn terminate(
                 pid: Some(s.child.id()),
                 exit,
                 exited_before_stop: s.exited_before_stop,
+                restarts: 0,
             })
         })
         .collect()

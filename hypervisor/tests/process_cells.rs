@@ -672,3 +672,134 @@ fn cell_stop_of_the_last_cell_keeps_run_serving_for_cell_start() {
     let status = hv.child.wait().unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+/// The pid in the hypervisor's `cell NAME: started `...` (pid N, ...)` line for `cell`
+/// (the last one seen).
+fn started_pid(seen: &[String], cell: &str) -> i32 {
+    let prefix = format!("cell {cell}: started");
+    let line = seen
+        .iter()
+        .rev()
+        .find(|l| l.starts_with(&prefix))
+        .unwrap_or_else(|| panic!("no start of {cell}: {seen:#?}"));
+    line.split("(pid ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {line}"))
+}
+
+/// Waits for each of `wants` (in any order) in the hypervisor's output.
+fn expect_all(hv: &mut Hypervisor, wants: &[&str]) {
+    for want in wants {
+        if !hv.out.seen.iter().any(|l| l.contains(want)) {
+            hv.out.expect(want);
+        }
+    }
+}
+
+/// A cell whose first life was killed (here by `kill -9` from outside) and which was then
+/// restarted is judged by its last life: the run does not fail when that life succeeded, the
+/// summary lists the cell once, counts it once and says it was restarted. (The killed life
+/// used to make the run fail with exit 4.)
+#[test]
+fn a_cell_killed_and_restarted_is_reported_by_its_last_life() {
+    let dir = TempDir::new("restarted-summary");
+    let socket = dir.0.join("hv.sock");
+    let marker = dir.0.join("victim-started");
+    // The first life idles (until killed); the second exits 0 on its own.
+    let victim = format!(
+        "if [ -e {m} ]; then echo again; exit 0; fi; touch {m}; echo up; exec sleep 100",
+        m = marker.display()
+    );
+    let config = shell_cells(
+        &dir.0,
+        &socket,
+        &[("idle", "echo up; exec sleep 100"), ("victim", &victim)],
+    );
+    let (mut hv, stderr) = run_hypervisor(&config, &[]);
+    expect_all(&mut hv, &["[victim] up", "[idle] up"]);
+    let first = started_pid(&hv.out.seen, "victim");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    hv.out.expect(&format!(
+        "cell victim: process {first} ended: killed by signal 9"
+    ));
+    let (code, out, err) = cell_command(&socket, &["restart", "victim"]);
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
+    hv.out.expect("[victim] again");
+    let second = started_pid(&hv.out.seen, "victim");
+    assert_ne!(first, second);
+    hv.out
+        .expect(&format!("cell victim: process {second} ended: exit code 0"));
+    let (status, log) = hv.stop();
+    let err = stderr.join().unwrap();
+    let summary = log
+        .iter()
+        .find(|l| l.contains("spawned cell(s)"))
+        .unwrap_or_else(|| panic!("no summary: {log:#?}"));
+    assert!(
+        status.success(),
+        "the last life succeeded: {status:?}\n{summary}\nstderr: {err}"
+    );
+    assert!(!err.contains("failed"), "stderr: {err}");
+    assert!(
+        summary.starts_with("stopped 2 spawned cell(s);"),
+        "{summary}"
+    );
+    assert_eq!(summary.matches("victim (").count(), 1, "{summary}");
+    assert!(
+        summary.contains(&format!(
+            "victim (pid {second}, restarted once) had already exited: exit code 0"
+        )),
+        "{summary}"
+    );
+}
+
+/// The other way round: a cell restarted by `cell stop` + `cell start` whose last life fails
+/// fails the run, once, with the last life's exit.
+#[test]
+fn a_restarted_cell_whose_last_life_fails_fails_the_run_once() {
+    let dir = TempDir::new("restarted-fails");
+    let socket = dir.0.join("hv.sock");
+    let marker = dir.0.join("flaky-started");
+    let flaky = format!(
+        "if [ -e {m} ]; then echo again; exit 7; fi; touch {m}; echo up; exec sleep 100",
+        m = marker.display()
+    );
+    let config = shell_cells(
+        &dir.0,
+        &socket,
+        &[("idle", "echo up; exec sleep 100"), ("flaky", &flaky)],
+    );
+    let (mut hv, stderr) = run_hypervisor(&config, &[]);
+    expect_all(&mut hv, &["[flaky] up", "[idle] up"]);
+    for verb in ["stop", "start"] {
+        let (code, out, err) = cell_command(&socket, &[verb, "flaky"]);
+        assert_eq!(code, Some(0), "{verb}: stdout: {out}\nstderr: {err}");
+    }
+    hv.out.expect("[flaky] again");
+    hv.out.expect("ended: exit code 7");
+    let (status, log) = hv.stop();
+    let err = stderr.join().unwrap();
+    let summary = log
+        .iter()
+        .find(|l| l.contains("spawned cell(s)"))
+        .unwrap_or_else(|| panic!("no summary: {log:#?}"));
+    assert_eq!(status.code(), Some(4), "{summary}\nstderr: {err}");
+    assert!(
+        err.contains("hypervisor: 1 cell(s) failed: flaky (exit code 7)"),
+        "stderr: {err}"
+    );
+    assert!(
+        summary.starts_with("stopped 2 spawned cell(s);"),
+        "{summary}"
+    );
+    assert!(
+        summary.contains("restarted once) had already exited: exit code 7"),
+        "{summary}"
+    );
+}
