@@ -321,16 +321,37 @@ fn intruder_main() -> i32 {
         Mode::empty(),
     )
     .map(drop);
-    // Every fd of the hypervisor (the parent), reopened read-write.
-    let parent = nix::unistd::getppid();
-    let hv_fds = match std::fs::read_dir(format!("/proc/{parent}/fd")) {
-        Err(e) => Err(nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0))),
-        Ok(entries) => entries
-            .flatten()
-            .map(|e| open(&e.path(), OFlag::O_RDWR, Mode::empty()).map(drop))
-            .find(Result::is_ok)
-            .unwrap_or(Err(nix::errno::Errno::EACCES)),
+    // Every fd of the hypervisor, reopened read-write: of every ancestor up to it (the cell
+    // may run under a relay, in a PID namespace of its own, where `getppid` reads 0; `/proc`
+    // names the host's pids, so the ancestors are walked through it).
+    let parent_of = |pid: &str| -> Option<String> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // "pid (comm) state ppid ...": the comm may hold spaces, so after the last ')'.
+        let ppid = stat.rsplit(')').next()?.split_whitespace().nth(1)?;
+        (ppid != "0" && ppid != "1").then(|| ppid.to_string())
     };
+    let mut ancestors = Vec::new();
+    let mut at = "self".to_string();
+    while let Some(parent) = parent_of(&at) {
+        ancestors.push(parent.clone());
+        at = parent;
+    }
+    let hv_fds = ancestors
+        .iter()
+        .map(|pid| match std::fs::read_dir(format!("/proc/{pid}/fd")) {
+            Err(e) => Err(nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0))),
+            Ok(entries) => entries
+                .flatten()
+                .map(|e| open(&e.path(), OFlag::O_RDWR, Mode::empty()).map(drop))
+                .find(Result::is_ok)
+                .unwrap_or(Err(nix::errno::Errno::EACCES)),
+        })
+        .find(Result::is_ok)
+        .unwrap_or(if ancestors.is_empty() {
+            Err(nix::errno::Errno::ESRCH)
+        } else {
+            Err(nix::errno::Errno::EACCES)
+        });
     let size = std::num::NonZeroUsize::new(len).unwrap();
     let shared = nix::sys::mman::MapFlags::MAP_SHARED;
     // SAFETY: maps the section's fd shared and writable; expected to fail. Nothing is
@@ -1094,6 +1115,8 @@ output_size = "4K"
         let outcome = field(&line, &format!("{route}="));
         assert_ne!(outcome, "ok", "route {route} was open: {line}");
     }
+    // The hypervisor's fds were found and refused, not missed.
+    assert_eq!(field(&line, "hv_fds="), "EACCES", "{line}");
     while link.peer_state(1) != Some(2) {
         link.wait_interrupt_timeout(GUARD)
             .unwrap()

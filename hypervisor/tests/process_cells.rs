@@ -803,3 +803,172 @@ fn a_restarted_cell_whose_last_life_fails_fails_the_run_once() {
         "{summary}"
     );
 }
+
+/// A pidfd for process `pid` (any process, not only a child): readable once it has exited.
+fn pidfd_open(pid: i32) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain syscall with integer arguments; the result is checked.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    assert!(
+        raw >= 0,
+        "pidfd_open({pid}): {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a fresh fd owned by nobody else.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(raw as i32) }
+}
+
+/// Processes started by the test's cells, SIGKILLed through their pidfds when the test ends
+/// (so that a failing test leaves nothing behind).
+struct Watched(Vec<(String, std::os::fd::OwnedFd)>);
+
+impl Watched {
+    /// Waits until every watched process has exited; the names of those that did not within
+    /// `within`.
+    fn survivors(&self, within: Duration) -> Vec<&str> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let mut fds: Vec<PollFd<'_>> = self
+                .0
+                .iter()
+                .map(|(_, fd)| PollFd::new(fd.as_fd(), PollFlags::POLLIN))
+                .collect();
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            poll(&mut fds, PollTimeout::try_from(left).unwrap()).unwrap();
+            let alive: Vec<&str> = self
+                .0
+                .iter()
+                .zip(&fds)
+                .filter(|(_, p)| p.revents().map_or(true, |r| r.is_empty()))
+                .map(|((name, _), _)| name.as_str())
+                .collect();
+            if alive.is_empty() || left.is_zero() {
+                return alive;
+            }
+        }
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        for (_, fd) in &self.0 {
+            use std::os::fd::AsRawFd;
+            // SAFETY: plain syscall on a pidfd we own; a process already gone is no error.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    fd.as_raw_fd(),
+                    libc::SIGKILL,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0,
+                )
+            };
+        }
+    }
+}
+
+/// The pid in a `[cell] NAME PID` line.
+fn reported_pid(line: &str) -> i32 {
+    line.rsplit(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {line}"))
+}
+
+/// The start of a shell command that reports the shell's pid as the host names it (its
+/// `/proc`), which inside a cell's PID namespace is not `$$`: `... NAME $p`.
+const REPORT_PID: &str = "read p r < /proc/self/stat; echo";
+
+/// `kill -9` of the hypervisor leaves no process of a cell running: neither a process its
+/// program started (which used to run on as an orphan) nor one that left the cell's process
+/// group and session (`setsid`) after its parent exited. Needs root (a PID namespace per
+/// cell); skipped with a message otherwise.
+#[test]
+fn no_process_of_a_cell_outlives_a_kill_9_of_the_hypervisor() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: a PID namespace per cell needs root (CAP_SYS_ADMIN)");
+        return;
+    }
+    let dir = TempDir::new("kill9-descendants");
+    let socket = dir.0.join("hv.sock");
+    let script = format!(
+        "sh -c '{REPORT_PID} child $p; exec sleep 100' & \
+         (sh -c '{REPORT_PID} escaped $p; exec setsid sleep 100' &); \
+         {REPORT_PID} up $p; wait"
+    );
+    let config = shell_cells(&dir.0, &socket, &[("forker", &script)]);
+    let (mut hv, _stderr) = run_hypervisor(&config, &[]);
+    let program = reported_pid(&hv.out.expect("[forker] up"));
+    let child = reported_pid(&hv.out.expect("[forker] child"));
+    let escaped = reported_pid(&hv.out.expect("[forker] escaped"));
+    let watched = Watched(vec![
+        ("the cell's program".into(), pidfd_open(program)),
+        ("a process the program started".into(), pidfd_open(child)),
+        ("an orphan in a session of its own".into(), pidfd_open(escaped)),
+    ]);
+    assert_eq!(
+        watched.survivors(Duration::ZERO).len(),
+        3,
+        "every process runs before the kill"
+    );
+    hv.child.kill().unwrap();
+    let status = hv.child.wait().unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9)
+    );
+    let survivors = watched.survivors(GUARD);
+    assert!(
+        survivors.is_empty(),
+        "still running {GUARD:?} after the hypervisor's kill -9: {survivors:?}"
+    );
+}
+
+/// Without the privilege for a PID namespace (a hypervisor that is not root) the cells still
+/// run; a warning says once that what they start is not confined. Run as `nobody` when the
+/// test runs as root.
+#[test]
+fn an_unprivileged_hypervisor_runs_cells_and_warns_once_that_their_processes_are_not_confined()
+{
+    use std::os::unix::process::CommandExt;
+    let dir = TempDir::new("unprivileged");
+    std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let socket = dir.0.join("hv.sock");
+    let config = shell_cells(
+        &dir.0,
+        &socket,
+        &[
+            ("one", "echo up; exec sleep 100"),
+            ("two", "sleep 100 & echo up; wait"),
+        ],
+    );
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hypervisor"));
+    cmd.arg("run").arg(&config);
+    if nix::unistd::geteuid().is_root() {
+        cmd.uid(65534).gid(65534);
+    }
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut hv = Hypervisor {
+        out: Lines::new(child.stdout.take().unwrap()),
+        child,
+    };
+    expect_all(
+        &mut hv,
+        &[
+            "warning: cells run without a PID namespace",
+            "[one] up",
+            "[two] up",
+        ],
+    );
+    let (status, log) = hv.stop();
+    assert!(status.success(), "{status:?}: {log:#?}");
+    let warnings = log.iter().filter(|l| l.contains("PID namespace")).count();
+    assert_eq!(warnings, 1, "{log:#?}");
+}
