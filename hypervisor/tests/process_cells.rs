@@ -906,7 +906,10 @@ fn no_process_of_a_cell_outlives_a_kill_9_of_the_hypervisor() {
     let watched = Watched(vec![
         ("the cell's program".into(), pidfd_open(program)),
         ("a process the program started".into(), pidfd_open(child)),
-        ("an orphan in a session of its own".into(), pidfd_open(escaped)),
+        (
+            "an orphan in a session of its own".into(),
+            pidfd_open(escaped),
+        ),
     ]);
     assert_eq!(
         watched.survivors(Duration::ZERO).len(),
@@ -930,8 +933,7 @@ fn no_process_of_a_cell_outlives_a_kill_9_of_the_hypervisor() {
 /// run; a warning says once that what they start is not confined. Run as `nobody` when the
 /// test runs as root.
 #[test]
-fn an_unprivileged_hypervisor_runs_cells_and_warns_once_that_their_processes_are_not_confined()
-{
+fn an_unprivileged_hypervisor_runs_cells_and_warns_once_that_their_processes_are_not_confined() {
     use std::os::unix::process::CommandExt;
     let dir = TempDir::new("unprivileged");
     std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
@@ -971,4 +973,218 @@ fn an_unprivileged_hypervisor_runs_cells_and_warns_once_that_their_processes_are
     assert!(status.success(), "{status:?}: {log:#?}");
     let warnings = log.iter().filter(|l| l.contains("PID namespace")).count();
     assert_eq!(warnings, 1, "{log:#?}");
+}
+
+/// A signal a user sends to the pid the hypervisor reports for a cell reaches the cell's
+/// program (in a PID namespace that pid is the program's relay, which forwards it), and the
+/// program's own exit status is the cell's.
+#[test]
+fn a_signal_to_a_cells_reported_pid_reaches_its_program() {
+    let dir = TempDir::new("forwarded-signal");
+    let socket = dir.0.join("hv.sock");
+    let script = "trap 'echo got-usr1; exit 5' USR1; echo up; sleep 100 & wait";
+    let config = shell_cells(&dir.0, &socket, &[("trapper", script)]);
+    let (mut hv, _stderr) = run_hypervisor(&config, &["--keep-running"]);
+    hv.out.expect("[trapper] up");
+    let pid = started_pid(&hv.out.seen, "trapper");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGUSR1,
+    )
+    .unwrap();
+    hv.out.expect("[trapper] got-usr1");
+    hv.out
+        .expect(&format!("cell trapper: process {pid} ended: exit code 5"));
+    let (status, _) = hv.stop();
+    assert_eq!(status.code(), Some(4), "exit 5 is a failure");
+}
+
+/// `hypervisor cell VERB NAME --socket SOCKET` started now; its (exit code, stdout, stderr)
+/// arrives on the receiver when it has finished.
+fn cell_command_started(
+    socket: &Path,
+    verb: &str,
+    cell: &str,
+) -> std::sync::mpsc::Receiver<(Option<i32>, String, String)> {
+    let child = Command::new(env!("CARGO_BIN_EXE_hypervisor"))
+        .args(["cell", verb, cell, "--socket"])
+        .arg(socket)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let out = child.wait_with_output().unwrap();
+        let _ = tx.send((
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ));
+    });
+    rx
+}
+
+/// The `hypervisor status` table line of `cell`.
+fn status_line(socket: &Path, cell: &str) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_hypervisor"))
+        .args(["status", "--socket"])
+        .arg(socket)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    table
+        .lines()
+        .find(|l| l.starts_with(&format!("{cell} ")))
+        .unwrap_or_else(|| panic!("no line for {cell}: {table}"))
+        .to_string()
+}
+
+/// Two clients ask for `cell stop` and `cell restart` of one cell at once: the request that
+/// arrives while the other is being carried out is refused at once as busy (naming the one in
+/// progress), and the first one's outcome stands: a stopped cell does not come back, a
+/// restarted one is not stopped behind its client's back. The cell holds its stop open (its
+/// SIGTERM trap waits on a FIFO) until the loser has its answer, so the two always overlap.
+/// (The second request used to wait, and then be carried out after the first.)
+#[test]
+fn a_cell_request_arriving_while_another_is_carried_out_is_refused_as_busy() {
+    use std::io::Write as _;
+    for (first, second) in [("stop", "restart"), ("restart", "stop")] {
+        let dir = TempDir::new(&format!("busy-{first}"));
+        let socket = dir.0.join("hv.sock");
+        let gate = dir.0.join("gate");
+        nix::unistd::mkfifo(&gate, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        // Only the first life holds its stop open.
+        let script = format!(
+            "if [ -e {m} ]; then echo up; exec sleep 100; fi; touch {m}; \
+             trap 'read x < {g}; exit 0' TERM; echo up; sleep 100 & wait",
+            m = dir.0.join("started").display(),
+            g = gate.display()
+        );
+        let config = shell_cells(&dir.0, &socket, &[("gated", &script)]);
+        let (mut hv, _stderr) = run_hypervisor(&config, &["--keep-running"]);
+        hv.out.expect("[gated] up");
+        let winner = cell_command_started(&socket, first, "gated");
+        hv.out.expect("cell gated: stopping process");
+        let loser = cell_command_started(&socket, second, "gated");
+        let (code, out, err) = loser
+            .recv_timeout(GUARD)
+            .unwrap_or_else(|_| panic!("`cell {second}` got no answer while `cell {first}` ran"));
+        assert_eq!(code, Some(1), "{first} then {second}: {out}{err}");
+        assert!(
+            err.contains(&format!(
+                "`cell {second} gated` refused by the hypervisor: cell `gated` is busy: a \
+                 `cell {first}` from another client is in progress"
+            )),
+            "{err}"
+        );
+        // Let the cell finish its stop.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&gate)
+            .unwrap()
+            .write_all(b"go\n")
+            .unwrap();
+        let (code, out, err) = winner.recv_timeout(GUARD).unwrap();
+        assert_eq!(code, Some(0), "{first}: {out}{err}");
+        hv.out.expect("cell gated: process");
+        let line = status_line(&socket, "gated");
+        if first == "stop" {
+            assert!(line.contains("exited"), "{line}");
+        } else {
+            hv.out.expect("[gated] up");
+            assert!(line.contains("waiting"), "{line}");
+        }
+        let (status, log) = hv.stop();
+        assert!(status.success(), "{status:?}: {log:#?}");
+        let starts = log
+            .iter()
+            .filter(|l| l.starts_with("cell gated: started"))
+            .count();
+        assert_eq!(starts, if first == "stop" { 1 } else { 2 }, "{log:#?}");
+    }
+}
+
+/// `cell restart` and `cell stop` of one cell from two clients at once, many times: each
+/// request either succeeds or is refused as busy (at least one succeeds), the cell never has
+/// two lives at once, the status agrees with the last request carried out, and the cell can
+/// be started again after a stop.
+#[test]
+fn racing_restart_and_stop_of_one_cell_end_in_one_consistent_state() {
+    const ROUNDS: usize = 20;
+    let dir = TempDir::new("race");
+    let socket = dir.0.join("hv.sock");
+    let config = shell_cells(&dir.0, &socket, &[("raced", "echo up; exec sleep 100")]);
+    let (mut hv, _stderr) = run_hypervisor(&config, &["--keep-running"]);
+    hv.out.expect("[raced] up");
+    let (mut busy, mut both) = (0, 0);
+    for round in 0..ROUNDS {
+        // The order the two are started in alternates.
+        let (a, b) = if round % 2 == 0 {
+            ("restart", "stop")
+        } else {
+            ("stop", "restart")
+        };
+        let first = cell_command_started(&socket, a, "raced");
+        let second = cell_command_started(&socket, b, "raced");
+        let mut ok = Vec::new();
+        for (verb, rx) in [(a, first), (b, second)] {
+            let (code, out, err) = rx.recv_timeout(GUARD).expect("an answer");
+            match code {
+                Some(0) => ok.push((verb, out)),
+                Some(1) if err.contains("cell `raced` is busy: a `cell ") => busy += 1,
+                _ => panic!("round {round}: `cell {verb}`: {code:?}\n{out}{err}"),
+            }
+        }
+        assert!(
+            !ok.is_empty(),
+            "round {round}: neither request was carried out"
+        );
+        both += usize::from(ok.len() == 2);
+        // The status is the outcome of the request carried out last: running the life the
+        // restart answered with, or stopped by the stop.
+        let line = status_line(&socket, "raced");
+        let running = line.contains("waiting");
+        assert!(running || line.contains("exited"), "{line}");
+        if running {
+            // Running the life a restart started and answered with (and no other).
+            let restarted = ok.iter().find(|(verb, _)| *verb == "restart");
+            let pid = restarted
+                .and_then(|(_, reply)| reply.split("pid ").nth(1))
+                .map(|rest| rest.trim().split([',', ';', ' ']).next().unwrap_or(""))
+                .unwrap_or_else(|| panic!("round {round}: running without a restart: {ok:?}"));
+            assert!(
+                line.split_whitespace().any(|w| w == pid),
+                "round {round}: status {line}, the restart answered pid {pid}: {ok:?}"
+            );
+            if ok.len() == 1 {
+                assert_eq!(ok[0].0, "restart", "round {round}");
+            }
+        } else {
+            assert!(
+                ok.iter().any(|(verb, _)| *verb == "stop"),
+                "round {round}: stopped without a stop: {ok:?}; status {line}"
+            );
+        }
+        if !running {
+            let (code, out, err) = cell_command(&socket, &["start", "raced"]);
+            assert_eq!(code, Some(0), "round {round}: start: {out}{err}");
+        }
+    }
+    let (status, log) = hv.stop();
+    assert!(status.success(), "{status:?}");
+    // Never two lives at once: every start follows the end of the life before it.
+    let mut lives = 0i32;
+    for line in &log {
+        if line.starts_with("cell raced: started") {
+            lives += 1;
+        } else if line.starts_with("cell raced: process") && line.contains(" ended: ") {
+            lives -= 1;
+        }
+        assert!(
+            (0..=1).contains(&lives),
+            "{lives} lives at: {line}\n{log:#?}"
+        );
+    }
+    println!("{ROUNDS} rounds: {busy} busy refusals, {both} rounds with both carried out");
 }
