@@ -841,7 +841,7 @@ impl Watched {
                 .0
                 .iter()
                 .zip(&fds)
-                .filter(|(_, p)| p.revents().map_or(true, |r| r.is_empty()))
+                .filter(|(_, p)| p.revents().is_none_or(|r| r.is_empty()))
                 .map(|((name, _), _)| name.as_str())
                 .collect();
             if alive.is_empty() || left.is_zero() {
