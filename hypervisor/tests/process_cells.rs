@@ -698,27 +698,48 @@ fn expect_all(hv: &mut Hypervisor, wants: &[&str]) {
     }
 }
 
+/// A running system of cell `idle` and cell `name`, whose first life idles (until stopped
+/// or killed) and whose later lives run `then` after `echo again`; both have said `up`.
+fn two_lives(
+    tag: &str,
+    name: &str,
+    then: &str,
+) -> (
+    TempDir,
+    PathBuf,
+    Hypervisor,
+    std::thread::JoinHandle<String>,
+) {
+    let dir = TempDir::new(tag);
+    let socket = dir.0.join("hv.sock");
+    let script = format!(
+        "if [ -e {m} ]; then echo again; {then}; fi; touch {m}; echo up; exec sleep 100",
+        m = dir.0.join("started").display()
+    );
+    let config = shell_cells(
+        &dir.0,
+        &socket,
+        &[("idle", "echo up; exec sleep 100"), (name, &script)],
+    );
+    let (mut hv, stderr) = run_hypervisor(&config, &[]);
+    expect_all(&mut hv, &[&format!("[{name}] up"), "[idle] up"]);
+    (dir, socket, hv, stderr)
+}
+
+/// The summary line of a stopped hypervisor's log.
+fn summary_line(log: &[String]) -> &str {
+    log.iter()
+        .find(|l| l.contains("spawned cell(s)"))
+        .unwrap_or_else(|| panic!("no summary: {log:#?}"))
+}
+
 /// A cell whose first life was killed (here by `kill -9` from outside) and which was then
 /// restarted is judged by its last life: the run does not fail when that life succeeded, the
 /// summary lists the cell once, counts it once and says it was restarted. (The killed life
 /// used to make the run fail with exit 4.)
 #[test]
 fn a_cell_killed_and_restarted_is_reported_by_its_last_life() {
-    let dir = TempDir::new("restarted-summary");
-    let socket = dir.0.join("hv.sock");
-    let marker = dir.0.join("victim-started");
-    // The first life idles (until killed); the second exits 0 on its own.
-    let victim = format!(
-        "if [ -e {m} ]; then echo again; exit 0; fi; touch {m}; echo up; exec sleep 100",
-        m = marker.display()
-    );
-    let config = shell_cells(
-        &dir.0,
-        &socket,
-        &[("idle", "echo up; exec sleep 100"), ("victim", &victim)],
-    );
-    let (mut hv, stderr) = run_hypervisor(&config, &[]);
-    expect_all(&mut hv, &["[victim] up", "[idle] up"]);
+    let (_dir, socket, mut hv, stderr) = two_lives("restarted-summary", "victim", "exit 0");
     let first = started_pid(&hv.out.seen, "victim");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(first),
@@ -737,10 +758,7 @@ fn a_cell_killed_and_restarted_is_reported_by_its_last_life() {
         .expect(&format!("cell victim: process {second} ended: exit code 0"));
     let (status, log) = hv.stop();
     let err = stderr.join().unwrap();
-    let summary = log
-        .iter()
-        .find(|l| l.contains("spawned cell(s)"))
-        .unwrap_or_else(|| panic!("no summary: {log:#?}"));
+    let summary = summary_line(&log);
     assert!(
         status.success(),
         "the last life succeeded: {status:?}\n{summary}\nstderr: {err}"
@@ -763,20 +781,7 @@ fn a_cell_killed_and_restarted_is_reported_by_its_last_life() {
 /// fails the run, once, with the last life's exit.
 #[test]
 fn a_restarted_cell_whose_last_life_fails_fails_the_run_once() {
-    let dir = TempDir::new("restarted-fails");
-    let socket = dir.0.join("hv.sock");
-    let marker = dir.0.join("flaky-started");
-    let flaky = format!(
-        "if [ -e {m} ]; then echo again; exit 7; fi; touch {m}; echo up; exec sleep 100",
-        m = marker.display()
-    );
-    let config = shell_cells(
-        &dir.0,
-        &socket,
-        &[("idle", "echo up; exec sleep 100"), ("flaky", &flaky)],
-    );
-    let (mut hv, stderr) = run_hypervisor(&config, &[]);
-    expect_all(&mut hv, &["[flaky] up", "[idle] up"]);
+    let (_dir, socket, mut hv, stderr) = two_lives("restarted-fails", "flaky", "exit 7");
     for verb in ["stop", "start"] {
         let (code, out, err) = cell_command(&socket, &[verb, "flaky"]);
         assert_eq!(code, Some(0), "{verb}: stdout: {out}\nstderr: {err}");
@@ -785,10 +790,7 @@ fn a_restarted_cell_whose_last_life_fails_fails_the_run_once() {
     hv.out.expect("ended: exit code 7");
     let (status, log) = hv.stop();
     let err = stderr.join().unwrap();
-    let summary = log
-        .iter()
-        .find(|l| l.contains("spawned cell(s)"))
-        .unwrap_or_else(|| panic!("no summary: {log:#?}"));
+    let summary = summary_line(&log);
     assert_eq!(status.code(), Some(4), "{summary}\nstderr: {err}");
     assert!(
         err.contains("hypervisor: 1 cell(s) failed: flaky (exit code 7)"),
