@@ -1681,6 +1681,22 @@ mod tests {
     }
 
     #[test]
+    fn a_program_that_cannot_be_executed_is_a_spawn_error() {
+        // (Under a root hypervisor through the relay: the exec fails in the namespace and
+        // the relay ends with the program, so `spawn` returns the exec error.)
+        let system = sleeper_system();
+        let cell = &system.cells[0];
+        let argv = vec!["/".to_string()];
+        match spawn_cell(cell, &argv, &socket_path("no-exec")) {
+            Err(RunError::Spawn { cell, source, .. }) => {
+                assert_eq!(cell, "sleeper");
+                assert_eq!(source.kind(), io::ErrorKind::PermissionDenied, "{source}");
+            }
+            other => panic!("expected a spawn error, got {other:?}"),
+        }
+    }
+
+    #[test]
     fn kill_and_reap_kills_and_reaps_live_cells() {
         let system = sleeper_system();
         let socket = socket_path("kill-reap");
