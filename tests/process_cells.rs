@@ -55,6 +55,10 @@ const TESTS: &[(&str, fn())] = &[
         "a_cell_under_its_own_uid_cannot_write_a_peers_section_by_any_route",
         a_cell_under_its_own_uid_cannot_write_a_peers_section_by_any_route,
     ),
+    (
+        "racing_restart_and_stop_leave_the_peer_state_of_the_final_life",
+        racing_restart_and_stop_leave_the_peer_state_of_the_final_life,
+    ),
 ];
 
 /// A re-executed child plays its role; otherwise runs the tests whose names contain one of
@@ -116,12 +120,28 @@ fn child_role() -> Option<i32> {
         "ro" => read_only_violation_main(),
         "spawned" => spawned_main(),
         "intruder" => intruder_main(),
+        "holder" => holder_main(),
         other => {
             eprintln!("unknown role {other}");
             2
         }
     };
     Some(code)
+}
+
+/// A spawned cell that attaches, sets its state to 1 on its link and stays until stopped.
+fn holder_main() -> i32 {
+    let endpoint = HostedEndpoint::attach_from_env().unwrap();
+    let link = &endpoint.links()[0];
+    link.enable_interrupts();
+    link.set_state(1).unwrap();
+    // Until stopped (or the hypervisor is gone).
+    while link
+        .wait_interrupt_timeout(Duration::from_secs(3600))
+        .is_ok()
+        && !link.hypervisor_gone()
+    {}
+    0
 }
 
 fn say(line: &str) {
@@ -1129,6 +1149,120 @@ output_size = "4K"
         assert_eq!(byte, 0x5A, "byte {i} of the owner's section changed");
     }
     drop(owner);
+    let (status, _) = hv.stop();
+    assert!(status.success(), "{status:?}");
+}
+
+/// Waits (on interrupts) until `link` reads `want` as peer 0's state.
+fn wait_for_peer_state(link: &linux_uio_client::hosted::HostedLink, want: u32, what: &str) {
+    while link.peer_state(0) != Some(want) {
+        let woke = link.wait_interrupt_timeout(GUARD).unwrap();
+        assert!(
+            woke.is_some() || link.peer_state(0) == Some(want),
+            "{what}: peer 0 still reads {:?}, not {want}",
+            link.peer_state(0)
+        );
+    }
+}
+
+/// Issue item: `cell restart` and `cell stop` of one cell from two control-socket clients at
+/// once, many times, with a peer watching the link: each request is carried out or refused
+/// as busy (never both refused), and afterwards the peer reads the state of the cell's final
+/// life (1 when a restart left it running and attached, 0 when a stop left it stopped), the
+/// status agrees (the link's peer active exactly when running), and a stopped cell starts
+/// again.
+fn racing_restart_and_stop_leave_the_peer_state_of_the_final_life() {
+    use hypervisor::control::CellAction;
+    use hypervisor::status::{control_cell, query, StatusError};
+    use ivshmem_dev::hosted::CellPhase;
+    const ROUNDS: usize = 12;
+    let dir = TempDir::new("race-link");
+    let socket = dir.0.join("hv.sock");
+    let config = dir.0.join("race.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[system]
+name = "race-test"
+control_socket = "{socket}"
+allow_shared_cpus = true
+
+[[cells]]
+name = "raced"
+cpus = [0]
+command = "{exe}"
+
+# Its command ends at once; the test attaches as it by hand.
+[[cells]]
+name = "watcher"
+cpus = [0]
+command = "/bin/true"
+
+[[links]]
+name = "pair"
+peers = ["raced", "watcher"]
+protocol = 0x4001
+output_size = "4K"
+"#,
+            socket = socket.display(),
+            exe = std::env::current_exe().unwrap().display()
+        ),
+    )
+    .unwrap();
+    let mut hv = Hypervisor::start(&config, &[(ROLE_ENV, "holder")], false);
+    hv.out.expect("cell watcher: process");
+    let watcher = HostedEndpoint::attach(&socket, "watcher").unwrap();
+    let link = &watcher.links()[0];
+    link.enable_interrupts();
+    wait_for_peer_state(link, 1, "the first life");
+    let mut busy = 0;
+    for round in 0..ROUNDS {
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let racers: Vec<_> = [CellAction::Restart, CellAction::Stop]
+            .into_iter()
+            .map(|action| {
+                let (barrier, socket) = (barrier.clone(), socket.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    (action, control_cell(&socket, "raced", action))
+                })
+            })
+            .collect();
+        let mut done = Vec::new();
+        for racer in racers {
+            match racer.join().unwrap() {
+                (action, Ok(_)) => done.push(action),
+                (_, Err(StatusError::Refused { detail, .. })) if detail.contains("is busy") => {
+                    busy += 1
+                }
+                (action, Err(e)) => panic!("round {round}: {action:?}: {e}"),
+            }
+        }
+        assert!(!done.is_empty(), "round {round}: both refused");
+        let status = query(&socket).unwrap();
+        let cell = status.cells.iter().find(|c| c.name == "raced").unwrap();
+        let running = cell.phase != CellPhase::Exited;
+        if running {
+            assert!(
+                done.contains(&CellAction::Restart),
+                "round {round}: {done:?}"
+            );
+            wait_for_peer_state(link, 1, &format!("round {round}: the restarted life"));
+        } else {
+            assert!(done.contains(&CellAction::Stop), "round {round}: {done:?}");
+            wait_for_peer_state(link, 0, &format!("round {round}: the stopped cell"));
+        }
+        let status = query(&socket).unwrap();
+        let active = status.links[0].peers[0].active;
+        assert_eq!(active, running, "round {round}: link peer active");
+        if !running {
+            control_cell(&socket, "raced", CellAction::Start).unwrap();
+            wait_for_peer_state(link, 1, &format!("round {round}: started again"));
+        }
+    }
+    println!("{ROUNDS} rounds, {busy} busy refusals");
+    drop(watcher);
     let (status, _) = hv.stop();
     assert!(status.success(), "{status:?}");
 }
