@@ -902,9 +902,11 @@ fn no_process_of_a_cell_outlives_a_kill_9_of_the_hypervisor() {
     );
     let config = shell_cells(&dir.0, &socket, &[("forker", &script)]);
     let (mut hv, _stderr) = run_hypervisor(&config, &[]);
-    let program = reported_pid(&hv.out.expect("[forker] up"));
-    let child = reported_pid(&hv.out.expect("[forker] child"));
-    let escaped = reported_pid(&hv.out.expect("[forker] escaped"));
+    // The three lines come in any order.
+    let wants = ["[forker] up", "[forker] child", "[forker] escaped"];
+    expect_all(&mut hv, &wants);
+    let [program, child, escaped] =
+        wants.map(|want| reported_pid(hv.out.seen.iter().find(|l| l.starts_with(want)).unwrap()));
     let watched = Watched(vec![
         ("the cell's program".into(), pidfd_open(program)),
         ("a process the program started".into(), pidfd_open(child)),
