@@ -12,7 +12,6 @@
 //! ping 10.0.0.2; curl http://10.0.0.2/
 //! ```
 
-use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
@@ -50,7 +49,9 @@ struct Args {
     /// Wire format of the link (the same on both cells of the link).
     #[arg(long, value_enum, default_value_t)]
     format: process::Format,
-    /// Write every forwarded frame to this pcap file (tcpdump -r FILE).
+    /// Write every forwarded frame to this pcap file (tcpdump -r FILE). An existing capture
+    /// is appended to (a restarted bridge keeps the earlier capture); a file that is not a
+    /// pcap capture is refused.
     #[arg(long, value_name = "FILE")]
     pcap: Option<PathBuf>,
     /// Frames per direction per round.
@@ -132,10 +133,26 @@ pub fn main() -> Result<(), MainError> {
             let (tap, tap_name) = open_tap(&p.name)?;
             let mut bridge = Bridge::new(p.link, p.irq, tap, bridge_config);
             if let Some(path) = &args.pcap {
-                let file =
-                    File::create(path).with_context(|| format!("creating {}", path.display()))?;
-                let out: Box<dyn Write + Send> = Box::new(BufWriter::new(file));
-                bridge.set_pcap(PcapWriter::new(out).context("writing the pcap header")?);
+                // Appended to, not truncated: a restarted bridge keeps its earlier lives'
+                // capture.
+                let capture = vnet::pcap::open_append(path)?;
+                if capture.earlier_records > 0 || capture.cut_bytes > 0 {
+                    ivshmem_stack::outln!(
+                        "vnet_tap: appending to {} ({} earlier records{})",
+                        path.display(),
+                        capture.earlier_records,
+                        if capture.cut_bytes > 0 {
+                            format!(
+                                "; cut an incomplete last record of {} bytes",
+                                capture.cut_bytes
+                            )
+                        } else {
+                            String::new()
+                        }
+                    );
+                }
+                let out: Box<dyn Write + Send> = Box::new(BufWriter::new(capture.file));
+                bridge.set_pcap(PcapWriter::appending(out));
             }
             bridge.set_link_hook(hook(tap_name));
             bridge.run(Some(stop.as_fd())).context("bridge loop")?;

@@ -55,6 +55,10 @@ const TESTS: &[(&str, fn())] = &[
         "a_cell_under_its_own_uid_cannot_write_a_peers_section_by_any_route",
         a_cell_under_its_own_uid_cannot_write_a_peers_section_by_any_route,
     ),
+    (
+        "racing_restart_and_stop_leave_the_peer_state_of_the_final_life",
+        racing_restart_and_stop_leave_the_peer_state_of_the_final_life,
+    ),
 ];
 
 /// A re-executed child plays its role; otherwise runs the tests whose names contain one of
@@ -116,12 +120,28 @@ fn child_role() -> Option<i32> {
         "ro" => read_only_violation_main(),
         "spawned" => spawned_main(),
         "intruder" => intruder_main(),
+        "holder" => holder_main(),
         other => {
             eprintln!("unknown role {other}");
             2
         }
     };
     Some(code)
+}
+
+/// A spawned cell that attaches, sets its state to 1 on its link and stays until stopped.
+fn holder_main() -> i32 {
+    let endpoint = HostedEndpoint::attach_from_env().unwrap();
+    let link = &endpoint.links()[0];
+    link.enable_interrupts();
+    link.set_state(1).unwrap();
+    // Until stopped (or the hypervisor is gone).
+    while link
+        .wait_interrupt_timeout(Duration::from_secs(3600))
+        .is_ok()
+        && !link.hypervisor_gone()
+    {}
+    0
 }
 
 fn say(line: &str) {
@@ -321,16 +341,37 @@ fn intruder_main() -> i32 {
         Mode::empty(),
     )
     .map(drop);
-    // Every fd of the hypervisor (the parent), reopened read-write.
-    let parent = nix::unistd::getppid();
-    let hv_fds = match std::fs::read_dir(format!("/proc/{parent}/fd")) {
-        Err(e) => Err(nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0))),
-        Ok(entries) => entries
-            .flatten()
-            .map(|e| open(&e.path(), OFlag::O_RDWR, Mode::empty()).map(drop))
-            .find(Result::is_ok)
-            .unwrap_or(Err(nix::errno::Errno::EACCES)),
+    // Every fd of the hypervisor, reopened read-write: of every ancestor up to it (the cell
+    // may run under a relay, in a PID namespace of its own, where `getppid` reads 0; `/proc`
+    // names the host's pids, so the ancestors are walked through it).
+    let parent_of = |pid: &str| -> Option<String> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // "pid (comm) state ppid ...": the comm may hold spaces, so after the last ')'.
+        let ppid = stat.rsplit(')').next()?.split_whitespace().nth(1)?;
+        (ppid != "0" && ppid != "1").then(|| ppid.to_string())
     };
+    let mut ancestors = Vec::new();
+    let mut at = "self".to_string();
+    while let Some(parent) = parent_of(&at) {
+        ancestors.push(parent.clone());
+        at = parent;
+    }
+    let hv_fds = ancestors
+        .iter()
+        .map(|pid| match std::fs::read_dir(format!("/proc/{pid}/fd")) {
+            Err(e) => Err(nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0))),
+            Ok(entries) => entries
+                .flatten()
+                .map(|e| open(&e.path(), OFlag::O_RDWR, Mode::empty()).map(drop))
+                .find(Result::is_ok)
+                .unwrap_or(Err(nix::errno::Errno::EACCES)),
+        })
+        .find(Result::is_ok)
+        .unwrap_or(if ancestors.is_empty() {
+            Err(nix::errno::Errno::ESRCH)
+        } else {
+            Err(nix::errno::Errno::EACCES)
+        });
     let size = std::num::NonZeroUsize::new(len).unwrap();
     let shared = nix::sys::mman::MapFlags::MAP_SHARED;
     // SAFETY: maps the section's fd shared and writable; expected to fail. Nothing is
@@ -1094,6 +1135,8 @@ output_size = "4K"
         let outcome = field(&line, &format!("{route}="));
         assert_ne!(outcome, "ok", "route {route} was open: {line}");
     }
+    // The hypervisor's fds were found and refused, not missed.
+    assert_eq!(field(&line, "hv_fds="), "EACCES", "{line}");
     while link.peer_state(1) != Some(2) {
         link.wait_interrupt_timeout(GUARD)
             .unwrap()
@@ -1106,6 +1149,120 @@ output_size = "4K"
         assert_eq!(byte, 0x5A, "byte {i} of the owner's section changed");
     }
     drop(owner);
+    let (status, _) = hv.stop();
+    assert!(status.success(), "{status:?}");
+}
+
+/// Waits (on interrupts) until `link` reads `want` as peer 0's state.
+fn wait_for_peer_state(link: &linux_uio_client::hosted::HostedLink, want: u32, what: &str) {
+    while link.peer_state(0) != Some(want) {
+        let woke = link.wait_interrupt_timeout(GUARD).unwrap();
+        assert!(
+            woke.is_some() || link.peer_state(0) == Some(want),
+            "{what}: peer 0 still reads {:?}, not {want}",
+            link.peer_state(0)
+        );
+    }
+}
+
+/// Issue item: `cell restart` and `cell stop` of one cell from two control-socket clients at
+/// once, many times, with a peer watching the link: each request is carried out or refused
+/// as busy (never both refused), and afterwards the peer reads the state of the cell's final
+/// life (1 when a restart left it running and attached, 0 when a stop left it stopped), the
+/// status agrees (the link's peer active exactly when running), and a stopped cell starts
+/// again.
+fn racing_restart_and_stop_leave_the_peer_state_of_the_final_life() {
+    use hypervisor::control::CellAction;
+    use hypervisor::status::{control_cell, query, StatusError};
+    use ivshmem_dev::hosted::CellPhase;
+    const ROUNDS: usize = 12;
+    let dir = TempDir::new("race-link");
+    let socket = dir.0.join("hv.sock");
+    let config = dir.0.join("race.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[system]
+name = "race-test"
+control_socket = "{socket}"
+allow_shared_cpus = true
+
+[[cells]]
+name = "raced"
+cpus = [0]
+command = "{exe}"
+
+# Its command ends at once; the test attaches as it by hand.
+[[cells]]
+name = "watcher"
+cpus = [0]
+command = "/bin/true"
+
+[[links]]
+name = "pair"
+peers = ["raced", "watcher"]
+protocol = 0x4001
+output_size = "4K"
+"#,
+            socket = socket.display(),
+            exe = std::env::current_exe().unwrap().display()
+        ),
+    )
+    .unwrap();
+    let mut hv = Hypervisor::start(&config, &[(ROLE_ENV, "holder")], false);
+    hv.out.expect("cell watcher: process");
+    let watcher = HostedEndpoint::attach(&socket, "watcher").unwrap();
+    let link = &watcher.links()[0];
+    link.enable_interrupts();
+    wait_for_peer_state(link, 1, "the first life");
+    let mut busy = 0;
+    for round in 0..ROUNDS {
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let racers: Vec<_> = [CellAction::Restart, CellAction::Stop]
+            .into_iter()
+            .map(|action| {
+                let (barrier, socket) = (barrier.clone(), socket.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    (action, control_cell(&socket, "raced", action))
+                })
+            })
+            .collect();
+        let mut done = Vec::new();
+        for racer in racers {
+            match racer.join().unwrap() {
+                (action, Ok(_)) => done.push(action),
+                (_, Err(StatusError::Refused { detail, .. })) if detail.contains("is busy") => {
+                    busy += 1
+                }
+                (action, Err(e)) => panic!("round {round}: {action:?}: {e}"),
+            }
+        }
+        assert!(!done.is_empty(), "round {round}: both refused");
+        let status = query(&socket).unwrap();
+        let cell = status.cells.iter().find(|c| c.name == "raced").unwrap();
+        let running = cell.phase != CellPhase::Exited;
+        if running {
+            assert!(
+                done.contains(&CellAction::Restart),
+                "round {round}: {done:?}"
+            );
+            wait_for_peer_state(link, 1, &format!("round {round}: the restarted life"));
+        } else {
+            assert!(done.contains(&CellAction::Stop), "round {round}: {done:?}");
+            wait_for_peer_state(link, 0, &format!("round {round}: the stopped cell"));
+        }
+        let status = query(&socket).unwrap();
+        let active = status.links[0].peers[0].active;
+        assert_eq!(active, running, "round {round}: link peer active");
+        if !running {
+            control_cell(&socket, "raced", CellAction::Start).unwrap();
+            wait_for_peer_state(link, 1, &format!("round {round}: started again"));
+        }
+    }
+    println!("{ROUNDS} rounds, {busy} busy refusals");
+    drop(watcher);
     let (status, _) = hv.stop();
     assert!(status.success(), "{status:?}");
 }

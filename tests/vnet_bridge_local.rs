@@ -406,11 +406,11 @@ impl std::io::Write for ReportingFile {
     }
 }
 
-/// The bridge process of `a_pcap_survives_kill_9_with_whole_records`: runs only when
+/// The bridge process of `a_pcap_survives_kill_9_and_a_restarted_bridge_appends_to_it`: runs only when
 /// re-executed by it (with `--ignored`), until killed. Bridge on a Unix datagram port bound
 /// at the path the test gives, capture into the file it gives; a peer thread reads the ring.
 #[test]
-#[ignore = "helper: the bridge process of `a_pcap_survives_kill_9_with_whole_records`"]
+#[ignore = "helper: the bridge process of `a_pcap_survives_kill_9_and_a_restarted_bridge_appends_to_it`"]
 fn pcap_bridge_process_child() {
     use std::io::Write as _;
     let (Some(port), Some(pcap)) = (
@@ -429,12 +429,14 @@ fn pcap_bridge_process_child() {
             .into_parts();
         let l = VnetLink::new(dev, LinkConfig::default()).unwrap();
         let mut b = Bridge::new(l, irq, port, BridgeConfig::default());
+        // Opened as the bridge program (`vnet_tap --pcap`) opens it: appended to.
+        let capture = vnet::pcap::open_append(std::path::Path::new(&pcap)).unwrap();
         let file = ReportingFile {
-            file: std::fs::File::create(pcap).unwrap(),
+            file: capture.file,
             written: 0,
         };
         let out = std::io::BufWriter::with_capacity(64 * 1024, file);
-        b.set_pcap(vnet::pcap::PcapWriter::new(Box::new(out) as Box<_>).unwrap());
+        b.set_pcap(vnet::pcap::PcapWriter::appending(Box::new(out) as Box<_>));
         b.run(None).unwrap();
     });
     // The peer: reads and releases every frame, forever.
@@ -473,17 +475,15 @@ fn wait_forever(irq: &impl Interrupt) {
     unsafe { libc::poll(&mut pfd, 1, -1) };
 }
 
-/// The pcap guarantee of issue 12 against `kill -9`: a bridge process killed while frames
-/// flow leaves a file whose records are all whole except at most the last one, and which
-/// holds at least everything flushed before the kill.
-#[test]
-fn a_pcap_survives_kill_9_with_whole_records() {
+/// A bridge process (`pcap_bridge_process_child`) capturing into `pcap_path`, ready, with
+/// its stdout lines.
+fn start_pcap_bridge(
+    port_path: &std::path::Path,
+    pcap_path: &std::path::Path,
+) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
     use std::io::BufRead;
     use std::os::unix::process::CommandExt;
-    let dir = std::env::temp_dir().join(format!("vnc-pcap-kill-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let port_path = dir.join("port");
-    let pcap_path = dir.join("capture.pcap");
+    let _ = std::fs::remove_file(port_path);
     let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
     // SAFETY: prctl is async-signal-safe; the child dies with the test process.
     unsafe {
@@ -500,8 +500,8 @@ fn a_pcap_survives_kill_9_with_whole_records() {
             "--nocapture",
             "--test-threads=1",
         ])
-        .env(PCAP_CHILD_ENV, &port_path)
-        .env("VNC_PCAP_FILE", &pcap_path)
+        .env(PCAP_CHILD_ENV, port_path)
+        .env("VNC_PCAP_FILE", pcap_path)
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -515,38 +515,86 @@ fn a_pcap_survives_kill_9_with_whole_records() {
             }
         }
     });
-    let next_line = |what: &str| {
-        lines
-            .recv_timeout(Duration::from_secs(20))
-            .unwrap_or_else(|e| panic!("bridge process: no line ({what}): {e}"))
-    };
-    while next_line("ready") != "ready" {}
+    while next_line(&lines, "ready") != "ready" {}
+    (child, lines)
+}
+
+fn next_line(lines: &std::sync::mpsc::Receiver<String>, what: &str) -> String {
+    lines
+        .recv_timeout(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("bridge process: no line ({what}): {e}"))
+}
+
+/// Waits until the bridge process says it has flushed at least `bytes` of its capture.
+fn wait_flushed(lines: &std::sync::mpsc::Receiver<String>, bytes: usize) {
+    loop {
+        let line = next_line(lines, "flushed");
+        let n: usize = line
+            .strip_prefix("flushed ")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected line {line:?}"));
+        if n >= bytes {
+            return;
+        }
+    }
+}
+
+fn pcap_frame(seq: u32) -> Vec<u8> {
+    let mut f = vec![(seq % 251) as u8; PCAP_FRAME_LEN];
+    f[..4].copy_from_slice(&seq.to_le_bytes());
+    f
+}
+
+/// The whole records of a capture (its one header checked), and whether a last one is cut.
+fn pcap_records(pcap: &[u8]) -> (Vec<Vec<u8>>, bool) {
+    assert_eq!(&pcap[..4], &vnet::pcap::MAGIC.to_le_bytes());
+    let (mut at, mut records) = (24, Vec::new());
+    while at < pcap.len() {
+        let Some(header) = pcap.get(at..at + 16) else {
+            return (records, true);
+        };
+        let incl = u32::from_le_bytes(header[8..12].try_into().unwrap()) as usize;
+        let orig = u32::from_le_bytes(header[12..16].try_into().unwrap()) as usize;
+        assert_eq!(
+            (incl, orig),
+            (PCAP_FRAME_LEN, PCAP_FRAME_LEN),
+            "record {}",
+            records.len()
+        );
+        let Some(data) = pcap.get(at + 16..at + 16 + incl) else {
+            return (records, true);
+        };
+        records.push(data.to_vec());
+        at += 16 + incl;
+    }
+    (records, false)
+}
+
+/// The pcap guarantee of issue 12 against `kill -9`: a bridge process killed while frames
+/// flow leaves a file whose records are all whole except at most the last one, and which
+/// holds at least everything flushed before the kill.
+#[test]
+fn a_pcap_survives_kill_9_and_a_restarted_bridge_appends_to_it() {
+    let dir = std::env::temp_dir().join(format!("vnc-pcap-kill-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let port_path = dir.join("port");
+    let pcap_path = dir.join("capture.pcap");
+    let (mut child, lines) = start_pcap_bridge(&port_path, &pcap_path);
+    let frame = pcap_frame;
 
     let sender = UnixDatagram::unbound().unwrap();
     sender
         .set_write_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    let frame = |seq: u32| {
-        let mut f = vec![(seq % 251) as u8; PCAP_FRAME_LEN];
-        f[..4].copy_from_slice(&seq.to_le_bytes());
-        f
-    };
     // A first burst, flushed into the file (the child says so)...
     const FIRST: u32 = 50;
     for seq in 0..FIRST {
         sender.send_to(&frame(seq), &port_path).unwrap();
     }
+    // (The child counts the records' bytes: the header is written when the file is opened.)
     let flushed_before_kill = 24 + FIRST as usize * (16 + PCAP_FRAME_LEN);
-    loop {
-        let line = next_line("flushed");
-        let n: usize = line
-            .strip_prefix("flushed ")
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("unexpected line {line:?}"));
-        if n >= flushed_before_kill {
-            break;
-        }
-    }
+    wait_flushed(&lines, flushed_before_kill - 24);
     // ...then frames keep flowing while the process is killed.
     let (sent_tx, sent) = std::sync::mpsc::channel();
     let streaming = {
@@ -574,29 +622,43 @@ fn a_pcap_survives_kill_9_with_whole_records() {
         "{} bytes, {flushed_before_kill} were flushed before the kill",
         pcap.len()
     );
-    assert_eq!(&pcap[..4], &vnet::pcap::MAGIC.to_le_bytes());
-    let (mut at, mut whole, mut cut) = (24, 0u32, false);
-    while at < pcap.len() {
-        let Some(header) = pcap.get(at..at + 16) else {
-            cut = true;
-            break;
-        };
-        let incl = u32::from_le_bytes(header[8..12].try_into().unwrap()) as usize;
-        let orig = u32::from_le_bytes(header[12..16].try_into().unwrap()) as usize;
-        assert_eq!(
-            (incl, orig),
-            (PCAP_FRAME_LEN, PCAP_FRAME_LEN),
-            "record {whole}"
-        );
-        let Some(data) = pcap.get(at + 16..at + 16 + incl) else {
-            cut = true;
-            break;
-        };
-        assert_eq!(data, &frame(whole)[..], "record {whole}");
-        whole += 1;
-        at += 16 + incl;
+    let (records, cut) = pcap_records(&pcap);
+    for (seq, record) in records.iter().enumerate() {
+        assert_eq!(record, &frame(seq as u32), "record {seq}");
     }
+    let whole = records.len() as u32;
     assert!(whole >= FIRST, "{whole} whole records");
     println!("{whole} whole records, last one cut: {cut}");
+
+    // The bridge restarts on the same capture file: it appends (one header, the cut record
+    // cut off), it does not truncate the first life's capture.
+    let (mut child, lines) = start_pcap_bridge(&port_path, &pcap_path);
+    let sender = UnixDatagram::unbound().unwrap();
+    const SECOND: u32 = 30;
+    for seq in 0..SECOND {
+        sender.send_to(&frame(1_000_000 + seq), &port_path).unwrap();
+    }
+    wait_flushed(&lines, SECOND as usize * (16 + PCAP_FRAME_LEN));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let (after, cut) = pcap_records(&std::fs::read(&pcap_path).unwrap());
+    assert!(!cut, "the second life's records are whole");
+    assert_eq!(
+        after.len(),
+        records.len() + SECOND as usize,
+        "the first life's {whole} records and the second's {SECOND}"
+    );
+    assert_eq!(
+        &after[..records.len()],
+        &records[..],
+        "the first life is kept"
+    );
+    for (i, record) in after[records.len()..].iter().enumerate() {
+        assert_eq!(
+            record,
+            &frame(1_000_000 + i as u32),
+            "second life, record {i}"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

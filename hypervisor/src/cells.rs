@@ -5,8 +5,24 @@
 //! its environment, runs in its own process group (so a terminal's Ctrl-C reaches the
 //! hypervisor, which then stops the cells in order; and so that stopping a cell signals the
 //! whole group, processes it started included) and dies with the hypervisor
-//! (`PR_SET_PDEATHSIG`; what the cell started does not, unless it asks for that itself). A cell that exits is logged with its exit status and **never
-//! restarted**: it stays dead and is reported; its peers see state 0 when its socket closes.
+//! (`PR_SET_PDEATHSIG`). A cell that exits is logged with its exit status and **never
+//! restarted** by itself: it stays dead and is reported; its peers see state 0 when its
+//! socket closes.
+//!
+//! **Nothing a cell starts outlives it or the hypervisor** when the hypervisor may create PID
+//! namespaces (root, or `CAP_SYS_ADMIN`; probed once): the cell's program runs in a PID
+//! namespace of its own (see [`spawn_cell`]), under a small relay process of the hypervisor's
+//! (the pid the hypervisor reports and signals) and beside the namespace's init. When the
+//! relay ends (the program ended, `cell stop`, or the hypervisor died, even by `kill -9`) the
+//! init ends, and the kernel kills every process left in the namespace, including ones that
+//! left the cell's process group or session. What cells rely on is kept: the relay passes
+//! the program's exit status on as its own (exit code or signal) and forwards to the
+//! program every signal sent to it by anyone but the hypervisor (whose signals reach the
+//! program through the process group). Limits: inside the namespace processes see its pid
+//! numbers (the program is pid 2, its parent pid reads 0) while `/proc` is still the host's.
+//! Without the privilege the program runs as before, directly under the hypervisor, and a
+//! warning says once that processes cells start can then outlive a `kill -9` of the
+//! hypervisor (and, if they leave the cell's process group, the cell).
 //! Cells without a command (or every cell with `--no-spawn`) are started by hand and attach
 //! by name.
 //!
@@ -225,6 +241,28 @@ pub struct StoppedCell {
     pub exit: CellExit,
     /// Whether it had already exited on its own before the stop.
     pub exited_before_stop: bool,
+    /// How many earlier lives the process cell had (started again by `hypervisor cell
+    /// start` or `restart`; 0 for a KVM cell); `pid`, `exit` and `exited_before_stop`
+    /// describe its last life.
+    pub restarts: u32,
+}
+
+/// One entry per cell, in the order of their first lives: each cell's last life, with the
+/// number of lives before it.
+fn last_lives(lives: Vec<StoppedCell>) -> Vec<StoppedCell> {
+    let mut cells: Vec<StoppedCell> = Vec::new();
+    for life in lives {
+        match cells.iter_mut().find(|c| c.cell == life.cell) {
+            Some(earlier) => {
+                *earlier = StoppedCell {
+                    restarts: earlier.restarts + 1,
+                    ..life
+                }
+            }
+            None => cells.push(life),
+        }
+    }
+    cells
 }
 
 /// Why [`run`] stopped when every spawned cell had exited.
@@ -235,14 +273,16 @@ pub const REASON_CELLS_EXITED: &str = "every spawned cell has exited";
 pub struct RunReport {
     /// Why it stopped (`SIGINT`, `SIGTERM`, `stop requested`, [`REASON_CELLS_EXITED`]).
     pub reason: String,
-    /// Every spawned process cell, then every KVM cell, and how each ended.
+    /// Every spawned process cell (its last life, with its restarts), then every KVM cell
+    /// (restarts not counted), and how each ended.
     pub cells: Vec<StoppedCell>,
 }
 
 impl RunReport {
     /// The cells that failed: they ended on their own (not stopped by `run`) with a non-zero
     /// exit code or by a signal, or (KVM cells) by an illegal access or a `cell_state`
-    /// other than 2 (shut down). A cell stopped by `hypervisor cell stop` did not fail.
+    /// other than 2 (shut down). A cell stopped by `hypervisor cell stop` did not fail; a
+    /// restarted cell is judged by its last life.
     pub fn failed(&self) -> impl Iterator<Item = &StoppedCell> {
         self.cells.iter().filter(|c| {
             c.exited_before_stop
@@ -403,10 +443,169 @@ fn pidfd_open(pid: u32) -> Option<OwnedFd> {
     Some(unsafe { OwnedFd::from_raw_fd(raw as i32) })
 }
 
+/// Whether this process may give cells PID namespaces: `Ok` if a forked child of it could
+/// `unshare(CLONE_NEWPID)`, else why not (`EPERM` without `CAP_SYS_ADMIN`). Probed once.
+pub fn pid_namespaces() -> Result<(), Errno> {
+    use nix::sys::wait::{waitpid, WaitStatus};
+    use nix::unistd::{fork, ForkResult};
+    static PROBE: std::sync::OnceLock<Result<(), Errno>> = std::sync::OnceLock::new();
+    *PROBE.get_or_init(|| {
+        // SAFETY: the child makes one system call (unshare) and leaves with _exit: nothing
+        // of this (possibly multi-threaded) process's state is used in it.
+        match unsafe { fork() }? {
+            ForkResult::Child => {
+                let code = match nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWPID) {
+                    Ok(()) => 0,
+                    Err(e) => e as i32,
+                };
+                exit_now(code)
+            }
+            ForkResult::Parent { child } => match waitpid(child, None)? {
+                WaitStatus::Exited(_, 0) => Ok(()),
+                WaitStatus::Exited(_, code) => Err(Errno::from_raw(code)),
+                _ => Err(Errno::ECHILD),
+            },
+        }
+    })
+}
+
+/// In the forked child of [`spawn_cell`] (the cell's relay), after `unshare(CLONE_NEWPID)`:
+/// forks the namespace's init (pid 1) and the process that goes on to `exec` the cell's
+/// program (pid 2), in which it returns; the relay itself never returns (see
+/// [`relay_cell`]). Async-signal-safe calls only.
+fn enter_cell_namespace(hypervisor: Pid) -> io::Result<()> {
+    use nix::unistd::{fork, ForkResult};
+    // The relay takes every signal through `sigwaitinfo`; the init keeps them blocked.
+    sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::all()), None)?;
+    // The init leaves when the relay's end of this pipe closes (whatever ends the relay).
+    let (held, holder) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+    // SAFETY (both forks): the children make async-signal-safe calls only until exec or
+    // _exit (this process was itself forked from the hypervisor and is single-threaded).
+    let init = match unsafe { fork() }? {
+        ForkResult::Child => {
+            drop(holder);
+            namespace_init(held)
+        }
+        ForkResult::Parent { child } => child,
+    };
+    drop(held);
+    match unsafe { fork() }? {
+        ForkResult::Child => {
+            // The cell's program: a clean signal mask, no relay fd.
+            drop(holder);
+            sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)?;
+            Ok(())
+        }
+        ForkResult::Parent { child } => relay_cell(child, init, holder, hypervisor),
+    }
+}
+
+/// Ends this (forked) process at once: no exit handlers, no flushing of state copied from
+/// the hypervisor (nix has no `_exit`).
+fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit is async-signal-safe and takes an integer.
+    unsafe { libc::_exit(code) }
+}
+
+/// Closes every fd of this process but `keep`.
+fn close_all_but(keep: std::os::fd::RawFd) {
+    let close = |first: u32, last: u32| {
+        // SAFETY: close_range on this process's own fd table (nix has no wrapper).
+        unsafe { libc::syscall(libc::SYS_close_range, first, last, 0) };
+    };
+    let keep = keep as u32;
+    if keep > 0 {
+        close(0, keep - 1);
+    }
+    close(keep + 1, u32::MAX);
+}
+
+/// The init (pid 1) of a cell's PID namespace: holds no fd but `held`, lets the kernel reap
+/// the orphans it is given (SIGCHLD ignored), and exits when the relay has ended (`held`
+/// reads end of file); the kernel then kills every process left in the namespace.
+fn namespace_init(held: OwnedFd) -> ! {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler};
+    use std::os::fd::AsRawFd;
+    let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
+    // SAFETY: installs SIG_IGN, no handler code.
+    let _ = unsafe { sigaction(Signal::SIGCHLD, &ignore) };
+    close_all_but(held.as_raw_fd());
+    loop {
+        let mut fds = [nix::poll::PollFd::new(
+            held.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        if let Ok(1..) = nix::poll::poll(&mut fds, nix::poll::PollTimeout::NONE) {
+            exit_now(0);
+        }
+    }
+}
+
+/// The relay of a cell in a PID namespace: forwards to `program` every signal not sent by
+/// the hypervisor (which signals the whole process group), and when `program` ends ends the
+/// namespace (kills `init` and waits for it: every process in the namespace is gone then)
+/// and ends the same way (same exit code, or killed by the same signal).
+fn relay_cell(program: Pid, init: Pid, holder: OwnedFd, hypervisor: Pid) -> ! {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    use std::os::fd::AsRawFd;
+    // Nothing else: the std's exec-error pipe (so `spawn` returns once the program runs),
+    // the cell's output pipes, and whatever the hypervisor had open.
+    close_all_but(holder.as_raw_fd());
+    let all = SigSet::all();
+    loop {
+        let mut info = std::mem::MaybeUninit::<libc::siginfo_t>::uninit();
+        // SAFETY: a valid signal set and room for one siginfo_t (nix has no sigwaitinfo).
+        let sig = unsafe { libc::sigwaitinfo(all.as_ref(), info.as_mut_ptr()) };
+        if sig < 0 {
+            continue;
+        }
+        // SAFETY: sigwaitinfo succeeded, so it filled `info`.
+        let info = unsafe { info.assume_init() };
+        if sig != libc::SIGCHLD {
+            // SAFETY: reading the sender's pid of a signal sent by a process.
+            let sender = unsafe { info.si_pid() };
+            if sender != hypervisor.as_raw() {
+                if let Ok(sig) = Signal::try_from(sig) {
+                    let _ = nix::sys::signal::kill(program, sig);
+                }
+            }
+            continue;
+        }
+        let ended = match waitpid(program, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(_, code)) => Err(code),
+            Ok(WaitStatus::Signaled(_, sig, _)) => Ok(sig),
+            _ => continue,
+        };
+        let _ = nix::sys::signal::kill(init, Signal::SIGKILL);
+        let _ = waitpid(init, None);
+        match ended {
+            Err(code) => exit_now(code),
+            Ok(sig) => die_by(sig),
+        }
+    }
+}
+
+/// Ends this process by `sig` (without a core dump), as the program it relays did.
+fn die_by(sig: Signal) -> ! {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler};
+    let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0);
+    let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+    // SAFETY: installs SIG_DFL, no handler code.
+    let _ = unsafe { sigaction(sig, &default) };
+    let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+    let _ = nix::sys::signal::kill(Pid::this(), sig);
+    // A signal whose default is not to end the process: the shell's convention.
+    exit_now(128 + sig as i32)
+}
+
 /// Spawns one cell: `argv`, pinned to `cpus`, with the socket path and cell name in its
 /// environment, in its own process group, killed if the hypervisor dies. Its stdin is
 /// `/dev/null`; its stdout and stderr are pipes (`Child::stdout`, `Child::stderr`) that the
 /// caller must read, or the cell blocks once a pipe is full.
+///
+/// If [`pid_namespaces`] allows, the program runs in a PID namespace of its own: the
+/// returned child is then its relay (see the module documentation), whose exit status is
+/// the program's and which forwards signals to it.
 pub fn spawn_cell(cell: &CellSpec, argv: &[String], socket: &Path) -> Result<Child, RunError> {
     let spawn_err = |source| RunError::Spawn {
         cell: cell.name.clone(),
@@ -440,6 +639,7 @@ pub fn spawn_cell(cell: &CellSpec, argv: &[String], socket: &Path) -> Result<Chi
                 nix::unistd::Gid::from_raw(uid),
             )
         });
+    let confine = pid_namespaces().is_ok();
     let mut cmd = Command::new(program);
     cmd.args(args)
         .env(ENV_SOCKET, socket)
@@ -448,11 +648,17 @@ pub fn spawn_cell(cell: &CellSpec, argv: &[String], socket: &Path) -> Result<Chi
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     // SAFETY: the closure runs in the forked child before exec and only makes
-    // async-signal-safe system calls (setgroups, setgid, setuid, prctl, getppid, sigprocmask,
-    // setpgid, sched_setaffinity) through nix's thin wrappers, on stack data; it allocates
-    // nothing.
+    // async-signal-safe system calls (unshare, setgroups, setgid, setuid, prctl, getppid,
+    // sigprocmask, setpgid, sched_setaffinity, and in `enter_cell_namespace` pipe2, fork,
+    // close_range, poll, sigwaitinfo, waitpid, kill, setrlimit, sigaction, _exit) through
+    // nix's thin wrappers, on stack data; it allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
+            if confine {
+                // Before the uid change, which drops the privilege it needs. Only this
+                // process's children are created in the new namespace.
+                nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWPID)?;
+            }
             if let Some((uid, gid)) = user {
                 nix::unistd::setgroups(&[])?;
                 nix::unistd::setgid(gid)?;
@@ -472,6 +678,10 @@ pub fn spawn_cell(cell: &CellSpec, argv: &[String], socket: &Path) -> Result<Chi
             setpgid(Pid::from_raw(0), Pid::from_raw(0))?;
             if pin {
                 sched_setaffinity(Pid::from_raw(0), &set)?;
+            }
+            if confine {
+                // Returns only in the process that executes the program.
+                enter_cell_namespace(hypervisor)?;
             }
             Ok(())
         });
@@ -750,7 +960,7 @@ pub fn run_system(
     let kvm_stopped_before: Vec<bool> = kvm_names.iter().map(|n| !vms.is_running(n)).collect();
     vms.stop_all();
     let _ = show_kvm(&mut server, &vms, &mut display);
-    let mut cells = terminate(&mut server, &mut spawned, &mut display);
+    let mut cells = last_lives(terminate(&mut server, &mut spawned, &mut display));
     let spawned_count = cells.len();
     let status = server.status();
     for (name, before) in kvm_names.iter().zip(kvm_stopped_before) {
@@ -765,6 +975,7 @@ pub fn run_system(
             pid: None,
             exit,
             exited_before_stop: before,
+            restarts: 0,
         });
     }
     let reason = served?;
@@ -781,10 +992,15 @@ pub fn run_system(
         } else {
             "stopped"
         };
-        let what = match c.pid {
+        let mut what = match c.pid {
             Some(pid) => format!("pid {pid}"),
             None => "kvm".to_string(),
         };
+        match c.restarts {
+            0 => {}
+            1 => what.push_str(", restarted once"),
+            n => what.push_str(&format!(", restarted {n} times")),
+        }
         summary.push_str(&format!("; {} ({what}) {how}: {}", c.cell, c.exit));
     }
     summary.push_str(&format!("; removed {}", socket.display()));
@@ -804,6 +1020,20 @@ fn spawn_process_cell(
     let Some(argv) = &cell.command else {
         return Ok(());
     };
+    if let Err(e) = pid_namespaces() {
+        // Said once per run: before the first cell is spawned.
+        if spawned.is_empty() {
+            display
+                .event(&format!(
+                    "warning: cells run without a PID namespace of their own ({}; it needs \
+                     root or CAP_SYS_ADMIN): processes they start can outlive a `kill -9` of \
+                     the hypervisor, and ones that leave their cell's process group outlive \
+                     the cell",
+                    io::Error::from(e)
+                ))
+                .map_err(RunError::Output)?;
+        }
+    }
     let mut child = spawn_cell(cell, argv, &options.socket)?;
     let pid = child.id();
     server.cell_spawned(&cell.name, pid);
@@ -1193,6 +1423,7 @@ fn terminate(
                 pid: Some(s.child.id()),
                 exit,
                 exited_before_stop: s.exited_before_stop,
+                restarts: 0,
             })
         })
         .collect()
@@ -1446,6 +1677,22 @@ mod tests {
                 assert_eq!((cell.as_str(), cpu, l), ("sleeper", limit, limit));
             }
             other => panic!("expected CpuOutOfRange, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_program_that_cannot_be_executed_is_a_spawn_error() {
+        // (Under a root hypervisor through the relay: the exec fails in the namespace and
+        // the relay ends with the program, so `spawn` returns the exec error.)
+        let system = sleeper_system();
+        let cell = &system.cells[0];
+        let argv = vec!["/".to_string()];
+        match spawn_cell(cell, &argv, &socket_path("no-exec")) {
+            Err(RunError::Spawn { cell, source, .. }) => {
+                assert_eq!(cell, "sleeper");
+                assert_eq!(source.kind(), io::ErrorKind::PermissionDenied, "{source}");
+            }
+            other => panic!("expected a spawn error, got {other:?}"),
         }
     }
 

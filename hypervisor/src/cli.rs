@@ -34,7 +34,11 @@ SIGKILL after 5 s), remove the control socket and print a summary. Without --kee
 run also stops by itself once every spawned cell has exited and no cell is attached,
 unless a cell was stopped with `hypervisor cell stop` (and not started since): such a cell
 waits for `hypervisor cell start`.
-Exit code 4 if a cell failed on its own, 1 on an invalid configuration or error.";
+Cells: as root each spawned cell runs in a PID namespace of its own, under a relay process
+(the pid printed at start), so nothing it starts outlives it or the hypervisor (even after
+kill -9); without root a warning says that processes cells start can outlive the hypervisor.
+Exit code 4 if a cell failed on its own (a restarted cell is judged by its last life), 1 on
+an invalid configuration or error.";
 
 /// Exit code of a command that did what it was asked.
 const EXIT_SUCCESS: u8 = 0;
@@ -67,6 +71,9 @@ enum Command {
     /// Show the state of a running system.
     Status(StatusArgs),
     /// Stop, start or restart one cell (process or KVM) of a running system.
+    ///
+    /// One request per cell at a time: while one is carried out (a stop may take up to 5 s),
+    /// another client's request for the same cell is refused as busy (exit 1).
     Cell(CellArgs),
 }
 

@@ -354,6 +354,8 @@ pub struct ControlServer {
     next_client: u64,
     events: Vec<ControlEvent>,
     cell_requests: Vec<CellRequest>,
+    /// Cell requests taken by the supervisor and not answered yet.
+    cell_requests_in_progress: Vec<CellRequest>,
     socket_inode: Option<(u64, u64)>,
 }
 
@@ -508,6 +510,7 @@ impl ControlServer {
             next_client: 1,
             events: Vec::new(),
             cell_requests: Vec::new(),
+            cell_requests_in_progress: Vec::new(),
         })
     }
 
@@ -769,11 +772,33 @@ impl ControlServer {
                 let name = body.cell.as_str().unwrap_or("?").to_string();
                 match CellAction::from_code(body.action) {
                     Some(action) if self.cells.iter().any(|c| c.spec.name == name) => {
-                        self.cell_requests.push(CellRequest {
-                            client: id,
-                            cell: name,
-                            action,
-                        });
+                        // One request per cell at a time: one that arrives while another for
+                        // the same cell waits or is carried out (a stop waits for the
+                        // process to exit, and the socket is served meanwhile) is refused at
+                        // once, so that neither client is told of an outcome the other
+                        // request then undoes (a stopped cell coming back).
+                        let busy = self
+                            .cell_requests
+                            .iter()
+                            .chain(&self.cell_requests_in_progress)
+                            .find(|r| r.cell == name)
+                            .map(|r| r.action);
+                        match busy {
+                            Some(running) => {
+                                let detail = format!(
+                                    "cell `{name}` is busy: a `cell {}` from another client is \
+                                     in progress; nothing was done (ask again once it has \
+                                     finished)",
+                                    running.verb()
+                                );
+                                self.refuse(index, RefusalReason::BadRequest, &detail);
+                            }
+                            None => self.cell_requests.push(CellRequest {
+                                client: id,
+                                cell: name,
+                                action,
+                            }),
+                        }
                     }
                     _ => {
                         let known: Vec<&str> =
@@ -791,12 +816,16 @@ impl ControlServer {
 
     /// Takes the cell stop/start/restart requests received since the last call; answer each
     /// with [`answer_cell_request`](Self::answer_cell_request).
+    /// Until a request is answered, another request for the same cell is refused as busy.
     pub fn take_cell_requests(&mut self) -> Vec<CellRequest> {
-        std::mem::take(&mut self.cell_requests)
+        let taken = std::mem::take(&mut self.cell_requests);
+        self.cell_requests_in_progress.extend(taken.iter().cloned());
+        taken
     }
 
     /// Answers a cell request: the cell's status after it, or the refusal.
     pub fn answer_cell_request(&mut self, request: &CellRequest, result: Result<(), String>) {
+        self.cell_requests_in_progress.retain(|r| r != request);
         let Some(index) = self.client_index(request.client) else {
             return;
         };

@@ -672,3 +672,523 @@ fn cell_stop_of_the_last_cell_keeps_run_serving_for_cell_start() {
     let status = hv.child.wait().unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+/// The pid in the hypervisor's `cell NAME: started `...` (pid N, ...)` line for `cell`
+/// (the last one seen).
+fn started_pid(seen: &[String], cell: &str) -> i32 {
+    let prefix = format!("cell {cell}: started");
+    let line = seen
+        .iter()
+        .rev()
+        .find(|l| l.starts_with(&prefix))
+        .unwrap_or_else(|| panic!("no start of {cell}: {seen:#?}"));
+    line.split("(pid ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {line}"))
+}
+
+/// Waits for each of `wants` (in any order) in the hypervisor's output.
+fn expect_all(hv: &mut Hypervisor, wants: &[&str]) {
+    for want in wants {
+        if !hv.out.seen.iter().any(|l| l.contains(want)) {
+            hv.out.expect(want);
+        }
+    }
+}
+
+/// A running system of cell `idle` and cell `name`, whose first life idles (until stopped
+/// or killed) and whose later lives run `then` after `echo again`; both have said `up`.
+fn two_lives(
+    tag: &str,
+    name: &str,
+    then: &str,
+) -> (
+    TempDir,
+    PathBuf,
+    Hypervisor,
+    std::thread::JoinHandle<String>,
+) {
+    let dir = TempDir::new(tag);
+    let socket = dir.0.join("hv.sock");
+    let script = format!(
+        "if [ -e {m} ]; then echo again; {then}; fi; touch {m}; echo up; exec sleep 100",
+        m = dir.0.join("started").display()
+    );
+    let config = shell_cells(
+        &dir.0,
+        &socket,
+        &[("idle", "echo up; exec sleep 100"), (name, &script)],
+    );
+    let (mut hv, stderr) = run_hypervisor(&config, &[]);
+    expect_all(&mut hv, &[&format!("[{name}] up"), "[idle] up"]);
+    (dir, socket, hv, stderr)
+}
+
+/// The summary line of a stopped hypervisor's log.
+fn summary_line(log: &[String]) -> &str {
+    log.iter()
+        .find(|l| l.contains("spawned cell(s)"))
+        .unwrap_or_else(|| panic!("no summary: {log:#?}"))
+}
+
+/// A cell whose first life was killed (here by `kill -9` from outside) and which was then
+/// restarted is judged by its last life: the run does not fail when that life succeeded, the
+/// summary lists the cell once, counts it once and says it was restarted. (The killed life
+/// used to make the run fail with exit 4.)
+#[test]
+fn a_cell_killed_and_restarted_is_reported_by_its_last_life() {
+    let (_dir, socket, mut hv, stderr) = two_lives("restarted-summary", "victim", "exit 0");
+    let first = started_pid(&hv.out.seen, "victim");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    hv.out.expect(&format!(
+        "cell victim: process {first} ended: killed by signal 9"
+    ));
+    let (code, out, err) = cell_command(&socket, &["restart", "victim"]);
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
+    hv.out.expect("[victim] again");
+    let second = started_pid(&hv.out.seen, "victim");
+    assert_ne!(first, second);
+    hv.out
+        .expect(&format!("cell victim: process {second} ended: exit code 0"));
+    let (status, log) = hv.stop();
+    let err = stderr.join().unwrap();
+    let summary = summary_line(&log);
+    assert!(
+        status.success(),
+        "the last life succeeded: {status:?}\n{summary}\nstderr: {err}"
+    );
+    assert!(!err.contains("failed"), "stderr: {err}");
+    assert!(
+        summary.starts_with("stopped 2 spawned cell(s);"),
+        "{summary}"
+    );
+    assert_eq!(summary.matches("victim (").count(), 1, "{summary}");
+    assert!(
+        summary.contains(&format!(
+            "victim (pid {second}, restarted once) had already exited: exit code 0"
+        )),
+        "{summary}"
+    );
+}
+
+/// The other way round: a cell restarted by `cell stop` + `cell start` whose last life fails
+/// fails the run, once, with the last life's exit.
+#[test]
+fn a_restarted_cell_whose_last_life_fails_fails_the_run_once() {
+    let (_dir, socket, mut hv, stderr) = two_lives("restarted-fails", "flaky", "exit 7");
+    for verb in ["stop", "start"] {
+        let (code, out, err) = cell_command(&socket, &[verb, "flaky"]);
+        assert_eq!(code, Some(0), "{verb}: stdout: {out}\nstderr: {err}");
+    }
+    hv.out.expect("[flaky] again");
+    hv.out.expect("ended: exit code 7");
+    let (status, log) = hv.stop();
+    let err = stderr.join().unwrap();
+    let summary = summary_line(&log);
+    assert_eq!(status.code(), Some(4), "{summary}\nstderr: {err}");
+    assert!(
+        err.contains("hypervisor: 1 cell(s) failed: flaky (exit code 7)"),
+        "stderr: {err}"
+    );
+    assert!(
+        summary.starts_with("stopped 2 spawned cell(s);"),
+        "{summary}"
+    );
+    assert!(
+        summary.contains("restarted once) had already exited: exit code 7"),
+        "{summary}"
+    );
+}
+
+/// A pidfd for process `pid` (any process, not only a child): readable once it has exited.
+fn pidfd_open(pid: i32) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain syscall with integer arguments; the result is checked.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    assert!(
+        raw >= 0,
+        "pidfd_open({pid}): {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a fresh fd owned by nobody else.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(raw as i32) }
+}
+
+/// Processes started by the test's cells, SIGKILLed through their pidfds when the test ends
+/// (so that a failing test leaves nothing behind).
+struct Watched(Vec<(String, std::os::fd::OwnedFd)>);
+
+impl Watched {
+    /// Waits until every watched process has exited; the names of those that did not within
+    /// `within`.
+    fn survivors(&self, within: Duration) -> Vec<&str> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let mut fds: Vec<PollFd<'_>> = self
+                .0
+                .iter()
+                .map(|(_, fd)| PollFd::new(fd.as_fd(), PollFlags::POLLIN))
+                .collect();
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            poll(&mut fds, PollTimeout::try_from(left).unwrap()).unwrap();
+            let alive: Vec<&str> = self
+                .0
+                .iter()
+                .zip(&fds)
+                .filter(|(_, p)| p.revents().is_none_or(|r| r.is_empty()))
+                .map(|((name, _), _)| name.as_str())
+                .collect();
+            if alive.is_empty() || left.is_zero() {
+                return alive;
+            }
+        }
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        for (_, fd) in &self.0 {
+            use std::os::fd::AsRawFd;
+            // SAFETY: plain syscall on a pidfd we own; a process already gone is no error.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    fd.as_raw_fd(),
+                    libc::SIGKILL,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0,
+                )
+            };
+        }
+    }
+}
+
+/// The pid in a `[cell] NAME PID` line.
+fn reported_pid(line: &str) -> i32 {
+    line.rsplit(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {line}"))
+}
+
+/// The start of a shell command that reports the shell's pid as the host names it (its
+/// `/proc`), which inside a cell's PID namespace is not `$$`: `... NAME $p`.
+const REPORT_PID: &str = "read p r < /proc/self/stat; echo";
+
+/// `kill -9` of the hypervisor leaves no process of a cell running: neither a process its
+/// program started (which used to run on as an orphan) nor one that left the cell's process
+/// group and session (`setsid`) after its parent exited. Needs root (a PID namespace per
+/// cell); skipped with a message otherwise.
+#[test]
+fn no_process_of_a_cell_outlives_a_kill_9_of_the_hypervisor() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: a PID namespace per cell needs root (CAP_SYS_ADMIN)");
+        return;
+    }
+    let dir = TempDir::new("kill9-descendants");
+    let socket = dir.0.join("hv.sock");
+    let script = format!(
+        "sh -c '{REPORT_PID} child $p; exec sleep 100' & \
+         (sh -c '{REPORT_PID} escaped $p; exec setsid sleep 100' &); \
+         {REPORT_PID} up $p; wait"
+    );
+    let config = shell_cells(&dir.0, &socket, &[("forker", &script)]);
+    let (mut hv, _stderr) = run_hypervisor(&config, &[]);
+    // The three lines come in any order.
+    let wants = ["[forker] up", "[forker] child", "[forker] escaped"];
+    expect_all(&mut hv, &wants);
+    let [program, child, escaped] =
+        wants.map(|want| reported_pid(hv.out.seen.iter().find(|l| l.starts_with(want)).unwrap()));
+    let watched = Watched(vec![
+        ("the cell's program".into(), pidfd_open(program)),
+        ("a process the program started".into(), pidfd_open(child)),
+        (
+            "an orphan in a session of its own".into(),
+            pidfd_open(escaped),
+        ),
+    ]);
+    assert_eq!(
+        watched.survivors(Duration::ZERO).len(),
+        3,
+        "every process runs before the kill"
+    );
+    hv.child.kill().unwrap();
+    let status = hv.child.wait().unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9)
+    );
+    let survivors = watched.survivors(GUARD);
+    assert!(
+        survivors.is_empty(),
+        "still running {GUARD:?} after the hypervisor's kill -9: {survivors:?}"
+    );
+}
+
+/// Without the privilege for a PID namespace (a hypervisor that is not root) the cells still
+/// run; a warning says once that what they start is not confined. Run as `nobody` when the
+/// test runs as root.
+#[test]
+fn an_unprivileged_hypervisor_runs_cells_and_warns_once_that_their_processes_are_not_confined() {
+    use std::os::unix::process::CommandExt;
+    let dir = TempDir::new("unprivileged");
+    std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let socket = dir.0.join("hv.sock");
+    let config = shell_cells(
+        &dir.0,
+        &socket,
+        &[
+            ("one", "echo up; exec sleep 100"),
+            ("two", "sleep 100 & echo up; wait"),
+        ],
+    );
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hypervisor"));
+    cmd.arg("run").arg(&config);
+    if nix::unistd::geteuid().is_root() {
+        cmd.uid(65534).gid(65534);
+    }
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut hv = Hypervisor {
+        out: Lines::new(child.stdout.take().unwrap()),
+        child,
+    };
+    expect_all(
+        &mut hv,
+        &[
+            "warning: cells run without a PID namespace",
+            "[one] up",
+            "[two] up",
+        ],
+    );
+    let (status, log) = hv.stop();
+    assert!(status.success(), "{status:?}: {log:#?}");
+    let warnings = log.iter().filter(|l| l.contains("PID namespace")).count();
+    assert_eq!(warnings, 1, "{log:#?}");
+}
+
+/// A signal a user sends to the pid the hypervisor reports for a cell reaches the cell's
+/// program (in a PID namespace that pid is the program's relay, which forwards it), and the
+/// program's own exit status is the cell's.
+#[test]
+fn a_signal_to_a_cells_reported_pid_reaches_its_program() {
+    let dir = TempDir::new("forwarded-signal");
+    let socket = dir.0.join("hv.sock");
+    let script = "trap 'echo got-usr1; exit 5' USR1; echo up; sleep 100 & wait";
+    let config = shell_cells(&dir.0, &socket, &[("trapper", script)]);
+    let (mut hv, _stderr) = run_hypervisor(&config, &["--keep-running"]);
+    hv.out.expect("[trapper] up");
+    let pid = started_pid(&hv.out.seen, "trapper");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGUSR1,
+    )
+    .unwrap();
+    hv.out.expect("[trapper] got-usr1");
+    hv.out
+        .expect(&format!("cell trapper: process {pid} ended: exit code 5"));
+    let (status, _) = hv.stop();
+    assert_eq!(status.code(), Some(4), "exit 5 is a failure");
+}
+
+/// `hypervisor cell VERB NAME --socket SOCKET` started now; its (exit code, stdout, stderr)
+/// arrives on the receiver when it has finished.
+fn cell_command_started(
+    socket: &Path,
+    verb: &str,
+    cell: &str,
+) -> std::sync::mpsc::Receiver<(Option<i32>, String, String)> {
+    let child = Command::new(env!("CARGO_BIN_EXE_hypervisor"))
+        .args(["cell", verb, cell, "--socket"])
+        .arg(socket)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let out = child.wait_with_output().unwrap();
+        let _ = tx.send((
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ));
+    });
+    rx
+}
+
+/// The `hypervisor status` table line of `cell`.
+fn status_line(socket: &Path, cell: &str) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_hypervisor"))
+        .args(["status", "--socket"])
+        .arg(socket)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    table
+        .lines()
+        .find(|l| l.starts_with(&format!("{cell} ")))
+        .unwrap_or_else(|| panic!("no line for {cell}: {table}"))
+        .to_string()
+}
+
+/// Two clients ask for `cell stop` and `cell restart` of one cell at once: the request that
+/// arrives while the other is being carried out is refused at once as busy (naming the one in
+/// progress), and the first one's outcome stands: a stopped cell does not come back, a
+/// restarted one is not stopped behind its client's back. The cell holds its stop open (its
+/// SIGTERM trap waits on a FIFO) until the loser has its answer, so the two always overlap.
+/// (The second request used to wait, and then be carried out after the first.)
+#[test]
+fn a_cell_request_arriving_while_another_is_carried_out_is_refused_as_busy() {
+    use std::io::Write as _;
+    for (first, second) in [("stop", "restart"), ("restart", "stop")] {
+        let dir = TempDir::new(&format!("busy-{first}"));
+        let socket = dir.0.join("hv.sock");
+        let gate = dir.0.join("gate");
+        nix::unistd::mkfifo(&gate, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        // Only the first life holds its stop open.
+        let script = format!(
+            "if [ -e {m} ]; then echo up; exec sleep 100; fi; touch {m}; \
+             trap 'read x < {g}; exit 0' TERM; echo up; sleep 100 & wait",
+            m = dir.0.join("started").display(),
+            g = gate.display()
+        );
+        let config = shell_cells(&dir.0, &socket, &[("gated", &script)]);
+        let (mut hv, _stderr) = run_hypervisor(&config, &["--keep-running"]);
+        hv.out.expect("[gated] up");
+        let winner = cell_command_started(&socket, first, "gated");
+        hv.out.expect("cell gated: stopping process");
+        let loser = cell_command_started(&socket, second, "gated");
+        let (code, out, err) = loser
+            .recv_timeout(GUARD)
+            .unwrap_or_else(|_| panic!("`cell {second}` got no answer while `cell {first}` ran"));
+        assert_eq!(code, Some(1), "{first} then {second}: {out}{err}");
+        assert!(
+            err.contains(&format!(
+                "`cell {second} gated` refused by the hypervisor: cell `gated` is busy: a \
+                 `cell {first}` from another client is in progress"
+            )),
+            "{err}"
+        );
+        // Let the cell finish its stop.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&gate)
+            .unwrap()
+            .write_all(b"go\n")
+            .unwrap();
+        let (code, out, err) = winner.recv_timeout(GUARD).unwrap();
+        assert_eq!(code, Some(0), "{first}: {out}{err}");
+        hv.out.expect("cell gated: process");
+        let line = status_line(&socket, "gated");
+        if first == "stop" {
+            assert!(line.contains("exited"), "{line}");
+        } else {
+            hv.out.expect("[gated] up");
+            assert!(line.contains("waiting"), "{line}");
+        }
+        let (status, log) = hv.stop();
+        assert!(status.success(), "{status:?}: {log:#?}");
+        let starts = log
+            .iter()
+            .filter(|l| l.starts_with("cell gated: started"))
+            .count();
+        assert_eq!(starts, if first == "stop" { 1 } else { 2 }, "{log:#?}");
+    }
+}
+
+/// `cell restart` and `cell stop` of one cell from two clients at once, many times: each
+/// request either succeeds or is refused as busy (at least one succeeds), the cell never has
+/// two lives at once, the status agrees with the last request carried out, and the cell can
+/// be started again after a stop.
+#[test]
+fn racing_restart_and_stop_of_one_cell_end_in_one_consistent_state() {
+    const ROUNDS: usize = 20;
+    let dir = TempDir::new("race");
+    let socket = dir.0.join("hv.sock");
+    let config = shell_cells(&dir.0, &socket, &[("raced", "echo up; exec sleep 100")]);
+    let (mut hv, _stderr) = run_hypervisor(&config, &["--keep-running"]);
+    hv.out.expect("[raced] up");
+    let (mut busy, mut both) = (0, 0);
+    for round in 0..ROUNDS {
+        // The order the two are started in alternates.
+        let (a, b) = if round % 2 == 0 {
+            ("restart", "stop")
+        } else {
+            ("stop", "restart")
+        };
+        let first = cell_command_started(&socket, a, "raced");
+        let second = cell_command_started(&socket, b, "raced");
+        let mut ok = Vec::new();
+        for (verb, rx) in [(a, first), (b, second)] {
+            let (code, out, err) = rx.recv_timeout(GUARD).expect("an answer");
+            match code {
+                Some(0) => ok.push((verb, out)),
+                Some(1) if err.contains("cell `raced` is busy: a `cell ") => busy += 1,
+                _ => panic!("round {round}: `cell {verb}`: {code:?}\n{out}{err}"),
+            }
+        }
+        assert!(
+            !ok.is_empty(),
+            "round {round}: neither request was carried out"
+        );
+        both += usize::from(ok.len() == 2);
+        // The status is the outcome of the request carried out last: running the life the
+        // restart answered with, or stopped by the stop.
+        let line = status_line(&socket, "raced");
+        let running = line.contains("waiting");
+        assert!(running || line.contains("exited"), "{line}");
+        if running {
+            // Running the life a restart started and answered with (and no other).
+            let restarted = ok.iter().find(|(verb, _)| *verb == "restart");
+            let pid = restarted
+                .and_then(|(_, reply)| reply.split("pid ").nth(1))
+                .map(|rest| rest.trim().split([',', ';', ' ']).next().unwrap_or(""))
+                .unwrap_or_else(|| panic!("round {round}: running without a restart: {ok:?}"));
+            assert!(
+                line.split_whitespace().any(|w| w == pid),
+                "round {round}: status {line}, the restart answered pid {pid}: {ok:?}"
+            );
+            if ok.len() == 1 {
+                assert_eq!(ok[0].0, "restart", "round {round}");
+            }
+        } else {
+            assert!(
+                ok.iter().any(|(verb, _)| *verb == "stop"),
+                "round {round}: stopped without a stop: {ok:?}; status {line}"
+            );
+        }
+        if !running {
+            let (code, out, err) = cell_command(&socket, &["start", "raced"]);
+            assert_eq!(code, Some(0), "round {round}: start: {out}{err}");
+        }
+    }
+    let (status, log) = hv.stop();
+    assert!(status.success(), "{status:?}");
+    // Never two lives at once: every start follows the end of the life before it.
+    let mut lives = 0i32;
+    for line in &log {
+        if line.starts_with("cell raced: started") {
+            lives += 1;
+        } else if line.starts_with("cell raced: process") && line.contains(" ended: ") {
+            lives -= 1;
+        }
+        assert!(
+            (0..=1).contains(&lives),
+            "{lives} lives at: {line}\n{log:#?}"
+        );
+    }
+    println!("{ROUNDS} rounds: {busy} busy refusals, {both} rounds with both carried out");
+}

@@ -51,6 +51,15 @@ impl GuestRegion {
                 call: "mmap (guest RAM)",
                 source,
             })?;
+        // Not in forked children: a process cell's relay is a fork of the hypervisor that
+        // lives as long as the cell (crate::cells), and would otherwise keep every page of
+        // this private mapping shared copy-on-write, so that each page the guest writes
+        // afterwards is copied.
+        map.advise(memmap2::Advice::DontFork)
+            .map_err(|source| KvmError::Os {
+                call: "madvise (guest RAM, MADV_DONTFORK)",
+                source,
+            })?;
         Ok(Self {
             gpa,
             map: MmapRaw::from(map),
